@@ -1,0 +1,80 @@
+"""tracker: follow batches of Celery work as sessions, exactly, from dispatch to the end."""
+
+from tracker.config import TrackerSettings
+from tracker.errors import (
+    InvalidStateTransitionError,
+    NodeLimitError,
+    SessionExistsError,
+    SessionNotFoundError,
+    StorageUnavailableError,
+    TrackerError,
+    TrackerValidationError,
+)
+from tracker.manager import SessionManager, SyncSessionManager
+from tracker.models import (
+    NodeError,
+    NodePage,
+    NodeResult,
+    NodeSpec,
+    ParallelTaskStatus,
+    SessionEvent,
+    SessionInfo,
+    SessionPage,
+)
+from tracker.states import (
+    VALID_TRANSITIONS,
+    NodeStatus,
+    SessionStatus,
+    finish_status,
+    is_valid_transition,
+)
+from tracker.storage import (
+    AsyncSessionStorageAdapter,
+    InMemoryStorageAdapter,
+    SessionStorageAdapter,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # States
+    "VALID_TRANSITIONS",
+    "NodeStatus",
+    "SessionStatus",
+    "finish_status",
+    "is_valid_transition",
+    # Models
+    "NodeError",
+    "NodePage",
+    "NodeResult",
+    "NodeSpec",
+    "ParallelTaskStatus",
+    "SessionEvent",
+    "SessionInfo",
+    "SessionPage",
+    # Storage
+    "AsyncSessionStorageAdapter",
+    "InMemoryStorageAdapter",
+    "RedisStorageAdapter",
+    "SessionStorageAdapter",
+    # Errors
+    "InvalidStateTransitionError",
+    "NodeLimitError",
+    "SessionExistsError",
+    "SessionNotFoundError",
+    "StorageUnavailableError",
+    "TrackerError",
+    "TrackerValidationError",
+    # Manager
+    "SessionManager",
+    "SyncSessionManager",
+    "TrackerSettings",
+]
+
+
+def __getattr__(name: str) -> object:
+    if name == "RedisStorageAdapter":
+        from tracker.storage.redis import RedisStorageAdapter
+
+        return RedisStorageAdapter
+    raise AttributeError(name)

@@ -1,0 +1,39 @@
+"""Settings, environment first (``TRACKER_*``), through pydantic-settings."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class TrackerSettings(BaseSettings):
+    """Every knob of the tracker. Read from ``TRACKER_<NAME>`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="TRACKER_", extra="ignore")
+
+    #: Redis URL (``redis://``, ``rediss://``, ``unix://``). Unset: in-memory storage (one process).
+    redis_url: str | None = None
+    #: Connect to a Redis Cluster (``RedisCluster``) instead of a single server.
+    redis_cluster: bool = False
+    #: Prefix of every Redis key.
+    key_prefix: str = Field(default="tracker", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    #: A session expires this long after its last change.
+    session_timeout: float = Field(default=1800.0, gt=0)
+    #: How often the in-process cleanup scheduler runs.
+    cleanup_interval: float = Field(default=60.0, gt=0)
+    #: Largest JSON-encoded node result accepted.
+    max_result_bytes: int = Field(default=64 * 1024, ge=16)
+    #: Longest error message kept for a failed node; longer ones are cut.
+    max_error_chars: int = Field(default=2000, ge=16)
+    #: Events kept per session stream (approximate trim); older ones are replayed as a snapshot.
+    events_maxlen: int = Field(default=1000, ge=10)
+    #: Socket timeout of Redis calls.
+    redis_socket_timeout: float = Field(default=5.0, gt=0)
+    #: Retries of a Redis call on connection errors and timeouts (exponential backoff).
+    redis_retries: int = Field(default=3, ge=0)
+    #: Most connections one process opens to Redis (per client flavour); more callers wait.
+    redis_max_connections: int = Field(default=50, ge=1)
+    #: Seconds between connection health checks (0 disables).
+    redis_health_check_interval: int = Field(default=30, ge=0)
+    #: Bearer token the web API requires; unset: reads are open, mutations refused.
+    api_token: SecretStr | None = None

@@ -1,0 +1,72 @@
+"""One error tree. Driver errors are translated into it where they enter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TrackerError(Exception):
+    """Base of every error this library raises on purpose."""
+
+
+class SessionNotFoundError(TrackerError, LookupError):
+    """No session with this id exists (never created, expired, or removed)."""
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        super().__init__(f"session {session_id!r} not found (unknown, expired or removed)")
+
+
+class InvalidStateTransitionError(TrackerError):
+    """The state machine does not allow this move from the session's current status."""
+
+    def __init__(self, session_id: str, from_status: str, to_status: str, reason: str = "") -> None:
+        self.session_id = session_id
+        self.from_status = from_status
+        self.to_status = to_status
+        detail = f": {reason}" if reason else ""
+        super().__init__(f"session {session_id!r}: cannot go from {from_status!r} to {to_status!r}{detail}")
+
+
+class TrackerValidationError(TrackerError, ValueError):
+    """Input was refused before it touched the store; nothing changed.
+
+    Attributes:
+        field: Which argument was wrong.
+        value: The offending value (shortened for messages).
+    """
+
+    def __init__(self, field: str, value: Any, reason: str, session_id: str | None = None) -> None:
+        self.field = field
+        self.value = value
+        self.session_id = session_id
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        where = f" (session {session_id!r})" if session_id else ""
+        super().__init__(f"invalid {field} {shown}{where}: {reason}")
+
+
+class NodeLimitError(TrackerValidationError):
+    """A result for one node more than the session's ``node_count`` allows."""
+
+    def __init__(self, session_id: str, node_id: str, node_count: int) -> None:
+        super().__init__(
+            "node_id", node_id, f"the session already has {node_count} distinct nodes (its node_count)", session_id
+        )
+
+
+class SessionExistsError(TrackerError):
+    """A session with this id exists already."""
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        super().__init__(f"session {session_id!r} exists already")
+
+
+class StorageUnavailableError(TrackerError):
+    """The store could not be reached after retrying (or answered with a driver error)."""
+
+    def __init__(self, message: str, url: str | None = None) -> None:
+        self.url = url
+        super().__init__(f"{message} (store: {url})" if url else message)

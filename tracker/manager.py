@@ -1,0 +1,583 @@
+"""SessionManager: the seed's API over any storage adapter.
+
+Every operation is written once, as a pure *plan* (validate the input, build the one store call,
+say how to read its answer). :class:`SessionManager` runs plans against the awaitable store;
+:class:`SyncSessionManager` (``manager.sync``) runs the same plans against the blocking store, for
+Celery signal handlers. Neither holds session state: the store is the only truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Generic, TypeVar
+
+from tracker import states, validation
+from tracker.config import TrackerSettings
+from tracker.errors import SessionNotFoundError
+from tracker.models import (
+    NodeError,
+    NodeOutcome,
+    NodePage,
+    NodeResult,
+    NodeSpec,
+    SessionEvent,
+    SessionInfo,
+    SessionPage,
+    TransitionOutcome,
+)
+from tracker.states import NodeStatus, SessionStatus
+from tracker.storage.base import AsyncSessionStorageAdapter, NodeEvent, ResumeOutcome, SessionStorageAdapter
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+Clock = Callable[[], datetime]
+"""Returns the current time as an aware UTC datetime. Tests replace it."""
+
+
+def utc_now() -> datetime:
+    """The real clock."""
+    return datetime.now(UTC)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+@dataclass(frozen=True)
+class _Plan(Generic[T]):
+    """One store call (a method name shared by both adapter flavours) and how to read its answer."""
+
+    method: str
+    args: tuple[Any, ...]
+    then: Callable[[Any], T] = _same
+
+
+class _Plans:
+    """The logic of every operation, free of I/O. Both managers run these plans."""
+
+    def __init__(self, settings: TrackerSettings, clock: Clock) -> None:
+        self.settings = settings
+        self.clock = clock
+
+    def create_session(
+        self,
+        canvas_path: str,
+        node_count: int,
+        metadata: dict[str, Any] | None = None,
+        nodes: Sequence[NodeSpec] = (),
+        session_id: str | None = None,
+    ) -> _Plan[str]:
+        path = validation.canvas_path(canvas_path)
+        count = validation.node_count(node_count)
+        meta = validation.metadata(metadata)
+        sid = validation.session_id(session_id) if session_id is not None else str(uuid.uuid4())
+        node_ids = [validation.node_id(spec.node_id, sid) for spec in nodes]
+        if len(set(node_ids)) != len(node_ids) or len(node_ids) > count:
+            raise validation.TrackerValidationError(
+                "nodes", len(node_ids), f"node ids must be distinct and at most node_count ({count})", sid
+            )
+        now = self.clock()
+        info = SessionInfo(
+            session_id=sid, canvas_path=path, node_count=count, created_at=now, updated_at=now, metadata=meta
+        )
+        return _Plan("create", (info, tuple(nodes)), lambda _: sid)
+
+    def update_status(self, session_id: str, status: SessionStatus | str) -> _Plan[TransitionOutcome]:
+        sid = validation.session_id(session_id)
+        target = validation.member(SessionStatus, status, "status", sid)
+        return _Plan("transition", (sid, target, states.allowed_from(target), self.clock()))
+
+    def resume(self, session_id: str, retry_failed: bool) -> _Plan[ResumeOutcome]:
+        sid = validation.session_id(session_id)
+        # Resume is the one way out of an ended session; a stalled running or pending one may be
+        # resumed too (its unfinished nodes are re-sent). Only a completed session is final.
+        allowed = states.allowed_from(SessionStatus.RUNNING, resume=True) | {SessionStatus.RUNNING}
+        return _Plan("resume", (sid, frozenset(allowed), retry_failed, self.clock()))
+
+    def update_progress(self, session_id: str, progress_percent: float) -> _Plan[SessionInfo]:
+        sid = validation.session_id(session_id)
+        value = validation.progress(progress_percent, sid)
+        return _Plan("set_progress", (sid, value, self.clock()))
+
+    def record_node(
+        self,
+        session_id: str,
+        node_id: str,
+        status: NodeStatus | str,
+        result: Any = None,
+        *,
+        error: NodeError | BaseException | None = None,
+        attempt: int | None = None,
+        task_id: str | None = None,
+        worker: str | None = None,
+        reason: str | None = None,
+    ) -> _Plan[NodeOutcome]:
+        sid = validation.session_id(session_id)
+        nid = validation.node_id(node_id, sid)
+        node_status = validation.member(NodeStatus, status, "status", sid)
+        if attempt is not None and (isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1):
+            raise validation.TrackerValidationError("attempt", attempt, "expected a whole number >= 1", sid)
+        result_json = None
+        if node_status.is_terminal and result is not None:
+            result_json = validation.json_text(result, "result", self.settings.max_result_bytes, sid)
+        event = NodeEvent(
+            node_id=nid,
+            status=node_status,
+            result_json=result_json,
+            error=self._error(error),
+            attempt=attempt,
+            task_id=task_id,
+            worker=worker,
+            reason=reason[: self.settings.max_error_chars] if reason else None,
+        )
+        return _Plan("record_node", (sid, event, self.clock()))
+
+    def _error(self, error: NodeError | BaseException | None) -> NodeError | None:
+        if error is None or isinstance(error, NodeError):
+            return error
+        # Only the class name and the text are kept: nothing that could be imported back.
+        return NodeError(type=type(error).__name__, message=str(error)[: self.settings.max_error_chars])
+
+    def get(self, session_id: str) -> _Plan[SessionInfo]:
+        sid = validation.session_id(session_id)
+        return _Plan("get", (sid,), lambda info: _found(sid, info))
+
+    def get_session_status(self, session_id: str) -> _Plan[dict[str, Any]]:
+        sid = validation.session_id(session_id)
+        return _Plan("get", (sid,), lambda info: _found(sid, info).to_dict())
+
+    def is_session_expired(self, session_id: str) -> _Plan[bool]:
+        sid = validation.session_id(session_id)
+        timeout_s = self.settings.session_timeout
+        now = self.clock()
+        return _Plan("get", (sid,), lambda info: (now - _found(sid, info).updated_at).total_seconds() > timeout_s)
+
+    def cleanup_expired_sessions(self) -> _Plan[int]:
+        return _Plan("remove_expired", (self.clock(), self.settings.session_timeout))
+
+    def get_nodes(
+        self, session_id: str, status: NodeStatus | str | None = None, cursor: str | None = None, limit: int = 100
+    ) -> _Plan[NodePage]:
+        sid = validation.session_id(session_id)
+        node_status = None if status is None else validation.member(NodeStatus, status, "status", sid)
+        return _Plan("get_nodes", (sid, node_status, cursor, _limit(limit)))
+
+    def list_sessions(
+        self, status: SessionStatus | str | None = None, cursor: str | None = None, limit: int = 50
+    ) -> _Plan[SessionPage]:
+        session_status = None if status is None else validation.member(SessionStatus, status, "status")
+        return _Plan("list_sessions", (session_status, cursor, _limit(limit)))
+
+    def read_events(
+        self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
+    ) -> _Plan[list[SessionEvent]]:
+        sid = validation.session_id(session_id)
+        if after is not None:
+            validation.event_id(after)
+        return _Plan("read_events", (sid, after, _limit(limit), block_ms))
+
+    def delete(self, session_id: str) -> _Plan[bool]:
+        return _Plan("delete", (validation.session_id(session_id),))
+
+
+def _found(session_id: str, info: SessionInfo | None) -> SessionInfo:
+    if info is None:
+        raise SessionNotFoundError(session_id)
+    return info
+
+
+def _limit(limit: int) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+        raise validation.TrackerValidationError("limit", limit, "expected a whole number within 1..1000")
+    return limit
+
+
+def default_storage(settings: TrackerSettings) -> SessionStorageAdapter:
+    """Redis when ``TRACKER_REDIS_URL`` is set, else an in-memory store (one process only)."""
+    if settings.redis_url:
+        from tracker.storage.redis import RedisStorageAdapter
+
+        return RedisStorageAdapter.from_settings(settings)
+    from tracker.storage.memory import InMemoryStorageAdapter
+
+    return InMemoryStorageAdapter(events_maxlen=settings.events_maxlen)
+
+
+class SessionManager:
+    """Tracks batch sessions: create, move through the state machine, record node results, expire.
+
+    One instance per process is the usual use (:meth:`get_instance`); constructing one directly
+    with an explicit store and clock is how tests and embedded apps use it.
+
+    Args:
+        storage: The store; default from settings (Redis when ``TRACKER_REDIS_URL`` is set).
+        settings: Configuration; default read from the environment.
+        clock: Returns "now" as an aware UTC datetime.
+    """
+
+    _instance: ClassVar[SessionManager | None] = None
+    _instance_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(
+        self,
+        storage: SessionStorageAdapter | None = None,
+        settings: TrackerSettings | None = None,
+        clock: Clock = utc_now,
+    ) -> None:
+        self.settings = settings or TrackerSettings()
+        self.storage: SessionStorageAdapter = storage if storage is not None else default_storage(self.settings)
+        self._astorage: AsyncSessionStorageAdapter | None = None
+        self._plans = _Plans(self.settings, clock)
+        self.sync = SyncSessionManager(self)
+        self._cleanup_task: asyncio.Task[None] | None = None
+
+    # -- singleton --------------------------------------------------------------------------
+
+    @classmethod
+    def get_instance(cls) -> SessionManager:
+        """The process-wide manager, created on first use from the environment."""
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    @classmethod
+    def set_instance(cls, manager: SessionManager) -> None:
+        """Make ``manager`` the process-wide one (e.g. with an explicit store)."""
+        with cls._instance_lock:
+            cls._instance = manager
+
+    @classmethod
+    def reset_instance(cls) -> None:
+        """Forget the process-wide manager (its store is closed); the next get_instance builds anew."""
+        with cls._instance_lock:
+            instance, cls._instance = cls._instance, None
+        if instance is not None:
+            instance.storage.close()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @property
+    def clock(self) -> Clock:
+        """The clock every operation reads."""
+        return self._plans.clock
+
+    @clock.setter
+    def clock(self, clock: Clock) -> None:
+        self._plans.clock = clock
+
+    @property
+    def astorage(self) -> AsyncSessionStorageAdapter:
+        """The store's awaitable flavour (created on first use, in the running loop)."""
+        if self._astorage is None:
+            self._astorage = self.storage.asynchronous()
+        return self._astorage
+
+    async def _run(self, plan: _Plan[T]) -> T:
+        method: Callable[..., Awaitable[Any]] = getattr(self.astorage, plan.method)
+        return plan.then(await method(*plan.args))
+
+    # -- the seed's API ---------------------------------------------------------------------
+
+    async def create_session(
+        self,
+        canvas_path: str,
+        node_count: int,
+        metadata: dict[str, Any] | None = None,
+        nodes: Sequence[NodeSpec] = (),
+        session_id: str | None = None,
+    ) -> str:
+        """Create a ``pending`` session and return its id (a UUID4 string, 36 characters).
+
+        Args:
+            canvas_path: What the batch is (a canvas file path or any label), 1-1024 characters.
+            node_count: How many nodes the batch has (>= 0).
+            metadata: A JSON object kept with the session (<= 16 KiB).
+            nodes: Nodes known up front (ids, task ids, signatures for resume).
+            session_id: Use this id instead of a new UUID4 (dispatch stamps it before creating).
+
+        Raises:
+            TrackerValidationError: bad input; nothing was stored.
+            SessionExistsError: ``session_id`` is taken.
+        """
+        return await self._run(self._plans.create_session(canvas_path, node_count, metadata, nodes, session_id))
+
+    async def update_status(self, session_id: str, status: SessionStatus | str) -> dict[str, Any]:
+        """Move the session to ``status`` if the state machine allows it; return the new status dict.
+
+        Raises:
+            SessionNotFoundError, InvalidStateTransitionError, TrackerValidationError.
+        """
+        outcome = await self._run(self._plans.update_status(session_id, status))
+        return outcome.session.to_dict()
+
+    async def update_progress(self, session_id: str, progress_percent: float) -> dict[str, Any]:
+        """Set an explicit progress (0..100) on a session that has not ended.
+
+        Raises:
+            TrackerValidationError: NaN, infinite, below 0 or above 100.
+            SessionNotFoundError, InvalidStateTransitionError: unknown or ended session.
+        """
+        return (await self._run(self._plans.update_progress(session_id, progress_percent))).to_dict()
+
+    async def add_node_result(
+        self,
+        session_id: str,
+        node_id: str,
+        result: Any = None,
+        *,
+        status: NodeStatus | str = NodeStatus.COMPLETED,
+        error: NodeError | BaseException | None = None,
+        task_id: str | None = None,
+        worker: str | None = None,
+        attempt: int | None = None,
+    ) -> dict[str, Any]:
+        """Record a node's result; the session's counters, progress and status follow.
+
+        ``result`` may be a :class:`NodeResult`, whose fields are then used. The same result
+        twice counts once; a failed node that later completes moves between the counters.
+
+        Returns:
+            The session's status dict after the result.
+
+        Raises:
+            TrackerValidationError: a bad id, a result that is not JSON or is over the size cap.
+            NodeLimitError: more distinct nodes than ``node_count``.
+            SessionNotFoundError: no such session.
+        """
+        plan = self._plans.record_node(
+            session_id, node_id, status, result, error=error, task_id=task_id, worker=worker, attempt=attempt
+        ) if not isinstance(result, NodeResult) else self._node_result_plan(session_id, result)
+        return (await self._run(plan)).session.to_dict()
+
+    def _node_result_plan(self, session_id: str, node: NodeResult) -> _Plan[NodeOutcome]:
+        return self._plans.record_node(
+            session_id,
+            node.node_id,
+            node.status,
+            node.result,
+            error=node.error,
+            task_id=node.task_id,
+            worker=node.worker,
+            attempt=node.attempts or None,
+        )
+
+    async def record_node(self, session_id: str, node_id: str, status: NodeStatus | str, **details: Any) -> NodeOutcome:
+        """Record any node event (running, retrying, completed, failed, cancelled, lost) in full.
+
+        Keyword details: ``result``, ``error``, ``attempt``, ``task_id``, ``worker``, ``reason``.
+        """
+        return await self._run(self._plans.record_node(session_id, node_id, status, **details))
+
+    async def get_session(self, session_id: str) -> SessionInfo:
+        """The session as a model. Raises SessionNotFoundError."""
+        return await self._run(self._plans.get(session_id))
+
+    async def get_session_status(self, session_id: str) -> dict[str, Any]:
+        """The session's full state as a JSON-safe dict (one store read, O(1) in the node count).
+
+        Raises:
+            SessionNotFoundError: unknown, expired or removed.
+            TrackerValidationError: not a UUID.
+        """
+        return await self._run(self._plans.get_session_status(session_id))
+
+    async def get_nodes(
+        self, session_id: str, status: NodeStatus | str | None = None, cursor: str | None = None, limit: int = 100
+    ) -> NodePage:
+        """A page of the session's node results."""
+        return await self._run(self._plans.get_nodes(session_id, status, cursor, limit))
+
+    async def list_sessions(
+        self, status: SessionStatus | str | None = None, cursor: str | None = None, limit: int = 50
+    ) -> SessionPage:
+        """A page of sessions, newest first."""
+        return await self._run(self._plans.list_sessions(status, cursor, limit))
+
+    async def read_events(
+        self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
+    ) -> list[SessionEvent]:
+        """Events of the session after the event id ``after``, waiting up to ``block_ms`` for one."""
+        return await self._run(self._plans.read_events(session_id, after, limit, block_ms))
+
+    async def resume_session(self, session_id: str, retry_failed: bool = True) -> ResumeOutcome:
+        """Take a session back to ``running`` and reset its unfinished nodes (store side only).
+
+        :func:`tracker.celery.resume_session` also re-sends the reset nodes' tasks.
+        """
+        return await self._run(self._plans.resume(session_id, retry_failed))
+
+    async def delete_session(self, session_id: str) -> bool:
+        """Remove a session now; False when it did not exist."""
+        return await self._run(self._plans.delete(session_id))
+
+    async def is_session_expired(self, session_id: str) -> bool:
+        """True when the session was last updated more than ``session_timeout`` seconds ago.
+
+        Raises:
+            SessionNotFoundError: the session is gone (already removed or expired in the store).
+        """
+        return await self._run(self._plans.is_session_expired(session_id))
+
+    async def cleanup_expired_sessions(self) -> int:
+        """Remove every expired session; return how many were removed."""
+        removed = await self._run(self._plans.cleanup_expired_sessions())
+        if removed:
+            logger.info("removed %d expired session(s)", removed)
+        return removed
+
+    # -- background cleanup -----------------------------------------------------------------
+
+    def start_cleanup_scheduler(self, interval_s: float | None = None) -> None:
+        """Run :meth:`cleanup_expired_sessions` every ``interval_s`` (default from settings) in this loop."""
+        if self._cleanup_task is not None and not self._cleanup_task.done():
+            return
+        interval = interval_s if interval_s is not None else self.settings.cleanup_interval
+        self._cleanup_task = asyncio.get_running_loop().create_task(self._cleanup_loop(interval))
+
+    async def _cleanup_loop(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.cleanup_expired_sessions()
+            except Exception:  # a store outage must not end the scheduler
+                logger.exception("session cleanup failed; will try again in %.0f s", interval_s)
+
+    async def stop_cleanup_scheduler(self) -> None:
+        """Stop the background cleanup (if running) and wait for it to end."""
+        task, self._cleanup_task = self._cleanup_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    @property
+    def cleanup_scheduler_running(self) -> bool:
+        """True while the background cleanup runs."""
+        return self._cleanup_task is not None and not self._cleanup_task.done()
+
+    async def cleanup(self) -> None:
+        """Graceful shutdown: stop the scheduler and close the store's connections."""
+        await self.stop_cleanup_scheduler()
+        if self._astorage is not None:
+            await self._astorage.close()
+            self._astorage = None
+        self.storage.close()
+
+
+class SyncSessionManager:
+    """The blocking form of :class:`SessionManager` (``manager.sync``), for Celery signal handlers.
+
+    Same operations, same plans, same semantics; each call is one blocking store call.
+    """
+
+    def __init__(self, manager: SessionManager) -> None:
+        self._manager = manager
+
+    def _run(self, plan: _Plan[T]) -> T:
+        method: Callable[..., Any] = getattr(self._manager.storage, plan.method)
+        return plan.then(method(*plan.args))
+
+    @property
+    def _plans(self) -> _Plans:
+        return self._manager._plans
+
+    def create_session(
+        self,
+        canvas_path: str,
+        node_count: int,
+        metadata: dict[str, Any] | None = None,
+        nodes: Sequence[NodeSpec] = (),
+        session_id: str | None = None,
+    ) -> str:
+        """See :meth:`SessionManager.create_session`."""
+        return self._run(self._plans.create_session(canvas_path, node_count, metadata, nodes, session_id))
+
+    def update_status(self, session_id: str, status: SessionStatus | str) -> dict[str, Any]:
+        """See :meth:`SessionManager.update_status`."""
+        return self._run(self._plans.update_status(session_id, status)).session.to_dict()
+
+    def transition(self, session_id: str, status: SessionStatus | str) -> TransitionOutcome:
+        """Like :meth:`update_status`, returning the previous status too."""
+        return self._run(self._plans.update_status(session_id, status))
+
+    def update_progress(self, session_id: str, progress_percent: float) -> dict[str, Any]:
+        """See :meth:`SessionManager.update_progress`."""
+        return self._run(self._plans.update_progress(session_id, progress_percent)).to_dict()
+
+    def add_node_result(
+        self,
+        session_id: str,
+        node_id: str,
+        result: Any = None,
+        *,
+        status: NodeStatus | str = NodeStatus.COMPLETED,
+        error: NodeError | BaseException | None = None,
+        task_id: str | None = None,
+        worker: str | None = None,
+        attempt: int | None = None,
+    ) -> dict[str, Any]:
+        """See :meth:`SessionManager.add_node_result`."""
+        plan = self._plans.record_node(
+            session_id, node_id, status, result, error=error, task_id=task_id, worker=worker, attempt=attempt
+        ) if not isinstance(result, NodeResult) else self._manager._node_result_plan(session_id, result)
+        return self._run(plan).session.to_dict()
+
+    def record_node(self, session_id: str, node_id: str, status: NodeStatus | str, **details: Any) -> NodeOutcome:
+        """See :meth:`SessionManager.record_node`."""
+        return self._run(self._plans.record_node(session_id, node_id, status, **details))
+
+    def get_session(self, session_id: str) -> SessionInfo:
+        """See :meth:`SessionManager.get_session`."""
+        return self._run(self._plans.get(session_id))
+
+    def get_session_status(self, session_id: str) -> dict[str, Any]:
+        """See :meth:`SessionManager.get_session_status`."""
+        return self._run(self._plans.get_session_status(session_id))
+
+    def get_nodes(
+        self, session_id: str, status: NodeStatus | str | None = None, cursor: str | None = None, limit: int = 100
+    ) -> NodePage:
+        """See :meth:`SessionManager.get_nodes`."""
+        return self._run(self._plans.get_nodes(session_id, status, cursor, limit))
+
+    def list_sessions(
+        self, status: SessionStatus | str | None = None, cursor: str | None = None, limit: int = 50
+    ) -> SessionPage:
+        """See :meth:`SessionManager.list_sessions`."""
+        return self._run(self._plans.list_sessions(status, cursor, limit))
+
+    def read_events(
+        self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
+    ) -> list[SessionEvent]:
+        """See :meth:`SessionManager.read_events`."""
+        return self._run(self._plans.read_events(session_id, after, limit, block_ms))
+
+    def resume_session(self, session_id: str, retry_failed: bool = True) -> ResumeOutcome:
+        """See :meth:`SessionManager.resume_session`."""
+        return self._run(self._plans.resume(session_id, retry_failed))
+
+    def delete_session(self, session_id: str) -> bool:
+        """See :meth:`SessionManager.delete_session`."""
+        return self._run(self._plans.delete(session_id))
+
+    def is_session_expired(self, session_id: str) -> bool:
+        """See :meth:`SessionManager.is_session_expired`."""
+        return self._run(self._plans.is_session_expired(session_id))
+
+    def cleanup_expired_sessions(self) -> int:
+        """See :meth:`SessionManager.cleanup_expired_sessions`."""
+        removed = self._run(self._plans.cleanup_expired_sessions())
+        if removed:
+            logger.info("removed %d expired session(s)", removed)
+        return removed

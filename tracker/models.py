@@ -1,0 +1,194 @@
+"""Pydantic v2 models: what a session, a node and an event look like to callers.
+
+``to_dict()`` always returns JSON-safe values (ISO-8601 UTC datetimes, plain strings for enums).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from tracker.states import NodeStatus, SessionStatus
+
+JsonValue = Any
+"""Any value ``json.dumps`` accepts without a custom encoder."""
+
+
+def utc_from_ms(ms: int | None) -> datetime | None:
+    """Epoch milliseconds (as stored) to an aware UTC datetime."""
+    return None if ms is None else datetime.fromtimestamp(ms / 1000.0, tz=UTC)
+
+
+def ms_from_utc(moment: datetime | None) -> int | None:
+    """An aware datetime to epoch milliseconds (as stored)."""
+    return None if moment is None else round(moment.timestamp() * 1000)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (datetimes as ISO-8601 UTC strings, enums as their values)."""
+        return self.model_dump(mode="json")
+
+
+class NodeError(_Model):
+    """Why a node failed. Only names and text: never a type to import or instantiate."""
+
+    #: The exception's class name, e.g. ``"ValueError"``.
+    type: str
+    #: ``str(exception)``, shortened to the configured cap.
+    message: str = ""
+
+
+class NodeResult(_Model):
+    """The latest known state of one node of a session."""
+
+    node_id: str
+    status: NodeStatus = NodeStatus.COMPLETED
+    #: The task's return value (JSON), when it completed.
+    result: JsonValue = None
+    error: NodeError | None = None
+    #: How many times the node started (Celery's ``request.retries + 1`` of the latest attempt).
+    attempts: int = 0
+    task_id: str | None = None
+    #: Worker host name and process id that ran (or runs) it, e.g. ``"celery@host:1234"``.
+    worker: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    #: Reason text for ``lost`` / ``cancelled`` nodes.
+    reason: str | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def execution_time_ms(self) -> float | None:
+        """Wall time of the latest attempt in milliseconds, when it started and finished."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return round((self.finished_at - self.started_at).total_seconds() * 1000.0, 3)
+
+
+class SessionInfo(_Model):
+    """Everything a status read returns: metadata and counters, never the node list."""
+
+    session_id: str
+    canvas_path: str
+    node_count: int = Field(ge=0)
+    status: SessionStatus = SessionStatus.PENDING
+    progress_percent: float = Field(default=0.0, ge=0.0, le=100.0)
+    #: Nodes whose latest result is ``completed``.
+    completed_nodes: int = 0
+    #: Nodes whose latest result is ``failed`` or ``lost``.
+    failed_nodes: int = 0
+    #: Nodes running or waiting for a retry now.
+    running_nodes: int = 0
+    #: Of ``failed_nodes``, how many were lost (their worker vanished).
+    lost_nodes: int = 0
+    #: Nodes revoked, or outstanding when the session was cancelled (not in ``failed_nodes``).
+    cancelled_nodes: int = 0
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def pending_nodes(self) -> int:
+        """Nodes with no terminal result that are not running."""
+        finished = self.completed_nodes + self.failed_nodes + self.cancelled_nodes
+        return max(0, self.node_count - finished - self.running_nodes)
+
+
+class ParallelTaskStatus(BaseModel):
+    """The seed OpenAPI's status schema (``GET /api/v1/parallel/status/{task_id}``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    task_id: str = Field(description="The session id (UUID4).")
+    status: SessionStatus
+    progress_percent: float = Field(ge=0.0, le=100.0)
+    completed_nodes: int
+    failed_nodes: int
+    running_nodes: int = 0
+    pending_nodes: int = 0
+    lost_nodes: int = 0
+    cancelled_nodes: int = 0
+    node_count: int
+    canvas_path: str
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+
+    @classmethod
+    def from_session(cls, info: SessionInfo) -> ParallelTaskStatus:
+        """The API view of a session."""
+        data = info.model_dump()
+        data["task_id"] = data.pop("session_id")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict."""
+        return self.model_dump(mode="json")
+
+
+class SessionEvent(_Model):
+    """One change of a session, as kept in its event stream (and sent as one SSE event)."""
+
+    #: Stream entry id (``<ms>-<seq>``), monotonic per session; the SSE ``id``.
+    id: str
+    #: ``created``, ``status``, ``progress``, ``node`` or ``reset``.
+    type: str
+    status: SessionStatus
+    progress_percent: float
+    completed_nodes: int
+    failed_nodes: int
+    node_id: str | None = None
+    node_status: NodeStatus | None = None
+    at: datetime
+
+
+class NodeSpec(_Model):
+    """A node known at dispatch: its id, task id and the signature that re-sends it on resume."""
+
+    node_id: str
+    task_id: str | None = None
+    #: The Celery signature as a JSON dict (``dict(signature)``), None when unknown.
+    signature: dict[str, JsonValue] | None = None
+
+
+class SessionPage(_Model):
+    """One page of a session listing."""
+
+    sessions: list[SessionInfo]
+    #: Pass back as ``cursor`` for the next page; None on the last page.
+    next_cursor: str | None = None
+
+
+class NodePage(_Model):
+    """One page of a session's node results."""
+
+    nodes: list[NodeResult]
+    next_cursor: str | None = None
+
+
+class NodeOutcome(_Model):
+    """What recording one node event did."""
+
+    node: NodeResult
+    session: SessionInfo
+    #: The node's status before the event (None when it was new).
+    previous_node_status: NodeStatus | None = None
+    #: Set when this very event finished the session (exactly one caller sees it).
+    finished: SessionStatus | None = None
+
+
+class TransitionOutcome(_Model):
+    """What a session transition did."""
+
+    session: SessionInfo
+    previous_status: SessionStatus

@@ -1,0 +1,181 @@
+"""The session and node state machines: pure rules, no I/O.
+
+Every storage adapter takes its rules from here. The Redis scripts receive the allowed
+from-states as arguments, and the adapter contract suite checks that both adapters apply
+:func:`finish_status` and :func:`merge_node_status` identically.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class SessionStatus(StrEnum):
+    """Where a session is in its life."""
+
+    #: Created; no node has started yet.
+    PENDING = "pending"
+    #: At least one node started; not every node has a terminal result yet.
+    RUNNING = "running"
+    #: Every node completed.
+    COMPLETED = "completed"
+    #: Every node has a terminal result; some completed, some did not.
+    PARTIAL_FAILURE = "partial_failure"
+    #: Every node has a terminal result and none completed (or the batch failed as a whole).
+    FAILED = "failed"
+    #: Cancelled by a user; outstanding nodes were revoked.
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the session has ended (it may still be resumed unless completed)."""
+        return self in TERMINAL_STATUSES
+
+
+class NodeStatus(StrEnum):
+    """Where one node (one leaf task of the batch) is."""
+
+    #: Known to the session (dispatched), not started yet.
+    PENDING = "pending"
+    #: A worker is running it.
+    RUNNING = "running"
+    #: The task asked Celery to retry it; it will run again.
+    RETRYING = "retrying"
+    #: Finished successfully. Final: later events for the node change nothing.
+    COMPLETED = "completed"
+    #: Finished with an error, retries exhausted.
+    FAILED = "failed"
+    #: Revoked, or outstanding when its session was cancelled.
+    CANCELLED = "cancelled"
+    #: Its worker vanished (killed, out of memory, hard time limit) without reporting a result.
+    LOST = "lost"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True for a result that counts towards the session's finish."""
+        return self in TERMINAL_NODE_STATUSES
+
+
+#: The session transitions a caller may request. Resume is the only way out of an ended session.
+VALID_TRANSITIONS: dict[SessionStatus, frozenset[SessionStatus]] = {
+    SessionStatus.PENDING: frozenset({SessionStatus.RUNNING, SessionStatus.CANCELLED, SessionStatus.FAILED}),
+    SessionStatus.RUNNING: frozenset(
+        {
+            SessionStatus.COMPLETED,
+            SessionStatus.PARTIAL_FAILURE,
+            SessionStatus.FAILED,
+            SessionStatus.CANCELLED,
+        }
+    ),
+    SessionStatus.PARTIAL_FAILURE: frozenset({SessionStatus.RUNNING}),
+    SessionStatus.FAILED: frozenset({SessionStatus.RUNNING}),
+    SessionStatus.CANCELLED: frozenset({SessionStatus.RUNNING}),
+    SessionStatus.COMPLETED: frozenset(),
+}
+
+#: Statuses a session ends in.
+TERMINAL_STATUSES: frozenset[SessionStatus] = frozenset(
+    {SessionStatus.COMPLETED, SessionStatus.PARTIAL_FAILURE, SessionStatus.FAILED, SessionStatus.CANCELLED}
+)
+
+#: Ended sessions that ``resume`` may take back to ``running``.
+RESUMABLE_STATUSES: frozenset[SessionStatus] = frozenset(
+    s for s, targets in VALID_TRANSITIONS.items() if s in TERMINAL_STATUSES and SessionStatus.RUNNING in targets
+)
+
+#: Node results that count towards the finish rule.
+TERMINAL_NODE_STATUSES: frozenset[NodeStatus] = frozenset(
+    {NodeStatus.COMPLETED, NodeStatus.FAILED, NodeStatus.CANCELLED, NodeStatus.LOST}
+)
+
+#: Node statuses counted in ``failed_nodes``: the node ran (or was meant to) and did not complete.
+FAILED_NODE_STATUSES: frozenset[NodeStatus] = frozenset({NodeStatus.FAILED, NodeStatus.LOST})
+
+#: Node statuses counted in ``running_nodes``.
+ACTIVE_NODE_STATUSES: frozenset[NodeStatus] = frozenset({NodeStatus.RUNNING, NodeStatus.RETRYING})
+
+
+def is_valid_transition(current: SessionStatus | str, target: SessionStatus | str) -> bool:
+    """Tell whether a session may move from ``current`` to ``target``.
+
+    Args:
+        current: The session's status now.
+        target: The status asked for.
+
+    Returns:
+        True when the DESIGN table allows it. Unknown status names are never valid.
+    """
+    try:
+        return SessionStatus(target) in VALID_TRANSITIONS[SessionStatus(current)]
+    except ValueError:
+        return False
+
+
+def allowed_from(target: SessionStatus, resume: bool = False) -> frozenset[SessionStatus]:
+    """The statuses from which ``target`` may be reached (what a compare-and-set checks).
+
+    Args:
+        target: The status asked for.
+        resume: Include the resume edges (ended -> running). A plain status update leaves them
+            out: only a resume, which also resets the unfinished nodes, may reopen a session.
+    """
+    return frozenset(
+        s
+        for s, targets in VALID_TRANSITIONS.items()
+        if target in targets and (resume or not (s in TERMINAL_STATUSES and target is SessionStatus.RUNNING))
+    )
+
+
+def finish_status(completed: int, failed: int, cancelled: int, node_count: int) -> SessionStatus | None:
+    """The status a running session finishes in, or None while results are outstanding.
+
+    Args:
+        completed: Nodes whose latest result is ``completed``.
+        failed: Nodes whose latest result is ``failed`` or ``lost``.
+        cancelled: Nodes whose latest result is ``cancelled`` (revoked one by one).
+        node_count: Nodes in the batch.
+
+    Returns:
+        ``completed`` (every node completed), ``cancelled`` (every node revoked), ``failed`` (none
+        completed), ``partial_failure`` (some completed), or None while any node has no result.
+    """
+    if node_count <= 0 or completed + failed + cancelled < node_count:
+        return None
+    if completed == node_count:
+        return SessionStatus.COMPLETED
+    if cancelled == node_count:
+        return SessionStatus.CANCELLED
+    if completed == 0:
+        return SessionStatus.FAILED
+    return SessionStatus.PARTIAL_FAILURE
+
+
+def merge_node_status(current: NodeStatus | None, incoming: NodeStatus) -> NodeStatus:
+    """The node status after an event, given the status the node had.
+
+    Events arrive once per attempt, sometimes twice (redelivery) and out of order. The rules:
+    ``completed`` is final; another terminal result replaces a non-completed terminal one (a
+    failed node that succeeds on resume becomes completed); a start or retry event never
+    reopens a terminal node (resume resets nodes to ``pending`` explicitly).
+
+    Args:
+        current: The node's status now, None when the session has not seen it.
+        incoming: The status the event reports.
+
+    Returns:
+        The node's new status (possibly ``current`` unchanged).
+    """
+    if current is None:
+        return incoming
+    if current is NodeStatus.COMPLETED:
+        return current
+    if current.is_terminal and not incoming.is_terminal:
+        return current
+    return incoming
+
+
+def progress_from_counts(finished: int, node_count: int) -> float:
+    """``100 * finished / node_count`` (finished: nodes with a terminal result), 2 decimals; 0 if empty."""
+    if node_count <= 0:
+        return 0.0
+    return round(100.0 * finished / node_count, 2)

@@ -1,0 +1,181 @@
+"""The storage seam: what the manager asks of a store, in verbs of the domain.
+
+Each method is one atomic step where the data lives (one lock in memory, one Lua script in
+Redis). Check-and-set is always one method, never a get followed by a set. The manager holds no
+state of its own, so any number of processes sharing a store see the same sessions.
+
+Two flavours carry the same verbs: :class:`SessionStorageAdapter` (blocking, for Celery signal
+handlers and scripts) and :class:`AsyncSessionStorageAdapter` (for asyncio callers). An adapter
+hands out its asynchronous flavour through :meth:`SessionStorageAdapter.asynchronous`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from tracker.models import (
+    NodeError,
+    NodeOutcome,
+    NodePage,
+    NodeSpec,
+    SessionEvent,
+    SessionInfo,
+    SessionPage,
+    TransitionOutcome,
+    _Model,
+)
+from tracker.states import NodeStatus, SessionStatus
+
+
+class NodeEvent(_Model):
+    """One thing that happened to a node, as a store records it.
+
+    ``result_json`` is already-validated JSON text (the manager encodes and size-checks it).
+    """
+
+    node_id: str
+    status: NodeStatus
+    result_json: str | None = None
+    error: NodeError | None = None
+    #: The attempt number this event belongs to (1 = first run); None: the store counts starts.
+    attempt: int | None = None
+    task_id: str | None = None
+    worker: str | None = None
+    reason: str | None = None
+
+
+class ResumeOutcome(_Model):
+    """What a resume did: the session after it, and the nodes reset to ``pending`` to re-send."""
+
+    session: SessionInfo
+    previous_status: SessionStatus
+    nodes: list[NodeSpec]
+
+
+@runtime_checkable
+class SessionStorageAdapter(Protocol):
+    """A blocking store of sessions. Implementations must be safe to share between threads."""
+
+    def create(self, session: SessionInfo, nodes: Sequence[NodeSpec] = ()) -> None:
+        """Store a new session (and its known nodes as ``pending``).
+
+        Raises:
+            SessionExistsError: the id is taken.
+        """
+
+    def get(self, session_id: str) -> SessionInfo | None:
+        """The session's metadata and counters, or None. Cost does not grow with the node count."""
+
+    def transition(
+        self, session_id: str, target: SessionStatus, allowed_from: frozenset[SessionStatus], now: datetime
+    ) -> TransitionOutcome:
+        """Compare-and-set the status. Cancelling also marks every unfinished node ``cancelled``.
+
+        Raises:
+            SessionNotFoundError: no such session.
+            InvalidStateTransitionError: the current status is not in ``allowed_from``.
+        """
+
+    def resume(
+        self, session_id: str, allowed_from: frozenset[SessionStatus], retry_failed: bool, now: datetime
+    ) -> ResumeOutcome:
+        """Take the session back to ``running``; reset unfinished (and failed) nodes to ``pending``.
+
+        Completed nodes are never reset. Returns the reset nodes, with the signatures stored at dispatch.
+
+        Raises:
+            SessionNotFoundError: no such session.
+            InvalidStateTransitionError: the current status is not in ``allowed_from``.
+        """
+
+    def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> SessionInfo:
+        """Set an explicit progress on a session that has not ended.
+
+        Raises:
+            SessionNotFoundError: no such session.
+            InvalidStateTransitionError: the session has ended.
+        """
+
+    def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> NodeOutcome:
+        """Upsert one node event, move the counters, and finish the session when it is done.
+
+        Idempotent per (session, node, status): the same event twice changes nothing the second
+        time. ``pending`` sessions move to ``running`` on the first node event; ended sessions
+        record the node but keep their status.
+
+        Raises:
+            SessionNotFoundError: no such session.
+            NodeLimitError: the node is new and the session has ``node_count`` nodes already.
+        """
+
+    def get_nodes(
+        self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100
+    ) -> NodePage:
+        """A page of the session's nodes, optionally only those in ``status``.
+
+        Raises:
+            SessionNotFoundError: no such session.
+        """
+
+    def list_sessions(
+        self, status: SessionStatus | None = None, cursor: str | None = None, limit: int = 50
+    ) -> SessionPage:
+        """A page of sessions, newest first, optionally only those in ``status``."""
+
+    def delete(self, session_id: str) -> bool:
+        """Remove a session and everything it holds; False when it did not exist."""
+
+    def remove_expired(self, now: datetime, timeout_s: float) -> int:
+        """Remove sessions not updated within ``timeout_s`` before ``now``; return how many."""
+
+    def read_events(
+        self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
+    ) -> list[SessionEvent]:
+        """Events after id ``after`` (from the start when None), waiting up to ``block_ms`` for one."""
+
+    def asynchronous(self) -> AsyncSessionStorageAdapter:
+        """The same store with awaitable methods."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+@runtime_checkable
+class AsyncSessionStorageAdapter(Protocol):
+    """The awaitable flavour of :class:`SessionStorageAdapter`: same verbs, same semantics."""
+
+    async def create(self, session: SessionInfo, nodes: Sequence[NodeSpec] = ()) -> None: ...
+
+    async def get(self, session_id: str) -> SessionInfo | None: ...
+
+    async def transition(
+        self, session_id: str, target: SessionStatus, allowed_from: frozenset[SessionStatus], now: datetime
+    ) -> TransitionOutcome: ...
+
+    async def resume(
+        self, session_id: str, allowed_from: frozenset[SessionStatus], retry_failed: bool, now: datetime
+    ) -> ResumeOutcome: ...
+
+    async def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> SessionInfo: ...
+
+    async def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> NodeOutcome: ...
+
+    async def get_nodes(
+        self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100
+    ) -> NodePage: ...
+
+    async def list_sessions(
+        self, status: SessionStatus | None = None, cursor: str | None = None, limit: int = 50
+    ) -> SessionPage: ...
+
+    async def delete(self, session_id: str) -> bool: ...
+
+    async def remove_expired(self, now: datetime, timeout_s: float) -> int: ...
+
+    async def read_events(
+        self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
+    ) -> list[SessionEvent]: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,76 @@
+"""Every Redis key the tracker uses is built here.
+
+Per session (all share the hash tag ``{<session_id>}``, so one Lua script may touch them all,
+also on Redis Cluster):
+
+===================================  ======  ===================================================
+``<prefix>:{<sid>}:session``         HASH    metadata and counters: ``canvas_path``, ``node_count``,
+                                             ``status``, ``progress``, ``completed``, ``failed``,
+                                             ``running``, ``lost``, ``cancelled``, ``created_ms``,
+                                             ``updated_ms``, ``started_ms``, ``finished_ms``,
+                                             ``metadata`` (JSON)
+``<prefix>:{<sid>}:nodes``           HASH    node id -> ``status|attempts|started_ms|finished_ms|
+                                             task_id|worker|payload`` (payload: JSON object with
+                                             ``result``, ``error``, ``reason``; may be empty)
+``<prefix>:{<sid>}:sigs``            HASH    node id -> the node's Celery signature (JSON), for resume
+``<prefix>:{<sid>}:events``          STREAM  one entry per change (capped, approximate trim)
+===================================  ======  ===================================================
+
+Global (not atomic with session writes; they only help to find sessions):
+
+===================================  ======  ===================================================
+``<prefix>:index:created``           ZSET    session id scored by creation time (ms): listing
+``<prefix>:index:expiry``            ZSET    session id scored by the last known update (ms):
+                                             cleanup candidates; re-checked before deleting
+===================================  ======  ===================================================
+
+Every session key gets the session timeout as TTL on every write, so nothing outlives an
+abandoned session even when cleanup never runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tracker import validation
+
+
+@dataclass(frozen=True)
+class SessionKeys:
+    """The keys of one session, in the order every script takes them (``KEYS[1..4]``)."""
+
+    session: str
+    nodes: str
+    sigs: str
+    events: str
+
+    def all(self) -> list[str]:
+        """``[session, nodes, sigs, events]``."""
+        return [self.session, self.nodes, self.sigs, self.events]
+
+
+@dataclass(frozen=True)
+class KeySpace:
+    """Builds keys under one prefix.
+
+    Args:
+        prefix: The first part of every key (letters, digits, ``_.-``).
+    """
+
+    prefix: str = "tracker"
+
+    def session(self, session_id: str) -> SessionKeys:
+        """The keys of ``session_id`` (validated first: only a UUID becomes part of a key)."""
+        sid = validation.session_id(session_id)
+        base = f"{self.prefix}:{{{sid}}}"
+        return SessionKeys(f"{base}:session", f"{base}:nodes", f"{base}:sigs", f"{base}:events")
+
+    @property
+    def created_index(self) -> str:
+        """Sessions by creation time."""
+        return f"{self.prefix}:index:created"
+
+    @property
+    def expiry_index(self) -> str:
+        """Sessions by last known update time."""
+        return f"{self.prefix}:index:expiry"

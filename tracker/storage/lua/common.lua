@@ -1,0 +1,103 @@
+-- common: prepended to every script at load time. Not a script of its own.
+-- KEYS[1..4] are always one session's keys: session (HASH), nodes (HASH), sigs (HASH), events (STREAM).
+-- The tables below mirror tracker/states.py; tests/unit/test_lua_tables.py checks they agree.
+local S, N, G, E = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+
+-- node status -> the session counter it counts in
+local COUNTER = {completed = 'completed', failed = 'failed', lost = 'failed', cancelled = 'cancelled',
+                 running = 'running', retrying = 'running'}
+-- node statuses that are a result (count towards the finish rule)
+local TERMINAL_NODE = {completed = true, failed = true, lost = true, cancelled = true}
+-- session statuses that end a session
+local TERMINAL_SESSION = {completed = true, partial_failure = true, failed = true, cancelled = true}
+
+local FIELDS = {'status', 'node_count', 'completed', 'failed', 'running', 'lost', 'cancelled', 'progress',
+                'started_ms', 'finished_ms'}
+local NUMBERS = {'node_count', 'completed', 'failed', 'running', 'lost', 'cancelled'}
+
+-- The session's state fields as a table, or nil when the session does not exist.
+local function load_session()
+  local values = redis.call('HMGET', S, unpack(FIELDS))
+  if not values[1] then return nil end
+  local s = {}
+  for i, k in ipairs(FIELDS) do s[k] = values[i] or '' end
+  for _, k in ipairs(NUMBERS) do s[k] = tonumber(s[k]) or 0 end
+  return s
+end
+
+local function save_session(s, now_ms)
+  redis.call('HSET', S, 'status', s.status, 'completed', s.completed, 'failed', s.failed, 'running', s.running,
+             'lost', s.lost, 'cancelled', s.cancelled, 'progress', s.progress, 'started_ms', s.started_ms,
+             'finished_ms', s.finished_ms, 'updated_ms', now_ms)
+end
+
+-- Move one node's weight in the counters (delta = 1 when it enters status, -1 when it leaves).
+local function count(s, status, delta)
+  local counter = COUNTER[status]
+  if counter then s[counter] = s[counter] + delta end
+  if status == 'lost' then s.lost = s.lost + delta end
+end
+
+-- 100 * finished / node_count, rounded half up to 2 decimals (same formula as states.progress_from_counts).
+local function derived_progress(s)
+  if s.node_count <= 0 then return '0' end
+  return tostring(math.floor(10000 * (s.completed + s.failed + s.cancelled) / s.node_count + 0.5) / 100)
+end
+
+-- states.finish_status
+local function finish_status(s)
+  local n = s.node_count
+  if n <= 0 or s.completed + s.failed + s.cancelled < n then return nil end
+  if s.completed == n then return 'completed' end
+  if s.cancelled == n then return 'cancelled' end
+  if s.completed == 0 then return 'failed' end
+  return 'partial_failure'
+end
+
+local function set_status(s, target, now_ms)
+  s.status = target
+  if target == 'running' then
+    s.finished_ms = ''
+    if s.started_ms == '' then s.started_ms = now_ms end
+  elseif TERMINAL_SESSION[target] then
+    s.finished_ms = now_ms
+  end
+end
+
+-- A node record: status|attempts|started_ms|finished_ms|task_id|worker|payload (payload may hold '|').
+local function parse_node(raw)
+  local f, pos = {}, 1
+  for i = 1, 6 do
+    local bar = string.find(raw, '|', pos, true)
+    f[i] = string.sub(raw, pos, bar - 1)
+    pos = bar + 1
+  end
+  f[7] = string.sub(raw, pos)
+  return f
+end
+
+local function node_text(f)
+  return table.concat(f, '|', 1, 7)
+end
+
+local function emit(s, kind, now_ms, maxlen, node_id, node_status)
+  if node_id then
+    redis.call('XADD', E, 'MAXLEN', '~', maxlen, '*', 't', kind, 's', s.status, 'p', s.progress,
+               'c', s.completed, 'f', s.failed, 'at', now_ms, 'n', node_id, 'ns', node_status)
+  else
+    redis.call('XADD', E, 'MAXLEN', '~', maxlen, '*', 't', kind, 's', s.status, 'p', s.progress,
+               'c', s.completed, 'f', s.failed, 'at', now_ms)
+  end
+end
+
+-- Every write refreshes the TTL of all the session's keys (EXPIRE on a missing key is a no-op).
+local function touch(ttl_s)
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl_s) end
+end
+
+local function in_list(value, list, first)
+  for i = first, #list do
+    if list[i] == value then return true end
+  end
+  return false
+end

@@ -1,0 +1,37 @@
+-- create(KEYS=[session, nodes, sigs, events, (created_index, expiry_index)],
+--        ARGV=[session_id, canvas_path, node_count, now_ms, metadata_json, ttl_s, events_maxlen, n_nodes,
+--              (node_id, task_id, signature_json) * n_nodes])
+-- Creates a pending session with its known nodes. The index keys are passed only outside Cluster.
+-- Returns {'ok'} | {'exists'}
+local sid, canvas_path, node_count, now_ms, metadata = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local ttl_s, maxlen, n_nodes = ARGV[6], ARGV[7], tonumber(ARGV[8])
+if redis.call('EXISTS', S) == 1 then return {'exists'} end
+redis.call('HSET', S, 'canvas_path', canvas_path, 'node_count', node_count, 'status', 'pending', 'progress', '0',
+           'completed', 0, 'failed', 0, 'running', 0, 'lost', 0, 'cancelled', 0, 'created_ms', now_ms,
+           'updated_ms', now_ms, 'started_ms', '', 'finished_ms', '', 'metadata', metadata)
+-- HSET in chunks: unpack() of a very long list overflows Lua's C stack.
+local nodes, sigs = {}, {}
+for i = 0, n_nodes - 1 do
+  local base = 9 + i * 3
+  local node_id, task_id, sig = ARGV[base], ARGV[base + 1], ARGV[base + 2]
+  nodes[#nodes + 1] = node_id
+  nodes[#nodes + 1] = 'pending|0|||' .. task_id .. '||'
+  if sig ~= '' then
+    sigs[#sigs + 1] = node_id
+    sigs[#sigs + 1] = sig
+  end
+  if #nodes >= 1000 or i == n_nodes - 1 then
+    redis.call('HSET', N, unpack(nodes))
+    nodes = {}
+    if #sigs > 0 then redis.call('HSET', G, unpack(sigs)) end
+    sigs = {}
+  end
+end
+local s = load_session()
+emit(s, 'created', now_ms, maxlen)
+touch(ttl_s)
+if KEYS[5] then
+  redis.call('ZADD', KEYS[5], now_ms, sid)
+  redis.call('ZADD', KEYS[6], now_ms, sid)
+end
+return {'ok'}

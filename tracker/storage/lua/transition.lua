@@ -1,0 +1,28 @@
+-- transition(KEYS=[session, nodes, sigs, events], ARGV=[target, now_ms, ttl_s, events_maxlen, allowed_from...])
+-- Compare-and-set of the session status; the allowed from-states come from states.VALID_TRANSITIONS.
+-- Cancelling marks every node without a result `cancelled`.
+-- Returns {'ok', session_hgetall, previous_status} | {'not_found'} | {'invalid', current_status}
+local target, now_ms, ttl_s, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local s = load_session()
+if not s then return {'not_found'} end
+local previous = s.status
+if not in_list(previous, ARGV, 5) then return {'invalid', previous} end
+
+if target == 'cancelled' then
+  local all = redis.call('HGETALL', N)
+  for i = 1, #all, 2 do
+    local f = parse_node(all[i + 1])
+    if not TERMINAL_NODE[f[1]] then
+      count(s, f[1], -1)
+      count(s, 'cancelled', 1)
+      f[1], f[4], f[7] = 'cancelled', now_ms, '{"reason":"session cancelled"}'
+      redis.call('HSET', N, all[i], node_text(f))
+    end
+  end
+  s.progress = derived_progress(s)
+end
+set_status(s, target, now_ms)
+save_session(s, now_ms)
+emit(s, 'status', now_ms, maxlen)
+touch(ttl_s)
+return {'ok', redis.call('HGETALL', S), previous}

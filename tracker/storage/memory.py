@@ -1,0 +1,326 @@
+"""In-process storage: one lock, plain dicts. For tests, the demo and single-process apps."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from tracker import states
+from tracker.errors import (
+    InvalidStateTransitionError,
+    NodeLimitError,
+    SessionExistsError,
+    SessionNotFoundError,
+    TrackerValidationError,
+)
+from tracker.models import (
+    NodeOutcome,
+    NodePage,
+    NodeResult,
+    NodeSpec,
+    SessionEvent,
+    SessionInfo,
+    SessionPage,
+    TransitionOutcome,
+)
+from tracker.states import NodeStatus, SessionStatus
+from tracker.storage.aio import as_async
+from tracker.storage.base import AsyncSessionStorageAdapter, NodeEvent, ResumeOutcome
+
+#: Events kept per session when no cap is given.
+DEFAULT_EVENTS_MAXLEN = 1000
+
+
+@dataclass
+class _Entry:
+    info: SessionInfo
+    nodes: dict[str, NodeResult] = field(default_factory=dict)
+    signatures: dict[str, dict[str, Any]] = field(default_factory=dict)
+    counts: Counter[NodeStatus] = field(default_factory=Counter)
+    events: deque[SessionEvent] = field(default_factory=deque)
+    last_event_ms: int = 0
+    last_event_seq: int = 0
+
+
+class InMemoryStorageAdapter:
+    """Sessions in a dict, guarded by one lock. Thread-safe; every method holds the lock briefly.
+
+    Args:
+        events_maxlen: Events kept per session (oldest dropped first).
+    """
+
+    def __init__(self, events_maxlen: int = DEFAULT_EVENTS_MAXLEN) -> None:
+        self._sessions: dict[str, _Entry] = {}
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._events_maxlen = events_maxlen
+
+    # -- helpers (call with the lock held) ---------------------------------------------------
+
+    def _entry(self, session_id: str) -> _Entry:
+        entry = self._sessions.get(session_id)
+        if entry is None:
+            raise SessionNotFoundError(session_id)
+        return entry
+
+    def _emit(self, entry: _Entry, kind: str, now: datetime, node: NodeResult | None = None) -> None:
+        # Ids mimic Redis stream ids (<ms>-<seq>) so callers treat both stores alike.
+        now_ms = max(int(now.timestamp() * 1000), entry.last_event_ms)
+        entry.last_event_seq = entry.last_event_seq + 1 if now_ms == entry.last_event_ms else 0
+        entry.last_event_ms = now_ms
+        info = entry.info
+        entry.events.append(
+            SessionEvent(
+                id=f"{now_ms}-{entry.last_event_seq}",
+                type=kind,
+                status=info.status,
+                progress_percent=info.progress_percent,
+                completed_nodes=info.completed_nodes,
+                failed_nodes=info.failed_nodes,
+                node_id=node.node_id if node else None,
+                node_status=node.status if node else None,
+                at=now,
+            )
+        )
+        while len(entry.events) > self._events_maxlen:
+            entry.events.popleft()
+        self._changed.notify_all()
+
+    @staticmethod
+    def _set_node(entry: _Entry, node: NodeResult) -> None:
+        old = entry.nodes.get(node.node_id)
+        if old is not None:
+            entry.counts[old.status] -= 1
+        entry.counts[node.status] += 1
+        entry.nodes[node.node_id] = node
+
+    @staticmethod
+    def _recount(entry: _Entry, now: datetime) -> SessionInfo:
+        """The session's counters (and the progress they drive) from the node status counts."""
+        counts = entry.counts
+        failed = counts[NodeStatus.FAILED] + counts[NodeStatus.LOST]
+        finished = counts[NodeStatus.COMPLETED] + failed + counts[NodeStatus.CANCELLED]
+        return entry.info.model_copy(
+            update={
+                "completed_nodes": counts[NodeStatus.COMPLETED],
+                "failed_nodes": failed,
+                "running_nodes": counts[NodeStatus.RUNNING] + counts[NodeStatus.RETRYING],
+                "lost_nodes": counts[NodeStatus.LOST],
+                "cancelled_nodes": counts[NodeStatus.CANCELLED],
+                "progress_percent": states.progress_from_counts(finished, entry.info.node_count),
+                "updated_at": now,
+            }
+        )
+
+    @staticmethod
+    def _move(info: SessionInfo, target: SessionStatus, now: datetime) -> SessionInfo:
+        update: dict[str, Any] = {"status": target, "updated_at": now}
+        if target is SessionStatus.RUNNING:
+            update["finished_at"] = None
+            if info.started_at is None:
+                update["started_at"] = now
+        elif target.is_terminal:
+            update["finished_at"] = now
+        return info.model_copy(update=update)
+
+    # -- the protocol ------------------------------------------------------------------------
+
+    def create(self, session: SessionInfo, nodes: Sequence[NodeSpec] = ()) -> None:
+        with self._lock:
+            if session.session_id in self._sessions:
+                raise SessionExistsError(session.session_id)
+            entry = _Entry(info=session)
+            for spec in nodes:
+                self._set_node(entry, NodeResult(node_id=spec.node_id, status=NodeStatus.PENDING, task_id=spec.task_id))
+                if spec.signature is not None:
+                    entry.signatures[spec.node_id] = spec.signature
+            self._sessions[session.session_id] = entry
+            self._emit(entry, "created", session.created_at)
+
+    def get(self, session_id: str) -> SessionInfo | None:
+        with self._lock:
+            entry = self._sessions.get(session_id)
+            return entry.info if entry else None
+
+    def transition(
+        self, session_id: str, target: SessionStatus, allowed_from: frozenset[SessionStatus], now: datetime
+    ) -> TransitionOutcome:
+        with self._lock:
+            entry = self._entry(session_id)
+            previous = entry.info.status
+            if previous not in allowed_from:
+                raise InvalidStateTransitionError(session_id, previous, target)
+            if target is SessionStatus.CANCELLED:
+                for node in list(entry.nodes.values()):
+                    if not node.status.is_terminal:
+                        cancelled = {
+                            "status": NodeStatus.CANCELLED,
+                            "finished_at": now,
+                            "result": None,
+                            "error": None,
+                            "reason": "session cancelled",
+                        }
+                        self._set_node(entry, node.model_copy(update=cancelled))
+                entry.info = self._recount(entry, now)
+            entry.info = self._move(entry.info, target, now)
+            self._emit(entry, "status", now)
+            return TransitionOutcome(session=entry.info, previous_status=previous)
+
+    def resume(
+        self, session_id: str, allowed_from: frozenset[SessionStatus], retry_failed: bool, now: datetime
+    ) -> ResumeOutcome:
+        with self._lock:
+            entry = self._entry(session_id)
+            previous = entry.info.status
+            if previous not in allowed_from:
+                raise InvalidStateTransitionError(session_id, previous, SessionStatus.RUNNING, "cannot resume")
+            reset: list[NodeSpec] = []
+            for node_id, node in list(entry.nodes.items()):
+                if node.status is NodeStatus.COMPLETED or (node.status is NodeStatus.FAILED and not retry_failed):
+                    continue
+                self._set_node(
+                    entry,
+                    NodeResult(node_id=node_id, status=NodeStatus.PENDING, attempts=node.attempts, task_id=node.task_id),
+                )
+                reset.append(NodeSpec(node_id=node_id, task_id=node.task_id, signature=entry.signatures.get(node_id)))
+            entry.info = self._recount(entry, now)
+            entry.info = self._move(entry.info, SessionStatus.RUNNING, now)
+            self._emit(entry, "status", now)
+            return ResumeOutcome(session=entry.info, previous_status=previous, nodes=reset)
+
+    def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> SessionInfo:
+        with self._lock:
+            entry = self._entry(session_id)
+            status = entry.info.status
+            if status.is_terminal:
+                raise InvalidStateTransitionError(session_id, status, status, "progress of an ended session is final")
+            entry.info = entry.info.model_copy(update={"progress_percent": progress_percent, "updated_at": now})
+            self._emit(entry, "progress", now)
+            return entry.info
+
+    def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> NodeOutcome:
+        with self._lock:
+            entry = self._entry(session_id)
+            old = entry.nodes.get(event.node_id)
+            if old is None and len(entry.nodes) >= entry.info.node_count:
+                raise NodeLimitError(session_id, event.node_id, entry.info.node_count)
+            node = _merge_node(old, event, now)
+            self._set_node(entry, node)
+            entry.info = self._recount(entry, now)
+            info = entry.info
+            finished: SessionStatus | None = None
+            if info.status is SessionStatus.PENDING:
+                info = self._move(info, SessionStatus.RUNNING, now)
+            if info.status is SessionStatus.RUNNING:
+                finished = states.finish_status(
+                    info.completed_nodes, info.failed_nodes, info.cancelled_nodes, info.node_count
+                )
+                if finished is not None:
+                    info = self._move(info, finished, now)
+            entry.info = info
+            self._emit(entry, "node", now, node)
+            return NodeOutcome(
+                node=node, session=info, previous_node_status=old.status if old else None, finished=finished
+            )
+
+    def get_nodes(
+        self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100
+    ) -> NodePage:
+        with self._lock:
+            nodes = list(self._entry(session_id).nodes.values())
+        # The cursor is a position in insertion order, so a page of a filtered view may be short.
+        start = _position(cursor)
+        end = start + limit
+        page = [n for n in nodes[start:end] if status is None or n.status is status]
+        return NodePage(nodes=page, next_cursor=str(end) if end < len(nodes) else None)
+
+    def list_sessions(
+        self, status: SessionStatus | None = None, cursor: str | None = None, limit: int = 50
+    ) -> SessionPage:
+        with self._lock:
+            infos = sorted(
+                (e.info for e in self._sessions.values()), key=lambda i: (i.created_at, i.session_id), reverse=True
+            )
+        start = _position(cursor)
+        end = start + limit
+        page = [i for i in infos[start:end] if status is None or i.status is status]
+        return SessionPage(sessions=page, next_cursor=str(end) if end < len(infos) else None)
+
+    def delete(self, session_id: str) -> bool:
+        with self._lock:
+            return self._sessions.pop(session_id, None) is not None
+
+    def remove_expired(self, now: datetime, timeout_s: float) -> int:
+        with self._lock:
+            expired = [
+                sid for sid, e in self._sessions.items() if (now - e.info.updated_at).total_seconds() > timeout_s
+            ]
+            for sid in expired:
+                del self._sessions[sid]
+            return len(expired)
+
+    def read_events(
+        self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
+    ) -> list[SessionEvent]:
+        after_key = _event_key(after) if after else (-1, -1)
+        deadline = time.monotonic() + (block_ms or 0) / 1000.0
+        with self._lock:
+            while True:
+                events = [ev for ev in self._entry(session_id).events if _event_key(ev.id) > after_key][:limit]
+                remaining = deadline - time.monotonic()
+                if events or not block_ms or remaining <= 0:
+                    return events
+                self._changed.wait(remaining)
+
+    def asynchronous(self) -> AsyncSessionStorageAdapter:
+        return as_async(self, inline=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self._changed.notify_all()
+
+
+def _position(cursor: str | None) -> int:
+    if not cursor:
+        return 0
+    if not cursor.isdigit() or len(cursor) > 18:
+        raise TrackerValidationError("cursor", cursor, "expected the next_cursor of a previous page")
+    return int(cursor)
+
+
+def _event_key(event_id: str) -> tuple[int, int]:
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _merge_node(old: NodeResult | None, event: NodeEvent, now: datetime) -> NodeResult:
+    """The node after ``event``: the rule of :func:`tracker.states.merge_node_status`, plus details."""
+    status = states.merge_node_status(old.status if old else None, event.status)
+    base = old or NodeResult(node_id=event.node_id, status=NodeStatus.PENDING)
+    attempts = base.attempts
+    if event.attempt is not None:
+        attempts = max(attempts, event.attempt)
+    elif event.status is NodeStatus.RUNNING and status is NodeStatus.RUNNING:
+        attempts += 1
+    if status is not NodeStatus.PENDING:
+        attempts = max(attempts, 1)
+    if status is not event.status or base.status is NodeStatus.COMPLETED:
+        # A start after a terminal result, or a duplicate success: only the attempt count moves.
+        return base.model_copy(update={"attempts": attempts})
+    update: dict[str, Any] = {"status": status, "attempts": attempts, "error": event.error, "reason": event.reason}
+    if event.task_id is not None:
+        update["task_id"] = event.task_id
+    if event.worker is not None:
+        update["worker"] = event.worker
+    if status is NodeStatus.RUNNING:
+        update.update(started_at=now, finished_at=None)
+    elif status.is_terminal:
+        update["finished_at"] = now
+        update["result"] = json.loads(event.result_json) if event.result_json is not None else None
+    return base.model_copy(update=update)

@@ -1,0 +1,688 @@
+"""Redis storage: every write is one Lua script run by EVALSHA, every status read one HGETALL.
+
+Each operation is written once, as a *program*: a generator that yields batches of Redis
+commands and receives their replies. :class:`RedisStorageAdapter` drives programs with a
+blocking redis-py client (Celery workers), :class:`AsyncRedisStorageAdapter` with
+``redis.asyncio`` (web apps). The scripts live in ``lua/`` (see :mod:`tracker.storage.keys` for
+the key layout) and are registered once per client with ``register_script``, which falls back
+from EVALSHA to loading the script when the server answers NOSCRIPT.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any, TypeVar
+
+import redis
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
+
+from tracker.config import TrackerSettings
+from tracker.errors import (
+    InvalidStateTransitionError,
+    NodeLimitError,
+    SessionExistsError,
+    SessionNotFoundError,
+    StorageUnavailableError,
+    TrackerValidationError,
+)
+from tracker.models import (
+    NodeError,
+    NodeOutcome,
+    NodePage,
+    NodeResult,
+    NodeSpec,
+    SessionEvent,
+    SessionInfo,
+    SessionPage,
+    TransitionOutcome,
+    ms_from_utc,
+    utc_from_ms,
+)
+from tracker.states import NodeStatus, SessionStatus
+from tracker.storage.base import NodeEvent, ResumeOutcome
+from tracker.storage.keys import KeySpace, SessionKeys
+
+T = TypeVar("T")
+
+#: The scripts, by file name (without ``.lua``); each is loaded with ``common.lua`` before it.
+SCRIPTS = ("create", "record_node", "transition", "resume", "set_progress", "remove_if_expired")
+
+#: How many cleanup candidates one pass takes from the index at a time.
+CLEANUP_BATCH = 500
+
+
+def script_source(name: str) -> str:
+    """The full text of script ``name`` as loaded: ``common.lua`` followed by ``<name>.lua``."""
+    lua = resources.files("tracker.storage") / "lua"
+    return (lua / "common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+@dataclass(frozen=True)
+class Script:
+    """A script call to make: its name, keys and arguments."""
+
+    name: str
+    keys: list[str]
+    args: list[Any]
+
+
+Command = Script | tuple[Any, ...]
+"""One Redis call: a script, or a raw command as ``("HGETALL", key)``."""
+
+Program = Generator[list[Command], list[Any], T]
+"""An operation: yields batches of commands (one round trip each), receives their replies."""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _flat_dict(flat: Sequence[Any]) -> dict[str, str]:
+    items = [_text(v) for v in flat]
+    return dict(zip(items[0::2], items[1::2], strict=True))
+
+
+def _ms(value: str) -> datetime | None:
+    return utc_from_ms(int(value)) if value else None
+
+
+def _session(session_id: str, fields: dict[str, str]) -> SessionInfo:
+    created = utc_from_ms(int(fields["created_ms"]))
+    updated = utc_from_ms(int(fields["updated_ms"]))
+    assert created is not None and updated is not None
+    return SessionInfo(
+        session_id=session_id,
+        canvas_path=fields["canvas_path"],
+        node_count=int(fields["node_count"]),
+        status=SessionStatus(fields["status"]),
+        progress_percent=float(fields["progress"]),
+        completed_nodes=int(fields["completed"]),
+        failed_nodes=int(fields["failed"]),
+        running_nodes=int(fields["running"]),
+        lost_nodes=int(fields["lost"]),
+        cancelled_nodes=int(fields["cancelled"]),
+        created_at=created,
+        updated_at=updated,
+        started_at=_ms(fields.get("started_ms", "")),
+        finished_at=_ms(fields.get("finished_ms", "")),
+        metadata=json.loads(fields.get("metadata") or "{}"),
+    )
+
+
+def _node(node_id: str, record: str) -> NodeResult:
+    status, attempts, started, finished, task_id, worker, payload = record.split("|", 6)
+    details = json.loads(payload) if payload else {}
+    error = details.get("error")
+    return NodeResult(
+        node_id=node_id,
+        status=NodeStatus(status),
+        result=details.get("result"),
+        error=NodeError(type=error[0], message=error[1]) if error else None,
+        attempts=int(attempts),
+        task_id=task_id or None,
+        worker=worker or None,
+        started_at=_ms(started),
+        finished_at=_ms(finished),
+        reason=details.get("reason"),
+    )
+
+
+def _payload(event: NodeEvent) -> str:
+    # The result is already JSON text (validated and size-capped by the manager): splice it in
+    # rather than decode and re-encode it.
+    parts = []
+    if event.result_json is not None:
+        parts.append(f'"result":{event.result_json}')
+    if event.error is not None:
+        parts.append('"error":' + json.dumps([event.error.type, event.error.message], ensure_ascii=False))
+    if event.reason is not None:
+        parts.append('"reason":' + json.dumps(event.reason, ensure_ascii=False))
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def _field(value: str | None, name: str) -> str:
+    if value is None:
+        return ""
+    if "|" in value or len(value) > 255:
+        raise TrackerValidationError(name, value, "must be at most 255 characters without '|'")
+    return value
+
+
+def _event(entry_id: Any, fields: dict[Any, Any]) -> SessionEvent:
+    f = {_text(k): _text(v) for k, v in fields.items()}
+    at = utc_from_ms(int(f["at"]))
+    assert at is not None
+    return SessionEvent(
+        id=_text(entry_id),
+        type=f["t"],
+        status=SessionStatus(f["s"]),
+        progress_percent=float(f["p"]),
+        completed_nodes=int(f["c"]),
+        failed_nodes=int(f["f"]),
+        node_id=f.get("n"),
+        node_status=NodeStatus(f["ns"]) if "ns" in f else None,
+        at=at,
+    )
+
+
+class RedisPrograms:
+    """The operations, free of I/O. Shared by the blocking and the asyncio adapter.
+
+    Args:
+        keys: Builds the key names.
+        ttl_s: TTL given to a session's keys on every write.
+        events_maxlen: Approximate cap of each session's event stream.
+        cluster: Keep the global index out of session scripts (it lives in another slot).
+    """
+
+    def __init__(self, keys: KeySpace, ttl_s: int, events_maxlen: int, cluster: bool) -> None:
+        self.keys = keys
+        self.ttl_s = ttl_s
+        self.events_maxlen = events_maxlen
+        self.cluster = cluster
+
+    def _script(self, name: str, sk: SessionKeys, *args: Any) -> Script:
+        return Script(name, sk.all(), list(args))
+
+    @staticmethod
+    def _check(session_id: str, reply: list[Any], target: str = "") -> list[Any]:
+        code = _text(reply[0])
+        if code == "ok":
+            return reply
+        if code == "not_found":
+            raise SessionNotFoundError(session_id)
+        if code == "invalid":
+            current = _text(reply[1])
+            reason = "the session has ended" if not target else ""
+            raise InvalidStateTransitionError(session_id, current, target or current, reason)
+        if code == "exists":
+            raise SessionExistsError(session_id)
+        raise StorageUnavailableError(f"unexpected script reply {code!r}")
+
+    def create(self, session: SessionInfo, nodes: Sequence[NodeSpec] = ()) -> Program[None]:
+        sid = session.session_id
+        sk = self.keys.session(sid)
+        now_ms = ms_from_utc(session.created_at)
+        args: list[Any] = [
+            sid,
+            session.canvas_path,
+            session.node_count,
+            now_ms,
+            json.dumps(session.metadata, separators=(",", ":")),
+            self.ttl_s,
+            self.events_maxlen,
+            len(nodes),
+        ]
+        for spec in nodes:
+            sig = json.dumps(spec.signature, separators=(",", ":")) if spec.signature is not None else ""
+            args += [spec.node_id, _field(spec.task_id, "task_id"), sig]
+        script = self._script("create", sk, *args)
+        if not self.cluster:
+            script.keys.extend([self.keys.created_index, self.keys.expiry_index])
+            self._check(sid, (yield [script])[0])
+            return
+        self._check(sid, (yield [script])[0])
+        yield [
+            ("ZADD", self.keys.created_index, {sid: now_ms}),
+            ("ZADD", self.keys.expiry_index, {sid: now_ms}),
+        ]
+
+    def get(self, session_id: str) -> Program[SessionInfo | None]:
+        flat = (yield [("HGETALL", self.keys.session(session_id).session)])[0]
+        if not flat:
+            return None
+        fields = flat if isinstance(flat, dict) else _flat_dict(flat)
+        return _session(session_id, {_text(k): _text(v) for k, v in fields.items()})
+
+    def transition(
+        self, session_id: str, target: SessionStatus, allowed_from: frozenset[SessionStatus], now: datetime
+    ) -> Program[TransitionOutcome]:
+        sk = self.keys.session(session_id)
+        script = self._script(
+            "transition", sk, target.value, ms_from_utc(now), self.ttl_s, self.events_maxlen, *sorted(allowed_from)
+        )
+        reply = self._check(session_id, (yield [script])[0], target.value)
+        return TransitionOutcome(
+            session=_session(session_id, _flat_dict(reply[1])), previous_status=SessionStatus(_text(reply[2]))
+        )
+
+    def resume(
+        self, session_id: str, allowed_from: frozenset[SessionStatus], retry_failed: bool, now: datetime
+    ) -> Program[ResumeOutcome]:
+        sk = self.keys.session(session_id)
+        script = self._script(
+            "resume",
+            sk,
+            "1" if retry_failed else "0",
+            ms_from_utc(now),
+            self.ttl_s,
+            self.events_maxlen,
+            *sorted(allowed_from),
+        )
+        reply = self._check(session_id, (yield [script])[0], SessionStatus.RUNNING.value)
+        flat = [_text(v) for v in reply[3]]
+        nodes = [
+            NodeSpec(node_id=nid, task_id=task or None, signature=json.loads(sig) if sig else None)
+            for nid, task, sig in zip(flat[0::3], flat[1::3], flat[2::3], strict=True)
+        ]
+        return ResumeOutcome(
+            session=_session(session_id, _flat_dict(reply[1])),
+            previous_status=SessionStatus(_text(reply[2])),
+            nodes=nodes,
+        )
+
+    def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> Program[SessionInfo]:
+        sk = self.keys.session(session_id)
+        script = self._script(
+            "set_progress", sk, repr(float(progress_percent)), ms_from_utc(now), self.ttl_s, self.events_maxlen
+        )
+        reply = self._check(session_id, (yield [script])[0])
+        return _session(session_id, _flat_dict(reply[1]))
+
+    def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> Program[NodeOutcome]:
+        sk = self.keys.session(session_id)
+        script = self._script(
+            "record_node",
+            sk,
+            event.node_id,
+            event.status.value,
+            "" if event.attempt is None else event.attempt,
+            _field(event.task_id, "task_id"),
+            _field(event.worker, "worker"),
+            _payload(event),
+            ms_from_utc(now),
+            self.ttl_s,
+            self.events_maxlen,
+        )
+        reply = (yield [script])[0]
+        if _text(reply[0]) == "limit":
+            info = yield from self.get(session_id)
+            raise NodeLimitError(session_id, event.node_id, info.node_count if info else 0)
+        self._check(session_id, reply)
+        old, finished = _text(reply[3]), _text(reply[4])
+        return NodeOutcome(
+            node=_node(event.node_id, _text(reply[2])),
+            session=_session(session_id, _flat_dict(reply[1])),
+            previous_node_status=NodeStatus(old) if old else None,
+            finished=SessionStatus(finished) if finished else None,
+        )
+
+    def get_nodes(
+        self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100
+    ) -> Program[NodePage]:
+        sk = self.keys.session(session_id)
+        position = _scan_cursor(cursor)
+        exists, (next_position, items) = yield [
+            ("EXISTS", sk.session),
+            ("HSCAN", sk.nodes, position, "COUNT", limit),
+        ]
+        if not exists:
+            raise SessionNotFoundError(session_id)
+        fields = items if isinstance(items, dict) else _flat_dict(items)
+        nodes = [_node(_text(k), _text(v)) for k, v in fields.items()]
+        next_cursor = _text(next_position)
+        return NodePage(
+            nodes=[n for n in nodes if status is None or n.status is status],
+            next_cursor=None if next_cursor == "0" else next_cursor,
+        )
+
+    def list_sessions(
+        self, status: SessionStatus | None = None, cursor: str | None = None, limit: int = 50
+    ) -> Program[SessionPage]:
+        start = _scan_cursor(cursor)
+        (ids,) = yield [("ZREVRANGE", self.keys.created_index, start, start + limit - 1)]
+        ids = [_text(i) for i in ids]
+        replies = (yield [("HGETALL", self.keys.session(sid).session) for sid in ids]) if ids else []
+        sessions, stale = [], []
+        for sid, flat in zip(ids, replies, strict=True):
+            if not flat:
+                stale.append(sid)
+                continue
+            fields = flat if isinstance(flat, dict) else _flat_dict(flat)
+            info = _session(sid, {_text(k): _text(v) for k, v in fields.items()})
+            if status is None or info.status is status:
+                sessions.append(info)
+        if stale:
+            # Expired by TTL: drop from the index as we pass by (cleanup does the rest).
+            yield [("ZREM", self.keys.created_index, *stale), ("ZREM", self.keys.expiry_index, *stale)]
+        return SessionPage(sessions=sessions, next_cursor=str(start + limit) if len(ids) == limit else None)
+
+    def delete(self, session_id: str) -> Program[bool]:
+        sk = self.keys.session(session_id)
+        deleted, _, _ = yield [
+            ("DEL", *sk.all()),
+            ("ZREM", self.keys.created_index, session_id),
+            ("ZREM", self.keys.expiry_index, session_id),
+        ]
+        return bool(deleted)
+
+    def remove_expired(self, now: datetime, timeout_s: float) -> Program[int]:
+        now_ms = ms_from_utc(now)
+        assert now_ms is not None
+        cutoff_ms = now_ms - round(timeout_s * 1000)
+        removed = 0
+        offset = 0
+        while True:
+            # Candidates: sessions whose last *known* update is older than the cutoff. Each one is
+            # re-checked atomically against its real updated_ms before anything is deleted.
+            (ids,) = yield [
+                ("ZRANGEBYSCORE", self.keys.expiry_index, "-inf", f"({cutoff_ms}", "LIMIT", offset, CLEANUP_BATCH)
+            ]
+            if not ids:
+                return removed
+            ids = [_text(i) for i in ids]
+            replies = yield [Script("remove_if_expired", self.keys.session(sid).all(), [cutoff_ms]) for sid in ids]
+            gone, active = [], {}
+            for sid, reply in zip(ids, replies, strict=True):
+                code = _text(reply[0])
+                if code == "active":
+                    active[sid] = int(_text(reply[1]))
+                else:
+                    removed += code == "deleted"
+                    gone.append(sid)
+            index_updates: list[Command] = []
+            if gone:
+                index_updates += [("ZREM", self.keys.created_index, *gone), ("ZREM", self.keys.expiry_index, *gone)]
+            if active:
+                index_updates.append(("ZADD", self.keys.expiry_index, active))
+            yield index_updates
+            if len(ids) < CLEANUP_BATCH:
+                return removed
+
+    def read_events(
+        self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
+    ) -> Program[list[SessionEvent]]:
+        sk = self.keys.session(session_id)
+        start = f"({after}" if after else "-"
+        exists, entries = yield [("EXISTS", sk.session), ("XRANGE", sk.events, start, "+", "COUNT", limit)]
+        if not exists:
+            raise SessionNotFoundError(session_id)
+        if not entries and block_ms:
+            (streams,) = yield [("XREAD", "COUNT", limit, "BLOCK", block_ms, "STREAMS", sk.events, after or "0-0")]
+            entries = streams[0][1] if streams else []
+            if isinstance(streams, dict):
+                entries = next(iter(streams.values()), [[]])[0]
+        return [_event(entry_id, fields) for entry_id, fields in entries]
+
+
+def _scan_cursor(cursor: str | None) -> int:
+    if not cursor:
+        return 0
+    if not cursor.isdigit() or len(cursor) > 20:
+        raise TrackerValidationError("cursor", cursor, "expected the next_cursor of a previous page")
+    return int(cursor)
+
+
+def _translate(exc: redis.RedisError, url: str | None) -> StorageUnavailableError:
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return StorageUnavailableError(f"Redis is unreachable ({exc}); is redis-server running?", url)
+    return StorageUnavailableError(f"Redis refused the command ({exc})", url)
+
+
+class _RedisBase:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        key_prefix: str = "tracker",
+        ttl_s: float = 1800.0,
+        events_maxlen: int = 1000,
+        url: str | None = None,
+        settings: TrackerSettings | None = None,
+    ) -> None:
+        self._client = client
+        self.url = url
+        self._settings = settings or TrackerSettings()
+        cluster = isinstance(client, RedisCluster | aioredis.RedisCluster)
+        self.programs = RedisPrograms(KeySpace(key_prefix), max(1, round(ttl_s)), events_maxlen, cluster)
+        self._scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
+
+    @property
+    def client(self) -> Any:
+        """The redis-py client in use."""
+        return self._client
+
+
+def _client_options(settings: TrackerSettings) -> dict[str, Any]:
+    retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), settings.redis_retries)
+    return {
+        "socket_timeout": settings.redis_socket_timeout,
+        "socket_connect_timeout": settings.redis_socket_timeout,
+        "health_check_interval": settings.redis_health_check_interval,
+        "retry": retry,
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+    }
+
+
+class RedisStorageAdapter(_RedisBase):
+    """Sessions in Redis, shared by every worker, beat and web app. Blocking flavour.
+
+    Args:
+        client: A ``redis.Redis`` or ``redis.cluster.RedisCluster``. Safe to share between
+            threads; create one per process (after fork).
+        key_prefix: First part of every key.
+        ttl_s: TTL of a session's keys, refreshed on every write (use the session timeout).
+        events_maxlen: Approximate cap of each session's event stream.
+    """
+
+    @classmethod
+    def from_url(cls, url: str, settings: TrackerSettings | None = None) -> RedisStorageAdapter:
+        """Connect to ``url`` with retries, timeouts and health checks from ``settings``."""
+        settings = settings or TrackerSettings()
+        options = _client_options(settings)
+        if settings.redis_cluster:
+            options.pop("health_check_interval")
+            client: Any = RedisCluster.from_url(url, **options)
+        else:
+            # A blocking pool makes a burst of callers wait for a connection instead of failing.
+            pool = redis.BlockingConnectionPool.from_url(
+                url, max_connections=settings.redis_max_connections, timeout=settings.redis_socket_timeout, **options
+            )
+            client = redis.Redis(connection_pool=pool)
+        return cls(
+            client,
+            key_prefix=settings.key_prefix,
+            ttl_s=settings.session_timeout,
+            events_maxlen=settings.events_maxlen,
+            url=url,
+            settings=settings,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: TrackerSettings) -> RedisStorageAdapter:
+        """Connect to ``settings.redis_url``."""
+        if not settings.redis_url:
+            raise StorageUnavailableError("TRACKER_REDIS_URL is not set")
+        return cls.from_url(settings.redis_url, settings)
+
+    def _execute(self, batch: list[Command]) -> list[Any]:
+        if len(batch) == 1 or self.programs.cluster:
+            return [self._one(command, self._client) for command in batch]
+        pipe = self._client.pipeline(transaction=False)
+        for command in batch:
+            self._one(command, pipe)
+        return list(pipe.execute())
+
+    def _one(self, command: Command, target: Any) -> Any:
+        if isinstance(command, Script):
+            return self._scripts[command.name](keys=command.keys, args=command.args, client=target)
+        name, *args = command
+        if name == "ZADD":
+            return target.zadd(args[0], args[1])
+        return target.execute_command(name, *args)
+
+    def _drive(self, program: Program[T]) -> T:
+        try:
+            batch = next(program)
+            while True:
+                batch = program.send(self._execute(batch))
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        except redis.RedisError as exc:
+            raise _translate(exc, self.url) from exc
+
+    def create(self, session: SessionInfo, nodes: Sequence[NodeSpec] = ()) -> None:
+        self._drive(self.programs.create(session, nodes))
+
+    def get(self, session_id: str) -> SessionInfo | None:
+        return self._drive(self.programs.get(session_id))
+
+    def transition(
+        self, session_id: str, target: SessionStatus, allowed_from: frozenset[SessionStatus], now: datetime
+    ) -> TransitionOutcome:
+        return self._drive(self.programs.transition(session_id, target, allowed_from, now))
+
+    def resume(
+        self, session_id: str, allowed_from: frozenset[SessionStatus], retry_failed: bool, now: datetime
+    ) -> ResumeOutcome:
+        return self._drive(self.programs.resume(session_id, allowed_from, retry_failed, now))
+
+    def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> SessionInfo:
+        return self._drive(self.programs.set_progress(session_id, progress_percent, now))
+
+    def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> NodeOutcome:
+        return self._drive(self.programs.record_node(session_id, event, now))
+
+    def get_nodes(
+        self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100
+    ) -> NodePage:
+        return self._drive(self.programs.get_nodes(session_id, status, cursor, limit))
+
+    def list_sessions(
+        self, status: SessionStatus | None = None, cursor: str | None = None, limit: int = 50
+    ) -> SessionPage:
+        return self._drive(self.programs.list_sessions(status, cursor, limit))
+
+    def delete(self, session_id: str) -> bool:
+        return self._drive(self.programs.delete(session_id))
+
+    def remove_expired(self, now: datetime, timeout_s: float) -> int:
+        return self._drive(self.programs.remove_expired(now, timeout_s))
+
+    def read_events(
+        self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
+    ) -> list[SessionEvent]:
+        return self._drive(self.programs.read_events(session_id, after, limit, block_ms))
+
+    def asynchronous(self) -> AsyncRedisStorageAdapter:
+        """An asyncio flavour on the same server, with its own ``redis.asyncio`` connection pool."""
+        options = _client_options(self._settings)
+        if self.programs.cluster:
+            options.pop("health_check_interval")
+            nodes = [aioredis.cluster.ClusterNode(n.host, n.port) for n in self._client.get_nodes()]
+            client: Any = aioredis.RedisCluster(startup_nodes=nodes, **options)
+        else:
+            conn = self._client.connection_pool.connection_kwargs
+            keep = ("host", "port", "db", "username", "password", "path")
+            connection_class = (
+                aioredis.UnixDomainSocketConnection if "path" in conn and "host" not in conn else aioredis.Connection
+            )
+            pool = aioredis.BlockingConnectionPool(
+                connection_class=connection_class,
+                max_connections=self._settings.redis_max_connections,
+                timeout=self._settings.redis_socket_timeout,
+                **{k: conn[k] for k in keep if k in conn},
+                **options,
+            )
+            client = aioredis.Redis(connection_pool=pool)
+        return AsyncRedisStorageAdapter(
+            client,
+            key_prefix=self.programs.keys.prefix,
+            ttl_s=self.programs.ttl_s,
+            events_maxlen=self.programs.events_maxlen,
+            url=self.url,
+            settings=self._settings,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class AsyncRedisStorageAdapter(_RedisBase):
+    """The asyncio flavour of :class:`RedisStorageAdapter`: same programs, ``redis.asyncio`` client."""
+
+    async def _execute(self, batch: list[Command]) -> list[Any]:
+        if len(batch) == 1 or self.programs.cluster:
+            return [await self._one(command, self._client) for command in batch]
+        pipe = self._client.pipeline(transaction=False)
+        for command in batch:
+            if isinstance(command, Script):
+                await self._scripts[command.name](keys=command.keys, args=command.args, client=pipe)
+            else:
+                self._queue(command, pipe)
+        return list(await pipe.execute())
+
+    @staticmethod
+    def _queue(command: tuple[Any, ...], target: Any) -> Any:
+        name, *args = command
+        if name == "ZADD":
+            return target.zadd(args[0], args[1])
+        return target.execute_command(name, *args)
+
+    async def _one(self, command: Command, target: Any) -> Any:
+        if isinstance(command, Script):
+            return await self._scripts[command.name](keys=command.keys, args=command.args, client=target)
+        return await self._queue(command, target)
+
+    async def _drive(self, program: Program[T]) -> T:
+        try:
+            batch = next(program)
+            while True:
+                batch = program.send(await self._execute(batch))
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        except redis.RedisError as exc:
+            raise _translate(exc, self.url) from exc
+
+    async def create(self, session: SessionInfo, nodes: Sequence[NodeSpec] = ()) -> None:
+        await self._drive(self.programs.create(session, nodes))
+
+    async def get(self, session_id: str) -> SessionInfo | None:
+        return await self._drive(self.programs.get(session_id))
+
+    async def transition(
+        self, session_id: str, target: SessionStatus, allowed_from: frozenset[SessionStatus], now: datetime
+    ) -> TransitionOutcome:
+        return await self._drive(self.programs.transition(session_id, target, allowed_from, now))
+
+    async def resume(
+        self, session_id: str, allowed_from: frozenset[SessionStatus], retry_failed: bool, now: datetime
+    ) -> ResumeOutcome:
+        return await self._drive(self.programs.resume(session_id, allowed_from, retry_failed, now))
+
+    async def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> SessionInfo:
+        return await self._drive(self.programs.set_progress(session_id, progress_percent, now))
+
+    async def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> NodeOutcome:
+        return await self._drive(self.programs.record_node(session_id, event, now))
+
+    async def get_nodes(
+        self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100
+    ) -> NodePage:
+        return await self._drive(self.programs.get_nodes(session_id, status, cursor, limit))
+
+    async def list_sessions(
+        self, status: SessionStatus | None = None, cursor: str | None = None, limit: int = 50
+    ) -> SessionPage:
+        return await self._drive(self.programs.list_sessions(status, cursor, limit))
+
+    async def delete(self, session_id: str) -> bool:
+        return await self._drive(self.programs.delete(session_id))
+
+    async def remove_expired(self, now: datetime, timeout_s: float) -> int:
+        return await self._drive(self.programs.remove_expired(now, timeout_s))
+
+    async def read_events(
+        self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
+    ) -> list[SessionEvent]:
+        return await self._drive(self.programs.read_events(session_id, after, limit, block_ms))
+
+    async def close(self) -> None:
+        await self._client.aclose()

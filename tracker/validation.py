@@ -1,0 +1,120 @@
+"""Input checks done before anything reaches a store. Each raises TrackerValidationError."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import uuid
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from tracker.errors import TrackerValidationError
+
+E = TypeVar("E", bound=StrEnum)
+
+#: Longest canvas path accepted.
+MAX_CANVAS_PATH_CHARS = 1024
+#: Longest node id accepted.
+MAX_NODE_ID_CHARS = 200
+#: Longest encoded metadata accepted.
+MAX_METADATA_BYTES = 16 * 1024
+
+_NODE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]+")
+
+
+def session_id(value: object) -> str:
+    """Return ``value`` if it is a canonical (lowercase, hyphenated) UUID string.
+
+    Raises:
+        TrackerValidationError: anything else, before it can become part of a key.
+    """
+    if not isinstance(value, str) or len(value) != 36:
+        raise TrackerValidationError("session_id", value, "expected a 36-character UUID")
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        raise TrackerValidationError("session_id", value, "expected a UUID") from None
+    if str(parsed) != value:
+        raise TrackerValidationError("session_id", value, "expected a lowercase hyphenated UUID")
+    return value
+
+
+def node_id(value: object, sid: str | None = None) -> str:
+    """Return ``value`` if it is a usable node id (1-200 chars of ``[A-Za-z0-9._:@/+=-]``)."""
+    if not isinstance(value, str) or not value:
+        raise TrackerValidationError("node_id", value, "expected a non-empty string", sid)
+    if len(value) > MAX_NODE_ID_CHARS:
+        raise TrackerValidationError("node_id", value, f"longer than {MAX_NODE_ID_CHARS} characters", sid)
+    if not _NODE_ID.fullmatch(value):
+        raise TrackerValidationError("node_id", value, "only letters, digits and . _ : @ / + = - are allowed", sid)
+    return value
+
+
+def canvas_path(value: object) -> str:
+    """Return ``value`` if it is a non-empty path of printable characters, at most 1024 long."""
+    if not isinstance(value, str) or not value.strip():
+        raise TrackerValidationError("canvas_path", value, "expected a non-empty string")
+    if len(value) > MAX_CANVAS_PATH_CHARS:
+        raise TrackerValidationError("canvas_path", value, f"longer than {MAX_CANVAS_PATH_CHARS} characters")
+    if not value.isprintable():
+        raise TrackerValidationError("canvas_path", value, "contains control characters")
+    return value
+
+
+def node_count(value: object) -> int:
+    """Return ``value`` if it is a whole number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TrackerValidationError("node_count", value, "expected a whole number >= 0")
+    return value
+
+
+def progress(value: object, sid: str | None = None) -> float:
+    """Return ``value`` as a float if it is a finite number within 0..100."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TrackerValidationError("progress_percent", value, "expected a number", sid)
+    number = float(value)
+    if math.isnan(number) or math.isinf(number) or not 0.0 <= number <= 100.0:
+        raise TrackerValidationError("progress_percent", value, "must be a finite number within 0..100", sid)
+    return number
+
+
+def json_text(value: Any, field: str, max_bytes: int, sid: str | None = None) -> str:
+    """Encode ``value`` as compact JSON (no NaN), refusing what does not fit in ``max_bytes``."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise TrackerValidationError(field, value, f"not JSON-serialisable ({exc})", sid) from None
+    size = len(text.encode())
+    if size > max_bytes:
+        raise TrackerValidationError(field, f"<{size} bytes>", f"larger than the {max_bytes}-byte cap", sid)
+    return text
+
+
+def metadata(value: object) -> dict[str, Any]:
+    """Return ``value`` if it is a JSON object of at most 16 KiB (None means empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise TrackerValidationError("metadata", value, "expected a JSON object with string keys")
+    json_text(value, "metadata", MAX_METADATA_BYTES)
+    return value
+
+
+_EVENT_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
+
+
+def event_id(value: object) -> str:
+    """Return ``value`` if it is a stream event id (``<ms>-<seq>``), as sent in ``Last-Event-ID``."""
+    if not isinstance(value, str) or not _EVENT_ID.fullmatch(value):
+        raise TrackerValidationError("event id", value, "expected '<milliseconds>-<sequence>'")
+    return value
+
+
+def member(enum: type[E], value: object, field: str, sid: str | None = None) -> E:
+    """Return ``value`` as a member of ``enum``, refusing names it does not have."""
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in enum)
+        raise TrackerValidationError(field, value, f"expected one of: {allowed}", sid) from None
