@@ -102,7 +102,8 @@ class _Plans:
         # Resume is the one way out of an ended session; a stalled running or pending one may be
         # resumed too (its unfinished nodes are re-sent). Only a completed session is final.
         allowed = states.allowed_from(SessionStatus.RUNNING, resume=True) | {SessionStatus.RUNNING}
-        return _Plan("resume", (sid, frozenset(allowed), retry_failed, self.clock()))
+        task_id_base = str(uuid.uuid4())[:24]  # reset nodes get <base><12 hex digits>: valid UUID strings
+        return _Plan("resume", (sid, frozenset(allowed), retry_failed, task_id_base, self.clock()))
 
     def update_progress(self, session_id: str, progress_percent: float) -> _Plan[SessionInfo]:
         sid = validation.session_id(session_id)

@@ -79,11 +79,18 @@ class SessionStorageAdapter(Protocol):
         """
 
     def resume(
-        self, session_id: str, allowed_from: frozenset[SessionStatus], retry_failed: bool, now: datetime
+        self,
+        session_id: str,
+        allowed_from: frozenset[SessionStatus],
+        retry_failed: bool,
+        task_id_base: str,
+        now: datetime,
     ) -> ResumeOutcome:
         """Take the session back to ``running``; reset unfinished (and failed) nodes to ``pending``.
 
-        Completed nodes are never reset. Returns the reset nodes, with the signatures stored at dispatch.
+        Completed nodes are never reset. Each reset node gets a fresh task id: ``task_id_base``
+        (24 characters) followed by a 12-hex-digit counter from 1. Returns the reset nodes, with
+        their new task ids and the signatures stored at dispatch.
 
         Raises:
             SessionNotFoundError: no such session.
@@ -155,7 +162,12 @@ class AsyncSessionStorageAdapter(Protocol):
     ) -> TransitionOutcome: ...
 
     async def resume(
-        self, session_id: str, allowed_from: frozenset[SessionStatus], retry_failed: bool, now: datetime
+        self,
+        session_id: str,
+        allowed_from: frozenset[SessionStatus],
+        retry_failed: bool,
+        task_id_base: str,
+        now: datetime,
     ) -> ResumeOutcome: ...
 
     async def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> SessionInfo: ...

@@ -173,7 +173,12 @@ class InMemoryStorageAdapter:
             return TransitionOutcome(session=entry.info, previous_status=previous)
 
     def resume(
-        self, session_id: str, allowed_from: frozenset[SessionStatus], retry_failed: bool, now: datetime
+        self,
+        session_id: str,
+        allowed_from: frozenset[SessionStatus],
+        retry_failed: bool,
+        task_id_base: str,
+        now: datetime,
     ) -> ResumeOutcome:
         with self._lock:
             entry = self._entry(session_id)
@@ -184,11 +189,11 @@ class InMemoryStorageAdapter:
             for node_id, node in list(entry.nodes.items()):
                 if node.status is NodeStatus.COMPLETED or (node.status is NodeStatus.FAILED and not retry_failed):
                     continue
+                task_id = f"{task_id_base}{len(reset) + 1:012x}"
                 self._set_node(
-                    entry,
-                    NodeResult(node_id=node_id, status=NodeStatus.PENDING, attempts=node.attempts, task_id=node.task_id),
+                    entry, NodeResult(node_id=node_id, status=NodeStatus.PENDING, attempts=node.attempts, task_id=task_id)
                 )
-                reset.append(NodeSpec(node_id=node_id, task_id=node.task_id, signature=entry.signatures.get(node_id)))
+                reset.append(NodeSpec(node_id=node_id, task_id=task_id, signature=entry.signatures.get(node_id)))
             entry.info = self._recount(entry, now)
             entry.info = self._move(entry.info, SessionStatus.RUNNING, now)
             self._emit(entry, "status", now)

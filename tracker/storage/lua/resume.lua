@@ -1,13 +1,16 @@
--- resume(KEYS=[session, nodes, sigs, events], ARGV=[retry_failed, now_ms, ttl_s, events_maxlen, allowed_from...])
+-- resume(KEYS=[session, nodes, sigs, events],
+--        ARGV=[retry_failed, task_id_base, now_ms, ttl_s, events_maxlen, allowed_from...])
 -- Takes the session back to running and resets to pending every node that has not completed
--- (failed ones only when retry_failed is '1'). Completed nodes are never touched.
+-- (failed ones only when retry_failed is '1'). Completed nodes are never touched. Each reset node
+-- gets a fresh task id, task_id_base followed by 12 hex digits of a counter (a revoked id stays
+-- revoked in the workers' memory, so a re-sent task must not reuse it).
 -- Returns {'ok', session_hgetall, previous_status, {node_id, task_id, signature_json}...}
 --       | {'not_found'} | {'invalid', current_status}
-local retry_failed, now_ms, ttl_s, maxlen = ARGV[1] == '1', ARGV[2], ARGV[3], ARGV[4]
+local retry_failed, task_id_base, now_ms, ttl_s, maxlen = ARGV[1] == '1', ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local s = load_session()
 if not s then return {'not_found'} end
 local previous = s.status
-if not in_list(previous, ARGV, 5) then return {'invalid', previous} end
+if not in_list(previous, ARGV, 6) then return {'invalid', previous} end
 
 local reset = {}
 local all = redis.call('HGETALL', N)
@@ -15,9 +18,10 @@ for i = 1, #all, 2 do
   local f = parse_node(all[i + 1])
   if f[1] ~= 'completed' and (f[1] ~= 'failed' or retry_failed) then
     count(s, f[1], -1)
-    redis.call('HSET', N, all[i], node_text({'pending', f[2], '', '', f[5], '', ''}))
+    local task_id = string.format('%s%012x', task_id_base, #reset / 3 + 1)
+    redis.call('HSET', N, all[i], node_text({'pending', f[2], '', '', task_id, '', ''}))
     reset[#reset + 1] = all[i]
-    reset[#reset + 1] = f[5]
+    reset[#reset + 1] = task_id
     reset[#reset + 1] = redis.call('HGET', G, all[i]) or ''
   end
 end

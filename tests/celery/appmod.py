@@ -1,0 +1,71 @@
+"""The Celery app the tests run: real tasks, configured from the environment so that a worker
+in a subprocess (``celery -A tests.celery.appmod worker``) and one in a thread share it."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+
+from tracker.celery import install
+
+app = Celery("tracker_tests")
+app.conf.update(
+    broker_url=os.environ.get("TRACKER_TEST_BROKER", "memory://"),
+    result_backend=os.environ.get("TRACKER_TEST_BROKER", "cache+memory://"),
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_default_queue=os.environ.get("TRACKER_TEST_QUEUE", "tracker-tests"),
+    broker_transport_options={"visibility_timeout": int(os.environ.get("TRACKER_TEST_VISIBILITY", "3600"))},
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+)
+recorder = install(app)
+
+
+@app.task(name="t.work")
+def work(i: int, fail: bool = False, sleep: float = 0.0) -> int:
+    """Double ``i``; fail on purpose when asked; sleep first when asked."""
+    if sleep:
+        time.sleep(sleep)
+    if fail:
+        raise ValueError(f"node {i} failed on purpose")
+    return i * 2
+
+
+@app.task(bind=True, name="t.flaky", max_retries=3)
+def flaky(self: Any, fail_times: int) -> int:
+    """Fail (and retry) ``fail_times`` times, then succeed."""
+    if self.request.retries < fail_times:
+        raise self.retry(countdown=0.05, exc=RuntimeError(f"flaky attempt {self.request.retries + 1}"))
+    return int(self.request.retries)
+
+
+@app.task(name="t.add")
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@app.task(name="t.total")
+def total(values: list[int]) -> int:
+    return sum(values)
+
+
+@app.task(name="t.unjsonable")
+def unjsonable() -> str:
+    return "x" * (128 * 1024)
+
+
+@app.task(name="t.done")
+def done(status: dict[str, Any]) -> None:
+    """Completion callback: append the final status to a Redis list the test reads."""
+    client = redis.Redis.from_url(os.environ["TRACKER_TEST_BROKER"])
+    client.rpush(f"done:{status['session_id']}", status["status"])
+    client.close()

@@ -1,0 +1,101 @@
+"""Cancel, resume after a SIGKILLed prefork worker, beat cleanup, pool checks: real workers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+from celery import group
+from celery.contrib.testing.worker import start_worker
+
+from tests.celery.appmod import app, work
+from tests.celery.conftest import WorkerProcess, wait_for, wait_status
+from tracker import InMemoryStorageAdapter, NodeStatus, SessionManager
+from tracker.celery import CLEANUP_TASK, cancel_session, dispatch, install, resume_session
+from tracker.celery import BEAT_ENTRY
+
+TERMINAL = {"completed", "failed", "partial_failure", "cancelled"}
+
+
+def test_cancel_mid_batch(tracked: SessionManager, thread_worker: None) -> None:
+    # Given a batch of slow nodes, a few of which have run
+    sid = dispatch(group(work.s(i, sleep=0.2) for i in range(40)), canvas_path="slow.canvas", app=app)
+    wait_for(lambda: tracked.sync.get_session_status(sid)["completed_nodes"] >= 4, what="first results")
+    # When it is cancelled
+    info = cancel_session(sid, app=app)
+    # Then the status is cancelled at once, unfinished nodes are cancelled and do not run later
+    assert info.status.value == "cancelled"
+    time.sleep(1.5)
+    status = tracked.sync.get_session_status(sid)
+    assert status["status"] == "cancelled"
+    assert status["completed_nodes"] + status["cancelled_nodes"] + status["failed_nodes"] == 40
+    assert status["completed_nodes"] < 40
+    # late results of nodes that were already running are recorded without moving the status
+    nodes = tracked.sync.get_nodes(sid, limit=1000).nodes
+    assert {n.status for n in nodes} <= {NodeStatus.COMPLETED, NodeStatus.CANCELLED}
+
+
+def test_sigkilled_prefork_worker_then_resume_counts_every_node_once(
+    tracked: SessionManager, worker_process: Callable[..., WorkerProcess]
+) -> None:
+    # Given a prefork worker running a batch of slow nodes
+    worker = worker_process(concurrency=2)
+    sid = dispatch(group(work.s(i, sleep=0.3) for i in range(30)), canvas_path="kill.canvas", app=app,
+                   node_ids=[f"n{i}" for i in range(30)])  # fmt: skip
+    wait_for(lambda: tracked.sync.get_session_status(sid)["completed_nodes"] >= 4, what="first results")
+    # When the worker and its children are SIGKILLed mid-batch
+    worker.kill()
+    stalled = tracked.sync.get_session_status(sid)
+    assert stalled["status"] == "running"
+    assert stalled["completed_nodes"] < 30
+    done_before = {n.node_id for n in tracked.sync.get_nodes(sid, NodeStatus.COMPLETED, limit=1000).nodes}
+    # and the batch is resumed with a fresh worker
+    resent = resume_session(sid, app=app)
+    assert resent == 30 - len(done_before)
+    worker_process(concurrency=2)
+    # Then every node is counted exactly once and the session completes
+    status = wait_status(tracked, sid, TERMINAL, timeout_s=120)
+    assert (status["status"], status["completed_nodes"], status["failed_nodes"]) == ("completed", 30, 0)
+    nodes = {n.node_id: n for n in tracked.sync.get_nodes(sid, limit=1000).nodes}
+    assert len(nodes) == 30
+    assert all(n.result == int(n.node_id[1:]) * 2 for n in nodes.values())
+    # completed nodes were not re-run (their attempt count did not move)
+    assert all(nodes[nid].attempts == 1 for nid in done_before)
+
+
+def test_beat_cleanup_task_removes_an_expired_session(tracked: SessionManager, thread_worker: None) -> None:
+    sid = tracked.sync.create_session("old.canvas", 1)
+    keep = tracked.sync.create_session("new.canvas", 1)
+    real_clock = tracked.clock
+    tracked.clock = lambda: real_clock() + timedelta(seconds=tracked.settings.session_timeout + 5)
+    try:
+        tracked.sync.add_node_result(keep, "n", 1)  # written "later": not expired
+        assert app.conf.beat_schedule[BEAT_ENTRY]["task"] == CLEANUP_TASK
+        removed = app.send_task(CLEANUP_TASK).get(timeout=30)
+    finally:
+        tracked.clock = real_clock
+    assert removed == 1
+    assert [s.session_id for s in tracked.sync.list_sessions().sessions] == [keep]
+    assert sid not in {s.session_id for s in tracked.sync.list_sessions().sessions}
+
+
+def test_install_is_idempotent() -> None:
+    from celery import signals
+
+    before = len(signals.task_prerun.receivers)
+    install(app)
+    install(app)
+    assert len(signals.task_prerun.receivers) == before
+
+
+def test_in_memory_store_refuses_a_prefork_pool(celery_env: dict[str, str]) -> None:
+    SessionManager.set_instance(SessionManager(storage=InMemoryStorageAdapter()))
+    try:
+        with pytest.raises(SystemExit, match="in-memory store"), start_worker(
+            app, pool="prefork", concurrency=2, perform_ping_check=False, loglevel="WARNING"
+        ):
+            pass
+    finally:
+        SessionManager.reset_instance()

@@ -1,0 +1,84 @@
+"""Signals drive sessions: real worker (threads pool), real Redis broker, real Redis store."""
+
+from __future__ import annotations
+
+import redis
+from celery import chain, chord, group
+
+from tests.celery.appmod import add, done, flaky, total, unjsonable, work
+from tests.celery.conftest import wait_for, wait_status
+from tracker import NodeStatus, SessionManager
+from tracker.celery import dispatch, leaves
+
+
+def test_group_with_known_failures_ends_partial(tracked: SessionManager, thread_worker: None, redis_url: str) -> None:
+    # Given a group of 60 nodes where every 7th fails
+    failing = {i for i in range(60) if i % 7 == 0}
+    batch = group(work.s(i, fail=i in failing) for i in range(60))
+    # When it is dispatched with a completion callback
+    sid = dispatch(batch, canvas_path="sixty.canvas", node_ids=[f"n{i}" for i in range(60)], on_complete=done.s())
+    # Then the session ends partial_failure with exact counters
+    status = wait_status(tracked, sid, {"partial_failure", "completed", "failed"})
+    assert status["status"] == "partial_failure"
+    assert (status["completed_nodes"], status["failed_nodes"]) == (60 - len(failing), len(failing))
+    assert status["progress_percent"] == 100
+    nodes = {n.node_id: n for n in tracked.sync.get_nodes(sid, limit=1000).nodes}
+    assert nodes["n1"].result == 2
+    assert nodes["n7"].status is NodeStatus.FAILED
+    assert nodes["n7"].error is not None and nodes["n7"].error.type == "ValueError"
+    assert nodes["n3"].worker and nodes["n3"].task_id and nodes["n3"].execution_time_ms is not None
+    # and the completion callback ran exactly once
+    client = redis.Redis.from_url(redis_url)
+    wait_for(lambda: client.llen(f"done:{sid}") >= 1, what="completion callback")
+    assert client.lrange(f"done:{sid}", 0, -1) == [b"partial_failure"]
+
+
+def test_all_succeed_and_all_fail(tracked: SessionManager, thread_worker: None) -> None:
+    ok = dispatch(group(work.s(i) for i in range(50)), canvas_path="ok.canvas")
+    bad = dispatch(group(work.s(i, fail=True) for i in range(50)), canvas_path="bad.canvas")
+    assert wait_status(tracked, ok, {"completed", "partial_failure", "failed"})["status"] == "completed"
+    status = wait_status(tracked, bad, {"completed", "partial_failure", "failed"})
+    assert (status["status"], status["failed_nodes"]) == ("failed", 50)
+
+
+def test_retries_are_counted_in_attempts(tracked: SessionManager, thread_worker: None) -> None:
+    sid = dispatch(group([flaky.s(2), flaky.s(0)]), canvas_path="flaky.canvas", node_ids=["twice", "never"])
+    wait_status(tracked, sid, {"completed"})
+    nodes = {n.node_id: n for n in tracked.sync.get_nodes(sid).nodes}
+    assert nodes["twice"].attempts == 3
+    assert nodes["twice"].result == 2
+    assert nodes["never"].attempts == 1
+
+
+def test_chain_and_chord_are_tracked(tracked: SessionManager, thread_worker: None) -> None:
+    sid = dispatch(chain(add.s(1, 2), add.s(10), add.s(100)), canvas_path="chain.canvas", node_ids=["a", "b", "c"])
+    status = wait_status(tracked, sid, {"completed", "failed", "partial_failure"})
+    assert (status["status"], status["completed_nodes"]) == ("completed", 3)
+    assert {n.node_id: n.result for n in tracked.sync.get_nodes(sid).nodes} == {"a": 3, "b": 13, "c": 113}
+
+
+def test_unstorable_result_still_completes_the_node(tracked: SessionManager, thread_worker: None) -> None:
+    sid = dispatch(group([unjsonable.s(), work.s(1)]), canvas_path="big.canvas", node_ids=["big", "small"])
+    status = wait_status(tracked, sid, {"completed", "partial_failure", "failed"})
+    assert status["status"] == "completed"
+    big = next(n for n in tracked.sync.get_nodes(sid).nodes if n.node_id == "big")
+    assert big.result is None
+    assert big.reason and "cap" in big.reason
+
+
+def test_leaves_of_a_nested_canvas() -> None:
+    canvas = chain(add.s(1, 2), group(add.s(1), add.s(2)), chord([add.s(1, 1), add.s(2, 2)], total.s()))
+    assert [sig.task for sig in leaves(canvas)] == ["t.add"] * 5 + ["t.total"]
+
+
+def test_untracked_tasks_are_ignored(tracked: SessionManager, thread_worker: None) -> None:
+    assert work.delay(21).get(timeout=30) == 42
+    assert tracked.sync.list_sessions().sessions == []
+
+
+def test_chord_is_tracked(tracked: SessionManager, thread_worker: None) -> None:
+    canvas = chord([add.s(1, 1), add.s(2, 2), add.s(3, 3)], total.s())
+    sid = dispatch(canvas, canvas_path="chord.canvas", node_ids=["h1", "h2", "h3", "body"])
+    status = wait_status(tracked, sid, {"completed", "failed", "partial_failure"})
+    assert (status["status"], status["completed_nodes"], status["node_count"]) == ("completed", 4, 4)
+    assert next(n.result for n in tracked.sync.get_nodes(sid).nodes if n.node_id == "body") == 12

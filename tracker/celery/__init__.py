@@ -1,0 +1,109 @@
+"""Celery glue: signals drive sessions; dispatch, cancel and resume batches; beat cleanup.
+
+Only this package imports ``celery``. Typical use::
+
+    from tracker.celery import install, dispatch
+    install(app)                                   # once, where the app is defined
+    session_id = dispatch(group(...), canvas_path="batch.canvas")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, signals
+
+from tracker.celery.control import cancel_session, resume_session
+from tracker.celery.dispatch import ON_COMPLETE_KEY, dispatch, leaves
+from tracker.celery.handlers import Recorder
+from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP, ids_of
+from tracker.manager import SessionManager
+from tracker.storage.memory import InMemoryStorageAdapter
+
+__all__ = [
+    "CLEANUP_TASK",
+    "NODE_STAMP",
+    "ON_COMPLETE_KEY",
+    "SESSION_STAMP",
+    "Recorder",
+    "cancel_session",
+    "dispatch",
+    "ids_of",
+    "install",
+    "leaves",
+    "resume_session",
+]
+
+#: Name of the periodic task that removes expired sessions.
+CLEANUP_TASK = "tracker.cleanup_expired_sessions"
+#: Beat schedule entry name.
+BEAT_ENTRY = "tracker-cleanup-expired-sessions"
+
+#: Pools whose tasks run in this very process (an in-memory store works with them).
+_IN_PROCESS_POOLS = {"solo", "threads", "eventlet", "gevent"}
+
+
+def _pool_name(worker: Any) -> str:
+    pool_cls = getattr(worker, "pool_cls", None)
+    name = getattr(pool_cls, "__module__", "") + "." + getattr(pool_cls, "__name__", str(pool_cls))
+    for pool in _IN_PROCESS_POOLS:
+        if pool in name.lower():
+            return pool
+    return "prefork"
+
+
+def install(
+    app: Celery,
+    manager: SessionManager | None = None,
+    *,
+    beat: bool = True,
+    cleanup_interval_s: float | None = None,
+) -> Recorder:
+    """Track every stamped task of ``app``. Idempotent (handlers connect with a dispatch_uid).
+
+    Args:
+        app: The Celery app.
+        manager: The manager to record into; None: ``SessionManager.get_instance()`` in each process.
+        beat: Register the cleanup task in ``app.conf.beat_schedule``.
+        cleanup_interval_s: How often beat runs cleanup; default the manager's ``cleanup_interval``.
+
+    Returns:
+        The recorder whose methods are connected (a second call returns the first one unchanged).
+    """
+    installed: Recorder | None = getattr(app, "_tracker_recorder", None)
+    if installed is not None:
+        return installed
+    recorder = Recorder(app, manager)
+    app._tracker_recorder = recorder  # type: ignore[attr-defined]
+    uid = f"tracker:{id(app)}"
+    signals.task_prerun.connect(recorder.on_prerun, weak=False, dispatch_uid=f"{uid}:prerun")
+    signals.task_success.connect(recorder.on_success, weak=False, dispatch_uid=f"{uid}:success")
+    signals.task_failure.connect(recorder.on_failure, weak=False, dispatch_uid=f"{uid}:failure")
+    signals.task_retry.connect(recorder.on_retry, weak=False, dispatch_uid=f"{uid}:retry")
+    signals.task_revoked.connect(recorder.on_revoked, weak=False, dispatch_uid=f"{uid}:revoked")
+
+    def check_pool(sender: Any = None, **_: Any) -> None:
+        current = recorder.manager
+        if isinstance(current.storage, InMemoryStorageAdapter) and _pool_name(sender) == "prefork":
+            message = (
+                "tracker: the in-memory store cannot be shared by a prefork pool's processes (each child "
+                "would keep its own sessions). Set TRACKER_REDIS_URL, or run the worker with --pool solo/threads."
+            )
+            raise SystemExit(message)  # a plain exception would only be logged by Celery's signal dispatch
+
+    signals.worker_init.connect(check_pool, weak=False, dispatch_uid=f"{uid}:check_pool")
+    recorder.worker_name = app.main or "worker"
+
+    @app.task(name=CLEANUP_TASK, shared=False)
+    def cleanup_expired_sessions() -> int:
+        """Remove expired sessions (run by beat)."""
+        return recorder.manager.sync.cleanup_expired_sessions()
+
+    if beat:
+        interval = cleanup_interval_s or (manager.settings.cleanup_interval if manager else 60.0)
+        schedule = dict(app.conf.beat_schedule or {})
+        schedule[BEAT_ENTRY] = {"task": CLEANUP_TASK, "schedule": interval}
+        app.conf.beat_schedule = schedule
+    return recorder
+
+

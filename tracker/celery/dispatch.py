@@ -1,0 +1,118 @@
+"""Dispatch a Celery canvas as a tracked session."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from celery import Celery, Signature, chord, group
+from celery.canvas import _chain, maybe_signature
+
+from tracker import validation
+from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP
+from tracker.errors import TrackerValidationError
+from tracker.manager import SessionManager
+from tracker.models import NodeSpec
+
+#: Metadata key under which the completion callback's signature is kept.
+ON_COMPLETE_KEY = "on_complete"
+
+
+def leaves(canvas: Signature, app: Celery | None = None) -> Iterator[Signature]:
+    """Every leaf task of a canvas (signature, group, chain, chord), depth first, in order.
+
+    Nested items given as dicts are replaced in place by Signature objects, so what is yielded
+    is what will be sent.
+    """
+    if isinstance(canvas, group):
+        canvas.tasks = [maybe_signature(t, app=app) for t in canvas.tasks]
+        for task in canvas.tasks:
+            yield from leaves(task, app)
+    elif isinstance(canvas, _chain):
+        canvas.tasks = [maybe_signature(t, app=app) for t in canvas.tasks]
+        for task in canvas.tasks:
+            yield from leaves(task, app)
+    elif isinstance(canvas, chord):
+        header = canvas.tasks
+        if not isinstance(header, group):
+            header = group(list(header), app=app)
+            canvas.kwargs["header"] = header
+        yield from leaves(header, app)
+        if canvas.body is not None:
+            body = maybe_signature(canvas.body, app=app)
+            canvas.kwargs["body"] = body
+            yield from leaves(body, app)
+    else:
+        yield canvas
+
+
+def signature_json(sig: Signature) -> dict[str, Any]:
+    """The signature as a plain JSON dict (what ``Signature.from_dict`` takes back)."""
+    return {
+        "task": sig.task,
+        "args": list(sig.args),
+        "kwargs": dict(sig.kwargs),
+        "options": {k: v for k, v in sig.options.items() if k not in {"task_id", "link", "link_error"}},
+        "subtask_type": sig.subtask_type,
+        "immutable": sig.immutable,
+    }
+
+
+def tag(sig: Signature, session_id: str, node_id: str, task_id: str) -> None:
+    """Give ``sig`` its task id and the session/node stamps (what the signal handlers read)."""
+    sig.set(task_id=task_id)
+    sig.stamp(**{SESSION_STAMP: session_id, NODE_STAMP: node_id})
+
+
+def dispatch(
+    canvas: Signature,
+    *,
+    canvas_path: str,
+    node_ids: Sequence[str] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    on_complete: Signature | None = None,
+    manager: SessionManager | None = None,
+    app: Celery | None = None,
+) -> str:
+    """Send ``canvas`` (a signature, group, chord or chain) as one tracked session.
+
+    Every leaf task is a node. The session is created (``pending``, with each node's task id and
+    signature, for resume) before anything is sent, so no event can arrive for an unknown session.
+
+    Args:
+        canvas: What to run.
+        canvas_path: A label for the batch (usually the ``.canvas`` file it came from).
+        node_ids: One id per leaf, in :func:`leaves` order; default: each leaf's task id.
+        metadata: A JSON object kept with the session.
+        on_complete: Sent once, with the final status dict as its argument, when the session ends.
+        manager: Default: ``SessionManager.get_instance()``.
+        app: The Celery app; default: the canvas's own.
+
+    Returns:
+        The session id.
+
+    Raises:
+        TrackerValidationError: bad ids, too few/many node ids, non-JSON arguments or metadata.
+    """
+    manager = manager or SessionManager.get_instance()
+    app = app or canvas.app
+    nodes = list(leaves(canvas, app))
+    if node_ids is not None and len(node_ids) != len(nodes):
+        raise TrackerValidationError("node_ids", len(node_ids), f"expected one id per leaf task ({len(nodes)})")
+    session_id = str(uuid.uuid4())
+    task_ids = [sig.options.get("task_id") or str(uuid.uuid4()) for sig in nodes]
+    ids = list(node_ids) if node_ids is not None else task_ids
+    meta = dict(metadata or {})
+    if on_complete is not None:
+        meta[ON_COMPLETE_KEY] = signature_json(on_complete)
+    specs = []
+    for sig, nid, tid in zip(nodes, ids, task_ids, strict=True):
+        validation.node_id(nid, session_id)
+        tag(sig, session_id, nid, tid)
+        spec_sig = signature_json(sig)
+        validation.json_text(spec_sig, "signature", manager.settings.max_result_bytes, session_id)
+        specs.append(NodeSpec(node_id=nid, task_id=tid, signature=spec_sig))
+    manager.sync.create_session(canvas_path, len(nodes), meta, specs, session_id=session_id)
+    canvas.apply_async()
+    return session_id

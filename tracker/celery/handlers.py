@@ -1,0 +1,165 @@
+"""Celery signal handlers: each task lifecycle event becomes one store call.
+
+Handlers never raise into the user's task (Celery would only log it anyway): a store failure is
+retried with backoff, then logged with the session and node ids. Untracked tasks (no stamps)
+cost nothing but two dict lookups.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery, Signature
+from celery.exceptions import Ignore, Reject
+
+from tracker.celery.dispatch import ON_COMPLETE_KEY
+from tracker.celery.stamps import ids_of
+from tracker.errors import StorageUnavailableError, TrackerError, TrackerValidationError
+from tracker.manager import SessionManager
+from tracker.models import NodeOutcome, SessionInfo
+from tracker.states import NodeStatus
+
+logger = logging.getLogger("tracker.celery")
+
+#: Seconds slept before each retry of a failed store write (then the event is logged as lost).
+RETRY_BACKOFF_S: tuple[float, ...] = (0.05, 0.2, 0.5)
+
+
+class Recorder:
+    """Turns Celery events into ``manager.sync.record_node`` calls for one app.
+
+    Args:
+        app: The Celery app whose tasks are tracked.
+        manager: The manager to write to; None: ``SessionManager.get_instance()`` resolved in each
+            process on first use (after fork, so each pool child opens its own connections).
+    """
+
+    def __init__(self, app: Celery, manager: SessionManager | None = None) -> None:
+        self.app = app
+        self._manager = manager
+        self.worker_name = ""
+
+    @property
+    def manager(self) -> SessionManager:
+        return self._manager or SessionManager.get_instance()
+
+    def worker_id(self, hostname: str | None) -> str:
+        """``<hostname>:<pid>``: which worker process holds a node."""
+        return f"{hostname or self.worker_name or 'worker'}:{os.getpid()}"
+
+    def record(self, request: Any, status: NodeStatus, **details: Any) -> NodeOutcome | None:
+        """Record one node event for a tracked request; None for untracked ones or after a failure."""
+        ids = ids_of(request)
+        if ids is None:
+            return None
+        session_id, node_id = ids
+
+        def call() -> NodeOutcome:
+            try:
+                return self.manager.sync.record_node(session_id, node_id, status, **details)
+            except TrackerValidationError as exc:
+                if details.get("result") is None:
+                    raise
+                # The return value is not JSON or is over the cap: the node still completed.
+                logger.warning("tracker: result of node %s (session %s) not stored: %s", node_id, session_id, exc)
+                details.update(result=None, reason=f"result not stored: {exc}")
+                return self.manager.sync.record_node(session_id, node_id, status, **details)
+
+        outcome = self._write(session_id, node_id, call)
+        if outcome is not None and outcome.finished is not None:
+            self.completed(outcome.session)
+        return outcome
+
+    def _write(self, session_id: str, node_id: str, call: Callable[[], NodeOutcome]) -> NodeOutcome | None:
+        for attempt, pause_s in enumerate((*RETRY_BACKOFF_S, None)):
+            try:
+                return call()
+            except StorageUnavailableError as exc:
+                if pause_s is None:
+                    logger.warning(
+                        "tracker: could not record node %s of session %s after %d tries: %s",
+                        node_id, session_id, attempt + 1, exc,
+                    )  # fmt: skip
+                    return None
+                time.sleep(pause_s)
+            except TrackerError as exc:
+                # Not transient (unknown session, node limit...): retrying cannot help.
+                logger.warning("tracker: node %s of session %s not recorded: %s", node_id, session_id, exc)
+                return None
+            except Exception:
+                logger.exception("tracker: unexpected error recording node %s of session %s", node_id, session_id)
+                return None
+        return None
+
+    def completed(self, session: SessionInfo) -> None:
+        """Send the session's completion callback, if it has one (called once per terminal transition)."""
+        callback = session.metadata.get(ON_COMPLETE_KEY)
+        if not callback:
+            return
+        try:
+            sig = Signature.from_dict(callback, app=self.app)
+            sig.apply_async(args=(session.to_dict(),))
+        except Exception:
+            logger.exception("tracker: completion callback of session %s could not be sent", session.session_id)
+
+    # -- the signals ------------------------------------------------------------------------
+
+    def on_prerun(self, sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any) -> None:
+        request = task.request if task is not None else None
+        if request is None or ids_of(request) is None:
+            return
+        self.record(
+            request,
+            NodeStatus.RUNNING,
+            attempt=int(request.retries or 0) + 1,
+            task_id=task_id,
+            worker=self.worker_id(request.hostname),
+        )
+
+    def on_success(self, sender: Any = None, result: Any = None, **_: Any) -> None:
+        request = sender.request if sender is not None else None
+        if request is None or ids_of(request) is None:
+            return
+        self.record(request, NodeStatus.COMPLETED, result=result, attempt=int(request.retries or 0) + 1, task_id=request.id)
+
+    def on_failure(
+        self, sender: Any = None, task_id: str | None = None, exception: BaseException | None = None, **_: Any
+    ) -> None:
+        request = sender.request if sender is not None else None
+        if request is None or isinstance(exception, Ignore | Reject):
+            return
+        self.record(
+            request,
+            NodeStatus.FAILED,
+            error=exception,
+            attempt=int(request.retries or 0) + 1,
+            task_id=task_id,
+        )
+
+    def on_retry(self, sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
+        if request is None:
+            return
+        error = reason if isinstance(reason, BaseException) else None
+        self.record(
+            request,
+            NodeStatus.RETRYING,
+            error=error,
+            reason=None if error else str(reason),
+            attempt=int(getattr(request, "retries", 0) or 0) + 1,
+        )
+
+    def on_revoked(
+        self,
+        sender: Any = None,
+        request: Any = None,
+        terminated: bool = False,
+        signum: Any = None,
+        expired: bool = False,
+        **_: Any,
+    ) -> None:
+        why = "expired" if expired else f"terminated (signal {signum})" if terminated else "revoked"
+        self.record(request, NodeStatus.CANCELLED, reason=why)

@@ -1,0 +1,1 @@
+"""A ready Celery app wired to tracker: ``celery -A workers.app worker`` and ``celery -A workers.app beat``."""

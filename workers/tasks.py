@@ -1,0 +1,53 @@
+"""The example node task: real work on the content of one JSON Canvas node."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections import Counter
+from typing import Any
+
+from celery import shared_task
+
+#: ``#sleep=0.5`` in a node's text: take that many seconds (to show progress in demos).
+_SLEEP = re.compile(r"#sleep=(\d+(?:\.\d+)?)")
+#: ``#fail`` (optionally ``#fail=reason``) in a node's text: fail on purpose.
+_FAIL = re.compile(r"#fail(?:=(\S+))?")
+_WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
+
+
+class NodeContentError(ValueError):
+    """The node's content asked to fail (``#fail``)."""
+
+
+def analyse(node: dict[str, Any]) -> dict[str, Any]:
+    """Summarise one canvas node: words, lines, most common words and a content digest."""
+    content = node.get("text") or node.get("file") or node.get("url") or ""
+    failing = _FAIL.search(content)
+    if failing:
+        raise NodeContentError(f"node {node.get('id')}: {failing.group(1) or 'failed on purpose'}")
+    sleep = _SLEEP.search(content)
+    if sleep:
+        time.sleep(min(float(sleep.group(1)), 30.0))
+    words = [w.lower() for w in _WORD.findall(_SLEEP.sub("", content))]
+    return {
+        "node_id": node.get("id"),
+        "type": node.get("type"),
+        "words": len(words),
+        "lines": content.count("\n") + 1 if content else 0,
+        "top_words": [w for w, _ in Counter(words).most_common(3)],
+        "sha256": hashlib.sha256(content.encode()).hexdigest()[:16],
+    }
+
+
+@shared_task(name="workers.process_node")
+def process_node(node: dict[str, Any]) -> dict[str, Any]:
+    """Process one canvas node (a JSON dict); returns its summary."""
+    return analyse(node)
+
+
+@shared_task(name="workers.batch_done")
+def batch_done(status: dict[str, Any]) -> str:
+    """An example completion callback: receives the final session status dict."""
+    return f"session {status['session_id']} ended {status['status']}"
