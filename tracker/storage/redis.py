@@ -254,13 +254,19 @@ class RedisPrograms:
         )
 
     def resume(
-        self, session_id: str, allowed_from: frozenset[SessionStatus], retry_failed: bool, now: datetime
+        self,
+        session_id: str,
+        allowed_from: frozenset[SessionStatus],
+        retry_failed: bool,
+        task_id_base: str,
+        now: datetime,
     ) -> Program[ResumeOutcome]:
         sk = self.keys.session(session_id)
         script = self._script(
             "resume",
             sk,
             "1" if retry_failed else "0",
+            task_id_base,
             ms_from_utc(now),
             self.ttl_s,
             self.events_maxlen,
@@ -540,9 +546,14 @@ class RedisStorageAdapter(_RedisBase):
         return self._drive(self.programs.transition(session_id, target, allowed_from, now))
 
     def resume(
-        self, session_id: str, allowed_from: frozenset[SessionStatus], retry_failed: bool, now: datetime
+        self,
+        session_id: str,
+        allowed_from: frozenset[SessionStatus],
+        retry_failed: bool,
+        task_id_base: str,
+        now: datetime,
     ) -> ResumeOutcome:
-        return self._drive(self.programs.resume(session_id, allowed_from, retry_failed, now))
+        return self._drive(self.programs.resume(session_id, allowed_from, retry_failed, task_id_base, now))
 
     def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> SessionInfo:
         return self._drive(self.programs.set_progress(session_id, progress_percent, now))
@@ -653,9 +664,14 @@ class AsyncRedisStorageAdapter(_RedisBase):
         return await self._drive(self.programs.transition(session_id, target, allowed_from, now))
 
     async def resume(
-        self, session_id: str, allowed_from: frozenset[SessionStatus], retry_failed: bool, now: datetime
+        self,
+        session_id: str,
+        allowed_from: frozenset[SessionStatus],
+        retry_failed: bool,
+        task_id_base: str,
+        now: datetime,
     ) -> ResumeOutcome:
-        return await self._drive(self.programs.resume(session_id, allowed_from, retry_failed, now))
+        return await self._drive(self.programs.resume(session_id, allowed_from, retry_failed, task_id_base, now))
 
     async def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> SessionInfo:
         return await self._drive(self.programs.set_progress(session_id, progress_percent, now))
