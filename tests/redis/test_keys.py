@@ -1,0 +1,68 @@
+"""The Redis key layout, pinned: exact key strings, one hash slot per session, nothing else written.
+
+A change to any key name breaks every session stored by an older version, so it must show up
+here as a failing test, not as a silent migration.
+"""
+
+from __future__ import annotations
+
+import redis
+from redis.crc import key_slot
+
+from tests.redis.conftest import ManagerFactory
+from tracker import NodeSpec
+from tracker.storage.keys import KeySpace
+
+SID = "0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10"
+
+
+def test_exact_key_strings() -> None:
+    keys = KeySpace().session(SID)
+    assert keys.session == "tracker:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:session"
+    assert keys.nodes == "tracker:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:nodes"
+    assert keys.sigs == "tracker:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:sigs"
+    assert keys.events == "tracker:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:events"
+    assert keys.all() == [keys.session, keys.nodes, keys.sigs, keys.events]
+    assert KeySpace().created_index == "tracker:index:created"
+    assert KeySpace().expiry_index == "tracker:index:expiry"
+    assert KeySpace("acme.prod").session(SID).session == "acme.prod:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:session"
+
+
+def test_all_keys_of_a_session_share_one_hash_slot() -> None:
+    slots = {key_slot(key.encode()) for key in KeySpace("x").session(SID).all()}
+    assert slots == {key_slot(SID.encode())}
+
+
+def test_the_adapter_writes_exactly_these_keys(
+    make_manager: ManagerFactory, key_prefix: str, redis_client: redis.Redis
+) -> None:
+    # Given a session with a signature, a node result, a progress update and a transition
+    manager = make_manager()
+    sid = manager.sync.create_session("k.canvas", 2, nodes=[NodeSpec(node_id="a", signature={"task": "t"})])
+    manager.sync.add_node_result(sid, "a", {"ok": 1})
+    manager.sync.update_progress(sid, 60)
+    manager.sync.update_status(sid, "cancelled")
+
+    # When we list every key under the test's prefix
+    found = {key.decode() for key in redis_client.scan_iter(match=f"{key_prefix}:*", count=1000)}
+
+    # Then they are the four session keys and the two indexes, named as pinned above
+    space = KeySpace(key_prefix)
+    assert found == {*space.session(sid).all(), space.created_index, space.expiry_index}
+    assert found == {
+        f"{key_prefix}:{{{sid}}}:session",
+        f"{key_prefix}:{{{sid}}}:nodes",
+        f"{key_prefix}:{{{sid}}}:sigs",
+        f"{key_prefix}:{{{sid}}}:events",
+        f"{key_prefix}:index:created",
+        f"{key_prefix}:index:expiry",
+    }
+    types = {key: redis_client.type(key).decode() for key in found}
+    assert types == {
+        f"{key_prefix}:{{{sid}}}:session": "hash",
+        f"{key_prefix}:{{{sid}}}:nodes": "hash",
+        f"{key_prefix}:{{{sid}}}:sigs": "hash",
+        f"{key_prefix}:{{{sid}}}:events": "stream",
+        f"{key_prefix}:index:created": "zset",
+        f"{key_prefix}:index:expiry": "zset",
+    }

@@ -1,0 +1,98 @@
+"""The state tables written in Lua (``tracker/storage/lua/common.lua``) agree with ``tracker/states.py``.
+
+The scripts cannot import Python, so ``COUNTER``, ``TERMINAL_NODE`` and ``TERMINAL_SESSION`` are
+copies. These tests parse the Lua text and fail as soon as either side changes alone.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+
+import pytest
+
+from tracker.states import (
+    ACTIVE_NODE_STATUSES,
+    FAILED_NODE_STATUSES,
+    TERMINAL_NODE_STATUSES,
+    TERMINAL_STATUSES,
+    NodeStatus,
+    SessionStatus,
+)
+
+_ENTRY = re.compile(r"^(?P<key>[a-z_]+)\s*=\s*(?:'(?P<text>[a-z_]+)'|(?P<true>true))$")
+
+#: The tables common.lua mirrors from states.py.
+NAMES = ("COUNTER", "TERMINAL_NODE", "TERMINAL_SESSION")
+
+
+def lua_table(text: str, name: str) -> dict[str, str | bool]:
+    """The table ``local <name> = {key = 'value' | true, ...}`` of a Lua text.
+
+    Raises:
+        ValueError: the table is missing or defined twice, or one of its entries has another
+            form (so nothing is skipped silently).
+    """
+    found = re.findall(rf"^local\s+{name}\s*=\s*\{{([^}}]*)\}}", text, re.MULTILINE)
+    if len(found) != 1:
+        raise ValueError(f"Lua table {name} defined {len(found)} times")
+    entries: dict[str, str | bool] = {}
+    for raw in found[0].split(","):
+        if not raw.strip():
+            continue
+        entry = _ENTRY.match(raw.strip())
+        if entry is None:
+            raise ValueError(f"unexpected entry {raw.strip()!r} in Lua table {name}")
+        if entry["key"] in entries:
+            raise ValueError(f"key {entry['key']!r} twice in Lua table {name}")
+        entries[entry["key"]] = entry["text"] if entry["text"] is not None else True
+    return entries
+
+
+@pytest.fixture(scope="module")
+def tables() -> dict[str, dict[str, str | bool]]:
+    """The mirrored tables of ``common.lua`` as shipped in the package, by name."""
+    text = (resources.files("tracker.storage") / "lua" / "common.lua").read_text()
+    return {name: lua_table(text, name) for name in NAMES}
+
+
+def test_the_parser_reads_the_forms_used() -> None:
+    text = "local A = {x = 'y', z = true,\n  w = 'v'}\nlocal B = {'f', 'g'}\n"
+    assert lua_table(text, "A") == {"x": "y", "z": True, "w": "v"}
+    with pytest.raises(ValueError, match="unexpected entry"):
+        lua_table(text, "B")
+    with pytest.raises(ValueError, match="0 times"):
+        lua_table(text, "C")
+    with pytest.raises(ValueError, match="twice"):
+        lua_table("local A = {x = true, x = true}", "A")
+
+
+def test_all_three_tables_are_there(tables: dict[str, dict[str, str | bool]]) -> None:
+    assert all(tables[name] for name in NAMES)
+
+
+def test_terminal_node_matches_terminal_node_statuses(tables: dict[str, dict[str, str | bool]]) -> None:
+    assert set(tables["TERMINAL_NODE"].values()) == {True}
+    assert set(tables["TERMINAL_NODE"]) == {s.value for s in TERMINAL_NODE_STATUSES}
+
+
+def test_terminal_session_matches_terminal_statuses(tables: dict[str, dict[str, str | bool]]) -> None:
+    assert set(tables["TERMINAL_SESSION"].values()) == {True}
+    assert set(tables["TERMINAL_SESSION"]) == {s.value for s in TERMINAL_STATUSES}
+    assert all(SessionStatus(name) for name in tables["TERMINAL_SESSION"])
+
+
+def test_counter_matches_the_node_status_sets(tables: dict[str, dict[str, str | bool]]) -> None:
+    counter = tables["COUNTER"]
+    by_counter: dict[str | bool, set[str]] = {}
+    for status, name in counter.items():
+        by_counter.setdefault(name, set()).add(status)
+    assert set(counter) <= {s.value for s in NodeStatus}
+    assert by_counter["failed"] == {s.value for s in FAILED_NODE_STATUSES}
+    assert by_counter["running"] == {s.value for s in ACTIVE_NODE_STATUSES}
+    assert by_counter["completed"] == {NodeStatus.COMPLETED.value}
+    assert by_counter["cancelled"] == {NodeStatus.CANCELLED.value}
+    assert set(by_counter) == {"completed", "failed", "running", "cancelled"}
+    # Every result counts somewhere (the finish rule adds the counters up); pending counts nowhere.
+    assert {s.value for s in TERMINAL_NODE_STATUSES} <= set(counter)
+    assert NodeStatus.PENDING.value not in counter
