@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import random
 import shutil
 import socket
 import subprocess
@@ -19,6 +20,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_cluster_port() -> int:
+    """A free port P on 127.0.0.1 whose cluster bus port (P + 10000) is free and valid too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            port = random.randrange(20000, 30000)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair (P, P + 10000) for a cluster node")
 
 
 def redis_server_binary() -> str:
@@ -61,6 +82,10 @@ class RedisProcess:
         deadline = time.monotonic() + timeout_s
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         while True:
+            if self.process is not None and self.process.poll() is not None:
+                log = self.directory / "redis.log"
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                raise RuntimeError(f"redis-server on port {self.port} exited with {self.process.returncode}: {tail}")
             try:
                 if client.ping():
                     client.close()
@@ -91,3 +116,78 @@ def redis_process(directory: Path, *extra: str) -> Iterator[RedisProcess]:
         yield server
     finally:
         server.stop()
+
+
+def redis_cli_binary() -> str:
+    """Path of ``redis-cli`` (shipped with redis-server); fails loudly rather than skipping."""
+    found = shutil.which("redis-cli")
+    if not found:
+        raise RuntimeError("redis-cli is not installed (it comes with redis-server; .ci/run installs it)")
+    return found
+
+
+@dataclass
+class RedisClusterProcesses:
+    """A Redis Cluster of the tests' own: ``masters`` redis-servers on loopback, no replicas."""
+
+    directory: Path
+    masters: int = 3
+    nodes: list[RedisProcess] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """A URL of one node; a cluster client discovers the others from it."""
+        return self.nodes[0].url
+
+    def start(self) -> None:
+        for i in range(self.masters):
+            node_dir = self.directory / f"node{i}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            node = RedisProcess(
+                directory=node_dir,
+                port=free_cluster_port(),
+                extra=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--appendonly", "no"),
+            )
+            self.nodes.append(node)
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [redis_cli_binary(), "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+        self.wait_ok()
+
+    def wait_ok(self, timeout_s: float = 20.0) -> None:
+        """Wait until every node reports ``cluster_state:ok`` and knows every other node."""
+        deadline = time.monotonic() + timeout_s
+        for node in self.nodes:
+            client = redis.Redis(port=node.port, socket_connect_timeout=0.5)
+            try:
+                while True:
+                    info = client.cluster("INFO")
+                    if info.get("cluster_state") == "ok" and int(info.get("cluster_known_nodes", 0)) == self.masters:
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"cluster not ready on port {node.port}: {info}")
+                    time.sleep(0.1)
+            finally:
+                client.close()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@contextlib.contextmanager
+def redis_cluster(directory: Path, masters: int = 3) -> Iterator[RedisClusterProcesses]:
+    """Start a ``masters``-node Redis Cluster in ``directory`` (one sub-directory per node); stop it on exit."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cluster = RedisClusterProcesses(directory=directory, masters=masters)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
