@@ -1,0 +1,331 @@
+"""The JSON API and the event stream, as an ``APIRouter`` to mount in any FastAPI app.
+
+Every route is under ``/api/v1/parallel``. Tracker errors become HTTP answers inside the router
+itself (:class:`TrackerRoute`), so they do so in the user's app too, without app-level handlers:
+
+=================================  ====
+``SessionNotFoundError``           404
+``TrackerValidationError``         422
+``InvalidStateTransitionError``    409
+``SessionExistsError``             409
+``StorageUnavailableError``        503
+=================================  ====
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response, status
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, Field
+from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
+
+from tracker import validation
+from tracker.config import TrackerSettings
+from tracker.errors import (
+    InvalidStateTransitionError,
+    SessionExistsError,
+    SessionNotFoundError,
+    StorageUnavailableError,
+    TrackerError,
+    TrackerValidationError,
+)
+from tracker.manager import SessionManager
+from tracker.models import NodePage, ParallelTaskStatus
+from tracker.states import NodeStatus, SessionStatus
+from tracker.web.auth import read_access, write_access
+from tracker.web.events import StreamLimiter, plan_start, session_stream
+from tracker.web.settings import WebSettings
+
+logger = logging.getLogger(__name__)
+
+#: Where the routes live.
+API_PREFIX = "/api/v1/parallel"
+
+_ERROR_STATUS: tuple[tuple[type[TrackerError], int], ...] = (
+    (SessionNotFoundError, status.HTTP_404_NOT_FOUND),
+    (TrackerValidationError, status.HTTP_422_UNPROCESSABLE_CONTENT),
+    (InvalidStateTransitionError, status.HTTP_409_CONFLICT),
+    (SessionExistsError, status.HTTP_409_CONFLICT),
+    (StorageUnavailableError, status.HTTP_503_SERVICE_UNAVAILABLE),
+)
+
+
+def http_error(exc: TrackerError) -> HTTPException:
+    """The HTTP answer for a tracker error (500 only for an error this table does not know)."""
+    for error_type, code in _ERROR_STATUS:
+        if isinstance(exc, error_type):
+            headers = {"Retry-After": "5"} if code == status.HTTP_503_SERVICE_UNAVAILABLE else None
+            return HTTPException(code, detail=str(exc), headers=headers)
+    return HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, detail="internal error")
+
+
+class TrackerRoute(APIRoute):
+    """An ``APIRoute`` that answers tracker errors with their HTTP status and a JSON ``detail``."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        """Wrap FastAPI's handler so that a :class:`~tracker.errors.TrackerError` becomes an HTTPException."""
+        handler = super().get_route_handler()
+
+        async def translated(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except TrackerError as exc:
+                if isinstance(exc, StorageUnavailableError):
+                    logger.warning("%s %s: %s", request.method, request.url.path, exc)
+                raise http_error(exc) from exc
+
+        return translated
+
+
+class SessionList(BaseModel):
+    """One page of sessions, newest first."""
+
+    sessions: list[ParallelTaskStatus]
+    #: Pass back as ``cursor`` for the next page; null on the last page.
+    next_cursor: str | None = None
+
+
+class ResumeResult(BaseModel):
+    """What a resume did."""
+
+    #: Nodes whose tasks were sent again.
+    resent_nodes: int = Field(ge=0)
+    #: The session after the resume.
+    session: ParallelTaskStatus
+
+
+class ErrorDetail(BaseModel):
+    """The body of every error answer."""
+
+    #: A message; for a malformed request, FastAPI's list of validation errors.
+    detail: str | list[dict[str, Any]]
+
+
+SessionIdPath = Annotated[UUID, Path(description="The session id (a UUID).")]
+TaskIdPath = Annotated[UUID, Path(description="The session id (a UUID), called task id by the seed's API.")]
+Cursor = Annotated[
+    str | None,
+    Query(max_length=64, description="The `next_cursor` of the previous page; omit for the first page."),
+]
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    reasons = {
+        401: "Missing or wrong bearer token (only when the server has a token).",
+        403: "Mutations are disabled: the server has no API token.",
+        404: "No such session (never created, expired or removed).",
+        409: "The session's status does not allow this.",
+        422: "Malformed id, cursor, filter or Last-Event-ID.",
+        503: "The store (or, for cancel and resume, the broker) is unavailable; or too many event streams.",
+    }
+    return {code: {"model": ErrorDetail, "description": reasons[code]} for code in codes}
+
+
+@dataclass
+class WebContext:
+    """What the routes need, resolved once when the router is built."""
+
+    manager: SessionManager
+    settings: TrackerSettings
+    web: WebSettings
+    celery_app: Any = None
+
+
+def _sid(value: UUID) -> str:
+    # FastAPI accepts any UUID spelling (upper case, no hyphens); the store wants the canonical one.
+    return str(value)
+
+
+def create_router(
+    manager: SessionManager | None = None,
+    settings: TrackerSettings | None = None,
+    celery_app: Any = None,
+    *,
+    web_settings: WebSettings | None = None,
+) -> APIRouter:
+    """The tracker's JSON API and event streams, ready to ``include_router`` in your FastAPI app.
+
+    Args:
+        manager: The session manager; default :meth:`SessionManager.get_instance`.
+        settings: Tracker settings (the API token); default the manager's.
+        celery_app: The Celery app cancel and resume publish with; default Celery's current app.
+        web_settings: Stream limits and CORS; default read from the environment.
+
+    Returns:
+        A router with every route under ``/api/v1/parallel``.
+    """
+    manager = manager if manager is not None else SessionManager.get_instance()
+    ctx = WebContext(manager, settings or manager.settings, web_settings or WebSettings(), celery_app)
+    token = ctx.settings.api_token
+    limiter = StreamLimiter(ctx.web.sse_max_connections)
+    router = APIRouter(
+        prefix=API_PREFIX,
+        tags=["tracker"],
+        route_class=TrackerRoute,
+        dependencies=[Depends(read_access(token))],
+        responses=_errors(401),
+    )
+    mutation = [Depends(write_access(token))]
+
+    @router.get(
+        "/status/{task_id}",
+        response_model=ParallelTaskStatus,
+        responses=_errors(404, 422, 503),
+        summary="Status of a session",
+    )
+    async def get_status(task_id: TaskIdPath) -> ParallelTaskStatus:
+        """The session's status and counters: one store read, whatever the node count."""
+        return ParallelTaskStatus.from_session(await ctx.manager.get_session(_sid(task_id)))
+
+    @router.get("/sessions", response_model=SessionList, responses=_errors(422, 503), summary="List sessions")
+    async def list_sessions(
+        status_filter: Annotated[SessionStatus | None, Query(alias="status", description="Only this status.")] = None,
+        cursor: Cursor = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    ) -> SessionList:
+        """A page of sessions, newest first, optionally only those in one status."""
+        page = await ctx.manager.list_sessions(status_filter, cursor, limit)
+        return SessionList(
+            sessions=[ParallelTaskStatus.from_session(info) for info in page.sessions], next_cursor=page.next_cursor
+        )
+
+    @router.get(
+        "/sessions/{session_id}/nodes",
+        response_model=NodePage,
+        responses=_errors(404, 422, 503),
+        summary="Node results of a session",
+    )
+    async def get_nodes(
+        session_id: SessionIdPath,
+        status_filter: Annotated[NodeStatus | None, Query(alias="status", description="Only this node status.")] = None,
+        cursor: Cursor = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> NodePage:
+        """A page of the session's node results (status, result, error, attempts, worker, timings)."""
+        return await ctx.manager.get_nodes(_sid(session_id), status_filter, cursor, limit)
+
+    @router.get(
+        "/sessions/{session_id}/events",
+        response_class=EventSourceResponse,
+        responses={
+            200: {
+                "description": "Server-Sent Events: `snapshot`, then one event per stream entry, then `end`.",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+            **_errors(404, 422, 503),
+        },
+        summary="Live events of a session (SSE)",
+    )
+    async def stream_events(
+        session_id: SessionIdPath,
+        last_event_id: Annotated[
+            str | None,
+            Header(alias="Last-Event-ID", max_length=41, description="Resume after this event id."),
+        ] = None,
+        last_event_id_query: Annotated[
+            str | None,
+            Query(
+                alias="last_event_id",
+                max_length=41,
+                description="Resume after this event id, for clients that cannot set `Last-Event-ID`.",
+            ),
+        ] = None,
+    ) -> EventSourceResponse:
+        """The session's event stream; reconnect with ``Last-Event-ID`` to get exactly what was missed.
+
+        Without ``Last-Event-ID`` a ``snapshot`` comes first. Streams keep about the last 1000
+        events: a client whose id is older than that gets a fresh ``snapshot`` instead.
+        """
+        sid = _sid(session_id)
+        after = last_event_id or last_event_id_query
+        if after is not None:
+            validation.event_id(after)
+        start = await plan_start(ctx.manager, sid, after)
+        slot = limiter.try_acquire()
+        if slot is None:
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                detail=f"too many event streams open (the limit is {limiter.max_streams}); retry later",
+                headers={"Retry-After": "5"},
+            )
+        content = session_stream(
+            ctx.manager,
+            sid,
+            start,
+            block_ms=ctx.web.sse_block_ms,
+            batch=ctx.web.sse_batch,
+            retry_ms=ctx.web.sse_retry_ms,
+            slot=slot,
+        )
+        # The slot is released when the generator ends; the background task covers a response
+        # torn down before the generator ever started.
+        return EventSourceResponse(content, ping=ctx.web.sse_ping_s, background=BackgroundTask(slot.release))
+
+    @router.post(
+        "/sessions/{session_id}/cancel",
+        response_model=ParallelTaskStatus,
+        dependencies=mutation,
+        responses=_errors(403, 404, 409, 422, 503),
+        summary="Cancel a session",
+    )
+    async def cancel(
+        session_id: SessionIdPath,
+        terminate: Annotated[bool, Query(description="Also kill nodes that are running now.")] = False,
+    ) -> ParallelTaskStatus:
+        """Cancel the session: unfinished nodes become ``cancelled``, queued tasks are revoked."""
+        from tracker.celery import cancel_session
+
+        info = await _broker_call(
+            cancel_session, _sid(session_id), app=ctx.celery_app, manager=ctx.manager, terminate=terminate
+        )
+        return ParallelTaskStatus.from_session(info)
+
+    @router.post(
+        "/sessions/{session_id}/resume",
+        response_model=ResumeResult,
+        dependencies=mutation,
+        responses=_errors(403, 404, 409, 422, 503),
+        summary="Resume a session",
+    )
+    async def resume(
+        session_id: SessionIdPath,
+        retry_failed: Annotated[bool, Query(description="Also re-send nodes that failed.")] = True,
+    ) -> ResumeResult:
+        """Take an ended (not completed) session back to ``running`` and re-send its unfinished nodes."""
+        from tracker.celery import resume_session
+
+        sid = _sid(session_id)
+        resent = await _broker_call(
+            resume_session, sid, app=ctx.celery_app, manager=ctx.manager, retry_failed=retry_failed
+        )
+        info = await ctx.manager.get_session(sid)
+        return ResumeResult(resent_nodes=resent, session=ParallelTaskStatus.from_session(info))
+
+    return router
+
+
+async def _broker_call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a blocking Celery call in a worker thread (it publishes to the broker).
+
+    Raises:
+        HTTPException: 503 when the broker cannot be reached (tracker errors pass through).
+    """
+    from kombu.exceptions import OperationalError
+
+    try:
+        return await asyncio.to_thread(function, *args, **kwargs)
+    except (OperationalError, ConnectionError) as exc:
+        logger.warning("broker call %s failed: %s", function.__name__, exc)
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail=f"the broker is unavailable ({exc})",
+            headers={"Retry-After": "5"},
+        ) from exc
