@@ -74,9 +74,9 @@ def store(request: pytest.FixtureRequest, redis_url: str, key_prefix: str) -> It
 
 
 @pytest.fixture
-def manager(store: SessionStorageAdapter, clock: FakeClock) -> Iterator[SessionManager]:
+def manager(store: SessionStorageAdapter, clock: FakeClock) -> SessionManager:
     """A manager on each adapter, with a fake clock."""
-    yield SessionManager(storage=store, settings=TrackerSettings(), clock=clock)
+    return SessionManager(storage=store, settings=TrackerSettings(), clock=clock)
 
 
 @pytest.fixture

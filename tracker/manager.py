@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from tracker import states, validation
 from tracker.config import TrackerSettings
-from tracker.errors import SessionNotFoundError
+from tracker.errors import SessionNotFoundError, TrackerValidationError
 from tracker.models import (
     NodeError,
     NodeOutcome,
@@ -83,7 +83,7 @@ class _Plans:
         sid = validation.session_id(session_id) if session_id is not None else str(uuid.uuid4())
         node_ids = [validation.node_id(spec.node_id, sid) for spec in nodes]
         if len(set(node_ids)) != len(node_ids) or len(node_ids) > count:
-            raise validation.TrackerValidationError(
+            raise TrackerValidationError(
                 "nodes", len(node_ids), f"node ids must be distinct and at most node_count ({count})", sid
             )
         now = self.clock()
@@ -127,7 +127,7 @@ class _Plans:
         nid = validation.node_id(node_id, sid)
         node_status = validation.member(NodeStatus, status, "status", sid)
         if attempt is not None and (isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1):
-            raise validation.TrackerValidationError("attempt", attempt, "expected a whole number >= 1", sid)
+            raise TrackerValidationError("attempt", attempt, "expected a whole number >= 1", sid)
         result_json = None
         if node_status.is_terminal and result is not None:
             result_json = validation.json_text(result, "result", self.settings.max_result_bytes, sid)
@@ -199,7 +199,7 @@ def _found(session_id: str, info: SessionInfo | None) -> SessionInfo:
 
 def _limit(limit: int) -> int:
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
-        raise validation.TrackerValidationError("limit", limit, "expected a whole number within 1..1000")
+        raise TrackerValidationError("limit", limit, "expected a whole number within 1..1000")
     return limit
 
 
@@ -356,9 +356,13 @@ class SessionManager:
             NodeLimitError: more distinct nodes than ``node_count``.
             SessionNotFoundError: no such session.
         """
-        plan = self._plans.record_node(
-            session_id, node_id, status, result, error=error, task_id=task_id, worker=worker, attempt=attempt
-        ) if not isinstance(result, NodeResult) else self._node_result_plan(session_id, result)
+        plan = (
+            self._plans.record_node(
+                session_id, node_id, status, result, error=error, task_id=task_id, worker=worker, attempt=attempt
+            )
+            if not isinstance(result, NodeResult)
+            else self._node_result_plan(session_id, result)
+        )
         return (await self._run(plan)).session.to_dict()
 
     def _node_result_plan(self, session_id: str, node: NodeResult) -> _Plan[NodeOutcome]:
@@ -529,9 +533,13 @@ class SyncSessionManager:
         attempt: int | None = None,
     ) -> dict[str, Any]:
         """See :meth:`SessionManager.add_node_result`."""
-        plan = self._plans.record_node(
-            session_id, node_id, status, result, error=error, task_id=task_id, worker=worker, attempt=attempt
-        ) if not isinstance(result, NodeResult) else self._manager._node_result_plan(session_id, result)
+        plan = (
+            self._plans.record_node(
+                session_id, node_id, status, result, error=error, task_id=task_id, worker=worker, attempt=attempt
+            )
+            if not isinstance(result, NodeResult)
+            else self._manager._node_result_plan(session_id, result)
+        )
         return self._run(plan).session.to_dict()
 
     def record_node(self, session_id: str, node_id: str, status: NodeStatus | str, **details: Any) -> NodeOutcome:

@@ -7,6 +7,7 @@ from-states as arguments, and the adapter contract suite checks that both adapte
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 
 
@@ -175,7 +176,10 @@ def merge_node_status(current: NodeStatus | None, incoming: NodeStatus) -> NodeS
 
 
 def progress_from_counts(finished: int, node_count: int) -> float:
-    """``100 * finished / node_count`` (finished: nodes with a terminal result), 2 decimals; 0 if empty."""
+    """``100 * finished / node_count`` (finished: nodes with a result), rounded half up to 2 decimals.
+
+    The Redis scripts compute the same expression (``common.lua``: derived_progress).
+    """
     if node_count <= 0:
         return 0.0
-    return round(100.0 * finished / node_count, 2)
+    return math.floor(10000.0 * finished / node_count + 0.5) / 100

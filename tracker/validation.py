@@ -114,7 +114,7 @@ def event_id(value: object) -> str:
 def member(enum: type[E], value: object, field: str, sid: str | None = None) -> E:
     """Return ``value`` as a member of ``enum``, refusing names it does not have."""
     try:
-        return enum(value)
+        return enum(str(value)) if isinstance(value, str) else enum(value)  # type: ignore[arg-type]
     except ValueError:
         allowed = ", ".join(m.value for m in enum)
         raise TrackerValidationError(field, value, f"expected one of: {allowed}", sid) from None

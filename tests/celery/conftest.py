@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -20,14 +21,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
-def celery_env(redis_url: str) -> Iterator[dict[str, str]]:
+def celery_env(redis_url: str) -> dict[str, str]:
     """Broker and queue for the test app (set before tests.celery.appmod is configured)."""
     env = {"TRACKER_TEST_BROKER": redis_url, "TRACKER_TEST_QUEUE": f"tracker-tests-{uuid.uuid4().hex[:8]}"}
     os.environ.update(env)
     from tests.celery import appmod
 
     appmod.app.conf.update(broker_url=redis_url, result_backend=redis_url, task_default_queue=env["TRACKER_TEST_QUEUE"])
-    yield env
+    return env
 
 
 @pytest.fixture
@@ -90,10 +91,8 @@ class WorkerProcess:
         children = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
         self.proc.kill()
         for pid in children:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), 9)
-            except ProcessLookupError:
-                pass
         self.proc.wait()
         self.proc = None
 
@@ -109,7 +108,9 @@ class WorkerProcess:
 
 
 @pytest.fixture
-def worker_process(redis_url: str, key_prefix: str, celery_env: dict[str, str]) -> Iterator[Callable[..., WorkerProcess]]:
+def worker_process(
+    redis_url: str, key_prefix: str, celery_env: dict[str, str]
+) -> Iterator[Callable[..., WorkerProcess]]:
     """Start prefork workers in subprocesses sharing this test's Redis key prefix; stopped at the end."""
     started: list[WorkerProcess] = []
 

@@ -13,8 +13,7 @@ from celery.contrib.testing.worker import start_worker
 from tests.celery.appmod import app, work
 from tests.celery.conftest import WorkerProcess, wait_for, wait_status
 from tracker import InMemoryStorageAdapter, NodeStatus, SessionManager
-from tracker.celery import CLEANUP_TASK, cancel_session, dispatch, install, resume_session
-from tracker.celery import BEAT_ENTRY
+from tracker.celery import BEAT_ENTRY, CLEANUP_TASK, cancel_session, dispatch, install, resume_session
 
 TERMINAL = {"completed", "failed", "partial_failure", "cancelled"}
 
@@ -93,8 +92,9 @@ def test_install_is_idempotent() -> None:
 def test_in_memory_store_refuses_a_prefork_pool(celery_env: dict[str, str]) -> None:
     SessionManager.set_instance(SessionManager(storage=InMemoryStorageAdapter()))
     try:
-        with pytest.raises(SystemExit, match="in-memory store"), start_worker(
-            app, pool="prefork", concurrency=2, perform_ping_check=False, loglevel="WARNING"
+        with (
+            pytest.raises(SystemExit, match="in-memory store"),
+            start_worker(app, pool="prefork", concurrency=2, perform_ping_check=False, loglevel="WARNING"),
         ):
             pass
     finally:

@@ -74,7 +74,7 @@ def install(
     if installed is not None:
         return installed
     recorder = Recorder(app, manager)
-    app._tracker_recorder = recorder  # type: ignore[attr-defined]
+    app._tracker_recorder = recorder
     uid = f"tracker:{id(app)}"
     signals.task_prerun.connect(recorder.on_prerun, weak=False, dispatch_uid=f"{uid}:prerun")
     signals.task_success.connect(recorder.on_success, weak=False, dispatch_uid=f"{uid}:success")
@@ -94,7 +94,7 @@ def install(
     signals.worker_init.connect(check_pool, weak=False, dispatch_uid=f"{uid}:check_pool")
     recorder.worker_name = app.main or "worker"
 
-    @app.task(name=CLEANUP_TASK, shared=False)
+    @app.task(name=CLEANUP_TASK, shared=False)  # type: ignore[untyped-decorator]
     def cleanup_expired_sessions() -> int:
         """Remove expired sessions (run by beat)."""
         return recorder.manager.sync.cleanup_expired_sessions()
@@ -105,5 +105,3 @@ def install(
         schedule[BEAT_ENTRY] = {"task": CLEANUP_TASK, "schedule": interval}
         app.conf.beat_schedule = schedule
     return recorder
-
-

@@ -25,11 +25,7 @@ def leaves(canvas: Signature, app: Celery | None = None) -> Iterator[Signature]:
     Nested items given as dicts are replaced in place by Signature objects, so what is yielded
     is what will be sent.
     """
-    if isinstance(canvas, group):
-        canvas.tasks = [maybe_signature(t, app=app) for t in canvas.tasks]
-        for task in canvas.tasks:
-            yield from leaves(task, app)
-    elif isinstance(canvas, _chain):
+    if isinstance(canvas, group | _chain):
         canvas.tasks = [maybe_signature(t, app=app) for t in canvas.tasks]
         for task in canvas.tasks:
             yield from leaves(task, app)

@@ -124,7 +124,9 @@ class Recorder:
         request = sender.request if sender is not None else None
         if request is None or ids_of(request) is None:
             return
-        self.record(request, NodeStatus.COMPLETED, result=result, attempt=int(request.retries or 0) + 1, task_id=request.id)
+        self.record(
+            request, NodeStatus.COMPLETED, result=result, attempt=int(request.retries or 0) + 1, task_id=request.id
+        )
 
     def on_failure(
         self, sender: Any = None, task_id: str | None = None, exception: BaseException | None = None, **_: Any

@@ -191,7 +191,8 @@ class InMemoryStorageAdapter:
                     continue
                 task_id = f"{task_id_base}{len(reset) + 1:012x}"
                 self._set_node(
-                    entry, NodeResult(node_id=node_id, status=NodeStatus.PENDING, attempts=node.attempts, task_id=task_id)
+                    entry,
+                    NodeResult(node_id=node_id, status=NodeStatus.PENDING, attempts=node.attempts, task_id=task_id),
                 )
                 reset.append(NodeSpec(node_id=node_id, task_id=task_id, signature=entry.signatures.get(node_id)))
             entry.info = self._recount(entry, now)

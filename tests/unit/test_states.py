@@ -1,0 +1,92 @@
+"""The state machine and the counting rules, as pure functions, with hypothesis properties."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tracker import VALID_TRANSITIONS, NodeStatus, SessionStatus, finish_status, is_valid_transition
+from tracker.states import (
+    RESUMABLE_STATUSES,
+    TERMINAL_STATUSES,
+    allowed_from,
+    merge_node_status,
+    progress_from_counts,
+)
+
+S = SessionStatus
+
+#: The DESIGN table, written out independently of the code.
+DESIGN_TABLE = {
+    "pending": {"running", "cancelled", "failed"},
+    "running": {"completed", "partial_failure", "failed", "cancelled"},
+    "partial_failure": {"running"},
+    "failed": {"running"},
+    "cancelled": {"running"},
+    "completed": set(),
+}
+
+
+def test_transitions_are_exactly_the_design_table() -> None:
+    assert {k.value: {v.value for v in vs} for k, vs in VALID_TRANSITIONS.items()} == DESIGN_TABLE
+
+
+def test_status_values_are_the_seed_enum() -> None:
+    assert [s.value for s in S] == ["pending", "running", "completed", "partial_failure", "failed", "cancelled"]
+    assert S("running") is S.RUNNING
+    assert S.RUNNING == "running"
+
+
+@given(st.sampled_from([*S, "bogus"]), st.sampled_from([*S, "bogus"]))
+def test_is_valid_transition_matches_the_table(a: str, b: str) -> None:
+    expected = a in DESIGN_TABLE and b in DESIGN_TABLE[a]
+    assert is_valid_transition(a, b) is expected
+
+
+def test_resume_edges_are_left_out_of_plain_updates() -> None:
+    assert allowed_from(S.RUNNING) == {S.PENDING}
+    assert allowed_from(S.RUNNING, resume=True) == {S.PENDING, *RESUMABLE_STATUSES}
+    assert {S.PARTIAL_FAILURE, S.FAILED, S.CANCELLED} == RESUMABLE_STATUSES
+    assert allowed_from(S.CANCELLED) == {S.PENDING, S.RUNNING}
+    assert all(s.is_terminal for s in TERMINAL_STATUSES)
+
+
+@given(st.integers(0, 50), st.integers(0, 50), st.integers(0, 50), st.integers(0, 150))
+def test_finish_status(completed: int, failed: int, cancelled: int, node_count: int) -> None:
+    result = finish_status(completed, failed, cancelled, node_count)
+    finished = completed + failed + cancelled
+    if node_count == 0 or finished < node_count:
+        assert result is None
+    elif completed == node_count:
+        assert result is S.COMPLETED
+    elif cancelled == node_count:
+        assert result is S.CANCELLED
+    elif completed == 0:
+        assert result is S.FAILED
+    else:
+        assert result is S.PARTIAL_FAILURE
+    if result is not None:
+        assert result in VALID_TRANSITIONS[S.RUNNING]
+
+
+@given(st.lists(st.sampled_from(list(NodeStatus)), min_size=1, max_size=30))
+def test_merge_rules(events: list[NodeStatus]) -> None:
+    status: NodeStatus | None = None
+    for event in events:
+        new = merge_node_status(status, event)
+        if status is NodeStatus.COMPLETED:
+            assert new is NodeStatus.COMPLETED  # completed is final
+        elif status is not None and status.is_terminal and not event.is_terminal:
+            assert new is status  # a start never reopens a result
+        else:
+            assert new is event  # otherwise the latest event wins
+        status = new
+    if NodeStatus.COMPLETED in events:
+        assert status is NodeStatus.COMPLETED
+
+
+def test_progress_rounding() -> None:
+    assert progress_from_counts(1, 3) == 33.33
+    assert progress_from_counts(2, 3) == 66.67
+    assert progress_from_counts(0, 0) == 0
+    assert progress_from_counts(7, 7) == 100
