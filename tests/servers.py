@@ -58,10 +58,13 @@ class RedisProcess:
     port: int = field(default_factory=free_port)
     extra: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
+    #: Set: the server requires it (``--requirepass``) and ``url`` carries it.
+    password: str | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         args = [
@@ -73,6 +76,7 @@ class RedisProcess:
             "--daemonize", "no",
             "--protected-mode", "yes",
             "--logfile", str(self.directory / "redis.log"),
+            *(("--requirepass", self.password) if self.password else ()),
             *self.extra,
         ]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -80,7 +84,7 @@ class RedisProcess:
 
     def wait_ready(self, timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2)
         while True:
             if self.process is not None and self.process.poll() is not None:
                 log = self.directory / "redis.log"
@@ -132,6 +136,8 @@ class RedisClusterProcesses:
 
     directory: Path
     masters: int = 3
+    #: Set: every node requires it, and ``url`` carries it.
+    password: str | None = None
     nodes: list[RedisProcess] = field(default_factory=list)
 
     @property
@@ -146,13 +152,15 @@ class RedisClusterProcesses:
             node = RedisProcess(
                 directory=node_dir,
                 port=free_cluster_port(),
+                password=self.password,
                 extra=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--appendonly", "no"),
             )
             self.nodes.append(node)
             node.start()
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        auth = ("-a", self.password, "--no-auth-warning") if self.password else ()
         subprocess.run(
-            [redis_cli_binary(), "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            [redis_cli_binary(), *auth, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -164,7 +172,7 @@ class RedisClusterProcesses:
         """Wait until every node reports ``cluster_state:ok`` and knows every other node."""
         deadline = time.monotonic() + timeout_s
         for node in self.nodes:
-            client = redis.Redis(port=node.port, socket_connect_timeout=0.5)
+            client = redis.Redis(port=node.port, password=self.password, socket_connect_timeout=0.5)
             try:
                 while True:
                     info = client.cluster("INFO")
@@ -182,10 +190,10 @@ class RedisClusterProcesses:
 
 
 @contextlib.contextmanager
-def redis_cluster(directory: Path, masters: int = 3) -> Iterator[RedisClusterProcesses]:
+def redis_cluster(directory: Path, masters: int = 3, password: str | None = None) -> Iterator[RedisClusterProcesses]:
     """Start a ``masters``-node Redis Cluster in ``directory`` (one sub-directory per node); stop it on exit."""
     directory.mkdir(parents=True, exist_ok=True)
-    cluster = RedisClusterProcesses(directory=directory, masters=masters)
+    cluster = RedisClusterProcesses(directory=directory, masters=masters, password=password)
     try:
         cluster.start()
         yield cluster

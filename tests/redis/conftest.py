@@ -16,14 +16,21 @@ from tests.servers import RedisClusterProcesses, redis_cluster
 from tracker import SessionManager, TrackerSettings
 from tracker.storage.redis import RedisStorageAdapter
 
+#: The test cluster's password.
+CLUSTER_PASSWORD = "cluster-secret"
+
 ManagerFactory = Callable[..., SessionManager]
 """``make_manager(clock=None, **settings)``: a manager on a new Redis adapter of this test."""
 
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
-    """A Redis Cluster of 3 masters on loopback (no replicas), in ``cluster_state:ok``."""
-    with redis_cluster(tmp_path_factory.mktemp("cluster")) as started:
+    """A Redis Cluster of 3 masters on loopback (no replicas), in ``cluster_state:ok``.
+
+    It requires a password (carried by its ``url``), so a client that drops the URL's
+    credentials on the way (e.g. when building the asyncio flavour) fails here.
+    """
+    with redis_cluster(tmp_path_factory.mktemp("cluster"), password=CLUSTER_PASSWORD) as started:
         yield started
 
 

@@ -587,8 +587,20 @@ class RedisStorageAdapter(_RedisBase):
         options = _client_options(self._settings)
         if self.programs.cluster:
             options.pop("health_check_interval")
-            nodes = [aioredis.cluster.ClusterNode(n.host, n.port) for n in self._client.get_nodes()]
-            client: Any = aioredis.RedisCluster(startup_nodes=nodes, **options)
+            if self.url:
+                # From the URL, as the blocking client was: credentials and TLS come along.
+                client: Any = aioredis.RedisCluster.from_url(self.url, **options)
+            else:
+                nodes = [aioredis.cluster.ClusterNode(n.host, n.port) for n in self._client.get_nodes()]
+                client = aioredis.RedisCluster(startup_nodes=nodes, **options)
+        elif self.url:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.url,
+                max_connections=self._settings.redis_max_connections,
+                timeout=self._settings.redis_socket_timeout,
+                **options,
+            )
+            client = aioredis.Redis(connection_pool=pool)
         else:
             conn = self._client.connection_pool.connection_kwargs
             keep = ("host", "port", "db", "username", "password", "path")
@@ -620,7 +632,15 @@ class AsyncRedisStorageAdapter(_RedisBase):
     """The asyncio flavour of :class:`RedisStorageAdapter`: same programs, ``redis.asyncio`` client."""
 
     async def _execute(self, batch: list[Command]) -> list[Any]:
-        if len(batch) == 1 or self.programs.cluster:
+        if self.programs.cluster:
+            # redis.asyncio's RedisCluster picks a command's node before it loads the slot map: a
+            # command sent while the map is empty (first use, or after the client reset it on
+            # MOVED) goes to a random node, and the MOVED storm that follows makes it close
+            # connections other callers are using. Loading the map first (a no-op once loaded)
+            # keeps every command on its slot's node.
+            await self._client.initialize()
+            return [await self._one(command, self._client) for command in batch]
+        if len(batch) == 1:
             return [await self._one(command, self._client) for command in batch]
         pipe = self._client.pipeline(transaction=False)
         for command in batch:

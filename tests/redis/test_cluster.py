@@ -1,0 +1,197 @@
+"""The adapter on a real Redis Cluster (3 masters): the contract suite's core cases, sync and async.
+
+The contract tests imported below are collected again in this module, where ``store`` and
+``manager`` are overridden to use :class:`RedisStorageAdapter` on redis-py's ``RedisCluster``
+(``TrackerSettings(redis_cluster=True)``); their async cases go through ``storage.asynchronous()``,
+a ``redis.asyncio`` ``RedisCluster``. The tests written here check what only a cluster shows:
+sessions spread over the masters, each session's keys in one slot, the index in another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
+
+from tests.conftest import FakeClock
+from tests.contract.test_storage_contract import (
+    test_blocking_event_read_wakes_on_a_write,
+    test_cancel_marks_unfinished_nodes,
+    test_cleanup_keeps_a_session_updated_since_creation,
+    test_completed_is_final_for_a_node,
+    test_concurrent_access_with_asyncio_gather,
+    test_concurrent_access_with_threads,
+    test_concurrent_transitions_have_one_winner,
+    test_create_with_an_existing_id_is_refused,
+    test_delete_session,
+    test_duplicate_results_count_once,
+    test_events_record_every_change_in_order,
+    test_exactly_one_caller_sees_the_finish,
+    test_failed_then_completed_moves_between_counters,
+    test_finish_rule,
+    test_get_nodes_pages_and_filters,
+    test_late_events_after_the_end_are_recorded_without_moving_status,
+    test_list_sessions_pages_and_filters,
+    test_more_nodes_than_node_count_is_refused,
+    test_node_results_drive_progress_and_finish,
+    test_progress_of_an_ended_session_is_final,
+    test_progress_update_and_retrieval,
+    test_resume_resets_only_unfinished_nodes,
+    test_resume_without_retry_failed_keeps_failures,
+    test_running_then_result_records_times_and_attempts,
+    test_session_creation,
+    test_session_creation_stores_metadata,
+    test_session_ids_are_unique,
+    test_session_timeout_and_cleanup,
+    test_sync_and_async_forms_agree,
+    test_unknown_and_malformed_ids,
+    test_update_status_follows_the_table,
+)
+from tests.servers import RedisClusterProcesses
+from tracker import NodeSpec, SessionManager, TrackerSettings
+from tracker.storage.keys import KeySpace
+from tracker.storage.redis import AsyncRedisStorageAdapter, RedisStorageAdapter
+
+# Re-collected here against the cluster (see the module docstring).
+CONTRACT_CASES = (
+    test_blocking_event_read_wakes_on_a_write,
+    test_cancel_marks_unfinished_nodes,
+    test_cleanup_keeps_a_session_updated_since_creation,
+    test_completed_is_final_for_a_node,
+    test_concurrent_access_with_asyncio_gather,
+    test_concurrent_access_with_threads,
+    test_concurrent_transitions_have_one_winner,
+    test_create_with_an_existing_id_is_refused,
+    test_delete_session,
+    test_duplicate_results_count_once,
+    test_events_record_every_change_in_order,
+    test_exactly_one_caller_sees_the_finish,
+    test_failed_then_completed_moves_between_counters,
+    test_finish_rule,
+    test_get_nodes_pages_and_filters,
+    test_late_events_after_the_end_are_recorded_without_moving_status,
+    test_list_sessions_pages_and_filters,
+    test_more_nodes_than_node_count_is_refused,
+    test_node_results_drive_progress_and_finish,
+    test_progress_of_an_ended_session_is_final,
+    test_progress_update_and_retrieval,
+    test_resume_resets_only_unfinished_nodes,
+    test_resume_without_retry_failed_keeps_failures,
+    test_running_then_result_records_times_and_attempts,
+    test_session_creation,
+    test_session_creation_stores_metadata,
+    test_session_ids_are_unique,
+    test_session_timeout_and_cleanup,
+    test_sync_and_async_forms_agree,
+    test_unknown_and_malformed_ids,
+    test_update_status_follows_the_table,
+)
+
+
+def cluster_settings(cluster: RedisClusterProcesses, key_prefix: str) -> TrackerSettings:
+    return TrackerSettings(redis_url=cluster.url, redis_cluster=True, key_prefix=key_prefix)
+
+
+@pytest.fixture
+def store(cluster: RedisClusterProcesses, key_prefix: str) -> Iterator[RedisStorageAdapter]:
+    """Overrides the contract suite's ``store``: the Redis adapter on a ``RedisCluster`` client."""
+    settings = cluster_settings(cluster, key_prefix)
+    adapter = RedisStorageAdapter.from_url(cluster.url, settings)
+    assert isinstance(adapter.client, RedisCluster)
+    yield adapter
+    adapter.close()
+
+
+@pytest.fixture
+async def manager(store: RedisStorageAdapter, clock: FakeClock) -> AsyncIterator[SessionManager]:
+    """Overrides the contract suite's ``manager``; closes the async cluster client it may have made."""
+    manager = SessionManager(storage=store, settings=TrackerSettings(), clock=clock)
+    yield manager
+    astorage = manager._astorage
+    if astorage is not None:
+        assert isinstance(astorage, AsyncRedisStorageAdapter)
+        assert isinstance(astorage.client, redis.asyncio.RedisCluster)
+        # A sync test that ran its async part under asyncio.run() left a client of a closed loop.
+        with contextlib.suppress(RuntimeError):
+            await astorage.close()
+
+
+def test_the_cluster_has_three_masters_and_requires_a_password(cluster: RedisClusterProcesses) -> None:
+    client = RedisCluster.from_url(cluster.url)
+    try:
+        assert len(client.get_primaries()) == 3
+        assert client.cluster_info()["cluster_state"] == "ok"
+    finally:
+        client.close()
+    anonymous = redis.Redis(port=cluster.nodes[0].port)
+    with pytest.raises(redis.AuthenticationError):
+        anonymous.ping()
+    anonymous.close()
+
+
+def test_sessions_spread_over_masters_with_each_session_in_one_slot(
+    store: RedisStorageAdapter, manager: SessionManager, key_prefix: str
+) -> None:
+    # Given 30 sessions with a signature, a node result and a transition each
+    client: RedisCluster = store.client
+    ids = []
+    for _ in range(30):
+        sid = manager.sync.create_session("c.canvas", 2, nodes=[NodeSpec(node_id="a", signature={"task": "t"})])
+        manager.sync.add_node_result(sid, "a", 1)
+        manager.sync.update_status(sid, "cancelled")
+        ids.append(sid)
+
+    # When we ask the cluster where each key lives
+    space = KeySpace(key_prefix)
+    owners = set()
+    for sid in ids:
+        keys = space.session(sid).all()
+        slots = {key_slot(key.encode()) for key in keys}
+        node = client.get_node_from_key(keys[0])
+        owners.add(node.name)
+        # Then all four keys exist together on the node that owns their one slot
+        assert len(slots) == 1
+        assert client.exists(*keys) == 4
+        assert client.cluster_countkeysinslot(slots.pop()) >= 4
+
+    # And the sessions are not all on one master (the tag spreads them)
+    assert len(owners) >= 2
+    assert client.zcard(space.created_index) == 30
+
+
+async def test_async_flavour_uses_an_asyncio_cluster_client(manager: SessionManager) -> None:
+    sid = await manager.create_session("a.canvas", 3)
+    results = await asyncio.gather(*(manager.add_node_result(sid, f"n{i}", i) for i in range(3)))
+    assert max(r["completed_nodes"] for r in results) == 3
+    assert (await manager.get_session_status(sid))["status"] == "completed"
+    assert isinstance(manager.astorage, AsyncRedisStorageAdapter)
+    assert isinstance(manager.astorage.client, redis.asyncio.RedisCluster)
+
+
+async def test_many_concurrent_async_writes_on_a_fresh_cluster_client(manager: SessionManager) -> None:
+    # The first calls of a new redis.asyncio RedisCluster used to go to random nodes (MOVED storm,
+    # then connections closed under other callers): 200 at once, all must succeed and count.
+    ids = await asyncio.gather(*(manager.create_session("burst.canvas", 1) for _ in range(200)))
+    statuses = await asyncio.gather(*(manager.add_node_result(sid, "only", 1) for sid in ids))
+    assert len(set(ids)) == 200
+    assert {s["status"] for s in statuses} == {"completed"}
+
+
+def test_cleanup_on_the_cluster_deletes_keys_and_index_entries(
+    store: RedisStorageAdapter, manager: SessionManager, clock: FakeClock, key_prefix: str
+) -> None:
+    client: RedisCluster = store.client
+    space = KeySpace(key_prefix)
+    old = [manager.sync.create_session("old.canvas", 1, nodes=[NodeSpec(node_id="a")]) for _ in range(6)]
+    clock.advance(1000)
+    fresh = manager.sync.create_session("fresh.canvas", 1)
+    clock.advance(801)
+    assert manager.sync.cleanup_expired_sessions() == 6
+    assert all(client.exists(*space.session(sid).all()) == 0 for sid in old)
+    assert [m.decode() for m in client.zrange(space.created_index, 0, -1)] == [fresh]
+    assert [m.decode() for m in client.zrange(space.expiry_index, 0, -1)] == [fresh]
