@@ -57,12 +57,12 @@ def test_the_adapter_writes_exactly_these_keys(
         f"{key_prefix}:index:created",
         f"{key_prefix}:index:expiry",
     }
-    types = {key: redis_client.type(key).decode() for key in found}
+    types = {key: redis_client.type(key) for key in found}
     assert types == {
-        f"{key_prefix}:{{{sid}}}:session": "hash",
-        f"{key_prefix}:{{{sid}}}:nodes": "hash",
-        f"{key_prefix}:{{{sid}}}:sigs": "hash",
-        f"{key_prefix}:{{{sid}}}:events": "stream",
-        f"{key_prefix}:index:created": "zset",
-        f"{key_prefix}:index:expiry": "zset",
+        f"{key_prefix}:{{{sid}}}:session": b"hash",
+        f"{key_prefix}:{{{sid}}}:nodes": b"hash",
+        f"{key_prefix}:{{{sid}}}:sigs": b"hash",
+        f"{key_prefix}:{{{sid}}}:events": b"stream",
+        f"{key_prefix}:index:created": b"zset",
+        f"{key_prefix}:index:expiry": b"zset",
     }
