@@ -1,0 +1,170 @@
+"""Nothing outlives a session: TTLs on every key, refreshed by each write, and cleanup.
+
+Every key of a session (session, nodes, sigs, events) carries the session timeout as its TTL
+after every kind of write, and a later write sets it back to the full timeout. Cleanup (with a
+fake clock) deletes expired sessions with all their keys and index entries and keeps the ones
+written since; it also drops the index entries of sessions Redis already expired by TTL.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+import redis
+
+from tests.conftest import FakeClock
+from tests.redis.conftest import ManagerFactory
+from tracker import NodeSpec, SessionManager, SessionNotFoundError
+from tracker.storage.keys import KeySpace
+
+TIMEOUT_S = 900
+
+Write = Callable[[SessionManager, str], object]
+
+#: One call of each kind of write, on a session made by :func:`session_with_every_key`.
+WRITES: dict[str, Write] = {
+    "add_node_result": lambda m, sid: m.sync.add_node_result(sid, "a", {"ok": 1}),
+    "record_node": lambda m, sid: m.sync.record_node(sid, "b", "running", task_id="t-b"),
+    "update_progress": lambda m, sid: m.sync.update_progress(sid, 30),
+    "update_status": lambda m, sid: m.sync.update_status(sid, "failed"),
+    "cancel": lambda m, sid: m.sync.update_status(sid, "cancelled"),
+    "failed_node": lambda m, sid: m.sync.add_node_result(sid, "b", None, status="failed", error=RuntimeError("x")),
+}
+
+
+def session_with_every_key(manager: SessionManager) -> str:
+    """A session whose four keys all exist: known nodes, one with a signature."""
+    nodes = [NodeSpec(node_id="a", task_id="t-a", signature={"task": "w.t", "args": [1]}), NodeSpec(node_id="b")]
+    return manager.sync.create_session("ttl.canvas", 3, nodes=nodes)
+
+
+def ttls_ms(client: redis.Redis, keys: list[str]) -> dict[str, int]:
+    """PTTL of each key (-2: missing, -1: no TTL)."""
+    return {key: int(client.pttl(key)) for key in keys}
+
+
+def assert_full_ttl(client: redis.Redis, key_prefix: str, sid: str) -> None:
+    """Every key of the session exists and expires in the full session timeout (within 2 s of it)."""
+    keys = KeySpace(key_prefix).session(sid).all()
+    ttl = ttls_ms(client, keys)
+    assert all((TIMEOUT_S - 2) * 1000 < ms <= TIMEOUT_S * 1000 for ms in ttl.values()), ttl
+    # Nothing else of the session's exists without a TTL either.
+    tagged = {key.decode() for key in client.scan_iter(match=f"{key_prefix}:{{{sid}}}:*", count=1000)}
+    assert tagged == set(keys)
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+def test_every_key_has_the_session_timeout_after_each_kind_of_write(
+    make_manager: ManagerFactory, redis_client: redis.Redis, key_prefix: str, write: str
+) -> None:
+    # Given a new session: its keys expire in the session timeout
+    manager = make_manager(session_timeout=TIMEOUT_S)
+    sid = session_with_every_key(manager)
+    assert_full_ttl(redis_client, key_prefix, sid)
+    manager.sync.record_node(sid, "b", "running")  # so that every write below is allowed
+
+    # When the keys are close to expiring and a write comes
+    keys = KeySpace(key_prefix).session(sid).all()
+    for key in keys:
+        redis_client.expire(key, 5)
+    WRITES[write](manager, sid)
+
+    # Then every key has the full timeout again
+    assert_full_ttl(redis_client, key_prefix, sid)
+
+
+def test_resume_refreshes_every_ttl(make_manager: ManagerFactory, redis_client: redis.Redis, key_prefix: str) -> None:
+    manager = make_manager(session_timeout=TIMEOUT_S)
+    sid = session_with_every_key(manager)
+    manager.sync.add_node_result(sid, "a", None, status="failed")
+    manager.sync.update_status(sid, "cancelled")
+    for key in KeySpace(key_prefix).session(sid).all():
+        redis_client.expire(key, 5)
+    manager.sync.resume_session(sid)
+    assert_full_ttl(redis_client, key_prefix, sid)
+
+
+def test_a_session_without_nodes_or_signatures_has_ttls_on_the_keys_it_has(
+    make_manager: ManagerFactory, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    manager = make_manager(session_timeout=TIMEOUT_S)
+    sid = manager.sync.create_session("bare.canvas", 2)
+    keys = KeySpace(key_prefix).session(sid)
+    assert ttls_ms(redis_client, [keys.nodes, keys.sigs]) == {keys.nodes: -2, keys.sigs: -2}
+    manager.sync.add_node_result(sid, "a", 1)
+    ttl = ttls_ms(redis_client, [keys.session, keys.nodes, keys.events])
+    assert all((TIMEOUT_S - 2) * 1000 < ms <= TIMEOUT_S * 1000 for ms in ttl.values()), ttl
+    assert int(redis_client.pttl(keys.sigs)) == -2
+
+
+def test_the_ttl_follows_the_configured_timeout(
+    make_manager: ManagerFactory, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    manager = make_manager(session_timeout=42)
+    sid = session_with_every_key(manager)
+    ttl = ttls_ms(redis_client, KeySpace(key_prefix).session(sid).all())
+    assert all(40_000 < ms <= 42_000 for ms in ttl.values()), ttl
+
+
+def test_cleanup_removes_expired_sessions_and_keeps_refreshed_ones(
+    make_manager: ManagerFactory, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    # Given two sessions created together, one written to 1000 s later
+    clock = FakeClock()
+    manager = make_manager(clock=clock, session_timeout=1800)
+    space = KeySpace(key_prefix)
+    stale, refreshed = session_with_every_key(manager), session_with_every_key(manager)
+    clock.advance(1000)
+    manager.sync.add_node_result(refreshed, "a", 1)
+    refreshed_ms = int(clock.now.timestamp() * 1000)
+    clock.advance(801)  # stale: 1801 s since its last write; refreshed: 801 s
+
+    # When cleanup runs
+    removed = manager.sync.cleanup_expired_sessions()
+
+    # Then only the stale session is gone: all its keys and both index entries
+    assert removed == 1
+    assert redis_client.exists(*space.session(stale).all()) == 0
+    with pytest.raises(SessionNotFoundError):
+        manager.sync.get_session_status(stale)
+    assert redis_client.zscore(space.created_index, stale) is None
+    assert redis_client.zscore(space.expiry_index, stale) is None
+    # And the refreshed one is whole; its expiry index entry now holds its real last write
+    assert redis_client.exists(*space.session(refreshed).all()) == 4
+    assert manager.sync.get_session_status(refreshed)["completed_nodes"] == 1
+    assert redis_client.zscore(space.expiry_index, refreshed) == refreshed_ms
+    assert redis_client.zscore(space.created_index, refreshed) is not None
+
+    # When it is left alone past the timeout too, Then the next cleanup removes it
+    assert manager.sync.cleanup_expired_sessions() == 0
+    clock.advance(1000)
+    assert manager.sync.cleanup_expired_sessions() == 1
+    assert redis_client.exists(*space.session(refreshed).all()) == 0
+    assert redis_client.zcard(space.created_index) == redis_client.zcard(space.expiry_index) == 0
+
+
+def test_cleanup_drops_index_entries_of_sessions_redis_expired(
+    make_manager: ManagerFactory, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    # Given a session with a 1 s timeout, expired by Redis (its keys are gone, the index remembers it)
+    manager = make_manager(session_timeout=1)
+    space = KeySpace(key_prefix)
+    sid = session_with_every_key(manager)
+    assert redis_client.zscore(space.created_index, sid) is not None
+    deadline = time.monotonic() + 10
+    while redis_client.exists(*space.session(sid).all()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert redis_client.exists(*space.session(sid).all()) == 0
+    assert redis_client.zscore(space.created_index, sid) is not None
+    assert redis_client.zscore(space.expiry_index, sid) is not None
+
+    # When cleanup runs
+    removed = manager.sync.cleanup_expired_sessions()
+
+    # Then the index entries are gone (Redis removed the session, so cleanup counts none)
+    assert removed == 0
+    assert redis_client.zscore(space.created_index, sid) is None
+    assert redis_client.zscore(space.expiry_index, sid) is None
+    assert manager.sync.list_sessions().sessions == []
