@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 #: Where the routes live.
 API_PREFIX = "/api/v1/parallel"
 
+#: A stream entry id, ``<milliseconds>-<sequence>`` (what :func:`tracker.validation.event_id` accepts).
+EVENT_ID_PATTERN = r"^[0-9]{1,20}(-[0-9]{1,20})?$"
+
 _ERROR_STATUS: tuple[tuple[type[TrackerError], int], ...] = (
     (SessionNotFoundError, status.HTTP_404_NOT_FOUND),
     (TrackerValidationError, status.HTTP_422_UNPROCESSABLE_CONTENT),
@@ -113,7 +116,7 @@ SessionIdPath = Annotated[UUID, Path(description="The session id (a UUID).")]
 TaskIdPath = Annotated[UUID, Path(description="The session id (a UUID), called task id by the seed's API.")]
 Cursor = Annotated[
     str | None,
-    Query(max_length=64, description="The `next_cursor` of the previous page; omit for the first page."),
+    Query(pattern=r"^[0-9]{1,18}$", description="The `next_cursor` of the previous page; omit for the first page."),
 ]
 
 
@@ -227,17 +230,17 @@ def create_router(
     async def stream_events(
         session_id: SessionIdPath,
         last_event_id: Annotated[
-            str | None,
-            Header(alias="Last-Event-ID", max_length=41, description="Resume after this event id."),
-        ] = None,
+            str,
+            Header(alias="Last-Event-ID", pattern=EVENT_ID_PATTERN, description="Resume after this event id."),
+        ] = "",
         last_event_id_query: Annotated[
-            str | None,
+            str,
             Query(
                 alias="last_event_id",
-                max_length=41,
+                pattern=EVENT_ID_PATTERN,
                 description="Resume after this event id, for clients that cannot set `Last-Event-ID`.",
             ),
-        ] = None,
+        ] = "",
     ) -> EventSourceResponse:
         """The session's event stream; reconnect with ``Last-Event-ID`` to get exactly what was missed.
 
@@ -245,7 +248,8 @@ def create_router(
         events: a client whose id is older than that gets a fresh ``snapshot`` instead.
         """
         sid = _sid(session_id)
-        after = last_event_id or last_event_id_query
+        # An empty value means none: the header wins over the query parameter.
+        after = last_event_id or last_event_id_query or None
         if after is not None:
             validation.event_id(after)
         start = await plan_start(ctx.manager, sid, after)

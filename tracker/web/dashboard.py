@@ -74,7 +74,11 @@ def create_dashboard_router(settings: TrackerSettings, web_settings: WebSettings
     @router.post(
         "/login",
         status_code=status.HTTP_204_NO_CONTENT,
-        responses={401: {"description": "Wrong token."}, 403: {"description": "The server has no API token."}},
+        responses={
+            400: {"description": "The body is not JSON."},
+            401: {"description": "Wrong token."},
+            403: {"description": "The server has no API token."},
+        },
         summary="Log the dashboard in",
     )
     async def login(request: Request, body: Annotated[LoginRequest, Body()]) -> Response:

@@ -1,0 +1,96 @@
+"""Cancel and resume over HTTP, through tracker.celery, on an in-memory broker (no worker needed:
+the tasks only have to be published and revoked)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from celery import Celery, group
+
+from tests.servers import free_port
+from tests.web.conftest import TOKEN, AppFactory, asgi_client
+from tracker import NodeStatus, SessionManager, SessionStatus
+from tracker.celery import dispatch
+
+BASE = "/api/v1/parallel"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def celery_app() -> Iterator[Celery]:
+    app = Celery("web-tests", broker="memory://", set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"], result_backend=None)
+
+    @app.task(name="tests.web.add", shared=False)
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    yield app
+    app.close()
+
+
+def dispatch_batch(celery_app: Celery, manager: SessionManager, size: int = 3) -> str:
+    add = celery_app.tasks["tests.web.add"]
+    return dispatch(
+        group(add.s(i, i) for i in range(size)),
+        canvas_path="batch.canvas",
+        node_ids=[f"n{i}" for i in range(size)],
+        manager=manager,
+        app=celery_app,
+    )
+
+
+async def test_cancel_then_resume(make_app: AppFactory, web_manager: SessionManager, celery_app: Celery) -> None:
+    # Given a dispatched batch of 3 whose first node finished
+    sid = dispatch_batch(celery_app, web_manager)
+    await web_manager.add_node_result(sid, "n0", 0)
+    async with asgi_client(make_app(token=TOKEN, celery_app=celery_app)) as http:
+        # When it is cancelled
+        cancelled = await http.post(f"{BASE}/sessions/{sid}/cancel", headers=AUTH)
+
+        # Then the session and its unfinished nodes are cancelled
+        assert cancelled.status_code == 200, cancelled.text
+        assert cancelled.json()["status"] == "cancelled"
+        assert cancelled.json()["task_id"] == sid
+        nodes = (await http.get(f"{BASE}/sessions/{sid}/nodes", headers=AUTH)).json()["nodes"]
+        assert {n["node_id"]: n["status"] for n in nodes} == {"n0": "completed", "n1": "cancelled", "n2": "cancelled"}
+
+        # When it is resumed, only the two unfinished nodes are sent again
+        resumed = await http.post(f"{BASE}/sessions/{sid}/resume", headers=AUTH)
+        assert resumed.status_code == 200, resumed.text
+        assert resumed.json()["resent_nodes"] == 2
+        assert resumed.json()["session"]["status"] == "running"
+    pending = await web_manager.get_nodes(sid, NodeStatus.PENDING)
+    assert sorted(n.node_id for n in pending.nodes) == ["n1", "n2"]
+
+
+async def test_cancel_and_resume_errors(make_app: AppFactory, web_manager: SessionManager, celery_app: Celery) -> None:
+    completed = dispatch_batch(celery_app, web_manager, 1)
+    await web_manager.add_node_result(completed, "n0", 0)
+    async with asgi_client(make_app(token=TOKEN, celery_app=celery_app)) as http:
+        for action in ("cancel", "resume"):
+            # An ended, completed session can be neither cancelled nor resumed
+            conflict = await http.post(f"{BASE}/sessions/{completed}/{action}", headers=AUTH)
+            assert conflict.status_code == 409, action
+            assert "completed" in conflict.json()["detail"]
+            assert (await http.post(f"{BASE}/sessions/{uuid.uuid4()}/{action}", headers=AUTH)).status_code == 404
+            assert (await http.post(f"{BASE}/sessions/not-a-uuid/{action}", headers=AUTH)).status_code == 422
+            assert (await http.post(f"{BASE}/sessions/{completed}/{action}")).status_code == 401
+    assert (await web_manager.get_session(completed)).status is SessionStatus.COMPLETED
+
+
+async def test_an_unreachable_broker_is_503(
+    make_app: AppFactory, web_manager: SessionManager, celery_app: Celery
+) -> None:
+    # Given a cancelled session whose nodes are to be re-sent to a broker nobody listens to
+    sid = dispatch_batch(celery_app, web_manager, 2)
+    await web_manager.update_status(sid, SessionStatus.CANCELLED)
+    dead = Celery("dead-broker", broker=f"redis://127.0.0.1:{free_port()}/0", set_as_current=False)
+    dead.conf.update(task_publish_retry=False, broker_transport_options={"max_retries": 0})
+    async with asgi_client(make_app(token=TOKEN, celery_app=dead)) as http:
+        response = await http.post(f"{BASE}/sessions/{sid}/resume", headers=AUTH)
+    assert response.status_code == 503
+    assert "broker" in response.json()["detail"]
+    dead.close()
