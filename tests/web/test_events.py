@@ -7,6 +7,7 @@ streams that end by themselves (ended sessions) are read through the ASGI transp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -19,7 +20,7 @@ import pytest
 from tests.conftest import make_store
 from tests.web.conftest import AppFactory, LiveServer, asgi_client
 from tests.web.sse import Message, events, messages, parse_all
-from tracker import SessionManager, SessionStatus, TrackerSettings
+from tracker import SessionManager, TrackerSettings
 from tracker.web import create_app
 
 BASE = "/api/v1/parallel"
@@ -67,13 +68,16 @@ async def test_first_connection_gets_a_snapshot_then_every_event_then_end(
     # Given a pending session
     sid = web_manager.sync.create_session("batch.canvas", 4)
     with live() as server:
-        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
-            async with asyncio.timeout(20), http.stream("GET", f"{BASE}/sessions/{sid}/events") as response:
-                assert response.status_code == 200
-                assert response.headers["content-type"].startswith("text/event-stream")
-                # When its nodes complete while we listen
-                with feeding(web_manager, sid, ["a", "b", "c", "d"]):
-                    got = [m async for m in events(response)]
+        async with (
+            httpx.AsyncClient(base_url=server.url, timeout=10) as http,
+            asyncio.timeout(20),
+            http.stream("GET", f"{BASE}/sessions/{sid}/events") as response,
+        ):
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            # When its nodes complete while we listen
+            with feeding(web_manager, sid, ["a", "b", "c", "d"]):
+                got = [m async for m in events(response)]
 
     # Then: the snapshot first, with the id of the newest entry at that time ...
     snapshot, *changes, end = got
@@ -215,12 +219,15 @@ async def test_stream_errors(make_app: AppFactory, web_manager: SessionManager) 
 async def test_a_session_removed_while_streaming_ends_the_stream(web_manager: SessionManager, live: Live) -> None:
     sid = web_manager.sync.create_session("batch.canvas", 2)
     with live() as server:
-        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
-            async with asyncio.timeout(20), http.stream("GET", f"{BASE}/sessions/{sid}/events") as response:
-                stream = events(response)
-                first = await read_until(stream, lambda m: m.event == "snapshot")
-                web_manager.sync.delete_session(sid)
-                rest = [m async for m in stream]
+        async with (
+            httpx.AsyncClient(base_url=server.url, timeout=10) as http,
+            asyncio.timeout(20),
+            http.stream("GET", f"{BASE}/sessions/{sid}/events") as response,
+        ):
+            stream = events(response)
+            first = await read_until(stream, lambda m: m.event == "snapshot")
+            web_manager.sync.delete_session(sid)
+            rest = [m async for m in stream]
     assert first[0].event == "snapshot"
     assert [(m.event, m.data["reason"]) for m in rest] == [("end", "not_found")]
 
@@ -230,15 +237,24 @@ async def test_a_session_removed_while_streaming_ends_the_stream(web_manager: Se
 
 async def test_idle_streams_get_keep_alive_pings(web_manager: SessionManager, live: Live) -> None:
     sid = web_manager.sync.create_session("batch.canvas", 2)
-    pings = 0
     with live(sse_ping_s=0.2) as server:
-        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
-            async with http.stream("GET", f"{BASE}/sessions/{sid}/events") as response:
-                with pytest.raises(TimeoutError):
-                    async with asyncio.timeout(1.2):
-                        async for message in messages(response):
-                            pings += sum("ping" in c for c in message.comments)
+        async with (
+            httpx.AsyncClient(base_url=server.url, timeout=10) as http,
+            http.stream("GET", f"{BASE}/sessions/{sid}/events") as response,
+        ):
+            pings = await count_pings(response, seconds=1.2)
     assert pings >= 3
+
+
+async def count_pings(response: httpx.Response, seconds: float) -> int:
+    """Keep-alive comments received within ``seconds`` on a stream that has nothing else to say."""
+    pings = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            async for message in messages(response):
+                assert not message.is_event or message.event == "snapshot"
+                pings += sum("ping" in c for c in message.comments)
+    return pings
 
 
 async def test_concurrent_streams_are_capped_and_slots_come_back(web_manager: SessionManager, live: Live) -> None:
