@@ -35,5 +35,11 @@ class TrackerSettings(BaseSettings):
     redis_max_connections: int = Field(default=50, ge=1)
     #: Seconds between connection health checks (0 disables).
     redis_health_check_interval: int = Field(default=30, ge=0)
+    #: Seconds between heartbeats of each worker process that runs tracked nodes.
+    heartbeat_interval: float = Field(default=5.0, gt=0)
+    #: A worker process silent this long is presumed dead: its running nodes become ``lost``.
+    worker_stale_after: float = Field(default=30.0, gt=0)
+    #: Optional per-node run limit in seconds; a node running longer is marked ``lost``.
+    node_max_runtime: float | None = Field(default=None, gt=0)
     #: Bearer token the web API requires; unset: reads are open, mutations refused.
     api_token: SecretStr | None = None

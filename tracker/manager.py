@@ -149,6 +149,13 @@ class _Plans:
         # Only the class name and the text are kept: nothing that could be imported back.
         return NodeError(type=type(error).__name__, message=str(error)[: self.settings.max_error_chars])
 
+    def heartbeat(self, worker: str) -> _Plan[None]:
+        return _Plan("heartbeat", (validation.worker_id(worker), self.clock()))
+
+    def reap_lost(self) -> _Plan[list[NodeOutcome]]:
+        s = self.settings
+        return _Plan("reap_lost", (self.clock(), s.worker_stale_after, s.node_max_runtime))
+
     def get(self, session_id: str) -> _Plan[SessionInfo]:
         sid = validation.session_id(session_id)
         return _Plan("get", (sid,), lambda info: _found(sid, info))
@@ -441,6 +448,15 @@ class SessionManager:
             logger.info("removed %d expired session(s)", removed)
         return removed
 
+    async def heartbeat(self, worker: str) -> None:
+        """Note that worker process ``worker`` (``hostname:pid``) is alive now."""
+        await self._run(self._plans.heartbeat(worker))
+
+    async def reap_lost_nodes(self) -> list[NodeOutcome]:
+        """Mark ``lost`` the running nodes of worker processes silent for ``worker_stale_after`` s
+        (and nodes running longer than ``node_max_runtime``, when set). Returns what was marked."""
+        return await self._run(self._plans.reap_lost())
+
     # -- background cleanup -----------------------------------------------------------------
 
     def start_cleanup_scheduler(self, interval_s: float | None = None) -> None:
@@ -583,6 +599,14 @@ class SyncSessionManager:
     def is_session_expired(self, session_id: str) -> bool:
         """See :meth:`SessionManager.is_session_expired`."""
         return self._run(self._plans.is_session_expired(session_id))
+
+    def heartbeat(self, worker: str) -> None:
+        """See :meth:`SessionManager.heartbeat`."""
+        self._run(self._plans.heartbeat(worker))
+
+    def reap_lost_nodes(self) -> list[NodeOutcome]:
+        """See :meth:`SessionManager.reap_lost_nodes`."""
+        return self._run(self._plans.reap_lost())
 
     def cleanup_expired_sessions(self) -> int:
         """See :meth:`SessionManager.cleanup_expired_sessions`."""

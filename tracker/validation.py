@@ -101,6 +101,21 @@ def metadata(value: object) -> dict[str, Any]:
     return value
 
 
+_WORKER_ID = re.compile(r"[A-Za-z0-9@._:-]{1,255}")
+
+
+def worker_id(value: object) -> str:
+    """Return ``value`` if it can name a worker process in a key (``celery@host:1234``)."""
+    if not isinstance(value, str) or not _WORKER_ID.fullmatch(value):
+        raise TrackerValidationError("worker", value, "expected 1-255 characters of [A-Za-z0-9@._:-]")
+    return value
+
+
+def is_worker_id(value: object) -> bool:
+    """True when :func:`worker_id` accepts ``value``."""
+    return isinstance(value, str) and _WORKER_ID.fullmatch(value) is not None
+
+
 _EVENT_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
 
 

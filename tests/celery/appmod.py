@@ -20,7 +20,7 @@ app.conf.update(
     result_serializer="json",
     accept_content=["json"],
     task_acks_late=True,
-    task_reject_on_worker_lost=True,
+    task_reject_on_worker_lost=os.environ.get("TRACKER_TEST_REJECT_ON_LOST", "1") == "1",
     worker_prefetch_multiplier=1,
     task_default_queue=os.environ.get("TRACKER_TEST_QUEUE", "tracker-tests"),
     broker_transport_options={"visibility_timeout": int(os.environ.get("TRACKER_TEST_VISIBILITY", "3600"))},
@@ -46,6 +46,13 @@ def flaky(self: Any, fail_times: int) -> int:
     if self.request.retries < fail_times:
         raise self.retry(countdown=0.05, exc=RuntimeError(f"flaky attempt {self.request.retries + 1}"))
     return int(self.request.retries)
+
+
+@app.task(name="t.limited", time_limit=1)
+def limited(sleep: float) -> str:
+    """A task with a 1 s hard time limit."""
+    time.sleep(sleep)
+    return "finished"
 
 
 @app.task(name="t.add")

@@ -114,9 +114,14 @@ def worker_process(
     """Start prefork workers in subprocesses sharing this test's Redis key prefix; stopped at the end."""
     started: list[WorkerProcess] = []
 
-    def make(concurrency: int = 2, visibility_s: int | None = None, extra: tuple[str, ...] = ()) -> WorkerProcess:
+    def make(
+        concurrency: int = 2,
+        visibility_s: int | None = None,
+        extra: tuple[str, ...] = (),
+        env_extra: dict[str, str] | None = None,
+    ) -> WorkerProcess:
         env = {**os.environ, **celery_env, "TRACKER_REDIS_URL": redis_url, "TRACKER_KEY_PREFIX": key_prefix,
-               "PYTHONPATH": str(ROOT)}  # fmt: skip
+               "PYTHONPATH": str(ROOT), **(env_extra or {})}  # fmt: skip
         if visibility_s is not None:
             env["TRACKER_TEST_VISIBILITY"] = str(visibility_s)
         worker = WorkerProcess(env, concurrency, extra)

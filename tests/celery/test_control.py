@@ -72,7 +72,7 @@ def test_beat_cleanup_task_removes_an_expired_session(tracked: SessionManager, t
     try:
         tracked.sync.add_node_result(keep, "n", 1)  # written "later": not expired
         assert app.conf.beat_schedule[BEAT_ENTRY]["task"] == CLEANUP_TASK
-        removed = app.send_task(CLEANUP_TASK).get(timeout=30)
+        removed = app.send_task(CLEANUP_TASK).get(timeout=30)["removed"]
     finally:
         tracked.clock = real_clock
     assert removed == 1

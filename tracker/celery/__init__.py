@@ -31,6 +31,7 @@ __all__ = [
     "ids_of",
     "install",
     "leaves",
+    "maintain",
     "resume_session",
 ]
 
@@ -50,6 +51,17 @@ def _pool_name(worker: Any) -> str:
         if pool in name.lower():
             return pool
     return "prefork"
+
+
+def maintain(recorder: Recorder) -> dict[str, int]:
+    """One round of upkeep: reap lost nodes (sending completion callbacks of sessions that this
+    ended), then remove expired sessions. Returns ``{"lost": n, "removed": m}``."""
+    sync = recorder.manager.sync
+    lost = sync.reap_lost_nodes()
+    for outcome in lost:
+        if outcome.finished is not None:
+            recorder.completed(outcome.session)
+    return {"lost": len(lost), "removed": sync.cleanup_expired_sessions()}
 
 
 def install(
@@ -81,6 +93,13 @@ def install(
     signals.task_failure.connect(recorder.on_failure, weak=False, dispatch_uid=f"{uid}:failure")
     signals.task_retry.connect(recorder.on_retry, weak=False, dispatch_uid=f"{uid}:retry")
     signals.task_revoked.connect(recorder.on_revoked, weak=False, dispatch_uid=f"{uid}:revoked")
+    signals.task_received.connect(recorder.on_received, weak=False, dispatch_uid=f"{uid}:received")
+    signals.worker_init.connect(recorder.on_worker_init, weak=False, dispatch_uid=f"{uid}:worker_init")
+    # Heartbeats come from the processes that run tasks: each prefork child from its start, any
+    # other process from its first tracked task.
+    signals.worker_process_init.connect(recorder.start_heartbeat, weak=False, dispatch_uid=f"{uid}:hb_child")
+    signals.worker_process_shutdown.connect(recorder.stop_heartbeat, weak=False, dispatch_uid=f"{uid}:hb_child_end")
+    signals.worker_shutdown.connect(recorder.stop_heartbeat, weak=False, dispatch_uid=f"{uid}:hb_end")
 
     def check_pool(sender: Any = None, **_: Any) -> None:
         current = recorder.manager
@@ -95,9 +114,9 @@ def install(
     recorder.worker_name = app.main or "worker"
 
     @app.task(name=CLEANUP_TASK, shared=False)  # type: ignore[untyped-decorator]
-    def cleanup_expired_sessions() -> int:
-        """Remove expired sessions (run by beat)."""
-        return recorder.manager.sync.cleanup_expired_sessions()
+    def cleanup_expired_sessions() -> dict[str, int]:
+        """Mark the nodes of dead workers lost, then remove expired sessions (run by beat)."""
+        return maintain(recorder)
 
     if beat:
         interval = cleanup_interval_s or (manager.settings.cleanup_interval if manager else 60.0)

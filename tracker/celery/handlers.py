@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from billiard.exceptions import WorkerLostError
 from celery import Celery, Signature
 from celery.exceptions import Ignore, Reject
 
@@ -28,6 +31,17 @@ logger = logging.getLogger("tracker.celery")
 #: Seconds slept before each retry of a failed store write (then the event is logged as lost).
 RETRY_BACKOFF_S: tuple[float, ...] = (0.05, 0.2, 0.5)
 
+#: Task ids remembered by a worker's main process (received -> stamps), for the failure signals
+#: Celery sends there (hard time limit) without the task's request.
+RECEIVED_CACHE_SIZE = 10_000
+
+
+class _Stamped:
+    """The ids of a received task, shaped like a request for :func:`ids_of`."""
+
+    def __init__(self, stamps: dict[str, Any]) -> None:
+        self.stamps = stamps
+
 
 class Recorder:
     """Turns Celery events into ``manager.sync.record_node`` calls for one app.
@@ -42,6 +56,9 @@ class Recorder:
         self.app = app
         self._manager = manager
         self.worker_name = ""
+        self._received: OrderedDict[str, _Stamped] = OrderedDict()
+        self._received_lock = threading.Lock()
+        self._heartbeat: Heartbeat | None = None
 
     @property
     def manager(self) -> SessionManager:
@@ -112,6 +129,8 @@ class Recorder:
         request = task.request if task is not None else None
         if request is None or ids_of(request) is None:
             return
+        if self._heartbeat is None or self._heartbeat.pid != os.getpid():
+            self.start_heartbeat(sender=request.hostname)
         self.record(
             request,
             NodeStatus.RUNNING,
@@ -128,19 +147,35 @@ class Recorder:
             request, NodeStatus.COMPLETED, result=result, attempt=int(request.retries or 0) + 1, task_id=request.id
         )
 
+    def on_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
+        """Main process: remember a tracked task's stamps by task id (bounded)."""
+        ids = ids_of(request)
+        if ids is None or request is None:
+            return
+        with self._received_lock:
+            self._received[request.id] = _Stamped(dict(request.stamps))
+            while len(self._received) > RECEIVED_CACHE_SIZE:
+                self._received.popitem(last=False)
+
     def on_failure(
         self, sender: Any = None, task_id: str | None = None, exception: BaseException | None = None, **_: Any
     ) -> None:
-        request = sender.request if sender is not None else None
-        if request is None or isinstance(exception, Ignore | Reject):
+        if isinstance(exception, Ignore | Reject):
             return
-        self.record(
-            request,
-            NodeStatus.FAILED,
-            error=exception,
-            attempt=int(request.retries or 0) + 1,
-            task_id=task_id,
-        )
+        request = sender.request if sender is not None else None
+        retries = int(getattr(request, "retries", 0) or 0)
+        if ids_of(request) is None and task_id is not None:
+            # The main process sends task_failure for a hard time limit without the task's
+            # request: find the task's stamps from when it was received.
+            with self._received_lock:
+                request = self._received.get(task_id)
+        if request is None:
+            return
+        if isinstance(exception, WorkerLostError):
+            # The process running the node died (SIGKILL, out of memory): nothing will report it.
+            self.record(request, NodeStatus.LOST, reason=f"worker process lost: {exception}", task_id=task_id)
+            return
+        self.record(request, NodeStatus.FAILED, error=exception, attempt=retries + 1, task_id=task_id)
 
     def on_retry(self, sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
         if request is None:
@@ -154,6 +189,30 @@ class Recorder:
             attempt=int(getattr(request, "retries", 0) or 0) + 1,
         )
 
+    # -- liveness -----------------------------------------------------------------------------
+
+    def on_worker_init(self, sender: Any = None, **_: Any) -> None:
+        """Main process, before the pool forks: learn the node name the requests will carry."""
+        self.worker_name = getattr(sender, "hostname", None) or self.worker_name
+
+    def start_heartbeat(self, sender: Any = None, **_: Any) -> None:
+        """In each process that runs tasks: keep this process's heartbeat fresh.
+
+        Connected to ``worker_process_init`` (whose sender is the node name) and called on the
+        first tracked task of any other process (solo and threads pools).
+        """
+        if isinstance(sender, str) and sender:
+            self.worker_name = sender
+        if self._heartbeat is not None and self._heartbeat.pid == os.getpid():
+            return
+        self._heartbeat = Heartbeat(self, self.worker_id(None))
+        self._heartbeat.start()
+
+    def stop_heartbeat(self, **_: Any) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
+
     def on_revoked(
         self,
         sender: Any = None,
@@ -165,3 +224,32 @@ class Recorder:
     ) -> None:
         why = "expired" if expired else f"terminated (signal {signum})" if terminated else "revoked"
         self.record(request, NodeStatus.CANCELLED, reason=why)
+
+
+class Heartbeat(threading.Thread):
+    """A daemon thread writing one worker process's heartbeat every ``heartbeat_interval`` seconds.
+
+    One per process, not per task: the reaper marks the running nodes of a process whose
+    heartbeat lapsed as ``lost``.
+    """
+
+    def __init__(self, recorder: Recorder, worker: str) -> None:
+        super().__init__(name=f"tracker-heartbeat-{worker}", daemon=True)
+        self.recorder = recorder
+        self.worker = worker
+        self.pid = os.getpid()
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.is_set():
+            manager = self.recorder.manager
+            try:
+                manager.sync.heartbeat(self.worker)
+            except TrackerError as exc:
+                logger.warning("tracker: heartbeat of %s not written: %s", self.worker, exc)
+            except Exception:
+                logger.exception("tracker: heartbeat of %s failed", self.worker)
+            self._stopped.wait(manager.settings.heartbeat_interval)
+
+    def stop(self) -> None:
+        self._stopped.set()

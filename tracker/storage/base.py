@@ -54,6 +54,11 @@ class ResumeOutcome(_Model):
     nodes: list[NodeSpec]
 
 
+def lost_reason(worker: str, last_seen: datetime, now: datetime) -> str:
+    """The reason recorded on a node whose worker process went silent."""
+    return f"worker {worker} last seen {(now - last_seen).total_seconds():.0f} s ago ({last_seen.isoformat()})"
+
+
 @runtime_checkable
 class SessionStorageAdapter(Protocol):
     """A blocking store of sessions. Implementations must be safe to share between threads."""
@@ -117,6 +122,21 @@ class SessionStorageAdapter(Protocol):
             NodeLimitError: the node is new and the session has ``node_count`` nodes already.
         """
 
+    def heartbeat(self, worker: str, now: datetime) -> None:
+        """Note that worker process ``worker`` is alive at ``now`` (called every few seconds)."""
+
+    def reap_lost(self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None) -> list[NodeOutcome]:
+        """Mark ``lost`` every running node whose worker process went silent (or that ran too long).
+
+        A node is lost when the worker process that started it has not been seen for
+        ``stale_after_s`` seconds, or, with ``max_runtime_s``, when it started longer ago than that.
+        Each node is marked once even when two reapers run at the same time. Cost: the running
+        nodes of the workers checked, never a scan of all nodes.
+
+        Returns:
+            The outcome of each node marked (``finished`` set where that ended its session).
+        """
+
     def get_nodes(
         self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100
     ) -> NodePage:
@@ -173,6 +193,12 @@ class AsyncSessionStorageAdapter(Protocol):
     async def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> SessionInfo: ...
 
     async def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> NodeOutcome: ...
+
+    async def heartbeat(self, worker: str, now: datetime) -> None: ...
+
+    async def reap_lost(
+        self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None
+    ) -> list[NodeOutcome]: ...
 
     async def get_nodes(
         self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100

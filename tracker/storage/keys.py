@@ -22,6 +22,8 @@ Global (not atomic with session writes; they only help to find sessions):
 ``<prefix>:index:created``           ZSET    session id scored by creation time (ms): listing
 ``<prefix>:index:expiry``            ZSET    session id scored by the last known update (ms):
                                              cleanup candidates; re-checked before deleting
+``<prefix>:workers``                 ZSET    worker process id -> last heartbeat (ms)
+``<prefix>:held:<worker>``           SET     ``"<session_id> <node_id>"`` the worker process runs
 ===================================  ======  ===================================================
 
 Every session key gets the session timeout as TTL on every write, so nothing outlives an
@@ -74,3 +76,12 @@ class KeySpace:
     def expiry_index(self) -> str:
         """Sessions by last known update time."""
         return f"{self.prefix}:index:expiry"
+
+    @property
+    def workers(self) -> str:
+        """Worker processes by last heartbeat."""
+        return f"{self.prefix}:workers"
+
+    def held(self, worker: str) -> str:
+        """The nodes ``worker`` (a validated worker process id) is running."""
+        return f"{self.prefix}:held:{validation.worker_id(worker)}"

@@ -31,7 +31,8 @@ from tracker.models import (
 )
 from tracker.states import NodeStatus, SessionStatus
 from tracker.storage.aio import as_async
-from tracker.storage.base import AsyncSessionStorageAdapter, NodeEvent, ResumeOutcome
+from tracker.storage.base import AsyncSessionStorageAdapter, NodeEvent, ResumeOutcome, lost_reason
+from tracker.validation import is_worker_id, worker_id
 
 #: Events kept per session when no cap is given.
 DEFAULT_EVENTS_MAXLEN = 1000
@@ -60,6 +61,8 @@ class InMemoryStorageAdapter:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._events_maxlen = events_maxlen
+        self._workers: dict[str, datetime] = {}
+        self._held: dict[str, set[tuple[str, str]]] = {}
 
     # -- helpers (call with the lock held) ---------------------------------------------------
 
@@ -218,6 +221,7 @@ class InMemoryStorageAdapter:
                 raise NodeLimitError(session_id, event.node_id, entry.info.node_count)
             node = _merge_node(old, event, now)
             self._set_node(entry, node)
+            self._register(session_id, node, event.worker, now)
             entry.info = self._recount(entry, now)
             info = entry.info
             finished: SessionStatus | None = None
@@ -234,6 +238,49 @@ class InMemoryStorageAdapter:
             return NodeOutcome(
                 node=node, session=info, previous_node_status=old.status if old else None, finished=finished
             )
+
+    def _register(self, session_id: str, node: NodeResult, worker: str | None, now: datetime) -> None:
+        # The same holder registry the Redis scripts keep: a start by a worker adds the node to
+        # that worker's set (and is a sign of life), any other status takes it out.
+        if worker is None or not is_worker_id(worker):
+            return
+        held = self._held.setdefault(worker, set())
+        if node.status is NodeStatus.RUNNING and node.worker == worker:
+            held.add((session_id, node.node_id))
+            self._workers[worker] = now
+        else:
+            held.discard((session_id, node.node_id))
+
+    def heartbeat(self, worker: str, now: datetime) -> None:
+        with self._lock:
+            self._workers[worker_id(worker)] = now
+
+    def reap_lost(self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None) -> list[NodeOutcome]:
+        outcomes: list[NodeOutcome] = []
+        with self._lock:
+            for worker, seen in list(self._workers.items()):
+                stale = (now - seen).total_seconds() > stale_after_s
+                if not stale and max_runtime_s is None:
+                    continue
+                for session_id, node_id in sorted(self._held.get(worker, set())):
+                    entry = self._sessions.get(session_id)
+                    node = entry.nodes.get(node_id) if entry else None
+                    self._held[worker].discard((session_id, node_id))
+                    if entry is None or node is None or node.status is not NodeStatus.RUNNING or node.worker != worker:
+                        continue
+                    if stale:
+                        reason = lost_reason(worker, seen, now)
+                    elif node.started_at is not None and (now - node.started_at).total_seconds() > max_runtime_s:  # type: ignore[operator]
+                        reason = f"ran longer than the {max_runtime_s:g} s limit on {worker}"
+                    else:
+                        self._held[worker].add((session_id, node_id))
+                        continue
+                    event = NodeEvent(node_id=node_id, status=NodeStatus.LOST, reason=reason)
+                    outcomes.append(self.record_node(session_id, event, now))
+                if stale and not self._held.get(worker):
+                    self._held.pop(worker, None)
+                    del self._workers[worker]
+        return outcomes
 
     def get_nodes(
         self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100

@@ -46,7 +46,9 @@ from tracker.models import (
     utc_from_ms,
 )
 from tracker.states import NodeStatus, SessionStatus
-from tracker.storage.base import NodeEvent, ResumeOutcome
+from tracker import validation
+from tracker.storage.base import NodeEvent, ResumeOutcome, lost_reason
+from tracker.validation import is_worker_id
 from tracker.storage.keys import KeySpace, SessionKeys
 
 T = TypeVar("T")
@@ -292,33 +294,110 @@ class RedisPrograms:
         reply = self._check(session_id, (yield [script])[0])
         return _session(session_id, _flat_dict(reply[1]))
 
-    def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> Program[NodeOutcome]:
-        sk = self.keys.session(session_id)
+    def _record_script(
+        self,
+        session_id: str,
+        event: NodeEvent,
+        now_ms: int,
+        holder: str | None,
+        expect_holder: str = "",
+        started_before_ms: int | str = "",
+    ) -> Script:
         script = self._script(
             "record_node",
-            sk,
+            self.keys.session(session_id),
             event.node_id,
             event.status.value,
             "" if event.attempt is None else event.attempt,
             _field(event.task_id, "task_id"),
             _field(event.worker, "worker"),
             _payload(event),
-            ms_from_utc(now),
+            now_ms,
             self.ttl_s,
             self.events_maxlen,
+            expect_holder,
+            started_before_ms,
+            f"{session_id} {event.node_id}" if holder and not self.cluster else "",
         )
-        reply = (yield [script])[0]
-        if _text(reply[0]) == "limit":
-            info = yield from self.get(session_id)
-            raise NodeLimitError(session_id, event.node_id, info.node_count if info else 0)
-        self._check(session_id, reply)
+        if holder and not self.cluster:
+            # Outside Cluster the holder registry is kept by the same script (no extra round trip).
+            script.keys.extend([self.keys.held(holder), self.keys.workers])
+        return script
+
+    def _registry_update(self, session_id: str, holder: str, node: NodeResult, now_ms: int) -> list[Command]:
+        # On Cluster the registry lives in other slots: one more round trip, on starts and results.
+        member = f"{session_id} {node.node_id}"
+        if node.status is NodeStatus.RUNNING and node.worker == holder:
+            return [("SADD", self.keys.held(holder), member), ("ZADD", self.keys.workers, {holder: now_ms})]
+        return [("SREM", self.keys.held(holder), member)]
+
+    def _outcome(self, session_id: str, node_id: str, reply: list[Any]) -> NodeOutcome:
         old, finished = _text(reply[3]), _text(reply[4])
         return NodeOutcome(
-            node=_node(event.node_id, _text(reply[2])),
+            node=_node(node_id, _text(reply[2])),
             session=_session(session_id, _flat_dict(reply[1])),
             previous_node_status=NodeStatus(old) if old else None,
             finished=SessionStatus(finished) if finished else None,
         )
+
+    def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> Program[NodeOutcome]:
+        now_ms = _ms_int(now)
+        holder = event.worker if is_worker_id(event.worker) else None
+        reply = (yield [self._record_script(session_id, event, now_ms, holder)])[0]
+        if _text(reply[0]) == "limit":
+            info = yield from self.get(session_id)
+            raise NodeLimitError(session_id, event.node_id, info.node_count if info else 0)
+        self._check(session_id, reply)
+        outcome = self._outcome(session_id, event.node_id, reply)
+        if holder and self.cluster:
+            yield self._registry_update(session_id, holder, outcome.node, now_ms)
+        return outcome
+
+    def heartbeat(self, worker: str, now: datetime) -> Program[None]:
+        yield [("ZADD", self.keys.workers, {validation.worker_id(worker): _ms_int(now)})]
+
+    def reap_lost(
+        self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None
+    ) -> Program[list[NodeOutcome]]:
+        now_ms = _ms_int(now)
+        stale_before_ms = now_ms - round(stale_after_s * 1000)
+        (seen,) = yield [("ZRANGE", self.keys.workers, 0, -1, "WITHSCORES")]
+        workers = {_text(w): int(float(score)) for w, score in seen}
+        stale = {w: ms for w, ms in workers.items() if ms < stale_before_ms}
+        check = list(workers) if max_runtime_s is not None else list(stale)
+        if not check:
+            return []
+        held = yield [("SMEMBERS", self.keys.held(w)) for w in check]
+        calls: list[tuple[str, str, str, Script]] = []
+        for worker, members in zip(check, held, strict=True):
+            if worker in stale:
+                reason, started_before = lost_reason(worker, utc_from_ms(stale[worker]) or now, now), ""
+            else:
+                assert max_runtime_s is not None
+                reason = f"ran longer than the {max_runtime_s:g} s limit on {worker}"
+                started_before = str(now_ms - round(max_runtime_s * 1000))
+            for member in sorted(_text(m) for m in members):
+                session_id, _, node_id = member.partition(" ")
+                event = NodeEvent(node_id=node_id, status=NodeStatus.LOST, reason=reason)
+                script = self._record_script(session_id, event, now_ms, worker, worker, started_before)
+                calls.append((worker, session_id, node_id, script))
+        replies = (yield [call[3] for call in calls]) if calls else []
+        outcomes: list[NodeOutcome] = []
+        done: list[Command] = []
+        for (worker, session_id, node_id, _), reply in zip(calls, replies, strict=True):
+            code = _text(reply[0])
+            if code == "ok":
+                outcomes.append(self._outcome(session_id, node_id, reply))
+            if code == "not_found" or (self.cluster and (code == "ok" or worker in stale)):
+                done.append(("SREM", self.keys.held(worker), f"{session_id} {node_id}"))
+        if stale:
+            sizes = yield [*done, *[("SCARD", self.keys.held(w)) for w in stale]]
+            idle = [w for w, size in zip(stale, sizes[len(done) :], strict=True) if not size]
+            if idle:
+                yield [("ZREM", self.keys.workers, *idle)]
+        elif done:
+            yield done
+        return outcomes
 
     def get_nodes(
         self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100
@@ -416,6 +495,12 @@ class RedisPrograms:
             if isinstance(streams, dict):
                 entries = next(iter(streams.values()), [[]])[0]
         return [_event(entry_id, fields) for entry_id, fields in entries]
+
+
+def _ms_int(moment: datetime) -> int:
+    value = ms_from_utc(moment)
+    assert value is not None
+    return value
 
 
 def _scan_cursor(cursor: str | None) -> int:
@@ -561,6 +646,12 @@ class RedisStorageAdapter(_RedisBase):
     def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> NodeOutcome:
         return self._drive(self.programs.record_node(session_id, event, now))
 
+    def heartbeat(self, worker: str, now: datetime) -> None:
+        self._drive(self.programs.heartbeat(worker, now))
+
+    def reap_lost(self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None) -> list[NodeOutcome]:
+        return self._drive(self.programs.reap_lost(now, stale_after_s, max_runtime_s))
+
     def get_nodes(
         self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100
     ) -> NodePage:
@@ -698,6 +789,14 @@ class AsyncRedisStorageAdapter(_RedisBase):
 
     async def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> NodeOutcome:
         return await self._drive(self.programs.record_node(session_id, event, now))
+
+    async def heartbeat(self, worker: str, now: datetime) -> None:
+        await self._drive(self.programs.heartbeat(worker, now))
+
+    async def reap_lost(
+        self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None
+    ) -> list[NodeOutcome]:
+        return await self._drive(self.programs.reap_lost(now, stale_after_s, max_runtime_s))
 
     async def get_nodes(
         self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100

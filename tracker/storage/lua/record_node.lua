@@ -1,11 +1,18 @@
--- record_node(KEYS=[session, nodes, sigs, events],
---             ARGV=[node_id, status, attempt, task_id, worker, payload, now_ms, ttl_s, events_maxlen])
+-- record_node(KEYS=[session, nodes, sigs, events, (held, workers)],
+--             ARGV=[node_id, status, attempt, task_id, worker, payload, now_ms, ttl_s, events_maxlen,
+--                   expect_holder, started_before_ms, held_member])
 -- Upserts one node event (idempotent: the same event twice changes nothing the second time), moves
 -- the counters when the node's status changes, starts a pending session and finishes a running one
 -- when every node has a result: exactly one caller sees `finished`. Rules: states.merge_node_status.
--- Returns {'ok', session_hgetall, node_record, old_status, finished} | {'not_found'} | {'limit'}
+-- held (SET of "<session_id> <node_id>" a worker process runs) and workers (ZSET of worker process
+-- -> last seen ms) are passed outside Cluster only: a start adds the node to its holder's set and
+-- counts as a sign of life, any other status takes it out (a retry may run elsewhere). expect_holder (the reaper) makes the event
+-- conditional: applied only while the node still runs on that holder (and, with
+-- started_before_ms, started before then), so two reapers never mark a node twice.
+-- Returns {'ok', session_hgetall, node_record, old_status, finished} | {'not_found'} | {'limit'} | {'skip'}
 local node_id, incoming, attempt, task_id, worker, payload = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local now_ms, ttl_s, maxlen = ARGV[7], ARGV[8], ARGV[9]
+local expect_holder, started_before, held_member = ARGV[10] or '', ARGV[11] or '', ARGV[12] or ''
 local s = load_session()
 if not s then return {'not_found'} end
 
@@ -18,6 +25,16 @@ else
   old = {'', '0', '', '', '', '', ''}
 end
 local old_status = old[1]
+if expect_holder ~= '' then
+  if old_status ~= 'running' or old[6] ~= expect_holder then
+    -- finished, or running elsewhere now (redelivered): the registry entry is stale
+    if KEYS[5] and held_member ~= '' then redis.call('SREM', KEYS[5], held_member) end
+    return {'skip'}
+  end
+  if started_before ~= '' and (old[3] == '' or tonumber(old[3]) >= tonumber(started_before)) then
+    return {'skip'}
+  end
+end
 
 -- states.merge_node_status
 local status = incoming
@@ -53,6 +70,15 @@ redis.call('HSET', N, node_id, record)
 if old_status ~= new[1] then
   if old_status ~= '' then count(s, old_status, -1) end
   count(s, new[1], 1)
+end
+
+if KEYS[5] and held_member ~= '' then
+  if new[1] == 'running' and new[6] == worker then
+    redis.call('SADD', KEYS[5], held_member)
+    redis.call('ZADD', KEYS[6], now_ms, worker)
+  elseif new[1] ~= 'running' then
+    redis.call('SREM', KEYS[5], held_member)
+  end
 end
 
 local finished = ''

@@ -1,0 +1,117 @@
+"""Lost nodes with real prefork workers (issue 9): killed children, dead workers, time limits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+
+from celery import group
+
+from tests.celery.appmod import app, limited, work
+from tests.celery.conftest import WorkerProcess, wait_for, wait_status
+from tracker import NodeStatus, SessionManager, TrackerSettings
+from tracker.celery import dispatch, resume_session
+from tracker.storage.redis import RedisStorageAdapter
+
+TERMINAL = {"completed", "failed", "partial_failure", "cancelled"}
+FAST_BEAT = {"TRACKER_HEARTBEAT_INTERVAL": "0.3", "TRACKER_WORKER_STALE_AFTER": "2"}
+
+
+def running_node(manager: SessionManager, sid: str, node_id: str) -> str:
+    """Wait until ``node_id`` runs; return the ``host:pid`` of the process running it."""
+    wait_for(
+        lambda: any(n.node_id == node_id and n.status is NodeStatus.RUNNING for n in manager.sync.get_nodes(sid).nodes),
+        what=f"{node_id} running",
+    )
+    node = next(n for n in manager.sync.get_nodes(sid).nodes if n.node_id == node_id)
+    assert node.worker is not None
+    return node.worker
+
+
+def test_sigkilled_child_makes_its_node_lost_then_resume_finishes(
+    tracked: SessionManager, worker_process: Callable[..., WorkerProcess]
+) -> None:
+    # Given a prefork worker that does not requeue work of a lost child
+    worker_process(concurrency=2, env_extra={"TRACKER_TEST_REJECT_ON_LOST": "0", **FAST_BEAT})
+    calls = [work.s(0, sleep=4), *(work.s(i) for i in range(1, 6))]
+    sid = dispatch(group(calls), canvas_path="child.canvas", app=app, node_ids=[f"n{i}" for i in range(6)])
+    holder = running_node(tracked, sid, "n0")
+    # When the child running n0 is SIGKILLed
+    os.kill(int(holder.rsplit(":", 1)[1]), signal.SIGKILL)
+    # Then n0 is lost (Celery's worker-lost failure, recorded at once) and the session ends
+    status = wait_status(tracked, sid, TERMINAL, timeout_s=30)
+    assert (status["status"], status["completed_nodes"], status["lost_nodes"]) == ("partial_failure", 5, 1)
+    lost = next(n for n in tracked.sync.get_nodes(sid).nodes if n.node_id == "n0")
+    assert lost.status is NodeStatus.LOST and lost.reason and "lost" in lost.reason
+    # and resume re-runs only that node, and the session completes with every node counted once
+    assert resume_session(sid, app=app) == 1
+    status = wait_status(tracked, sid, {"completed"}, timeout_s=60)
+    assert (status["completed_nodes"], status["failed_nodes"], status["lost_nodes"]) == (6, 0, 0)
+    nodes = {n.node_id: n for n in tracked.sync.get_nodes(sid).nodes}
+    assert all(nodes[f"n{i}"].attempts == 1 for i in range(1, 6))
+
+
+def test_dead_worker_is_reaped_and_resume_completes(
+    redis_url: str, key_prefix: str, tracked: SessionManager, worker_process: Callable[..., WorkerProcess]
+) -> None:
+    # Given a batch whose slow node runs on a worker that then dies whole (no one reports it)
+    worker = worker_process(concurrency=1, env_extra=FAST_BEAT)
+    sid = dispatch(group([work.s(1, sleep=2.5), work.s(2)]), canvas_path="dead.canvas", app=app,
+                   node_ids=["slow", "quick"])  # fmt: skip
+    running_node(tracked, sid, "slow")
+    worker.kill()
+    settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix, worker_stale_after=2)
+    reaper = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
+    # When the reaper runs after the heartbeat window
+    assert reaper.sync.reap_lost_nodes() == []  # the worker was seen less than 2 s ago
+    time.sleep(2.5)
+    lost = reaper.sync.reap_lost_nodes()
+    # Then the node is lost, once, and the session is not left running
+    assert [o.node.node_id for o in lost] == ["slow"]
+    assert reaper.sync.reap_lost_nodes() == []
+    status = tracked.sync.get_session_status(sid)
+    assert (status["lost_nodes"], status["completed_nodes"]) == (1, 0)  # "quick" was still queued behind it
+    # and resume with a new worker finishes every node exactly once
+    resume_session(sid, app=app)
+    worker_process(concurrency=2, env_extra=FAST_BEAT)
+    status = wait_status(tracked, sid, {"completed"}, timeout_s=60)
+    assert (status["completed_nodes"], status["failed_nodes"], status["lost_nodes"]) == (2, 0, 0)
+
+
+def test_hard_time_limit_fails_the_node(tracked: SessionManager, worker_process: Callable[..., WorkerProcess]) -> None:
+    worker_process(concurrency=2, env_extra={"TRACKER_TEST_REJECT_ON_LOST": "0"})
+    sid = dispatch(group([limited.s(5), limited.s(0)]), canvas_path="limit.canvas", app=app, node_ids=["slow", "ok"])
+    status = wait_status(tracked, sid, TERMINAL, timeout_s=60)
+    assert (status["status"], status["completed_nodes"], status["failed_nodes"]) == ("partial_failure", 1, 1)
+    slow = next(n for n in tracked.sync.get_nodes(sid).nodes if n.node_id == "slow")
+    assert slow.error is not None and slow.error.type == "TimeLimitExceeded"
+
+
+def test_slow_but_alive_node_is_never_reaped(
+    redis_url: str, key_prefix: str, tracked: SessionManager, worker_process: Callable[..., WorkerProcess]
+) -> None:
+    worker_process(concurrency=1, env_extra=FAST_BEAT)
+    sid = dispatch(group([work.s(1, sleep=4)]), canvas_path="alive.canvas", app=app, node_ids=["slow"])
+    running_node(tracked, sid, "slow")
+    settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix, worker_stale_after=2)
+    reaper = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
+    while tracked.sync.get_session_status(sid)["status"] == "running":
+        assert reaper.sync.reap_lost_nodes() == []
+        time.sleep(0.3)
+    assert tracked.sync.get_session_status(sid)["status"] == "completed"
+
+
+def test_worker_processes_keep_heartbeats(tracked: SessionManager, worker_process: Callable[..., WorkerProcess],
+                                          redis_client: object, key_prefix: str) -> None:  # fmt: skip
+    worker_process(concurrency=2, env_extra=FAST_BEAT)
+    import redis
+
+    client = redis.Redis.from_url(tracked.settings.redis_url or "")
+    wait_for(lambda: client.zcard(f"{key_prefix}:workers") >= 2, what="two child heartbeats")
+    pids = {m.decode().rsplit(":", 1)[1] for m in client.zrange(f"{key_prefix}:workers", 0, -1)}
+    children = subprocess.run(["pgrep", "-f", "tests.celery.appmod"], capture_output=True, text=True).stdout.split()
+    assert pids <= set(children)
+    client.close()
