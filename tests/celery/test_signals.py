@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import redis
 from celery import chain, chord, group
 
@@ -82,3 +83,24 @@ def test_chord_is_tracked(tracked: SessionManager, thread_worker: None) -> None:
     status = wait_status(tracked, sid, {"completed", "failed", "partial_failure"})
     assert (status["status"], status["completed_nodes"], status["node_count"]) == ("completed", 4, 4)
     assert next(n.result for n in tracked.sync.get_nodes(sid).nodes if n.node_id == "body") == 12
+
+
+def test_a_failed_send_marks_the_session_failed(tracked: SessionManager, redis_url: str) -> None:
+    from celery import Celery
+
+    from tracker import SessionStatus
+
+    # Given an app whose broker cannot be reached
+    broken = Celery("broken", broker="redis://127.0.0.1:1/0")
+    broken.conf.update(broker_connection_retry=False, broker_connection_max_retries=0, task_publish_retry=False)
+
+    @broken.task(name="t.never")
+    def never() -> None:
+        """Never sent."""
+
+    # When dispatch cannot send the batch
+    with pytest.raises(Exception, match=r"(?i)connect|refused|error"):
+        dispatch(group([never.s()]), canvas_path="unsent.canvas", app=broken)
+    # Then the session it created says so instead of staying pending forever
+    (session,) = tracked.sync.list_sessions().sessions
+    assert session.status is SessionStatus.FAILED

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -11,9 +12,10 @@ from celery.canvas import _chain, maybe_signature
 
 from tracker import validation
 from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP
-from tracker.errors import TrackerValidationError
+from tracker.errors import TrackerError, TrackerValidationError
 from tracker.manager import SessionManager
 from tracker.models import NodeSpec
+from tracker.states import SessionStatus
 
 #: Metadata key under which the completion callback's signature is kept.
 ON_COMPLETE_KEY = "on_complete"
@@ -110,5 +112,11 @@ def dispatch(
         validation.json_text(spec_sig, "signature", manager.settings.max_result_bytes, session_id)
         specs.append(NodeSpec(node_id=nid, task_id=tid, signature=spec_sig))
     manager.sync.create_session(canvas_path, len(nodes), meta, specs, session_id=session_id)
-    canvas.apply_async()
+    try:
+        canvas.apply_async()
+    except Exception:
+        # Nothing (or not everything) was sent: say so rather than leave a pending session forever.
+        with contextlib.suppress(TrackerError):
+            manager.sync.update_status(session_id, SessionStatus.FAILED)
+        raise
     return session_id
