@@ -23,6 +23,7 @@ from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
+from tracker import validation
 from tracker.config import TrackerSettings
 from tracker.errors import (
     InvalidStateTransitionError,
@@ -46,10 +47,9 @@ from tracker.models import (
     utc_from_ms,
 )
 from tracker.states import NodeStatus, SessionStatus
-from tracker import validation
 from tracker.storage.base import NodeEvent, ResumeOutcome, lost_reason
-from tracker.validation import is_worker_id
 from tracker.storage.keys import KeySpace, SessionKeys
+from tracker.validation import is_worker_id
 
 T = TypeVar("T")
 
