@@ -75,7 +75,7 @@ async def test_sessions_are_paged_without_loss_or_repeat(
     seen: list[str] = []
     cursor: str | None = None
     for _ in range(10):
-        params = {"limit": 3, **({"cursor": cursor} if cursor else {})}
+        params: dict[str, str | int] = {"limit": 3, **({"cursor": cursor} if cursor else {})}
         response = await client.get(f"{BASE}/sessions", params=params)
         assert response.status_code == 200
         page = response.json()
@@ -128,7 +128,7 @@ async def test_nodes_are_paged_and_filtered(client: httpx.AsyncClient, web_manag
     seen: list[str] = []
     cursor: str | None = None
     for _ in range(10):
-        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        params: dict[str, str | int] = {"limit": 2, **({"cursor": cursor} if cursor else {})}
         page = (await client.get(f"{BASE}/sessions/{sid}/nodes", params=params)).json()
         seen += [n["node_id"] for n in page["nodes"]]
         cursor = page["next_cursor"]

@@ -23,7 +23,7 @@ def celery_app() -> Iterator[Celery]:
     app = Celery("web-tests", broker="memory://", set_as_current=False)
     app.conf.update(task_serializer="json", accept_content=["json"], result_backend=None)
 
-    @app.task(name="tests.web.add", shared=False)
+    @app.task(name="tests.web.add", shared=False)  # type: ignore[untyped-decorator]
     def add(x: int, y: int) -> int:
         return x + y
 

@@ -7,6 +7,8 @@ so lists have content to validate against the response schemas.
 
 from __future__ import annotations
 
+from typing import Any
+
 import schemathesis
 from celery import Celery
 from fastapi import FastAPI
@@ -37,5 +39,5 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", build_app(), config=con
 
 @schema.parametrize()
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-def test_no_generated_input_gets_a_server_error(case: schemathesis.Case) -> None:
+def test_no_generated_input_gets_a_server_error(case: schemathesis.Case[Any]) -> None:
     case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"})

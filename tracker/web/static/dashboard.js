@@ -94,6 +94,10 @@
     return iso ? new Date(iso).toLocaleTimeString() : "";
   }
 
+  function dateTime(iso) {
+    return iso ? new Date(iso).toLocaleString() : null;
+  }
+
   function renderRow(session) {
     let row = state.rows.get(session.task_id);
     if (!row) {
@@ -130,8 +134,9 @@
       ["canvas", session.canvas_path], ["status", session.status], ["progress", `${session.progress_percent} %`],
       ["nodes", session.node_count], ["completed", session.completed_nodes], ["failed", session.failed_nodes],
       ["running", session.running_nodes], ["pending", session.pending_nodes], ["lost", session.lost_nodes],
-      ["cancelled", session.cancelled_nodes], ["created", session.created_at], ["started", session.started_at],
-      ["finished", session.finished_at], ["updated", session.updated_at],
+      ["cancelled", session.cancelled_nodes], ["created", dateTime(session.created_at)],
+      ["started", dateTime(session.started_at)], ["finished", dateTime(session.finished_at)],
+      ["updated", dateTime(session.updated_at)],
     ];
     for (const [label, value] of fields) {
       summary.append(text("dt", label), label === "status" ? wrap("dd", statusBadge(value)) : text("dd", value ?? "—"));

@@ -1,0 +1,161 @@
+"""The dashboard in headless Chromium: log in, dispatch a batch, watch it finish without reloading.
+
+The batch is dispatched for real (``tracker.celery.dispatch`` on an in-memory broker); its node
+results are then written by a background thread, as the worker's signal handlers would write
+them, with small pauses so that the page has something to follow live. Redis is the store.
+A screenshot is left in ``artifacts/dashboard.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery, group
+
+from tests.conftest import make_store
+from tests.web.conftest import TOKEN, serve_in_thread
+from tracker import NodeError, SessionManager, TrackerSettings
+from tracker.celery import dispatch
+from tracker.web import WebSettings, create_app
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+
+# Records every value the progress bars take, so the test can tell live updates from a final state.
+WATCH_BARS = """
+window.__progress = [];
+new MutationObserver((records) => {
+  for (const record of records) {
+    const target = record.target;
+    if (target.getAttribute && target.getAttribute("role") === "progressbar") {
+      window.__progress.push(Number(target.getAttribute("aria-valuenow")));
+    }
+  }
+}).observe(document.body, { subtree: true, attributes: true, attributeFilter: ["aria-valuenow"] });
+window.__notReloaded = true;
+"""
+
+
+@pytest.fixture
+def chromium() -> str:
+    if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs the Debian package)")
+        pytest.skip("chromium is not installed")
+    return CHROMIUM if os.path.exists(CHROMIUM) else str(shutil.which("chromium"))
+
+
+@pytest.fixture
+def redis_manager(redis_url: str, key_prefix: str) -> Iterator[SessionManager]:
+    store = make_store("redis", redis_url, key_prefix)
+    yield SessionManager(storage=store, settings=TrackerSettings())
+    store.close()
+
+
+@pytest.fixture
+def celery_app() -> Iterator[Celery]:
+    app = Celery("dashboard-test", broker="memory://", set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"])
+
+    @app.task(name="tests.web.dashboard.work", shared=False)  # type: ignore[untyped-decorator]
+    def work(n: int) -> int:
+        return n * n
+
+    yield app
+    app.close()
+
+
+def finish_nodes(manager: SessionManager, session_id: str, node_ids: list[str], pause_s: float) -> None:
+    """What the worker's signal handlers would record: each node starts, then completes (one fails)."""
+    for i, node_id in enumerate(node_ids):
+        manager.sync.record_node(session_id, node_id, "running", attempt=1, worker="celery@browser-test")
+        time.sleep(pause_s)
+        if node_id == "n3":
+            error = NodeError(type="ValueError", message="row 42: price is negative")
+            manager.sync.add_node_result(session_id, node_id, status="failed", error=error)
+        else:
+            manager.sync.add_node_result(session_id, node_id, i * i)
+
+
+def test_dashboard_follows_a_batch_live(chromium: str, redis_manager: SessionManager, celery_app: Celery) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    app = create_app(redis_manager, TrackerSettings(api_token=TOKEN), celery_app, web_settings=WebSettings())
+    node_ids = [f"n{i}" for i in range(6)]
+    stream_requests: list[str] = []
+    with serve_in_thread(app) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 800})
+            page.on("request", lambda request: stream_requests.append(request.url))
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+            # Given the dashboard, logged in with the API token
+            page.goto(f"{server.url}/dashboard?refresh=1")
+            expect(page.locator("#login")).to_be_visible()
+            page.fill("#login-token", TOKEN)
+            page.click("#login button[type=submit]")
+            expect(page.locator("#login")).to_be_hidden()
+            page.evaluate(WATCH_BARS)
+
+            # When a batch is dispatched ...
+            work = celery_app.tasks["tests.web.dashboard.work"]
+            sid = dispatch(
+                group(work.s(i) for i in range(len(node_ids))),
+                canvas_path="browser.canvas",
+                node_ids=node_ids,
+                manager=redis_manager,
+                app=celery_app,
+            )
+            row = page.locator(f'tr[data-session-id="{sid}"]')
+            expect(row).to_be_visible(timeout=10_000)
+            expect(row.locator(".status")).to_have_text("pending")
+            row.click()
+            # ... and its nodes finish one by one while the page is open
+            feeder = threading.Thread(target=finish_nodes, args=(redis_manager, sid, node_ids, 0.25), daemon=True)
+            feeder.start()
+
+            # Then the bar reaches 100 % and the status changes, without a reload
+            bar = row.locator("[role=progressbar]")
+            expect(bar).to_have_attribute("aria-valuenow", "100", timeout=20_000)
+            expect(row.locator(".status")).to_have_text("partial_failure")
+            expect(row.locator(".counts")).to_contain_text("5 / 1 / 0 / 0 of 6")
+            feeder.join(timeout=10)
+            assert page.evaluate("window.__notReloaded") is True
+            seen = page.evaluate("window.__progress")
+            assert any(0 < value < 100 for value in seen), f"no intermediate progress seen: {seen}"
+            assert any(f"/sessions/{sid}/events" in url for url in stream_requests), "no event stream was opened"
+            assert not any(TOKEN in url for url in stream_requests), "the token must never travel in a URL"
+
+            # And the node table shows each node, the failure with its error
+            nodes = page.locator("#nodes tbody tr")
+            expect(nodes).to_have_count(6, timeout=10_000)
+            failed = page.locator('#nodes tbody tr[data-node-id="n3"]')
+            expect(failed.locator(".status")).to_have_text("failed")
+            expect(failed.locator(".error-cell")).to_have_text("ValueError: row 42: price is negative")
+            expect(page.locator("#detail-summary")).to_contain_text("partial_failure")
+
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            assert errors == []
+        finally:
+            browser.close()
