@@ -1,0 +1,272 @@
+"""What the commands show: a live progress bar that follows a session, and rich tables."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import PurePath
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from tracker.manager import SessionManager
+from tracker.models import NodeResult
+from tracker.states import TERMINAL_STATUSES, NodeStatus
+
+#: Node details (failures, slowest nodes) are read only for sessions up to this many nodes.
+MAX_DETAIL_NODES = 10_000
+#: Failed nodes announced one by one above the progress bar; later ones only count.
+MAX_FAILURE_LINES = 20
+#: How long one event read waits for news (Redis ``XREAD BLOCK``), in milliseconds.
+EVENT_WAIT_MS = 1000
+
+_STYLES = {
+    "pending": "dim",
+    "running": "cyan",
+    "completed": "green",
+    "partial_failure": "yellow",
+    "failed": "red",
+    "cancelled": "magenta",
+    "retrying": "yellow",
+    "lost": "red",
+}
+
+
+def styled(status: str) -> Text:
+    """A status word in its colour."""
+    return Text(status, style=_STYLES.get(status, ""))
+
+
+def follow(
+    manager: SessionManager,
+    session_id: str,
+    console: Console,
+    *,
+    timeout_s: float | None = None,
+    wait_ms: int = EVENT_WAIT_MS,
+) -> dict[str, Any]:
+    """Show a progress bar fed by the session's event stream until the session ends.
+
+    Each event carries the session's counters, so the bar is exact after every event, and
+    replaying old events (when following starts late) is harmless. Failed nodes are announced
+    above the bar as they fail.
+
+    Args:
+        manager: Where the session lives.
+        session_id: The session to follow.
+        console: Where to draw.
+        timeout_s: Stop following after this many seconds even if the session has not ended.
+        wait_ms: How long each event read waits for news, in milliseconds.
+
+    Returns:
+        The session's status dict when following stopped (ended, or at the timeout).
+
+    Raises:
+        SessionNotFoundError: the session does not exist or disappeared meanwhile.
+    """
+    status = manager.sync.get_session_status(session_id)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    announced = 0
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[green]{task.fields[ok]} ok[/] [red]{task.fields[failed]} failed[/]"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        bar = progress.add_task("", total=max(1, int(status["node_count"])), ok=0, failed=0)
+        _show(progress, bar, status)
+        last_id: str | None = None
+        while status["status"] not in TERMINAL_STATUSES:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            events = manager.sync.read_events(session_id, after=last_id, limit=1000, block_ms=wait_ms)
+            for event in events:
+                last_id = event.id
+                if event.node_id and event.node_status in (NodeStatus.FAILED, NodeStatus.LOST):
+                    announced += 1
+                    if announced <= MAX_FAILURE_LINES:
+                        progress.console.print(
+                            Text.assemble(("  ✗ ", "red"), f"node {event.node_id} {event.node_status}")
+                        )
+                    elif announced == MAX_FAILURE_LINES + 1:
+                        progress.console.print("  … more failures: see the summary")
+            if events:
+                latest = events[-1]
+                status = {
+                    **status,
+                    "status": latest.status.value,
+                    "progress_percent": latest.progress_percent,
+                    "completed_nodes": latest.completed_nodes,
+                    "failed_nodes": latest.failed_nodes,
+                }
+            else:  # nothing new: re-read, in case events were trimmed or the session stalled
+                status = manager.sync.get_session_status(session_id)
+            _show(progress, bar, status)
+        status = manager.sync.get_session_status(session_id)
+        _show(progress, bar, status)
+    return status
+
+
+def _show(progress: Progress, bar: Any, status: dict[str, Any]) -> None:
+    finished = int(status["completed_nodes"]) + int(status["failed_nodes"])
+    total = int(status["node_count"])
+    progress.update(
+        bar,
+        description=f"[{_STYLES.get(status['status'], '')}]{status['status']}[/]",
+        completed=finished if total else 1,
+        ok=status["completed_nodes"],
+        failed=status["failed_nodes"],
+    )
+
+
+def _moment(value: str | None) -> str:
+    if not value:
+        return "-"
+    return datetime.fromisoformat(value).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def duration_s(status: dict[str, Any]) -> float | None:
+    """Seconds from the session's start to its end (to now while it runs); None before it starts."""
+    if not status.get("started_at"):
+        return None
+    start = datetime.fromisoformat(status["started_at"])
+    end = datetime.fromisoformat(status["finished_at"]) if status.get("finished_at") else datetime.now(UTC)
+    return max(0.0, (end - start).total_seconds())
+
+
+def node_counts(status: dict[str, Any]) -> str:
+    """``"38 completed, 4 failed, 0 running, 0 pending (of 42)"`` plus lost/cancelled when any."""
+    parts = [f"{status['completed_nodes']} completed", f"{status['failed_nodes']} failed"]
+    if status.get("lost_nodes"):
+        parts[-1] += f" ({status['lost_nodes']} lost)"
+    parts += [f"{status.get('running_nodes', 0)} running", f"{status.get('pending_nodes', 0)} pending"]
+    if status.get("cancelled_nodes"):
+        parts.append(f"{status['cancelled_nodes']} cancelled")
+    return ", ".join(parts) + f" (of {status['node_count']})"
+
+
+def status_table(status: dict[str, Any]) -> Table:
+    """One session's status as a two-column table."""
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    took = duration_s(status)
+    table.add_row("Session", status["session_id"])
+    table.add_row("Canvas", status["canvas_path"])
+    table.add_row("Status", styled(status["status"]))
+    table.add_row("Progress", f"{float(status['progress_percent']):.1f} %")
+    table.add_row("Nodes", node_counts(status))
+    table.add_row("Created", _moment(status.get("created_at")))
+    table.add_row("Started", _moment(status.get("started_at")))
+    table.add_row("Finished", _moment(status.get("finished_at")))
+    table.add_row("Duration", "-" if took is None else f"{took:.1f} s")
+    return table
+
+
+def all_nodes(manager: SessionManager, session_id: str) -> list[NodeResult]:
+    """Every node result of the session (page by page)."""
+    nodes: list[NodeResult] = []
+    cursor: str | None = None
+    while True:
+        page = manager.sync.get_nodes(session_id, cursor=cursor, limit=1000)
+        nodes += page.nodes
+        cursor = page.next_cursor
+        if cursor is None:
+            return nodes
+
+
+def _error_text(node: NodeResult) -> str:
+    if node.error is not None:
+        return f"{node.error.type}: {node.error.message}" if node.error.message else node.error.type
+    return node.reason or "-"
+
+
+def failures_table(nodes: list[NodeResult]) -> Table | None:
+    """The failed and lost nodes with their errors; None when there are none."""
+    failed = [n for n in nodes if n.status in (NodeStatus.FAILED, NodeStatus.LOST)]
+    if not failed:
+        return None
+    table = Table(title=f"Failures ({len(failed)})", title_justify="left", title_style="bold red")
+    table.add_column("Node", overflow="fold")
+    table.add_column("Status")
+    table.add_column("Attempts", justify="right")
+    table.add_column("Error", overflow="fold")
+    for node in sorted(failed, key=lambda n: n.node_id):
+        table.add_row(node.node_id, styled(node.status.value), str(node.attempts), _error_text(node))
+    return table
+
+
+def slowest_table(nodes: list[NodeResult], count: int) -> Table | None:
+    """The ``count`` nodes that took longest; None when no node has a duration yet."""
+    timed = sorted((n for n in nodes if n.execution_time_ms is not None), key=lambda n: -(n.execution_time_ms or 0))
+    if not timed or count <= 0:
+        return None
+    table = Table(title=f"Slowest nodes (top {min(count, len(timed))})", title_justify="left", title_style="bold")
+    table.add_column("Node", overflow="fold")
+    table.add_column("Status")
+    table.add_column("Time", justify="right")
+    table.add_column("Worker", overflow="fold")
+    for node in timed[:count]:
+        table.add_row(
+            node.node_id, styled(node.status.value), f"{(node.execution_time_ms or 0) / 1000:.2f} s", node.worker or "-"
+        )
+    return table
+
+
+def print_report(
+    console: Console, manager: SessionManager, status: dict[str, Any], *, slowest: int = 0, failures: bool = True
+) -> None:
+    """The status table, then (for sessions of at most :data:`MAX_DETAIL_NODES` nodes) failures and slowest nodes."""
+    console.print(status_table(status))
+    wants_nodes = (failures and int(status["failed_nodes"]) > 0) or slowest > 0
+    if not wants_nodes or int(status["node_count"]) > MAX_DETAIL_NODES:
+        return
+    nodes = all_nodes(manager, status["session_id"])
+    for table in (slowest_table(nodes, slowest), failures_table(nodes) if failures else None):
+        if table is not None:
+            console.print()
+            console.print(table)
+
+
+def ending_line(status: dict[str, Any]) -> Text:
+    """``Session <id> ended partial_failure: 38 completed, 4 failed of 42 in 5.1 s.`` (or ``is running``)."""
+    took = duration_s(status)
+    verb = "ended" if status["status"] in TERMINAL_STATUSES else "is"
+    tail = f" in {took:.1f} s" if took is not None and verb == "ended" else ""
+    counts = f"{status['completed_nodes']} completed, {status['failed_nodes']} failed of {status['node_count']}"
+    return Text.assemble(
+        f"Session {status['session_id']} {verb} ", styled(status["status"]), f": {counts}{tail}.", style="bold"
+    )
+
+
+def sessions_table(sessions: list[dict[str, Any]], width: int = 80) -> Table:
+    """A listing: one row per session, newest first (``status ID`` shows the rest).
+
+    Args:
+        sessions: Status dicts.
+        width: The console's width; below 100 columns the creation time is left out.
+    """
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("Session", no_wrap=True, min_width=36)
+    table.add_column("Status", no_wrap=True, min_width=15)
+    table.add_column("Done", justify="right", no_wrap=True)
+    table.add_column("Canvas", overflow="fold", min_width=8)
+    wide = width >= 100
+    if wide:
+        table.add_column("Created (UTC)", no_wrap=True)
+    for s in sessions:
+        done = int(s["completed_nodes"]) + int(s["failed_nodes"])
+        row = [s["session_id"], styled(s["status"]), f"{done}/{s['node_count']}"]
+        row.append(PurePath(s["canvas_path"]).name or s["canvas_path"])
+        if wide:
+            row.append(datetime.fromisoformat(s["created_at"]).astimezone(UTC).strftime("%Y-%m-%d %H:%M"))
+        table.add_row(*row)
+    return table
