@@ -15,8 +15,10 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
+from redis.retry import Retry
 
 from tests.conftest import FakeClock
 from tests.contract.test_storage_contract import (
@@ -128,7 +130,7 @@ def test_the_cluster_has_three_masters_and_requires_a_password(cluster: RedisClu
         assert client.cluster_info()["cluster_state"] == "ok"
     finally:
         client.close()
-    anonymous = redis.Redis(port=cluster.nodes[0].port)
+    anonymous = redis.Redis(port=cluster.nodes[0].port, retry=Retry(NoBackoff(), 0))
     with pytest.raises(redis.AuthenticationError):
         anonymous.ping()
     anonymous.close()
