@@ -106,6 +106,8 @@ def test_dashboard_follows_a_batch_live(chromium: str, redis_manager: SessionMan
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 800})
             page.on("request", lambda request: stream_requests.append(request.url))
+            stream_answers: list[tuple[str, int]] = []
+            page.on("response", lambda response: stream_answers.append((response.url, response.status)))
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
 
@@ -143,7 +145,9 @@ def test_dashboard_follows_a_batch_live(chromium: str, redis_manager: SessionMan
             assert page.evaluate("window.__notReloaded") is True
             seen = page.evaluate("window.__progress")
             assert any(0 < value < 100 for value in seen), f"no intermediate progress seen: {seen}"
-            assert any(f"/sessions/{sid}/events" in url for url in stream_requests), "no event stream was opened"
+            assert any(f"/sessions/{sid}/events" in url and code == 200 for url, code in stream_answers), stream_answers
+            # 6 "running" and 6 result events at least reached the page through the stream
+            assert page.evaluate("window.trackerDashboard.eventsApplied") >= 12
             assert not any(TOKEN in url for url in stream_requests), "the token must never travel in a URL"
 
             # And the node table shows each node, the failure with its error

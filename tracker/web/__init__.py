@@ -11,6 +11,12 @@ Mount the API in your own app::
 or serve everything (API, event streams, ``/dashboard``) with ``tracker serve`` / :func:`serve`.
 """
 
+try:
+    import fastapi  # noqa: F401
+    import sse_starlette  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on what is installed
+    raise ImportError(f"tracker.web needs the web extra: pip install 'tracker[web]' ({exc})") from exc
+
 from tracker.web.api import API_PREFIX, create_router
 from tracker.web.app import create_app, serve
 from tracker.web.dashboard import create_dashboard_router

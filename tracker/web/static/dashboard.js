@@ -29,6 +29,7 @@
     nodesShown: 0,
     needLogin: false,
     nodeTimer: null,
+    eventsApplied: 0, // stream events applied to the page (tells live updates from list refreshes)
   };
   window.trackerDashboard = state; // for curious people with a console (and for tests)
 
@@ -259,6 +260,7 @@
   function applyEvent(id, event) {
     const session = state.sessions.get(id);
     if (!session) return;
+    state.eventsApplied += 1;
     const merged = {
       ...session,
       status: event.status,
