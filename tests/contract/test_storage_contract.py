@@ -454,8 +454,12 @@ async def test_list_sessions_pages_and_filters(manager: SessionManager, clock: F
     assert [s.session_id for s in completed.sessions] == [ids[0]]
     with pytest.raises(TrackerValidationError):
         await manager.list_sessions(status="nope")
-    with pytest.raises(TrackerValidationError):
-        await manager.list_sessions(cursor="abc")
+    for bad_cursor in ("abc", "²", "-1", "9" * 30):
+        with pytest.raises(TrackerValidationError):
+            await manager.list_sessions(cursor=bad_cursor)
+        sid = ids[0]
+        with pytest.raises(TrackerValidationError):
+            await manager.get_nodes(sid, cursor=bad_cursor)
 
 
 async def test_get_nodes_pages_and_filters(manager: SessionManager) -> None:

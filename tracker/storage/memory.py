@@ -342,7 +342,7 @@ class InMemoryStorageAdapter:
 def _position(cursor: str | None) -> int:
     if not cursor:
         return 0
-    if not cursor.isdigit() or len(cursor) > 18:
+    if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 18:
         raise TrackerValidationError("cursor", cursor, "expected the next_cursor of a previous page")
     return int(cursor)
 

@@ -506,7 +506,7 @@ def _ms_int(moment: datetime) -> int:
 def _scan_cursor(cursor: str | None) -> int:
     if not cursor:
         return 0
-    if not cursor.isdigit() or len(cursor) > 20:
+    if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 18:
         raise TrackerValidationError("cursor", cursor, "expected the next_cursor of a previous page")
     return int(cursor)
 
