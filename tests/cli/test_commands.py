@@ -1,0 +1,432 @@
+"""Every command and every exit code, through click's CliRunner, on the tests' own Redis."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery.bin.celery import celery as celery_cli
+from click.testing import CliRunner
+
+from tests.cli.apps import UNREACHABLE_BROKER
+from tests.cli.conftest import TEST_APP, Cli
+from tests.servers import free_port
+from tracker import NodeError, SessionManager, SessionStatus, TrackerSettings
+from tracker.cli import ExitCode
+from tracker.cli.base import CliError, masked_url
+from tracker.storage.redis import RedisStorageAdapter
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def partial_session(manager: SessionManager) -> str:
+    """A session of 3 nodes that ended partial_failure: n1 and n2 completed, n3 failed."""
+    sid = manager.sync.create_session("three.canvas", 3)
+    manager.sync.add_node_result(sid, "n1", {"ok": 1})
+    manager.sync.add_node_result(sid, "n2", {"ok": 2})
+    manager.sync.add_node_result(sid, "n3", status="failed", error=ValueError("disk on fire"))
+    return sid
+
+
+# -- help and version ----------------------------------------------------------------------------
+
+
+def test_help_lists_every_command_and_the_exit_codes(cli: Cli) -> None:
+    result = cli("--help")
+    assert result.exit_code == ExitCode.OK
+    for command in ("demo", "run", "status", "list", "watch", "cancel", "resume", "cleanup", "serve"):
+        assert f"  {command} " in result.stdout
+    assert "Exit codes:" in result.stdout
+    for code in range(5):
+        assert f"  {code}  " in result.stdout
+    assert "TRACKER_REDIS_URL" in result.stdout
+
+
+def test_version_and_usage_errors(cli: Cli) -> None:
+    assert "0.1.0" in cli("--version").stdout
+    assert cli("status").exit_code == ExitCode.USAGE  # missing ID
+    assert cli("nope").exit_code == ExitCode.USAGE
+    assert cli("list", "--status", "exploded").exit_code == ExitCode.USAGE
+
+
+# -- status --------------------------------------------------------------------------------------
+
+
+def test_status_of_a_pending_session_exits_0(cli: Cli, store_manager: SessionManager) -> None:
+    sid = store_manager.sync.create_session("batch.canvas", 5)
+    result = cli("status", sid)
+    assert result.exit_code == ExitCode.OK
+    assert sid in result.stdout
+    assert "pending" in result.stdout
+    assert "0 completed, 0 failed, 0 running, 5 pending (of 5)" in result.stdout
+
+
+def test_status_json_is_the_status_dict(cli: Cli, store_manager: SessionManager) -> None:
+    sid = store_manager.sync.create_session("batch.canvas", 2, metadata={"owner": "ops"})
+    result = cli("status", sid, "--json")
+    assert result.exit_code == ExitCode.OK
+    assert json.loads(result.stdout) == store_manager.sync.get_session_status(sid)
+
+
+def test_status_of_a_partial_session_exits_1_and_shows_the_failures(cli: Cli, store_manager: SessionManager) -> None:
+    sid = partial_session(store_manager)
+    result = cli("status", sid)
+    assert result.exit_code == ExitCode.SESSION_FAILED
+    assert "partial_failure" in result.stdout
+    assert "Failures (1)" in result.stdout
+    assert "ValueError: disk on fire" in result.stdout
+    assert cli("status", sid, "--json").exit_code == ExitCode.SESSION_FAILED
+
+
+@pytest.mark.parametrize(("target", "code"), [("failed", 1), ("cancelled", 1), ("running", 0)])
+def test_status_exit_code_follows_the_session(cli: Cli, store_manager: SessionManager, target: str, code: int) -> None:
+    sid = store_manager.sync.create_session("batch.canvas", 2)
+    if target != "running":
+        store_manager.sync.update_status(sid, "running")
+    store_manager.sync.update_status(sid, target)
+    assert cli("status", sid).exit_code == code
+
+
+def test_completed_session_exits_0(cli: Cli, store_manager: SessionManager) -> None:
+    sid = store_manager.sync.create_session("batch.canvas", 1)
+    store_manager.sync.add_node_result(sid, "only", 42)
+    result = cli("status", sid)
+    assert (result.exit_code, "completed" in result.stdout) == (ExitCode.OK, True)
+
+
+def test_unknown_session_exits_3_with_one_line(cli: Cli) -> None:
+    sid = "0b0c1a3e-58c3-4cc9-8a4a-3f0e8f6c1d2e"
+    result = cli("status", sid)
+    assert result.exit_code == ExitCode.NOT_FOUND
+    assert f"Error: no session {sid}" in result.stderr
+    assert "tracker list" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_malformed_id_exits_2(cli: Cli) -> None:
+    result = cli("status", "not-a-uuid")
+    assert result.exit_code == ExitCode.USAGE
+    assert "invalid session_id 'not-a-uuid'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_debug_shows_the_traceback(cli: Cli) -> None:
+    result = cli("--debug", "status", "0b0c1a3e-58c3-4cc9-8a4a-3f0e8f6c1d2e")
+    assert result.exit_code == ExitCode.NOT_FOUND
+    assert "Traceback" in result.stderr
+    assert "SessionNotFoundError" in result.stderr
+
+
+def test_without_redis_a_lookup_explains_the_empty_memory_store(cli: Cli) -> None:
+    result = cli("status", "0b0c1a3e-58c3-4cc9-8a4a-3f0e8f6c1d2e", env={"TRACKER_REDIS_URL": None})
+    assert result.exit_code == ExitCode.NOT_FOUND
+    assert "TRACKER_REDIS_URL is not set" in result.stderr
+
+
+# -- store and settings problems -----------------------------------------------------------------
+
+
+def test_unreachable_redis_exits_4_naming_the_url(cli: Cli) -> None:
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    result = cli("list", env={"TRACKER_REDIS_URL": url, "TRACKER_REDIS_RETRIES": "0"})
+    assert result.exit_code == ExitCode.UNREACHABLE
+    assert masked_url(url) in result.stderr
+    assert "is redis-server running? check TRACKER_REDIS_URL" in result.stderr
+    assert "hunter2" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_redis_that_refuses_commands_exits_4(cli: Cli, redis_url: str) -> None:
+    # The tests' server has no password: AUTH is refused.
+    url = redis_url.replace("redis://", "redis://someone:wrong@")
+    result = cli("list", env={"TRACKER_REDIS_URL": url, "TRACKER_REDIS_RETRIES": "0"})
+    assert result.exit_code == ExitCode.UNREACHABLE
+    assert "check TRACKER_REDIS_URL" in result.stderr
+
+
+def test_invalid_setting_exits_2(cli: Cli) -> None:
+    result = cli("list", env={"TRACKER_KEY_PREFIX": "has spaces!"})
+    assert result.exit_code == ExitCode.USAGE
+    assert "TRACKER_KEY_PREFIX" in result.stderr
+
+
+def test_unexpected_error_exits_1_and_points_to_debug(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("gremlins")
+
+    monkeypatch.setattr("tracker.manager.SyncSessionManager.list_sessions", explode)
+    result = cli("list")
+    assert result.exit_code == ExitCode.SESSION_FAILED
+    assert "unexpected RuntimeError: gremlins" in result.stderr
+    assert "--debug" in result.stderr
+
+
+def test_masked_url() -> None:
+    assert masked_url("redis://user:pw@h:1/0") == "redis://user:***@h:1/0"
+    assert masked_url("redis://h:1/0") == "redis://h:1/0"
+    assert masked_url(None) == "<unset>"
+    assert masked_url("redis://u:p@h:notaport/0") == "<unparsable URL>"
+
+
+# -- list ----------------------------------------------------------------------------------------
+
+
+def test_list_shows_sessions_newest_first_and_filters(cli: Cli, store_manager: SessionManager) -> None:
+    pending = store_manager.sync.create_session("first.canvas", 4)
+    partial = partial_session(store_manager)
+    listed = cli.json("list", "--json")
+    assert [s["session_id"] for s in listed] == [partial, pending]
+    assert [s["session_id"] for s in cli.json("list", "--status", "partial_failure", "--json")] == [partial]
+    assert cli.json("list", "--limit", "1", "--json")[0]["session_id"] == partial
+    table = cli("list")
+    assert table.exit_code == ExitCode.OK
+    assert pending in table.stdout and partial in table.stdout
+    assert "first.canvas" in table.stdout and "Created" in table.stdout
+    narrow = cli("list", env={"COLUMNS": "80"})
+    assert partial in narrow.stdout and "Created" not in narrow.stdout
+
+
+def test_list_when_there_is_nothing(cli: Cli) -> None:
+    assert cli.json("list", "--json") == []
+    assert "No sessions. (none running)" in cli("list", "--status", "running").stdout
+    result = cli("list", env={"TRACKER_REDIS_URL": None})
+    assert "TRACKER_REDIS_URL is not set" in result.stdout
+
+
+# -- watch (events from a thread; the real-worker case is in test_worker.py) ----------------------
+
+
+def test_watch_a_session_that_ended_returns_at_once(cli: Cli, store_manager: SessionManager) -> None:
+    sid = partial_session(store_manager)
+    result = cli("watch", sid)
+    assert result.exit_code == ExitCode.SESSION_FAILED
+    assert f"Session {sid} ended partial_failure" in result.stdout
+    assert "Slowest nodes" in result.stdout or "Failures (1)" in result.stdout
+
+
+def test_watch_follows_events_until_the_end(cli: Cli, store_manager: SessionManager) -> None:
+    sid = store_manager.sync.create_session("live.canvas", 4)
+
+    def work() -> None:
+        for i in range(4):
+            time.sleep(0.15)
+            store_manager.sync.record_node(sid, f"n{i}", "running")
+            store_manager.sync.add_node_result(sid, f"n{i}", i, status="failed" if i == 2 else "completed")
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    result = cli("watch", sid)
+    thread.join()
+    assert result.exit_code == ExitCode.SESSION_FAILED
+    assert "node n2 failed" in result.stdout
+    assert "3 completed, 1 failed of 4" in result.stdout
+
+
+def test_watch_unknown_session_exits_3(cli: Cli) -> None:
+    assert cli("watch", "0b0c1a3e-58c3-4cc9-8a4a-3f0e8f6c1d2e").exit_code == ExitCode.NOT_FOUND
+
+
+def test_follow_stops_at_its_timeout(store_manager: SessionManager) -> None:
+    from rich.console import Console
+
+    from tracker.cli.render import follow
+
+    sid = store_manager.sync.create_session("stuck.canvas", 2)
+    store_manager.sync.record_node(sid, "n1", "running")
+    status = follow(store_manager, sid, Console(file=open("/dev/null", "w")), timeout_s=0.3, wait_ms=100)  # noqa: SIM115
+    assert status["status"] == "running"
+
+
+# -- cancel, resume, cleanup ---------------------------------------------------------------------
+
+
+def test_cancel_a_pending_session(cli: Cli, store_manager: SessionManager) -> None:
+    sid = store_manager.sync.create_session("batch.canvas", 3)
+    result = cli("--app", TEST_APP, "cancel", sid)
+    assert result.exit_code == ExitCode.OK
+    assert f"Session {sid} cancelled" in result.stdout
+    assert store_manager.sync.get_session_status(sid)["status"] == "cancelled"
+    again = cli("--app", TEST_APP, "cancel", sid)
+    assert again.exit_code == ExitCode.USAGE
+    assert "is cancelled: it cannot become cancelled" in again.stderr
+
+
+def test_cancel_and_resume_unknown_sessions_exit_3(cli: Cli) -> None:
+    sid = "0b0c1a3e-58c3-4cc9-8a4a-3f0e8f6c1d2e"
+    assert cli("--app", "no.such.module:app", "cancel", sid).exit_code == ExitCode.NOT_FOUND
+    assert cli("--app", "no.such.module:app", "resume", sid).exit_code == ExitCode.NOT_FOUND
+
+
+def test_resume_a_failed_session(cli: Cli, store_manager: SessionManager) -> None:
+    sid = store_manager.sync.create_session("batch.canvas", 1)
+    store_manager.sync.add_node_result(sid, "n1", status="failed", error=NodeError(type="OSError", message="x"))
+    result = cli("--app", TEST_APP, "resume", sid)
+    assert result.exit_code == ExitCode.OK
+    assert f"Session {sid} resumed: 0 node(s) sent again" in result.stdout  # made by hand: no signatures
+    assert store_manager.sync.get_session_status(sid)["status"] == "running"
+
+
+def test_resume_a_completed_session_exits_2(cli: Cli, store_manager: SessionManager) -> None:
+    sid = store_manager.sync.create_session("batch.canvas", 1)
+    store_manager.sync.add_node_result(sid, "n1", 1)
+    result = cli("--app", TEST_APP, "resume", sid)
+    assert result.exit_code == ExitCode.USAGE
+    assert "is completed" in result.stderr
+
+
+def test_cleanup_removes_expired_sessions(cli: Cli, redis_url: str, key_prefix: str) -> None:
+    settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix)
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    old = SessionManager(RedisStorageAdapter.from_settings(settings), settings, clock=lambda: an_hour_ago)
+    old.sync.create_session("old.canvas", 1)
+    fresh = old.sync.create_session("fresh.canvas", 1)
+    old.clock = lambda: datetime.now(UTC)
+    old.sync.update_progress(fresh, 1.0)  # touched now: not expired
+    result = cli("cleanup", env={"TRACKER_SESSION_TIMEOUT": "60"})
+    assert result.exit_code == ExitCode.OK
+    assert "Removed 1 expired session(s)" in result.stdout
+    assert [s.session_id for s in old.sync.list_sessions().sessions] == [fresh]
+    old.storage.close()
+
+
+# -- run (errors; dispatching to a real worker is in test_worker.py) -------------------------------
+
+
+def test_run_refuses_a_bad_canvas_file(cli: Cli, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.canvas"
+    bad.write_text("{not json", encoding="utf-8")
+    result = cli("--app", TEST_APP, "run", str(bad))
+    assert result.exit_code == ExitCode.USAGE
+    assert "broken.canvas" in result.stderr and "not JSON (line 1" in result.stderr
+    missing = cli("--app", TEST_APP, "run", str(tmp_path / "missing.canvas"))
+    assert missing.exit_code == ExitCode.USAGE
+    assert "cannot read it" in missing.stderr
+
+
+def test_run_refuses_a_canvas_without_work(cli: Cli, tmp_path: Path) -> None:
+    path = tmp_path / "groups.canvas"
+    group = {"id": "g", "type": "group", "x": 0, "y": 0, "width": 10, "height": 10, "label": "only a box"}
+    path.write_text(json.dumps({"nodes": [group], "edges": []}), encoding="utf-8")
+    result = cli("--app", TEST_APP, "run", str(path))
+    assert result.exit_code == ExitCode.USAGE
+    assert "no work nodes" in result.stderr
+
+
+def test_run_needs_redis(cli: Cli, canvas_file: Callable[..., Path]) -> None:
+    result = cli("run", str(canvas_file("hello")), env={"TRACKER_REDIS_URL": None})
+    assert result.exit_code == ExitCode.USAGE
+    assert "TRACKER_REDIS_URL is not set" in result.stderr
+    assert "tracker demo" in result.stderr
+
+
+def test_run_with_an_unloadable_app_exits_2(cli: Cli, canvas_file: Callable[..., Path]) -> None:
+    path = str(canvas_file("hello"))
+    result = cli("--app", "no.such.module:app", "run", path)
+    assert result.exit_code == ExitCode.USAGE
+    assert "cannot load the Celery app 'no.such.module:app'" in result.stderr
+    not_an_app = cli("--app", "tests.cli.apps:not_an_app", "run", path)
+    assert (not_an_app.exit_code, "not a Celery app" in not_an_app.stderr) == (ExitCode.USAGE, True)
+
+
+def test_run_with_an_unreachable_broker_exits_4(cli: Cli, canvas_file: Callable[..., Path]) -> None:
+    result = cli("--app", "tests.cli.apps:unreachable", "run", str(canvas_file("hello")))
+    assert result.exit_code == ExitCode.UNREACHABLE
+    assert f"Celery broker at {UNREACHABLE_BROKER} is unreachable" in result.stderr
+
+
+# -- serve ---------------------------------------------------------------------------------------
+
+
+def test_serve_runs_the_web_app(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr("tracker.web.serve", lambda *args, **kwargs: calls.append((args, kwargs)))
+    result = cli("--app", TEST_APP, "serve", "--port", "8765", "--log-level", "warning")
+    assert result.exit_code == ExitCode.OK, result.stderr
+    ((args, kwargs),) = calls
+    assert args == ("127.0.0.1", 8765)
+    assert kwargs["log_level"] == "warning"
+    assert kwargs["manager"] is not None and kwargs["celery_app"] is not None
+
+
+def test_serve_without_the_web_extra_exits_2(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tracker.web", None)  # what a missing fastapi looks like
+    result = cli("serve")
+    assert result.exit_code == ExitCode.USAGE
+    assert "pip install 'tracker[web]'" in result.stderr
+
+
+def test_serve_warns_when_the_default_app_cannot_load(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Any] = []
+    monkeypatch.setattr("tracker.web.serve", lambda *args, **kwargs: calls.append(kwargs["celery_app"]))
+    monkeypatch.setattr("tracker.cli.base.DEFAULT_APP", "no.such.module:app")
+    result = cli("serve", env={"TRACKER_REDIS_URL": None})
+    assert result.exit_code == ExitCode.OK
+    assert calls == [None]
+    assert "Warning: cannot load the Celery app" in result.stderr
+    assert "empty in-memory store" in result.stderr
+
+
+# -- as a Celery sub-command ---------------------------------------------------------------------
+
+
+def test_celery_sessions_help_lists_the_commands() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers.app", "sessions", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    for command in ("demo", "run", "status", "list", "watch", "cancel", "resume", "cleanup", "serve"):
+        assert f"  {command} " in done.stdout
+    assert "Exit codes:" in done.stdout
+
+
+def test_celery_sessions_uses_the_app_celery_loaded(
+    cli_env: dict[str, str | None], store_manager: SessionManager, canvas_file: Callable[..., Path]
+) -> None:
+    runner = CliRunner()
+    sid = partial_session(store_manager)
+    SessionManager.reset_instance()
+    try:
+        status = runner.invoke(celery_cli, ["-A", TEST_APP, "sessions", "status", sid, "--json"], env=cli_env)
+        assert status.exit_code == ExitCode.SESSION_FAILED
+        assert json.loads(status.stdout)["status"] == SessionStatus.PARTIAL_FAILURE
+        # The -A app (whose broker is down) is the one `run` publishes with:
+        args = ["-A", "tests.cli.apps:unreachable", "sessions", "run", str(canvas_file("x"))]
+        run = runner.invoke(celery_cli, args, env=cli_env)
+        assert run.exit_code == ExitCode.UNREACHABLE
+        assert UNREACHABLE_BROKER in run.stderr
+        missing = runner.invoke(celery_cli, ["-A", TEST_APP, "sessions", "status", "0" * 8 + sid[8:]], env=cli_env)
+        assert missing.exit_code == ExitCode.NOT_FOUND
+        assert f"celery -A {TEST_APP} sessions list" in missing.stderr
+    finally:
+        SessionManager.reset_instance()
+
+
+def test_celery_sessions_without_an_app_uses_the_default(
+    cli_env: dict[str, str | None], monkeypatch: pytest.MonkeyPatch, canvas_file: Callable[..., Path]
+) -> None:
+    monkeypatch.setattr("tracker.cli.base.DEFAULT_APP", "tests.cli.apps:unreachable")
+    SessionManager.reset_instance()
+    try:
+        result = CliRunner().invoke(celery_cli, ["sessions", "run", str(canvas_file("x"))], env=cli_env)
+    finally:
+        SessionManager.reset_instance()
+    assert result.exit_code == ExitCode.UNREACHABLE
+    assert UNREACHABLE_BROKER in result.stderr
+
+
+def test_cli_error_exit_code_is_its_own() -> None:
+    assert CliError("x", ExitCode.NOT_FOUND).exit_code == 3
+    assert CliError("y", ExitCode.UNREACHABLE, "Cause: z").details == ("Cause: z",)
