@@ -1,0 +1,35 @@
+"""The Celery app the overhead benchmark runs: the project's own settings (``celeryconfig``) and a no-op task.
+
+Configured from the environment so that the driver and the worker subprocess
+(``celery -A benchmarks.app worker``) share it:
+
+- ``TRACKER_BENCH_BROKER``: broker and result backend URL (one private redis-server);
+- ``TRACKER_BENCH_QUEUE``: the queue name;
+- ``TRACKER_REDIS_URL``: the tracker's store (another private redis-server), read by the tracker.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+from tracker.celery import install
+
+app = Celery("tracker_bench")
+# The settings the project recommends (JSON only, acks_late, prefetch 1): what users run.
+app.config_from_object("celeryconfig")
+app.conf.update(
+    broker_url=os.environ.get("TRACKER_BENCH_BROKER", "memory://"),
+    result_backend=os.environ.get("TRACKER_BENCH_BROKER", "cache+memory://"),
+    task_default_queue=os.environ.get("TRACKER_BENCH_QUEUE", "tracker-bench"),
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+)
+install(app, beat=False)
+
+
+@app.task(name="bench.noop")  # type: ignore[untyped-decorator]
+def noop() -> None:
+    """Do nothing: what is left of a task is the cost of running it (and of tracking it)."""
+    return None

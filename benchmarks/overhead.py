@@ -1,0 +1,259 @@
+"""Items 1 and 2: the cost of tracking a batch on a real prefork worker, and its Redis round trips.
+
+One worker (``celery -A benchmarks.app worker --pool prefork -c 2``) runs every batch; the broker
+and result backend are one private redis-server, the tracker's store another, so the store's
+statistics hold the tracker's commands only. A batch is a group of no-op tasks, sent either with
+``tracker.celery.dispatch`` (tracked) or ``group.apply_async`` (untracked); the tracker's signal
+handlers are installed in the worker for both (an untracked task costs them two dict lookups).
+
+Wall time runs from the send to the moment the driver sees every task's result stored in the
+result backend (both kinds of batch pay result storage, and are watched the same way: one
+``EXISTS`` over the next unfinished results every millisecond); a tracked batch is then also
+waited for until its session is terminal, so its time includes the tracker's last write.
+Tracked and untracked batches alternate (ABBA...) and the median of the pairs' ratios is
+reported.
+
+Round trips are counted in one more tracked batch with the store's slow log recording every
+command (a Lua script's own commands are told apart by their fake client): commands sent by the
+worker per node, and by the dispatching process per session.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery, group
+
+from benchmarks._redis import LoggedCommand, RedisServer, command_log, redis_server
+from benchmarks.report import Row, Section, Target, median
+from tracker import SessionManager, TrackerSettings
+from tracker.celery import dispatch
+from tracker.storage.keys import KeySpace
+from tracker.storage.redis import RedisStorageAdapter
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Name the dispatching process gives its connections to the store (told apart in the slow log).
+DRIVER_CLIENT = "bench-driver"
+TERMINAL = {"completed", "partial_failure", "failed", "cancelled"}
+
+
+class Worker:
+    """``celery -A benchmarks.app worker --pool prefork`` in a subprocess, stopped by its own pid."""
+
+    def __init__(self, env: dict[str, str], queue: str, log: Path, concurrency: int = 2) -> None:
+        self.log = log
+        args = [
+            sys.executable, "-m", "celery", "-A", "benchmarks.app", "worker", "--pool", "prefork",
+            "--concurrency", str(concurrency), "--loglevel", "WARNING", "--without-gossip", "--without-mingle",
+            "--without-heartbeat", "-Q", queue, "--hostname", f"bench-{uuid.uuid4().hex[:6]}@%h",
+        ]  # fmt: skip
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+    def check(self) -> None:
+        if self.proc.poll() is not None:
+            tail = self.log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"the benchmark worker exited with {self.proc.returncode}:\n{tail}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # warm shutdown: the main process stops its pool children
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                children = subprocess.run(
+                    ["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True, check=False
+                ).stdout.split()
+                self.proc.kill()
+                for pid in children:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), 9)
+                self.proc.wait()
+
+
+class Driver:
+    """Sends batches and watches them finish."""
+
+    def __init__(self, broker: RedisServer, store: RedisServer, queue: str, worker: Worker) -> None:
+        self.app = Celery("tracker_bench_driver")
+        self.app.config_from_object("celeryconfig")
+        self.app.conf.update(broker_url=broker.url, result_backend=broker.url, task_default_queue=queue)
+        self.results = redis.Redis(port=broker.port)
+        settings = TrackerSettings(redis_url=store.url)
+        client = redis.Redis(port=store.port, client_name=DRIVER_CLIENT)
+        self.manager = SessionManager(storage=RedisStorageAdapter(client), settings=settings)
+        self.worker = worker
+        self.status_reads = 0
+
+    def batch(self, n: int, queue: str | None = None) -> group:
+        options = {"queue": queue} if queue else {}
+        return group(self.app.signature("bench.noop", options=options) for _ in range(n))
+
+    def wait_results(self, task_ids: list[str], timeout_s: float = 300.0) -> None:
+        """Return once every task's result is stored (the same check for tracked and untracked batches)."""
+        keys = [self.app.backend.get_key_for_task(tid) for tid in task_ids]
+        done, chunk = 0, 256
+        deadline = time.monotonic() + timeout_s
+        while done < len(keys):
+            window = keys[done : done + chunk]
+            if self.results.exists(*window) == len(window):
+                done += len(window)
+                continue
+            if time.monotonic() > deadline:
+                self.worker.check()
+                raise TimeoutError(f"only {done} of {len(keys)} results after {timeout_s} s")
+            time.sleep(0.001)
+
+    def wait_session(self, session_id: str, timeout_s: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.status_reads += 1
+            status = self.manager.sync.get_session_status(session_id)
+            if status["status"] in TERMINAL:
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"session {session_id} still {status['status']} after {timeout_s} s")
+            time.sleep(0.001)
+
+    def untracked(self, n: int) -> float:
+        canvas = self.batch(n)
+        start = time.perf_counter()
+        result = canvas.apply_async()
+        self.wait_results([r.id for r in result.results])
+        return time.perf_counter() - start
+
+    def tracked(self, n: int) -> float:
+        canvas = self.batch(n)
+        start = time.perf_counter()
+        session_id = dispatch(canvas, canvas_path="bench.canvas", manager=self.manager, app=self.app)
+        self.wait_results([sig.options["task_id"] for sig in canvas.tasks])
+        status = self.wait_session(session_id)
+        elapsed = time.perf_counter() - start
+        if status["status"] != "completed" or status["completed_nodes"] != n:
+            raise RuntimeError(f"tracked batch ended {status['status']} with {status['completed_nodes']} of {n}")
+        return elapsed
+
+
+def _per_node(
+    logged: list[LoggedCommand], n: int, keep: Callable[[LoggedCommand], bool]
+) -> tuple[float, dict[str, int]]:
+    counts = collections.Counter(c.name for c in logged if keep(c))
+    return sum(counts.values()) / n, dict(counts)
+
+
+def run(quick: bool) -> Section:
+    n = 100 if quick else 2000
+    pairs = 2 if quick else 10
+    section = Section("1-2", "Tracking overhead and round trips (prefork worker, concurrency 2)")
+    queue = f"bench-{uuid.uuid4().hex[:8]}"
+    with redis_server() as broker, redis_server() as store, tempfile.TemporaryDirectory() as tmp:
+        env = {
+            **os.environ,
+            "TRACKER_BENCH_BROKER": broker.url,
+            "TRACKER_BENCH_QUEUE": queue,
+            "TRACKER_REDIS_URL": store.url,
+            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+        }
+        env.pop("TRACKER_KEY_PREFIX", None)
+        worker = Worker(env, queue, Path(tmp) / "worker.log")
+        try:
+            driver = Driver(broker, store, queue, worker)
+            # Warm up: pool children started, connections open, scripts loaded, code paths hot.
+            for _ in range(2):
+                driver.tracked(min(n, 200))
+                driver.untracked(min(n, 200))
+            tracked_s: list[float] = []
+            untracked_s: list[float] = []
+            ratios: list[float] = []
+            for pair in range(pairs):
+                if pair % 2 == 0:
+                    a = driver.tracked(n)
+                    b = driver.untracked(n)
+                else:
+                    b = driver.untracked(n)
+                    a = driver.tracked(n)
+                tracked_s.append(a)
+                untracked_s.append(b)
+                ratios.append(a / b)
+
+            # Round trips: one more tracked batch with every command logged.
+            reads_before = driver.status_reads
+            stats_before = store.command_calls()
+            with command_log(store) as logged:
+                driver.tracked(n)
+                time.sleep(0.2)
+            stats_after = store.command_calls()
+            reads = driver.status_reads - reads_before
+            # Dispatch: what the dispatching process sent for a batch nobody consumes (so that no
+            # worker command mixes in), at two sizes to show it does not grow with the batch.
+            idle = f"{queue}-idle"
+            dispatch_counts = {}
+            for size in (10, n):
+                with command_log(store) as dispatch_log:
+                    dispatch(driver.batch(size, idle), canvas_path="bench.canvas", manager=driver.manager)
+                dispatch_counts[size] = sum(1 for c in dispatch_log if not c.in_script)
+        finally:
+            worker.stop()
+
+    # Heartbeats (one ZADD per worker process every few seconds) are the tracker's too, but they
+    # follow the clock, not the nodes: counted apart.
+    heartbeat_key = getattr(KeySpace(), "workers", None)
+
+    def worker_sent(c: LoggedCommand) -> bool:
+        return not c.in_script and c.client_name != DRIVER_CLIENT
+
+    heartbeats = sum(1 for c in logged if worker_sent(c) and c.key == heartbeat_key)
+    worker_rt, worker_cmds = _per_node(logged, n, lambda c: worker_sent(c) and c.key != heartbeat_key)
+    driver_cmds = collections.Counter(c.name for c in logged if not c.in_script and c.client_name == DRIVER_CLIENT)
+    in_script, _ = _per_node(logged, n, lambda c: c.in_script)
+    delta = {k: v - stats_before.get(k, 0) for k, v in stats_after.items()}
+    housekeeping = {k: v for k, v in delta.items() if k.split("|")[0] in ("info", "config", "slowlog", "client")}
+    executed = sum(delta.values()) - sum(housekeeping.values()) - reads
+    section.rows += [
+        Row(
+            f"wall time, {n} no-op tasks, tracked vs untracked (median of {pairs} pairs)",
+            "s",
+            median(tracked_s),
+            median(untracked_s),
+            median(ratios),
+            baseline_name="untracked",
+            target=Target("ratio", "<=", 1.05),
+        ),
+        Row(
+            "round trips per node, worker (start + result)",
+            "commands",
+            worker_rt,
+            target=Target("ours", "<=", 2),
+        ),
+        Row(f"round trips per batch, dispatch ({n} nodes)", "commands", float(dispatch_counts[n]),
+            float(dispatch_counts[10]), dispatch_counts[n] / dispatch_counts[10], baseline_name="10 nodes"),
+        Row("Redis commands run per node, incl. inside scripts", "commands", executed / n,
+            note="INFO commandstats delta over the batch, less the driver's status reads"),
+    ]  # fmt: skip
+    section.details = {
+        "nodes": n,
+        "pairs": pairs,
+        "tracked_s": tracked_s,
+        "untracked_s": untracked_s,
+        "pair_ratios": ratios,
+        "completion": "all results stored (EXISTS over the result keys); tracked: then session terminal",
+        "worker_round_trips_by_command": worker_cmds,
+        "driver_round_trips_by_command": dict(driver_cmds),
+        "driver_status_reads": reads,
+        "heartbeat_round_trips": heartbeats,
+        "in_script_commands_per_node": in_script,
+        "dispatch_round_trips_by_size": dispatch_counts,
+        "commandstats_delta": delta,
+    }
+    return section
