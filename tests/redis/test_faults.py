@@ -2,7 +2,9 @@
 
 Each test has a redis-server of its own (append-only file on, so data survives a restart) and
 stops, freezes or restarts it. Retries are kept small (``redis_retries=1``, 0.5 s socket timeout)
-so a failure surfaces in about a second.
+so a failure surfaces in about a second. A write whose reply is lost on the way back (the
+server did it, the client saw the connection drop) is sent again by redis-py; it must act once
+and answer as the first attempt would have.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers import RedisProcess, redis_process
+from tests.servers import LossyProxy, RedisProcess, redis_process
 from tracker import SessionManager, SessionNotFoundError, StorageUnavailableError, TrackerError, TrackerSettings
 from tracker.storage.redis import RedisStorageAdapter
 
@@ -146,3 +148,62 @@ def test_a_server_that_lost_its_data_reads_as_not_found_never_as_pending(tmp_pat
         with pytest.raises(SessionNotFoundError):
             manager.sync.get_session_status(sid)
         manager.storage.close()
+
+
+@pytest.fixture
+def lossy(server: RedisProcess, key_prefix: str) -> Iterator[tuple[SessionManager, LossyProxy]]:
+    """A manager that reaches the server through a proxy able to lose one reply; scripts loaded."""
+    proxy = LossyProxy(server.port)
+    settings = TrackerSettings(redis_url=proxy.url, key_prefix=key_prefix, redis_retries=1, redis_socket_timeout=2)
+    manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
+    # Every script loaded first, so a lost reply is the reply of a script that ran (not a NOSCRIPT).
+    warm = manager.sync.create_session("warm.canvas", 1)
+    manager.sync.update_progress(warm, 10)
+    manager.sync.update_status(warm, "cancelled")
+    manager.sync.resume_session(warm)
+    manager.sync.add_node_result(warm, "a", 1)
+    manager.sync.delete_session(warm)
+    yield manager, proxy
+    manager.storage.close()
+    proxy.close()
+
+
+def test_writes_whose_reply_is_lost_act_once_and_answer_as_the_first_attempt(
+    lossy: tuple[SessionManager, LossyProxy], server: RedisProcess, key_prefix: str
+) -> None:
+    manager, proxy = lossy
+    direct = RedisStorageAdapter.from_settings(TrackerSettings(redis_url=server.url, key_prefix=key_prefix))
+
+    # When the reply to a create is lost, Then the retried create returns the new session
+    proxy.lose_next_reply()
+    sid = manager.sync.create_session("lossy.canvas", 2)
+    assert proxy.replies_lost == 1
+    assert [e.type for e in direct.read_events(sid)] == ["created"]
+
+    # When the replies to transitions are lost, Then the retried ones report the moves they made
+    proxy.lose_next_reply()
+    assert manager.sync.update_status(sid, "running")["status"] == "running"
+    proxy.lose_next_reply()
+    moved = manager.sync.transition(sid, "failed")
+    assert (moved.previous_status.value, moved.session.status.value) == ("running", "failed")
+    assert proxy.replies_lost == 3
+
+    # When the replies to a resume, a node result and a progress update are lost, Then each acts once
+    proxy.lose_next_reply()
+    assert manager.sync.resume_session(sid).previous_status.value == "failed"
+    proxy.lose_next_reply()
+    assert manager.sync.add_node_result(sid, "a", 1)["completed_nodes"] == 1
+    proxy.lose_next_reply()
+    assert manager.sync.update_progress(sid, 75)["progress_percent"] == 75
+    assert proxy.replies_lost == 6
+
+    status = direct.get(sid)
+    assert status is not None
+    assert (status.status.value, status.completed_nodes, status.failed_nodes) == ("running", 1, 0)
+    # Each create, transition and resume left one event; a repeated node result or progress may
+    # append its event again (state unchanged), as a duplicate delivery does.
+    events = [e.type for e in direct.read_events(sid)]
+    assert events[:4] == ["created", "status", "status", "status"]
+    assert set(events[4:]) == {"node", "progress"}
+    assert [s.session_id for s in direct.list_sessions().sessions] == [sid]
+    direct.close()

@@ -8,7 +8,9 @@ also on Redis Cluster):
                                              ``status``, ``progress``, ``completed``, ``failed``,
                                              ``running``, ``lost``, ``cancelled``, ``created_ms``,
                                              ``updated_ms``, ``started_ms``, ``finished_ms``,
-                                             ``metadata`` (JSON)
+                                             ``metadata`` (JSON), ``request`` (``<id>|<previous
+                                             status>`` of the last create/transition/resume, so
+                                             a retried call is answered, not applied twice)
 ``<prefix>:{<sid>}:nodes``           HASH    node id -> ``status|attempts|started_ms|finished_ms|
                                              task_id|worker|payload`` (payload: JSON object with
                                              ``result``, ``error``, ``reason``; may be empty)

@@ -11,6 +11,7 @@ from EVALSHA to loading the script when the server answers NOSCRIPT.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -149,6 +150,12 @@ def _payload(event: NodeEvent) -> str:
     return "{" + ",".join(parts) + "}" if parts else ""
 
 
+def _request_id() -> str:
+    # One per call, so a retry of the same script call (redis-py re-sends a command whose reply
+    # was lost) is told apart from another caller's request; see replay_of in common.lua.
+    return uuid.uuid4().hex
+
+
 def _field(value: str | None, name: str) -> str:
     if value is None:
         return ""
@@ -221,6 +228,7 @@ class RedisPrograms:
             self.ttl_s,
             self.events_maxlen,
             len(nodes),
+            _request_id(),
         ]
         for spec in nodes:
             sig = json.dumps(spec.signature, separators=(",", ":")) if spec.signature is not None else ""
@@ -248,7 +256,14 @@ class RedisPrograms:
     ) -> Program[TransitionOutcome]:
         sk = self.keys.session(session_id)
         script = self._script(
-            "transition", sk, target.value, ms_from_utc(now), self.ttl_s, self.events_maxlen, *sorted(allowed_from)
+            "transition",
+            sk,
+            target.value,
+            ms_from_utc(now),
+            self.ttl_s,
+            self.events_maxlen,
+            _request_id(),
+            *sorted(allowed_from),
         )
         reply = self._check(session_id, (yield [script])[0], target.value)
         return TransitionOutcome(
@@ -272,6 +287,7 @@ class RedisPrograms:
             ms_from_utc(now),
             self.ttl_s,
             self.events_maxlen,
+            _request_id(),
             *sorted(allowed_from),
         )
         reply = self._check(session_id, (yield [script])[0], SessionStatus.RUNNING.value)

@@ -95,6 +95,23 @@ local function touch(ttl_s)
   for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl_s) end
 end
 
+-- create, transition and resume are not idempotent by themselves, so they carry a request id and
+-- leave '<request_id>|<previous status>' in the session's `request` field. redis-py sends a
+-- command again when its reply was lost (the connection dropped after the server ran it); such a
+-- retry finds its own id there and answers as the first attempt did instead of acting twice.
+-- Returns the previous status the first attempt saw, or nil when this is not a replay.
+local function replay_of(request_id)
+  local last = redis.call('HGET', S, 'request')
+  if not last then return nil end
+  local bar = string.find(last, '|', 1, true)
+  if not bar or string.sub(last, 1, bar - 1) ~= request_id then return nil end
+  return string.sub(last, bar + 1)
+end
+
+local function remember_request(request_id, previous)
+  redis.call('HSET', S, 'request', request_id .. '|' .. previous)
+end
+
 local function in_list(value, list, first)
   for i = first, #list do
     if list[i] == value then return true end

@@ -1,18 +1,23 @@
 -- create(KEYS=[session, nodes, sigs, events, (created_index, expiry_index)],
 --        ARGV=[session_id, canvas_path, node_count, now_ms, metadata_json, ttl_s, events_maxlen, n_nodes,
---              (node_id, task_id, signature_json) * n_nodes])
+--              request_id, (node_id, task_id, signature_json) * n_nodes])
 -- Creates a pending session with its known nodes. The index keys are passed only outside Cluster.
+-- A retry of the same request (same request_id) answers 'ok' again and changes nothing.
 -- Returns {'ok'} | {'exists'}
 local sid, canvas_path, node_count, now_ms, metadata = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local ttl_s, maxlen, n_nodes = ARGV[6], ARGV[7], tonumber(ARGV[8])
-if redis.call('EXISTS', S) == 1 then return {'exists'} end
+local ttl_s, maxlen, n_nodes, request_id = ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
+if redis.call('EXISTS', S) == 1 then
+  if replay_of(request_id) then return {'ok'} end
+  return {'exists'}
+end
 redis.call('HSET', S, 'canvas_path', canvas_path, 'node_count', node_count, 'status', 'pending', 'progress', '0',
            'completed', 0, 'failed', 0, 'running', 0, 'lost', 0, 'cancelled', 0, 'created_ms', now_ms,
            'updated_ms', now_ms, 'started_ms', '', 'finished_ms', '', 'metadata', metadata)
+remember_request(request_id, '')
 -- HSET in chunks: unpack() of a very long list overflows Lua's C stack.
 local nodes, sigs = {}, {}
 for i = 0, n_nodes - 1 do
-  local base = 9 + i * 3
+  local base = 10 + i * 3
   local node_id, task_id, sig = ARGV[base], ARGV[base + 1], ARGV[base + 2]
   nodes[#nodes + 1] = node_id
   nodes[#nodes + 1] = 'pending|0|||' .. task_id .. '||'

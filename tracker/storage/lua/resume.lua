@@ -1,19 +1,35 @@
 -- resume(KEYS=[session, nodes, sigs, events],
---        ARGV=[retry_failed, task_id_base, now_ms, ttl_s, events_maxlen, allowed_from...])
+--        ARGV=[retry_failed, task_id_base, now_ms, ttl_s, events_maxlen, request_id, allowed_from...])
 -- Takes the session back to running and resets to pending every node that has not completed
 -- (failed ones only when retry_failed is '1'). Completed nodes are never touched. Each reset node
 -- gets a fresh task id, task_id_base followed by 12 hex digits of a counter (a revoked id stays
--- revoked in the workers' memory, so a re-sent task must not reuse it).
+-- revoked in the workers' memory, so a re-sent task must not reuse it). A retry of the same request
+-- (same request_id) changes nothing and answers with the first attempt's previous status and the
+-- nodes still pending (those it reset, unless they have moved on since).
 -- Returns {'ok', session_hgetall, previous_status, {node_id, task_id, signature_json}...}
 --       | {'not_found'} | {'invalid', current_status}
 local retry_failed, task_id_base, now_ms, ttl_s, maxlen = ARGV[1] == '1', ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local request_id = ARGV[6]
 local s = load_session()
 if not s then return {'not_found'} end
 local previous = s.status
-if not in_list(previous, ARGV, 6) then return {'invalid', previous} end
 
 local reset = {}
 local all = redis.call('HGETALL', N)
+local replayed = replay_of(request_id)
+if replayed then
+  for i = 1, #all, 2 do
+    local f = parse_node(all[i + 1])
+    if f[1] == 'pending' then
+      reset[#reset + 1] = all[i]
+      reset[#reset + 1] = f[5]
+      reset[#reset + 1] = redis.call('HGET', G, all[i]) or ''
+    end
+  end
+  return {'ok', redis.call('HGETALL', S), replayed, reset}
+end
+if not in_list(previous, ARGV, 7) then return {'invalid', previous} end
+
 for i = 1, #all, 2 do
   local f = parse_node(all[i + 1])
   if f[1] ~= 'completed' and (f[1] ~= 'failed' or retry_failed) then
@@ -28,6 +44,7 @@ end
 s.progress = derived_progress(s)
 set_status(s, 'running', now_ms)
 save_session(s, now_ms)
+remember_request(request_id, previous)
 emit(s, 'status', now_ms, maxlen)
 touch(ttl_s)
 return {'ok', redis.call('HGETALL', S), previous, reset}

@@ -1,12 +1,16 @@
--- transition(KEYS=[session, nodes, sigs, events], ARGV=[target, now_ms, ttl_s, events_maxlen, allowed_from...])
+-- transition(KEYS=[session, nodes, sigs, events],
+--            ARGV=[target, now_ms, ttl_s, events_maxlen, request_id, allowed_from...])
 -- Compare-and-set of the session status; the allowed from-states come from states.VALID_TRANSITIONS.
--- Cancelling marks every node without a result `cancelled`.
+-- Cancelling marks every node without a result `cancelled`. A retry of the same request (same
+-- request_id) answers as the first attempt did and changes nothing.
 -- Returns {'ok', session_hgetall, previous_status} | {'not_found'} | {'invalid', current_status}
-local target, now_ms, ttl_s, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local target, now_ms, ttl_s, maxlen, request_id = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local s = load_session()
 if not s then return {'not_found'} end
 local previous = s.status
-if not in_list(previous, ARGV, 5) then return {'invalid', previous} end
+local replayed = replay_of(request_id)
+if replayed then return {'ok', redis.call('HGETALL', S), replayed} end
+if not in_list(previous, ARGV, 6) then return {'invalid', previous} end
 
 if target == 'cancelled' then
   local all = redis.call('HGETALL', N)
@@ -23,6 +27,7 @@ if target == 'cancelled' then
 end
 set_status(s, target, now_ms)
 save_session(s, now_ms)
+remember_request(request_id, previous)
 emit(s, 'status', now_ms, maxlen)
 touch(ttl_s)
 return {'ok', redis.call('HGETALL', S), previous}
