@@ -519,6 +519,10 @@ def _ms_int(moment: datetime) -> int:
     return value
 
 
+def _has_script(batch: list[Command]) -> bool:
+    return any(isinstance(command, Script) for command in batch)
+
+
 def _scan_cursor(cursor: str | None) -> int:
     if not cursor:
         return 0
@@ -610,8 +614,10 @@ class RedisStorageAdapter(_RedisBase):
         return cls.from_url(settings.redis_url, settings)
 
     def _execute(self, batch: list[Command]) -> list[Any]:
-        if len(batch) == 1 or self.programs.cluster:
+        if len(batch) == 1 or (self.programs.cluster and _has_script(batch)):
+            # A cluster pipeline does not load a script the server lacks (NOSCRIPT): scripts go one by one.
             return [self._one(command, self._client) for command in batch]
+        # Outside Cluster one round trip; on a Cluster one per node (redis-py splits by slot).
         pipe = self._client.pipeline(transaction=False)
         for command in batch:
             self._one(command, pipe)
@@ -746,8 +752,7 @@ class AsyncRedisStorageAdapter(_RedisBase):
             # connections other callers are using. Loading the map first (a no-op once loaded)
             # keeps every command on its slot's node.
             await self._client.initialize()
-            return [await self._one(command, self._client) for command in batch]
-        if len(batch) == 1:
+        if len(batch) == 1 or (self.programs.cluster and _has_script(batch)):
             return [await self._one(command, self._client) for command in batch]
         pipe = self._client.pipeline(transaction=False)
         for command in batch:
