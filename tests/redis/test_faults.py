@@ -32,6 +32,7 @@ def server(tmp_path: Path) -> Iterator[RedisProcess]:
 
 @pytest.fixture
 def manager(server: RedisProcess, key_prefix: str) -> Iterator[SessionManager]:
+    """A manager on that server with small retries: 1 retry, 0.5 s socket timeout."""
     settings = TrackerSettings(redis_url=server.url, key_prefix=key_prefix, redis_retries=1, redis_socket_timeout=0.5)
     manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
     yield manager

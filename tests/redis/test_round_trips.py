@@ -90,6 +90,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
 
 @pytest.fixture
 def observer(server: RedisProcess) -> Iterator[Observer]:
+    """Counts what the module's server runs (see :class:`Observer`)."""
     watching = Observer(server.url)
     yield watching
     watching.close()
