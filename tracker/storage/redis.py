@@ -10,6 +10,7 @@ from EVALSHA to loading the script when the server answers NOSCRIPT.
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Generator, Sequence
@@ -57,6 +58,9 @@ T = TypeVar("T")
 #: The scripts, by file name (without ``.lua``); each is loaded with ``common.lua`` before it.
 SCRIPTS = ("create", "record_node", "transition", "resume", "set_progress", "remove_if_expired")
 
+#: Sessions whose key names each program object remembers (see ``RedisPrograms._session_keys``).
+SESSION_KEYS_CACHE_SIZE = 1024
+
 #: How many cleanup candidates one pass takes from the index at a time.
 CLEANUP_BATCH = 500
 
@@ -88,18 +92,27 @@ def _text(value: Any) -> str:
 
 
 def _flat_dict(flat: Sequence[Any]) -> dict[str, str]:
-    items = [_text(v) for v in flat]
+    # Every write's reply carries the session hash: decode in line rather than one call per item.
+    items = [v.decode() if type(v) is bytes else _text(v) for v in flat]
     return dict(zip(items[0::2], items[1::2], strict=True))
 
 
+@functools.lru_cache(maxsize=1024)
+def _utc(ms: int) -> datetime:
+    # Datetimes are immutable, and the same few recur in every reply of a session (created, started,
+    # the current millisecond): converting each once saves a good part of reading a reply.
+    moment = utc_from_ms(ms)
+    assert moment is not None
+    return moment
+
+
 def _ms(value: str) -> datetime | None:
-    return utc_from_ms(int(value)) if value else None
+    return _utc(int(value)) if value else None
 
 
 def _session(session_id: str, fields: dict[str, str]) -> SessionInfo:
-    created = utc_from_ms(int(fields["created_ms"]))
-    updated = utc_from_ms(int(fields["updated_ms"]))
-    assert created is not None and updated is not None
+    created = _utc(int(fields["created_ms"]))
+    updated = _utc(int(fields["updated_ms"]))
     return SessionInfo(
         session_id=session_id,
         canvas_path=fields["canvas_path"],
@@ -196,6 +209,20 @@ class RedisPrograms:
         self.ttl_s = ttl_s
         self.events_maxlen = events_maxlen
         self.cluster = cluster
+        self._session_keys_cache: dict[str, SessionKeys] = {}
+
+    def _session_keys(self, session_id: str) -> SessionKeys:
+        """``self.keys.session(session_id)``, built (and the id validated) once per session.
+
+        Every signal handler write and every status read needs them; a session's calls come in runs.
+        """
+        found = self._session_keys_cache.get(session_id)
+        if found is None:
+            found = self.keys.session(session_id)
+            if len(self._session_keys_cache) >= SESSION_KEYS_CACHE_SIZE:
+                self._session_keys_cache.clear()
+            self._session_keys_cache[session_id] = found
+        return found
 
     def _script(self, name: str, sk: SessionKeys, *args: Any) -> Script:
         return Script(name, sk.all(), list(args))
@@ -245,7 +272,7 @@ class RedisPrograms:
         ]
 
     def get(self, session_id: str) -> Program[SessionInfo | None]:
-        flat = (yield [("HGETALL", self.keys.session(session_id).session)])[0]
+        flat = (yield [("HGETALL", self._session_keys(session_id).session)])[0]
         if not flat:
             return None
         fields = flat if isinstance(flat, dict) else _flat_dict(flat)
@@ -321,7 +348,7 @@ class RedisPrograms:
     ) -> Script:
         script = self._script(
             "record_node",
-            self.keys.session(session_id),
+            self._session_keys(session_id),
             event.node_id,
             event.status.value,
             "" if event.attempt is None else event.attempt,
