@@ -81,6 +81,12 @@ class _Plans:
         count = validation.node_count(node_count)
         meta = validation.metadata(metadata)
         sid = validation.session_id(session_id) if session_id is not None else str(uuid.uuid4())
+        for spec in nodes:
+            if not isinstance(spec, NodeSpec):
+                raise TrackerValidationError("nodes", spec, "expected NodeSpec items", sid)
+            validation.label(spec.task_id, "task_id", sid)
+            if spec.signature is not None:
+                validation.json_text(spec.signature, "signature", self.settings.max_result_bytes, sid)
         node_ids = [validation.node_id(spec.node_id, sid) for spec in nodes]
         if len(set(node_ids)) != len(node_ids) or len(node_ids) > count:
             raise TrackerValidationError(
@@ -126,8 +132,10 @@ class _Plans:
         sid = validation.session_id(session_id)
         nid = validation.node_id(node_id, sid)
         node_status = validation.member(NodeStatus, status, "status", sid)
-        if attempt is not None and (isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1):
-            raise TrackerValidationError("attempt", attempt, "expected a whole number >= 1", sid)
+        attempt = validation.attempt(attempt, sid)
+        task_id = validation.label(task_id, "task_id", sid)
+        worker = validation.label(worker, "worker", sid)
+        reason = validation.optional_text(reason, "reason", self.settings.max_error_chars, sid)
         result_json = None
         if node_status.is_terminal and result is not None:
             result_json = validation.json_text(result, "result", self.settings.max_result_bytes, sid)
@@ -135,19 +143,26 @@ class _Plans:
             node_id=nid,
             status=node_status,
             result_json=result_json,
-            error=self._error(error),
+            error=self._error(error, sid),
             attempt=attempt,
             task_id=task_id,
             worker=worker,
-            reason=reason[: self.settings.max_error_chars] if reason else None,
+            reason=reason or None,
         )
         return _Plan("record_node", (sid, event, self.clock()))
 
-    def _error(self, error: NodeError | BaseException | None) -> NodeError | None:
-        if error is None or isinstance(error, NodeError):
-            return error
+    def _error(self, error: NodeError | BaseException | None, sid: str) -> NodeError | None:
+        cap = self.settings.max_error_chars
+        if error is None:
+            return None
+        if isinstance(error, NodeError):
+            if len(error.type) <= validation.MAX_LABEL_CHARS and len(error.message) <= cap:
+                return error
+            return NodeError(type=error.type[: validation.MAX_LABEL_CHARS], message=error.message[:cap])
+        if not isinstance(error, BaseException):
+            raise TrackerValidationError("error", error, "expected an exception or a NodeError", sid)
         # Only the class name and the text are kept: nothing that could be imported back.
-        return NodeError(type=type(error).__name__, message=str(error)[: self.settings.max_error_chars])
+        return NodeError(type=type(error).__name__, message=str(error)[:cap])
 
     def heartbeat(self, worker: str) -> _Plan[None]:
         return _Plan("heartbeat", (validation.worker_id(worker), self.clock()))
@@ -178,13 +193,13 @@ class _Plans:
     ) -> _Plan[NodePage]:
         sid = validation.session_id(session_id)
         node_status = None if status is None else validation.member(NodeStatus, status, "status", sid)
-        return _Plan("get_nodes", (sid, node_status, cursor, _limit(limit)))
+        return _Plan("get_nodes", (sid, node_status, validation.cursor(cursor), _limit(limit)))
 
     def list_sessions(
         self, status: SessionStatus | str | None = None, cursor: str | None = None, limit: int = 50
     ) -> _Plan[SessionPage]:
         session_status = None if status is None else validation.member(SessionStatus, status, "status")
-        return _Plan("list_sessions", (session_status, cursor, _limit(limit)))
+        return _Plan("list_sessions", (session_status, validation.cursor(cursor), _limit(limit)))
 
     def read_events(
         self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
@@ -192,7 +207,11 @@ class _Plans:
         sid = validation.session_id(session_id)
         if after is not None:
             validation.event_id(after)
-        return _Plan("read_events", (sid, after, _limit(limit), block_ms))
+        wait_ms = validation.block_ms(block_ms, sid)
+        if wait_ms is not None:
+            # A blocking read must end well before the store's socket timeout would cut it.
+            wait_ms = min(wait_ms, max(0, round(self.settings.redis_socket_timeout * 1000) - 250))
+        return _Plan("read_events", (sid, after, _limit(limit), wait_ms))
 
     def delete(self, session_id: str) -> _Plan[bool]:
         return _Plan("delete", (validation.session_id(session_id),))
@@ -419,7 +438,10 @@ class SessionManager:
     async def read_events(
         self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
     ) -> list[SessionEvent]:
-        """Events of the session after the event id ``after``, waiting up to ``block_ms`` for one."""
+        """Events of the session after the event id ``after``, waiting up to ``block_ms`` for one.
+
+        The wait is capped 250 ms below ``redis_socket_timeout``, so that the store never cuts it.
+        """
         return await self._run(self._plans.read_events(session_id, after, limit, block_ms))
 
     async def resume_session(self, session_id: str, retry_failed: bool = True) -> ResumeOutcome:

@@ -19,6 +19,10 @@ MAX_CANVAS_PATH_CHARS = 1024
 MAX_NODE_ID_CHARS = 200
 #: Longest encoded metadata accepted.
 MAX_METADATA_BYTES = 16 * 1024
+#: Longest task id or worker name accepted (they are stored in a ``|``-separated node record).
+MAX_LABEL_CHARS = 255
+#: Highest attempt number accepted: far beyond any retry count, and exact as a Lua number.
+MAX_ATTEMPT = 2**31 - 1
 
 _NODE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]+")
 
@@ -73,7 +77,10 @@ def progress(value: object, sid: str | None = None) -> float:
     """Return ``value`` as a float if it is a finite number within 0..100."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TrackerValidationError("progress_percent", value, "expected a number", sid)
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise TrackerValidationError("progress_percent", value, "must be a finite number within 0..100", sid) from None
     if math.isnan(number) or math.isinf(number) or not 0.0 <= number <= 100.0:
         raise TrackerValidationError("progress_percent", value, "must be a finite number within 0..100", sid)
     return number
@@ -83,9 +90,10 @@ def json_text(value: Any, field: str, max_bytes: int, sid: str | None = None) ->
     """Encode ``value`` as compact JSON (no NaN), refusing what does not fit in ``max_bytes``."""
     try:
         text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
-    except (TypeError, ValueError) as exc:
+        size = len(text.encode())
+    except (TypeError, ValueError, RecursionError) as exc:
+        # ValueError includes UnicodeEncodeError: a lone surrogate cannot be stored as UTF-8.
         raise TrackerValidationError(field, value, f"not JSON-serialisable ({exc})", sid) from None
-    size = len(text.encode())
     if size > max_bytes:
         raise TrackerValidationError(field, f"<{size} bytes>", f"larger than the {max_bytes}-byte cap", sid)
     return text
@@ -116,13 +124,58 @@ def is_worker_id(value: object) -> bool:
     return isinstance(value, str) and _WORKER_ID.fullmatch(value) is not None
 
 
-_EVENT_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
+_EVENT_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
 
 
 def event_id(value: object) -> str:
     """Return ``value`` if it is a stream event id (``<ms>-<seq>``), as sent in ``Last-Event-ID``."""
     if not isinstance(value, str) or not _EVENT_ID.fullmatch(value):
         raise TrackerValidationError("event id", value, "expected '<milliseconds>-<sequence>'")
+    return value
+
+
+def attempt(value: object, sid: str | None = None) -> int | None:
+    """Return ``value`` if it is None or a whole number within 1..MAX_ATTEMPT."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ATTEMPT:
+        raise TrackerValidationError("attempt", value, f"expected a whole number within 1..{MAX_ATTEMPT}", sid)
+    return value
+
+
+def label(value: object, field: str, sid: str | None = None) -> str | None:
+    """Return ``value`` if it is None or a task id / worker name: at most 255 characters, no ``|``."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_LABEL_CHARS or "|" in value:
+        raise TrackerValidationError(
+            field, value, f"expected a string of at most {MAX_LABEL_CHARS} characters without '|'", sid
+        )
+    return value
+
+
+def optional_text(value: object, field: str, max_chars: int, sid: str | None = None) -> str | None:
+    """Return ``value`` cut to ``max_chars`` if it is a string (None stays None)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TrackerValidationError(field, value, "expected a string", sid)
+    return value[:max_chars]
+
+
+def cursor(value: object) -> str | None:
+    """Return ``value`` if it is None or a string (the store checks it is a cursor it handed out)."""
+    if value is not None and not isinstance(value, str):
+        raise TrackerValidationError("cursor", value, "expected the next_cursor of a previous page")
+    return value
+
+
+def block_ms(value: object, sid: str | None = None) -> int | None:
+    """Return ``value`` if it is None or a whole number of milliseconds >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TrackerValidationError("block_ms", value, "expected a whole number of milliseconds >= 0", sid)
     return value
 
 

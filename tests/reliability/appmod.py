@@ -1,0 +1,67 @@
+"""The Celery app of the reliability scenarios, configured from the environment.
+
+Workers run it as ``celery -A tests.reliability.appmod worker`` in subprocesses (real prefork
+pools, SIGKILL-able). The signal handlers are installed only in those worker processes
+(``TRACKER_REL_WORKER=1``): the test process only publishes, and an in-process worker of another
+suite must not be recorded twice by this app's handlers.
+
+Broker settings follow the redelivery scenario: ``task_acks_late``, a ``visibility_timeout`` from
+``TRACKER_REL_VISIBILITY`` and restore sweeps every second (kombu's default sweep runs every
+100 s), so a message held by a dead worker comes back a few seconds after the timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from tracker.celery import install
+
+BROKER = os.environ.get("TRACKER_REL_BROKER", "memory://")
+
+app = Celery("tracker_reliability", set_as_current=False)
+app.conf.update(
+    broker_url=BROKER,
+    result_backend=BROKER if BROKER.startswith("redis") else "cache+memory://",
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    result_accept_content=["json"],
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_default_queue=os.environ.get("TRACKER_REL_QUEUE", "tracker-reliability"),
+    broker_transport_options={
+        "visibility_timeout": int(os.environ.get("TRACKER_REL_VISIBILITY", "3600")),
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+    },
+    broker_connection_retry_on_startup=True,
+)
+if os.environ.get("TRACKER_REL_WORKER") == "1":
+    install(app)
+
+
+@app.task(name="rel.step")
+def step(i: int, sleep_s: float = 0.0) -> dict[str, Any]:
+    """Sleep, then report which node ran, where and when it finished (epoch seconds)."""
+    if sleep_s:
+        time.sleep(sleep_s)
+    return {"i": i, "doubled": 2 * i, "pid": os.getpid(), "done_at": time.time()}
+
+
+@app.task(name="rel.mark")
+def mark(path: str) -> str:
+    """Create ``path``: proof that a message ran."""
+    Path(path).write_text("ran")
+    return path
+
+
+@app.task(name="rel.big")
+def big(size: int) -> str:
+    """Return a string of ``size`` characters (over the result cap when large)."""
+    return "x" * size

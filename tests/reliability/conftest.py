@@ -1,0 +1,91 @@
+"""Reliability fixtures: redis-servers of each test's own (to stop, restart or cut), a broker, workers.
+
+Each scenario that injects a fault into the store gets a redis-server of its own, separate from
+the broker's, so stopping it touches nothing else. Workers are real prefork subprocesses running
+:mod:`tests.reliability.appmod`; each test publishes to a queue of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.reliability.helpers import ROOT, Worker
+from tests.servers import RedisProcess, redis_process
+
+StartRedis = Callable[..., RedisProcess]
+"""``start_redis(*extra_args, password=None)``: a started redis-server of this test's own."""
+
+MakeWorker = Callable[..., Worker]
+"""``make_worker(store_url, concurrency=2, visibility_s=None, env_extra=None)``: a started worker."""
+
+
+@pytest.fixture(scope="session")
+def rel_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The broker (and result backend) of the reliability workers: a redis-server of its own."""
+    with redis_process(tmp_path_factory.mktemp("rel-broker")) as server:
+        from tests.reliability import appmod
+
+        appmod.app.conf.update(broker_url=server.url, result_backend=server.url)
+        yield server.url
+
+
+@pytest.fixture
+def start_redis(tmp_path: Path) -> Iterator[StartRedis]:
+    """Start redis-servers in this test's temp dir; all are stopped at the end."""
+    started: list[RedisProcess] = []
+
+    def start(*extra: str, password: str | None = None) -> RedisProcess:
+        directory = tmp_path / f"redis{len(started)}"
+        directory.mkdir()
+        server = RedisProcess(directory=directory, extra=extra, password=password)
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def rel_queue() -> str:
+    """A queue of this test's own: its signatures carry it, its workers consume only it."""
+    return f"rel-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def make_worker(rel_broker: str, rel_queue: str, key_prefix: str, tmp_path: Path) -> Iterator[MakeWorker]:
+    """Start prefork workers on this test's queue and key prefix; all are stopped at the end."""
+    started: list[Worker] = []
+
+    def make(
+        store_url: str,
+        concurrency: int = 2,
+        visibility_s: int | None = None,
+        env_extra: dict[str, str] | None = None,
+    ) -> Worker:
+        env = {
+            **os.environ,
+            "TRACKER_REL_WORKER": "1",
+            "TRACKER_REL_BROKER": rel_broker,
+            "TRACKER_REL_QUEUE": rel_queue,
+            "TRACKER_REDIS_URL": store_url,
+            "TRACKER_KEY_PREFIX": key_prefix,
+            "PYTHONPATH": str(ROOT),
+            **(env_extra or {}),
+        }
+        if visibility_s is not None:
+            env["TRACKER_REL_VISIBILITY"] = str(visibility_s)
+        worker = Worker(env, tmp_path / f"worker{len(started)}.log", concurrency)
+        started.append(worker)
+        worker.start()
+        return worker
+
+    yield make
+    for worker in started:
+        worker.stop()

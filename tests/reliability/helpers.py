@@ -1,0 +1,153 @@
+"""Shared pieces of the reliability scenarios: waiting with deadlines, worker subprocesses, state dumps."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from tracker import NodeResult, SessionManager, SessionNotFoundError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TERMINAL = {"completed", "failed", "partial_failure", "cancelled"}
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 60.0, what: str = "condition") -> None:
+    """Poll ``predicate`` every 50 ms until it holds; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def all_nodes(manager: SessionManager, sid: str) -> dict[str, NodeResult]:
+    """Every node of a session, by id (all pages)."""
+    nodes: dict[str, NodeResult] = {}
+    cursor: str | None = None
+    while True:
+        page = manager.sync.get_nodes(sid, cursor=cursor, limit=1000)
+        nodes.update({node.node_id: node for node in page.nodes})
+        cursor = page.next_cursor
+        if cursor is None:
+            return nodes
+
+
+def public_state(manager: SessionManager) -> dict[str, Any]:
+    """Everything a caller can read, through the public API: each session, its nodes and its events.
+
+    Two dumps compare equal exactly when no call changed anything a reader could see.
+    """
+    state: dict[str, Any] = {}
+    cursor: str | None = None
+    while True:
+        page = manager.sync.list_sessions(cursor=cursor, limit=1000)
+        for info in page.sessions:
+            sid = info.session_id
+            try:
+                nodes = {nid: node.to_dict() for nid, node in all_nodes(manager, sid).items()}
+                events = [event.to_dict() for event in manager.sync.read_events(sid, limit=1000)]
+            except SessionNotFoundError:
+                continue
+            state[sid] = {"info": info.to_dict(), "nodes": nodes, "events": events}
+        cursor = page.next_cursor
+        if cursor is None:
+            return state
+
+
+def redis_dump(client: redis.Redis, prefix: str) -> dict[str, Any]:
+    """Every key under ``prefix`` with its type and value (TTLs left out: they tick)."""
+    dump: dict[str, Any] = {}
+    for key in sorted(client.scan_iter(match=f"{prefix}:*", count=1000)):
+        kind = client.type(key).decode()
+        value: Any
+        if kind == "hash":
+            value = client.hgetall(key)
+        elif kind == "zset":
+            value = client.zrange(key, 0, -1, withscores=True)
+        elif kind == "set":
+            value = sorted(client.smembers(key))
+        elif kind == "stream":
+            value = client.xrange(key)
+        else:
+            value = client.dump(key)
+        dump[key.decode()] = (kind, value)
+    return dump
+
+
+def command_calls(client: redis.Redis) -> dict[str, int]:
+    """Calls per command since the last ``CONFIG RESETSTAT`` (``INFO commandstats``)."""
+    stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in stats.items()}
+
+
+@dataclass
+class Worker:
+    """``celery -A tests.reliability.appmod worker`` (prefork) in a subprocess, its output in a file."""
+
+    env: dict[str, str]
+    log_path: Path
+    concurrency: int = 2
+    name: str = field(default_factory=lambda: f"rel{uuid.uuid4().hex[:6]}@%h")
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = [sys.executable, "-m", "celery", "-A", "tests.reliability.appmod", "worker", "--pool", "prefork",
+                "--concurrency", str(self.concurrency), "--loglevel", "INFO", "--without-gossip",
+                "--without-mingle", "--without-heartbeat", "-Q", self.env["TRACKER_REL_QUEUE"],
+                "--hostname", self.name]  # fmt: skip
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(args, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Wait until the worker consumes (its ``ready`` line is logged)."""
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.output[-3000:]}")
+            return " ready." in self.output
+
+        wait_for(ready, timeout_s, "the worker to be ready")
+
+    def children(self) -> list[int]:
+        if self.proc is None:
+            return []
+        found = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+        return [int(pid) for pid in found]
+
+    def kill(self) -> None:
+        """SIGKILL the main process and its pool children at once: nothing acks, nothing reports."""
+        if self.proc is None:
+            return
+        children = self.children()
+        self.proc.kill()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self.proc = None
