@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 
 class TrackerError(Exception):
@@ -64,9 +66,28 @@ class SessionExistsError(TrackerError):
         super().__init__(f"session {session_id!r} exists already")
 
 
+_QUERY_SECRET = re.compile(r"(?i)([?&]password=)[^&#]*")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password (``user:password@`` or ``?password=``) replaced by ``***``, safe to log."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is not None:
+            url = urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"))
+    except ValueError:
+        return "<unparsable URL>"
+    return _QUERY_SECRET.sub(r"\1***", url)
+
+
 class StorageUnavailableError(TrackerError):
-    """The store could not be reached after retrying (or answered with a driver error)."""
+    """The store could not be reached after retrying (or answered with a driver error).
+
+    Attributes:
+        url: The store's URL with its password masked (the message, logged and shown to API
+            clients, never carries a secret).
+    """
 
     def __init__(self, message: str, url: str | None = None) -> None:
-        self.url = url
-        super().__init__(f"{message} (store: {url})" if url else message)
+        self.url = redact_url(url) if url else url
+        super().__init__(f"{message} (store: {self.url})" if self.url else message)
