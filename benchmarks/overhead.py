@@ -11,7 +11,9 @@ result backend (both kinds of batch pay result storage, and are watched the same
 ``EXISTS`` over the next unfinished results every millisecond); a tracked batch is then also
 waited for until its session is terminal, so its time includes the tracker's last write.
 Tracked and untracked batches alternate (ABBA...) and the median of the pairs' ratios is
-reported.
+reported. Beside wall time, the CPU each process used per batch (from ``/proc``: the worker and
+its pool children, the broker's and the store's redis-server) gives a ratio that other load on
+a shared machine disturbs much less.
 
 Round trips are counted in one more tracked batch with the store's slow log recording every
 command (a Lua script's own commands are told apart by their fake client): commands sent by the
@@ -61,6 +63,13 @@ class Worker:
         with log.open("wb") as out:
             self.proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
 
+    def pids(self) -> list[int]:
+        """The main process and its pool children."""
+        children = subprocess.run(
+            ["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        return [self.proc.pid, *(int(pid) for pid in children)]
+
     def check(self) -> None:
         if self.proc.poll() is not None:
             tail = self.log.read_text(errors="replace")[-3000:]
@@ -82,8 +91,21 @@ class Worker:
                 self.proc.wait()
 
 
+def _cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds the processes ``pids`` have used so far (Linux ``/proc``; 0 elsewhere)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            # Fields after the command name: state is field 3, utime and stime are fields 14 and 15.
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.0
+
+
 class Driver:
-    """Sends batches and watches them finish."""
+    """Sends batches and watches them finish; notes the CPU each group of processes used per batch."""
 
     def __init__(self, broker: RedisServer, store: RedisServer, queue: str, worker: Worker) -> None:
         self.app = Celery("tracker_bench_driver")
@@ -95,6 +117,21 @@ class Driver:
         self.manager = SessionManager(storage=RedisStorageAdapter(client), settings=settings)
         self.worker = worker
         self.status_reads = 0
+        self.processes: dict[str, Callable[[], list[int]]] = {
+            "worker": worker.pids,
+            "broker_redis": lambda: [broker.process.pid],
+            "tracker_redis": lambda: [store.process.pid],
+            "driver": lambda: [os.getpid()],
+        }
+        #: CPU seconds by process group, one dict per batch, by kind of batch.
+        self.cpu: dict[str, list[dict[str, float]]] = {"tracked": [], "untracked": []}
+
+    def _cpu(self) -> dict[str, float]:
+        return {name: _cpu_s(pids()) for name, pids in self.processes.items()}
+
+    def _note_cpu(self, kind: str, before: dict[str, float]) -> None:
+        after = self._cpu()
+        self.cpu[kind].append({name: after[name] - before[name] for name in after})
 
     def batch(self, n: int, queue: str | None = None) -> group:
         options = {"queue": queue} if queue else {}
@@ -128,18 +165,23 @@ class Driver:
 
     def untracked(self, n: int) -> float:
         canvas = self.batch(n)
+        cpu = self._cpu()
         start = time.perf_counter()
         result = canvas.apply_async()
         self.wait_results([r.id for r in result.results])
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self._note_cpu("untracked", cpu)
+        return elapsed
 
     def tracked(self, n: int) -> float:
         canvas = self.batch(n)
+        cpu = self._cpu()
         start = time.perf_counter()
         session_id = dispatch(canvas, canvas_path="bench.canvas", manager=self.manager, app=self.app)
         self.wait_results([sig.options["task_id"] for sig in canvas.tasks])
         status = self.wait_session(session_id)
         elapsed = time.perf_counter() - start
+        self._note_cpu("tracked", cpu)
         if status["status"] != "completed" or status["completed_nodes"] != n:
             raise RuntimeError(f"tracked batch ended {status['status']} with {status['completed_nodes']} of {n}")
         return elapsed
@@ -173,6 +215,7 @@ def run(quick: bool) -> Section:
             for _ in range(2):
                 driver.tracked(min(n, 200))
                 driver.untracked(min(n, 200))
+            driver.cpu = {"tracked": [], "untracked": []}
             tracked_s: list[float] = []
             untracked_s: list[float] = []
             ratios: list[float] = []
@@ -187,6 +230,7 @@ def run(quick: bool) -> Section:
                 untracked_s.append(b)
                 ratios.append(a / b)
 
+            cpu_runs = {kind: list(runs) for kind, runs in driver.cpu.items()}
             # Round trips: one more tracked batch with every command logged.
             reads_before = driver.status_reads
             stats_before = store.command_calls()
@@ -195,6 +239,9 @@ def run(quick: bool) -> Section:
                 time.sleep(0.2)
             stats_after = store.command_calls()
             reads = driver.status_reads - reads_before
+            # Fairness: an untracked batch on the same worker must cost the store nothing.
+            with command_log(store) as untracked_log:
+                driver.untracked(n)
             # Dispatch: what the dispatching process sent for a batch nobody consumes (so that no
             # worker command mixes in), at two sizes to show it does not grow with the batch.
             idle = f"{queue}-idle"
@@ -220,6 +267,16 @@ def run(quick: bool) -> Section:
     delta = {k: v - stats_before.get(k, 0) for k, v in stats_after.items()}
     housekeeping = {k: v for k, v in delta.items() if k.split("|")[0] in ("info", "config", "slowlog", "client")}
     executed = sum(delta.values()) - sum(housekeeping.values()) - reads
+    serving = ("worker", "broker_redis", "tracker_redis")
+    cpu_per_task = {
+        kind: {name: median([run[name] for run in runs]) / n * 1e6 for name in runs[0]}
+        for kind, runs in cpu_runs.items()
+    }
+    serving_us = {kind: sum(cpu_per_task[kind][name] for name in serving) for kind in cpu_per_task}
+    cpu_ratios = [
+        sum(t[name] for name in serving) / sum(u[name] for name in serving)
+        for t, u in zip(cpu_runs["tracked"], cpu_runs["untracked"], strict=True)
+    ]
     section.rows += [
         Row(
             f"wall time, {n} no-op tasks, tracked vs untracked (median of {pairs} pairs)",
@@ -231,10 +288,20 @@ def run(quick: bool) -> Section:
             target=Target("ratio", "<=", 1.05),
         ),
         Row(
+            "CPU per task: worker + broker Redis + tracker Redis",
+            "µs",
+            serving_us["tracked"],
+            serving_us["untracked"],
+            median(cpu_ratios),
+            baseline_name="untracked",
+            note="from /proc; less sensitive than wall time to other load on the machine",
+        ),
+        Row(
             "round trips per node, worker (start + result)",
             "commands",
             worker_rt,
             target=Target("ours", "<=", 2),
+            note=f"plus {heartbeats} heartbeat(s) over the batch: one per worker process every few seconds",
         ),
         Row(f"round trips per batch, dispatch ({n} nodes)", "commands", float(dispatch_counts[n]),
             float(dispatch_counts[10]), dispatch_counts[n] / dispatch_counts[10], baseline_name="10 nodes"),
@@ -247,11 +314,17 @@ def run(quick: bool) -> Section:
         "tracked_s": tracked_s,
         "untracked_s": untracked_s,
         "pair_ratios": ratios,
+        "cpu_us_per_task_by_process": cpu_per_task,
+        "cpu_pair_ratios": cpu_ratios,
         "completion": "all results stored (EXISTS over the result keys); tracked: then session terminal",
         "worker_round_trips_by_command": worker_cmds,
         "driver_round_trips_by_command": dict(driver_cmds),
         "driver_status_reads": reads,
         "heartbeat_round_trips": heartbeats,
+        "untracked_batch_store_commands": {
+            "round_trips": sum(1 for c in untracked_log if not c.in_script and c.key != heartbeat_key),
+            "heartbeats": sum(1 for c in untracked_log if c.key == heartbeat_key),
+        },
         "in_script_commands_per_node": in_script,
         "dispatch_round_trips_by_size": dispatch_counts,
         "commandstats_delta": delta,

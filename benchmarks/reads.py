@@ -98,15 +98,16 @@ def run(quick: bool) -> Section:
         app.conf.update(result_backend=f"redis://127.0.0.1:{server.port}/1")
         celery_small_ids = _celery_results(app, SMALL)
         celery_small = [_completed_count_s(app, celery_small_ids) for _ in range(200)]
-        # The largest size that fits the time budget: from 1 000 up by tens to our large session's size.
+        # The largest size that fits the time budget: from 1 000 up by tens to our large session's size
+        # (each count is one GET per result, so its time grows with the size: it is predicted first).
         candidate, spent = min(1_000, large), 0.0
         while True:
             ids = _celery_results(app, candidate)
-            runs = [_completed_count_s(app, ids) for _ in range(2)]
+            runs = [_completed_count_s(app, ids) for _ in range(2 if candidate < large else 1)]
             spent += sum(runs)
             size, celery_large_s = candidate, median(runs)
             following = min(large, candidate * 10)
-            if candidate >= large or spent + 2 * celery_large_s * following / candidate > celery_budget_s:
+            if candidate >= large or spent + celery_large_s * following / candidate > celery_budget_s:
                 break
             candidate = following
         store.close()
