@@ -128,6 +128,7 @@ class _Plans:
         task_id: str | None = None,
         worker: str | None = None,
         reason: str | None = None,
+        request_id: str | None = None,
     ) -> _Plan[NodeOutcome]:
         sid = validation.session_id(session_id)
         nid = validation.node_id(node_id, sid)
@@ -136,6 +137,7 @@ class _Plans:
         task_id = validation.label(task_id, "task_id", sid)
         worker = validation.label(worker, "worker", sid)
         reason = validation.optional_text(reason, "reason", self.settings.max_error_chars, sid)
+        request_id = validation.label(request_id, "request_id", sid)
         result_json = None
         if node_status.is_terminal and result is not None:
             result_json = validation.json_text(result, "result", self.settings.max_result_bytes, sid)
@@ -148,6 +150,7 @@ class _Plans:
             task_id=task_id,
             worker=worker,
             reason=reason or None,
+            request_id=request_id,
         )
         return _Plan("record_node", (sid, event, self.clock()))
 
@@ -406,7 +409,9 @@ class SessionManager:
     async def record_node(self, session_id: str, node_id: str, status: NodeStatus | str, **details: Any) -> NodeOutcome:
         """Record any node event (running, retrying, completed, failed, cancelled, lost) in full.
 
-        Keyword details: ``result``, ``error``, ``attempt``, ``task_id``, ``worker``, ``reason``.
+        Keyword details: ``result``, ``error``, ``attempt``, ``task_id``, ``worker``, ``reason``, and
+        ``request_id``: the same id on every retry of one event tells the store it is that call again
+        (so the retry that ends the session still gets ``finished``, exactly once).
         """
         return await self._run(self._plans.record_node(session_id, node_id, status, **details))
 

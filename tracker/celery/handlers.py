@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -74,6 +75,9 @@ class Recorder:
         if ids is None:
             return None
         session_id, node_id = ids
+        # One id for this event across the retries below: the store answers a retry of the call that
+        # ended the session (its reply lost) as the first attempt, so the callback is sent once.
+        details.setdefault("request_id", uuid.uuid4().hex)
 
         def call() -> NodeOutcome:
             try:

@@ -44,6 +44,9 @@ class NodeEvent(_Model):
     task_id: str | None = None
     worker: str | None = None
     reason: str | None = None
+    #: Names one logical call across its retries (a store that may lose replies answers a retry of
+    #: the call that ended the session as the first attempt would have); None: the store picks one.
+    request_id: str | None = None
 
 
 class ResumeOutcome(_Model):

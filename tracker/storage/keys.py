@@ -10,7 +10,9 @@ also on Redis Cluster):
                                              ``updated_ms``, ``started_ms``, ``finished_ms``,
                                              ``metadata`` (JSON), ``request`` (``<id>|<previous
                                              status>`` of the last create/transition/resume, so
-                                             a retried call is answered, not applied twice)
+                                             a retried call is answered, not applied twice),
+                                             ``finish_request`` (id of the node event that ended
+                                             the session: its retry is told ``finished`` again)
 ``<prefix>:{<sid>}:nodes``           HASH    node id -> ``status|attempts|started_ms|finished_ms|
                                              task_id|worker|payload`` (payload: JSON object with
                                              ``result``, ``error``, ``reason``; may be empty)

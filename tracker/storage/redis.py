@@ -361,6 +361,7 @@ class RedisPrograms:
             expect_holder,
             started_before_ms,
             f"{session_id} {event.node_id}" if holder and not self.cluster else "",
+            event.request_id or _request_id(),
         )
         if holder and not self.cluster:
             # Outside Cluster the holder registry is kept by the same script (no extra round trip).

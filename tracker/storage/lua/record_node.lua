@@ -1,6 +1,6 @@
 -- record_node(KEYS=[session, nodes, sigs, events, (held, workers)],
 --             ARGV=[node_id, status, attempt, task_id, worker, payload, now_ms, ttl_s, events_maxlen,
---                   expect_holder, started_before_ms, held_member])
+--                   expect_holder, started_before_ms, held_member, request_id])
 -- Upserts one node event (idempotent: the same event twice changes nothing the second time), moves
 -- the counters when the node's status changes, starts a pending session and finishes a running one
 -- when every node has a result: exactly one caller sees `finished`. Rules: states.merge_node_status.
@@ -9,10 +9,13 @@
 -- counts as a sign of life, any other status takes it out (a retry may run elsewhere). expect_holder (the reaper) makes the event
 -- conditional: applied only while the node still runs on that holder (and, with
 -- started_before_ms, started before then), so two reapers never mark a node twice.
+-- The event that ends the session leaves its request_id in the session's `finish_request` field: a
+-- retry of that same call (its reply was lost) is answered `finished` again; any other call is not.
 -- Returns {'ok', session_hgetall, node_record, old_status, finished} | {'not_found'} | {'limit'} | {'skip'}
 local node_id, incoming, attempt, task_id, worker, payload = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local now_ms, ttl_s, maxlen = ARGV[7], ARGV[8], ARGV[9]
 local expect_holder, started_before, held_member = ARGV[10] or '', ARGV[11] or '', ARGV[12] or ''
+local request_id = ARGV[13] or ''
 local s = load_session()
 if not s then return {'not_found'} end
 
@@ -88,7 +91,10 @@ if s.status == 'running' then
   if target then
     set_status(s, target, now_ms)
     finished = target
+    if request_id ~= '' then redis.call('HSET', S, 'finish_request', request_id) end
   end
+elseif request_id ~= '' and TERMINAL_SESSION[s.status] and redis.call('HGET', S, 'finish_request') == request_id then
+  finished = s.status
 end
 s.progress = derived_progress(s)
 save_session(s, now_ms)

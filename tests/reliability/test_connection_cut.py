@@ -1,0 +1,218 @@
+"""Scenario 5: connections cut mid-script, through a TCP proxy of the test's own on loopback.
+
+redis-py sends a command again when its connection breaks (``retry_on_error``), even when the
+server had already run it and only the reply was lost (redis-py#3554). Each write is one Lua
+script, so the server runs it whole or not at all; the tests check that a re-run changes no count,
+that a cut request runs nothing, and that the ``finished`` outcome (what sends the completion
+callback) still reaches exactly one caller.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+import redis
+from celery import Celery
+
+from tests.reliability.conftest import StartRedis
+from tests.reliability.helpers import all_nodes, command_calls
+from tests.reliability.proxy import Proxy, tcp_proxy
+from tracker import NodeStatus, SessionManager, TrackerSettings
+from tracker.celery import NODE_STAMP, SESSION_STAMP, Recorder
+from tracker.states import merge_node_status
+from tracker.storage.keys import KeySpace
+from tracker.storage.redis import RedisStorageAdapter
+
+
+@pytest.fixture
+def cut(start_redis: StartRedis, key_prefix: str) -> Iterator[tuple[SessionManager, Proxy, redis.Redis]]:
+    """A manager talking to a private redis-server through the proxy, and a direct client to that server."""
+    server = start_redis()
+    with tcp_proxy(server.port) as proxy:
+        settings = TrackerSettings(redis_url=proxy.url, key_prefix=key_prefix)
+        manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
+        # Load every script once: a fault must hit a script run, not the NOSCRIPT answer before it.
+        warm = manager.sync.create_session("warm.canvas", 1)
+        manager.sync.update_progress(warm, 1)
+        manager.sync.update_status(warm, "cancelled")
+        manager.sync.resume_session(warm)
+        manager.sync.record_node(warm, "w", "completed")
+        direct = redis.Redis(port=server.port)
+        direct.config_resetstat()
+        yield manager, proxy, direct
+        direct.close()
+        manager.storage.close()
+
+
+def recount(direct: redis.Redis, key_prefix: str, sid: str) -> tuple[dict[str, int], dict[str, int]]:
+    """The session hash's counters, and the same counters recomputed from its node records."""
+    keys = KeySpace(key_prefix).session(sid)
+    session = {k.decode(): v.decode() for k, v in direct.hgetall(keys.session).items()}
+    statuses = Counter(raw.decode().split("|", 1)[0] for raw in direct.hvals(keys.nodes))
+    stored = {name: int(session[name]) for name in ("completed", "failed", "running", "lost", "cancelled")}
+    derived = {
+        "completed": statuses["completed"],
+        "failed": statuses["failed"] + statuses["lost"],
+        "running": statuses["running"] + statuses["retrying"],
+        "lost": statuses["lost"],
+        "cancelled": statuses["cancelled"],
+    }
+    return stored, derived
+
+
+def test_a_lost_reply_is_run_again_and_counts_once(
+    cut: tuple[SessionManager, Proxy, redis.Redis], key_prefix: str
+) -> None:
+    manager, proxy, direct = cut
+    sid = manager.sync.create_session("cut.canvas", 3)
+    manager.sync.record_node(sid, "a", "running", attempt=1)
+
+    # When the reply to a node's success is lost on the way back
+    direct.config_resetstat()
+    proxy.arm("reply")
+    outcome = manager.sync.record_node(sid, "a", "completed", result={"ok": 1}, attempt=1)
+
+    # Then redis-py ran the script a second time, and the node still counts once
+    assert proxy.fired["reply"] == 1
+    assert command_calls(direct)["evalsha"] == 2
+    assert (outcome.session.completed_nodes, outcome.session.running_nodes) == (1, 0)
+    assert outcome.node.status is NodeStatus.COMPLETED
+    stored, derived = recount(direct, key_prefix, sid)
+    assert stored == derived
+    assert stored["completed"] == 1
+
+
+def test_a_cut_request_runs_nothing_and_the_retry_runs_once(
+    cut: tuple[SessionManager, Proxy, redis.Redis], key_prefix: str
+) -> None:
+    manager, proxy, direct = cut
+    sid = manager.sync.create_session("cut.canvas", 2)
+
+    # When the connection breaks half-way through sending a script call
+    direct.config_resetstat()
+    proxy.arm("request")
+    outcome = manager.sync.record_node(sid, "a", "failed", error=RuntimeError("boom"), attempt=1)
+
+    # Then the server never ran the half command: the script ran exactly once, on the retry
+    assert proxy.fired["request"] == 1
+    assert command_calls(direct)["evalsha"] == 1
+    assert (outcome.session.failed_nodes, outcome.session.completed_nodes) == (1, 0)
+    stored, derived = recount(direct, key_prefix, sid)
+    assert stored == derived
+
+
+def test_the_caller_whose_finishing_reply_was_lost_still_sees_finished(
+    cut: tuple[SessionManager, Proxy, redis.Redis],
+) -> None:
+    manager, proxy, direct = cut
+    sid = manager.sync.create_session("cut.canvas", 2)
+    manager.sync.record_node(sid, "a", "completed", result=1)
+
+    # When the reply to the result that ends the session is lost, and redis-py runs the script again
+    direct.config_resetstat()
+    proxy.arm("reply")
+    outcome = manager.sync.record_node(sid, "b", "completed", result=2)
+
+    # Then the re-run answers as the first run did: this caller ended the session (it sends the
+    # completion callback; nobody else will)
+    assert command_calls(direct)["evalsha"] == 2
+    assert outcome.session.status.value == "completed"
+    assert outcome.finished is not None and outcome.finished.value == "completed"
+    # and a later duplicate of the same result (a redelivery: a new call) is not told so again
+    again = manager.sync.record_node(sid, "b", "completed", result=2)
+    assert again.finished is None
+    assert again.session.completed_nodes == 2
+
+
+def test_a_finishing_result_retried_by_the_handler_still_reports_finished_once(
+    cut: tuple[SessionManager, Proxy, redis.Redis],
+) -> None:
+    # Given a session one result away from its end, and the signal handlers' recorder
+    manager, proxy, direct = cut
+    recorder = Recorder(Celery("cut", set_as_current=False), manager)
+    sid = manager.sync.create_session("cut.canvas", 2)
+    recorder.record(_Request(sid, "a"), NodeStatus.COMPLETED, result=1)
+
+    # When the replies of the last result are lost 4 times in a row (redis-py's own retries give up,
+    # then the handler tries again)
+    direct.config_resetstat()
+    proxy.arm("reply", times=4)
+    outcome = recorder.record(_Request(sid, "b"), NodeStatus.COMPLETED, result=2)
+
+    # Then the script ran 5 times, counted once, and the handler learnt that it ended the session
+    assert proxy.fired["reply"] == 4
+    assert command_calls(direct)["evalsha"] == 5
+    assert outcome is not None
+    assert outcome.session.completed_nodes == 2
+    assert outcome.finished is not None and outcome.finished.value == "completed"
+
+
+class _Request:
+    """What the signal handlers read from a task request: its stamps."""
+
+    def __init__(self, sid: str, nid: str) -> None:
+        self.stamps = {SESSION_STAMP: sid, NODE_STAMP: nid}
+
+
+@pytest.mark.timeout(180)
+def test_connections_dropped_again_and_again_under_concurrent_writes(
+    cut: tuple[SessionManager, Proxy, redis.Redis], key_prefix: str
+) -> None:
+    # Given 4 threads with 875 events each (starts, duplicate results, failed-then-completed) on one
+    # session, sent through the signal handlers' own recorder (its retries and backoff included)
+    manager, proxy, direct = cut
+    recorder = Recorder(Celery("cut", set_as_current=False), manager)
+    nodes = 1000
+    events: list[tuple[str, str]] = []
+    for n in range(nodes):
+        life = [["running", "completed"], ["completed", "completed"], ["running", "failed", "completed"],
+                ["running", "failed"]][n % 4]  # fmt: skip
+        events += [(f"n{n}", status) for status in life]
+    random.Random(5).shuffle(events)
+    hands = [events[i::4] for i in range(4)]
+    want: dict[str, NodeStatus] = {}
+    for nid, status in events:
+        want[nid] = merge_node_status(want.get(nid), NodeStatus(status))
+    sid = manager.sync.create_session("cut.canvas", nodes)
+    finished: list[str] = []
+    unrecorded: list[tuple[str, str]] = []
+
+    def send(hand: list[tuple[str, str]]) -> None:
+        for nid, status in hand:
+            outcome = recorder.record(_Request(sid, nid), NodeStatus(status), attempt=1)
+            if outcome is None:
+                unrecorded.append((nid, status))
+            elif outcome.finished is not None:
+                finished.append(outcome.finished.value)
+
+    # When every open connection is cut every 50 ms while they write, and some replies are swallowed
+    senders = [threading.Thread(target=send, args=(hand,)) for hand in hands]
+    for thread in senders:
+        thread.start()
+    drops = 0
+    while any(thread.is_alive() for thread in senders):
+        time.sleep(0.05)
+        if proxy.drop_all():
+            drops += 1
+            if drops % 5 == 0:
+                proxy.arm("reply")
+    for thread in senders:
+        thread.join()
+
+    # Then every write got through, nothing counts twice and exactly one caller saw the session end
+    assert not unrecorded
+    assert drops >= 10, "the connections must have been cut while the writes ran"
+    stored, derived = recount(direct, key_prefix, sid)
+    assert stored == derived
+    assert {nid: node.status for nid, node in all_nodes(manager, sid).items()} == want
+    status = manager.sync.get_session_status(sid)
+    counts = Counter(want.values())
+    assert status["completed_nodes"] == counts[NodeStatus.COMPLETED]
+    assert status["failed_nodes"] == counts[NodeStatus.FAILED]
+    assert finished == ["partial_failure"]
+    print(f"\ncut: {drops} drops, {proxy.fired['reply']} swallowed replies, {proxy.accepted} connections")
