@@ -6,6 +6,20 @@ from celery import Celery
 
 from tests.servers import free_port
 
+#: The app the CLI tests' thread worker runs. Its broker and queue are set, and the tracker's
+#: handlers installed, by a package fixture (tests/cli/conftest.py) before anything sends with it.
+worker_app = Celery("tracker_cli_tests", set_as_current=False)
+worker_app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    task_ignore_result=True,
+    task_acks_late=True,
+    worker_prefetch_multiplier=1,
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+)
+
 #: Nothing listens on its broker port: publishing fails after kombu's short retry policy.
 UNREACHABLE_BROKER = f"redis://127.0.0.1:{free_port()}/0"
 

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import importlib
 import json
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from celery import Celery, signals
+from celery.contrib.testing.worker import start_worker
+from celery.utils.dispatch import Signal
 from click.testing import CliRunner, Result
 
-# Real workers in a thread, as in the Celery tests: the same fixtures, the same test app.
-from tests.celery.conftest import celery_env, thread_worker, tracked  # noqa: F401
+from tests.cli.apps import worker_app
 from tracker import SessionManager, TrackerSettings
+from tracker.celery import install
 from tracker.cli import main
 from tracker.storage.redis import RedisStorageAdapter
 
@@ -22,7 +27,59 @@ from tracker.storage.redis import RedisStorageAdapter
 importlib.import_module("workers.tasks")
 
 #: The Celery app the CLI is pointed at in these tests.
-TEST_APP = "tests.celery.appmod:app"
+TEST_APP = "tests.cli.apps:worker_app"
+
+
+@pytest.fixture(scope="package", autouse=True)
+def worker_app_queue(redis_url: str) -> Iterator[str]:
+    """Configure the test app (the tests' Redis, a queue of its own) and track it, for this package only.
+
+    Signal receivers are process-wide and a recorder handles every app's tasks, so while this
+    app's recorder is connected it would also record (and send completion callbacks for) other
+    test packages' sessions: it is disconnected when the package ends.
+    """
+    queue = f"tracker-cli-tests-{uuid.uuid4().hex[:8]}"
+    worker_app.conf.update(broker_url=redis_url, task_default_queue=queue)
+    install(worker_app, beat=False)
+    yield queue
+    _uninstall(worker_app)
+
+
+def _uninstall(app: Celery) -> None:
+    prefix = f"tracker:{id(app)}:"  # the dispatch_uid prefix install() connects with
+    for signal in vars(signals).values():
+        if isinstance(signal, Signal):
+            for (uid, *_), _receiver in list(signal.receivers):
+                if isinstance(uid, str) and uid.startswith(prefix):
+                    signal.disconnect(dispatch_uid=uid)
+    del app._tracker_recorder
+
+
+@pytest.fixture
+def tracked(redis_url: str, key_prefix: str) -> Iterator[SessionManager]:
+    """A Redis-backed manager made the process-wide one (what the worker's signal handlers use)."""
+    settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix)
+    manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
+    SessionManager.set_instance(manager)
+    yield manager
+    SessionManager.reset_instance()
+    worker_app.control.purge()  # nothing this test left queued reaches the next one
+
+
+@pytest.fixture
+def thread_worker(tracked: SessionManager) -> Iterator[None]:
+    """A real Celery worker (threads pool) in a thread, consuming the test app's queue."""
+    with start_worker(worker_app, pool="threads", concurrency=4, perform_ping_check=False, loglevel="WARNING"):
+        yield
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:
+    """Poll ``predicate`` every 50 ms until it holds; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
 
 
 @dataclass

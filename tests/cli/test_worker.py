@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.celery.conftest import wait_for
-from tests.cli.conftest import TEST_APP, Cli
+from tests.cli.conftest import TEST_APP, Cli, wait_for
 from tracker import SessionManager
 from tracker.cli import ExitCode
 
@@ -64,7 +63,7 @@ def test_cancel_a_running_batch_then_resume_it_to_completion(
     tracked: SessionManager,
     canvas_file: Callable[..., Path],
     redis_client: redis.Redis,
-    celery_env: dict[str, str],
+    worker_app_queue: str,
 ) -> None:
     # Given a batch of 12 slow nodes on a worker of 4 threads
     path = canvas_file(*[f"step {i} #sleep=0.5" for i in range(12)])
@@ -78,8 +77,7 @@ def test_cancel_a_running_batch_then_resume_it_to_completion(
     assert "cancelled" in status.stdout
     # (The revoked originals still queued must reach the worker and be dropped before the resume:
     # one dropped after it would mark its re-sent node cancelled again. Reported to the glue's owner.)
-    queue = celery_env["TRACKER_TEST_QUEUE"]
-    wait_for(lambda: redis_client.llen(queue) == 0, 30, "the revoked originals to be dropped")
+    wait_for(lambda: redis_client.llen(worker_app_queue) == 0, 30, "the revoked originals to be dropped")
     wait_for(lambda: tracked.sync.get_session_status(sid)["running_nodes"] == 0, 30, "running nodes to finish")
     time.sleep(0.3)
     # Then resume --wait runs what was left and ends completed
