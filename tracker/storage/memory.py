@@ -117,13 +117,14 @@ class InMemoryStorageAdapter:
                 "lost_nodes": counts[NodeStatus.LOST],
                 "cancelled_nodes": counts[NodeStatus.CANCELLED],
                 "progress_percent": states.progress_from_counts(finished, entry.info.node_count),
-                "updated_at": now,
+                "updated_at": max(now, entry.info.updated_at),
             }
         )
 
     @staticmethod
     def _move(info: SessionInfo, target: SessionStatus, now: datetime) -> SessionInfo:
-        update: dict[str, Any] = {"status": target, "updated_at": now}
+        # updated_at never goes back (a caller with an older clock must not make a session look idle)
+        update: dict[str, Any] = {"status": target, "updated_at": max(now, info.updated_at)}
         if target is SessionStatus.RUNNING:
             update["finished_at"] = None
             if info.started_at is None:
@@ -209,7 +210,8 @@ class InMemoryStorageAdapter:
             status = entry.info.status
             if status.is_terminal:
                 raise InvalidStateTransitionError(session_id, status, status, "progress of an ended session is final")
-            entry.info = entry.info.model_copy(update={"progress_percent": progress_percent, "updated_at": now})
+            updated_at = max(now, entry.info.updated_at)
+            entry.info = entry.info.model_copy(update={"progress_percent": progress_percent, "updated_at": updated_at})
             self._emit(entry, "progress", now)
             return entry.info
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import uuid
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -580,7 +581,8 @@ class _RedisBase:
         self.url = url
         self._settings = settings or TrackerSettings()
         cluster = isinstance(client, RedisCluster | aioredis.RedisCluster)
-        self.programs = RedisPrograms(KeySpace(key_prefix), max(1, round(ttl_s)), events_maxlen, cluster)
+        # Rounded up: a key's TTL must never end a session before its timeout (2.4 s -> 3 s, not 2 s).
+        self.programs = RedisPrograms(KeySpace(key_prefix), max(1, math.ceil(ttl_s)), events_maxlen, cluster)
         self._scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
 
     @property

@@ -12,7 +12,7 @@ local TERMINAL_NODE = {completed = true, failed = true, lost = true, cancelled =
 local TERMINAL_SESSION = {completed = true, partial_failure = true, failed = true, cancelled = true}
 
 local FIELDS = {'status', 'node_count', 'completed', 'failed', 'running', 'lost', 'cancelled', 'progress',
-                'started_ms', 'finished_ms'}
+                'started_ms', 'finished_ms', 'updated_ms'}
 local NUMBERS = {'node_count', 'completed', 'failed', 'running', 'lost', 'cancelled'}
 
 -- The session's state fields as a table, or nil when the session does not exist.
@@ -25,10 +25,14 @@ local function load_session()
   return s
 end
 
+-- updated_ms never goes back: a writer whose clock lags (or whose call was slow) must not make an
+-- active session look idle to cleanup.
 local function save_session(s, now_ms)
+  local updated = now_ms
+  if s.updated_ms ~= '' and tonumber(s.updated_ms) > tonumber(now_ms) then updated = s.updated_ms end
   redis.call('HSET', S, 'status', s.status, 'completed', s.completed, 'failed', s.failed, 'running', s.running,
              'lost', s.lost, 'cancelled', s.cancelled, 'progress', s.progress, 'started_ms', s.started_ms,
-             'finished_ms', s.finished_ms, 'updated_ms', now_ms)
+             'finished_ms', s.finished_ms, 'updated_ms', updated)
 end
 
 -- Move one node's weight in the counters (delta = 1 when it enters status, -1 when it leaves).
