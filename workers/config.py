@@ -1,4 +1,4 @@
-"""Celery settings for ``workers.app`` (``celery -A workers.app worker``), read from the environment.
+"""Celery settings of ``workers.app`` (``celery -A workers.app worker``), read from the environment.
 
 CELERY_BROKER_URL / CELERY_RESULT_BACKEND default to TRACKER_REDIS_URL, then to a local Redis.
 """

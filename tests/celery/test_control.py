@@ -99,3 +99,19 @@ def test_in_memory_store_refuses_a_prefork_pool(celery_env: dict[str, str]) -> N
             pass
     finally:
         SessionManager.reset_instance()
+
+
+def test_uninstall_disconnects_and_recorders_keep_to_their_app(celery_env: dict[str, str]) -> None:
+    from celery import Celery, signals
+
+    from tracker.celery import uninstall
+
+    other = Celery("other")
+    before = len(signals.task_prerun.receivers)
+    recorder = install(other, beat=False)
+    assert len(signals.task_prerun.receivers) == before + 1
+    assert recorder.mine(other.tasks.get(CLEANUP_TASK)) and not recorder.mine(work)
+    uninstall(other)
+    assert len(signals.task_prerun.receivers) == before
+    assert install(other, beat=False) is not recorder  # installable again
+    uninstall(other)

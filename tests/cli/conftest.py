@@ -12,14 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import Celery, signals
 from celery.contrib.testing.worker import start_worker
-from celery.utils.dispatch import Signal
 from click.testing import CliRunner, Result
 
 from tests.cli.apps import worker_app
 from tracker import SessionManager, TrackerSettings
-from tracker.celery import install
+from tracker.celery import install, uninstall
 from tracker.cli import main
 from tracker.storage.redis import RedisStorageAdapter
 
@@ -34,25 +32,14 @@ TEST_APP = "tests.cli.apps:worker_app"
 def worker_app_queue(redis_url: str) -> Iterator[str]:
     """Configure the test app (the tests' Redis, a queue of its own) and track it, for this package only.
 
-    Signal receivers are process-wide and a recorder handles every app's tasks, so while this
-    app's recorder is connected it would also record (and send completion callbacks for) other
-    test packages' sessions: it is disconnected when the package ends.
+    Signal receivers are process-wide: the recorder is disconnected when the package ends, so
+    nothing of this app is connected while other packages run.
     """
     queue = f"tracker-cli-tests-{uuid.uuid4().hex[:8]}"
     worker_app.conf.update(broker_url=redis_url, task_default_queue=queue)
     install(worker_app, beat=False)
     yield queue
-    _uninstall(worker_app)
-
-
-def _uninstall(app: Celery) -> None:
-    prefix = f"tracker:{id(app)}:"  # the dispatch_uid prefix install() connects with
-    for signal in vars(signals).values():
-        if isinstance(signal, Signal):
-            for (uid, *_), _receiver in list(signal.receivers):
-                if isinstance(uid, str) and uid.startswith(prefix):
-                    signal.disconnect(dispatch_uid=uid)
-    del app._tracker_recorder
+    uninstall(worker_app)
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ __all__ = [
     "leaves",
     "maintain",
     "resume_session",
+    "uninstall",
 ]
 
 #: Name of the periodic task that removes expired sessions.
@@ -51,6 +52,37 @@ def _pool_name(worker: Any) -> str:
         if pool in name.lower():
             return pool
     return "prefork"
+
+
+def _connections(recorder: Recorder) -> list[tuple[Any, Any]]:
+    """Every (signal, handler) pair :func:`install` connects."""
+    return [
+        (signals.task_prerun, recorder.on_prerun),
+        (signals.task_success, recorder.on_success),
+        (signals.task_failure, recorder.on_failure),
+        (signals.task_retry, recorder.on_retry),
+        (signals.task_revoked, recorder.on_revoked),
+        (signals.task_received, recorder.on_received),
+        (signals.worker_init, recorder.on_worker_init),
+        # Heartbeats come from the processes that run tasks: each prefork child from its start,
+        # any other process from its first tracked task.
+        (signals.worker_process_init, recorder.start_heartbeat),
+        (signals.worker_process_shutdown, recorder.stop_heartbeat),
+        (signals.worker_shutdown, recorder.stop_heartbeat),
+    ]
+
+
+def uninstall(app: Celery) -> None:
+    """Disconnect what :func:`install` connected for ``app`` (the cleanup task stays registered)."""
+    recorder: Recorder | None = getattr(app, "_tracker_recorder", None)
+    if recorder is None:
+        return
+    uid = f"tracker:{id(app)}"
+    for signal, _handler in _connections(recorder):
+        signal.disconnect(dispatch_uid=f"{uid}:{signal.name}")
+    signals.worker_init.disconnect(dispatch_uid=f"{uid}:check_pool")
+    recorder.stop_heartbeat()
+    del app._tracker_recorder
 
 
 def maintain(recorder: Recorder) -> dict[str, int]:
@@ -88,20 +120,10 @@ def install(
     recorder = Recorder(app, manager)
     app._tracker_recorder = recorder
     uid = f"tracker:{id(app)}"
-    signals.task_prerun.connect(recorder.on_prerun, weak=False, dispatch_uid=f"{uid}:prerun")
-    signals.task_success.connect(recorder.on_success, weak=False, dispatch_uid=f"{uid}:success")
-    signals.task_failure.connect(recorder.on_failure, weak=False, dispatch_uid=f"{uid}:failure")
-    signals.task_retry.connect(recorder.on_retry, weak=False, dispatch_uid=f"{uid}:retry")
-    signals.task_revoked.connect(recorder.on_revoked, weak=False, dispatch_uid=f"{uid}:revoked")
-    signals.task_received.connect(recorder.on_received, weak=False, dispatch_uid=f"{uid}:received")
-    signals.worker_init.connect(recorder.on_worker_init, weak=False, dispatch_uid=f"{uid}:worker_init")
-    # Heartbeats come from the processes that run tasks: each prefork child from its start, any
-    # other process from its first tracked task.
-    signals.worker_process_init.connect(recorder.start_heartbeat, weak=False, dispatch_uid=f"{uid}:hb_child")
-    signals.worker_process_shutdown.connect(recorder.stop_heartbeat, weak=False, dispatch_uid=f"{uid}:hb_child_end")
-    signals.worker_shutdown.connect(recorder.stop_heartbeat, weak=False, dispatch_uid=f"{uid}:hb_end")
+    for signal, handler in _connections(recorder):
+        signal.connect(handler, weak=False, dispatch_uid=f"{uid}:{signal.name}")
 
-    def check_pool(sender: Any = None, **_: Any) -> None:
+    def check_pool(sender: Any = None, **_: Any) -> None:  # connected below
         current = recorder.manager
         if isinstance(current.storage, InMemoryStorageAdapter) and _pool_name(sender) == "prefork":
             message = (
@@ -113,10 +135,14 @@ def install(
     signals.worker_init.connect(check_pool, weak=False, dispatch_uid=f"{uid}:check_pool")
     recorder.worker_name = app.main or "worker"
 
-    @app.task(name=CLEANUP_TASK, shared=False)  # type: ignore[untyped-decorator]
-    def cleanup_expired_sessions() -> dict[str, int]:
-        """Mark the nodes of dead workers lost, then remove expired sessions (run by beat)."""
-        return maintain(recorder)
+    if not getattr(app, "_tracker_cleanup_registered", False):
+        app._tracker_cleanup_registered = True
+
+        @app.task(name=CLEANUP_TASK, shared=False)  # type: ignore[untyped-decorator]
+        def cleanup_expired_sessions() -> dict[str, int]:
+            """Mark the nodes of dead workers lost, then remove expired sessions (run by beat)."""
+            current: Recorder = app._tracker_recorder
+            return maintain(current)
 
     if beat:
         interval = cleanup_interval_s or (manager.settings.cleanup_interval if manager else 60.0)

@@ -129,7 +129,13 @@ class Recorder:
 
     # -- the signals ------------------------------------------------------------------------
 
+    def mine(self, task: Any) -> bool:
+        """True for a task of this recorder's app (signals are process-wide; apps are not)."""
+        return getattr(task, "app", self.app) is self.app
+
     def on_prerun(self, sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any) -> None:
+        if not self.mine(task):
+            return
         request = task.request if task is not None else None
         if request is None or ids_of(request) is None:
             return
@@ -144,6 +150,8 @@ class Recorder:
         )
 
     def on_success(self, sender: Any = None, result: Any = None, **_: Any) -> None:
+        if not self.mine(sender):
+            return
         request = sender.request if sender is not None else None
         if request is None or ids_of(request) is None:
             return
@@ -153,6 +161,8 @@ class Recorder:
 
     def on_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
         """Main process: remember a tracked task's stamps by task id (bounded)."""
+        if not self.mine(sender):
+            return
         ids = ids_of(request)
         if ids is None or request is None:
             return
@@ -164,7 +174,7 @@ class Recorder:
     def on_failure(
         self, sender: Any = None, task_id: str | None = None, exception: BaseException | None = None, **_: Any
     ) -> None:
-        if isinstance(exception, Ignore | Reject):
+        if isinstance(exception, Ignore | Reject) or not self.mine(sender):
             return
         request = sender.request if sender is not None else None
         retries = int(getattr(request, "retries", 0) or 0)
@@ -182,7 +192,7 @@ class Recorder:
         self.record(request, NodeStatus.FAILED, error=exception, attempt=retries + 1, task_id=task_id)
 
     def on_retry(self, sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
-        if request is None:
+        if request is None or not self.mine(sender):
             return
         error = reason if isinstance(reason, BaseException) else None
         self.record(
@@ -226,8 +236,11 @@ class Recorder:
         expired: bool = False,
         **_: Any,
     ) -> None:
+        if not self.mine(sender):
+            return
         why = "expired" if expired else f"terminated (signal {signum})" if terminated else "revoked"
-        self.record(request, NodeStatus.CANCELLED, reason=why)
+        # The task id lets the store ignore a revoke of a task that a resume has since replaced.
+        self.record(request, NodeStatus.CANCELLED, reason=why, task_id=getattr(request, "id", None))
 
 
 class Heartbeat(threading.Thread):
