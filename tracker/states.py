@@ -175,6 +175,22 @@ def merge_node_status(current: NodeStatus | None, incoming: NodeStatus) -> NodeS
     return incoming
 
 
+def is_stale_report(incoming: NodeStatus, task_id: str | None, current_task_id: str | None) -> bool:
+    """True for a non-success result reported by a task that is no longer the node's.
+
+    Resume gives a node a fresh task id; the old task may still report (a revoke arriving late, a
+    failure of the original run). Such a report must not undo the re-run, so it changes nothing.
+    A success counts whichever task sends it: the work was done.
+    """
+    return (
+        incoming in TERMINAL_NODE_STATUSES
+        and incoming is not NodeStatus.COMPLETED
+        and bool(task_id)
+        and bool(current_task_id)
+        and task_id != current_task_id
+    )
+
+
 def progress_from_counts(finished: int, node_count: int) -> float:
     """``100 * finished / node_count`` (finished: nodes with a result), rounded half up to 2 decimals.
 

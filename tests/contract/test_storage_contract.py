@@ -571,3 +571,21 @@ def test_sync_and_async_forms_agree(manager: SessionManager) -> None:
     assert manager.sync.cleanup_expired_sessions() == 0
     assert manager.sync.get_session(sid).session_id == sid
     assert manager.sync.delete_session(sid)
+
+
+async def test_a_stale_report_of_a_replaced_task_changes_nothing(manager: SessionManager) -> None:
+    # Given a cancelled session resumed: its nodes have fresh task ids
+    sid = await new_session(manager, 2, nodes=[NodeSpec(node_id=f"n{i}", task_id=f"old-{i}") for i in range(2)])
+    await manager.update_status(sid, S.CANCELLED)
+    outcome = await manager.resume_session(sid)
+    fresh = {n.node_id: n.task_id for n in outcome.nodes}
+    assert all(t and not t.startswith("old-") for t in fresh.values())
+    # When the old tasks' revokes and failures arrive late
+    await manager.record_node(sid, "n0", "cancelled", task_id="old-0", reason="revoked")
+    await manager.record_node(sid, "n1", "failed", task_id="old-1", error=RuntimeError("old run"))
+    # Then nothing moved; the re-run decides, and a success counts whichever task sends it
+    status = await manager.get_session_status(sid)
+    assert (status["status"], status["cancelled_nodes"], status["failed_nodes"]) == ("running", 0, 0)
+    await manager.record_node(sid, "n0", "completed", task_id="old-0", result=1)
+    final = await manager.record_node(sid, "n1", "completed", task_id=fresh["n1"], result=2)
+    assert final.finished is S.COMPLETED

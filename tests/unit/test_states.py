@@ -90,3 +90,14 @@ def test_progress_rounding() -> None:
     assert progress_from_counts(2, 3) == 66.67
     assert progress_from_counts(0, 0) == 0
     assert progress_from_counts(7, 7) == 100
+
+
+def test_stale_reports() -> None:
+    from tracker.states import is_stale_report
+
+    assert is_stale_report(NodeStatus.CANCELLED, "old", "new")
+    assert is_stale_report(NodeStatus.FAILED, "old", "new")
+    assert not is_stale_report(NodeStatus.COMPLETED, "old", "new")  # a success always counts
+    assert not is_stale_report(NodeStatus.FAILED, "same", "same")
+    assert not is_stale_report(NodeStatus.FAILED, None, "new")  # no task id: nothing to compare
+    assert not is_stale_report(NodeStatus.RUNNING, "old", "new")

@@ -357,6 +357,8 @@ def _event_key(event_id: str) -> tuple[int, int]:
 def _merge_node(old: NodeResult | None, event: NodeEvent, now: datetime) -> NodeResult:
     """The node after ``event``: the rule of :func:`tracker.states.merge_node_status`, plus details."""
     status = states.merge_node_status(old.status if old else None, event.status)
+    if old is not None and states.is_stale_report(event.status, event.task_id, old.task_id):
+        status = old.status
     base = old or NodeResult(node_id=event.node_id, status=NodeStatus.PENDING)
     attempts = base.attempts
     if event.attempt is not None:

@@ -44,6 +44,11 @@ local status = incoming
 if old_status == 'completed' or (TERMINAL_NODE[old_status] and not TERMINAL_NODE[incoming]) then
   status = old_status
 end
+-- states.is_stale_report: a failure, revoke or loss of a task that is no longer the node's (a
+-- resume gave the node a fresh task) changes nothing; a success counts whichever task sends it.
+if incoming ~= 'completed' and TERMINAL_NODE[incoming] and task_id ~= '' and old[5] ~= '' and old[5] ~= task_id then
+  status = old_status
+end
 
 local attempts = tonumber(old[2])
 if attempt ~= '' then
