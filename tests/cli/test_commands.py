@@ -291,9 +291,12 @@ def test_cleanup_removes_expired_sessions(cli: Cli, redis_url: str, key_prefix: 
     fresh = old.sync.create_session("fresh.canvas", 1)
     old.clock = lambda: datetime.now(UTC)
     old.sync.update_progress(fresh, 1.0)  # touched now: not expired
+    old.sync.record_node(fresh, "n1", "running", worker="celery@gone:1")  # its worker is long silent
+    old.storage.heartbeat("celery@gone:1", an_hour_ago)
     result = cli("cleanup", env={"TRACKER_SESSION_TIMEOUT": "60"})
     assert result.exit_code == ExitCode.OK
-    assert "Removed 1 expired session(s)" in result.stdout
+    assert "Marked 1 lost node(s); removed 1 expired session(s)" in result.stdout
+    assert old.sync.get_session_status(fresh)["lost_nodes"] == 1
     assert [s.session_id for s in old.sync.list_sessions().sessions] == [fresh]
     old.storage.close()
 

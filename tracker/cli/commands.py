@@ -246,14 +246,25 @@ def resume(ctx: click.Context, state: CliState, session_id: str, retry_failed: b
 @click.command()
 @pass_state
 def cleanup(state: CliState) -> None:
-    """Remove expired sessions now.
+    """Mark the nodes of dead workers lost, then remove expired sessions, now.
 
-    A session expires after TRACKER_SESSION_TIMEOUT seconds without change. Beat does this every
-    minute when workers.app runs with -B; this is the same, once, by hand.
+    A node is lost when the worker process running it has been silent for
+    TRACKER_WORKER_STALE_AFTER seconds; a session expires after TRACKER_SESSION_TIMEOUT seconds
+    without change. Beat does both every minute when workers.app runs with -B; this is the same,
+    once, by hand (completion callbacks of sessions it ends are sent when the app loads).
     """
+    from tracker.celery import Recorder
+
     started = time.monotonic()
-    removed = state.manager().sync.cleanup_expired_sessions()
-    _out().print(f"Removed {removed} expired session(s) in {time.monotonic() - started:.2f} s.")
+    manager = state.manager()
+    lost = manager.sync.reap_lost_nodes()
+    app = state.app_if_available() if any(o.finished for o in lost) else None
+    for outcome in lost:
+        if outcome.finished is not None and app is not None:
+            Recorder(app, manager).completed(outcome.session)
+    removed = manager.sync.cleanup_expired_sessions()
+    elapsed = time.monotonic() - started
+    _out().print(f"Marked {len(lost)} lost node(s); removed {removed} expired session(s) in {elapsed:.2f} s.")
 
 
 @click.command()
