@@ -59,41 +59,6 @@ from tracker import NodeSpec, SessionManager, TrackerSettings
 from tracker.storage.keys import KeySpace
 from tracker.storage.redis import AsyncRedisStorageAdapter, RedisStorageAdapter
 
-# Re-collected here against the cluster (see the module docstring).
-CONTRACT_CASES = (
-    test_blocking_event_read_wakes_on_a_write,
-    test_cancel_marks_unfinished_nodes,
-    test_cleanup_keeps_a_session_updated_since_creation,
-    test_completed_is_final_for_a_node,
-    test_concurrent_access_with_asyncio_gather,
-    test_concurrent_access_with_threads,
-    test_concurrent_transitions_have_one_winner,
-    test_create_with_an_existing_id_is_refused,
-    test_delete_session,
-    test_duplicate_results_count_once,
-    test_events_record_every_change_in_order,
-    test_exactly_one_caller_sees_the_finish,
-    test_failed_then_completed_moves_between_counters,
-    test_finish_rule,
-    test_get_nodes_pages_and_filters,
-    test_late_events_after_the_end_are_recorded_without_moving_status,
-    test_list_sessions_pages_and_filters,
-    test_more_nodes_than_node_count_is_refused,
-    test_node_results_drive_progress_and_finish,
-    test_progress_of_an_ended_session_is_final,
-    test_progress_update_and_retrieval,
-    test_resume_resets_only_unfinished_nodes,
-    test_resume_without_retry_failed_keeps_failures,
-    test_running_then_result_records_times_and_attempts,
-    test_session_creation,
-    test_session_creation_stores_metadata,
-    test_session_ids_are_unique,
-    test_session_timeout_and_cleanup,
-    test_sync_and_async_forms_agree,
-    test_unknown_and_malformed_ids,
-    test_update_status_follows_the_table,
-)
-
 
 def cluster_settings(cluster: RedisClusterProcesses, key_prefix: str) -> TrackerSettings:
     return TrackerSettings(redis_url=cluster.url, redis_cluster=True, key_prefix=key_prefix)
