@@ -74,6 +74,11 @@ def test_a_pickled_celery_message_is_refused_and_never_runs(
     wait_for(lambda: worker.output.count("untrusted content of type pickle") >= 2, 30, "two refusals in the log")
     assert not unpickled.exists()
     assert not ran.exists()
+    # and the configuration the project ships for its workers is as strict as this test app's
+    from workers import config
+
+    assert config.accept_content == config.result_accept_content == ["json"]
+    assert config.task_serializer == config.result_serializer == config.event_serializer == "json"
 
 
 @pytest.mark.parametrize("flavour", ["sync", "async"])
