@@ -46,7 +46,7 @@ if os.environ.get("TRACKER_REL_WORKER") == "1":
     install(app)
 
 
-@app.task(name="rel.step")
+@app.task(name="rel.step")  # type: ignore[untyped-decorator]
 def step(i: int, sleep_s: float = 0.0) -> dict[str, Any]:
     """Sleep, then report which node ran, where and when it finished (epoch seconds)."""
     if sleep_s:
@@ -54,14 +54,14 @@ def step(i: int, sleep_s: float = 0.0) -> dict[str, Any]:
     return {"i": i, "doubled": 2 * i, "pid": os.getpid(), "done_at": time.time()}
 
 
-@app.task(name="rel.mark")
+@app.task(name="rel.mark")  # type: ignore[untyped-decorator]
 def mark(path: str) -> str:
     """Create ``path``: proof that a message ran."""
     Path(path).write_text("ran")
     return path
 
 
-@app.task(name="rel.big")
+@app.task(name="rel.big")  # type: ignore[untyped-decorator]
 def big(size: int) -> str:
     """Return a string of ``size`` characters (over the result cap when large)."""
     return "x" * size

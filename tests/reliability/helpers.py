@@ -66,11 +66,16 @@ def public_state(manager: SessionManager) -> dict[str, Any]:
             return state
 
 
+def text(value: bytes | str) -> str:
+    """A Redis reply as text (the clients here do not decode replies)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def redis_dump(client: redis.Redis, prefix: str) -> dict[str, Any]:
     """Every key under ``prefix`` with its type and value (TTLs left out: they tick)."""
     dump: dict[str, Any] = {}
     for key in sorted(client.scan_iter(match=f"{prefix}:*", count=1000)):
-        kind = client.type(key).decode()
+        kind = text(client.type(key))
         value: Any
         if kind == "hash":
             value = client.hgetall(key)
@@ -82,7 +87,7 @@ def redis_dump(client: redis.Redis, prefix: str) -> dict[str, Any]:
             value = client.xrange(key)
         else:
             value = client.dump(key)
-        dump[key.decode()] = (kind, value)
+        dump[text(key)] = (kind, value)
     return dump
 
 

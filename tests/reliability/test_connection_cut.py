@@ -20,7 +20,7 @@ import redis
 from celery import Celery
 
 from tests.reliability.conftest import StartRedis
-from tests.reliability.helpers import all_nodes, command_calls
+from tests.reliability.helpers import all_nodes, command_calls, text
 from tests.reliability.proxy import Proxy, tcp_proxy
 from tracker import NodeStatus, SessionManager, TrackerSettings
 from tracker.celery import NODE_STAMP, SESSION_STAMP, Recorder
@@ -52,8 +52,8 @@ def cut(start_redis: StartRedis, key_prefix: str) -> Iterator[tuple[SessionManag
 def recount(direct: redis.Redis, key_prefix: str, sid: str) -> tuple[dict[str, int], dict[str, int]]:
     """The session hash's counters, and the same counters recomputed from its node records."""
     keys = KeySpace(key_prefix).session(sid)
-    session = {k.decode(): v.decode() for k, v in direct.hgetall(keys.session).items()}
-    statuses = Counter(raw.decode().split("|", 1)[0] for raw in direct.hvals(keys.nodes))
+    session = {text(k): text(v) for k, v in direct.hgetall(keys.session).items()}
+    statuses = Counter(text(raw).split("|", 1)[0] for raw in direct.hvals(keys.nodes))
     stored = {name: int(session[name]) for name in ("completed", "failed", "running", "lost", "cancelled")}
     derived = {
         "completed": statuses["completed"],
@@ -210,9 +210,9 @@ def test_connections_dropped_again_and_again_under_concurrent_writes(
     stored, derived = recount(direct, key_prefix, sid)
     assert stored == derived
     assert {nid: node.status for nid, node in all_nodes(manager, sid).items()} == want
-    status = manager.sync.get_session_status(sid)
+    session = manager.sync.get_session_status(sid)
     counts = Counter(want.values())
-    assert status["completed_nodes"] == counts[NodeStatus.COMPLETED]
-    assert status["failed_nodes"] == counts[NodeStatus.FAILED]
+    assert session["completed_nodes"] == counts[NodeStatus.COMPLETED]
+    assert session["failed_nodes"] == counts[NodeStatus.FAILED]
     assert finished == ["partial_failure"]
     print(f"\ncut: {drops} drops, {proxy.fired['reply']} swallowed replies, {proxy.accepted} connections")

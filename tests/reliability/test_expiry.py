@@ -116,8 +116,8 @@ def test_cleanup_under_concurrent_writes_only_removes_sessions_idle_past_the_tim
         assert (store.get(sid) is not None) == (max(writes) >= cutoff), sid
     assert removed > 10, "some sessions must have expired during the run"
     assert any(len(w) > 20 for w in log.writes.values()), "some sessions must have been written all along"
-    writes = sum(len(w) - 1 for w in log.writes.values())
-    print(f"\nexpiry: {len(log.cleanups)} cleanups during {writes} writes; {removed} sessions removed, none early")
+    total = sum(len(w) - 1 for w in log.writes.values())
+    print(f"\nexpiry: {len(log.cleanups)} cleanups during {total} writes; {removed} sessions removed, none early")
 
 
 @pytest.mark.parametrize("timeout_s", [2.4, 3.0, 1800.4])

@@ -61,7 +61,7 @@ def test_tasks_of_a_sigkilled_worker_are_redelivered_and_every_node_counts_once(
     # and the nodes the dead worker held were run again, by the new worker (redelivered, not resumed)
     second_host = second.name.split("@", 1)[0]
     for nid in held:
-        assert nodes[nid].worker is not None and nodes[nid].worker.startswith(second_host + "@"), nodes[nid]
+        assert (nodes[nid].worker or "").startswith(second_host + "@"), nodes[nid]
     assert {event.type for event in manager.sync.read_events(sid, limit=1000)} == {"created", "node"}  # no resume
     print(f"\nredelivery: {len(held)} node(s) held by the killed worker redelivered; {NODES}/{NODES} counted once; "
           f"completed {recovered_s:.1f} s after the kill")  # fmt: skip

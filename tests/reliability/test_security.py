@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute
 
 from tests.reliability import appmod
 from tests.reliability.conftest import MakeWorker, StartRedis
-from tests.reliability.helpers import TERMINAL, all_nodes, command_calls, redis_dump, wait_for
+from tests.reliability.helpers import TERMINAL, all_nodes, command_calls, redis_dump, text, wait_for
 from tests.web.conftest import serve_in_thread
 from tracker import (
     NodeError,
@@ -147,7 +147,7 @@ def test_node_ids_are_fields_never_keys(start_redis: StartRedis, key_prefix: str
     manager = redis_manager(server.url, key_prefix)
     sid = manager.sync.create_session("c.canvas", 2)
     manager.sync.add_node_result(sid, "stage:1/part@2", {"ok": 1})
-    keys = {key.decode() for key in redis.Redis(port=server.port).keys("*")}
+    keys = {text(key) for key in redis.Redis(port=server.port).keys("*")}
     assert all("stage" not in key for key in keys)
     assert {k.rsplit(":", 1)[-1] for k in keys if sid in k} == {"session", "nodes", "events"}
     manager.storage.close()
@@ -272,7 +272,7 @@ async def test_the_api_token_is_enforced_on_every_route(start_redis: StartRedis,
     # Given an app with a token, and every route it serves
     manager, app, done, _ = session_app(start_redis, key_prefix, sse_block_ms=50)
     every = list(walk(app.routes))
-    routes = [(path, method) for path, route in every if isinstance(route, APIRoute) for method in route.methods]
+    routes = [(path, method) for path, route in every if isinstance(route, APIRoute) for method in route.methods or ()]
     assert len([path for path, _ in routes if path.startswith(API)]) >= 6
     assert {path for path, _ in every if not path.startswith(API)} <= PUBLIC
 
