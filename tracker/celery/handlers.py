@@ -12,7 +12,7 @@ import os
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +31,14 @@ logger = logging.getLogger("tracker.celery")
 
 #: Seconds slept before each retry of a failed store write (then the event is logged as lost).
 RETRY_BACKOFF_S: tuple[float, ...] = (0.05, 0.2, 0.5)
+
+#: Events one process holds while the store is unreachable, replayed in order once it is back
+#: (every write is an idempotent upsert, so a replay counts once). Past this, the oldest are dropped.
+BACKLOG_SIZE = 10_000
+
+#: After the store failed, events are held at once (no retries, no delay to the task) for this long;
+#: then a handler tries again. The heartbeat thread replays the held events as soon as it can.
+STORE_DOWN_HOLD_S = 5.0
 
 #: Task ids remembered by a worker's main process (received -> stamps), for the failure signals
 #: Celery sends there (hard time limit) without the task's request.
@@ -60,6 +68,9 @@ class Recorder:
         self._received: OrderedDict[str, _Stamped] = OrderedDict()
         self._received_lock = threading.Lock()
         self._heartbeat: Heartbeat | None = None
+        self._backlog: deque[tuple[str, str, Callable[[], NodeOutcome]]] = deque()
+        self._backlog_lock = threading.Lock()
+        self._store_down_until = 0.0
 
     @property
     def manager(self) -> SessionManager:
@@ -96,17 +107,25 @@ class Recorder:
         return outcome
 
     def _write(self, session_id: str, node_id: str, call: Callable[[], NodeOutcome]) -> NodeOutcome | None:
+        if time.monotonic() < self._store_down_until:
+            # The store failed moments ago: hold the event without making the task wait.
+            self._hold(session_id, node_id, call)
+            return None
         for attempt, pause_s in enumerate((*RETRY_BACKOFF_S, None)):
             try:
-                return call()
+                outcome = call()
             except StorageUnavailableError as exc:
                 if pause_s is None:
                     logger.warning(
-                        "tracker: could not record node %s of session %s after %d tries: %s",
+                        "tracker: could not record node %s of session %s after %d tries: %s; "
+                        "holding this process's events to replay when the store is back",
                         node_id, session_id, attempt + 1, exc,
                     )  # fmt: skip
+                    self._store_down_until = time.monotonic() + STORE_DOWN_HOLD_S
+                    self._hold(session_id, node_id, call)
                     return None
                 time.sleep(pause_s)
+                continue
             except TrackerError as exc:
                 # Not transient (unknown session, node limit...): retrying cannot help.
                 logger.warning("tracker: node %s of session %s not recorded: %s", node_id, session_id, exc)
@@ -114,7 +133,52 @@ class Recorder:
             except Exception:
                 logger.exception("tracker: unexpected error recording node %s of session %s", node_id, session_id)
                 return None
+            if self._backlog and (self._heartbeat is None or not self._heartbeat.is_alive()):
+                self.replay()  # no heartbeat thread in this process to do it
+            return outcome
         return None
+
+    def _hold(self, session_id: str, node_id: str, call: Callable[[], NodeOutcome]) -> None:
+        with self._backlog_lock:
+            if len(self._backlog) >= BACKLOG_SIZE:
+                dropped_session, dropped_node, _ = self._backlog.popleft()
+                logger.warning(
+                    "tracker: %d events held already; dropped the oldest (node %s of session %s)",
+                    BACKLOG_SIZE, dropped_node, dropped_session,
+                )  # fmt: skip
+            self._backlog.append((session_id, node_id, call))
+
+    @property
+    def held_events(self) -> int:
+        """Events waiting for the store to come back."""
+        return len(self._backlog)
+
+    def replay(self) -> int:
+        """Send the held events, oldest first; stop at the first store failure. Returns how many went."""
+        sent = 0
+        while True:
+            with self._backlog_lock:
+                if not self._backlog:
+                    break
+                session_id, node_id, call = self._backlog[0]
+            try:
+                outcome: NodeOutcome | None = call()
+            except StorageUnavailableError:
+                self._store_down_until = time.monotonic() + STORE_DOWN_HOLD_S
+                break
+            except TrackerError as exc:
+                logger.warning("tracker: held event of node %s (session %s) dropped: %s", node_id, session_id, exc)
+                outcome = None
+            with self._backlog_lock:
+                self._backlog.popleft()
+            sent += 1
+            if outcome is not None and outcome.finished is not None:
+                self.completed(outcome.session)
+        if sent:
+            logger.warning("tracker: the store is back; replayed %d held event(s)", sent)
+        if not self._backlog:
+            self._store_down_until = 0.0
+        return sent
 
     def completed(self, session: SessionInfo) -> None:
         """Send the session's completion callback, if it has one (called once per terminal transition)."""
@@ -262,6 +326,8 @@ class Heartbeat(threading.Thread):
             manager = self.recorder.manager
             try:
                 manager.sync.heartbeat(self.worker)
+                if self.recorder.held_events:
+                    self.recorder.replay()
             except TrackerError as exc:
                 logger.warning("tracker: heartbeat of %s not written: %s", self.worker, exc)
             except Exception:
