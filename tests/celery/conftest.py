@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,10 +11,9 @@ from pathlib import Path
 import pytest
 from celery.contrib.testing.worker import start_worker
 
+from tests.workers import ROOT, CeleryWorker
 from tracker import SessionManager, TrackerSettings
 from tracker.storage.redis import RedisStorageAdapter
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -68,48 +64,16 @@ def wait_status(manager: SessionManager, sid: str, statuses: set[str], timeout_s
     return manager.sync.get_session_status(sid)
 
 
-class WorkerProcess:
-    """``celery -A tests.celery.appmod worker`` as a subprocess (prefork), killable."""
+class WorkerProcess(CeleryWorker):
+    """``celery -A tests.celery.appmod worker`` (prefork) on the test queue, killable."""
 
-    def __init__(self, env: dict[str, str], concurrency: int = 2, extra: tuple[str, ...] = ()) -> None:
-        self.env = env
-        self.concurrency = concurrency
-        self.extra = extra
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        args = [sys.executable, "-m", "celery", "-A", "tests.celery.appmod", "worker", "--pool", "prefork",
-                "--concurrency", str(self.concurrency), "--loglevel", "INFO", "--without-gossip",
-                "--without-mingle", "--without-heartbeat", "-Q", self.env["TRACKER_TEST_QUEUE"],
-                "--hostname", f"w{uuid.uuid4().hex[:6]}@%h", *self.extra]  # fmt: skip
-        self.proc = subprocess.Popen(args, env=self.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group's main process and its pool children."""
-        if self.proc is None:
-            return
-        children = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
-        self.proc.kill()
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), 9)
-        self.proc.wait()
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.kill()
-        self.proc = None
+    def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 2, extra: tuple[str, ...] = ()) -> None:
+        super().__init__("tests.celery.appmod", env["TRACKER_TEST_QUEUE"], env, log_path, concurrency, extra)
 
 
 @pytest.fixture
 def worker_process(
-    redis_url: str, key_prefix: str, celery_env: dict[str, str]
+    redis_url: str, key_prefix: str, celery_env: dict[str, str], tmp_path: Path
 ) -> Iterator[Callable[..., WorkerProcess]]:
     """Start prefork workers in subprocesses sharing this test's Redis key prefix; stopped at the end."""
     started: list[WorkerProcess] = []
@@ -124,7 +88,7 @@ def worker_process(
                "PYTHONPATH": str(ROOT), **(env_extra or {})}  # fmt: skip
         if visibility_s is not None:
             env["TRACKER_TEST_VISIBILITY"] = str(visibility_s)
-        worker = WorkerProcess(env, concurrency, extra)
+        worker = WorkerProcess(env, tmp_path / f"worker{len(started)}.log", concurrency, extra)
         worker.start()
         started.append(worker)
         return worker

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.helpers import ROOT, Worker
+from tests.reliability.helpers import Worker
 from tests.servers import RedisProcess, redis_process
+from tests.workers import ROOT
 
 StartRedis = Callable[..., RedisProcess]
 """``start_redis(*extra_args, password=None)``: a started redis-server of this test's own."""

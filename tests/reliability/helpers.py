@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis
 
+from tests.workers import CeleryWorker
 from tracker import NodeResult, SessionManager, SessionNotFoundError
-
-ROOT = Path(__file__).resolve().parents[2]
 
 TERMINAL = {"completed", "failed", "partial_failure", "cancelled"}
 
@@ -97,62 +90,9 @@ def command_calls(client: redis.Redis) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in stats.items()}
 
 
-@dataclass
-class Worker:
-    """``celery -A tests.reliability.appmod worker`` (prefork) in a subprocess, its output in a file."""
+class Worker(CeleryWorker):
+    """``celery -A tests.reliability.appmod worker`` (prefork) on the queue named in its env."""
 
-    env: dict[str, str]
-    log_path: Path
-    concurrency: int = 2
-    name: str = field(default_factory=lambda: f"rel{uuid.uuid4().hex[:6]}@%h")
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        args = [sys.executable, "-m", "celery", "-A", "tests.reliability.appmod", "worker", "--pool", "prefork",
-                "--concurrency", str(self.concurrency), "--loglevel", "INFO", "--without-gossip",
-                "--without-mingle", "--without-heartbeat", "-Q", self.env["TRACKER_REL_QUEUE"],
-                "--hostname", self.name]  # fmt: skip
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(args, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-
-    @property
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
-        """Wait until the worker consumes (its ``ready`` line is logged)."""
-
-        def ready() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.output[-3000:]}")
-            return " ready." in self.output
-
-        wait_for(ready, timeout_s, "the worker to be ready")
-
-    def children(self) -> list[int]:
-        if self.proc is None:
-            return []
-        found = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
-        return [int(pid) for pid in found]
-
-    def kill(self) -> None:
-        """SIGKILL the main process and its pool children at once: nothing acks, nothing reports."""
-        if self.proc is None:
-            return
-        children = self.children()
-        self.proc.kill()
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.proc.wait()
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.kill()
-        self.proc = None
+    def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 2) -> None:
+        super().__init__("tests.reliability.appmod", env["TRACKER_REL_QUEUE"], env, log_path, concurrency,
+                         name=f"rel{uuid.uuid4().hex[:6]}@%h")  # fmt: skip
