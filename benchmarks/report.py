@@ -131,21 +131,18 @@ def table(sections: Sequence[Section], title: str) -> Table:
         grid.add_column(column, justify=justify)  # type: ignore[arg-type]
     for section in sections:
         for i, row in enumerate(section.rows):
-            baseline = _number(row.baseline)
-            if row.baseline_name and row.baseline is not None:
-                baseline = f"{baseline} ({row.baseline_name})"
-            grid.add_row(
-                section.name if i == 0 else "",
-                row.name,
-                _number(row.ours),
-                baseline,
-                row.unit,
-                _number(row.ratio),
-                str(row.target) if row.target else "",
-                _verdict(row.passed),
-            )
+            grid.add_row(*_cells(section.name if i == 0 else "", row))
         grid.add_section()
     return grid
+
+
+def _cells(label: str, row: Row) -> list[str]:
+    """One table row's cells, shared by the terminal and the Markdown table."""
+    baseline = _number(row.baseline)
+    if row.baseline_name and row.baseline is not None:
+        baseline = f"{baseline} ({row.baseline_name})"
+    target = str(row.target) if row.target else ""
+    return [label, row.name, _number(row.ours), baseline, row.unit, _number(row.ratio), target, _verdict(row.passed)]
 
 
 def markdown(sections: Sequence[Section]) -> str:
@@ -156,20 +153,7 @@ def markdown(sections: Sequence[Section]) -> str:
     ]
     for section in sections:
         for i, row in enumerate(section.rows):
-            baseline = _number(row.baseline)
-            if row.baseline_name and row.baseline is not None:
-                baseline = f"{baseline} ({row.baseline_name})"
-            cells = [
-                section.name if i == 0 else "",
-                row.name,
-                _number(row.ours),
-                baseline,
-                row.unit,
-                _number(row.ratio),
-                str(row.target) if row.target else "",
-                _verdict(row.passed),
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append("| " + " | ".join(_cells(section.name if i == 0 else "", row)) + " |")
     return "\n".join(lines)
 
 
