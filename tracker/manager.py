@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, TypeVar
@@ -22,6 +22,7 @@ from tracker import states, validation
 from tracker.config import TrackerSettings
 from tracker.errors import SessionNotFoundError, TrackerValidationError
 from tracker.models import (
+    BatchOutcome,
     NodeError,
     NodeOutcome,
     NodePage,
@@ -116,7 +117,7 @@ class _Plans:
         value = validation.progress(progress_percent, sid)
         return _Plan("set_progress", (sid, value, self.clock()))
 
-    def record_node(
+    def node_event(
         self,
         session_id: str,
         node_id: str,
@@ -129,7 +130,9 @@ class _Plans:
         worker: str | None = None,
         reason: str | None = None,
         request_id: str | None = None,
-    ) -> _Plan[NodeOutcome]:
+        at: datetime | None = None,
+        started_at: datetime | None = None,
+    ) -> tuple[str, NodeEvent]:
         sid = validation.session_id(session_id)
         nid = validation.node_id(node_id, sid)
         node_status = validation.member(NodeStatus, status, "status", sid)
@@ -151,8 +154,59 @@ class _Plans:
             worker=worker,
             reason=reason or None,
             request_id=request_id,
+            at=validation.moment(at, "at", sid),
+            started_at=validation.moment(started_at, "started_at", sid),
         )
+        return sid, event
+
+    def record_node(
+        self, session_id: str, node_id: str, status: NodeStatus | str, result: Any = None, **details: Any
+    ) -> _Plan[NodeOutcome]:
+        sid, event = self.node_event(session_id, node_id, status, result, **details)
         return _Plan("record_node", (sid, event, self.clock()))
+
+    def record_nodes(
+        self, session_id: str, events: Sequence[NodeEvent], request_id: str | None = None
+    ) -> _Plan[BatchOutcome]:
+        sid = validation.session_id(session_id)
+        request_id = validation.label(request_id, "request_id", sid)
+        if isinstance(events, str | bytes) or not isinstance(events, Sequence):
+            raise TrackerValidationError("events", events, "expected a sequence of NodeEvent", sid)
+        for event in events:
+            if not isinstance(event, NodeEvent):
+                raise TrackerValidationError("events", event, "expected NodeEvent items (see node_event)", sid)
+            validation.node_id(event.node_id, sid)
+            if event.result_json is not None and len(event.result_json.encode()) > self.settings.max_result_bytes:
+                raise TrackerValidationError("result", event.node_id, "the result is over max_result_bytes", sid)
+        return _Plan("record_nodes", (sid, list(events), self.clock(), request_id))
+
+    def node_results(self, session_id: str, results: Mapping[str, Any] | Iterable[NodeResult]) -> _Plan[BatchOutcome]:
+        if isinstance(results, Mapping):
+            events = [
+                self.node_event(session_id, nid, NodeStatus.COMPLETED, result)[1] for nid, result in results.items()
+            ]
+        elif isinstance(results, str | bytes) or not isinstance(results, Iterable):
+            raise TrackerValidationError("results", results, "expected {node_id: result} or NodeResult items")
+        else:
+            events = []
+            for node in results:
+                if not isinstance(node, NodeResult):
+                    raise TrackerValidationError("results", node, "expected NodeResult items", session_id)
+                events.append(self.node_event(session_id, **self.node_result_details(node))[1])
+        return self.record_nodes(session_id, events)
+
+    @staticmethod
+    def node_result_details(node: NodeResult) -> dict[str, Any]:
+        """The :meth:`node_event` arguments a :class:`NodeResult` stands for."""
+        return {
+            "node_id": node.node_id,
+            "status": node.status,
+            "result": node.result,
+            "error": node.error,
+            "task_id": node.task_id,
+            "worker": node.worker,
+            "attempt": node.attempts or None,
+        }
 
     def _error(self, error: NodeError | BaseException | None, sid: str) -> NodeError | None:
         cap = self.settings.max_error_chars
@@ -395,16 +449,46 @@ class SessionManager:
         return (await self._run(plan)).session.to_dict()
 
     def _node_result_plan(self, session_id: str, node: NodeResult) -> _Plan[NodeOutcome]:
-        return self._plans.record_node(
-            session_id,
-            node.node_id,
-            node.status,
-            node.result,
-            error=node.error,
-            task_id=node.task_id,
-            worker=node.worker,
-            attempt=node.attempts or None,
-        )
+        return self._plans.record_node(session_id, **self._plans.node_result_details(node))
+
+    async def add_node_results(
+        self, session_id: str, results: Mapping[str, Any] | Iterable[NodeResult]
+    ) -> dict[str, Any]:
+        """Record many nodes' results in one store call (one round trip, one atomic step).
+
+        ``results`` is ``{node_id: result}`` (each node completed) or :class:`NodeResult` items (their
+        status, error and attempts are used). They are applied in order, as that many
+        :meth:`add_node_result` calls would be; keep a call to a few thousand nodes.
+
+        Returns:
+            The session's status dict after the results.
+
+        Raises:
+            TrackerValidationError: any bad id or result (nothing is recorded).
+            NodeLimitError: more distinct nodes than ``node_count`` (nothing is recorded).
+            SessionNotFoundError: no such session.
+        """
+        return (await self._run(self._plans.node_results(session_id, results))).session.to_dict()
+
+    def node_event(self, session_id: str, node_id: str, status: NodeStatus | str, **details: Any) -> NodeEvent:
+        """A validated node event for :meth:`record_nodes` (no I/O).
+
+        Keyword details as :meth:`record_node`, plus ``at`` (when it happened; default: when it is
+        recorded) and ``started_at`` (with a result: the node's start, recorded with it).
+
+        Raises:
+            TrackerValidationError: a bad id, status, detail, or a result that is not JSON or too big.
+        """
+        return self._plans.node_event(session_id, node_id, status, **details)[1]
+
+    async def record_nodes(
+        self, session_id: str, events: Sequence[NodeEvent], *, request_id: str | None = None
+    ) -> BatchOutcome:
+        """Record node events (from :meth:`node_event`) of one session in one store call, in order.
+
+        ``request_id``: the same id on every retry of one call (see :meth:`record_node`).
+        """
+        return await self._run(self._plans.record_nodes(session_id, events, request_id))
 
     async def record_node(self, session_id: str, node_id: str, status: NodeStatus | str, **details: Any) -> NodeOutcome:
         """Record any node event (running, retrying, completed, failed, cancelled, lost) in full.
@@ -588,6 +672,16 @@ class SyncSessionManager:
     def record_node(self, session_id: str, node_id: str, status: NodeStatus | str, **details: Any) -> NodeOutcome:
         """See :meth:`SessionManager.record_node`."""
         return self._run(self._plans.record_node(session_id, node_id, status, **details))
+
+    def add_node_results(self, session_id: str, results: Mapping[str, Any] | Iterable[NodeResult]) -> dict[str, Any]:
+        """See :meth:`SessionManager.add_node_results`."""
+        return self._run(self._plans.node_results(session_id, results)).session.to_dict()
+
+    def record_nodes(
+        self, session_id: str, events: Sequence[NodeEvent], *, request_id: str | None = None
+    ) -> BatchOutcome:
+        """See :meth:`SessionManager.record_nodes`."""
+        return self._run(self._plans.record_nodes(session_id, events, request_id))
 
     def get_session(self, session_id: str) -> SessionInfo:
         """See :meth:`SessionManager.get_session`."""

@@ -187,6 +187,16 @@ class NodeOutcome(_Model):
     finished: SessionStatus | None = None
 
 
+class BatchOutcome(_Model):
+    """What recording a batch of node events (one store call) did."""
+
+    session: SessionInfo
+    #: Set when this very call finished the session (exactly one caller sees it).
+    finished: SessionStatus | None = None
+    #: Nodes of conditional events (the reaper's) that were not applied: the condition no longer held.
+    skipped: list[str] = Field(default_factory=list)
+
+
 class TransitionOutcome(_Model):
     """What a session transition did."""
 

@@ -6,6 +6,7 @@ import json
 import math
 import re
 import uuid
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -140,6 +141,15 @@ def attempt(value: object, sid: str | None = None) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ATTEMPT:
         raise TrackerValidationError("attempt", value, f"expected a whole number within 1..{MAX_ATTEMPT}", sid)
+    return value
+
+
+def moment(value: object, field: str, sid: str | None = None) -> datetime | None:
+    """Return ``value`` if it is None or a timezone-aware datetime."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise TrackerValidationError(field, value, "expected a timezone-aware datetime", sid)
     return value
 
 

@@ -225,7 +225,7 @@ def test_scripts_go_by_evalsha_and_survive_script_flush(manager: SessionManager,
 
     # When the server forgets every script
     shas = {name: hashlib.sha1(script_source(name).encode()).hexdigest() for name in SCRIPTS}
-    assert observer.client.script_exists(shas["record_node"]) == [True]
+    assert observer.client.script_exists(shas["record_nodes"]) == [True]
     observer.client.script_flush()
     assert observer.client.script_exists(*shas.values()) == [False] * len(SCRIPTS)
 

@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from tracker.models import (
+    BatchOutcome,
     NodeError,
     NodeOutcome,
     NodePage,
@@ -44,6 +45,11 @@ class NodeEvent(_Model):
     task_id: str | None = None
     worker: str | None = None
     reason: str | None = None
+    #: When it happened; None: the time of the store call (a buffered event carries its own).
+    at: datetime | None = None
+    #: With a result: when the node started, for a start and its result recorded as one event (a
+    #: write-behind buffer folds the two together when both wait in it).
+    started_at: datetime | None = None
     #: Names one logical call across its retries (a store that may lose replies answers a retry of
     #: the call that ended the session as the first attempt would have); None: the store picks one.
     request_id: str | None = None
@@ -125,6 +131,18 @@ class SessionStorageAdapter(Protocol):
             NodeLimitError: the node is new and the session has ``node_count`` nodes already.
         """
 
+    def record_nodes(
+        self, session_id: str, events: Sequence[NodeEvent], now: datetime, request_id: str | None = None
+    ) -> BatchOutcome:
+        """Apply ``events`` in order, as that many :meth:`record_node` calls would, in one atomic step.
+
+        ``request_id`` names the call across its retries (see ``NodeEvent.request_id``).
+
+        Raises:
+            SessionNotFoundError: no such session.
+            NodeLimitError: the events bring more distinct nodes than ``node_count``; nothing changed.
+        """
+
     def heartbeat(self, worker: str, now: datetime) -> None:
         """Note that worker process ``worker`` is alive at ``now`` (called every few seconds)."""
 
@@ -196,6 +214,10 @@ class AsyncSessionStorageAdapter(Protocol):
     async def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> SessionInfo: ...
 
     async def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> NodeOutcome: ...
+
+    async def record_nodes(
+        self, session_id: str, events: Sequence[NodeEvent], now: datetime, request_id: str | None = None
+    ) -> BatchOutcome: ...
 
     async def heartbeat(self, worker: str, now: datetime) -> None: ...
 

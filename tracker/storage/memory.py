@@ -20,6 +20,7 @@ from tracker.errors import (
     TrackerValidationError,
 )
 from tracker.models import (
+    BatchOutcome,
     NodeOutcome,
     NodePage,
     NodeResult,
@@ -218,28 +219,61 @@ class InMemoryStorageAdapter:
     def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> NodeOutcome:
         with self._lock:
             entry = self._entry(session_id)
-            old = entry.nodes.get(event.node_id)
-            if old is None and len(entry.nodes) >= entry.info.node_count:
-                raise NodeLimitError(session_id, event.node_id, entry.info.node_count)
-            node = _merge_node(old, event, now)
-            self._set_node(entry, node)
-            self._register(session_id, node, event.worker, now)
-            entry.info = self._recount(entry, now)
-            info = entry.info
+            self._check_limit(session_id, entry, [event])
+            return self._apply(session_id, entry, event, now)
+
+    def record_nodes(
+        self, session_id: str, events: Sequence[NodeEvent], now: datetime, request_id: str | None = None
+    ) -> BatchOutcome:
+        with self._lock:
+            entry = self._entry(session_id)
+            self._check_limit(session_id, entry, events)
             finished: SessionStatus | None = None
-            if info.status is SessionStatus.PENDING:
-                info = self._move(info, SessionStatus.RUNNING, now)
-            if info.status is SessionStatus.RUNNING:
-                finished = states.finish_status(
-                    info.completed_nodes, info.failed_nodes, info.cancelled_nodes, info.node_count
-                )
-                if finished is not None:
-                    info = self._move(info, finished, now)
-            entry.info = info
-            self._emit(entry, "node", now, node)
-            return NodeOutcome(
-                node=node, session=info, previous_node_status=old.status if old else None, finished=finished
+            for event in events:
+                finished = self._apply(session_id, entry, event, now).finished or finished
+            return BatchOutcome(session=entry.info, finished=finished)
+
+    @staticmethod
+    def _check_limit(session_id: str, entry: _Entry, events: Sequence[NodeEvent]) -> None:
+        # All or nothing: a call with more distinct nodes than the session has room for changes nothing.
+        fresh: set[str] = set()
+        for event in events:
+            if event.node_id not in entry.nodes and event.node_id not in fresh:
+                fresh.add(event.node_id)
+                if len(entry.nodes) + len(fresh) > entry.info.node_count:
+                    raise NodeLimitError(session_id, event.node_id, entry.info.node_count)
+
+    def _apply(self, session_id: str, entry: _Entry, event: NodeEvent, now: datetime) -> NodeOutcome:
+        at = event.at or now
+        old = entry.nodes.get(event.node_id)
+        node = old
+        if event.started_at is not None and event.status.is_terminal:
+            # A start and its result folded into one event: the start first, as two calls would.
+            start = NodeEvent(
+                node_id=event.node_id,
+                status=NodeStatus.RUNNING,
+                attempt=event.attempt,
+                task_id=event.task_id,
+                worker=event.worker,
             )
+            node = _merge_node(node, start, event.started_at)
+        node = _merge_node(node, event, at)
+        self._set_node(entry, node)
+        self._register(session_id, node, event.worker, at)
+        entry.info = self._recount(entry, at)
+        info = entry.info
+        finished: SessionStatus | None = None
+        if info.status is SessionStatus.PENDING:
+            info = self._move(info, SessionStatus.RUNNING, at)
+        if info.status is SessionStatus.RUNNING:
+            finished = states.finish_status(
+                info.completed_nodes, info.failed_nodes, info.cancelled_nodes, info.node_count
+            )
+            if finished is not None:
+                info = self._move(info, finished, at)
+        entry.info = info
+        self._emit(entry, "node", at, node)
+        return NodeOutcome(node=node, session=info, previous_node_status=old.status if old else None, finished=finished)
 
     def _register(self, session_id: str, node: NodeResult, worker: str | None, now: datetime) -> None:
         # The same holder registry the Redis scripts keep: a start by a worker adds the node to

@@ -37,6 +37,7 @@ from tracker.errors import (
     TrackerValidationError,
 )
 from tracker.models import (
+    BatchOutcome,
     NodeError,
     NodeOutcome,
     NodePage,
@@ -57,7 +58,13 @@ from tracker.validation import is_worker_id
 T = TypeVar("T")
 
 #: The scripts, by file name (without ``.lua``); each is loaded with ``common.lua`` before it.
-SCRIPTS = ("create", "record_node", "transition", "resume", "set_progress", "remove_if_expired")
+SCRIPTS = ("create", "record_nodes", "transition", "resume", "set_progress", "remove_if_expired")
+
+#: The session fields ``record_nodes`` replies, in order (``FIELDS`` in ``common.lua``).
+SESSION_FIELDS = (
+    "status", "node_count", "completed", "failed", "running", "lost", "cancelled", "progress",
+    "started_ms", "finished_ms", "updated_ms", "canvas_path", "created_ms", "metadata",
+)  # fmt: skip
 
 #: Sessions whose key names each program object remembers (see ``RedisPrograms._session_keys``).
 SESSION_KEYS_CACHE_SIZE = 1024
@@ -130,6 +137,29 @@ def _session(session_id: str, fields: dict[str, str]) -> SessionInfo:
         started_at=_ms(fields.get("started_ms", "")),
         finished_at=_ms(fields.get("finished_ms", "")),
         metadata=json.loads(fields.get("metadata") or "{}"),
+    )
+
+
+def _session_values(session_id: str, values: Sequence[Any]) -> SessionInfo:
+    # record_nodes replies the session's fields as values in SESSION_FIELDS order (numbers as integers).
+    (status, node_count, completed, failed, running, lost, cancelled, progress,
+     started_ms, finished_ms, updated_ms, canvas_path, created_ms, metadata) = (_text(v) for v in values)  # fmt: skip
+    return SessionInfo(
+        session_id=session_id,
+        canvas_path=canvas_path,
+        node_count=int(node_count),
+        status=SessionStatus(status),
+        progress_percent=float(progress),
+        completed_nodes=int(completed),
+        failed_nodes=int(failed),
+        running_nodes=int(running),
+        lost_nodes=int(lost),
+        cancelled_nodes=int(cancelled),
+        created_at=_utc(int(created_ms)),
+        updated_at=_utc(int(updated_ms)),
+        started_at=_ms(started_ms),
+        finished_at=_ms(finished_ms),
+        metadata=json.loads(metadata) if metadata else {},
     )
 
 
@@ -341,33 +371,38 @@ class RedisPrograms:
     def _record_script(
         self,
         session_id: str,
-        event: NodeEvent,
+        events: Sequence[NodeEvent],
         now_ms: int,
-        holder: str | None,
+        details: bool,
+        request_id: str,
         expect_holder: str = "",
         started_before_ms: int | str = "",
     ) -> Script:
-        script = self._script(
-            "record_node",
-            self._session_keys(session_id),
-            event.node_id,
-            event.status.value,
-            "" if event.attempt is None else event.attempt,
-            _field(event.task_id, "task_id"),
-            _field(event.worker, "worker"),
-            _payload(event),
-            now_ms,
-            self.ttl_s,
-            self.events_maxlen,
-            expect_holder,
-            started_before_ms,
-            f"{session_id} {event.node_id}" if holder and not self.cluster else "",
-            event.request_id or _request_id(),
-        )
-        if holder and not self.cluster:
-            # Outside Cluster the holder registry is kept by the same script (no extra round trip).
-            script.keys.extend([self.keys.held(holder), self.keys.workers])
-        return script
+        keys = self._session_keys(session_id).all()
+        args: list[Any] = [self.ttl_s, self.events_maxlen, request_id, "1" if details else "0", session_id]
+        holders: dict[str, int] = {}
+        for event in events:
+            held = 0
+            holder = expect_holder or event.worker
+            if not self.cluster and holder and is_worker_id(holder):
+                # Outside Cluster the holder registry is kept by the same script (no extra round trip).
+                held = holders.setdefault(holder, len(holders) + 1)
+            args += [
+                event.node_id,
+                event.status.value,
+                "" if event.attempt is None else event.attempt,
+                _field(event.task_id, "task_id"),
+                _field(event.worker, "worker"),
+                _payload(event),
+                now_ms if event.at is None else _ms_int(event.at),
+                "" if event.started_at is None else _ms_int(event.started_at),
+                expect_holder,
+                started_before_ms,
+                held,
+            ]
+        if holders:
+            keys += [self.keys.workers, *(self.keys.held(h) for h in holders)]
+        return Script("record_nodes", keys, args)
 
     def _registry_update(self, session_id: str, holder: str, node: NodeResult, now_ms: int) -> list[Command]:
         # On Cluster the registry lives in other slots: one more round trip, on starts and results.
@@ -376,27 +411,55 @@ class RedisPrograms:
             return [("SADD", self.keys.held(holder), member), ("ZADD", self.keys.workers, {holder: now_ms})]
         return [("SREM", self.keys.held(holder), member)]
 
-    def _outcome(self, session_id: str, node_id: str, reply: list[Any]) -> NodeOutcome:
-        old, finished = _text(reply[3]), _text(reply[4])
+    def _reply(self, session_id: str, reply: list[Any]) -> tuple[SessionInfo, SessionStatus | None, list[Any]]:
+        """An ``ok`` (or ``not_found``) ``record_nodes`` reply: the session, what the call finished, the details."""
+        self._check(session_id, reply)
+        finished = _text(reply[1])
+        return _session_values(session_id, reply[2]), SessionStatus(finished) if finished else None, reply[4]
+
+    def _node_outcome(self, session_id: str, node_id: str, reply: list[Any]) -> NodeOutcome:
+        """A one-event ``record_nodes`` reply (with details) as what happened to that node."""
+        session, finished, details = self._reply(session_id, reply)
+        old = _text(details[0])
         return NodeOutcome(
-            node=_node(node_id, _text(reply[2])),
-            session=_session(session_id, _flat_dict(reply[1])),
+            node=_node(node_id, _text(details[1])),
+            session=session,
             previous_node_status=NodeStatus(old) if old else None,
-            finished=SessionStatus(finished) if finished else None,
+            finished=finished,
         )
 
     def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> Program[NodeOutcome]:
         now_ms = _ms_int(now)
-        holder = event.worker if is_worker_id(event.worker) else None
-        reply = (yield [self._record_script(session_id, event, now_ms, holder)])[0]
+        script = self._record_script(session_id, [event], now_ms, True, event.request_id or _request_id())
+        reply = (yield [script])[0]
         if _text(reply[0]) == "limit":
             info = yield from self.get(session_id)
             raise NodeLimitError(session_id, event.node_id, info.node_count if info else 0)
-        self._check(session_id, reply)
-        outcome = self._outcome(session_id, event.node_id, reply)
-        if holder and self.cluster:
-            yield self._registry_update(session_id, holder, outcome.node, now_ms)
+        outcome = self._node_outcome(session_id, event.node_id, reply)
+        if self.cluster and event.worker and is_worker_id(event.worker):
+            yield self._registry_update(session_id, event.worker, outcome.node, now_ms)
         return outcome
+
+    def record_nodes(
+        self, session_id: str, events: Sequence[NodeEvent], now: datetime, request_id: str | None = None
+    ) -> Program[BatchOutcome]:
+        now_ms = _ms_int(now)
+        details = self.cluster  # on Cluster the registry is updated from each node's final record
+        script = self._record_script(session_id, events, now_ms, details, request_id or _request_id())
+        reply = (yield [script])[0]
+        if _text(reply[0]) == "limit":
+            info = yield from self.get(session_id)
+            raise NodeLimitError(session_id, _text(reply[1]), info.node_count if info else 0)
+        session, finished, records = self._reply(session_id, reply)
+        if details:
+            registry: list[Command] = []
+            for event, record in zip(events, records[1::2], strict=True):
+                if event.worker and is_worker_id(event.worker):
+                    node = _node(event.node_id, _text(record))
+                    registry += self._registry_update(session_id, event.worker, node, now_ms)
+            if registry:
+                yield registry
+        return BatchOutcome(session=session, finished=finished)
 
     def heartbeat(self, worker: str, now: datetime) -> Program[None]:
         yield [("ZADD", self.keys.workers, {validation.worker_id(worker): _ms_int(now)})]
@@ -424,15 +487,17 @@ class RedisPrograms:
             for member in sorted(_text(m) for m in members):
                 session_id, _, node_id = member.partition(" ")
                 event = NodeEvent(node_id=node_id, status=NodeStatus.LOST, reason=reason)
-                script = self._record_script(session_id, event, now_ms, worker, worker, started_before)
+                script = self._record_script(session_id, [event], now_ms, True, _request_id(), worker, started_before)
                 calls.append((worker, session_id, node_id, script))
         replies = (yield [call[3] for call in calls]) if calls else []
         outcomes: list[NodeOutcome] = []
         done: list[Command] = []
         for (worker, session_id, node_id, _), reply in zip(calls, replies, strict=True):
             code = _text(reply[0])
+            if code == "ok" and reply[3]:  # skipped: the node no longer runs there
+                code = "skip"
             if code == "ok":
-                outcomes.append(self._outcome(session_id, node_id, reply))
+                outcomes.append(self._node_outcome(session_id, node_id, reply))
             if code == "not_found" or (self.cluster and (code == "ok" or worker in stale)):
                 done.append(("SREM", self.keys.held(worker), f"{session_id} {node_id}"))
         if stale:
@@ -698,6 +763,11 @@ class RedisStorageAdapter(_RedisBase):
     def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> NodeOutcome:
         return self._drive(self.programs.record_node(session_id, event, now))
 
+    def record_nodes(
+        self, session_id: str, events: Sequence[NodeEvent], now: datetime, request_id: str | None = None
+    ) -> BatchOutcome:
+        return self._drive(self.programs.record_nodes(session_id, events, now, request_id))
+
     def heartbeat(self, worker: str, now: datetime) -> None:
         self._drive(self.programs.heartbeat(worker, now))
 
@@ -840,6 +910,11 @@ class AsyncRedisStorageAdapter(_RedisBase):
 
     async def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> NodeOutcome:
         return await self._drive(self.programs.record_node(session_id, event, now))
+
+    async def record_nodes(
+        self, session_id: str, events: Sequence[NodeEvent], now: datetime, request_id: str | None = None
+    ) -> BatchOutcome:
+        return await self._drive(self.programs.record_nodes(session_id, events, now, request_id))
 
     async def heartbeat(self, worker: str, now: datetime) -> None:
         await self._drive(self.programs.heartbeat(worker, now))

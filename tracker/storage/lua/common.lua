@@ -11,8 +11,9 @@ local TERMINAL_NODE = {completed = true, failed = true, lost = true, cancelled =
 -- session statuses that end a session
 local TERMINAL_SESSION = {completed = true, partial_failure = true, failed = true, cancelled = true}
 
+-- The session's state fields, in the order record_nodes replies them (redis.py SESSION_FIELDS).
 local FIELDS = {'status', 'node_count', 'completed', 'failed', 'running', 'lost', 'cancelled', 'progress',
-                'started_ms', 'finished_ms', 'updated_ms'}
+                'started_ms', 'finished_ms', 'updated_ms', 'canvas_path', 'created_ms', 'metadata'}
 local NUMBERS = {'node_count', 'completed', 'failed', 'running', 'lost', 'cancelled'}
 
 -- The session's state fields as a table, or nil when the session does not exist.
@@ -25,14 +26,22 @@ local function load_session()
   return s
 end
 
+-- The session's FIELDS values, in order.
+local function session_values(s)
+  local values = {}
+  for i, k in ipairs(FIELDS) do values[i] = s[k] end
+  return values
+end
+
 -- updated_ms never goes back: a writer whose clock lags (or whose call was slow) must not make an
--- active session look idle to cleanup.
+-- active session look idle to cleanup. Returns the updated_ms written.
 local function save_session(s, now_ms)
   local updated = now_ms
   if s.updated_ms ~= '' and tonumber(s.updated_ms) > tonumber(now_ms) then updated = s.updated_ms end
   redis.call('HSET', S, 'status', s.status, 'completed', s.completed, 'failed', s.failed, 'running', s.running,
              'lost', s.lost, 'cancelled', s.cancelled, 'progress', s.progress, 'started_ms', s.started_ms,
              'finished_ms', s.finished_ms, 'updated_ms', updated)
+  return updated
 end
 
 -- Move one node's weight in the counters (delta = 1 when it enters status, -1 when it leaves).
@@ -114,6 +123,12 @@ end
 
 local function remember_request(request_id, previous)
   redis.call('HSET', S, 'request', request_id .. '|' .. previous)
+end
+
+-- Calls fn with the items of list in slices of at most 1000: unpack() of a very long list
+-- overflows Lua's C stack.
+local function for_chunks(list, fn)
+  for first = 1, #list, 1000 do fn({unpack(list, first, math.min(first + 999, #list))}) end
 end
 
 local function in_list(value, list, first)

@@ -1,0 +1,166 @@
+-- record_nodes(KEYS=[session, nodes, sigs, events, (workers, held_1, held_2, ...)],
+--              ARGV=[ttl_s, events_maxlen, request_id, details, session_id,
+--                    (node_id, status, attempt, task_id, worker, payload, at_ms, started_ms, expect_holder,
+--                     started_before_ms, held) * n])
+-- Applies n node events of one session in order, as n single calls would, in one script run: the
+-- session hash is read once and written once, the TTLs refreshed once. Each event is an upsert
+-- (the same event twice changes nothing the second time) that moves the counters when the node's
+-- status changes; the session starts with its first event and finishes when every node has a
+-- result: exactly one call sees `finished`. Rules: states.merge_node_status.
+-- started_ms (optional, with a result): the node's start, folded into this event by a write-behind
+-- buffer (a running event at started_ms, then the result, without writing the running state).
+-- The holder registry is passed outside Cluster only: workers (ZSET of worker process -> last seen
+-- ms) and the held sets (SET of "<session_id> <node_id>" one worker process runs) of the events'
+-- worker processes; an event's `held` is the number of its worker's set (0: none). A start by that
+-- worker adds the node to the set and counts as a sign of life, any other status takes it out (a
+-- retry may run elsewhere).
+-- expect_holder (the reaper) makes an event conditional: applied only while the node still runs on
+-- that holder (and, with started_before_ms, started before then), so two reapers never mark a node
+-- twice.
+-- The call that ends the session leaves its request_id in the session's `finish_request` field: a
+-- retry of that same call (its reply was lost) is answered `finished` again; any other call is not.
+-- Returns {'ok', finished, session_values (FIELDS order), skipped, details} | {'not_found'}
+--         | {'limit', node_id} (more distinct nodes than node_count: nothing written)
+--   skipped: node ids of the conditional events not applied;
+--   details (details = '1'): {previous_status, node_record} per event.
+local ttl_s, maxlen, request_id, want_details = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1'
+local session_id = ARGV[5]
+local WIDTH, FIRST = 11, 6
+local s = load_session()
+if not s then return {'not_found'} end
+
+-- One status change of a node (old: its fields, parse_node order); returns the new fields.
+local function step(old, incoming, attempt, task_id, worker, payload, at_ms)
+  local old_status = old[1]
+  local status = incoming
+  if old_status == 'completed' or (TERMINAL_NODE[old_status] and not TERMINAL_NODE[incoming]) then
+    status = old_status
+  end
+  -- states.is_stale_report: a failure, revoke or loss of a task that is no longer the node's (a
+  -- resume gave the node a fresh task) changes nothing; a success counts whichever task sends it.
+  if incoming ~= 'completed' and TERMINAL_NODE[incoming] and task_id ~= '' and old[5] ~= '' and old[5] ~= task_id then
+    status = old_status
+  end
+  local attempts = tonumber(old[2])
+  if attempt ~= '' then
+    attempts = math.max(attempts, tonumber(attempt))
+  elseif incoming == 'running' and status == 'running' then
+    attempts = attempts + 1
+  end
+  if status ~= 'pending' and attempts < 1 then attempts = 1 end
+  local new
+  if status ~= incoming or old_status == 'completed' then
+    -- a start after a result, or a duplicate success: only the attempt count moves
+    new = {old[1], attempts, old[3], old[4], old[5], old[6], old[7]}
+  else
+    new = {status, attempts, old[3], old[4], old[5], old[6], payload}
+    if task_id ~= '' then new[5] = task_id end
+    if worker ~= '' then new[6] = worker end
+    if status == 'running' then
+      new[3], new[4] = at_ms, ''
+    elseif TERMINAL_NODE[status] then
+      new[4] = at_ms
+    end
+  end
+  if old_status ~= new[1] then
+    if old_status ~= '' then count(s, old_status, -1) end
+    count(s, new[1], 1)
+  end
+  if s.status == 'pending' then set_status(s, 'running', at_ms) end
+  return new
+end
+
+-- First pass: every node's record, read once (a node may come twice in one call), and the node
+-- limit checked for the whole call: over it, nothing is written.
+local records, fresh, known = {}, 0, nil
+for i = FIRST, #ARGV, WIDTH do
+  local node_id = ARGV[i]
+  if records[node_id] == nil then
+    records[node_id] = redis.call('HGET', N, node_id)
+    if not records[node_id] and ARGV[i + 8] == '' then
+      fresh = fresh + 1
+      known = known or redis.call('HLEN', N)
+      if known + fresh > s.node_count then return {'limit', node_id} end
+    end
+  end
+end
+
+local finished, skipped, details = '', {}, {}
+local registry, seen = {}, {} -- registry[held] = {member = true (add) | false (remove)}
+local applied, last_ms = 0, s.updated_ms
+for i = FIRST, #ARGV, WIDTH do
+  local node_id, incoming, attempt, task_id, worker = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local payload, at_ms, started_ms = ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+  local expect_holder, started_before, held = ARGV[i + 8], ARGV[i + 9], tonumber(ARGV[i + 10])
+  local member = session_id .. ' ' .. node_id
+  if held > 0 and not registry[held] then registry[held] = {} end
+  local raw = records[node_id]
+  local old = raw and parse_node(raw) or {'', '0', '', '', '', '', ''}
+  local skip = false
+  if expect_holder ~= '' then
+    if old[1] ~= 'running' or old[6] ~= expect_holder then
+      -- finished, or running elsewhere now (redelivered): the registry entry is stale
+      skip = true
+      if held > 0 then registry[held][member] = false end
+    elseif started_before ~= '' and (old[3] == '' or tonumber(old[3]) >= tonumber(started_before)) then
+      skip = true
+    end
+  end
+  if skip then
+    skipped[#skipped + 1] = node_id
+    if want_details then details[#details + 1] = old[1]; details[#details + 1] = raw or '' end
+  else
+    applied = applied + 1
+    local new = old
+    if started_ms ~= '' and TERMINAL_NODE[incoming] then
+      new = step(new, 'running', attempt, task_id, worker, '', started_ms)
+    end
+    new = step(new, incoming, attempt, task_id, worker, payload, at_ms)
+    local record = node_text(new)
+    if record ~= raw then
+      redis.call('HSET', N, node_id, record)
+      records[node_id] = record
+    end
+    if held > 0 then
+      if new[1] == 'running' and new[6] == worker then
+        registry[held][member] = true
+        seen[worker] = at_ms
+      elseif new[1] ~= 'running' then
+        registry[held][member] = false
+      end
+    end
+    if s.status == 'running' then
+      local target = finish_status(s)
+      if target then
+        set_status(s, target, at_ms)
+        finished = target
+      end
+    end
+    s.progress = derived_progress(s)
+    emit(s, 'node', at_ms, maxlen, node_id, new[1])
+    if want_details then details[#details + 1] = old[1]; details[#details + 1] = record end
+    if tonumber(at_ms) > tonumber(last_ms) then last_ms = at_ms end
+  end
+end
+
+for held, members in pairs(registry) do
+  local add, rem = {}, {}
+  for member, present in pairs(members) do
+    if present then add[#add + 1] = member else rem[#rem + 1] = member end
+  end
+  for_chunks(add, function(part) redis.call('SADD', KEYS[5 + held], unpack(part)) end)
+  for_chunks(rem, function(part) redis.call('SREM', KEYS[5 + held], unpack(part)) end)
+end
+local alive = {}
+for worker, at_ms in pairs(seen) do alive[#alive + 1] = at_ms; alive[#alive + 1] = worker end
+if #alive > 0 then redis.call('ZADD', KEYS[5], unpack(alive)) end
+if finished ~= '' and request_id ~= '' then
+  redis.call('HSET', S, 'finish_request', request_id)
+elseif request_id ~= '' and TERMINAL_SESSION[s.status] and redis.call('HGET', S, 'finish_request') == request_id then
+  finished = s.status -- a retry of the call that ended the session (its first reply was lost)
+end
+if applied > 0 then
+  s.updated_ms = save_session(s, last_ms)
+  touch(ttl_s)
+end
+return {'ok', finished, session_values(s), skipped, details}
