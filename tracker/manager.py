@@ -180,6 +180,26 @@ class _Plans:
                 raise TrackerValidationError("result", event.node_id, "the result is over max_result_bytes", sid)
         return _Plan("record_nodes", (sid, list(events), self.clock(), request_id))
 
+    def node_result(
+        self,
+        session_id: str,
+        node_id: str,
+        result: Any,
+        status: NodeStatus | str,
+        error: NodeError | BaseException | None,
+        task_id: str | None,
+        worker: str | None,
+        attempt: int | None,
+    ) -> _Plan[BatchOutcome]:
+        # One result, recorded as a batch of one: the reply carries the session, not the node.
+        if isinstance(result, NodeResult):
+            details = self.node_result_details(result)
+        else:
+            details = {"node_id": node_id, "status": status, "result": result, "error": error}
+            details.update(task_id=task_id, worker=worker, attempt=attempt)
+        sid, event = self.node_event(session_id, **details)
+        return _Plan("record_nodes", (sid, [event], self.clock(), None))
+
     def node_results(self, session_id: str, results: Mapping[str, Any] | Iterable[NodeResult]) -> _Plan[BatchOutcome]:
         if isinstance(results, Mapping):
             events = [
@@ -439,17 +459,8 @@ class SessionManager:
             NodeLimitError: more distinct nodes than ``node_count``.
             SessionNotFoundError: no such session.
         """
-        plan = (
-            self._plans.record_node(
-                session_id, node_id, status, result, error=error, task_id=task_id, worker=worker, attempt=attempt
-            )
-            if not isinstance(result, NodeResult)
-            else self._node_result_plan(session_id, result)
-        )
+        plan = self._plans.node_result(session_id, node_id, result, status, error, task_id, worker, attempt)
         return (await self._run(plan)).session.to_dict()
-
-    def _node_result_plan(self, session_id: str, node: NodeResult) -> _Plan[NodeOutcome]:
-        return self._plans.record_node(session_id, **self._plans.node_result_details(node))
 
     async def add_node_results(
         self, session_id: str, results: Mapping[str, Any] | Iterable[NodeResult]
@@ -660,13 +671,7 @@ class SyncSessionManager:
         attempt: int | None = None,
     ) -> dict[str, Any]:
         """See :meth:`SessionManager.add_node_result`."""
-        plan = (
-            self._plans.record_node(
-                session_id, node_id, status, result, error=error, task_id=task_id, worker=worker, attempt=attempt
-            )
-            if not isinstance(result, NodeResult)
-            else self._manager._node_result_plan(session_id, result)
-        )
+        plan = self._plans.node_result(session_id, node_id, result, status, error, task_id, worker, attempt)
         return self._run(plan).session.to_dict()
 
     def record_node(self, session_id: str, node_id: str, status: NodeStatus | str, **details: Any) -> NodeOutcome:

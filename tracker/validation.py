@@ -26,6 +26,7 @@ MAX_LABEL_CHARS = 255
 MAX_ATTEMPT = 2**31 - 1
 
 _NODE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]+")
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def session_id(value: object) -> str:
@@ -34,6 +35,8 @@ def session_id(value: object) -> str:
     Raises:
         TrackerValidationError: anything else, before it can become part of a key.
     """
+    if isinstance(value, str) and _CANONICAL_UUID.fullmatch(value):
+        return value  # the common case, checked on every call: one regular expression
     if not isinstance(value, str) or len(value) != 36:
         raise TrackerValidationError("session_id", value, "expected a 36-character UUID")
     try:
@@ -87,10 +90,14 @@ def progress(value: object, sid: str | None = None) -> float:
     return number
 
 
+#: One encoder for every JSON text stored (json.dumps builds a new one per call for these options).
+_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+
+
 def json_text(value: Any, field: str, max_bytes: int, sid: str | None = None) -> str:
     """Encode ``value`` as compact JSON (no NaN), refusing what does not fit in ``max_bytes``."""
     try:
-        text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+        text = _JSON.encode(value)
         size = len(text.encode())
     except (TypeError, ValueError, RecursionError) as exc:
         # ValueError includes UnicodeEncodeError: a lone surrogate cannot be stored as UTF-8.

@@ -1,7 +1,8 @@
 """Nothing outlives a session: TTLs on every key, refreshed by each write, and cleanup.
 
-Every key of a session (session, nodes, sigs, events) carries the session timeout as its TTL
-after every kind of write, and a later write sets it back to the full timeout. Cleanup (with a
+Every key of a session (session, nodes, sigs, events) lives at least the session timeout after
+every kind of write: a write finding less than that left sets every key to the timeout plus a
+step (a tenth of it, at most 60 s), and writes within that step leave the TTLs alone. Cleanup (with a
 fake clock) deletes expired sessions with all their keys and index entries and keeps the ones
 written since; it also drops the index entries of sessions Redis already expired by TTL.
 """
@@ -20,6 +21,8 @@ from tracker import NodeSpec, SessionManager, SessionNotFoundError
 from tracker.storage.keys import KeySpace
 
 TIMEOUT_S = 900
+#: What a refresh gives beyond the timeout (``touch`` in common.lua): a tenth of it, at most 60 s.
+STEP_S = min(TIMEOUT_S / 10, 60)
 
 Write = Callable[[SessionManager, str], object]
 
@@ -46,10 +49,10 @@ def ttls_ms(client: redis.Redis, keys: list[str]) -> dict[str, int]:
 
 
 def assert_full_ttl(client: redis.Redis, key_prefix: str, sid: str) -> None:
-    """Every key of the session exists and expires in the full session timeout (within 2 s of it)."""
+    """Every key of the session exists and lives at least the session timeout more (at most a step more)."""
     keys = KeySpace(key_prefix).session(sid).all()
     ttl = ttls_ms(client, keys)
-    assert all((TIMEOUT_S - 2) * 1000 < ms <= TIMEOUT_S * 1000 for ms in ttl.values()), ttl
+    assert all((TIMEOUT_S - 2) * 1000 < ms <= (TIMEOUT_S + STEP_S) * 1000 for ms in ttl.values()), ttl
     # Nothing else of the session's exists without a TTL either.
     tagged = {key.decode() for key in client.scan_iter(match=f"{key_prefix}:{{{sid}}}:*", count=1000)}
     assert tagged == set(keys)
@@ -95,7 +98,7 @@ def test_a_session_without_nodes_or_signatures_has_ttls_on_the_keys_it_has(
     assert ttls_ms(redis_client, [keys.nodes, keys.sigs]) == {keys.nodes: -2, keys.sigs: -2}
     manager.sync.add_node_result(sid, "a", 1)
     ttl = ttls_ms(redis_client, [keys.session, keys.nodes, keys.events])
-    assert all((TIMEOUT_S - 2) * 1000 < ms <= TIMEOUT_S * 1000 for ms in ttl.values()), ttl
+    assert all((TIMEOUT_S - 2) * 1000 < ms <= (TIMEOUT_S + STEP_S) * 1000 for ms in ttl.values()), ttl
     assert int(redis_client.pttl(keys.sigs)) == -2
 
 
@@ -105,7 +108,33 @@ def test_the_ttl_follows_the_configured_timeout(
     manager = make_manager(session_timeout=42)
     sid = session_with_every_key(manager)
     ttl = ttls_ms(redis_client, KeySpace(key_prefix).session(sid).all())
-    assert all(40_000 < ms <= 42_000 for ms in ttl.values()), ttl
+    assert all(40_000 < ms <= 46_200 for ms in ttl.values()), ttl  # 42 s plus a step of 4.2 s
+
+
+def test_writes_within_a_step_leave_the_ttls_alone_and_keep_at_least_the_timeout(
+    make_manager: ManagerFactory, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    # Given a session whose keys were just given their TTL (timeout plus a step)
+    manager = make_manager(session_timeout=TIMEOUT_S)
+    sid = session_with_every_key(manager)
+    keys = KeySpace(key_prefix).session(sid).all()
+    redis_client.config_resetstat()
+
+    # When 50 writes come within the step
+    for i in range(50):
+        manager.sync.record_node(sid, "a" if i % 2 else "b", "running", attempt=i + 1)
+
+    # Then no write ran an EXPIRE, and every key still has at least the timeout left
+    stats = redis_client.info("commandstats")
+    assert "cmdstat_pexpire" not in stats and "cmdstat_expire" not in stats, stats.keys()
+    assert stats["cmdstat_pttl"]["calls"] == 50
+    assert all(ms >= (TIMEOUT_S - 2) * 1000 for ms in ttls_ms(redis_client, keys).values())
+
+    # And once the session hash has less than the timeout left, the next write refreshes every key
+    redis_client.pexpire(keys[0], TIMEOUT_S * 1000 - 1)
+    manager.sync.update_progress(sid, 10)
+    assert int(redis_client.info("commandstats")["cmdstat_pexpire"]["calls"]) == 1 + 4
+    assert_full_ttl(redis_client, key_prefix, sid)
 
 
 def test_cleanup_removes_expired_sessions_and_keeps_refreshed_ones(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-import uuid
+import os
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -141,26 +141,30 @@ def _session(session_id: str, fields: dict[str, str]) -> SessionInfo:
 
 
 def _session_values(session_id: str, values: Sequence[Any]) -> SessionInfo:
-    # record_nodes replies the session's fields as values in SESSION_FIELDS order (numbers as integers).
+    # record_nodes replies the session's fields as values in SESSION_FIELDS order: numbers as
+    # integers, the rest as bytes (read on every write: decoded in line).
     (status, node_count, completed, failed, running, lost, cancelled, progress,
-     started_ms, finished_ms, updated_ms, canvas_path, created_ms, metadata) = (_text(v) for v in values)  # fmt: skip
+     started_ms, finished_ms, updated_ms, canvas_path, created_ms, metadata) = values  # fmt: skip
     return SessionInfo(
         session_id=session_id,
-        canvas_path=canvas_path,
-        node_count=int(node_count),
-        status=SessionStatus(status),
+        canvas_path=_text(canvas_path),
+        node_count=node_count,
+        status=_SESSION_STATUS[_text(status)],
         progress_percent=float(progress),
-        completed_nodes=int(completed),
-        failed_nodes=int(failed),
-        running_nodes=int(running),
-        lost_nodes=int(lost),
-        cancelled_nodes=int(cancelled),
+        completed_nodes=completed,
+        failed_nodes=failed,
+        running_nodes=running,
+        lost_nodes=lost,
+        cancelled_nodes=cancelled,
         created_at=_utc(int(created_ms)),
         updated_at=_utc(int(updated_ms)),
-        started_at=_ms(started_ms),
-        finished_at=_ms(finished_ms),
+        started_at=_utc(int(started_ms)) if started_ms else None,
+        finished_at=_utc(int(finished_ms)) if finished_ms else None,
         metadata=json.loads(metadata) if metadata else {},
     )
+
+
+_SESSION_STATUS = {status.value: status for status in SessionStatus}
 
 
 def _node(node_id: str, record: str) -> NodeResult:
@@ -197,7 +201,7 @@ def _payload(event: NodeEvent) -> str:
 def _request_id() -> str:
     # One per call, so a retry of the same script call (redis-py re-sends a command whose reply
     # was lost) is told apart from another caller's request; see replay_of in common.lua.
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def _field(value: str | None, name: str) -> str:
@@ -720,7 +724,16 @@ class RedisStorageAdapter(_RedisBase):
 
     def _one(self, command: Command, target: Any) -> Any:
         if isinstance(command, Script):
-            return self._scripts[command.name](keys=command.keys, args=command.args, client=target)
+            script = self._scripts[command.name]
+            if target is not self._client or self.programs.cluster:
+                return script(keys=command.keys, args=command.args, client=target)
+            # The hot path (one write, one round trip): EVALSHA without the wrapper's copies.
+            call = ("EVALSHA", len(command.keys), *command.keys, *command.args)
+            try:
+                return target.execute_command(call[0], script.sha, *call[1:])
+            except redis.exceptions.NoScriptError:
+                script.sha = target.script_load(script.script)  # the server forgot it (restart, SCRIPT FLUSH)
+                return target.execute_command(call[0], script.sha, *call[1:])
         name, *args = command
         if name == "ZADD":
             return target.zadd(args[0], args[1])

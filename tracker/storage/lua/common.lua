@@ -103,9 +103,16 @@ local function emit(s, kind, now_ms, maxlen, node_id, node_status)
   end
 end
 
--- Every write refreshes the TTL of all the session's keys (EXPIRE on a missing key is a no-op).
-local function touch(ttl_s)
-  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl_s) end
+-- Every write keeps all the session's keys alive at least ttl_s more (EXPIRE on a missing key is a
+-- no-op). Four EXPIREs are a good part of a small write, so they run only when the session hash
+-- has less than ttl_s left (or `force`: a key was just created), and then give ttl_s plus a step of
+-- a tenth of it (at most 60 s): a session's keys expire between ttl_s and ttl_s + step after its
+-- last write, with one refresh per step at most however busy the session is.
+local function touch(ttl_s, force)
+  local ttl_ms = tonumber(ttl_s) * 1000
+  if not force and redis.call('PTTL', S) >= ttl_ms then return end
+  local life_ms = ttl_ms + math.min(math.floor(ttl_ms / 10), 60000)
+  for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], life_ms) end
 end
 
 -- create, transition and resume are not idempotent by themselves, so they carry a request id and

@@ -34,7 +34,7 @@ for i = 0, n_nodes - 1 do
 end
 local s = load_session()
 emit(s, 'created', now_ms, maxlen)
-touch(ttl_s)
+touch(ttl_s, true)
 if KEYS[5] then
   redis.call('ZADD', KEYS[5], now_ms, sid)
   redis.call('ZADD', KEYS[6], now_ms, sid)

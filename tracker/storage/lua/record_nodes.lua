@@ -161,6 +161,6 @@ elseif request_id ~= '' and TERMINAL_SESSION[s.status] and redis.call('HGET', S,
 end
 if applied > 0 then
   s.updated_ms = save_session(s, last_ms)
-  touch(ttl_s)
+  touch(ttl_s, known == 0) -- known == 0: this call created the nodes hash
 end
 return {'ok', finished, session_values(s), skipped, details}
