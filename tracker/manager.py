@@ -481,7 +481,9 @@ class SessionManager:
         """
         return (await self._run(self._plans.node_results(session_id, results))).session.to_dict()
 
-    def node_event(self, session_id: str, node_id: str, status: NodeStatus | str, **details: Any) -> NodeEvent:
+    def node_event(
+        self, session_id: str, node_id: str, status: NodeStatus | str, result: Any = None, **details: Any
+    ) -> NodeEvent:
         """A validated node event for :meth:`record_nodes` (no I/O).
 
         Keyword details as :meth:`record_node`, plus ``at`` (when it happened; default: when it is
@@ -490,7 +492,7 @@ class SessionManager:
         Raises:
             TrackerValidationError: a bad id, status, detail, or a result that is not JSON or too big.
         """
-        return self._plans.node_event(session_id, node_id, status, **details)[1]
+        return self._plans.node_event(session_id, node_id, status, result, **details)[1]
 
     async def record_nodes(
         self, session_id: str, events: Sequence[NodeEvent], *, request_id: str | None = None

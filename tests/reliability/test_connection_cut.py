@@ -22,7 +22,7 @@ from celery import Celery
 from tests.reliability.conftest import StartRedis
 from tests.reliability.helpers import all_nodes, command_calls, text
 from tests.reliability.proxy import Proxy, tcp_proxy
-from tracker import NodeStatus, SessionManager, TrackerSettings
+from tracker import NodeStatus, SessionInfo, SessionManager, TrackerSettings
 from tracker.celery import NODE_STAMP, SESSION_STAMP, Recorder
 from tracker.states import merge_node_status
 from tracker.storage.keys import KeySpace
@@ -129,27 +129,52 @@ def test_the_caller_whose_finishing_reply_was_lost_still_sees_finished(
     assert again.session.completed_nodes == 2
 
 
-def test_a_finishing_result_retried_by_the_handler_still_reports_finished_once(
-    cut: tuple[SessionManager, Proxy, redis.Redis],
+def test_a_finishing_batch_retried_by_the_writer_still_reports_finished_once(
+    cut: tuple[SessionManager, Proxy, redis.Redis], key_prefix: str
 ) -> None:
-    # Given a session one result away from its end, and the signal handlers' recorder
-    manager, proxy, direct = cut
-    recorder = Recorder(Celery("cut", set_as_current=False), manager)
+    # Given a session one result away from its end, and the signal handlers' recorder (its writer
+    # flushed by hand here: a long flush_interval keeps its thread out of the way)
+    _, proxy, direct = cut
+    manager = slow_writer_manager(proxy.url, key_prefix)
+    recorder = CountingRecorder(Celery("cut", set_as_current=False), manager)
     sid = manager.sync.create_session("cut.canvas", 2)
-    recorder.record(_Request(sid, "a"), NodeStatus.COMPLETED, result=1)
+    recorder.submit(_Request(sid, "a"), NodeStatus.COMPLETED, result=1)
+    assert [o.session.completed_nodes for o in recorder.flush()] == [1]
 
-    # When the replies of the last result are lost 4 times in a row (redis-py's own retries give up,
-    # then the handler tries again)
+    # When the replies of the call with the last result are lost 4 times in a row (redis-py's own
+    # retries give up, the writer holds the call)
     direct.config_resetstat()
     proxy.arm("reply", times=4)
-    outcome = recorder.record(_Request(sid, "b"), NodeStatus.COMPLETED, result=2)
+    recorder.submit(_Request(sid, "b"), NodeStatus.COMPLETED, result=2)
+    assert recorder.flush() == []
+    assert recorder.held_events == 1
 
-    # Then the script ran 5 times, counted once, and the handler learnt that it ended the session
+    # Then its retry (the same call, the same request id) is told it ended the session: the script
+    # ran 5 times, counted once, and the completion was seen exactly once
+    (outcome,) = recorder.flush()
     assert proxy.fired["reply"] == 4
     assert command_calls(direct)["evalsha"] == 5
-    assert outcome is not None
     assert outcome.session.completed_nodes == 2
     assert outcome.finished is not None and outcome.finished.value == "completed"
+    assert recorder.finished == ["completed"] and recorder.held_events == 0
+    recorder.stop_writer()
+    manager.storage.close()
+
+
+def slow_writer_manager(url: str, key_prefix: str, flush_interval: float = 60.0) -> SessionManager:
+    settings = TrackerSettings(redis_url=url, key_prefix=key_prefix, flush_interval=flush_interval)
+    return SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
+
+
+class CountingRecorder(Recorder):
+    """The handlers' recorder, noting each session end it would send a completion callback for."""
+
+    def __init__(self, app: Celery, manager: SessionManager) -> None:
+        super().__init__(app, manager)
+        self.finished: list[str] = []
+
+    def completed(self, session: SessionInfo) -> None:
+        self.finished.append(session.status.value)
 
 
 class _Request:
@@ -164,9 +189,11 @@ def test_connections_dropped_again_and_again_under_concurrent_writes(
     cut: tuple[SessionManager, Proxy, redis.Redis], key_prefix: str
 ) -> None:
     # Given 4 threads with 875 events each (starts, duplicate results, failed-then-completed) on one
-    # session, sent through the signal handlers' own recorder (its retries and backoff included)
-    manager, proxy, direct = cut
-    recorder = Recorder(Celery("cut", set_as_current=False), manager)
+    # session, sent through the signal handlers' own recorder, writing each event before going on
+    # (flush_interval 0; its writer thread retries, with backoff, what the store refused)
+    _, proxy, direct = cut
+    manager = slow_writer_manager(proxy.url, key_prefix, flush_interval=0)
+    recorder = CountingRecorder(Celery("cut", set_as_current=False), manager)
     nodes = 1000
     events: list[tuple[str, str]] = []
     for n in range(nodes):
@@ -179,16 +206,10 @@ def test_connections_dropped_again_and_again_under_concurrent_writes(
     for nid, status in events:
         want[nid] = merge_node_status(want.get(nid), NodeStatus(status))
     sid = manager.sync.create_session("cut.canvas", nodes)
-    finished: list[str] = []
-    unrecorded: list[tuple[str, str]] = []
 
     def send(hand: list[tuple[str, str]]) -> None:
         for nid, status in hand:
-            outcome = recorder.record(_Request(sid, nid), NodeStatus(status), attempt=1)
-            if outcome is None:
-                unrecorded.append((nid, status))
-            elif outcome.finished is not None:
-                finished.append(outcome.finished.value)
+            recorder.submit(_Request(sid, nid), NodeStatus(status), attempt=1)
 
     # When every open connection is cut every 50 ms while they write, and some replies are swallowed
     senders = [threading.Thread(target=send, args=(hand,)) for hand in hands]
@@ -203,9 +224,12 @@ def test_connections_dropped_again_and_again_under_concurrent_writes(
                 proxy.arm("reply")
     for thread in senders:
         thread.join()
+    deadline = time.monotonic() + 60
+    while recorder.held_events and time.monotonic() < deadline:
+        time.sleep(0.05)
 
-    # Then every write got through, nothing counts twice and exactly one caller saw the session end
-    assert not unrecorded
+    # Then every write got through, nothing counts twice and exactly one call saw the session end
+    assert recorder.held_events == 0
     assert drops >= 10, "the connections must have been cut while the writes ran"
     stored, derived = recount(direct, key_prefix, sid)
     assert stored == derived
@@ -214,5 +238,7 @@ def test_connections_dropped_again_and_again_under_concurrent_writes(
     counts = Counter(want.values())
     assert session["completed_nodes"] == counts[NodeStatus.COMPLETED]
     assert session["failed_nodes"] == counts[NodeStatus.FAILED]
-    assert finished == ["partial_failure"]
+    assert recorder.finished == ["partial_failure"]
+    recorder.stop_writer()
+    manager.storage.close()
     print(f"\ncut: {drops} drops, {proxy.fired['reply']} swallowed replies, {proxy.accepted} connections")

@@ -64,11 +64,12 @@ def _connections(recorder: Recorder) -> list[tuple[Any, Any]]:
         (signals.task_revoked, recorder.on_revoked),
         (signals.task_received, recorder.on_received),
         (signals.worker_init, recorder.on_worker_init),
-        # Heartbeats come from the processes that run tasks: each prefork child from its start,
-        # any other process from its first tracked task.
-        (signals.worker_process_init, recorder.start_heartbeat),
-        (signals.worker_process_shutdown, recorder.stop_heartbeat),
-        (signals.worker_shutdown, recorder.stop_heartbeat),
+        # Each process that runs tasks has a writer (node events, heartbeat): each prefork child
+        # from its start, any other process from its first tracked event; both write what they
+        # hold when they stop.
+        (signals.worker_process_init, recorder.start_writer),
+        (signals.worker_process_shutdown, recorder.stop_writer),
+        (signals.worker_shutdown, recorder.stop_writer),
     ]
 
 
@@ -81,7 +82,7 @@ def uninstall(app: Celery) -> None:
     for signal, _handler in _connections(recorder):
         signal.disconnect(dispatch_uid=f"{uid}:{signal.name}")
     signals.worker_init.disconnect(dispatch_uid=f"{uid}:check_pool")
-    recorder.stop_heartbeat()
+    recorder.stop_writer()
     del app._tracker_recorder
 
 

@@ -1,19 +1,26 @@
-"""Celery signal handlers: each task lifecycle event becomes one store call.
+"""Celery signal handlers: task lifecycle events become node events, written behind the task.
 
-Handlers never raise into the user's task (Celery would only log it anyway): a store failure is
-retried with backoff, then logged with the session and node ids. Untracked tasks (no stamps)
-cost nothing but two dict lookups.
+A handler validates its event and queues it in the process's :class:`Writer`; the writer thread
+sends what is queued within ``flush_interval`` seconds, one store call per session (one script run,
+so one round trip however many events), and a start still queued when its task's result comes is
+folded into that result. With ``flush_interval = 0`` each event is written before the task goes on.
+
+Handlers never raise into the user's task (Celery would only log it anyway). When the store fails,
+the writer keeps the events (bounded) and retries with backoff, then says once that it holds them,
+and replays them when the store is back: every write is an idempotent upsert, so nothing counts
+twice. Untracked tasks (no stamps) cost nothing but two dict lookups.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
 import time
-import uuid
-from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
@@ -22,23 +29,27 @@ from celery.exceptions import Ignore, Reject
 
 from tracker.celery.dispatch import ON_COMPLETE_KEY
 from tracker.celery.stamps import ids_of
-from tracker.errors import StorageUnavailableError, TrackerError, TrackerValidationError
+from tracker.errors import NodeLimitError, StorageUnavailableError, TrackerError, TrackerValidationError
 from tracker.manager import SessionManager
-from tracker.models import NodeOutcome, SessionInfo
+from tracker.models import BatchOutcome, SessionInfo
 from tracker.states import NodeStatus
+from tracker.storage.base import NodeEvent
 
 logger = logging.getLogger("tracker.celery")
 
-#: Seconds slept before each retry of a failed store write (then the event is logged as lost).
+#: Seconds the writer waits before each retry of a store call that failed; after the last one it
+#: says that it holds the events, and tries again every ``STORE_DOWN_HOLD_S``.
 RETRY_BACKOFF_S: tuple[float, ...] = (0.05, 0.2, 0.5)
 
-#: Events one process holds while the store is unreachable, replayed in order once it is back
-#: (every write is an idempotent upsert, so a replay counts once). Past this, the oldest are dropped.
+#: While the store is down, further events are queued at once (no waiting in the task) and the
+#: writer tries the store again this often.
+STORE_DOWN_HOLD_S = 5.0
+
+#: Events one process keeps while the store is unreachable; past this, the oldest are dropped.
 BACKLOG_SIZE = 10_000
 
-#: After the store failed, events are held at once (no retries, no delay to the task) for this long;
-#: then a handler tries again. The heartbeat thread replays the held events as soon as it can.
-STORE_DOWN_HOLD_S = 5.0
+#: Most events in one store call; a queue this long is written at once.
+MAX_BATCH = 1_000
 
 #: Task ids remembered by a worker's main process (received -> stamps), for the failure signals
 #: Celery sends there (hard time limit) without the task's request.
@@ -52,8 +63,240 @@ class _Stamped:
         self.stamps = stamps
 
 
+@dataclass
+class _Call:
+    """One store call to make: a session's events, under one request id kept across retries (the
+    store answers a retry of the call that ended the session as the first attempt, so the
+    completion callback is sent once)."""
+
+    session_id: str
+    events: list[NodeEvent]
+    request_id: str
+
+
+def fold_starts(events: Sequence[NodeEvent]) -> list[NodeEvent]:
+    """``events`` with each start that is followed by its own result (same node, same task, nothing
+    else of that node in between) folded into the result (``started_at``): one event, same outcome."""
+    out: list[NodeEvent | None] = []
+    latest: dict[str, int] = {}  # node id -> index in out of its latest event
+    for event in events:
+        index = latest.get(event.node_id)
+        start = out[index] if index is not None else None
+        if (
+            start is not None
+            and start.status is NodeStatus.RUNNING
+            and event.status.is_terminal
+            and event.started_at is None
+            and start.task_id == event.task_id
+        ):
+            out[index] = None  # type: ignore[index]
+            event = event.model_copy(
+                update={
+                    "started_at": start.at,
+                    "worker": event.worker or start.worker,
+                    "attempt": event.attempt or start.attempt,
+                }
+            )
+        latest[event.node_id] = len(out)
+        out.append(event)
+    return [event for event in out if event is not None]
+
+
+def _calls(queued: Sequence[tuple[str, NodeEvent]]) -> list[_Call]:
+    by_session: dict[str, list[NodeEvent]] = {}
+    for session_id, event in queued:
+        by_session.setdefault(session_id, []).append(event)
+    calls = []
+    for session_id, events in by_session.items():
+        folded = fold_starts(events)
+        for first in range(0, len(folded), MAX_BATCH):
+            calls.append(_Call(session_id, folded[first : first + MAX_BATCH], os.urandom(16).hex()))
+    return calls
+
+
+class Writer(threading.Thread):
+    """One per process that records node events: writes its queued events and its heartbeat.
+
+    The heartbeat (every ``heartbeat_interval`` seconds) tells the reaper the process is alive;
+    the running nodes of a process whose heartbeat lapsed become ``lost``.
+    """
+
+    def __init__(self, recorder: Recorder, worker: str) -> None:
+        super().__init__(name=f"tracker-writer-{worker}", daemon=True)
+        self.recorder = recorder
+        self.worker = worker
+        self.pid = os.getpid()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queue: list[tuple[str, NodeEvent]] = []
+        self._first_at = 0.0  # when the oldest queued event came (monotonic)
+        self._held: list[_Call] = []  # calls the store refused, retried first, as they were
+        self._flushing = threading.Lock()  # one flush at a time: this thread, an inline flush, shutdown
+        self._failures = 0
+        self._retry_at = 0.0
+        self._warned = False
+        self._dropped = 0
+        self._stopped = False
+
+    # -- queueing (any thread) ------------------------------------------------------------------
+
+    def put(self, session_id: str, event: NodeEvent) -> None:
+        with self._lock:
+            if not self._queue:
+                self._first_at = time.monotonic()
+                self._wake.notify()  # the thread may be asleep until its next heartbeat
+            self._queue.append((session_id, event))
+            if len(self._queue) == MAX_BATCH:
+                self._wake.notify()
+            if len(self._queue) > BACKLOG_SIZE:
+                self._drop(self._queue.pop(0)[0])
+
+    def _drop(self, session_id: str) -> None:
+        self._dropped += 1
+        if self._dropped == 1:
+            logger.warning(
+                "tracker: %d events held already; dropping the oldest (session %s first)", BACKLOG_SIZE, session_id
+            )
+
+    @property
+    def waiting(self) -> int:
+        """Events queued or held, not yet in the store."""
+        with self._lock:
+            return len(self._queue) + sum(len(call.events) for call in self._held)
+
+    @property
+    def store_down(self) -> bool:
+        """The last store call failed and its retry is not due yet: do not make a task wait on it."""
+        return time.monotonic() < self._retry_at
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def flush(self) -> list[BatchOutcome]:
+        """Write the held calls, then every queued event (one call per session). On a store failure
+        the rest is held for the next try (with backoff). Returns what each call that went did."""
+        with self._flushing:
+            with self._lock:
+                queued, self._queue = self._queue, []
+            calls = self._held + _calls(queued)
+            self._held = []
+            outcomes: list[BatchOutcome] = []
+            for index, call in enumerate(calls):
+                try:
+                    outcomes += self._send(call)
+                except StorageUnavailableError as exc:
+                    self._hold(calls[index:], exc)
+                    return outcomes
+            if self._warned:
+                logger.warning("tracker: the store is back; replayed the held events")
+            self._failures, self._retry_at, self._warned, self._dropped = 0, 0.0, False, 0
+            return outcomes
+
+    def _send(self, call: _Call) -> list[BatchOutcome]:
+        sync = self.recorder.manager.sync
+        try:
+            outcomes = [sync.record_nodes(call.session_id, call.events, request_id=call.request_id)]
+        except StorageUnavailableError:
+            raise
+        except NodeLimitError:
+            # More distinct nodes than the session has: record the others one by one.
+            outcomes = []
+            for event in call.events:
+                try:
+                    outcomes.append(sync.record_nodes(call.session_id, [event]))
+                except NodeLimitError as exc:
+                    logger.warning("tracker: node %s not recorded: %s", event.node_id, exc)
+        except TrackerError as exc:
+            # Not transient (unknown or expired session...): retrying cannot help.
+            logger.warning(
+                "tracker: %d node event(s) of session %s not recorded: %s", len(call.events), call.session_id, exc
+            )
+            return []
+        except Exception:
+            logger.exception("tracker: unexpected error recording node events of session %s", call.session_id)
+            return []
+        for outcome in outcomes:
+            if outcome.finished is not None:
+                self.recorder.completed(outcome.session)
+        return outcomes
+
+    def _hold(self, calls: list[_Call], exc: StorageUnavailableError) -> None:
+        with self._lock:
+            self._held = calls
+            excess = sum(len(call.events) for call in calls) + len(self._queue) - BACKLOG_SIZE
+            while excess > 0 and self._held:
+                call = self._held[0]
+                call.events.pop(0)
+                self._drop(call.session_id)
+                excess -= 1
+                if not call.events:
+                    self._held.pop(0)
+        self._failures += 1
+        if self._failures <= len(RETRY_BACKOFF_S):
+            self._retry_at = time.monotonic() + RETRY_BACKOFF_S[self._failures - 1]
+            return
+        self._retry_at = time.monotonic() + STORE_DOWN_HOLD_S
+        if not self._warned:
+            self._warned = True
+            logger.warning(
+                "tracker: could not record node events of session %s after %d tries: %s; "
+                "holding this process's events to replay when the store is back",
+                calls[0].session_id, self._failures, exc,
+            )  # fmt: skip
+
+    # -- the thread -----------------------------------------------------------------------------
+
+    def _due(self, now: float) -> float:
+        """When the next flush is due (monotonic), or infinity (lock held)."""
+        if self._held or len(self._queue) >= MAX_BATCH:
+            return self._retry_at
+        if self._queue:
+            return max(self._first_at + self.recorder.manager.settings.flush_interval, self._retry_at)
+        return float("inf")
+
+    def run(self) -> None:
+        next_beat = 0.0
+        while True:
+            with self._wake:
+                while not self._stopped:
+                    now = time.monotonic()
+                    wait = min(next_beat, self._due(now)) - now
+                    if wait <= 0:
+                        break
+                    self._wake.wait(wait)
+                if self._stopped:
+                    return
+                flush_now = self._due(now) <= now
+            if now >= next_beat:
+                self._beat()
+                next_beat = now + self.recorder.manager.settings.heartbeat_interval
+            if flush_now:
+                self.flush()
+
+    def _beat(self) -> None:
+        try:
+            self.recorder.manager.sync.heartbeat(self.worker)
+        except TrackerError as exc:
+            logger.warning("tracker: heartbeat of %s not written: %s", self.worker, exc)
+        except Exception:
+            logger.exception("tracker: heartbeat of %s failed", self.worker)
+
+    def stop(self) -> None:
+        """Stop the thread, then write what is still queued (one try: the process is ending)."""
+        if os.getpid() != self.pid:
+            return  # a forked child's copy (registered with atexit before the fork): not its events
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=5.0)
+        if self.waiting:
+            self.flush()
+            if self.waiting:
+                logger.warning("tracker: %d node event(s) not recorded: the store is unreachable", self.waiting)
+
+
 class Recorder:
-    """Turns Celery events into ``manager.sync.record_node`` calls for one app.
+    """Turns one app's Celery task events into node events, queued in the process's :class:`Writer`.
 
     Args:
         app: The Celery app whose tasks are tracked.
@@ -67,10 +310,8 @@ class Recorder:
         self.worker_name = ""
         self._received: OrderedDict[str, _Stamped] = OrderedDict()
         self._received_lock = threading.Lock()
-        self._heartbeat: Heartbeat | None = None
-        self._backlog: deque[tuple[str, str, Callable[[], NodeOutcome]]] = deque()
-        self._backlog_lock = threading.Lock()
-        self._store_down_until = 0.0
+        self._writer: Writer | None = None
+        self._writer_lock = threading.Lock()
 
     @property
     def manager(self) -> SessionManager:
@@ -80,105 +321,63 @@ class Recorder:
         """``<hostname>:<pid>``: which worker process holds a node."""
         return f"{hostname or self.worker_name or 'worker'}:{os.getpid()}"
 
-    def record(self, request: Any, status: NodeStatus, **details: Any) -> NodeOutcome | None:
-        """Record one node event for a tracked request; None for untracked ones or after a failure."""
+    # -- recording --------------------------------------------------------------------------
+
+    def writer(self, hostname: str | None = None) -> Writer:
+        """This process's writer, started on first use (a forked child gets its own)."""
+        writer = self._writer
+        if writer is not None and writer.pid == os.getpid():
+            return writer
+        with self._writer_lock:
+            writer = self._writer
+            if writer is None or writer.pid != os.getpid():
+                # A child never touches its parent's writer: its locks may have been held at the fork.
+                writer = Writer(self, self.worker_id(hostname))
+                writer.start()
+                atexit.register(writer.stop)
+                self._writer = writer
+        return writer
+
+    def submit(self, request: Any, status: NodeStatus, **details: Any) -> None:
+        """Queue one node event of a tracked request (untracked ones are ignored); with
+        ``flush_interval = 0``, write it now, unless the store has just failed."""
         ids = ids_of(request)
         if ids is None:
-            return None
+            return
         session_id, node_id = ids
-        # One id for this event across the retries below: the store answers a retry of the call that
-        # ended the session (its reply lost) as the first attempt, so the callback is sent once.
-        details.setdefault("request_id", uuid.uuid4().hex)
+        manager = self.manager
+        details["at"] = manager.clock()
+        try:
+            event = self._event(session_id, node_id, status, details)
+        except TrackerError as exc:
+            logger.warning("tracker: node %s of session %s not recorded: %s", node_id, session_id, exc)
+            return
+        writer = self.writer(getattr(request, "hostname", None))
+        writer.put(session_id, event)
+        if manager.settings.flush_interval == 0 and not writer.store_down:
+            writer.flush()
 
-        def call() -> NodeOutcome:
-            try:
-                return self.manager.sync.record_node(session_id, node_id, status, **details)
-            except TrackerValidationError as exc:
-                if details.get("result") is None:
-                    raise
-                # The return value is not JSON or is over the cap: the node still completed.
-                logger.warning("tracker: result of node %s (session %s) not stored: %s", node_id, session_id, exc)
-                details.update(result=None, reason=f"result not stored: {exc}")
-                return self.manager.sync.record_node(session_id, node_id, status, **details)
+    def _event(self, session_id: str, node_id: str, status: NodeStatus, details: dict[str, Any]) -> NodeEvent:
+        manager = self.manager
+        try:
+            return manager.node_event(session_id, node_id, status, **details)
+        except TrackerValidationError as exc:
+            if details.get("result") is None:
+                raise
+            # The return value is not JSON or is over the cap: the node still completed.
+            logger.warning("tracker: result of node %s (session %s) not stored: %s", node_id, session_id, exc)
+            details.update(result=None, reason=f"result not stored: {exc}")
+            return manager.node_event(session_id, node_id, status, **details)
 
-        outcome = self._write(session_id, node_id, call)
-        if outcome is not None and outcome.finished is not None:
-            self.completed(outcome.session)
-        return outcome
-
-    def _write(self, session_id: str, node_id: str, call: Callable[[], NodeOutcome]) -> NodeOutcome | None:
-        if time.monotonic() < self._store_down_until:
-            # The store failed moments ago: hold the event without making the task wait.
-            self._hold(session_id, node_id, call)
-            return None
-        for attempt, pause_s in enumerate((*RETRY_BACKOFF_S, None)):
-            try:
-                outcome = call()
-            except StorageUnavailableError as exc:
-                if pause_s is None:
-                    logger.warning(
-                        "tracker: could not record node %s of session %s after %d tries: %s; "
-                        "holding this process's events to replay when the store is back",
-                        node_id, session_id, attempt + 1, exc,
-                    )  # fmt: skip
-                    self._store_down_until = time.monotonic() + STORE_DOWN_HOLD_S
-                    self._hold(session_id, node_id, call)
-                    return None
-                time.sleep(pause_s)
-                continue
-            except TrackerError as exc:
-                # Not transient (unknown session, node limit...): retrying cannot help.
-                logger.warning("tracker: node %s of session %s not recorded: %s", node_id, session_id, exc)
-                return None
-            except Exception:
-                logger.exception("tracker: unexpected error recording node %s of session %s", node_id, session_id)
-                return None
-            if self._backlog and (self._heartbeat is None or not self._heartbeat.is_alive()):
-                self.replay()  # no heartbeat thread in this process to do it
-            return outcome
-        return None
-
-    def _hold(self, session_id: str, node_id: str, call: Callable[[], NodeOutcome]) -> None:
-        with self._backlog_lock:
-            if len(self._backlog) >= BACKLOG_SIZE:
-                dropped_session, dropped_node, _ = self._backlog.popleft()
-                logger.warning(
-                    "tracker: %d events held already; dropped the oldest (node %s of session %s)",
-                    BACKLOG_SIZE, dropped_node, dropped_session,
-                )  # fmt: skip
-            self._backlog.append((session_id, node_id, call))
+    def flush(self) -> list[BatchOutcome]:
+        """Write this process's queued events now (see :meth:`Writer.flush`)."""
+        return self.writer().flush()
 
     @property
     def held_events(self) -> int:
-        """Events waiting for the store to come back."""
-        return len(self._backlog)
-
-    def replay(self) -> int:
-        """Send the held events, oldest first; stop at the first store failure. Returns how many went."""
-        sent = 0
-        while True:
-            with self._backlog_lock:
-                if not self._backlog:
-                    break
-                session_id, node_id, call = self._backlog[0]
-            try:
-                outcome: NodeOutcome | None = call()
-            except StorageUnavailableError:
-                self._store_down_until = time.monotonic() + STORE_DOWN_HOLD_S
-                break
-            except TrackerError as exc:
-                logger.warning("tracker: held event of node %s (session %s) dropped: %s", node_id, session_id, exc)
-                outcome = None
-            with self._backlog_lock:
-                self._backlog.popleft()
-            sent += 1
-            if outcome is not None and outcome.finished is not None:
-                self.completed(outcome.session)
-        if sent:
-            logger.warning("tracker: the store is back; replayed %d held event(s)", sent)
-        if not self._backlog:
-            self._store_down_until = 0.0
-        return sent
+        """Events of this process not in the store yet (queued, or held while it is down)."""
+        writer = self._writer
+        return writer.waiting if writer is not None and writer.pid == os.getpid() else 0
 
     def completed(self, session: SessionInfo) -> None:
         """Send the session's completion callback, if it has one (called once per terminal transition)."""
@@ -201,11 +400,9 @@ class Recorder:
         if not self.mine(task):
             return
         request = task.request if task is not None else None
-        if request is None or ids_of(request) is None:
+        if request is None:
             return
-        if self._heartbeat is None or self._heartbeat.pid != os.getpid():
-            self.start_heartbeat(sender=request.hostname)
-        self.record(
+        self.submit(
             request,
             NodeStatus.RUNNING,
             attempt=int(request.retries or 0) + 1,
@@ -217,10 +414,15 @@ class Recorder:
         if not self.mine(sender):
             return
         request = sender.request if sender is not None else None
-        if request is None or ids_of(request) is None:
+        if request is None:
             return
-        self.record(
-            request, NodeStatus.COMPLETED, result=result, attempt=int(request.retries or 0) + 1, task_id=request.id
+        self.submit(
+            request,
+            NodeStatus.COMPLETED,
+            result=result,
+            attempt=int(request.retries or 0) + 1,
+            task_id=request.id,
+            worker=self.worker_id(request.hostname),
         )
 
     def on_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
@@ -242,54 +444,33 @@ class Recorder:
             return
         request = sender.request if sender is not None else None
         retries = int(getattr(request, "retries", 0) or 0)
+        worker: str | None = None
         if ids_of(request) is None and task_id is not None:
             # The main process sends task_failure for a hard time limit without the task's
             # request: find the task's stamps from when it was received.
             with self._received_lock:
                 request = self._received.get(task_id)
+        elif request is not None and getattr(request, "hostname", None):
+            worker = self.worker_id(request.hostname)  # sent by the process that ran it
         if request is None:
             return
         if isinstance(exception, WorkerLostError):
             # The process running the node died (SIGKILL, out of memory): nothing will report it.
-            self.record(request, NodeStatus.LOST, reason=f"worker process lost: {exception}", task_id=task_id)
+            self.submit(request, NodeStatus.LOST, reason=f"worker process lost: {exception}", task_id=task_id)
             return
-        self.record(request, NodeStatus.FAILED, error=exception, attempt=retries + 1, task_id=task_id)
+        self.submit(request, NodeStatus.FAILED, error=exception, attempt=retries + 1, task_id=task_id, worker=worker)
 
     def on_retry(self, sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
         if request is None or not self.mine(sender):
             return
         error = reason if isinstance(reason, BaseException) else None
-        self.record(
+        self.submit(
             request,
             NodeStatus.RETRYING,
             error=error,
             reason=None if error else str(reason),
             attempt=int(getattr(request, "retries", 0) or 0) + 1,
         )
-
-    # -- liveness -----------------------------------------------------------------------------
-
-    def on_worker_init(self, sender: Any = None, **_: Any) -> None:
-        """Main process, before the pool forks: learn the node name the requests will carry."""
-        self.worker_name = getattr(sender, "hostname", None) or self.worker_name
-
-    def start_heartbeat(self, sender: Any = None, **_: Any) -> None:
-        """In each process that runs tasks: keep this process's heartbeat fresh.
-
-        Connected to ``worker_process_init`` (whose sender is the node name) and called on the
-        first tracked task of any other process (solo and threads pools).
-        """
-        if isinstance(sender, str) and sender:
-            self.worker_name = sender
-        if self._heartbeat is not None and self._heartbeat.pid == os.getpid():
-            return
-        self._heartbeat = Heartbeat(self, self.worker_id(None))
-        self._heartbeat.start()
-
-    def stop_heartbeat(self, **_: Any) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
-            self._heartbeat = None
 
     def on_revoked(
         self,
@@ -304,35 +485,27 @@ class Recorder:
             return
         why = "expired" if expired else f"terminated (signal {signum})" if terminated else "revoked"
         # The task id lets the store ignore a revoke of a task that a resume has since replaced.
-        self.record(request, NodeStatus.CANCELLED, reason=why, task_id=getattr(request, "id", None))
+        self.submit(request, NodeStatus.CANCELLED, reason=why, task_id=getattr(request, "id", None))
 
+    # -- process lifecycle ----------------------------------------------------------------------
 
-class Heartbeat(threading.Thread):
-    """A daemon thread writing one worker process's heartbeat every ``heartbeat_interval`` seconds.
+    def on_worker_init(self, sender: Any = None, **_: Any) -> None:
+        """Main process, before the pool forks: learn the node name the requests will carry."""
+        self.worker_name = getattr(sender, "hostname", None) or self.worker_name
 
-    One per process, not per task: the reaper marks the running nodes of a process whose
-    heartbeat lapsed as ``lost``.
-    """
+    def start_writer(self, sender: Any = None, **_: Any) -> None:
+        """In each process that runs tasks: start its writer (and so its heartbeat).
 
-    def __init__(self, recorder: Recorder, worker: str) -> None:
-        super().__init__(name=f"tracker-heartbeat-{worker}", daemon=True)
-        self.recorder = recorder
-        self.worker = worker
-        self.pid = os.getpid()
-        self._stopped = threading.Event()
+        Connected to ``worker_process_init`` (whose sender is the node name); any other process
+        starts its writer with its first tracked event.
+        """
+        if isinstance(sender, str) and sender:
+            self.worker_name = sender
+        self.writer()
 
-    def run(self) -> None:
-        while not self._stopped.is_set():
-            manager = self.recorder.manager
-            try:
-                manager.sync.heartbeat(self.worker)
-                if self.recorder.held_events:
-                    self.recorder.replay()
-            except TrackerError as exc:
-                logger.warning("tracker: heartbeat of %s not written: %s", self.worker, exc)
-            except Exception:
-                logger.exception("tracker: heartbeat of %s failed", self.worker)
-            self._stopped.wait(manager.settings.heartbeat_interval)
-
-    def stop(self) -> None:
-        self._stopped.set()
+    def stop_writer(self, **_: Any) -> None:
+        """Write what this process still holds and stop its writer (process or worker shutdown)."""
+        writer = self._writer
+        if writer is not None and writer.pid == os.getpid():
+            self._writer = None
+            writer.stop()
