@@ -118,7 +118,8 @@ class Driver:
         self.worker = worker
         self.status_reads = 0
         self.processes: dict[str, Callable[[], list[int]]] = {
-            "worker": worker.pids,
+            "worker_main": lambda: worker.pids()[:1],
+            "worker_pool": lambda: worker.pids()[1:],
             "broker_redis": lambda: [broker.process.pid],
             "tracker_redis": lambda: [store.process.pid],
             "driver": lambda: [os.getpid()],
@@ -267,7 +268,7 @@ def run(quick: bool) -> Section:
     delta = {k: v - stats_before.get(k, 0) for k, v in stats_after.items()}
     housekeeping = {k: v for k, v in delta.items() if k.split("|")[0] in ("info", "config", "slowlog", "client")}
     executed = sum(delta.values()) - sum(housekeeping.values()) - reads
-    serving = ("worker", "broker_redis", "tracker_redis")
+    serving = ("worker_main", "worker_pool", "broker_redis", "tracker_redis")
     cpu_per_task = {
         kind: {name: median([run[name] for run in runs]) / n * 1e6 for name in runs[0]}
         for kind, runs in cpu_runs.items()

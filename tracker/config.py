@@ -35,10 +35,10 @@ class TrackerSettings(BaseSettings):
     redis_max_connections: int = Field(default=50, ge=1)
     #: Seconds between connection health checks (0 disables).
     redis_health_check_interval: int = Field(default=30, ge=0)
-    #: Seconds a worker process may keep a node event before writing it: what waits is written in
-    #: one store call per session, and a start still waiting when its result comes is folded into
-    #: it. 0: every event is written before the task goes on.
-    flush_interval: float = Field(default=0.02, ge=0, le=60)
+    #: Seconds a busy worker process may keep a node event before writing it (an idle one writes
+    #: after 5 ms): what waits is written in one store call per session, and a start still waiting
+    #: when its result comes is folded into it. 0: every event is written before the task goes on.
+    flush_interval: float = Field(default=0.05, ge=0, le=60)
     #: Seconds between heartbeats of each worker process that runs tracked nodes.
     heartbeat_interval: float = Field(default=5.0, gt=0)
     #: A worker process silent this long is presumed dead: its running nodes become ``lost``.

@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +28,7 @@ from celery import Celery, Signature
 from celery.exceptions import Ignore, Reject
 
 from tracker.celery.dispatch import ON_COMPLETE_KEY
-from tracker.celery.stamps import ids_of
+from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP, ids_of
 from tracker.errors import NodeLimitError, StorageUnavailableError, TrackerError, TrackerValidationError
 from tracker.manager import SessionManager
 from tracker.models import BatchOutcome, SessionInfo
@@ -47,6 +47,10 @@ STORE_DOWN_HOLD_S = 5.0
 
 #: Events one process keeps while the store is unreachable; past this, the oldest are dropped.
 BACKLOG_SIZE = 10_000
+
+#: A process whose events stopped coming this long (it is idle) writes them without waiting for
+#: the rest of ``flush_interval``: a batch's last results are not held back.
+IDLE_FLUSH_S = 0.005
 
 #: Most events in one store call; a queue this long is written at once.
 MAX_BATCH = 1_000
@@ -90,12 +94,18 @@ def fold_starts(events: Sequence[NodeEvent]) -> list[NodeEvent]:
             and start.task_id == event.task_id
         ):
             out[index] = None  # type: ignore[index]
-            event = event.model_copy(
-                update={
-                    "started_at": start.at,
-                    "worker": event.worker or start.worker,
-                    "attempt": event.attempt or start.attempt,
-                }
+            event = NodeEvent(
+                event.node_id,
+                event.status,
+                event.result_json,
+                event.error,
+                event.attempt or start.attempt,
+                event.task_id,
+                event.worker or start.worker,
+                event.reason,
+                event.request_id,
+                event.at,
+                start.at,
             )
         latest[event.node_id] = len(out)
         out.append(event)
@@ -128,8 +138,9 @@ class Writer(threading.Thread):
         self.pid = os.getpid()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._queue: list[tuple[str, NodeEvent]] = []
+        self._queue: deque[tuple[str, NodeEvent]] = deque()
         self._first_at = 0.0  # when the oldest queued event came (monotonic)
+        self._last_at = 0.0  # when the newest did
         self._held: list[_Call] = []  # calls the store refused, retried first, as they were
         self._flushing = threading.Lock()  # one flush at a time: this thread, an inline flush, shutdown
         self._failures = 0
@@ -142,14 +153,15 @@ class Writer(threading.Thread):
 
     def put(self, session_id: str, event: NodeEvent) -> None:
         with self._lock:
+            self._last_at = time.monotonic()
             if not self._queue:
-                self._first_at = time.monotonic()
+                self._first_at = self._last_at
                 self._wake.notify()  # the thread may be asleep until its next heartbeat
             self._queue.append((session_id, event))
             if len(self._queue) == MAX_BATCH:
                 self._wake.notify()
             if len(self._queue) > BACKLOG_SIZE:
-                self._drop(self._queue.pop(0)[0])
+                self._drop(self._queue.popleft()[0])
 
     def _drop(self, session_id: str) -> None:
         self._dropped += 1
@@ -176,7 +188,7 @@ class Writer(threading.Thread):
         the rest is held for the next try (with backoff). Returns what each call that went did."""
         with self._flushing:
             with self._lock:
-                queued, self._queue = self._queue, []
+                queued, self._queue = self._queue, deque()
             calls = self._held + _calls(queued)
             self._held = []
             outcomes: list[BatchOutcome] = []
@@ -250,7 +262,8 @@ class Writer(threading.Thread):
         if self._held or len(self._queue) >= MAX_BATCH:
             return self._retry_at
         if self._queue:
-            return max(self._first_at + self.recorder.manager.settings.flush_interval, self._retry_at)
+            interval = self.recorder.manager.settings.flush_interval
+            return max(min(self._first_at + interval, self._last_at + IDLE_FLUSH_S), self._retry_at)
         return float("inf")
 
     def run(self) -> None:
@@ -308,7 +321,7 @@ class Recorder:
         self.app = app
         self._manager = manager
         self.worker_name = ""
-        self._received: OrderedDict[str, _Stamped] = OrderedDict()
+        self._received: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._received_lock = threading.Lock()
         self._writer: Writer | None = None
         self._writer_lock = threading.Lock()
@@ -426,16 +439,16 @@ class Recorder:
         )
 
     def on_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
-        """Main process: remember a tracked task's stamps by task id (bounded)."""
-        if not self.mine(sender):
-            return
+        """Main process: remember a tracked task's ids by task id (bounded), for a failure reported
+        there without the task's request."""
         ids = ids_of(request)
-        if ids is None or request is None:
+        if ids is None or not self.mine(sender):
             return
+        received = self._received
         with self._received_lock:
-            self._received[request.id] = _Stamped(dict(request.stamps))
-            while len(self._received) > RECEIVED_CACHE_SIZE:
-                self._received.popitem(last=False)
+            received[request.id] = ids
+            if len(received) > RECEIVED_CACHE_SIZE:
+                received.popitem(last=False)
 
     def on_failure(
         self, sender: Any = None, task_id: str | None = None, exception: BaseException | None = None, **_: Any
@@ -449,7 +462,8 @@ class Recorder:
             # The main process sends task_failure for a hard time limit without the task's
             # request: find the task's stamps from when it was received.
             with self._received_lock:
-                request = self._received.get(task_id)
+                ids = self._received.get(task_id)
+            request = _Stamped({SESSION_STAMP: ids[0], NODE_STAMP: ids[1]}) if ids else None
         elif request is not None and getattr(request, "hostname", None):
             worker = self.worker_id(request.hostname)  # sent by the process that ran it
         if request is None:

@@ -14,6 +14,8 @@ NODE_STAMP = "tracker_node_id"
 
 
 def _one(value: Any) -> str | None:
+    if type(value) is str:
+        return value
     # With append_stamps a stamp may arrive as a list; the last one is the latest.
     if isinstance(value, list | tuple):
         value = value[-1] if value else None

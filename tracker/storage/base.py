@@ -12,6 +12,7 @@ hands out its asynchronous flavour through :meth:`SessionStorageAdapter.asynchro
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
@@ -30,10 +31,12 @@ from tracker.models import (
 from tracker.states import NodeStatus, SessionStatus
 
 
-class NodeEvent(_Model):
+@dataclass(frozen=True, slots=True)
+class NodeEvent:
     """One thing that happened to a node, as a store records it.
 
-    ``result_json`` is already-validated JSON text (the manager encodes and size-checks it).
+    Built by ``SessionManager.node_event``, which validates every field (a plain dataclass: the
+    signal handlers make two per task). ``result_json`` is already-validated JSON text.
     """
 
     node_id: str
@@ -45,14 +48,14 @@ class NodeEvent(_Model):
     task_id: str | None = None
     worker: str | None = None
     reason: str | None = None
+    #: Names one logical call across its retries (a store that may lose replies answers a retry of
+    #: the call that ended the session as the first attempt would have); None: the store picks one.
+    request_id: str | None = None
     #: When it happened; None: the time of the store call (a buffered event carries its own).
     at: datetime | None = None
     #: With a result: when the node started, for a start and its result recorded as one event (a
     #: write-behind buffer folds the two together when both wait in it).
     started_at: datetime | None = None
-    #: Names one logical call across its retries (a store that may lose replies answers a retry of
-    #: the call that ended the session as the first attempt would have); None: the store picks one.
-    request_id: str | None = None
 
 
 class ResumeOutcome(_Model):
