@@ -36,7 +36,7 @@ class TrackerSettings(BaseSettings):
     #: Seconds between connection health checks (0 disables).
     redis_health_check_interval: int = Field(default=30, ge=0)
     #: Seconds a busy worker process may keep a node event before writing it (an idle one writes
-    #: after 5 ms): what waits is written in one store call per session, and a start still waiting
+    #: after 10 ms): what waits is written in one store call per session, and a start still waiting
     #: when its result comes is folded into it. 0: every event is written before the task goes on.
     flush_interval: float = Field(default=0.05, ge=0, le=60)
     #: Seconds between heartbeats of each worker process that runs tracked nodes.

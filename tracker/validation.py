@@ -94,6 +94,11 @@ def progress(value: object, sid: str | None = None) -> float:
 _JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
 
 
+def compact_json(value: Any) -> str:
+    """``value`` (already checked by :func:`json_text`) as the compact JSON text that is stored."""
+    return _JSON.encode(value)
+
+
 def json_text(value: Any, field: str, max_bytes: int, sid: str | None = None) -> str:
     """Encode ``value`` as compact JSON (no NaN), refusing what does not fit in ``max_bytes``."""
     try:

@@ -1,9 +1,11 @@
 """Celery signal handlers: task lifecycle events become node events, written behind the task.
 
 A handler validates its event and queues it in the process's :class:`Writer`; the writer thread
-sends what is queued within ``flush_interval`` seconds, one store call per session (one script run,
-so one round trip however many events), and a start still queued when its task's result comes is
-folded into that result. With ``flush_interval = 0`` each event is written before the task goes on.
+sends what is queued within ``flush_interval`` seconds (10 ms once the process is idle), one store
+call per session (one script run, so one round trip however many events). A task's start waits
+in the writer as it came (no work at all in the task's thread): when the task ends before the next
+flush, its result carries the start (one event, as two calls would have left it); otherwise the
+flush writes the start. With ``flush_interval = 0`` each event is written before the task goes on.
 
 Handlers never raise into the user's task (Celery would only log it anyway). When the store fails,
 the writer keeps the events (bounded) and retries with backoff, then says once that it holds them,
@@ -19,8 +21,9 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
@@ -49,8 +52,9 @@ STORE_DOWN_HOLD_S = 5.0
 BACKLOG_SIZE = 10_000
 
 #: A process whose events stopped coming this long (it is idle) writes them without waiting for
-#: the rest of ``flush_interval``: a batch's last results are not held back.
-IDLE_FLUSH_S = 0.005
+#: the rest of ``flush_interval``: a batch's last results are not held back. (While events keep
+#: coming, the writer thread wakes this often to check; each wake-up costs the process CPU.)
+IDLE_FLUSH_S = 0.01
 
 #: Most events in one store call; a queue this long is written at once.
 MAX_BATCH = 1_000
@@ -78,38 +82,16 @@ class _Call:
     request_id: str
 
 
-def fold_starts(events: Sequence[NodeEvent]) -> list[NodeEvent]:
-    """``events`` with each start that is followed by its own result (same node, same task, nothing
-    else of that node in between) folded into the result (``started_at``): one event, same outcome."""
-    out: list[NodeEvent | None] = []
-    latest: dict[str, int] = {}  # node id -> index in out of its latest event
-    for event in events:
-        index = latest.get(event.node_id)
-        start = out[index] if index is not None else None
-        if (
-            start is not None
-            and start.status is NodeStatus.RUNNING
-            and event.status.is_terminal
-            and event.started_at is None
-            and start.task_id == event.task_id
-        ):
-            out[index] = None  # type: ignore[index]
-            event = NodeEvent(
-                event.node_id,
-                event.status,
-                event.result_json,
-                event.error,
-                event.attempt or start.attempt,
-                event.task_id,
-                event.worker or start.worker,
-                event.reason,
-                event.request_id,
-                event.at,
-                start.at,
-            )
-        latest[event.node_id] = len(out)
-        out.append(event)
-    return [event for event in out if event is not None]
+@dataclass(frozen=True)
+class _Start:
+    """A task's start as the handler saw it, not validated yet (see :meth:`Writer.keep_start`)."""
+
+    session_id: str
+    node_id: str
+    attempt: int
+    task_id: str
+    worker: str
+    at: datetime
 
 
 def _calls(queued: Sequence[tuple[str, NodeEvent]]) -> list[_Call]:
@@ -118,9 +100,8 @@ def _calls(queued: Sequence[tuple[str, NodeEvent]]) -> list[_Call]:
         by_session.setdefault(session_id, []).append(event)
     calls = []
     for session_id, events in by_session.items():
-        folded = fold_starts(events)
-        for first in range(0, len(folded), MAX_BATCH):
-            calls.append(_Call(session_id, folded[first : first + MAX_BATCH], os.urandom(16).hex()))
+        for first in range(0, len(events), MAX_BATCH):
+            calls.append(_Call(session_id, events[first : first + MAX_BATCH], os.urandom(16).hex()))
     return calls
 
 
@@ -139,7 +120,8 @@ class Writer(threading.Thread):
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: deque[tuple[str, NodeEvent]] = deque()
-        self._first_at = 0.0  # when the oldest queued event came (monotonic)
+        self._starts: dict[str, _Start] = {}  # task id -> start not written yet
+        self._first_at = 0.0  # when the oldest queued event or start came (monotonic)
         self._last_at = 0.0  # when the newest did
         self._held: list[_Call] = []  # calls the store refused, retried first, as they were
         self._flushing = threading.Lock()  # one flush at a time: this thread, an inline flush, shutdown
@@ -152,16 +134,32 @@ class Writer(threading.Thread):
     # -- queueing (any thread) ------------------------------------------------------------------
 
     def put(self, session_id: str, event: NodeEvent) -> None:
+        """Queue an event (written at the next flush)."""
         with self._lock:
-            self._last_at = time.monotonic()
-            if not self._queue:
-                self._first_at = self._last_at
-                self._wake.notify()  # the thread may be asleep until its next heartbeat
+            self._arrived()
             self._queue.append((session_id, event))
             if len(self._queue) == MAX_BATCH:
                 self._wake.notify()
             if len(self._queue) > BACKLOG_SIZE:
                 self._drop(self._queue.popleft()[0])
+
+    def keep_start(self, start: _Start) -> None:
+        """Keep a task's start: folded into its result if that comes first, else written by the next flush."""
+        with self._lock:
+            self._arrived()
+            self._starts[start.task_id] = start
+
+    def started(self, task_id: str) -> _Start | None:
+        """Take the start of ``task_id`` back, if it has not been written yet."""
+        with self._lock:
+            return self._starts.pop(task_id, None)
+
+    def _arrived(self) -> None:
+        # lock held
+        self._last_at = time.monotonic()
+        if not self._queue and not self._starts:
+            self._first_at = self._last_at
+            self._wake.notify()  # the thread may be asleep until its next heartbeat
 
     def _drop(self, session_id: str) -> None:
         self._dropped += 1
@@ -174,7 +172,7 @@ class Writer(threading.Thread):
     def waiting(self) -> int:
         """Events queued or held, not yet in the store."""
         with self._lock:
-            return len(self._queue) + sum(len(call.events) for call in self._held)
+            return len(self._queue) + len(self._starts) + sum(len(call.events) for call in self._held)
 
     @property
     def store_down(self) -> bool:
@@ -189,7 +187,9 @@ class Writer(threading.Thread):
         with self._flushing:
             with self._lock:
                 queued, self._queue = self._queue, deque()
-            calls = self._held + _calls(queued)
+                starts, self._starts = self._starts, {}
+            # A start comes before anything else of its task: the starts go first.
+            calls = self._held + _calls([*self.recorder.start_events(starts.values()), *queued])
             self._held = []
             outcomes: list[BatchOutcome] = []
             for index, call in enumerate(calls):
@@ -261,7 +261,7 @@ class Writer(threading.Thread):
         """When the next flush is due (monotonic), or infinity (lock held)."""
         if self._held or len(self._queue) >= MAX_BATCH:
             return self._retry_at
-        if self._queue:
+        if self._queue or self._starts:
             interval = self.recorder.manager.settings.flush_interval
             return max(min(self._first_at + interval, self._last_at + IDLE_FLUSH_S), self._retry_at)
         return float("inf")
@@ -360,15 +360,33 @@ class Recorder:
         session_id, node_id = ids
         manager = self.manager
         details["at"] = manager.clock()
+        writer = self.writer(getattr(request, "hostname", None))
+        if status.is_terminal and details.get("task_id"):
+            start = writer.started(details["task_id"])
+            if start is not None:  # the task ended before its start was written: one event for both
+                details.update(started_at=start.at, worker=details.get("worker") or start.worker)
+                details.setdefault("attempt", start.attempt)
         try:
             event = self._event(session_id, node_id, status, details)
         except TrackerError as exc:
             logger.warning("tracker: node %s of session %s not recorded: %s", node_id, session_id, exc)
             return
-        writer = self.writer(getattr(request, "hostname", None))
         writer.put(session_id, event)
         if manager.settings.flush_interval == 0 and not writer.store_down:
             writer.flush()
+
+    def start_events(self, starts: Iterable[_Start]) -> list[tuple[str, NodeEvent]]:
+        """The kept starts as events (validated now: a bad id is logged and dropped)."""
+        events = []
+        for start in starts:
+            details = {"attempt": start.attempt, "task_id": start.task_id, "worker": start.worker, "at": start.at}
+            try:
+                events.append(
+                    (start.session_id, self._event(start.session_id, start.node_id, NodeStatus.RUNNING, details))
+                )
+            except TrackerError as exc:
+                logger.warning("tracker: node %s of session %s not recorded: %s", start.node_id, start.session_id, exc)
+        return events
 
     def _event(self, session_id: str, node_id: str, status: NodeStatus, details: dict[str, Any]) -> NodeEvent:
         manager = self.manager
@@ -412,16 +430,17 @@ class Recorder:
     def on_prerun(self, sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any) -> None:
         if not self.mine(task):
             return
-        request = task.request if task is not None else None
-        if request is None:
+        request: Any = task.request if task is not None else None
+        ids = ids_of(request)
+        if ids is None:
             return
-        self.submit(
-            request,
-            NodeStatus.RUNNING,
-            attempt=int(request.retries or 0) + 1,
-            task_id=task_id,
-            worker=self.worker_id(request.hostname),
-        )
+        manager = self.manager
+        attempt, worker = int(request.retries or 0) + 1, self.worker_id(request.hostname)
+        if manager.settings.flush_interval == 0 or not isinstance(task_id, str):
+            self.submit(request, NodeStatus.RUNNING, attempt=attempt, task_id=task_id, worker=worker)
+            return
+        # Kept as it came: most tasks end before the next flush, and then their result carries it.
+        self.writer(request.hostname).keep_start(_Start(*ids, attempt, task_id, worker, manager.clock()))
 
     def on_success(self, sender: Any = None, result: Any = None, **_: Any) -> None:
         if not self.mine(sender):

@@ -293,7 +293,7 @@ class RedisPrograms:
             _request_id(),
         ]
         for spec in nodes:
-            sig = json.dumps(spec.signature, separators=(",", ":")) if spec.signature is not None else ""
+            sig = validation.compact_json(spec.signature) if spec.signature is not None else ""
             args += [spec.node_id, _field(spec.task_id, "task_id"), sig]
         script = self._script("create", sk, *args)
         if not self.cluster:

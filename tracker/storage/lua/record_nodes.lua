@@ -92,7 +92,7 @@ for i = FIRST, #ARGV, WIDTH do
   local node_id, incoming, attempt, task_id, worker = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local payload, at_ms, started_ms = ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
   local expect_holder, started_before, held = ARGV[i + 8], ARGV[i + 9], tonumber(ARGV[i + 10])
-  local member = session_id .. ' ' .. node_id
+  local member = held > 0 and session_id .. ' ' .. node_id
   if held > 0 and not registry[held] then registry[held] = {} end
   local raw = records[node_id]
   local old = raw and parse_node(raw) or {'', '0', '', '', '', '', ''}
@@ -125,8 +125,8 @@ for i = FIRST, #ARGV, WIDTH do
       if new[1] == 'running' and new[6] == worker then
         registry[held][member] = true
         seen[worker] = at_ms
-      elseif new[1] ~= 'running' then
-        registry[held][member] = false
+      elseif new[1] ~= 'running' and (old[1] == 'running' or registry[held][member] ~= nil) then
+        registry[held][member] = false -- it may be in the set: a node never seen running is not
       end
     end
     if s.status == 'running' then
