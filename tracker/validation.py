@@ -203,6 +203,8 @@ def block_ms(value: object, sid: str | None = None) -> int | None:
 
 def member(enum: type[E], value: object, field: str, sid: str | None = None) -> E:
     """Return ``value`` as a member of ``enum``, refusing names it does not have."""
+    if type(value) is enum:
+        return value
     try:
         return enum(str(value)) if isinstance(value, str) else enum(value)  # type: ignore[arg-type]
     except ValueError:

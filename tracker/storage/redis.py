@@ -160,7 +160,7 @@ def _session_values(session_id: str, values: Sequence[Any]) -> SessionInfo:
         updated_at=_utc(int(updated_ms)),
         started_at=_utc(int(started_ms)) if started_ms else None,
         finished_at=_utc(int(finished_ms)) if finished_ms else None,
-        metadata=json.loads(metadata) if metadata else {},
+        metadata=json.loads(metadata) if metadata and metadata != b"{}" else {},
     )
 
 
