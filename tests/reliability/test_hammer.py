@@ -192,3 +192,102 @@ def test_eight_processes_hammering_one_session_keep_exact_counts_20_times(
     assert exact == REPEATS
     print(f"\nhammer: {exact}/{REPEATS} repeats exact, {PROCESSES}x{EVENTS_PER_PROCESS} events each, {elapsed_s:.1f} s")
     manager.storage.close()
+
+
+WRITER_REPEATS = 5
+
+
+def hammer_through_writers(
+    url: str, prefix: str, repeats: list[tuple[str, list[Event]]], start: Barrier, out: Any
+) -> None:
+    """In a child process: the same hands, sent through the Celery signal handlers and their writer
+    (starts kept and folded into results, events written behind in batches), as a pool child does."""
+    from types import SimpleNamespace
+
+    from celery import Celery
+
+    from tracker.celery import NODE_STAMP, SESSION_STAMP, Recorder
+
+    try:
+        settings = TrackerSettings(redis_url=url, key_prefix=prefix, flush_interval=0.01)
+        store = RedisStorageAdapter.from_settings(settings)
+        manager = SessionManager(storage=store, settings=settings)
+        finished: list[tuple[str, str]] = []
+
+        class Counting(Recorder):
+            def completed(self, session: Any) -> None:
+                finished.append((session.session_id, session.status.value))
+
+        recorder = Counting(Celery("hammer", set_as_current=False), manager)
+        for sid, events in repeats:
+            start.wait(timeout=120)
+            for nid, status, attempt in events:
+                request = SimpleNamespace(id=f"task-{nid}", retries=attempt - 1, hostname="celery@hammer",
+                                          stamps={SESSION_STAMP: sid, NODE_STAMP: nid})  # fmt: skip
+                task = SimpleNamespace(app=recorder.app, request=request)
+                if status == "running":
+                    recorder.on_prerun(sender=task, task_id=request.id, task=task)
+                elif status == "completed":
+                    recorder.on_success(sender=task, result={"node": nid, "attempt": attempt})
+                elif status == "failed":
+                    recorder.on_failure(sender=task, task_id=request.id, exception=RuntimeError(f"{nid} failed"))
+                else:
+                    recorder.on_retry(sender=task, request=request, reason="retry")
+            recorder.flush()
+            out.put((sid, os.getpid(), len(events), []))
+        recorder.stop_writer()
+        for sid, status in finished:
+            out.put((sid, os.getpid(), 0, [status]))
+        store.close()
+    except BaseException as exc:
+        out.put(("error", os.getpid(), repr(exc), []))
+        raise
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_eight_processes_through_the_handlers_writers_keep_exact_counts(
+    redis_url: str, key_prefix: str, processes: list[SpawnProcess]
+) -> None:
+    # Given fresh sessions, each with 8000 planned events dealt to 8 processes
+    settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix)
+    manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
+    plans = [plan(100 + seed) for seed in range(WRITER_REPEATS)]
+    expected = [expected_from(events) for events in plans]
+    sids = [manager.sync.create_session("hammer.canvas", len(e.nodes)) for e in expected]
+    hands = [[events[p::PROCESSES] for p in range(PROCESSES)] for events in plans]
+
+    # When each process sends its hand through the signal handlers (its writer batching them behind)
+    start, out = SPAWN.Barrier(PROCESSES), SPAWN.Queue()
+    for p in range(PROCESSES):
+        repeats = [(sids[r], hands[r][p]) for r in range(WRITER_REPEATS)]
+        process = SPAWN.Process(target=hammer_through_writers, args=(redis_url, key_prefix, repeats, start, out))
+        processes.append(process)
+        process.start()
+    reports: list[tuple[Any, ...]] = []
+    while len([r for r in reports if r[2]]) < PROCESSES * WRITER_REPEATS:
+        try:
+            report = out.get(timeout=300)
+        except queue.Empty:
+            pytest.fail(f"the processes sent {len(reports)} reports in time")
+        assert report[0] != "error", f"a process failed: {report}"
+        reports.append(report)
+    for process in processes:
+        process.join(timeout=30)
+        assert process.exitcode == 0
+    while not out.empty():
+        reports.append(out.get(timeout=5))
+
+    # Then every session shows exactly what the rules give, and exactly one flush saw it finish
+    for sid, want in zip(sids, expected, strict=True):
+        mine = [r for r in reports if r[0] == sid]
+        assert sum(r[2] for r in mine) == PROCESSES * EVENTS_PER_PROCESS
+        assert [f for r in mine for f in r[3]] == [SessionStatus.PARTIAL_FAILURE.value]
+        status = manager.sync.get_session_status(sid)
+        assert (status["status"], status["completed_nodes"], status["failed_nodes"]) == (
+            SessionStatus.PARTIAL_FAILURE.value, want.completed, want.failed)  # fmt: skip
+        assert (status["running_nodes"], status["lost_nodes"], status["cancelled_nodes"]) == (0, 0, 0)
+        nodes = all_nodes(manager, sid)
+        assert {nid: node.status for nid, node in nodes.items()} == want.nodes
+        assert {nid: node.attempts for nid, node in nodes.items()} == want.attempts
+    manager.storage.close()

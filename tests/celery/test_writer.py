@@ -1,0 +1,215 @@
+"""The handlers' writer: events written behind the task, in batches, with a start riding on its result.
+
+The handlers run for stand-in tasks (the request Celery gives: id, retries, hostname, stamps)
+against a real Redis store; what reaches the store is read back through the manager and the
+session's event stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from tests.celery.conftest import wait_for
+from tracker import NodeStatus, SessionManager, TrackerSettings
+from tracker.celery import NODE_STAMP, SESSION_STAMP, Recorder, handlers
+from tracker.storage.keys import KeySpace
+from tracker.storage.redis import RedisStorageAdapter
+
+HOST = "celery@writer-test"
+
+
+class Calls:
+    """Counts the store calls a manager makes for node events (wraps the store's own method)."""
+
+    def __init__(self, manager: SessionManager) -> None:
+        self.count = 0
+        store = manager.storage
+        real = store.record_nodes
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return real(*args, **kwargs)
+
+        store.record_nodes = counted  # type: ignore[method-assign]
+
+
+@pytest.fixture
+def make(redis_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Recorders on the test store whose writer thread writes only after ``flush_interval`` (the
+    idle rule is off unless a test turns it back on), so that tests flush by hand."""
+    monkeypatch.setattr(handlers, "IDLE_FLUSH_S", 60.0)
+    made: list[tuple[Recorder, SessionManager]] = []
+
+    def build(flush_interval: float = 60.0, url: str | None = None) -> tuple[Recorder, SessionManager]:
+        settings = TrackerSettings(redis_url=url or redis_url, key_prefix=key_prefix, flush_interval=flush_interval,
+                                   redis_retries=0, redis_socket_timeout=1)  # fmt: skip
+        manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
+        recorder = Recorder(Celery("writer-test", set_as_current=False), manager)
+        made.append((recorder, manager))
+        return recorder, manager
+
+    yield build
+    for recorder, manager in made:
+        recorder.stop_writer()
+        manager.storage.close()
+
+
+def task(recorder: Recorder, sid: str, nid: str, retries: int = 0) -> SimpleNamespace:
+    request = SimpleNamespace(
+        id=str(uuid.uuid4()), retries=retries, hostname=HOST, stamps={SESSION_STAMP: sid, NODE_STAMP: nid}
+    )
+    return SimpleNamespace(app=recorder.app, request=request)
+
+
+def start(recorder: Recorder, t: SimpleNamespace) -> None:
+    recorder.on_prerun(sender=t, task_id=t.request.id, task=t)
+
+
+def succeed(recorder: Recorder, t: SimpleNamespace, result: Any = None) -> None:
+    recorder.on_success(sender=t, result=result)
+
+
+def node(manager: SessionManager, sid: str, nid: str) -> Any:
+    return next(n for n in manager.sync.get_nodes(sid).nodes if n.node_id == nid)
+
+
+def test_a_task_that_ends_before_the_flush_is_one_event_with_its_start(
+    make: Any, redis_url: str, key_prefix: str
+) -> None:
+    # Given a writer that only writes when flushed
+    recorder, manager = make()
+    calls = Calls(manager)
+    sid = manager.sync.create_session("w.canvas", 3)
+    t = task(recorder, sid, "a")
+
+    # When a task starts and succeeds, then the writer flushes
+    start(recorder, t)
+    time.sleep(0.01)
+    succeed(recorder, t, {"rows": 1})
+    assert manager.sync.get_session_status(sid)["completed_nodes"] == 0  # nothing written yet
+    recorder.flush()
+
+    # Then one store call wrote the node as started, then completed, and one node event
+    a = node(manager, sid, "a")
+    assert (a.status, a.attempts, a.task_id, a.result) == (NodeStatus.COMPLETED, 1, t.request.id, {"rows": 1})
+    assert a.worker is not None and a.worker.startswith(HOST)
+    assert a.started_at is not None and a.finished_at is not None and a.finished_at > a.started_at
+    assert calls.count == 1
+    events = [e for e in manager.sync.read_events(sid) if e.type == "node"]
+    assert [(e.node_id, e.node_status) for e in events] == [("a", NodeStatus.COMPLETED)]
+    status = manager.sync.get_session_status(sid)
+    assert (status["running_nodes"], status["completed_nodes"]) == (0, 1)
+    # and the worker's holder registry was never touched for it
+    assert redis.Redis.from_url(redis_url).scard(KeySpace(key_prefix).held(a.worker)) == 0
+
+
+def test_a_start_still_waiting_at_a_flush_is_written_then(make: Any, redis_url: str, key_prefix: str) -> None:
+    recorder, manager = make()
+    sid = manager.sync.create_session("w.canvas", 2)
+    t = task(recorder, sid, "slow")
+    start(recorder, t)
+    assert recorder.held_events == 1
+    recorder.flush()
+    running = node(manager, sid, "slow")
+    assert running.status is NodeStatus.RUNNING and running.worker is not None
+    held = KeySpace(key_prefix).held(running.worker)
+    client = redis.Redis.from_url(redis_url)
+    assert client.sismember(held, f"{sid} slow")  # the reaper can see it
+    succeed(recorder, t, 5)
+    recorder.flush()
+    done = node(manager, sid, "slow")
+    assert (done.status, done.started_at, done.result) == (NodeStatus.COMPLETED, running.started_at, 5)
+    assert not client.sismember(held, f"{sid} slow")
+
+
+def test_with_flush_interval_zero_each_event_is_written_before_the_handler_returns(make: Any) -> None:
+    recorder, manager = make(flush_interval=0)
+    sid = manager.sync.create_session("w.canvas", 2)
+    t = task(recorder, sid, "a")
+    start(recorder, t)
+    assert node(manager, sid, "a").status is NodeStatus.RUNNING
+    succeed(recorder, t, 1)
+    assert node(manager, sid, "a").status is NodeStatus.COMPLETED
+    assert recorder.held_events == 0
+
+
+def test_the_writer_thread_writes_once_the_process_is_idle(make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a long flush_interval: only the idle rule (back at its default) can write soon
+    monkeypatch.setattr(handlers, "IDLE_FLUSH_S", 0.01)
+    recorder, manager = make(flush_interval=30)
+    sid = manager.sync.create_session("w.canvas", 5)
+    for i in range(5):
+        t = task(recorder, sid, f"n{i}")
+        start(recorder, t)
+        succeed(recorder, t, i)
+    # When no event comes for a while, Then the writer thread writes them all, in one call
+    wait_for(lambda: manager.sync.get_session_status(sid)["status"] == "completed", 5, "the idle flush")
+    assert recorder.held_events == 0
+
+
+def test_a_busy_process_batches_its_events(make: Any) -> None:
+    # Given events coming every 2 ms for 0.6 s (never idle), and a flush_interval of 0.2 s
+    recorder, manager = make(flush_interval=0.2)
+    calls = Calls(manager)
+    sid = manager.sync.create_session("w.canvas", 1000)
+    sent = 0
+    until = time.monotonic() + 0.6
+    while time.monotonic() < until:
+        t = task(recorder, sid, f"n{sent}")
+        start(recorder, t)
+        succeed(recorder, t, sent)
+        sent += 1
+        time.sleep(0.002)
+    wait_for(lambda: manager.sync.get_session_status(sid)["completed_nodes"] == sent, 5, "every result")
+    # Then they went in a handful of store calls, not one per event
+    assert sent >= 100
+    assert 2 <= calls.count <= 8, calls.count
+
+
+def test_stopping_the_writer_writes_what_it_holds(make: Any) -> None:
+    recorder, manager = make()
+    sid = manager.sync.create_session("w.canvas", 1)
+    t = task(recorder, sid, "a")
+    start(recorder, t)
+    succeed(recorder, t, 1)
+    recorder.stop_writer()  # worker_process_shutdown / worker_shutdown
+    assert manager.sync.get_session_status(sid)["status"] == "completed"
+
+
+def test_a_store_that_stays_down_holds_a_bounded_backlog(
+    make: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Any
+) -> None:
+    # Given a store nobody listens on, and a backlog bound of 20 events
+    monkeypatch.setattr(handlers, "BACKLOG_SIZE", 20)
+    recorder, _ = make(url=f"redis://127.0.0.1:{free_port()}/0")
+    sid = str(uuid.uuid4())
+    caplog.set_level(logging.WARNING, logger="tracker.celery")
+
+    # When 30 tasks end (60 events) and the writer fails to write them
+    for i in range(30):
+        t = task(recorder, sid, f"n{i}")
+        start(recorder, t)
+        succeed(recorder, t, i)
+        recorder.flush()
+
+    # Then it holds the newest 20, and said once that it is dropping the oldest
+    assert recorder.held_events == 20
+    drops = [r for r in caplog.records if "dropping the oldest" in r.getMessage()]
+    assert len(drops) == 1
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
