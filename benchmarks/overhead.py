@@ -298,11 +298,11 @@ def run(quick: bool) -> Section:
             note="from /proc; less sensitive than wall time to other load on the machine",
         ),
         Row(
-            "round trips per node, worker (start + result)",
+            "round trips per node, worker (start + result, written in batches)",
             "commands",
             worker_rt,
             target=Target("ours", "<=", 2),
-            note=f"plus {heartbeats} heartbeat(s) over the batch: one per worker process every few seconds",
+            note=f"{1 / worker_rt:.0f} nodes per store call; plus {heartbeats} heartbeat(s) over the batch",
         ),
         Row(f"round trips per batch, dispatch ({n} nodes)", "commands", float(dispatch_counts[n]),
             float(dispatch_counts[10]), dispatch_counts[n] / dispatch_counts[10], baseline_name="10 nodes"),

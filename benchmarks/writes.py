@@ -33,7 +33,7 @@ def run(quick: bool) -> Section:
         manager = SessionManager(storage=store, settings=settings)
         client = store.client
         total = block * blocks
-        sid = manager.sync.create_session("bench.canvas", total * 4)
+        sid = manager.sync.create_session("bench.canvas", 200 + total + blocks * BATCH * 5)
         add = manager.sync.add_node_result
         add_many = manager.sync.add_node_results
         for i in range(200):  # warm up: scripts loaded, connection open

@@ -34,9 +34,13 @@ def tracked(redis_url: str, key_prefix: str, celery_env: dict[str, str]) -> Iter
     manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
     SessionManager.set_instance(manager)
     yield manager
+    from tests.celery.appmod import app
+
+    # A thread worker ran tasks in this process: its writer (and heartbeat) must not outlive the
+    # test, or it would go on writing into the next test's process-wide manager.
+    app._tracker_recorder.stop_writer()
     SessionManager.reset_instance()
     # Messages this test left queued (e.g. originals of nodes it resumed) must not reach the next test.
-    from tests.celery.appmod import app
 
     app.control.purge()
 

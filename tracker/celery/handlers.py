@@ -295,8 +295,8 @@ class Writer(threading.Thread):
 
     def stop(self) -> None:
         """Stop the thread, then write what is still queued (one try: the process is ending)."""
-        if os.getpid() != self.pid:
-            return  # a forked child's copy (registered with atexit before the fork): not its events
+        if os.getpid() != self.pid or self._stopped:
+            return  # a forked child's copy (registered with atexit before the fork), or stopped already
         with self._wake:
             self._stopped = True
             self._wake.notify()
