@@ -482,17 +482,43 @@ class SessionManager:
         return (await self._run(self._plans.node_results(session_id, results))).session.to_dict()
 
     def node_event(
-        self, session_id: str, node_id: str, status: NodeStatus | str, result: Any = None, **details: Any
+        self,
+        session_id: str,
+        node_id: str,
+        status: NodeStatus | str,
+        result: Any = None,
+        *,
+        error: NodeError | BaseException | None = None,
+        attempt: int | None = None,
+        task_id: str | None = None,
+        worker: str | None = None,
+        reason: str | None = None,
+        request_id: str | None = None,
+        at: datetime | None = None,
+        started_at: datetime | None = None,
     ) -> NodeEvent:
         """A validated node event for :meth:`record_nodes` (no I/O).
 
-        Keyword details as :meth:`record_node`, plus ``at`` (when it happened; default: when it is
-        recorded) and ``started_at`` (with a result: the node's start, recorded with it).
+        Details as :meth:`record_node`, plus ``at`` (when it happened; default: when it is recorded)
+        and ``started_at`` (with a result: the node's start, recorded with it).
 
         Raises:
             TrackerValidationError: a bad id, status, detail, or a result that is not JSON or too big.
         """
-        return self._plans.node_event(session_id, node_id, status, result, **details)[1]
+        return self._plans.node_event(
+            session_id,
+            node_id,
+            status,
+            result,
+            error=error,
+            attempt=attempt,
+            task_id=task_id,
+            worker=worker,
+            reason=reason,
+            request_id=request_id,
+            at=at,
+            started_at=started_at,
+        )[1]
 
     async def record_nodes(
         self, session_id: str, events: Sequence[NodeEvent], *, request_id: str | None = None

@@ -24,7 +24,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from billiard.exceptions import WorkerLostError
 from celery import Celery, Signature
@@ -92,6 +92,19 @@ class _Start:
     task_id: str
     worker: str
     at: datetime
+
+
+class _Details(NamedTuple):
+    """What a handler knows of a node event besides its ids and status."""
+
+    result: Any
+    error: BaseException | None
+    attempt: int | None
+    task_id: str | None
+    worker: str | None
+    reason: str | None
+    at: datetime
+    started_at: datetime | None
 
 
 def _calls(queued: Sequence[tuple[str, NodeEvent]]) -> list[_Call]:
@@ -190,6 +203,8 @@ class Writer(threading.Thread):
                 starts, self._starts = self._starts, {}
             # A start comes before anything else of its task: the starts go first.
             calls = self._held + _calls([*self.recorder.start_events(starts.values()), *queued])
+            if not calls:
+                return []
             self._held = []
             outcomes: list[BatchOutcome] = []
             for index, call in enumerate(calls):
@@ -351,54 +366,92 @@ class Recorder:
                 self._writer = writer
         return writer
 
-    def submit(self, request: Any, status: NodeStatus, **details: Any) -> None:
+    def submit(
+        self,
+        request: Any,
+        status: NodeStatus,
+        *,
+        result: Any = None,
+        error: BaseException | None = None,
+        attempt: int | None = None,
+        task_id: str | None = None,
+        worker: str | None = None,
+        reason: str | None = None,
+    ) -> None:
         """Queue one node event of a tracked request (untracked ones are ignored); with
         ``flush_interval = 0``, write it now, unless the store has just failed."""
         ids = ids_of(request)
         if ids is None:
             return
-        session_id, node_id = ids
         manager = self.manager
-        details["at"] = manager.clock()
+        at = manager.clock()
         writer = self.writer(getattr(request, "hostname", None))
-        if status.is_terminal and details.get("task_id"):
-            start = writer.started(details["task_id"])
+        started_at = None
+        if task_id and status.is_terminal:
+            start = writer.started(task_id)
             if start is not None:  # the task ended before its start was written: one event for both
-                details.update(started_at=start.at, worker=details.get("worker") or start.worker)
-                details.setdefault("attempt", start.attempt)
+                started_at, worker, attempt = start.at, worker or start.worker, attempt or start.attempt
+        details = _Details(result, error, attempt, task_id, worker, reason, at, started_at)
         try:
-            event = self._event(session_id, node_id, status, details)
+            event = self._event(manager, ids[0], ids[1], status, details)
         except TrackerError as exc:
-            logger.warning("tracker: node %s of session %s not recorded: %s", node_id, session_id, exc)
+            logger.warning("tracker: node %s of session %s not recorded: %s", ids[1], ids[0], exc)
             return
-        writer.put(session_id, event)
+        writer.put(ids[0], event)
         if manager.settings.flush_interval == 0 and not writer.store_down:
             writer.flush()
 
     def start_events(self, starts: Iterable[_Start]) -> list[tuple[str, NodeEvent]]:
         """The kept starts as events (validated now: a bad id is logged and dropped)."""
+        manager = self.manager
         events = []
         for start in starts:
-            details = {"attempt": start.attempt, "task_id": start.task_id, "worker": start.worker, "at": start.at}
+            details = _Details(None, None, start.attempt, start.task_id, start.worker, None, start.at, None)
             try:
-                events.append(
-                    (start.session_id, self._event(start.session_id, start.node_id, NodeStatus.RUNNING, details))
-                )
+                events.append((start.session_id, self._event(manager, start.session_id, start.node_id,
+                                                             NodeStatus.RUNNING, details)))  # fmt: skip
             except TrackerError as exc:
                 logger.warning("tracker: node %s of session %s not recorded: %s", start.node_id, start.session_id, exc)
         return events
 
-    def _event(self, session_id: str, node_id: str, status: NodeStatus, details: dict[str, Any]) -> NodeEvent:
-        manager = self.manager
+    @staticmethod
+    def _event(
+        manager: SessionManager, session_id: str, node_id: str, status: NodeStatus, details: _Details
+    ) -> NodeEvent:
+        result, error, attempt, task_id, worker, reason, at, started_at = details
         try:
-            return manager.node_event(session_id, node_id, status, **details)
+            return manager.node_event(
+                session_id,
+                node_id,
+                status,
+                result,
+                error=error,
+                attempt=attempt,
+                task_id=task_id,
+                worker=worker,
+                reason=reason,
+                at=at,
+                started_at=started_at,
+            )
         except TrackerValidationError as exc:
-            if details.get("result") is None:
+            if result is None:
                 raise
             # The return value is not JSON or is over the cap: the node still completed.
             logger.warning("tracker: result of node %s (session %s) not stored: %s", node_id, session_id, exc)
-            details.update(result=None, reason=f"result not stored: {exc}")
-            return manager.node_event(session_id, node_id, status, **details)
+            reason = f"result not stored: {exc}"
+            return manager.node_event(
+                session_id,
+                node_id,
+                status,
+                None,
+                error=error,
+                attempt=attempt,
+                task_id=task_id,
+                worker=worker,
+                reason=reason,
+                at=at,
+                started_at=started_at,
+            )
 
     def flush(self) -> list[BatchOutcome]:
         """Write this process's queued events now (see :meth:`Writer.flush`)."""

@@ -384,13 +384,19 @@ class RedisPrograms:
     ) -> Script:
         keys = self._session_keys(session_id).all()
         args: list[Any] = [self.ttl_s, self.events_maxlen, request_id, "1" if details else "0", session_id]
+        # Outside Cluster the holder registry is kept by the same script (no extra round trip):
+        # each worker process named by an event gets a number, 0 for none (asked once per name).
         holders: dict[str, int] = {}
+        numbers: dict[str | None, int] = {None: 0, "": 0}
         for event in events:
-            held = 0
             holder = expect_holder or event.worker
-            if not self.cluster and holder and is_worker_id(holder):
-                # Outside Cluster the holder registry is kept by the same script (no extra round trip).
-                held = holders.setdefault(holder, len(holders) + 1)
+            held = numbers.get(holder)
+            if held is None:
+                held = 0
+                if not self.cluster and is_worker_id(holder):
+                    held = holders[holder] = len(holders) + 1  # type: ignore[index]
+                numbers[holder] = held
+            at, started = event.at, event.started_at
             args += [
                 event.node_id,
                 event.status.value,
@@ -398,8 +404,8 @@ class RedisPrograms:
                 _field(event.task_id, "task_id"),
                 _field(event.worker, "worker"),
                 _payload(event),
-                now_ms if event.at is None else _ms_int(event.at),
-                "" if event.started_at is None else _ms_int(event.started_at),
+                now_ms if at is None else round(at.timestamp() * 1000),
+                "" if started is None else round(started.timestamp() * 1000),
                 expect_holder,
                 started_before_ms,
                 held,

@@ -79,18 +79,11 @@ end
 
 -- A node record: status|attempts|started_ms|finished_ms|task_id|worker|payload (payload may hold '|').
 local function parse_node(raw)
-  local f, pos = {}, 1
-  for i = 1, 6 do
-    local bar = string.find(raw, '|', pos, true)
-    f[i] = string.sub(raw, pos, bar - 1)
-    pos = bar + 1
-  end
-  f[7] = string.sub(raw, pos)
-  return f
+  return {string.match(raw, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')}
 end
 
 local function node_text(f)
-  return table.concat(f, '|', 1, 7)
+  return f[1] .. '|' .. f[2] .. '|' .. f[3] .. '|' .. f[4] .. '|' .. f[5] .. '|' .. f[6] .. '|' .. f[7]
 end
 
 local function emit(s, kind, now_ms, maxlen, node_id, node_status)

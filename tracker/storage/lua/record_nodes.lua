@@ -29,45 +29,42 @@ local WIDTH, FIRST = 11, 6
 local s = load_session()
 if not s then return {'not_found'} end
 
--- One status change of a node (old: its fields, parse_node order); returns the new fields.
-local function step(old, incoming, attempt, task_id, worker, payload, at_ms)
-  local old_status = old[1]
+-- One status change of a node: f (its fields, parse_node order) is updated in place.
+local function step(f, incoming, attempt, task_id, worker, payload, at_ms)
+  local old_status = f[1]
   local status = incoming
   if old_status == 'completed' or (TERMINAL_NODE[old_status] and not TERMINAL_NODE[incoming]) then
     status = old_status
   end
   -- states.is_stale_report: a failure, revoke or loss of a task that is no longer the node's (a
   -- resume gave the node a fresh task) changes nothing; a success counts whichever task sends it.
-  if incoming ~= 'completed' and TERMINAL_NODE[incoming] and task_id ~= '' and old[5] ~= '' and old[5] ~= task_id then
+  if incoming ~= 'completed' and TERMINAL_NODE[incoming] and task_id ~= '' and f[5] ~= '' and f[5] ~= task_id then
     status = old_status
   end
-  local attempts = tonumber(old[2])
+  local attempts = tonumber(f[2])
   if attempt ~= '' then
     attempts = math.max(attempts, tonumber(attempt))
   elseif incoming == 'running' and status == 'running' then
     attempts = attempts + 1
   end
   if status ~= 'pending' and attempts < 1 then attempts = 1 end
-  local new
-  if status ~= incoming or old_status == 'completed' then
-    -- a start after a result, or a duplicate success: only the attempt count moves
-    new = {old[1], attempts, old[3], old[4], old[5], old[6], old[7]}
-  else
-    new = {status, attempts, old[3], old[4], old[5], old[6], payload}
-    if task_id ~= '' then new[5] = task_id end
-    if worker ~= '' then new[6] = worker end
+  f[2] = attempts
+  if status == incoming and old_status ~= 'completed' then
+    -- otherwise a start after a result, or a duplicate success: only the attempt count moves
+    f[1], f[7] = status, payload
+    if task_id ~= '' then f[5] = task_id end
+    if worker ~= '' then f[6] = worker end
     if status == 'running' then
-      new[3], new[4] = at_ms, ''
+      f[3], f[4] = at_ms, ''
     elseif TERMINAL_NODE[status] then
-      new[4] = at_ms
+      f[4] = at_ms
     end
   end
-  if old_status ~= new[1] then
+  if old_status ~= f[1] then
     if old_status ~= '' then count(s, old_status, -1) end
-    count(s, new[1], 1)
+    count(s, f[1], 1)
   end
   if s.status == 'pending' then set_status(s, 'running', at_ms) end
-  return new
 end
 
 -- First pass: every node's record, read once (a node may come twice in one call), and the node
@@ -111,11 +108,12 @@ for i = FIRST, #ARGV, WIDTH do
     if want_details then details[#details + 1] = old[1]; details[#details + 1] = raw or '' end
   else
     applied = applied + 1
-    local new = old
+    local old_status = old[1]
+    local new = old -- updated in place
     if started_ms ~= '' and TERMINAL_NODE[incoming] then
-      new = step(new, 'running', attempt, task_id, worker, '', started_ms)
+      step(new, 'running', attempt, task_id, worker, '', started_ms)
     end
-    new = step(new, incoming, attempt, task_id, worker, payload, at_ms)
+    step(new, incoming, attempt, task_id, worker, payload, at_ms)
     local record = node_text(new)
     if record ~= raw then
       redis.call('HSET', N, node_id, record)
@@ -125,7 +123,7 @@ for i = FIRST, #ARGV, WIDTH do
       if new[1] == 'running' and new[6] == worker then
         registry[held][member] = true
         seen[worker] = at_ms
-      elseif new[1] ~= 'running' and (old[1] == 'running' or registry[held][member] ~= nil) then
+      elseif new[1] ~= 'running' and (old_status == 'running' or registry[held][member] ~= nil) then
         registry[held][member] = false -- it may be in the set: a node never seen running is not
       end
     end
@@ -138,7 +136,7 @@ for i = FIRST, #ARGV, WIDTH do
     end
     s.progress = derived_progress(s)
     emit(s, 'node', at_ms, maxlen, node_id, new[1])
-    if want_details then details[#details + 1] = old[1]; details[#details + 1] = record end
+    if want_details then details[#details + 1] = old_status; details[#details + 1] = record end
     if tonumber(at_ms) > tonumber(last_ms) then last_ms = at_ms end
   end
 end
