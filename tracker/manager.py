@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import uuid
@@ -173,12 +174,37 @@ class _Plans:
         if isinstance(events, str | bytes) or not isinstance(events, Sequence):
             raise TrackerValidationError("events", events, "expected a sequence of NodeEvent", sid)
         for event in events:
-            if not isinstance(event, NodeEvent):
-                raise TrackerValidationError("events", event, "expected NodeEvent items (see node_event)", sid)
-            validation.node_id(event.node_id, sid)
-            if event.result_json is not None and len(event.result_json.encode()) > self.settings.max_result_bytes:
-                raise TrackerValidationError("result", event.node_id, "the result is over max_result_bytes", sid)
+            self._check_event(event, sid)
         return _Plan("record_nodes", (sid, list(events), self.clock(), request_id))
+
+    def _check_event(self, event: object, sid: str) -> None:
+        """Refuse an event :meth:`node_event` would not have built (a NodeEvent made by hand)."""
+        if not isinstance(event, NodeEvent):
+            raise TrackerValidationError("events", event, "expected NodeEvent items (see node_event)", sid)
+        validation.node_id(event.node_id, sid)
+        if type(event.status) is not NodeStatus:
+            raise TrackerValidationError("status", event.status, "expected a NodeStatus", sid)
+        validation.attempt(event.attempt, sid)
+        validation.label(event.task_id, "task_id", sid)
+        validation.label(event.worker, "worker", sid)
+        validation.label(event.request_id, "request_id", sid)
+        validation.moment(event.at, "at", sid)
+        validation.moment(event.started_at, "started_at", sid)
+        cap = self.settings.max_error_chars
+        if event.reason is not None and (not isinstance(event.reason, str) or len(event.reason) > cap):
+            raise TrackerValidationError("reason", event.reason, f"expected a string of at most {cap} characters", sid)
+        if event.error is not None and self._error(event.error, sid) is not event.error:
+            raise TrackerValidationError("error", event.error, "expected a NodeError within the caps", sid)
+        if event.result_json is not None:
+            if (
+                not isinstance(event.result_json, str)
+                or len(event.result_json.encode()) > self.settings.max_result_bytes
+            ):
+                raise TrackerValidationError("result", event.node_id, "expected JSON text within max_result_bytes", sid)
+            try:
+                json.loads(event.result_json)
+            except ValueError:
+                raise TrackerValidationError("result", event.result_json[:80], "not JSON text", sid) from None
 
     def node_result(
         self,

@@ -14,6 +14,7 @@ import asyncio
 import math
 import os
 from collections.abc import Callable, Iterator
+from datetime import UTC
 from typing import Any
 
 import pytest
@@ -27,7 +28,9 @@ from tracker import (
     InMemoryStorageAdapter,
     InvalidStateTransitionError,
     NodeError,
+    NodeResult,
     NodeSpec,
+    NodeStatus,
     SessionExistsError,
     SessionManager,
     SessionNotFoundError,
@@ -35,6 +38,7 @@ from tracker import (
     TrackerSettings,
     TrackerValidationError,
 )
+from tracker.storage.base import NodeEvent
 from tracker.storage.redis import RedisStorageAdapter
 
 #: What a rejected call may raise (NodeLimitError is a TrackerValidationError).
@@ -85,6 +89,21 @@ specs = st.lists(
     | json_values,
     max_size=4,
 )
+#: Hand-made NodeEvents for record_nodes: what node_event builds, and what it never would.
+node_events = st.lists(
+    st.builds(NodeEvent, node_id=node_ids, status=st.sampled_from(list(NodeStatus)) | json_values,
+              result_json=st.none() | st.sampled_from(['{"x":1}', "[1", "", "x" * 70_000]) | json_values,
+              error=errors, attempt=st.none() | json_values, task_id=st.none() | json_values,
+              worker=st.none() | json_values, reason=st.none() | json_values,
+              at=st.none() | st.datetimes(timezones=st.just(UTC)) | st.datetimes() | json_values)
+    | json_values,
+    max_size=4,
+)  # fmt: skip
+results = (
+    st.dictionaries(node_ids.filter(lambda v: isinstance(v, str)), json_values, max_size=4)
+    | st.lists(st.builds(NodeResult, node_id=st.sampled_from(["a", "b", "new"]), result=st.integers()), max_size=3)
+    | json_values
+)
 block_ms = (
     st.none()
     | st.integers(max_value=30)
@@ -129,6 +148,8 @@ def calls(sid: str) -> st.SearchStrategy[tuple[str, tuple[Any, ...], dict[str, A
                   kw({}, optional={"after": json_values | st.just("99999999999999-0"), "limit": limit,
                                    "block_ms": block_ms})),
         st.tuples(st.just("resume_session"), st.tuples(ids), kw({}, optional={"retry_failed": json_values})),
+        st.tuples(st.just("add_node_results"), st.tuples(ids, results), st.just({})),
+        st.tuples(st.just("record_nodes"), st.tuples(ids, node_events), kw({}, optional={"request_id": mostly(text)})),
         st.tuples(st.just("heartbeat"), st.tuples(mostly(text.map(lambda t: f"celery@{t}:1"))), st.just({})),
     )  # fmt: skip
 
