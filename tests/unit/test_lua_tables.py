@@ -19,6 +19,7 @@ from tracker.states import (
     NodeStatus,
     SessionStatus,
 )
+from tracker.storage.redis import SESSION_FIELDS
 
 _ENTRY = re.compile(r"^(?P<key>[a-z_]+)\s*=\s*(?:'(?P<text>[a-z_]+)'|(?P<true>true))$")
 
@@ -96,3 +97,11 @@ def test_counter_matches_the_node_status_sets(tables: dict[str, dict[str, str | 
     # Every result counts somewhere (the finish rule adds the counters up); pending counts nowhere.
     assert {s.value for s in TERMINAL_NODE_STATUSES} <= set(counter)
     assert NodeStatus.PENDING.value not in counter
+
+
+def test_the_session_fields_record_nodes_replies_are_in_the_order_python_reads() -> None:
+    # record_nodes replies the session as the values of FIELDS, in order; redis.py unpacks them by position.
+    text = (resources.files("tracker.storage") / "lua" / "common.lua").read_text()
+    found = re.findall(r"^local FIELDS = \{([^}]*)\}", text, re.MULTILINE)
+    assert len(found) == 1
+    assert tuple(re.findall(r"'([a-z_]+)'", found[0])) == SESSION_FIELDS
