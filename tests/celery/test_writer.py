@@ -8,6 +8,7 @@ session's event stream.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -213,3 +214,30 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_a_prefork_pool_writes_behind_and_sends_the_completion_callback_once(
+    tracked: SessionManager, worker_process: Any, redis_url: str
+) -> None:
+    # Given a prefork worker (each pool child has its own writer), and a batch with a callback
+    from celery import group
+
+    from tests.celery.appmod import done, work
+    from tracker.celery import dispatch
+
+    worker_process(concurrency=2)
+    sid = dispatch(group(work.s(i) for i in range(40)), canvas_path="pre.canvas", on_complete=done.s())
+
+    # Then the session ends with every node counted once, the writers' batches having carried
+    # each node's start with its result, and the callback (sent from a pool child's writer
+    # thread) ran exactly once
+    wait_for(lambda: tracked.sync.get_session_status(sid)["status"] == "completed", 60, "the session to end")
+    status = tracked.sync.get_session_status(sid)
+    assert (status["completed_nodes"], status["running_nodes"]) == (40, 0)
+    nodes = tracked.sync.get_nodes(sid, limit=100).nodes
+    assert all(n.started_at is not None and n.finished_at is not None and n.attempts == 1 for n in nodes)
+    assert all(n.worker and re.fullmatch(r".+@.+:\d+", n.worker) for n in nodes)  # the pool child's host:pid
+    client = redis.Redis.from_url(redis_url)
+    wait_for(lambda: client.llen(f"done:{sid}") >= 1, 30, "the completion callback")
+    time.sleep(0.5)
+    assert client.lrange(f"done:{sid}", 0, -1) == [b"completed"]

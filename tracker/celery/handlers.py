@@ -3,7 +3,7 @@
 A handler validates its event and queues it in the process's :class:`Writer`; the writer thread
 sends what is queued within ``flush_interval`` seconds (10 ms once the process is idle), one store
 call per session (one script run, so one round trip however many events). A task's start waits
-in the writer as it came (no work at all in the task's thread): when the task ends before the next
+in the writer as it came (not even validated in the task's thread): when the task ends before the next
 flush, its result carries the start (one event, as two calls would have left it); otherwise the
 flush writes the start. With ``flush_interval = 0`` each event is written before the task goes on.
 
