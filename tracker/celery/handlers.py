@@ -419,39 +419,21 @@ class Recorder:
         manager: SessionManager, session_id: str, node_id: str, status: NodeStatus, details: _Details
     ) -> NodeEvent:
         result, error, attempt, task_id, worker, reason, at, started_at = details
-        try:
+
+        def build(result: Any, reason: str | None) -> NodeEvent:
             return manager.node_event(
-                session_id,
-                node_id,
-                status,
-                result,
-                error=error,
-                attempt=attempt,
-                task_id=task_id,
-                worker=worker,
-                reason=reason,
-                at=at,
-                started_at=started_at,
-            )
+                session_id, node_id, status, result, error=error, attempt=attempt, task_id=task_id, worker=worker,
+                reason=reason, at=at, started_at=started_at,
+            )  # fmt: skip
+
+        try:
+            return build(result, reason)
         except TrackerValidationError as exc:
             if result is None:
                 raise
             # The return value is not JSON or is over the cap: the node still completed.
             logger.warning("tracker: result of node %s (session %s) not stored: %s", node_id, session_id, exc)
-            reason = f"result not stored: {exc}"
-            return manager.node_event(
-                session_id,
-                node_id,
-                status,
-                None,
-                error=error,
-                attempt=attempt,
-                task_id=task_id,
-                worker=worker,
-                reason=reason,
-                at=at,
-                started_at=started_at,
-            )
+            return build(None, f"result not stored: {exc}")
 
     def flush(self) -> list[BatchOutcome]:
         """Write this process's queued events now (see :meth:`Writer.flush`)."""

@@ -734,12 +734,12 @@ class RedisStorageAdapter(_RedisBase):
             if target is not self._client or self.programs.cluster:
                 return script(keys=command.keys, args=command.args, client=target)
             # The hot path (one write, one round trip): EVALSHA without the wrapper's copies.
-            args = (len(command.keys), *command.keys, *command.args)
+            keys_args = (len(command.keys), *command.keys, *command.args)
             try:
-                return target.execute_command("EVALSHA", script.sha, *args)
+                return target.execute_command("EVALSHA", script.sha, *keys_args)
             except redis.exceptions.NoScriptError:
                 script.sha = target.script_load(script.script)  # the server forgot it (restart, SCRIPT FLUSH)
-                return target.execute_command("EVALSHA", script.sha, *args)
+                return target.execute_command("EVALSHA", script.sha, *keys_args)
         name, *args = command
         if name == "ZADD":
             return target.zadd(args[0], args[1])
