@@ -198,25 +198,29 @@ class Writer(threading.Thread):
         """Write the held calls, then every queued event (one call per session). On a store failure
         the rest is held for the next try (with backoff). Returns what each call that went did."""
         with self._flushing:
-            with self._lock:
-                queued, self._queue = self._queue, deque()
-                starts, self._starts = self._starts, {}
-            # A start comes before anything else of its task: the starts go first.
-            calls = self._held + _calls([*self.recorder.start_events(starts.values()), *queued])
-            if not calls:
-                return []
-            self._held = []
-            outcomes: list[BatchOutcome] = []
-            for index, call in enumerate(calls):
-                try:
-                    outcomes += self._send(call)
-                except StorageUnavailableError as exc:
-                    self._hold(calls[index:], exc)
-                    return outcomes
-            if self._warned:
-                logger.warning("tracker: the store is back; replayed the held events")
-            self._failures, self._retry_at, self._warned, self._dropped = 0, 0.0, False, 0
-            return outcomes
+            return self._flush_locked()
+
+    def _flush_locked(self) -> list[BatchOutcome]:
+        # _flushing is held.
+        with self._lock:
+            queued, self._queue = self._queue, deque()
+            starts, self._starts = self._starts, {}
+        # A start comes before anything else of its task: the starts go first.
+        calls = self._held + _calls([*self.recorder.start_events(starts.values()), *queued])
+        if not calls:
+            return []
+        self._held = []
+        outcomes: list[BatchOutcome] = []
+        for index, call in enumerate(calls):
+            try:
+                outcomes += self._send(call)
+            except StorageUnavailableError as exc:
+                self._hold(calls[index:], exc)
+                return outcomes
+        if self._warned:
+            logger.warning("tracker: the store is back; replayed the held events")
+        self._failures, self._retry_at, self._warned, self._dropped = 0, 0.0, False, 0
+        return outcomes
 
     def _send(self, call: _Call) -> list[BatchOutcome]:
         sync = self.recorder.manager.sync
@@ -317,10 +321,14 @@ class Writer(threading.Thread):
             self._wake.notify()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=5.0)
+        # A flush still stuck on an unreachable store must not hold the process's exit for long.
+        if self.waiting and self._flushing.acquire(timeout=5.0):
+            try:
+                self._flush_locked()
+            finally:
+                self._flushing.release()
         if self.waiting:
-            self.flush()
-            if self.waiting:
-                logger.warning("tracker: %d node event(s) not recorded: the store is unreachable", self.waiting)
+            logger.warning("tracker: %d node event(s) not recorded: the store is unreachable", self.waiting)
 
 
 class Recorder:
