@@ -20,7 +20,7 @@ import queue
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.context import SpawnProcess
 from multiprocessing.synchronize import Barrier
@@ -139,42 +139,44 @@ def processes() -> Iterator[list[SpawnProcess]]:
         process.join(timeout=10)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_eight_processes_hammering_one_session_keep_exact_counts_20_times(
-    redis_url: str, key_prefix: str, processes: list[SpawnProcess]
-) -> None:
-    # Given 20 fresh sessions, each with 8000 planned events dealt to 8 processes
+def run_hammer(
+    redis_url: str, key_prefix: str, processes: list[SpawnProcess], target: Callable[..., None], seeds: range
+) -> tuple[SessionManager, list[str], list[Expected], list[tuple[Any, ...]], float]:
+    """Fresh sessions, one per seed, each with 8000 planned events dealt to 8 processes running
+    ``target``, all starting each repeat together. Returns the manager, the session ids, what each
+    session must show, the processes' reports and the seconds the sending took."""
     settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix)
     manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
-    plans = [plan(seed) for seed in range(REPEATS)]
+    plans = [plan(seed) for seed in seeds]
     expected = [expected_from(events) for events in plans]
     sids = [manager.sync.create_session("hammer.canvas", len(e.nodes)) for e in expected]
     hands = [[events[p::PROCESSES] for p in range(PROCESSES)] for events in plans]
     assert all(len(hand) == EVENTS_PER_PROCESS for repeat in hands for hand in repeat)
 
-    # When the 8 processes send them, all starting each repeat together
     start, out = SPAWN.Barrier(PROCESSES), SPAWN.Queue()
     for p in range(PROCESSES):
-        repeats = [(sids[r], hands[r][p]) for r in range(REPEATS)]
-        process = SPAWN.Process(target=hammer, args=(redis_url, key_prefix, repeats, start, out))
+        repeats = [(sids[r], hands[r][p]) for r in range(len(plans))]
+        process = SPAWN.Process(target=target, args=(redis_url, key_prefix, repeats, start, out))
         processes.append(process)
         process.start()
     began = time.monotonic()
     reports: list[tuple[Any, ...]] = []
-    while len(reports) < PROCESSES * REPEATS:
+    while len(reports) < PROCESSES * len(plans):
         try:
             report = out.get(timeout=300)
         except queue.Empty:
-            pytest.fail(f"the processes sent {len(reports)} of {PROCESSES * REPEATS} reports in time")
+            pytest.fail(f"the processes sent {len(reports)} of {PROCESSES * len(plans)} reports in time")
         assert report[0] != "error", f"a process failed: {report}"
         reports.append(report)
     elapsed_s = time.monotonic() - began
     for process in processes:
         process.join(timeout=30)
         assert process.exitcode == 0
+    return manager, sids, expected, reports, elapsed_s
 
-    # Then every repeat shows exactly what the rules give, and exactly one caller saw it finish
+
+def assert_exact(manager: SessionManager, sids: list[str], expected: list[Expected], reports: list[Any]) -> int:
+    """Every session shows exactly what the rules give, and exactly one caller saw it finish."""
     exact = 0
     for sid, want in zip(sids, expected, strict=True):
         mine = [r for r in reports if r[0] == sid]
@@ -189,6 +191,20 @@ def test_eight_processes_hammering_one_session_keep_exact_counts_20_times(
         assert {nid: node.status for nid, node in nodes.items()} == want.nodes
         assert {nid: node.attempts for nid, node in nodes.items()} == want.attempts
         exact += 1
+    return exact
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_eight_processes_hammering_one_session_keep_exact_counts_20_times(
+    redis_url: str, key_prefix: str, processes: list[SpawnProcess]
+) -> None:
+    # Given 20 fresh sessions, each with 8000 planned events dealt to 8 processes,
+    # When the 8 processes send them through record_node, all starting each repeat together
+    manager, sids, expected, reports, elapsed_s = run_hammer(redis_url, key_prefix, processes, hammer, range(REPEATS))
+
+    # Then every repeat shows exactly what the rules give, and exactly one caller saw it finish
+    exact = assert_exact(manager, sids, expected, reports)
     assert exact == REPEATS
     print(f"\nhammer: {exact}/{REPEATS} repeats exact, {PROCESSES}x{EVENTS_PER_PROCESS} events each, {elapsed_s:.1f} s")
     manager.storage.close()
@@ -233,11 +249,9 @@ def hammer_through_writers(
                     recorder.on_failure(sender=task, task_id=request.id, exception=RuntimeError(f"{nid} failed"))
                 else:
                     recorder.on_retry(sender=task, request=request, reason="retry")
-            recorder.flush()
-            out.put((sid, os.getpid(), len(events), []))
+            recorder.flush()  # after it, every finish of this session's events has been seen
+            out.put((sid, os.getpid(), len(events), [status for done, status in finished if done == sid]))
         recorder.stop_writer()
-        for sid, status in finished:
-            out.put((sid, os.getpid(), 0, [status]))
         store.close()
     except BaseException as exc:
         out.put(("error", os.getpid(), repr(exc), []))
@@ -249,45 +263,12 @@ def hammer_through_writers(
 def test_eight_processes_through_the_handlers_writers_keep_exact_counts(
     redis_url: str, key_prefix: str, processes: list[SpawnProcess]
 ) -> None:
-    # Given fresh sessions, each with 8000 planned events dealt to 8 processes
-    settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix)
-    manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
-    plans = [plan(100 + seed) for seed in range(WRITER_REPEATS)]
-    expected = [expected_from(events) for events in plans]
-    sids = [manager.sync.create_session("hammer.canvas", len(e.nodes)) for e in expected]
-    hands = [[events[p::PROCESSES] for p in range(PROCESSES)] for events in plans]
-
+    # Given 5 fresh sessions, each with 8000 planned events dealt to 8 processes,
     # When each process sends its hand through the signal handlers (its writer batching them behind)
-    start, out = SPAWN.Barrier(PROCESSES), SPAWN.Queue()
-    for p in range(PROCESSES):
-        repeats = [(sids[r], hands[r][p]) for r in range(WRITER_REPEATS)]
-        process = SPAWN.Process(target=hammer_through_writers, args=(redis_url, key_prefix, repeats, start, out))
-        processes.append(process)
-        process.start()
-    reports: list[tuple[Any, ...]] = []
-    while len([r for r in reports if r[2]]) < PROCESSES * WRITER_REPEATS:
-        try:
-            report = out.get(timeout=300)
-        except queue.Empty:
-            pytest.fail(f"the processes sent {len(reports)} reports in time")
-        assert report[0] != "error", f"a process failed: {report}"
-        reports.append(report)
-    for process in processes:
-        process.join(timeout=30)
-        assert process.exitcode == 0
-    while not out.empty():
-        reports.append(out.get(timeout=5))
+    manager, sids, expected, reports, _ = run_hammer(
+        redis_url, key_prefix, processes, hammer_through_writers, range(100, 100 + WRITER_REPEATS)
+    )
 
     # Then every session shows exactly what the rules give, and exactly one flush saw it finish
-    for sid, want in zip(sids, expected, strict=True):
-        mine = [r for r in reports if r[0] == sid]
-        assert sum(r[2] for r in mine) == PROCESSES * EVENTS_PER_PROCESS
-        assert [f for r in mine for f in r[3]] == [SessionStatus.PARTIAL_FAILURE.value]
-        status = manager.sync.get_session_status(sid)
-        assert (status["status"], status["completed_nodes"], status["failed_nodes"]) == (
-            SessionStatus.PARTIAL_FAILURE.value, want.completed, want.failed)  # fmt: skip
-        assert (status["running_nodes"], status["lost_nodes"], status["cancelled_nodes"]) == (0, 0, 0)
-        nodes = all_nodes(manager, sid)
-        assert {nid: node.status for nid, node in nodes.items()} == want.nodes
-        assert {nid: node.attempts for nid, node in nodes.items()} == want.attempts
+    assert assert_exact(manager, sids, expected, reports) == WRITER_REPEATS
     manager.storage.close()
