@@ -120,8 +120,10 @@ def dispatch(
     specs = []
     for sig, nid, tid in zip(nodes, ids, task_ids, strict=True):
         validation.node_id(nid, session_id)
+        # Kept as the caller made it (resume tags it afresh): the stamps would only add bytes.
+        signature = signature_json(sig)  # checked by create_session
         tag(sig, session_id, nid, tid)
-        specs.append(NodeSpec(node_id=nid, task_id=tid, signature=signature_json(sig)))  # checked by create_session
+        specs.append(NodeSpec(node_id=nid, task_id=tid, signature=signature))
     manager.sync.create_session(canvas_path, len(nodes), meta, specs, session_id=session_id)
     try:
         canvas.apply_async()

@@ -64,6 +64,19 @@ MAX_BATCH = 1_000
 RECEIVED_CACHE_SIZE = 10_000
 
 
+#: This process's id: asked once, and again in a forked child (``os.getpid`` is a system call, and
+#: the handlers would ask it several times per task).
+_pid = os.getpid()
+
+
+def _after_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 class _Stamped:
     """The ids of a received task, shaped like a request for :func:`ids_of`."""
 
@@ -82,8 +95,7 @@ class _Call:
     request_id: str
 
 
-@dataclass(frozen=True)
-class _Start:
+class _Start(NamedTuple):
     """A task's start as the handler saw it, not validated yet (see :meth:`Writer.keep_start`)."""
 
     session_id: str
@@ -129,7 +141,7 @@ class Writer(threading.Thread):
         super().__init__(name=f"tracker-writer-{worker}", daemon=True)
         self.recorder = recorder
         self.worker = worker
-        self.pid = os.getpid()
+        self.pid = _pid
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: deque[tuple[str, NodeEvent]] = deque()
@@ -225,7 +237,7 @@ class Writer(threading.Thread):
     def _send(self, call: _Call) -> list[BatchOutcome]:
         sync = self.recorder.manager.sync
         try:
-            outcomes = [sync.record_nodes(call.session_id, call.events, request_id=call.request_id)]
+            outcomes = [sync.record_nodes(call.session_id, call.events, request_id=call.request_id, trusted=True)]
         except StorageUnavailableError:
             raise
         except NodeLimitError:
@@ -233,7 +245,7 @@ class Writer(threading.Thread):
             outcomes = []
             for event in call.events:
                 try:
-                    outcomes.append(sync.record_nodes(call.session_id, [event]))
+                    outcomes.append(sync.record_nodes(call.session_id, [event], trusted=True))
                 except NodeLimitError as exc:
                     logger.warning("tracker: node %s not recorded: %s", event.node_id, exc)
         except TrackerError as exc:
@@ -314,7 +326,7 @@ class Writer(threading.Thread):
 
     def stop(self) -> None:
         """Stop the thread, then write what is still queued (one try: the process is ending)."""
-        if os.getpid() != self.pid or self._stopped:
+        if _pid != self.pid or self._stopped:
             return  # a forked child's copy (registered with atexit before the fork), or stopped already
         with self._wake:
             self._stopped = True
@@ -355,18 +367,18 @@ class Recorder:
 
     def worker_id(self, hostname: str | None) -> str:
         """``<hostname>:<pid>``: which worker process holds a node."""
-        return f"{hostname or self.worker_name or 'worker'}:{os.getpid()}"
+        return f"{hostname or self.worker_name or 'worker'}:{_pid}"
 
     # -- recording --------------------------------------------------------------------------
 
     def writer(self, hostname: str | None = None) -> Writer:
         """This process's writer, started on first use (a forked child gets its own)."""
         writer = self._writer
-        if writer is not None and writer.pid == os.getpid():
+        if writer is not None and writer.pid == _pid:
             return writer
         with self._writer_lock:
             writer = self._writer
-            if writer is None or writer.pid != os.getpid():
+            if writer is None or writer.pid != _pid:
                 # A child never touches its parent's writer: its locks may have been held at the fork.
                 writer = Writer(self, self.worker_id(hostname))
                 writer.start()
@@ -400,10 +412,8 @@ class Recorder:
             if start is not None:  # the task ended before its start was written: one event for both
                 started_at, worker, attempt = start.at, worker or start.worker, attempt or start.attempt
         details = _Details(result, error, attempt, task_id, worker, reason, at, started_at)
-        try:
-            event = self._event(manager, ids[0], ids[1], status, details)
-        except TrackerError as exc:
-            logger.warning("tracker: node %s of session %s not recorded: %s", ids[1], ids[0], exc)
+        event = self._event(manager, ids[0], ids[1], status, details)
+        if event is None:
             return
         writer.put(ids[0], event)
         if manager.settings.flush_interval == 0 and not writer.store_down:
@@ -415,17 +425,16 @@ class Recorder:
         events = []
         for start in starts:
             details = _Details(None, None, start.attempt, start.task_id, start.worker, None, start.at, None)
-            try:
-                events.append((start.session_id, self._event(manager, start.session_id, start.node_id,
-                                                             NodeStatus.RUNNING, details)))  # fmt: skip
-            except TrackerError as exc:
-                logger.warning("tracker: node %s of session %s not recorded: %s", start.node_id, start.session_id, exc)
+            event = self._event(manager, start.session_id, start.node_id, NodeStatus.RUNNING, details)
+            if event is not None:
+                events.append((start.session_id, event))
         return events
 
     @staticmethod
     def _event(
         manager: SessionManager, session_id: str, node_id: str, status: NodeStatus, details: _Details
-    ) -> NodeEvent:
+    ) -> NodeEvent | None:
+        """The validated event, or None (logged) when its ids are bad."""
         result, error, attempt, task_id, worker, reason, at, started_at = details
 
         def build(result: Any, reason: str | None) -> NodeEvent:
@@ -435,13 +444,17 @@ class Recorder:
             )  # fmt: skip
 
         try:
-            return build(result, reason)
-        except TrackerValidationError as exc:
-            if result is None:
-                raise
-            # The return value is not JSON or is over the cap: the node still completed.
-            logger.warning("tracker: result of node %s (session %s) not stored: %s", node_id, session_id, exc)
-            return build(None, f"result not stored: {exc}")
+            try:
+                return build(result, reason)
+            except TrackerValidationError as exc:
+                if result is None:
+                    raise
+                # The return value is not JSON or is over the cap: the node still completed.
+                logger.warning("tracker: result of node %s (session %s) not stored: %s", node_id, session_id, exc)
+                return build(None, f"result not stored: {exc}")
+        except TrackerError as exc:
+            logger.warning("tracker: node %s of session %s not recorded: %s", node_id, session_id, exc)
+            return None
 
     def flush(self) -> list[BatchOutcome]:
         """Write this process's queued events now (see :meth:`Writer.flush`)."""
@@ -451,7 +464,7 @@ class Recorder:
     def held_events(self) -> int:
         """Events of this process not in the store yet (queued, or held while it is down)."""
         writer = self._writer
-        return writer.waiting if writer is not None and writer.pid == os.getpid() else 0
+        return writer.waiting if writer is not None and writer.pid == _pid else 0
 
     def completed(self, session: SessionInfo) -> None:
         """Send the session's completion callback, if it has one (called once per terminal transition)."""
@@ -471,14 +484,12 @@ class Recorder:
         return getattr(task, "app", self.app) is self.app
 
     def on_prerun(self, sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any) -> None:
-        if not self.mine(task):
-            return
-        request: Any = task.request if task is not None else None
+        request: Any = getattr(task, "request", None)
         ids = ids_of(request)
-        if ids is None:
+        if ids is None or not self.mine(task):
             return
-        manager = self.manager
         attempt, worker = int(request.retries or 0) + 1, self.worker_id(request.hostname)
+        manager = self.manager
         if manager.settings.flush_interval == 0 or not isinstance(task_id, str):
             self.submit(request, NodeStatus.RUNNING, attempt=attempt, task_id=task_id, worker=worker)
             return
@@ -582,6 +593,6 @@ class Recorder:
     def stop_writer(self, **_: Any) -> None:
         """Write what this process still holds and stop its writer (process or worker shutdown)."""
         writer = self._writer
-        if writer is not None and writer.pid == os.getpid():
+        if writer is not None and writer.pid == _pid:
             self._writer = None
             writer.stop()

@@ -397,19 +397,16 @@ class RedisPrograms:
                     held = holders[holder] = len(holders) + 1  # type: ignore[index]
                 numbers[holder] = held
             at, started = event.at, event.started_at
-            args += [
-                event.node_id,
-                event.status.value,
-                "" if event.attempt is None else event.attempt,
-                _field(event.task_id, "task_id"),
-                _field(event.worker, "worker"),
-                _payload(event),
-                now_ms if at is None else round(at.timestamp() * 1000),
-                "" if started is None else round(started.timestamp() * 1000),
-                expect_holder,
-                started_before_ms,
-                held,
-            ]
+            # One argument per event, its fields joined by '|' (none but the payload, last, may
+            # hold one): far cheaper to send and to read than eleven arguments.
+            attempt = "" if event.attempt is None else event.attempt
+            at_ms = now_ms if at is None else round(at.timestamp() * 1000)
+            started_ms = "" if started is None else round(started.timestamp() * 1000)
+            args.append(
+                f"{event.node_id}|{event.status.value}|{attempt}|{_field(event.task_id, 'task_id')}|"
+                f"{_field(event.worker, 'worker')}|{at_ms}|{started_ms}|{expect_holder}|{started_before_ms}|{held}|"
+                f"{_payload(event)}"
+            )
         if holders:
             keys += [self.keys.workers, *(self.keys.held(h) for h in holders)]
         return Script("record_nodes", keys, args)

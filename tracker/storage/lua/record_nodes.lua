@@ -1,7 +1,7 @@
 -- record_nodes(KEYS=[session, nodes, sigs, events, (workers, held_1, held_2, ...)],
---              ARGV=[ttl_s, events_maxlen, request_id, details, session_id,
---                    (node_id, status, attempt, task_id, worker, payload, at_ms, started_ms, expect_holder,
---                     started_before_ms, held) * n])
+--              ARGV=[ttl_s, events_maxlen, request_id, details, session_id, event * n])
+--   event: 'node_id|status|attempt|task_id|worker|at_ms|started_ms|expect_holder|started_before_ms|held|payload'
+--   (one argument per event: only the payload, last, may hold a '|')
 -- Applies n node events of one session in order, as n single calls would, in one script run: the
 -- session hash is read once and written once, the TTLs refreshed once. Each event is an upsert
 -- (the same event twice changes nothing the second time) that moves the counters when the node's
@@ -25,9 +25,13 @@
 --   details (details = '1'): {previous_status, node_record} per event.
 local ttl_s, maxlen, request_id, want_details = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1'
 local session_id = ARGV[5]
-local WIDTH, FIRST = 11, 6
+local FIRST = 6
 local s = load_session()
 if not s then return {'not_found'} end
+
+local EVENT = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$'
+local events = {}
+for i = FIRST, #ARGV do events[#events + 1] = {string.match(ARGV[i], EVENT)} end
 
 -- One status change of a node: f (its fields, parse_node order) is updated in place.
 local function step(f, incoming, attempt, task_id, worker, payload, at_ms)
@@ -70,11 +74,11 @@ end
 -- First pass: every node's record, read once (a node may come twice in one call), and the node
 -- limit checked for the whole call: over it, nothing is written.
 local records, fresh, known = {}, 0, nil
-for i = FIRST, #ARGV, WIDTH do
-  local node_id = ARGV[i]
+for _, e in ipairs(events) do
+  local node_id = e[1]
   if records[node_id] == nil then
     records[node_id] = redis.call('HGET', N, node_id)
-    if not records[node_id] and ARGV[i + 8] == '' then
+    if not records[node_id] and e[8] == '' then
       fresh = fresh + 1
       known = known or redis.call('HLEN', N)
       if known + fresh > s.node_count then return {'limit', node_id} end
@@ -85,10 +89,9 @@ end
 local finished, skipped, details = '', {}, {}
 local registry, seen = {}, {} -- registry[held] = {member = true (add) | false (remove)}
 local applied, last_ms = 0, s.updated_ms
-for i = FIRST, #ARGV, WIDTH do
-  local node_id, incoming, attempt, task_id, worker = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  local payload, at_ms, started_ms = ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
-  local expect_holder, started_before, held = ARGV[i + 8], ARGV[i + 9], tonumber(ARGV[i + 10])
+for _, e in ipairs(events) do
+  local node_id, incoming, attempt, task_id, worker, at_ms, started_ms = e[1], e[2], e[3], e[4], e[5], e[6], e[7]
+  local expect_holder, started_before, held, payload = e[8], e[9], tonumber(e[10]), e[11]
   local member = held > 0 and session_id .. ' ' .. node_id
   if held > 0 and not registry[held] then registry[held] = {} end
   local raw = records[node_id]
