@@ -107,8 +107,8 @@ def run(quick: bool) -> Section:
             """The record_nodes call a flush of BATCH fresh tasks makes, built beforehand."""
             tasks = [_task(app, sid, f"{prefix}-{i}") for i in range(BATCH)]
             handlers(tasks)
-            events = [event for _, event in writer._queue]
-            writer._queue.clear()
+            queued = [writer._queue.popleft() for _ in range(len(writer._queue))]
+            events = [event for _, event in recorder.events(queued)]
             call = store.programs._record_script(sid, events, 0, False, uuid.uuid4().hex)
             return ["EVALSHA", script.sha, len(call.keys), *call.keys, *call.args]
 

@@ -15,9 +15,8 @@ import logging
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 from tracker import states, validation
 from tracker.config import TrackerSettings
@@ -55,8 +54,7 @@ def _same(value: Any) -> Any:
     return value
 
 
-@dataclass(frozen=True)
-class _Plan(Generic[T]):
+class _Plan(NamedTuple, Generic[T]):
     """One store call (a method name shared by both adapter flavours) and how to read its answer."""
 
     method: str
@@ -220,11 +218,11 @@ class _Plans:
     ) -> _Plan[BatchOutcome]:
         # One result, recorded as a batch of one: the reply carries the session, not the node.
         if isinstance(result, NodeResult):
-            details = self.node_result_details(result)
+            sid, event = self.node_event(session_id, **self.node_result_details(result))
         else:
-            details = {"node_id": node_id, "status": status, "result": result, "error": error}
-            details.update(task_id=task_id, worker=worker, attempt=attempt)
-        sid, event = self.node_event(session_id, **details)
+            sid, event = self.node_event(
+                session_id, node_id, status, result, error=error, task_id=task_id, worker=worker, attempt=attempt
+            )
         return _Plan("record_nodes", (sid, [event], self.clock(), None))
 
     def node_results(self, session_id: str, results: Mapping[str, Any] | Iterable[NodeResult]) -> _Plan[BatchOutcome]:

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from tests.celery.conftest import wait_for
 from tracker import NodeStatus, SessionManager, TrackerSettings
@@ -132,6 +134,58 @@ def test_a_start_still_waiting_at_a_flush_is_written_then(make: Any, redis_url: 
     assert not client.sismember(held, f"{sid} slow")
 
 
+#: A handler call: what happened, to which node, and which of its two tasks (a resume's new task, or the
+#: same task delivered again).
+CALLS = st.lists(
+    st.tuples(st.sampled_from(["start", "succeed", "fail", "retry"]), st.sampled_from("ab"), st.sampled_from([0, 1])),
+    max_size=14,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(calls=CALLS, flush_after=st.sets(st.integers(0, 13)))
+@example(calls=[("start", "a", 0), ("retry", "a", 0), ("fail", "a", 0)], flush_after=set())  # a retry in between
+@example(calls=[("start", "a", 0), ("succeed", "a", 0), ("start", "a", 0)], flush_after=set())  # delivered again
+@example(calls=[("start", "a", 0), ("start", "a", 0), ("succeed", "a", 0)], flush_after=set())
+@example(calls=[("start", "a", 0), ("start", "a", 1), ("fail", "a", 0), ("succeed", "a", 1)], flush_after={1})
+def test_batched_events_leave_what_the_same_events_one_by_one_leave(
+    make: Any, calls: list[tuple[str, str, int]], flush_after: set[int]
+) -> None:
+    # Given two recorders: one writes each event at once, the other keeps them for its flushes
+    (one_by_one, m1), (batched, m2) = make(flush_interval=0), make()
+    sessions = {one_by_one: m1.sync.create_session("w.canvas", 2), batched: m2.sync.create_session("w.canvas", 2)}
+    ids = {(nid, k): str(uuid.uuid4()) for nid in "ab" for k in (0, 1)}
+
+    # When both see the same handler calls (the batched one flushing at some points between them)
+    for recorder, sid in sessions.items():
+        for index, (call, nid, k) in enumerate(calls):
+            t = task(recorder, sid, nid)
+            t.request.id = ids[nid, k]
+            if call == "start":
+                start(recorder, t)
+            elif call == "succeed":
+                succeed(recorder, t, {"k": k})
+            elif call == "fail":
+                recorder.on_failure(sender=t, task_id=t.request.id, exception=ValueError(f"k{k}"))
+            else:
+                recorder.on_retry(sender=t, request=t.request, reason=KeyError(f"k{k}"))
+            if recorder is batched and index in flush_after:
+                recorder.flush()
+        recorder.flush()
+
+    # Then every node and every counter is the same (which times are set, not their values: each
+    # recorder read its own clock)
+    def state(manager: SessionManager, sid: str) -> Any:
+        nodes = {
+            n.node_id: (n.status, n.attempts, n.task_id, n.result, n.error, n.started_at is None, n.finished_at is None)
+            for n in manager.sync.get_nodes(sid).nodes
+        }
+        status = manager.sync.get_session_status(sid)
+        return nodes, {k: v for k, v in status.items() if k.endswith("_nodes") or k == "status"}
+
+    assert state(m2, sessions[batched]) == state(m1, sessions[one_by_one])
+
+
 def test_with_flush_interval_zero_each_event_is_written_before_the_handler_returns(make: Any) -> None:
     recorder, manager = make(flush_interval=0)
     sid = manager.sync.create_session("w.canvas", 2)
@@ -154,6 +208,37 @@ def test_the_writer_thread_writes_once_the_process_is_idle(make: Any, monkeypatc
         succeed(recorder, t, i)
     # When no event comes for a while, Then the writer thread writes them all, in one call
     wait_for(lambda: manager.sync.get_session_status(sid)["status"] == "completed", 5, "the idle flush")
+    assert recorder.held_events == 0
+
+
+def test_the_last_nodes_of_a_session_are_written_as_they_come(make: Any) -> None:
+    # Given a writer that writes only when flushed (neither its interval nor the idle rule comes
+    # within the test), and a session it has written 9 of 41 results of
+    recorder, manager = make()
+    sid = manager.sync.create_session("w.canvas", handlers.NEAR_END_NODES + 9)
+    tasks = [task(recorder, sid, f"n{i}") for i in range(handlers.NEAR_END_NODES + 9)]
+
+    def run(t: SimpleNamespace) -> None:
+        start(recorder, t)
+        succeed(recorder, t, None)
+
+    def completed() -> int:
+        return int(manager.sync.get_session_status(sid)["completed_nodes"])
+
+    for t in tasks[:8]:
+        run(t)
+    recorder.flush()
+    # While more than NEAR_END_NODES are left, an event waits for the next flush
+    run(tasks[8])
+    time.sleep(0.3)
+    assert completed() == 8 and recorder.held_events == 2  # its start and its result
+    recorder.flush()
+
+    # When the session has NEAR_END_NODES left, Then each result is written as it comes
+    for done, t in enumerate(tasks[9:], start=10):
+        run(t)
+        wait_for(lambda done=done: completed() == done, 5, f"result {done} written without a flush")
+    assert manager.sync.get_session_status(sid)["status"] == "completed"
     assert recorder.held_events == 0
 
 

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -36,7 +36,7 @@ from tracker.errors import NodeLimitError, StorageUnavailableError, TrackerError
 from tracker.manager import SessionManager
 from tracker.models import BatchOutcome, SessionInfo
 from tracker.states import NodeStatus
-from tracker.storage.base import NodeEvent
+from tracker.storage.base import NodeEvent, new_request_id
 
 logger = logging.getLogger("tracker.celery")
 
@@ -55,6 +55,11 @@ BACKLOG_SIZE = 10_000
 #: the rest of ``flush_interval``: a batch's last results are not held back. (While events keep
 #: coming, the writer thread wakes this often to check; each wake-up costs the process CPU.)
 IDLE_FLUSH_S = 0.01
+
+#: A session with at most this many nodes left to finish is near its end: its events are written
+#: as they come (the writer thread is woken for each), so that its last results, its final status
+#: and its completion callback do not wait for the idle rule.
+NEAR_END_NODES = 32
 
 #: Most events in one store call; a queue this long is written at once.
 MAX_BATCH = 1_000
@@ -95,20 +100,13 @@ class _Call:
     request_id: str
 
 
-class _Start(NamedTuple):
-    """A task's start as the handler saw it, not validated yet (see :meth:`Writer.keep_start`)."""
+class _Raw(NamedTuple):
+    """A node event as a handler saw it, kept as it came: validated and built by the writer, in its
+    thread and in batches (see :meth:`Writer.keep`)."""
 
     session_id: str
     node_id: str
-    attempt: int
-    task_id: str
-    worker: str
-    at: datetime
-
-
-class _Details(NamedTuple):
-    """What a handler knows of a node event besides its ids and status."""
-
+    status: NodeStatus
     result: Any
     error: BaseException | None
     attempt: int | None
@@ -116,7 +114,6 @@ class _Details(NamedTuple):
     worker: str | None
     reason: str | None
     at: datetime
-    started_at: datetime | None
 
 
 def _calls(queued: Sequence[tuple[str, NodeEvent]]) -> list[_Call]:
@@ -126,7 +123,7 @@ def _calls(queued: Sequence[tuple[str, NodeEvent]]) -> list[_Call]:
     calls = []
     for session_id, events in by_session.items():
         for first in range(0, len(events), MAX_BATCH):
-            calls.append(_Call(session_id, events[first : first + MAX_BATCH], os.urandom(16).hex()))
+            calls.append(_Call(session_id, events[first : first + MAX_BATCH], new_request_id()))
     return calls
 
 
@@ -144,9 +141,11 @@ class Writer(threading.Thread):
         self.pid = _pid
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._queue: deque[tuple[str, NodeEvent]] = deque()
-        self._starts: dict[str, _Start] = {}  # task id -> start not written yet
-        self._first_at = 0.0  # when the oldest queued event or start came (monotonic)
+        # Appended to by the handlers without a lock (deque appends and pops are atomic).
+        self._queue: deque[_Raw] = deque()
+        self._first_at = 0.0  # when the oldest queued event came (monotonic)
+        self._near_end: set[str] = set()  # sessions with at most NEAR_END_NODES left (as last written)
+        self._urgent = False  # an event of such a session waits
         self._last_at = 0.0  # when the newest did
         self._held: list[_Call] = []  # calls the store refused, retried first, as they were
         self._flushing = threading.Lock()  # one flush at a time: this thread, an inline flush, shutdown
@@ -158,33 +157,22 @@ class Writer(threading.Thread):
 
     # -- queueing (any thread) ------------------------------------------------------------------
 
-    def put(self, session_id: str, event: NodeEvent) -> None:
-        """Queue an event (written at the next flush)."""
-        with self._lock:
-            self._arrived()
-            self._queue.append((session_id, event))
-            if len(self._queue) == MAX_BATCH:
-                self._wake.notify()
-            if len(self._queue) > BACKLOG_SIZE:
-                self._drop(self._queue.popleft()[0])
-
-    def keep_start(self, start: _Start) -> None:
-        """Keep a task's start: folded into its result if that comes first, else written by the next flush."""
-        with self._lock:
-            self._arrived()
-            self._starts[start.task_id] = start
-
-    def started(self, task_id: str) -> _Start | None:
-        """Take the start of ``task_id`` back, if it has not been written yet."""
-        with self._lock:
-            return self._starts.pop(task_id, None)
-
-    def _arrived(self) -> None:
-        # lock held
+    def keep(self, raw: _Raw) -> None:
+        """Queue an event as the handler saw it (validated and written at the next flush)."""
+        queue = self._queue
+        queue.append(raw)
         self._last_at = time.monotonic()
-        if not self._queue and not self._starts:
-            self._first_at = self._last_at
-            self._wake.notify()  # the thread may be asleep until its next heartbeat
+        queued = len(queue)
+        urgent = raw.session_id in self._near_end
+        if queued == 1 or queued == MAX_BATCH or urgent:
+            with self._wake:
+                if queued == 1:
+                    self._first_at = self._last_at
+                self._urgent = self._urgent or urgent
+                self._wake.notify()  # the thread may be asleep until its next heartbeat
+        elif queued > BACKLOG_SIZE:
+            with self._lock:
+                self._drop(queue.popleft().session_id)
 
     def _drop(self, session_id: str) -> None:
         self._dropped += 1
@@ -197,7 +185,7 @@ class Writer(threading.Thread):
     def waiting(self) -> int:
         """Events queued or held, not yet in the store."""
         with self._lock:
-            return len(self._queue) + len(self._starts) + sum(len(call.events) for call in self._held)
+            return len(self._queue) + sum(len(call.events) for call in self._held)
 
     @property
     def store_down(self) -> bool:
@@ -214,11 +202,10 @@ class Writer(threading.Thread):
 
     def _flush_locked(self) -> list[BatchOutcome]:
         # _flushing is held.
-        with self._lock:
-            queued, self._queue = self._queue, deque()
-            starts, self._starts = self._starts, {}
-        # A start comes before anything else of its task: the starts go first.
-        calls = self._held + _calls([*self.recorder.start_events(starts.values()), *queued])
+        self._urgent = False  # before taking the queue: an urgent event coming meanwhile sets it again
+        queue = self._queue
+        queued = [queue.popleft() for _ in range(len(queue))]  # a handler may append meanwhile
+        calls = self._held + _calls(self.recorder.events(queued))
         if not calls:
             return []
         self._held = []
@@ -260,7 +247,17 @@ class Writer(threading.Thread):
         for outcome in outcomes:
             if outcome.finished is not None:
                 self.recorder.completed(outcome.session)
+            self._note_progress(outcome.session)
         return outcomes
+
+    def _note_progress(self, session: SessionInfo) -> None:
+        left = session.node_count - session.completed_nodes - session.failed_nodes - session.cancelled_nodes
+        if 0 < left <= NEAR_END_NODES and not session.status.is_terminal:
+            if len(self._near_end) >= RECEIVED_CACHE_SIZE:
+                self._near_end.clear()
+            self._near_end.add(session.session_id)
+        else:
+            self._near_end.discard(session.session_id)
 
     def _hold(self, calls: list[_Call], exc: StorageUnavailableError) -> None:
         with self._lock:
@@ -292,7 +289,9 @@ class Writer(threading.Thread):
         """When the next flush is due (monotonic), or infinity (lock held)."""
         if self._held or len(self._queue) >= MAX_BATCH:
             return self._retry_at
-        if self._queue or self._starts:
+        if self._urgent:
+            return self._retry_at
+        if self._queue:
             interval = self.recorder.manager.settings.flush_interval
             return max(min(self._first_at + interval, self._last_at + IDLE_FLUSH_S), self._retry_at)
         return float("inf")
@@ -404,38 +403,52 @@ class Recorder:
         if ids is None:
             return
         manager = self.manager
-        at = manager.clock()
         writer = self.writer(getattr(request, "hostname", None))
-        started_at = None
-        if task_id and status.is_terminal:
-            start = writer.started(task_id)
-            if start is not None:  # the task ended before its start was written: one event for both
-                started_at, worker, attempt = start.at, worker or start.worker, attempt or start.attempt
-        details = _Details(result, error, attempt, task_id, worker, reason, at, started_at)
-        event = self._event(manager, ids[0], ids[1], status, details)
-        if event is None:
-            return
-        writer.put(ids[0], event)
+        writer.keep(_Raw(*ids, status, result, error, attempt, task_id, worker, reason, manager.clock()))
         if manager.settings.flush_interval == 0 and not writer.store_down:
             writer.flush()
 
-    def start_events(self, starts: Iterable[_Start]) -> list[tuple[str, NodeEvent]]:
-        """The kept starts as events (validated now: a bad id is logged and dropped)."""
+    def events(self, queued: Sequence[_Raw]) -> list[tuple[str, NodeEvent]]:
+        """The queued events validated and built, in order (a bad one is logged and dropped).
+
+        A start whose task's result is queued too is written with that result, as one event (the
+        same as the two would leave, without the ``running`` state in between).
+        """
         manager = self.manager
-        events = []
-        for start in starts:
-            details = _Details(None, None, start.attempt, start.task_id, start.worker, None, start.at, None)
-            event = self._event(manager, start.session_id, start.node_id, NodeStatus.RUNNING, details)
+        ended = {raw.task_id for raw in queued if raw.task_id and raw.status.is_terminal}
+        starts: dict[str | None, _Raw] = {}  # task id -> its start, waiting for its result below
+        events: list[tuple[str, NodeEvent]] = []
+
+        def add(raw: _Raw, started_at: datetime | None = None) -> None:
+            event = self._event(manager, raw, started_at)
             if event is not None:
-                events.append((start.session_id, event))
+                events.append((raw.session_id, event))
+
+        for raw in queued:
+            task_id = raw.task_id
+            if task_id in ended and raw.status is NodeStatus.RUNNING:
+                earlier = starts.pop(task_id, None)
+                if earlier is not None:  # started again before its result: the first start stands alone
+                    add(earlier)
+                starts[task_id] = raw
+                continue
+            start = starts.pop(task_id, None) if task_id else None
+            if start is not None and raw.status.is_terminal:
+                folded = raw._replace(attempt=raw.attempt or start.attempt, worker=raw.worker or start.worker)
+                add(folded, start.at)
+                continue
+            if start is not None:  # a retry between the start and the result: in order
+                add(start)
+            add(raw)
+        # A start after its task's last result here (a redelivery to this process): written as it is.
+        for start in starts.values():
+            add(start)
         return events
 
     @staticmethod
-    def _event(
-        manager: SessionManager, session_id: str, node_id: str, status: NodeStatus, details: _Details
-    ) -> NodeEvent | None:
+    def _event(manager: SessionManager, raw: _Raw, started_at: datetime | None) -> NodeEvent | None:
         """The validated event, or None (logged) when its ids are bad."""
-        result, error, attempt, task_id, worker, reason, at, started_at = details
+        session_id, node_id, status, result, error, attempt, task_id, worker, reason, at = raw
 
         def build(result: Any, reason: str | None) -> NodeEvent:
             return manager.node_event(
@@ -485,16 +498,11 @@ class Recorder:
 
     def on_prerun(self, sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any) -> None:
         request: Any = getattr(task, "request", None)
-        ids = ids_of(request)
-        if ids is None or not self.mine(task):
-            return
-        attempt, worker = int(request.retries or 0) + 1, self.worker_id(request.hostname)
-        manager = self.manager
-        if manager.settings.flush_interval == 0 or not isinstance(task_id, str):
-            self.submit(request, NodeStatus.RUNNING, attempt=attempt, task_id=task_id, worker=worker)
+        if ids_of(request) is None or not self.mine(task):
             return
         # Kept as it came: most tasks end before the next flush, and then their result carries it.
-        self.writer(request.hostname).keep_start(_Start(*ids, attempt, task_id, worker, manager.clock()))
+        attempt, worker = int(request.retries or 0) + 1, self.worker_id(request.hostname)
+        self.submit(request, NodeStatus.RUNNING, attempt=attempt, task_id=task_id, worker=worker)
 
     def on_success(self, sender: Any = None, result: Any = None, **_: Any) -> None:
         if not self.mine(sender):
@@ -557,6 +565,7 @@ class Recorder:
             error=error,
             reason=None if error else str(reason),
             attempt=int(getattr(request, "retries", 0) or 0) + 1,
+            task_id=getattr(request, "id", None),
         )
 
     def on_revoked(

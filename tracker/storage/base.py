@@ -11,6 +11,8 @@ hands out its asynchronous flavour through :meth:`SessionStorageAdapter.asynchro
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,6 +31,23 @@ from tracker.models import (
     _Model,
 )
 from tracker.states import NodeStatus, SessionStatus
+
+_request_prefix = os.urandom(8).hex()
+_request_numbers = itertools.count()
+
+
+def _new_prefix() -> None:
+    global _request_prefix
+    _request_prefix = os.urandom(8).hex()  # a forked child must not repeat its parent's ids
+
+
+os.register_at_fork(after_in_child=_new_prefix)
+
+
+def new_request_id() -> str:
+    """A fresh id for one store call (kept across its retries): a random prefix per process and a
+    counter, so that no system call is made per call."""
+    return f"{_request_prefix}{next(_request_numbers):x}"
 
 
 @dataclass(frozen=True, slots=True)

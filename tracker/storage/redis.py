@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -51,7 +50,7 @@ from tracker.models import (
     utc_from_ms,
 )
 from tracker.states import NodeStatus, SessionStatus
-from tracker.storage.base import NodeEvent, ResumeOutcome, lost_reason
+from tracker.storage.base import NodeEvent, ResumeOutcome, lost_reason, new_request_id
 from tracker.storage.keys import KeySpace, SessionKeys
 from tracker.validation import is_worker_id
 
@@ -198,12 +197,6 @@ def _payload(event: NodeEvent) -> str:
     return "{" + ",".join(parts) + "}" if parts else ""
 
 
-def _request_id() -> str:
-    # One per call, so a retry of the same script call (redis-py re-sends a command whose reply
-    # was lost) is told apart from another caller's request; see replay_of in common.lua.
-    return os.urandom(16).hex()
-
-
 def _field(value: str | None, name: str) -> str:
     if value is None:
         return ""
@@ -290,7 +283,7 @@ class RedisPrograms:
             self.ttl_s,
             self.events_maxlen,
             len(nodes),
-            _request_id(),
+            new_request_id(),
         ]
         for spec in nodes:
             sig = validation.compact_json(spec.signature) if spec.signature is not None else ""
@@ -324,7 +317,7 @@ class RedisPrograms:
             ms_from_utc(now),
             self.ttl_s,
             self.events_maxlen,
-            _request_id(),
+            new_request_id(),
             *sorted(allowed_from),
         )
         reply = self._check(session_id, (yield [script])[0], target.value)
@@ -349,7 +342,7 @@ class RedisPrograms:
             ms_from_utc(now),
             self.ttl_s,
             self.events_maxlen,
-            _request_id(),
+            new_request_id(),
             *sorted(allowed_from),
         )
         reply = self._check(session_id, (yield [script])[0], SessionStatus.RUNNING.value)
@@ -437,7 +430,7 @@ class RedisPrograms:
 
     def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> Program[NodeOutcome]:
         now_ms = _ms_int(now)
-        script = self._record_script(session_id, [event], now_ms, True, event.request_id or _request_id())
+        script = self._record_script(session_id, [event], now_ms, True, event.request_id or new_request_id())
         reply = (yield [script])[0]
         if _text(reply[0]) == "limit":
             info = yield from self.get(session_id)
@@ -452,7 +445,7 @@ class RedisPrograms:
     ) -> Program[BatchOutcome]:
         now_ms = _ms_int(now)
         details = self.cluster  # on Cluster the registry is updated from each node's final record
-        script = self._record_script(session_id, events, now_ms, details, request_id or _request_id())
+        script = self._record_script(session_id, events, now_ms, details, request_id or new_request_id())
         reply = (yield [script])[0]
         if _text(reply[0]) == "limit":
             info = yield from self.get(session_id)
@@ -494,7 +487,8 @@ class RedisPrograms:
             for member in sorted(_text(m) for m in members):
                 session_id, _, node_id = member.partition(" ")
                 event = NodeEvent(node_id=node_id, status=NodeStatus.LOST, reason=reason)
-                script = self._record_script(session_id, [event], now_ms, True, _request_id(), worker, started_before)
+                request_id = new_request_id()
+                script = self._record_script(session_id, [event], now_ms, True, request_id, worker, started_before)
                 calls.append((worker, session_id, node_id, script))
         replies = (yield [call[3] for call in calls]) if calls else []
         outcomes: list[NodeOutcome] = []
