@@ -56,9 +56,10 @@ BACKLOG_SIZE = 10_000
 #: coming, the writer thread wakes this often to check; each wake-up costs the process CPU.)
 IDLE_FLUSH_S = 0.01
 
-#: A session with at most this many nodes left to finish is near its end: its events are written
-#: as they come (the writer thread is woken for each), so that its last results, its final status
-#: and its completion callback do not wait for the idle rule.
+#: A session near its end has its events written as they come (the writer thread is woken for
+#: each), so that its last results, its final status and its completion callback wait for no rule.
+#: Near its end: at most this many nodes left, or fewer than it finishes (as this process's last two
+#: writes saw it) in two flush intervals.
 NEAR_END_NODES = 32
 
 #: Most events in one store call; a queue this long is written at once.
@@ -144,8 +145,10 @@ class Writer(threading.Thread):
         # Appended to by the handlers without a lock (deque appends and pops are atomic).
         self._queue: deque[_Raw] = deque()
         self._first_at = 0.0  # when the oldest queued event came (monotonic)
-        self._near_end: set[str] = set()  # sessions with at most NEAR_END_NODES left (as last written)
+        self._near_end: set[str] = set()  # sessions near their end (as last written)
+        self._progress: dict[str, tuple[int, float]] = {}  # session -> (finished nodes, when) at the last write
         self._urgent = False  # an event of such a session waits
+        self._busy = False  # events kept coming past the idle check: flush at the deadline
         self._last_at = 0.0  # when the newest did
         self._held: list[_Call] = []  # calls the store refused, retried first, as they were
         self._flushing = threading.Lock()  # one flush at a time: this thread, an inline flush, shutdown
@@ -202,7 +205,7 @@ class Writer(threading.Thread):
 
     def _flush_locked(self) -> list[BatchOutcome]:
         # _flushing is held.
-        self._urgent = False  # before taking the queue: an urgent event coming meanwhile sets it again
+        self._urgent = self._busy = False  # first: an urgent event coming meanwhile sets it again
         queue = self._queue
         queued = [queue.popleft() for _ in range(len(queue))]  # a handler may append meanwhile
         calls = self._held + _calls(self.recorder.events(queued))
@@ -251,13 +254,26 @@ class Writer(threading.Thread):
         return outcomes
 
     def _note_progress(self, session: SessionInfo) -> None:
-        left = session.node_count - session.completed_nodes - session.failed_nodes - session.cancelled_nodes
-        if 0 < left <= NEAR_END_NODES and not session.status.is_terminal:
-            if len(self._near_end) >= RECEIVED_CACHE_SIZE:
-                self._near_end.clear()
-            self._near_end.add(session.session_id)
+        sid, now = session.session_id, time.monotonic()
+        finished = session.completed_nodes + session.failed_nodes + session.cancelled_nodes
+        left = session.node_count - finished
+        if left <= 0 or session.status.is_terminal:
+            self._progress.pop(sid, None)
+            self._near_end.discard(sid)
+            return
+        horizon: float = NEAR_END_NODES
+        before = self._progress.get(sid)
+        if before is not None and now > before[1]:
+            rate = (finished - before[0]) / (now - before[1])
+            horizon = max(horizon, rate * 2 * self.recorder.manager.settings.flush_interval)
+        if len(self._progress) >= RECEIVED_CACHE_SIZE:
+            self._progress.clear()
+            self._near_end.clear()
+        self._progress[sid] = (finished, now)
+        if left <= horizon:
+            self._near_end.add(sid)
         else:
-            self._near_end.discard(session.session_id)
+            self._near_end.discard(sid)
 
     def _hold(self, calls: list[_Call], exc: StorageUnavailableError) -> None:
         with self._lock:
@@ -292,8 +308,13 @@ class Writer(threading.Thread):
         if self._urgent:
             return self._retry_at
         if self._queue:
-            interval = self.recorder.manager.settings.flush_interval
-            return max(min(self._first_at + interval, self._last_at + IDLE_FLUSH_S), self._retry_at)
+            deadline = self._first_at + self.recorder.manager.settings.flush_interval
+            idle_at = self._last_at + IDLE_FLUSH_S
+            if not self._busy and idle_at > now >= self._first_at + IDLE_FLUSH_S:
+                # Checked once and still busy: wait for the deadline (each wake-up takes the GIL
+                # from the task's thread); the end of a session has its own rule (NEAR_END_NODES).
+                self._busy = True
+            return max(deadline if self._busy else min(deadline, idle_at), self._retry_at)
         return float("inf")
 
     def run(self) -> None:
