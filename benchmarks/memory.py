@@ -5,7 +5,7 @@ it (started, then completed with ``{"ok": true}``, with its task id and worker),
 ``MEMORY USAGE <key> SAMPLES 0`` (exact) of each of the session's keys. The event stream is
 capped (``events_maxlen``), so it is reported apart: its size does not grow with the node count.
 A dispatched session also keeps each node's Celery signature (for resume): reported apart too,
-for a stamped no-op task.
+for a no-op task, kept as dispatch keeps it.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from benchmarks._redis import redis_server
 from benchmarks._store import node_events, send_pipelined
 from benchmarks.report import Row, Section, Target
 from tracker import SessionManager, TrackerSettings
-from tracker.celery.dispatch import signature_json, tag
-from tracker.models import NodeSpec
+from tracker.celery.dispatch import node_spec
 from tracker.storage.redis import RedisStorageAdapter
 
 WORKER = "celery@bench-host:12345"
@@ -55,13 +54,10 @@ def run(quick: bool) -> Section:
             raise RuntimeError(f"{status['completed_nodes']} of {n} nodes recorded")
         plain = _usage(store, sid)
 
-        # A dispatched session: the same, plus each node's stamped signature (what resume re-sends).
+        # A dispatched session: the same, plus each node's signature (what resume re-sends), kept
+        # by dispatch's own step.
         dispatched = str(uuid.uuid4())
-        specs = []
-        for i, tid in enumerate(task_ids):
-            sig = Signature("bench.noop")
-            tag(sig, dispatched, f"node-{i}", tid)
-            specs.append(NodeSpec(node_id=f"node-{i}", task_id=tid, signature=signature_json(sig)))
+        specs = [node_spec(Signature("bench.noop"), dispatched, f"node-{i}", tid) for i, tid in enumerate(task_ids)]
         manager.sync.create_session("bench.canvas", n, nodes=specs, session_id=dispatched)
         with_sigs = _usage(store, dispatched)
         store.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import redis
 from celery import chain, chord, group
@@ -9,7 +11,8 @@ from celery import chain, chord, group
 from tests.celery.appmod import add, done, flaky, total, unjsonable, work
 from tests.celery.conftest import wait_for, wait_status
 from tracker import NodeStatus, SessionManager
-from tracker.celery import dispatch, leaves
+from tracker.celery import dispatch, ids_of, leaves
+from tracker.celery.dispatch import node_spec
 
 
 def test_group_with_known_failures_ends_partial(tracked: SessionManager, thread_worker: None, redis_url: str) -> None:
@@ -70,6 +73,18 @@ def test_unstorable_result_still_completes_the_node(tracked: SessionManager, thr
 def test_leaves_of_a_nested_canvas() -> None:
     canvas = chain(add.s(1, 2), group(add.s(1), add.s(2)), chord([add.s(1, 1), add.s(2, 2)], total.s()))
     assert [sig.task for sig in leaves(canvas)] == ["t.add"] * 5 + ["t.total"]
+
+
+def test_a_node_is_sent_with_the_stamps_and_kept_without_them() -> None:
+    sig = add.s(1, 2).set(queue="q")
+    spec = node_spec(sig, "0b7c1c3e-8f0e-4a55-9d61-1f4bb5b4f1a2", "n1", "3f1e1c3e-8f0e-4a55-9d61-1f4bb5b4f1a2")
+    # What is sent carries the session and node ids (what the handlers read), and the task id
+    assert ids_of(SimpleNamespace(stamps={k: sig.options[k] for k in sig.options["stamped_headers"]})) == (
+        "0b7c1c3e-8f0e-4a55-9d61-1f4bb5b4f1a2", "n1")  # fmt: skip
+    assert sig.options["task_id"] == spec.task_id == "3f1e1c3e-8f0e-4a55-9d61-1f4bb5b4f1a2"
+    # What the session keeps for resume is the caller's signature (resume tags it afresh)
+    assert spec.signature == {"task": "t.add", "args": [1, 2], "kwargs": {}, "options": {"queue": "q"},
+                              "subtask_type": None, "immutable": False}  # fmt: skip
 
 
 def test_untracked_tasks_are_ignored(tracked: SessionManager, thread_worker: None) -> None:

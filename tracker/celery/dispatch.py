@@ -76,6 +76,18 @@ def tag(sig: Signature, session_id: str, node_id: str, task_id: str) -> None:
     options.update(stamps, task_id=task_id, stamped_headers=[SESSION_STAMP, NODE_STAMP])
 
 
+def node_spec(sig: Signature, session_id: str, node_id: str, task_id: str) -> NodeSpec:
+    """Tag ``sig`` as node ``node_id`` of the session; returns what the session keeps of it.
+
+    The signature is kept as the caller made it (resume tags it afresh): the stamps would only add
+    bytes. Its JSON is checked when the session is created.
+    """
+    validation.node_id(node_id, session_id)
+    signature = signature_json(sig)
+    tag(sig, session_id, node_id, task_id)
+    return NodeSpec(node_id=node_id, task_id=task_id, signature=signature)
+
+
 def dispatch(
     canvas: Signature,
     *,
@@ -117,13 +129,7 @@ def dispatch(
     meta = dict(metadata or {})
     if on_complete is not None:
         meta[ON_COMPLETE_KEY] = signature_json(on_complete)
-    specs = []
-    for sig, nid, tid in zip(nodes, ids, task_ids, strict=True):
-        validation.node_id(nid, session_id)
-        # Kept as the caller made it (resume tags it afresh): the stamps would only add bytes.
-        signature = signature_json(sig)  # checked by create_session
-        tag(sig, session_id, nid, tid)
-        specs.append(NodeSpec(node_id=nid, task_id=tid, signature=signature))
+    specs = [node_spec(sig, session_id, nid, tid) for sig, nid, tid in zip(nodes, ids, task_ids, strict=True)]
     manager.sync.create_session(canvas_path, len(nodes), meta, specs, session_id=session_id)
     try:
         canvas.apply_async()
