@@ -115,6 +115,20 @@ def test_a_task_that_ends_before_the_flush_is_one_event_with_its_start(
     assert redis.Redis.from_url(redis_url).scard(KeySpace(key_prefix).held(a.worker)) == 0
 
 
+def test_a_result_is_recorded_as_it_was_returned(make: Any) -> None:
+    # Given a task that returns an object its code keeps changing (a module-level dict, say)
+    recorder, manager = make()
+    sid = manager.sync.create_session("w.canvas", 2)
+    shared = {"runs": 1}
+    t = task(recorder, sid, "a")
+    start(recorder, t)
+    succeed(recorder, t, shared)
+    # When it changes before the writer writes, Then the node keeps what the task returned
+    shared["runs"] = 2
+    recorder.flush()
+    assert node(manager, sid, "a").result == {"runs": 1}
+
+
 def test_a_start_still_waiting_at_a_flush_is_written_then(make: Any, redis_url: str, key_prefix: str) -> None:
     recorder, manager = make()
     sid = manager.sync.create_session("w.canvas", 2)

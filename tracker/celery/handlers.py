@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -30,6 +30,7 @@ from billiard.exceptions import WorkerLostError
 from celery import Celery, Signature
 from celery.exceptions import Ignore, Reject
 
+from tracker import validation
 from tracker.celery.dispatch import ON_COMPLETE_KEY
 from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP, ids_of
 from tracker.errors import NodeLimitError, StorageUnavailableError, TrackerError, TrackerValidationError
@@ -108,7 +109,8 @@ class _Raw(NamedTuple):
     session_id: str
     node_id: str
     status: NodeStatus
-    result: Any
+    #: The result as JSON text, encoded by the handler (the task's return value may change after it).
+    result_json: str | None
     error: BaseException | None
     attempt: int | None
     task_id: str | None
@@ -173,7 +175,7 @@ class Writer(threading.Thread):
                     self._first_at = self._last_at
                 self._urgent = self._urgent or urgent
                 self._wake.notify()  # the thread may be asleep until its next heartbeat
-        elif queued > BACKLOG_SIZE:
+        if queued > BACKLOG_SIZE:
             with self._lock:
                 self._drop(queue.popleft().session_id)
 
@@ -424,8 +426,16 @@ class Recorder:
         if ids is None:
             return
         manager = self.manager
+        result_json = None
+        if result is not None:
+            try:
+                result_json = validation.json_text(result, "result", manager.settings.max_result_bytes, ids[0])
+            except TrackerValidationError as exc:
+                # The return value is not JSON or is over the cap: the node still completed.
+                logger.warning("tracker: result of node %s (session %s) not stored: %s", ids[1], ids[0], exc)
+                reason = f"result not stored: {exc}"
         writer = self.writer(getattr(request, "hostname", None))
-        writer.keep(_Raw(*ids, status, result, error, attempt, task_id, worker, reason, manager.clock()))
+        writer.keep(_Raw(*ids, status, result_json, error, attempt, task_id, worker, reason, manager.clock()))
         if manager.settings.flush_interval == 0 and not writer.store_down:
             writer.flush()
 
@@ -469,26 +479,17 @@ class Recorder:
     @staticmethod
     def _event(manager: SessionManager, raw: _Raw, started_at: datetime | None) -> NodeEvent | None:
         """The validated event, or None (logged) when its ids are bad."""
-        session_id, node_id, status, result, error, attempt, task_id, worker, reason, at = raw
-
-        def build(result: Any, reason: str | None) -> NodeEvent:
-            return manager.node_event(
-                session_id, node_id, status, result, error=error, attempt=attempt, task_id=task_id, worker=worker,
+        session_id, node_id, status, result_json, error, attempt, task_id, worker, reason, at = raw
+        try:
+            event = manager.node_event(
+                session_id, node_id, status, error=error, attempt=attempt, task_id=task_id, worker=worker,
                 reason=reason, at=at, started_at=started_at,
             )  # fmt: skip
-
-        try:
-            try:
-                return build(result, reason)
-            except TrackerValidationError as exc:
-                if result is None:
-                    raise
-                # The return value is not JSON or is over the cap: the node still completed.
-                logger.warning("tracker: result of node %s (session %s) not stored: %s", node_id, session_id, exc)
-                return build(None, f"result not stored: {exc}")
         except TrackerError as exc:
             logger.warning("tracker: node %s of session %s not recorded: %s", node_id, session_id, exc)
             return None
+        # The result was checked when it was encoded (see submit).
+        return event if result_json is None else replace(event, result_json=result_json)
 
     def flush(self) -> list[BatchOutcome]:
         """Write this process's queued events now (see :meth:`Writer.flush`)."""
