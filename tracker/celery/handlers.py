@@ -1,11 +1,12 @@
 """Celery signal handlers: task lifecycle events become node events, written behind the task.
 
-A handler validates its event and queues it in the process's :class:`Writer`; the writer thread
-sends what is queued within ``flush_interval`` seconds (10 ms once the process is idle), one store
-call per session (one script run, so one round trip however many events). A task's start waits
-in the writer as it came (not even validated in the task's thread): when the task ends before the next
-flush, its result carries the start (one event, as two calls would have left it); otherwise the
-flush writes the start. With ``flush_interval = 0`` each event is written before the task goes on.
+A handler queues its event as it saw it (its ids unchecked; a result encoded as JSON at once) in
+the process's :class:`Writer`; the writer thread validates what is queued and sends it within
+``flush_interval`` seconds (10 ms after the last event when they stop early; as they come for a
+session near its end), one store call per session (one script run, so one round trip however many
+events). When a task ends before the next flush, its result carries its start (one event, as two
+calls would have left it); otherwise the flush writes the start. With ``flush_interval = 0`` each
+event is written before the task goes on.
 
 Handlers never raise into the user's task (Celery would only log it anyway). When the store fails,
 the writer keeps the events (bounded) and retries with backoff, then says once that it holds them,
@@ -53,8 +54,9 @@ STORE_DOWN_HOLD_S = 5.0
 BACKLOG_SIZE = 10_000
 
 #: A process whose events stopped coming this long (it is idle) writes them without waiting for
-#: the rest of ``flush_interval``: a batch's last results are not held back. (While events keep
-#: coming, the writer thread wakes this often to check; each wake-up costs the process CPU.)
+#: the rest of ``flush_interval``. The writer checks once per flush window, this long after its
+#: first event: a process still busy then writes at the window's end (each wake-up of the writer
+#: thread takes the GIL from the task's thread).
 IDLE_FLUSH_S = 0.01
 
 #: A session near its end has its events written as they come (the writer thread is woken for
