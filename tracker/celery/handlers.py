@@ -150,7 +150,8 @@ class Writer(threading.Thread):
         self._queue: deque[_Raw] = deque()
         self._first_at = 0.0  # when the oldest queued event came (monotonic)
         self._near_end: set[str] = set()  # sessions near their end (as last written)
-        self._progress: dict[str, tuple[int, float]] = {}  # session -> (finished nodes, when) at the last write
+        # session -> ((finished nodes, when), how many nodes it finishes in two flush intervals)
+        self._progress: dict[str, tuple[tuple[int, float], float]] = {}
         self._urgent = False  # an event of such a session waits
         self._busy = False  # events kept coming past the idle check: flush at the deadline
         self._last_at = 0.0  # when the newest did
@@ -265,15 +266,16 @@ class Writer(threading.Thread):
             self._progress.pop(sid, None)
             self._near_end.discard(sid)
             return
-        horizon: float = NEAR_END_NODES
-        before = self._progress.get(sid)
-        if before is not None and now > before[1]:
-            rate = (finished - before[0]) / (now - before[1])
-            horizon = max(horizon, rate * 2 * self.recorder.manager.settings.flush_interval)
-        if len(self._progress) >= RECEIVED_CACHE_SIZE:
-            self._progress.clear()
-            self._near_end.clear()
-        self._progress[sid] = (finished, now)
+        interval = self.recorder.manager.settings.flush_interval
+        before, horizon = self._progress.get(sid, (None, NEAR_END_NODES))
+        if before is None or now - before[1] >= interval:
+            # The rate over at least one flush interval (two writes close together say nothing).
+            if before is not None:
+                horizon = max(NEAR_END_NODES, (finished - before[0]) / (now - before[1]) * 2 * interval)
+            if len(self._progress) >= RECEIVED_CACHE_SIZE:
+                self._progress.clear()
+                self._near_end.clear()
+            self._progress[sid] = ((finished, now), horizon)
         if left <= horizon:
             self._near_end.add(sid)
         else:
