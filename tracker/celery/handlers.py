@@ -427,8 +427,21 @@ class Recorder:
         """Queue one node event of a tracked request (untracked ones are ignored); with
         ``flush_interval = 0``, write it now, unless the store has just failed."""
         ids = ids_of(request)
-        if ids is None:
-            return
+        if ids is not None:
+            self._keep(request, ids, status, result, error, attempt, task_id, worker, reason)
+
+    def _keep(
+        self,
+        request: Any,
+        ids: tuple[str, str],
+        status: NodeStatus,
+        result: Any,
+        error: BaseException | None,
+        attempt: int | None,
+        task_id: str | None,
+        worker: str | None,
+        reason: str | None,
+    ) -> None:
         manager = self.manager
         result_json = None
         if result is not None:
@@ -524,26 +537,20 @@ class Recorder:
 
     def on_prerun(self, sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any) -> None:
         request: Any = getattr(task, "request", None)
-        if ids_of(request) is None or not self.mine(task):
+        ids = ids_of(request)
+        if ids is None or not self.mine(task):
             return
         # Kept as it came: most tasks end before the next flush, and then their result carries it.
         attempt, worker = int(request.retries or 0) + 1, self.worker_id(request.hostname)
-        self.submit(request, NodeStatus.RUNNING, attempt=attempt, task_id=task_id, worker=worker)
+        self._keep(request, ids, NodeStatus.RUNNING, None, None, attempt, task_id, worker, None)
 
     def on_success(self, sender: Any = None, result: Any = None, **_: Any) -> None:
-        if not self.mine(sender):
+        request: Any = getattr(sender, "request", None)
+        ids = ids_of(request)
+        if ids is None or not self.mine(sender):
             return
-        request = sender.request if sender is not None else None
-        if request is None:
-            return
-        self.submit(
-            request,
-            NodeStatus.COMPLETED,
-            result=result,
-            attempt=int(request.retries or 0) + 1,
-            task_id=request.id,
-            worker=self.worker_id(request.hostname),
-        )
+        attempt, worker = int(request.retries or 0) + 1, self.worker_id(request.hostname)
+        self._keep(request, ids, NodeStatus.COMPLETED, result, None, attempt, request.id, worker, None)
 
     def on_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
         """Main process: remember a tracked task's ids by task id (bounded), for a failure reported
