@@ -156,12 +156,13 @@ CALLS = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(calls=CALLS, flush_after=st.sets(st.integers(0, 13)))
 @example(calls=[("start", "a", 0), ("retry", "a", 0), ("fail", "a", 0)], flush_after=set())  # a retry in between
 @example(calls=[("start", "a", 0), ("succeed", "a", 0), ("start", "a", 0)], flush_after=set())  # delivered again
 @example(calls=[("start", "a", 0), ("start", "a", 0), ("succeed", "a", 0)], flush_after=set())
 @example(calls=[("start", "a", 0), ("start", "a", 1), ("fail", "a", 0), ("succeed", "a", 1)], flush_after={1})
+@example(calls=[("start", "a", 0), ("start", "a", 1), ("fail", "a", 0)], flush_after=set())  # the old task's failure
 def test_batched_events_leave_what_the_same_events_one_by_one_leave(
     make: Any, calls: list[tuple[str, str, int]], flush_after: set[int]
 ) -> None:

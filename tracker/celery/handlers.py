@@ -459,12 +459,12 @@ class Recorder:
     def events(self, queued: Sequence[_Raw]) -> list[tuple[str, NodeEvent]]:
         """The queued events validated and built, in order (a bad one is logged and dropped).
 
-        A start whose task's result is queued too is written with that result, as one event (the
-        same as the two would leave, without the ``running`` state in between).
+        A start followed by its task's result, with no other event of that node between them, is
+        written with the result as one event (what the two leave, without the ``running`` state in
+        between). Each node's events keep their order.
         """
         manager = self.manager
-        ended = {raw.task_id for raw in queued if raw.task_id and raw.status.is_terminal}
-        starts: dict[str | None, _Raw] = {}  # task id -> its start, waiting for its result below
+        starts: dict[tuple[str, str], _Raw] = {}  # node -> its latest event, a start, held back
         events: list[tuple[str, NodeEvent]] = []
 
         def add(raw: _Raw, started_at: datetime | None = None) -> None:
@@ -473,22 +473,20 @@ class Recorder:
                 events.append((raw.session_id, event))
 
         for raw in queued:
-            task_id = raw.task_id
-            if task_id in ended and raw.status is NodeStatus.RUNNING:
-                earlier = starts.pop(task_id, None)
-                if earlier is not None:  # started again before its result: the first start stands alone
-                    add(earlier)
-                starts[task_id] = raw
+            node = (raw.session_id, raw.node_id)
+            start = starts.pop(node, None)
+            if start is not None and raw.status.is_terminal and raw.task_id and raw.task_id == start.task_id:
+                if raw.attempt is None or raw.worker is None:  # a failure reported without them
+                    raw = raw._replace(attempt=raw.attempt or start.attempt, worker=raw.worker or start.worker)
+                add(raw, start.at)
                 continue
-            start = starts.pop(task_id, None) if task_id else None
-            if start is not None and raw.status.is_terminal:
-                folded = raw._replace(attempt=raw.attempt or start.attempt, worker=raw.worker or start.worker)
-                add(folded, start.at)
-                continue
-            if start is not None:  # a retry between the start and the result: in order
+            if start is not None:  # anything else comes after the start, as it came
                 add(start)
-            add(raw)
-        # A start after its task's last result here (a redelivery to this process): written as it is.
+            if raw.status is NodeStatus.RUNNING and raw.task_id:
+                starts[node] = raw
+            else:
+                add(raw)
+        # Starts whose result has not come yet (each its node's last event here).
         for start in starts.values():
             add(start)
         return events
