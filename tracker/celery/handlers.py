@@ -423,25 +423,14 @@ class Recorder:
         task_id: str | None = None,
         worker: str | None = None,
         reason: str | None = None,
+        ids: tuple[str, str] | None = None,
     ) -> None:
-        """Queue one node event of a tracked request (untracked ones are ignored); with
-        ``flush_interval = 0``, write it now, unless the store has just failed."""
-        ids = ids_of(request)
-        if ids is not None:
-            self._keep(request, ids, status, result, error, attempt, task_id, worker, reason)
-
-    def _keep(
-        self,
-        request: Any,
-        ids: tuple[str, str],
-        status: NodeStatus,
-        result: Any,
-        error: BaseException | None,
-        attempt: int | None,
-        task_id: str | None,
-        worker: str | None,
-        reason: str | None,
-    ) -> None:
+        """Queue one node event of a tracked request (untracked ones are ignored; ``ids``: its
+        stamps, when the caller read them already); with ``flush_interval = 0``, write it now,
+        unless the store has just failed."""
+        ids = ids or ids_of(request)
+        if ids is None:
+            return
         manager = self.manager
         result_json = None
         if result is not None:
@@ -540,7 +529,7 @@ class Recorder:
             return
         # Kept as it came: most tasks end before the next flush, and then their result carries it.
         attempt, worker = int(request.retries or 0) + 1, self.worker_id(request.hostname)
-        self._keep(request, ids, NodeStatus.RUNNING, None, None, attempt, task_id, worker, None)
+        self.submit(request, NodeStatus.RUNNING, attempt=attempt, task_id=task_id, worker=worker, ids=ids)
 
     def on_success(self, sender: Any = None, result: Any = None, **_: Any) -> None:
         request: Any = getattr(sender, "request", None)
@@ -548,7 +537,9 @@ class Recorder:
         if ids is None or not self.mine(sender):
             return
         attempt, worker = int(request.retries or 0) + 1, self.worker_id(request.hostname)
-        self._keep(request, ids, NodeStatus.COMPLETED, result, None, attempt, request.id, worker, None)
+        self.submit(
+            request, NodeStatus.COMPLETED, result=result, attempt=attempt, task_id=request.id, worker=worker, ids=ids
+        )
 
     def on_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
         """Main process: remember a tracked task's ids by task id (bounded), for a failure reported
