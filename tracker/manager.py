@@ -33,7 +33,7 @@ from tracker.models import (
     SessionPage,
     TransitionOutcome,
 )
-from tracker.states import NodeStatus, SessionStatus
+from tracker.states import TERMINAL_NODE_STATUSES, NodeStatus, SessionStatus
 from tracker.storage.base import AsyncSessionStorageAdapter, NodeEvent, ResumeOutcome, SessionStorageAdapter
 
 logger = logging.getLogger(__name__)
@@ -133,30 +133,46 @@ class _Plans:
         started_at: datetime | None = None,
     ) -> tuple[str, NodeEvent]:
         sid = validation.session_id(session_id)
-        nid = validation.node_id(node_id, sid)
+        validation.node_id(node_id, sid)
         node_status = validation.member(NodeStatus, status, "status", sid)
-        attempt = validation.attempt(attempt, sid)
-        task_id = validation.label(task_id, "task_id", sid)
-        worker = validation.label(worker, "worker", sid)
-        reason = validation.optional_text(reason, "reason", self.settings.max_error_chars, sid)
-        request_id = validation.label(request_id, "request_id", sid)
         result_json = None
-        if node_status.is_terminal and result is not None:
+        if result is not None and node_status in TERMINAL_NODE_STATUSES:
             result_json = validation.json_text(result, "result", self.settings.max_result_bytes, sid)
-        event = NodeEvent(
-            node_id=nid,
-            status=node_status,
-            result_json=result_json,
-            error=self._error(error, sid),
-            attempt=attempt,
-            task_id=task_id,
-            worker=worker,
-            reason=reason or None,
-            request_id=request_id,
-            at=validation.moment(at, "at", sid),
-            started_at=validation.moment(started_at, "started_at", sid),
+        return sid, self.event(sid, node_id, node_status, result_json, error, attempt, task_id, worker, reason,
+                               request_id, at, started_at)  # fmt: skip
+
+    def event(
+        self,
+        sid: str,
+        node_id: str,
+        status: NodeStatus,
+        result_json: str | None,
+        error: NodeError | BaseException | None,
+        attempt: int | None,
+        task_id: str | None,
+        worker: str | None,
+        reason: str | None,
+        request_id: str | None,
+        at: datetime | None,
+        started_at: datetime | None,
+    ) -> NodeEvent:
+        """:meth:`node_event` once the session id and the status are checked and the result is
+        encoded (``result_json``, from :func:`validation.json_text`, is taken as it is)."""
+        if reason is not None:
+            reason = validation.optional_text(reason, "reason", self.settings.max_error_chars, sid) or None
+        return NodeEvent(
+            validation.node_id(node_id, sid),
+            status,
+            result_json,
+            None if error is None else self._error(error, sid),
+            validation.attempt(attempt, sid),
+            validation.label(task_id, "task_id", sid),
+            validation.label(worker, "worker", sid),
+            reason,
+            validation.label(request_id, "request_id", sid),
+            validation.moment(at, "at", sid),
+            validation.moment(started_at, "started_at", sid),
         )
-        return sid, event
 
     def record_node(
         self, session_id: str, node_id: str, status: NodeStatus | str, result: Any = None, **details: Any
@@ -215,7 +231,7 @@ class _Plans:
         task_id: str | None,
         worker: str | None,
         attempt: int | None,
-    ) -> _Plan[BatchOutcome]:
+    ) -> _Plan[dict[str, Any]]:
         # One result, recorded as a batch of one: the reply carries the session, not the node.
         if isinstance(result, NodeResult):
             sid, event = self.node_event(session_id, **self.node_result_details(result))
@@ -223,9 +239,9 @@ class _Plans:
             sid, event = self.node_event(
                 session_id, node_id, status, result, error=error, task_id=task_id, worker=worker, attempt=attempt
             )
-        return _Plan("record_nodes", (sid, [event], self.clock(), None))
+        return _Plan("record_status", (sid, [event], self.clock()))
 
-    def node_results(self, session_id: str, results: Mapping[str, Any] | Iterable[NodeResult]) -> _Plan[BatchOutcome]:
+    def node_results(self, session_id: str, results: Mapping[str, Any] | Iterable[NodeResult]) -> _Plan[dict[str, Any]]:
         if isinstance(results, Mapping):
             events = [
                 self.node_event(session_id, nid, NodeStatus.COMPLETED, result)[1] for nid, result in results.items()
@@ -238,7 +254,8 @@ class _Plans:
                 if not isinstance(node, NodeResult):
                     raise TrackerValidationError("results", node, "expected NodeResult items", session_id)
                 events.append(self.node_event(session_id, **self.node_result_details(node))[1])
-        return self.record_nodes(session_id, events)
+        sid = validation.session_id(session_id)
+        return _Plan("record_status", (sid, events, self.clock()))
 
     @staticmethod
     def node_result_details(node: NodeResult) -> dict[str, Any]:
@@ -488,7 +505,7 @@ class SessionManager:
             SessionNotFoundError: no such session.
         """
         plan = self._plans.node_result(session_id, node_id, result, status, error, task_id, worker, attempt)
-        return (await self._run(plan)).session.to_dict()
+        return await self._run(plan)
 
     async def add_node_results(
         self, session_id: str, results: Mapping[str, Any] | Iterable[NodeResult]
@@ -507,7 +524,7 @@ class SessionManager:
             NodeLimitError: more distinct nodes than ``node_count`` (nothing is recorded).
             SessionNotFoundError: no such session.
         """
-        return (await self._run(self._plans.node_results(session_id, results))).session.to_dict()
+        return await self._run(self._plans.node_results(session_id, results))
 
     def node_event(
         self,
@@ -728,7 +745,7 @@ class SyncSessionManager:
     ) -> dict[str, Any]:
         """See :meth:`SessionManager.add_node_result`."""
         plan = self._plans.node_result(session_id, node_id, result, status, error, task_id, worker, attempt)
-        return self._run(plan).session.to_dict()
+        return self._run(plan)
 
     def record_node(self, session_id: str, node_id: str, status: NodeStatus | str, **details: Any) -> NodeOutcome:
         """See :meth:`SessionManager.record_node`."""
@@ -736,7 +753,7 @@ class SyncSessionManager:
 
     def add_node_results(self, session_id: str, results: Mapping[str, Any] | Iterable[NodeResult]) -> dict[str, Any]:
         """See :meth:`SessionManager.add_node_results`."""
-        return self._run(self._plans.node_results(session_id, results)).session.to_dict()
+        return self._run(self._plans.node_results(session_id, results))
 
     def record_nodes(
         self, session_id: str, events: Sequence[NodeEvent], *, request_id: str | None = None, trusted: bool = False

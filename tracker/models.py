@@ -5,10 +5,12 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic_core import to_jsonable_python
 
 from tracker.states import NodeStatus, SessionStatus
 
@@ -100,6 +102,27 @@ class SessionInfo(_Model):
         """Nodes with no terminal result that are not running."""
         finished = self.completed_nodes + self.failed_nodes + self.cancelled_nodes
         return max(0, self.node_count - finished - self.running_nodes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``model_dump(mode="json")`` returns, built directly: every write returns it (the
+        status dict of ``add_node_result``), and the generic serializer costs twice as much."""
+        data = self.__dict__.copy()
+        data["status"] = self.status.value
+        data["created_at"] = json_datetime(self.created_at)
+        data["updated_at"] = json_datetime(self.updated_at)
+        data["started_at"] = None if self.started_at is None else json_datetime(self.started_at)
+        data["finished_at"] = None if self.finished_at is None else json_datetime(self.finished_at)
+        data["metadata"] = to_jsonable_python(self.metadata, inf_nan_mode="null") if self.metadata else {}
+        data["pending_nodes"] = self.pending_nodes
+        return data
+
+
+@functools.lru_cache(maxsize=1024)
+def json_datetime(moment: datetime) -> str:
+    """``moment`` as ``model_dump(mode="json")`` writes it: ISO 8601, UTC as ``Z``."""
+    # Cached: the same few moments recur in every reply of a session (created, started, now).
+    text = moment.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
 class ParallelTaskStatus(BaseModel):

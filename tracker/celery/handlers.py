@@ -23,7 +23,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -485,15 +485,14 @@ class Recorder:
         """The validated event, or None (logged) when its ids are bad."""
         session_id, node_id, status, result_json, error, attempt, task_id, worker, reason, at = raw
         try:
-            event = manager.node_event(
-                session_id, node_id, status, error=error, attempt=attempt, task_id=task_id, worker=worker,
-                reason=reason, at=at, started_at=started_at,
+            # The result was checked when it was encoded (see submit): it is taken as it is.
+            return manager._plans.event(
+                validation.session_id(session_id), node_id, status, result_json, error, attempt, task_id, worker,
+                reason, None, at, started_at,
             )  # fmt: skip
         except TrackerError as exc:
             logger.warning("tracker: node %s of session %s not recorded: %s", node_id, session_id, exc)
             return None
-        # The result was checked when it was encoded (see submit).
-        return event if result_json is None else replace(event, result_json=result_json)
 
     def flush(self) -> list[BatchOutcome]:
         """Write this process's queued events now (see :meth:`Writer.flush`)."""

@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from tracker.models import (
     BatchOutcome,
@@ -165,6 +165,15 @@ class SessionStorageAdapter(Protocol):
             NodeLimitError: the events bring more distinct nodes than ``node_count``; nothing changed.
         """
 
+    def record_status(self, session_id: str, events: Sequence[NodeEvent], now: datetime) -> dict[str, Any]:
+        """:meth:`record_nodes`, answering the session's status dict after the events
+        (``SessionInfo.to_dict()``): what ``add_node_result`` returns, which a store may build
+        straight from its reply.
+
+        Raises:
+            As :meth:`record_nodes`.
+        """
+
     def heartbeat(self, worker: str, now: datetime) -> None:
         """Note that worker process ``worker`` is alive at ``now`` (called every few seconds)."""
 
@@ -240,6 +249,8 @@ class AsyncSessionStorageAdapter(Protocol):
     async def record_nodes(
         self, session_id: str, events: Sequence[NodeEvent], now: datetime, request_id: str | None = None
     ) -> BatchOutcome: ...
+
+    async def record_status(self, session_id: str, events: Sequence[NodeEvent], now: datetime) -> dict[str, Any]: ...
 
     async def heartbeat(self, worker: str, now: datetime) -> None: ...
 

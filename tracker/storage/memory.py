@@ -233,6 +233,9 @@ class InMemoryStorageAdapter:
                 finished = self._apply(session_id, entry, event, now).finished or finished
             return BatchOutcome(session=entry.info, finished=finished)
 
+    def record_status(self, session_id: str, events: Sequence[NodeEvent], now: datetime) -> dict[str, Any]:
+        return self.record_nodes(session_id, events, now).session.to_dict()
+
     @staticmethod
     def _check_limit(session_id: str, entry: _Entry, events: Sequence[NodeEvent]) -> None:
         # All or nothing: a call with more distinct nodes than the session has room for changes nothing.

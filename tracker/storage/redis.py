@@ -46,6 +46,7 @@ from tracker.models import (
     SessionInfo,
     SessionPage,
     TransitionOutcome,
+    json_datetime,
     ms_from_utc,
     utc_from_ms,
 )
@@ -164,6 +165,36 @@ def _session_values(session_id: str, values: Sequence[Any]) -> SessionInfo:
 
 
 _SESSION_STATUS = {status.value: status for status in SessionStatus}
+
+
+@functools.lru_cache(maxsize=1024)
+def _json_ms(ms: int) -> str:
+    return json_datetime(_utc(ms))
+
+
+def _status_values(session_id: str, values: Sequence[Any]) -> dict[str, Any]:
+    # What _session_values(...).to_dict() gives, without the model: the status dict every
+    # add_node_result returns (tests/unit/test_redis_codec.py checks the two agree).
+    (status, node_count, completed, failed, running, lost, cancelled, progress,
+     started_ms, finished_ms, updated_ms, canvas_path, created_ms, metadata) = values  # fmt: skip
+    return {
+        "session_id": session_id,
+        "canvas_path": _text(canvas_path),
+        "node_count": node_count,
+        "status": _SESSION_STATUS[_text(status)].value,
+        "progress_percent": float(progress),
+        "completed_nodes": completed,
+        "failed_nodes": failed,
+        "running_nodes": running,
+        "lost_nodes": lost,
+        "cancelled_nodes": cancelled,
+        "created_at": _json_ms(int(created_ms)),
+        "updated_at": _json_ms(int(updated_ms)),
+        "started_at": _json_ms(int(started_ms)) if started_ms else None,
+        "finished_at": _json_ms(int(finished_ms)) if finished_ms else None,
+        "metadata": json.loads(metadata) if metadata and metadata != b"{}" else {},
+        "pending_nodes": max(0, node_count - completed - failed - cancelled - running),
+    }
 
 
 def _node(node_id: str, record: str) -> NodeResult:
@@ -460,6 +491,19 @@ class RedisPrograms:
             if registry:
                 yield registry
         return BatchOutcome(session=session, finished=finished)
+
+    def record_status(self, session_id: str, events: Sequence[NodeEvent], now: datetime) -> Program[dict[str, Any]]:
+        if self.cluster:  # the holder registry takes a second round trip and the node records
+            outcome = yield from self.record_nodes(session_id, events, now)
+            return outcome.session.to_dict()
+        script = self._record_script(session_id, events, _ms_int(now), False, new_request_id())
+        reply = (yield [script])[0]
+        if reply[0] == b"ok":  # the status dict is read straight from the reply: no model built
+            return _status_values(session_id, reply[2])
+        if _text(reply[0]) == "limit":
+            info = yield from self.get(session_id)
+            raise NodeLimitError(session_id, _text(reply[1]), info.node_count if info else 0)
+        return _status_values(session_id, self._check(session_id, reply)[2])
 
     def heartbeat(self, worker: str, now: datetime) -> Program[None]:
         yield [("ZADD", self.keys.workers, {validation.worker_id(worker): _ms_int(now)})]
@@ -778,6 +822,9 @@ class RedisStorageAdapter(_RedisBase):
     ) -> BatchOutcome:
         return self._drive(self.programs.record_nodes(session_id, events, now, request_id))
 
+    def record_status(self, session_id: str, events: Sequence[NodeEvent], now: datetime) -> dict[str, Any]:
+        return self._drive(self.programs.record_status(session_id, events, now))
+
     def heartbeat(self, worker: str, now: datetime) -> None:
         self._drive(self.programs.heartbeat(worker, now))
 
@@ -925,6 +972,9 @@ class AsyncRedisStorageAdapter(_RedisBase):
         self, session_id: str, events: Sequence[NodeEvent], now: datetime, request_id: str | None = None
     ) -> BatchOutcome:
         return await self._drive(self.programs.record_nodes(session_id, events, now, request_id))
+
+    async def record_status(self, session_id: str, events: Sequence[NodeEvent], now: datetime) -> dict[str, Any]:
+        return await self._drive(self.programs.record_status(session_id, events, now))
 
     async def heartbeat(self, worker: str, now: datetime) -> None:
         await self._drive(self.programs.heartbeat(worker, now))
