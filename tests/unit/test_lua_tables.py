@@ -99,9 +99,25 @@ def test_counter_matches_the_node_status_sets(tables: dict[str, dict[str, str | 
     assert NodeStatus.PENDING.value not in counter
 
 
-def test_the_session_fields_record_nodes_replies_are_in_the_order_python_reads() -> None:
-    # record_nodes replies the session as the values of FIELDS, in order; redis.py unpacks them by position.
+def _lua_function(name: str) -> str:
     text = (resources.files("tracker.storage") / "lua" / "common.lua").read_text()
-    found = re.findall(r"^local FIELDS = \{([^}]*)\}", text, re.MULTILINE)
-    assert len(found) == 1
-    assert tuple(re.findall(r"'([a-z_]+)'", found[0])) == SESSION_FIELDS
+    body = text[text.index(f"local function {name}(") :]
+    return body[: body.index("\nend\n")]
+
+
+def test_the_session_fields_record_nodes_replies_are_in_the_order_python_reads() -> None:
+    # record_nodes replies the session as a list; redis.py unpacks it by position (SESSION_FIELDS).
+    listed = re.search(r"return \{([^}]*)\}", _lua_function("session_values"))
+    assert listed is not None
+    assert tuple(re.findall(r"s\.([a-z_]+)", listed.group(1))) == SESSION_FIELDS
+
+
+def test_load_session_reads_the_same_fields_in_the_same_order() -> None:
+    # load_session names the fields itself (unrolled, it runs on every write): the same list, the
+    # same positions as its table's keys.
+    body = _lua_function("load_session")
+    hmget = re.search(r"redis\.call\('HMGET', S,([^)]*)\)", body)
+    assert hmget is not None
+    assert tuple(re.findall(r"'([a-z_]+)'", hmget.group(1))) == SESSION_FIELDS
+    positions = dict(re.findall(r"([a-z_]+) = (?:tonumber\()?v\[(\d+)\]", body))
+    assert {name: int(i) for name, i in positions.items()} == {name: i + 1 for i, name in enumerate(SESSION_FIELDS)}

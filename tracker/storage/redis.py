@@ -60,7 +60,8 @@ T = TypeVar("T")
 #: The scripts, by file name (without ``.lua``); each is loaded with ``common.lua`` before it.
 SCRIPTS = ("create", "record_nodes", "transition", "resume", "set_progress", "remove_if_expired")
 
-#: The session fields ``record_nodes`` replies, in order (``FIELDS`` in ``common.lua``).
+#: The session fields ``record_nodes`` replies, in order (``session_values`` in ``common.lua``; its
+#: ``load_session`` reads them in the same order).
 SESSION_FIELDS = (
     "status", "node_count", "completed", "failed", "running", "lost", "cancelled", "progress",
     "started_ms", "finished_ms", "updated_ms", "canvas_path", "created_ms", "metadata",
@@ -420,16 +421,24 @@ class RedisPrograms:
                 if not self.cluster and is_worker_id(holder):
                     held = holders[holder] = len(holders) + 1  # type: ignore[index]
                 numbers[holder] = held
-            at, started = event.at, event.started_at
+            at, started, task_id, worker, result_json = (
+                event.at, event.started_at, event.task_id, event.worker, event.result_json
+            )  # fmt: skip
+            if task_id is not None:
+                task_id = _field(task_id, "task_id")
+            if worker is not None:
+                worker = _field(worker, "worker")
+            if event.error is None and event.reason is None:  # the common case, without a call
+                payload = "" if result_json is None else '{"result":' + result_json + "}"
+            else:
+                payload = _payload(event)
             # One argument per event, its fields joined by '|' (none but the payload, last, may
             # hold one): far cheaper to send and to read than eleven arguments.
-            attempt = "" if event.attempt is None else event.attempt
-            at_ms = now_ms if at is None else round(at.timestamp() * 1000)
-            started_ms = "" if started is None else round(started.timestamp() * 1000)
             args.append(
-                f"{event.node_id}|{event.status.value}|{attempt}|{_field(event.task_id, 'task_id')}|"
-                f"{_field(event.worker, 'worker')}|{at_ms}|{started_ms}|{expect_holder}|{started_before_ms}|{held}|"
-                f"{_payload(event)}"
+                f"{event.node_id}|{event.status}|{'' if event.attempt is None else event.attempt}|{task_id or ''}|"
+                f"{worker or ''}|{now_ms if at is None else round(at.timestamp() * 1000)}|"
+                f"{'' if started is None else round(started.timestamp() * 1000)}|{expect_holder}|{started_before_ms}|"
+                f"{held}|{payload}"
             )
         if holders:
             keys += [self.keys.workers, *(self.keys.held(h) for h in holders)]
@@ -754,7 +763,9 @@ class RedisStorageAdapter(_RedisBase):
         return cls.from_url(settings.redis_url, settings)
 
     def _execute(self, batch: list[Command]) -> list[Any]:
-        if len(batch) == 1 or (self.programs.cluster and _has_script(batch)):
+        if len(batch) == 1:
+            return [self._one(batch[0], self._client)]
+        if self.programs.cluster and _has_script(batch):
             # A cluster pipeline does not load a script the server lacks (NOSCRIPT): scripts go one by one.
             return [self._one(command, self._client) for command in batch]
         # Outside Cluster one round trip; on a Cluster one per node (redis-py splits by slot).
@@ -769,12 +780,12 @@ class RedisStorageAdapter(_RedisBase):
             if target is not self._client or self.programs.cluster:
                 return script(keys=command.keys, args=command.args, client=target)
             # The hot path (one write, one round trip): EVALSHA without the wrapper's copies.
-            keys_args = (len(command.keys), *command.keys, *command.args)
+            keys = command.keys
             try:
-                return target.execute_command("EVALSHA", script.sha, *keys_args)
+                return target.execute_command("EVALSHA", script.sha, len(keys), *keys, *command.args)
             except redis.exceptions.NoScriptError:
                 script.sha = target.script_load(script.script)  # the server forgot it (restart, SCRIPT FLUSH)
-                return target.execute_command("EVALSHA", script.sha, *keys_args)
+                return target.execute_command("EVALSHA", script.sha, len(keys), *keys, *command.args)
         name, *args = command
         if name == "ZADD":
             return target.zadd(args[0], args[1])

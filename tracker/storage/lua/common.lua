@@ -11,26 +11,22 @@ local TERMINAL_NODE = {completed = true, failed = true, lost = true, cancelled =
 -- session statuses that end a session
 local TERMINAL_SESSION = {completed = true, partial_failure = true, failed = true, cancelled = true}
 
--- The session's state fields, in the order record_nodes replies them (redis.py SESSION_FIELDS).
-local FIELDS = {'status', 'node_count', 'completed', 'failed', 'running', 'lost', 'cancelled', 'progress',
-                'started_ms', 'finished_ms', 'updated_ms', 'canvas_path', 'created_ms', 'metadata'}
-local NUMBERS = {'node_count', 'completed', 'failed', 'running', 'lost', 'cancelled'}
-
--- The session's state fields as a table, or nil when the session does not exist.
+-- The session's state fields as a table, or nil when the session does not exist. Every write reads
+-- them and replies them, unrolled, in the order of redis.py SESSION_FIELDS (tests/unit/test_lua_tables.py).
 local function load_session()
-  local values = redis.call('HMGET', S, unpack(FIELDS))
-  if not values[1] then return nil end
-  local s = {}
-  for i, k in ipairs(FIELDS) do s[k] = values[i] or '' end
-  for _, k in ipairs(NUMBERS) do s[k] = tonumber(s[k]) or 0 end
-  return s
+  local v = redis.call('HMGET', S, 'status', 'node_count', 'completed', 'failed', 'running', 'lost', 'cancelled',
+                       'progress', 'started_ms', 'finished_ms', 'updated_ms', 'canvas_path', 'created_ms', 'metadata')
+  if not v[1] then return nil end
+  return {status = v[1], node_count = tonumber(v[2]) or 0, completed = tonumber(v[3]) or 0,
+          failed = tonumber(v[4]) or 0, running = tonumber(v[5]) or 0, lost = tonumber(v[6]) or 0,
+          cancelled = tonumber(v[7]) or 0, progress = v[8] or '', started_ms = v[9] or '', finished_ms = v[10] or '',
+          updated_ms = v[11] or '', canvas_path = v[12] or '', created_ms = v[13] or '', metadata = v[14] or ''}
 end
 
--- The session's FIELDS values, in order.
+-- The session's fields as a list, in SESSION_FIELDS order (what record_nodes replies).
 local function session_values(s)
-  local values = {}
-  for i, k in ipairs(FIELDS) do values[i] = s[k] end
-  return values
+  return {s.status, s.node_count, s.completed, s.failed, s.running, s.lost, s.cancelled, s.progress, s.started_ms,
+          s.finished_ms, s.updated_ms, s.canvas_path, s.created_ms, s.metadata}
 end
 
 -- updated_ms never goes back: a writer whose clock lags (or whose call was slow) must not make an

@@ -19,7 +19,7 @@
 -- twice.
 -- The call that ends the session leaves its request_id in the session's `finish_request` field: a
 -- retry of that same call (its reply was lost) is answered `finished` again; any other call is not.
--- Returns {'ok', finished, session_values (FIELDS order), skipped, details} | {'not_found'}
+-- Returns {'ok', finished, session_values (SESSION_FIELDS order), skipped, details} | {'not_found'}
 --         | {'limit', node_id} (more distinct nodes than node_count: nothing written)
 --   skipped: node ids of the conditional events not applied;
 --   details (details = '1'): {previous_status, node_record} per event.
