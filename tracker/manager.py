@@ -133,7 +133,6 @@ class _Plans:
         started_at: datetime | None = None,
     ) -> tuple[str, NodeEvent]:
         sid = validation.session_id(session_id)
-        validation.node_id(node_id, sid)
         node_status = validation.member(NodeStatus, status, "status", sid)
         result_json = None
         if result is not None and node_status in TERMINAL_NODE_STATUSES:

@@ -103,7 +103,9 @@ def json_text(value: Any, field: str, max_bytes: int, sid: str | None = None) ->
     """Encode ``value`` as compact JSON (no NaN), refusing what does not fit in ``max_bytes``."""
     try:
         text = _JSON.encode(value)
-        size = len(text.encode())
+        # ASCII (the common case) is its own UTF-8; other text is encoded to be measured, and a
+        # lone surrogate fails there (it cannot be stored).
+        size = len(text) if text.isascii() else len(text.encode())
     except (TypeError, ValueError, RecursionError) as exc:
         # ValueError includes UnicodeEncodeError: a lone surrogate cannot be stored as UTF-8.
         raise TrackerValidationError(field, value, f"not JSON-serialisable ({exc})", sid) from None

@@ -178,11 +178,14 @@ def _status_values(session_id: str, values: Sequence[Any]) -> dict[str, Any]:
     # add_node_result returns (tests/unit/test_redis_codec.py checks the two agree).
     (status, node_count, completed, failed, running, lost, cancelled, progress,
      started_ms, finished_ms, updated_ms, canvas_path, created_ms, metadata) = values  # fmt: skip
+    status = _text(status)
+    if status not in _SESSION_STATUS:
+        raise StorageUnavailableError(f"unexpected session status {status!r} in the store")
     return {
         "session_id": session_id,
         "canvas_path": _text(canvas_path),
         "node_count": node_count,
-        "status": _SESSION_STATUS[_text(status)].value,
+        "status": status,
         "progress_percent": float(progress),
         "completed_nodes": completed,
         "failed_nodes": failed,
@@ -505,7 +508,8 @@ class RedisPrograms:
         if self.cluster:  # the holder registry takes a second round trip and the node records
             outcome = yield from self.record_nodes(session_id, events, now)
             return outcome.session.to_dict()
-        script = self._record_script(session_id, events, _ms_int(now), False, new_request_id())
+        # No request id: it only serves to answer `finished` to a retry, and this reply has none.
+        script = self._record_script(session_id, events, _ms_int(now), False, "")
         reply = (yield [script])[0]
         if reply[0] == b"ok":  # the status dict is read straight from the reply: no model built
             return _status_values(session_id, reply[2])
