@@ -249,10 +249,20 @@ def test_the_last_nodes_of_a_session_are_written_as_they_come(make: Any) -> None
     assert completed() == 8 and recorder.held_events == 2  # its start and its result
     recorder.flush()
 
-    # When the session has NEAR_END_NODES left, Then each result is written as it comes
-    for done, t in enumerate(tasks[9:], start=10):
+    # When the session has NEAR_END_NODES left, Then each result is written as it comes, with its
+    # start (one store call a task: a start alone is not urgent, it waits for its result)
+    calls = Calls(manager)
+    for done, t in enumerate(tasks[9:-1], start=10):
         run(t)
         wait_for(lambda done=done: completed() == done, 5, f"result {done} written without a flush")
+    assert calls.count == len(tasks[9:-1])
+    # And a start alone waits for the next flush, even so near the end
+    start(recorder, tasks[-1])
+    time.sleep(0.3)
+    assert calls.count == len(tasks[9:-1]) and recorder.held_events == 1
+    succeed(recorder, tasks[-1], None)
+    wait_for(lambda: completed() == len(tasks), 5, "the last result written without a flush")
+    assert calls.count == len(tasks[9:])
     assert manager.sync.get_session_status(sid)["status"] == "completed"
     assert recorder.held_events == 0
 

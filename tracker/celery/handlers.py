@@ -37,7 +37,7 @@ from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP, ids_of
 from tracker.errors import NodeLimitError, StorageUnavailableError, TrackerError, TrackerValidationError
 from tracker.manager import SessionManager
 from tracker.models import BatchOutcome, SessionInfo
-from tracker.states import NodeStatus
+from tracker.states import TERMINAL_NODE_STATUSES, NodeStatus
 from tracker.storage.base import NodeEvent, new_request_id
 
 logger = logging.getLogger("tracker.celery")
@@ -59,8 +59,9 @@ BACKLOG_SIZE = 10_000
 #: thread takes the GIL from the task's thread).
 IDLE_FLUSH_S = 0.01
 
-#: A session near its end has its events written as they come (the writer thread is woken for
-#: each), so that its last results, its final status and its completion callback wait for no rule.
+#: A session near its end has its results written as they come (the writer thread is woken for
+#: each, and writes the task's start with it), so that its last results, its final status and its
+#: completion callback wait for no rule.
 #: Near its end: at most this many nodes left, or fewer than it finishes (as this process's last two
 #: writes saw it) in two flush intervals.
 NEAR_END_NODES = 32
@@ -171,7 +172,8 @@ class Writer(threading.Thread):
         queue.append(raw)
         self._last_at = time.monotonic()
         queued = len(queue)
-        urgent = raw.session_id in self._near_end
+        # Only a result is urgent: a start waits for its result (they go as one event) or the deadline.
+        urgent = raw.session_id in self._near_end and raw.status in TERMINAL_NODE_STATUSES
         if queued == 1 or queued == MAX_BATCH or urgent:
             with self._wake:
                 if queued == 1:
