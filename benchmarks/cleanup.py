@@ -52,7 +52,7 @@ def _now() -> datetime:
 def run(quick: bool) -> Section:
     expired = 1_000 if quick else 10_000
     many, few = (20_000, 2_000) if quick else (200_000, 20_000)
-    reps = 2 if quick else 3
+    reps = 2 if quick else 6
     section = Section("6", "Cleanup of expired sessions")
     with redis_server() as big_server, redis_server() as small_server:
         setup_start = time.perf_counter()
