@@ -51,7 +51,7 @@ def machine() -> dict[str, Any]:
     except OSError:
         cpu = platform.processor()
     try:
-        import hiredis  # type: ignore[import-not-found]  # noqa: F401
+        import hiredis  # noqa: F401
 
         parser = "hiredis"
     except ImportError:

@@ -5,7 +5,9 @@ Configured from the environment so that the driver and the worker subprocess
 
 - ``TRACKER_BENCH_BROKER``: broker and result backend URL (one private redis-server);
 - ``TRACKER_BENCH_QUEUE``: the queue name;
-- ``TRACKER_REDIS_URL``: the tracker's store (another private redis-server), read by the tracker.
+- ``TRACKER_REDIS_URL``: the tracker's store (another private redis-server), read by the tracker;
+- ``TRACKER_BENCH_TRACK=0``: leave the tracker out of the worker (what dispatch and the stamps cost
+  alone, without the worker's side of tracking).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ app.conf.update(
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
 )
-install(app, beat=False)
+if os.environ.get("TRACKER_BENCH_TRACK", "1") != "0":
+    install(app, beat=False)
 
 
 @app.task(name="bench.noop")  # type: ignore[untyped-decorator]

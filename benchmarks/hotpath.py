@@ -121,7 +121,7 @@ def run(quick: bool) -> Section:
         bare_us: list[float] = []
         for r in range(rounds):
             tasks = [_task(app, sid, f"h{r}-{i}") for i in range(BATCH)]
-            bare = bare_call(f"b{r}")
+            bare_command = bare_call(f"b{r}")
             for kind in ("ours", "bare") if r % 2 == 0 else ("bare", "ours"):
                 if kind == "ours":
                     handler_us.append(handlers(tasks) / BATCH * 1e6)
@@ -132,7 +132,7 @@ def run(quick: bool) -> Section:
                         raise RuntimeError(f"a flush made {len(outcomes)} store calls, expected 1")
                 else:
                     start = time.process_time()
-                    client.execute_command(*bare)
+                    client.execute_command(*bare_command)
                     bare_us.append((time.process_time() - start) / BATCH * 1e6)
 
         profiler = Profiler(interval=0.0002)

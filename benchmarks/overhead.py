@@ -15,6 +15,10 @@ reported. Beside wall time, the CPU each process used per batch (from ``/proc``:
 its pool children, the broker's and the store's redis-server) gives a ratio that other load on
 a shared machine disturbs much less.
 
+Then the same pairs again on a worker without the tracker installed, the tracked batch only
+dispatched (session created, tasks stamped, nothing recorded): what dispatch and Celery's handling
+of the stamps cost alone, and so what is left for the worker's side of tracking.
+
 Round trips are counted in one more tracked batch with the store's slow log recording every
 command (a Lua script's own commands are told apart by their fake client): commands sent by the
 worker per node, and by the dispatching process per session.
@@ -177,6 +181,17 @@ class Driver:
         self._note_cpu("untracked", cpu)
         return elapsed
 
+    def dispatched(self, n: int) -> float:
+        """A tracked batch as far as the sender goes (for a worker without the tracker)."""
+        canvas = self.batch(n)
+        cpu = self._cpu()
+        start = time.perf_counter()
+        dispatch(canvas, canvas_path="bench.canvas", manager=self.manager, app=self.app)
+        self.wait_results([sig.options["task_id"] for sig in canvas.tasks])
+        elapsed = time.perf_counter() - start
+        self._note_cpu("tracked", cpu)
+        return elapsed
+
     def tracked(self, n: int) -> float:
         canvas = self.batch(n)
         cpu = self._cpu()
@@ -189,6 +204,28 @@ class Driver:
         if status["status"] != "completed" or status["completed_nodes"] != n:
             raise RuntimeError(f"tracked batch ended {status['status']} with {status['completed_nodes']} of {n}")
         return elapsed
+
+
+def _pairs(driver: Driver, ours: Callable[[int], float], n: int, pairs: int) -> tuple[list[float], ...]:
+    """``pairs`` A/B pairs (ABBA...) of ``ours`` against an untracked batch: both times and their ratios.
+
+    The driver's CPU notes start afresh (warm-up batches left out).
+    """
+    driver.cpu = {"tracked": [], "untracked": []}
+    ours_s: list[float] = []
+    untracked_s: list[float] = []
+    ratios: list[float] = []
+    for pair in range(pairs):
+        if pair % 2 == 0:
+            a = ours(n)
+            b = driver.untracked(n)
+        else:
+            b = driver.untracked(n)
+            a = ours(n)
+        ours_s.append(a)
+        untracked_s.append(b)
+        ratios.append(a / b)
+    return ours_s, untracked_s, ratios
 
 
 def _per_node(
@@ -219,21 +256,7 @@ def run(quick: bool) -> Section:
             for _ in range(2):
                 driver.tracked(min(n, 200))
                 driver.untracked(min(n, 200))
-            driver.cpu = {"tracked": [], "untracked": []}
-            tracked_s: list[float] = []
-            untracked_s: list[float] = []
-            ratios: list[float] = []
-            for pair in range(pairs):
-                if pair % 2 == 0:
-                    a = driver.tracked(n)
-                    b = driver.untracked(n)
-                else:
-                    b = driver.untracked(n)
-                    a = driver.tracked(n)
-                tracked_s.append(a)
-                untracked_s.append(b)
-                ratios.append(a / b)
-
+            tracked_s, untracked_s, ratios = _pairs(driver, driver.tracked, n, pairs)
             cpu_runs = {kind: list(runs) for kind, runs in driver.cpu.items()}
             # Round trips: one more tracked batch with every command logged.
             reads_before = driver.status_reads
@@ -258,6 +281,18 @@ def run(quick: bool) -> Section:
                 )  # the worker's heartbeat may fall in the window
         finally:
             worker.stop()
+        # The same pairs on a worker without the tracker: dispatch and the stamps alone.
+        bare_queue = f"{queue}-bare"
+        bare = Worker({**env, "TRACKER_BENCH_TRACK": "0"}, bare_queue, Path(tmp) / "bare-worker.log")
+        try:
+            bare_driver = Driver(broker, store, bare_queue, bare)
+            for _ in range(2):
+                bare_driver.dispatched(min(n, 200))
+                bare_driver.untracked(min(n, 200))
+            _, _, split_ratios = _pairs(bare_driver, bare_driver.dispatched, n, pairs)
+            split_cpu = {kind: list(runs) for kind, runs in bare_driver.cpu.items()}
+        finally:
+            bare.stop()
 
     # Heartbeats (one ZADD per worker process every few seconds) are the tracker's too, but they
     # follow the clock, not the nodes: counted apart.
@@ -294,6 +329,12 @@ def run(quick: bool) -> Section:
             target=Target("ratio", "<=", 1.05),
         ),
         Row(
+            "of which dispatch and Celery's stamps alone (worker without the tracker)",
+            "ratio",
+            median(split_ratios),
+            note=f"median of {pairs} pairs: session created, tasks stamped, nothing recorded",
+        ),
+        Row(
             "CPU per task: worker + broker Redis + tracker Redis",
             "µs",
             serving_us["tracked"],
@@ -322,6 +363,11 @@ def run(quick: bool) -> Section:
         "pair_ratios": ratios,
         "cpu_us_per_task_by_process": cpu_per_task,
         "cpu_pair_ratios": cpu_ratios,
+        "dispatch_only_pair_ratios": split_ratios,
+        "dispatch_only_cpu_us_per_task_by_process": {
+            kind: {name: median([run[name] for run in runs]) / n * 1e6 for name in runs[0]}
+            for kind, runs in split_cpu.items()
+        },
         "completion": "all results stored (EXISTS over the result keys); tracked: then session terminal",
         "worker_round_trips_by_command": worker_cmds,
         "driver_round_trips_by_command": dict(driver_cmds),
