@@ -12,9 +12,11 @@ import math
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tracker.errors import StorageUnavailableError
 from tracker.models import SessionInfo
 from tracker.states import SessionStatus
 from tracker.storage.redis import _session_values, _status_values
@@ -108,3 +110,9 @@ def test_status_from_a_reply_is_the_models_dict(
         got = _status_values(SID, reply)
         assert got == expected
         assert list(got) == list(expected)
+
+
+def test_a_status_this_version_does_not_know_is_an_error_not_a_dict() -> None:
+    values = [b"paused", 3, 0, 0, 0, 0, 0, b"0", b"", b"", b"1767225600000", b"c", b"1767225600000", b"{}"]
+    with pytest.raises(StorageUnavailableError, match="paused"):
+        _status_values(SID, values)

@@ -508,10 +508,18 @@ class RedisPrograms:
         if self.cluster:  # the holder registry takes a second round trip and the node records
             outcome = yield from self.record_nodes(session_id, events, now)
             return outcome.session.to_dict()
+        reply = (yield [self.status_script(session_id, events, now)])[0]
+        return (yield from self.status_reply(session_id, reply))
+
+    def status_script(self, session_id: str, events: Sequence[NodeEvent], now: datetime) -> Script:
+        """The one call :meth:`record_status` makes outside Cluster (see :meth:`status_reply`)."""
         # No request id: it only serves to answer `finished` to a retry, and this reply has none.
-        script = self._record_script(session_id, events, _ms_int(now), False, "")
-        reply = (yield [script])[0]
-        if reply[0] == b"ok":  # the status dict is read straight from the reply: no model built
+        return self._record_script(session_id, events, _ms_int(now), False, "")
+
+    def status_reply(self, session_id: str, reply: list[Any]) -> Program[dict[str, Any]]:
+        """The status dict read straight from a :meth:`status_script` reply (no model built); a
+        node limit costs one more round trip, for the error's figures."""
+        if reply[0] == b"ok" or _text(reply[0]) == "ok":
             return _status_values(session_id, reply[2])
         if _text(reply[0]) == "limit":
             info = yield from self.get(session_id)
@@ -838,7 +846,17 @@ class RedisStorageAdapter(_RedisBase):
         return self._drive(self.programs.record_nodes(session_id, events, now, request_id))
 
     def record_status(self, session_id: str, events: Sequence[NodeEvent], now: datetime) -> dict[str, Any]:
-        return self._drive(self.programs.record_status(session_id, events, now))
+        programs = self.programs
+        if programs.cluster:
+            return self._drive(programs.record_status(session_id, events, now))
+        # add_node_result's path: the call made and read without driving a generator.
+        try:
+            reply = self._one(programs.status_script(session_id, events, now), self._client)
+        except redis.RedisError as exc:
+            raise _translate(exc, self.url) from exc
+        if reply[0] == b"ok":
+            return _status_values(session_id, reply[2])
+        return self._drive(programs.status_reply(session_id, reply))
 
     def heartbeat(self, worker: str, now: datetime) -> None:
         self._drive(self.programs.heartbeat(worker, now))
