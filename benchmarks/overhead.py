@@ -209,8 +209,12 @@ class Driver:
 def _pairs(driver: Driver, ours: Callable[[int], float], n: int, pairs: int) -> tuple[list[float], ...]:
     """``pairs`` A/B pairs (ABBA...) of ``ours`` against an untracked batch: both times and their ratios.
 
-    The driver's CPU notes start afresh (warm-up batches left out).
+    Two small pairs warm up first (pool children started, connections open, scripts loaded, code
+    paths hot); the driver's CPU notes start after them.
     """
+    for _ in range(2):
+        ours(min(n, 200))
+        driver.untracked(min(n, 200))
     driver.cpu = {"tracked": [], "untracked": []}
     ours_s: list[float] = []
     untracked_s: list[float] = []
@@ -252,10 +256,6 @@ def run(quick: bool) -> Section:
         worker = Worker(env, queue, Path(tmp) / "worker.log")
         try:
             driver = Driver(broker, store, queue, worker)
-            # Warm up: pool children started, connections open, scripts loaded, code paths hot.
-            for _ in range(2):
-                driver.tracked(min(n, 200))
-                driver.untracked(min(n, 200))
             tracked_s, untracked_s, ratios = _pairs(driver, driver.tracked, n, pairs)
             cpu_runs = {kind: list(runs) for kind, runs in driver.cpu.items()}
             # Round trips: one more tracked batch with every command logged.
@@ -286,9 +286,6 @@ def run(quick: bool) -> Section:
         bare = Worker({**env, "TRACKER_BENCH_TRACK": "0"}, bare_queue, Path(tmp) / "bare-worker.log")
         try:
             bare_driver = Driver(broker, store, bare_queue, bare)
-            for _ in range(2):
-                bare_driver.dispatched(min(n, 200))
-                bare_driver.untracked(min(n, 200))
             _, _, split_ratios = _pairs(bare_driver, bare_driver.dispatched, n, pairs)
             split_cpu = {kind: list(runs) for kind, runs in bare_driver.cpu.items()}
         finally:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
 
 import pytest
 from hypothesis import given
@@ -39,34 +38,33 @@ zones = st.sampled_from([UTC, timezone(timedelta(hours=-5, minutes=-30))])
 moments = st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(9999, 1, 1), timezones=zones)
 
 
-@given(
-    status=st.sampled_from(list(SessionStatus)),
-    counts=st.lists(st.integers(0, 10**6), min_size=6, max_size=6),
-    progress=st.floats(0, 100),
-    created=moments,
-    updated=moments,
-    started=st.none() | moments,
-    finished=st.none() | moments | st.datetimes(min_value=datetime(1970, 1, 2)),  # naive too
-    metadata=st.dictionaries(st.text(max_size=6), json_values, max_size=4),
-    path=st.text(min_size=1, max_size=20),
-)
-def test_to_dict_is_pydantics_json_dump(
-    status: SessionStatus,
-    counts: list[int],
-    progress: float,
-    created: datetime,
-    updated: datetime,
-    started: datetime | None,
-    finished: datetime | None,
-    metadata: dict[str, Any],
-    path: str,
-) -> None:
-    info = SessionInfo(
-        session_id=SID, canvas_path=path, node_count=counts[0], status=status, progress_percent=progress,
-        completed_nodes=counts[1], failed_nodes=counts[2], running_nodes=counts[3], lost_nodes=counts[4],
-        cancelled_nodes=counts[5], created_at=created, updated_at=updated, started_at=started,
-        finished_at=finished, metadata=metadata,
-    )  # fmt: skip
+@st.composite
+def sessions(draw: st.DrawFn, stored: bool) -> SessionInfo:
+    """Any session model; ``stored``: one as a store holds it (aware datetimes, progress to 2
+    decimals, metadata that passed the JSON checks)."""
+    counts = draw(st.lists(st.integers(0, 10**6), min_size=6, max_size=6))
+    some_moment = moments if stored else moments | st.datetimes(min_value=datetime(1970, 1, 2))  # naive too
+    return SessionInfo(
+        session_id=SID,
+        canvas_path=draw(st.text(min_size=1, max_size=20)),
+        node_count=counts[0],
+        status=draw(st.sampled_from(list(SessionStatus))),
+        progress_percent=draw(st.integers(0, 10000).map(lambda n: n / 100) if stored else st.floats(0, 100)),
+        completed_nodes=counts[1],
+        failed_nodes=counts[2],
+        running_nodes=counts[3],
+        lost_nodes=counts[4],
+        cancelled_nodes=counts[5],
+        created_at=draw(moments),
+        updated_at=draw(moments),
+        started_at=draw(st.none() | moments),
+        finished_at=draw(st.none() | some_moment),
+        metadata=draw(st.dictionaries(st.text(max_size=6), stored_json if stored else json_values, max_size=4)),
+    )
+
+
+@given(sessions(stored=False))
+def test_to_dict_is_pydantics_json_dump(info: SessionInfo) -> None:
     expected = info.model_dump(mode="json")
     got = info.to_dict()
     assert got == expected
@@ -74,36 +72,18 @@ def test_to_dict_is_pydantics_json_dump(
     assert json.dumps(got) == json.dumps(expected)
 
 
-def _ms(moment: datetime) -> bytes:
-    return str(round(moment.timestamp() * 1000)).encode()
+def _ms(moment: datetime | None) -> bytes:
+    return b"" if moment is None else str(round(moment.timestamp() * 1000)).encode()
 
 
-@given(
-    status=st.sampled_from(list(SessionStatus)),
-    counts=st.lists(st.integers(0, 10**6), min_size=6, max_size=6),
-    progress=st.integers(0, 10000).map(lambda n: str(n / 100).encode()),
-    created=moments,
-    updated=moments,
-    started=st.none() | moments,
-    finished=st.none() | moments,
-    metadata=st.dictionaries(st.text(max_size=6), stored_json, max_size=4),
-    path=st.text(min_size=1, max_size=20),
-)
-def test_status_from_a_reply_is_the_models_dict(
-    status: SessionStatus,
-    counts: list[int],
-    progress: bytes,
-    created: datetime,
-    updated: datetime,
-    started: datetime | None,
-    finished: datetime | None,
-    metadata: dict[str, Any],
-    path: str,
-) -> None:
+@given(sessions(stored=True))
+def test_status_from_a_reply_is_the_models_dict(info: SessionInfo) -> None:
     # A record_nodes reply's session values: numbers as integers, the rest as bytes.
     values = [
-        status.value.encode(), *counts, progress, _ms(started) if started else b"", _ms(finished) if finished else b"",
-        _ms(updated), path.encode(), _ms(created), json.dumps(metadata, separators=(",", ":")).encode(),
+        info.status.value.encode(), info.node_count, info.completed_nodes, info.failed_nodes, info.running_nodes,
+        info.lost_nodes, info.cancelled_nodes, str(info.progress_percent).encode(), _ms(info.started_at),
+        _ms(info.finished_at), _ms(info.updated_at), info.canvas_path.encode(), _ms(info.created_at),
+        json.dumps(info.metadata, separators=(",", ":")).encode(),
     ]  # fmt: skip
     for reply in (values, [v.decode() if isinstance(v, bytes) else v for v in values]):  # decode_responses clients
         expected = _session_values(SID, reply).to_dict()
