@@ -105,7 +105,7 @@ class SessionInfo(_Model):
 
     def to_dict(self) -> dict[str, Any]:
         """What ``model_dump(mode="json")`` returns, built directly: every write returns it (the
-        status dict of ``add_node_result``), and the generic serializer costs twice as much."""
+        status dict of ``add_node_result``), and the generic serializer costs three times as much."""
         data = self.__dict__.copy()
         data["status"] = self.status.value
         data["created_at"] = json_datetime(self.created_at)

@@ -175,7 +175,7 @@ def _json_ms(ms: int) -> str:
 
 def _status_values(session_id: str, values: Sequence[Any]) -> dict[str, Any]:
     # What _session_values(...).to_dict() gives, without the model: the status dict every
-    # add_node_result returns (tests/unit/test_redis_codec.py checks the two agree).
+    # add_node_result returns (tests/unit/test_status_dict.py checks the two agree).
     (status, node_count, completed, failed, running, lost, cancelled, progress,
      started_ms, finished_ms, updated_ms, canvas_path, created_ms, metadata) = values  # fmt: skip
     status = _text(status)
@@ -519,8 +519,6 @@ class RedisPrograms:
     def status_reply(self, session_id: str, reply: list[Any]) -> Program[dict[str, Any]]:
         """The status dict read straight from a :meth:`status_script` reply (no model built); a
         node limit costs one more round trip, for the error's figures."""
-        if reply[0] == b"ok" or _text(reply[0]) == "ok":
-            return _status_values(session_id, reply[2])
         if _text(reply[0]) == "limit":
             info = yield from self.get(session_id)
             raise NodeLimitError(session_id, _text(reply[1]), info.node_count if info else 0)
