@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import functools
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
@@ -18,9 +18,14 @@ JsonValue = Any
 """Any value ``json.dumps`` accepts without a custom encoder."""
 
 
+#: Epoch milliseconds count from here.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def utc_from_ms(ms: int | None) -> datetime | None:
-    """Epoch milliseconds (as stored) to an aware UTC datetime."""
-    return None if ms is None else datetime.fromtimestamp(ms / 1000.0, tz=UTC)
+    """Epoch milliseconds (as stored) to an aware UTC datetime, exactly (``ms / 1000`` as a float
+    would give stray microseconds after about the year 2300)."""
+    return None if ms is None else _EPOCH + timedelta(milliseconds=ms)
 
 
 def ms_from_utc(moment: datetime | None) -> int | None:

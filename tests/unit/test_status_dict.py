@@ -16,9 +16,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tracker.errors import StorageUnavailableError
-from tracker.models import SessionInfo
+from tracker.models import SessionInfo, json_datetime, ms_from_utc, utc_from_ms
 from tracker.states import SessionStatus
-from tracker.storage.redis import _session_values, _status_values
+from tracker.storage.redis import _json_ms, _session_values, _status_values
 
 SID = "a301b679-db8d-4ca7-8cdc-dbd6f986a5a4"
 
@@ -96,3 +96,14 @@ def test_a_status_this_version_does_not_know_is_an_error_not_a_dict() -> None:
     values = [b"paused", 3, 0, 0, 0, 0, 0, b"0", b"", b"", b"1767225600000", b"c", b"1767225600000", b"{}"]
     with pytest.raises(StorageUnavailableError, match="paused"):
         _status_values(SID, values)
+
+
+@given(st.integers(0, round(datetime(9999, 1, 1, tzinfo=UTC).timestamp() * 1000)))
+def test_a_stored_millisecond_reads_back_exactly(ms: int) -> None:
+    # The reply's moments are formatted from a cached second (_json_ms); both paths must give the
+    # stored millisecond itself, with no float rounding (which strays after about the year 2300).
+    moment = utc_from_ms(ms)
+    assert moment is not None
+    assert ms_from_utc(moment) == ms
+    assert moment.microsecond == ms % 1000 * 1000
+    assert _json_ms(ms) == json_datetime(moment)

@@ -169,8 +169,16 @@ _SESSION_STATUS = {status.value: status for status in SessionStatus}
 
 
 @functools.lru_cache(maxsize=1024)
+def _json_second(second: int) -> str:
+    """The JSON text of a whole UTC second, without its ``Z``: ``2026-11-29T23:21:06``."""
+    return json_datetime(_utc(second * 1000))[:-1]
+
+
 def _json_ms(ms: int) -> str:
-    return json_datetime(_utc(ms))
+    """``json_datetime(_utc(ms))``, from a cached second: a write's reply holds a new millisecond
+    each time, and building its datetime to format it took a good part of reading that reply."""
+    second, milli = divmod(ms, 1000)
+    return f"{_json_second(second)}.{milli:03d}000Z" if milli else _json_second(second) + "Z"
 
 
 def _status_values(session_id: str, values: Sequence[Any]) -> dict[str, Any]:
