@@ -66,3 +66,31 @@ def test_the_adapter_writes_exactly_these_keys(
         f"{key_prefix}:index:created": b"zset",
         f"{key_prefix}:index:expiry": b"zset",
     }
+
+
+def test_the_session_hash_holds_every_state_field_after_each_write(
+    make_manager: ManagerFactory, key_prefix: str, redis_client: redis.Redis
+) -> None:
+    # A write sends only the state fields that changed: what the hash holds must still be the
+    # whole state, and a field missing from an older hash is written by the next write.
+    manager = make_manager()
+    sid = manager.sync.create_session("k.canvas", 3)
+    key = KeySpace(key_prefix).session(sid).session
+    redis_client.hdel(key, "lost", "finished_ms")  # as a hash written without them would be
+
+    manager.sync.record_node(sid, "a", "running")
+    manager.sync.add_node_result(sid, "b", {"ok": 1})
+    manager.sync.add_node_result(sid, "a", status="failed", error=RuntimeError("boom"))
+    held = {k.decode(): v.decode() for k, v in redis_client.hgetall(key).items()}
+    status = manager.sync.get_session_status(sid)
+    assert {f: held[f] for f in ("status", "completed", "failed", "running", "lost", "cancelled", "finished_ms")} == {
+        "status": "running", "completed": "1", "failed": "1", "running": "0", "lost": "0", "cancelled": "0",
+        "finished_ms": "",
+    }  # fmt: skip
+    assert status["progress_percent"] == float(held["progress"]) == 66.67
+    assert held["started_ms"] != ""
+
+    manager.sync.add_node_result(sid, "c", {"ok": 2})
+    held = {k.decode(): v.decode() for k, v in redis_client.hgetall(key).items()}
+    assert (held["status"], held["completed"], held["progress"]) == ("partial_failure", "2", "100")
+    assert held["finished_ms"] != "" and int(held["updated_ms"]) >= int(held["finished_ms"])

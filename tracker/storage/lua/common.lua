@@ -17,10 +17,14 @@ local function load_session()
   local v = redis.call('HMGET', S, 'status', 'node_count', 'completed', 'failed', 'running', 'lost', 'cancelled',
                        'progress', 'started_ms', 'finished_ms', 'updated_ms', 'canvas_path', 'created_ms', 'metadata')
   if not v[1] then return nil end
-  return {status = v[1], node_count = tonumber(v[2]) or 0, completed = tonumber(v[3]) or 0,
-          failed = tonumber(v[4]) or 0, running = tonumber(v[5]) or 0, lost = tonumber(v[6]) or 0,
-          cancelled = tonumber(v[7]) or 0, progress = v[8] or '', started_ms = v[9] or '', finished_ms = v[10] or '',
-          updated_ms = v[11] or '', canvas_path = v[12] or '', created_ms = v[13] or '', metadata = v[14] or ''}
+  local s = {status = v[1], node_count = tonumber(v[2]) or 0, completed = tonumber(v[3]) or 0,
+             failed = tonumber(v[4]) or 0, running = tonumber(v[5]) or 0, lost = tonumber(v[6]) or 0,
+             cancelled = tonumber(v[7]) or 0, progress = v[8] or '', started_ms = v[9] or '', finished_ms = v[10] or '',
+             updated_ms = v[11] or '', canvas_path = v[12] or '', created_ms = v[13] or '', metadata = v[14] or ''}
+  -- What the hash holds now (false: missing), in save_session's order: it writes what differs.
+  s.stored = {v[1], v[3] and s.completed, v[4] and s.failed, v[5] and s.running, v[6] and s.lost,
+              v[7] and s.cancelled, v[8], v[9], v[10]}
+  return s
 end
 
 -- The session's fields as a list, in SESSION_FIELDS order (what record_nodes replies).
@@ -29,14 +33,28 @@ local function session_values(s)
           s.finished_ms, s.updated_ms, s.canvas_path, s.created_ms, s.metadata}
 end
 
--- updated_ms never goes back: a writer whose clock lags (or whose call was slow) must not make an
--- active session look idle to cleanup. Returns the updated_ms written.
+-- Writes updated_ms and the state fields that differ from what load_session read: the session hash
+-- is small, so Redis keeps it as a listpack where each field written is a scan, and each counter
+-- passed is a number formatted as text. updated_ms never goes back: a writer whose clock lags (or
+-- whose call was slow) must not make an active session look idle to cleanup. Returns it.
 local function save_session(s, now_ms)
   local updated = now_ms
   if s.updated_ms ~= '' and tonumber(s.updated_ms) > tonumber(now_ms) then updated = s.updated_ms end
-  redis.call('HSET', S, 'status', s.status, 'completed', s.completed, 'failed', s.failed, 'running', s.running,
-             'lost', s.lost, 'cancelled', s.cancelled, 'progress', s.progress, 'started_ms', s.started_ms,
-             'finished_ms', s.finished_ms, 'updated_ms', updated)
+  local was = s.stored
+  local a = {'updated_ms', updated, false, false, false, false, false, false, false, false, false, false, false, false,
+             false, false, false, false, false, false}
+  local n = 2
+  if s.status ~= was[1] then a[n + 1] = 'status'; a[n + 2] = s.status; n = n + 2 end
+  if s.completed ~= was[2] then a[n + 1] = 'completed'; a[n + 2] = s.completed; n = n + 2 end
+  if s.failed ~= was[3] then a[n + 1] = 'failed'; a[n + 2] = s.failed; n = n + 2 end
+  if s.running ~= was[4] then a[n + 1] = 'running'; a[n + 2] = s.running; n = n + 2 end
+  if s.lost ~= was[5] then a[n + 1] = 'lost'; a[n + 2] = s.lost; n = n + 2 end
+  if s.cancelled ~= was[6] then a[n + 1] = 'cancelled'; a[n + 2] = s.cancelled; n = n + 2 end
+  if s.progress ~= was[7] then a[n + 1] = 'progress'; a[n + 2] = s.progress; n = n + 2 end
+  if s.started_ms ~= was[8] then a[n + 1] = 'started_ms'; a[n + 2] = s.started_ms; n = n + 2 end
+  if s.finished_ms ~= was[9] then a[n + 1] = 'finished_ms'; a[n + 2] = s.finished_ms; n = n + 2 end
+  redis.call('HSET', S, unpack(a, 1, n))
+  s.stored = {s.status, s.completed, s.failed, s.running, s.lost, s.cancelled, s.progress, s.started_ms, s.finished_ms}
   return updated
 end
 
