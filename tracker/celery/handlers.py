@@ -122,6 +122,10 @@ class _Raw(NamedTuple):
     at: datetime
 
 
+#: ``_Raw`` from a tuple of its fields (a named tuple's own constructor is a Python function).
+_new_raw = _Raw._make
+
+
 def _calls(queued: Sequence[tuple[str, NodeEvent]]) -> list[_Call]:
     by_session: dict[str, list[NodeEvent]] = {}
     for session_id, event in queued:
@@ -388,14 +392,19 @@ class Recorder:
         self._received_lock = threading.Lock()
         self._writer: Writer | None = None
         self._writer_lock = threading.Lock()
+        self._worker_ids: dict[tuple[str | None, int], str] = {}
 
     @property
     def manager(self) -> SessionManager:
         return self._manager or SessionManager.get_instance()
 
     def worker_id(self, hostname: str | None) -> str:
-        """``<hostname>:<pid>``: which worker process holds a node."""
-        return f"{hostname or self.worker_name or 'worker'}:{_pid}"
+        """``<hostname>:<pid>``: which worker process holds a node (asked for on every event)."""
+        key = (hostname, _pid)
+        worker_id = self._worker_ids.get(key)
+        if worker_id is None:
+            worker_id = self._worker_ids[key] = f"{hostname or self.worker_name or 'worker'}:{_pid}"
+        return worker_id
 
     # -- recording --------------------------------------------------------------------------
 
@@ -431,8 +440,25 @@ class Recorder:
         stamps, when the caller read them already); with ``flush_interval = 0``, write it now,
         unless the store has just failed."""
         ids = ids or ids_of(request)
-        if ids is None:
-            return
+        if ids is not None:
+            self._keep(request, ids, status, result, error, attempt, task_id, worker, reason)
+
+    def _keep(
+        self,
+        request: Any,
+        ids: tuple[str, str],
+        status: NodeStatus,
+        result: Any,
+        error: BaseException | None,
+        attempt: int | None,
+        task_id: str | None,
+        worker: str | None,
+        reason: str | None,
+    ) -> None:
+        """:meth:`submit` once the ids are read, without keywords: every task's start and result."""
+        writer = self._writer
+        if writer is None or writer.pid != _pid:
+            writer = self.writer(getattr(request, "hostname", None))
         manager = self.manager
         result_json = None
         if result is not None:
@@ -442,8 +468,7 @@ class Recorder:
                 # The return value is not JSON or is over the cap: the node still completed.
                 logger.warning("tracker: result of node %s (session %s) not stored: %s", ids[1], ids[0], exc)
                 reason = f"result not stored: {exc}"
-        writer = self.writer(getattr(request, "hostname", None))
-        writer.keep(_Raw(*ids, status, result_json, error, attempt, task_id, worker, reason, manager.clock()))
+        writer.keep(_new_raw((*ids, status, result_json, error, attempt, task_id, worker, reason, manager.clock())))
         if manager.settings.flush_interval == 0 and not writer.store_down:
             writer.flush()
 
@@ -530,7 +555,7 @@ class Recorder:
             return
         # Kept as it came: most tasks end before the next flush, and then their result carries it.
         attempt, worker = int(request.retries or 0) + 1, self.worker_id(request.hostname)
-        self.submit(request, NodeStatus.RUNNING, attempt=attempt, task_id=task_id, worker=worker, ids=ids)
+        self._keep(request, ids, NodeStatus.RUNNING, None, None, attempt, task_id, worker, None)
 
     def on_success(self, sender: Any = None, result: Any = None, **_: Any) -> None:
         request: Any = getattr(sender, "request", None)
@@ -538,9 +563,7 @@ class Recorder:
         if ids is None or not self.mine(sender):
             return
         attempt, worker = int(request.retries or 0) + 1, self.worker_id(request.hostname)
-        self.submit(
-            request, NodeStatus.COMPLETED, result=result, attempt=attempt, task_id=request.id, worker=worker, ids=ids
-        )
+        self._keep(request, ids, NodeStatus.COMPLETED, result, None, attempt, request.id, worker, None)
 
     def on_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
         """Main process: remember a tracked task's ids by task id (bounded), for a failure reported
