@@ -392,19 +392,14 @@ class Recorder:
         self._received_lock = threading.Lock()
         self._writer: Writer | None = None
         self._writer_lock = threading.Lock()
-        self._worker_ids: dict[tuple[str | None, int], str] = {}
 
     @property
     def manager(self) -> SessionManager:
         return self._manager or SessionManager.get_instance()
 
     def worker_id(self, hostname: str | None) -> str:
-        """``<hostname>:<pid>``: which worker process holds a node (asked for on every event)."""
-        key = (hostname, _pid)
-        worker_id = self._worker_ids.get(key)
-        if worker_id is None:
-            worker_id = self._worker_ids[key] = f"{hostname or self.worker_name or 'worker'}:{_pid}"
-        return worker_id
+        """``<hostname>:<pid>``: which worker process holds a node."""
+        return f"{hostname or self.worker_name or 'worker'}:{_pid}"
 
     # -- recording --------------------------------------------------------------------------
 
