@@ -90,6 +90,27 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """A distribution-free interval for the median of what ``values`` were drawn from.
+
+    The k-th smallest and k-th largest values bound the median with probability
+    ``1 - 2 * P(Binomial(n, 1/2) < k)``, whatever the distribution (order statistics). The
+    narrowest such interval that reaches ``confidence`` is returned as ``(low, high, coverage)``;
+    with too few values for that, the widest one (all of them) and its lower coverage.
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("no values")
+    k, below = 1, 0  # below: how many of the 2**n outcomes put fewer than k values under the median
+    while True:
+        below += math.comb(n, k - 1)
+        if k >= (n + 1) // 2 or 1 - 2 * (below + math.comb(n, k)) / 2**n < confidence:
+            break
+        k += 1
+    return float(ordered[k - 1]), float(ordered[n - k]), 1 - 2 * below / 2**n
+
+
 def quantile(values: Sequence[float], q: float) -> float:
     """The ``q`` quantile (0..1) by nearest rank."""
     ordered = sorted(values)
