@@ -42,7 +42,7 @@ import redis
 from celery import Celery, group
 
 from benchmarks._redis import LoggedCommand, RedisServer, command_log, redis_server
-from benchmarks.report import Row, Section, Target, median, median_interval
+from benchmarks.report import Row, Section, Target, interval_row, median
 from tracker import SessionManager, TrackerSettings
 from tracker.celery import dispatch
 from tracker.storage.keys import KeySpace
@@ -309,7 +309,6 @@ def run(quick: bool) -> Section:
         sum(t[name] for name in serving) / sum(u[name] for name in serving)
         for t, u in zip(cpu_runs["tracked"], cpu_runs["untracked"], strict=True)
     ]
-    low, high, coverage = median_interval(ratios)
     section.rows += [
         Row(
             f"wall time, {n} no-op tasks, tracked vs untracked (median of {pairs} pairs)",
@@ -320,14 +319,7 @@ def run(quick: bool) -> Section:
             baseline_name="untracked",
             target=Target("ratio", "<=", 1.05),
         ),
-        Row(
-            f"its median's {coverage:.0%} interval, from the pairs alone: low, high",
-            "ratio",
-            low,
-            high,
-            baseline_name="high",
-            note="order statistics of the pair ratios: no assumption on their distribution",
-        ),
+        interval_row(ratios, "pairs"),
         Row(
             "of which dispatch and Celery's stamps alone (worker without the tracker)",
             "ratio",
@@ -361,7 +353,6 @@ def run(quick: bool) -> Section:
         "tracked_s": tracked_s,
         "untracked_s": untracked_s,
         "pair_ratios": ratios,
-        "pair_ratio_median_interval": {"low": low, "high": high, "coverage": coverage},
         "cpu_us_per_task_by_process": cpu_per_task,
         "cpu_pair_ratios": cpu_ratios,
         "dispatch_only_pair_ratios": split_ratios,

@@ -111,6 +111,19 @@ def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[
     return float(ordered[k - 1]), float(ordered[n - k]), 1 - 2 * below / 2**n
 
 
+def interval_row(values: Sequence[float], of: str) -> Row:
+    """The row under a median ratio: the interval that holds the median (see :func:`median_interval`)."""
+    low, high, coverage = median_interval(values)
+    return Row(
+        f"its median's {coverage:.0%} interval, from the {of} alone: low, high",
+        "ratio",
+        low,
+        high,
+        baseline_name="high",
+        note="order statistics of the ratios: no assumption on their distribution",
+    )
+
+
 def quantile(values: Sequence[float], q: float) -> float:
     """The ``q`` quantile (0..1) by nearest rank."""
     ordered = sorted(values)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from benchmarks._redis import redis_server
-from benchmarks.report import Row, Section, Target, median
+from benchmarks.report import Row, Section, Target, interval_row, median
 from tracker import SessionManager, TrackerSettings
 from tracker.storage.redis import RedisStorageAdapter
 
@@ -98,6 +98,7 @@ def run(quick: bool) -> Section:
             target=Target("ratio", ">=", 0.6),
             note="ratio: ours / HSET rate, median of alternating blocks",
         ),
+        interval_row(ratios, "blocks"),
         Row(
             f"add_node_results by {BATCH} vs HSET pipelined by {BATCH}",
             "writes/s",
