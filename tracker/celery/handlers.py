@@ -450,7 +450,8 @@ class Recorder:
         worker: str | None,
         reason: str | None,
     ) -> None:
-        """:meth:`submit` once the ids are read, without keywords: every task's start and result."""
+        """:meth:`submit` once the ids are read, without keywords (every task's start and result
+        come here straight from their handlers)."""
         writer = self._writer
         if writer is None or writer.pid != _pid:
             writer = self.writer(getattr(request, "hostname", None))
