@@ -81,12 +81,16 @@ class _Plans:
         count = validation.node_count(node_count)
         meta = validation.metadata(metadata)
         sid = validation.session_id(session_id) if session_id is not None else str(uuid.uuid4())
+        signatures: list[str | None] = []  # encoded once: checked here, stored as they are
         for spec in nodes:
             if not isinstance(spec, NodeSpec):
                 raise TrackerValidationError("nodes", spec, "expected NodeSpec items", sid)
             validation.label(spec.task_id, "task_id", sid)
-            if spec.signature is not None:
-                validation.json_text(spec.signature, "signature", self.settings.max_result_bytes, sid)
+            signatures.append(
+                None
+                if spec.signature is None
+                else validation.json_text(spec.signature, "signature", self.settings.max_result_bytes, sid)
+            )
         node_ids = [validation.node_id(spec.node_id, sid) for spec in nodes]
         if len(set(node_ids)) != len(node_ids) or len(node_ids) > count:
             raise TrackerValidationError(
@@ -96,7 +100,7 @@ class _Plans:
         info = SessionInfo(
             session_id=sid, canvas_path=path, node_count=count, created_at=now, updated_at=now, metadata=meta
         )
-        return _Plan("create", (info, tuple(nodes)), lambda _: sid)
+        return _Plan("create", (info, tuple(nodes), signatures), lambda _: sid)
 
     def update_status(self, session_id: str, status: SessionStatus | str) -> _Plan[TransitionOutcome]:
         sid = validation.session_id(session_id)

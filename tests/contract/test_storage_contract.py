@@ -303,6 +303,31 @@ async def test_result_cap_is_configurable(store: SessionStorageAdapter, clock: F
         await manager.add_node_result(sid, "b", "x" * 100)
 
 
+async def test_a_node_signature_that_is_not_json_or_over_the_cap_creates_nothing(
+    store: SessionStorageAdapter, clock: FakeClock
+) -> None:
+    from tracker import TrackerSettings
+
+    manager = SessionManager(storage=store, settings=TrackerSettings(max_result_bytes=100), clock=clock)
+    sid = str(uuid.uuid4())
+    for bad, why in (
+        ({"task": "t", "args": [object()]}, "not JSON"),
+        ({"task": "t", "args": ["x" * 90]}, "100-byte cap"),
+    ):
+        nodes = [NodeSpec(node_id="a", signature={"task": "t"}), NodeSpec(node_id="b", signature=bad)]
+        with pytest.raises(TrackerValidationError, match=why) as caught:
+            await manager.create_session("bad.canvas", 2, nodes=nodes, session_id=sid)
+        assert caught.value.field == "signature"
+        with pytest.raises(SessionNotFoundError):
+            await manager.get_session_status(sid)
+    # The same nodes with storable signatures: each is kept as given (resume re-sends it).
+    fine = [NodeSpec(node_id="a", signature={"task": "t"}), NodeSpec(node_id="b", signature={"task": "u", "args": [1]})]
+    await manager.create_session("fine.canvas", 2, nodes=fine, session_id=sid)
+    await manager.update_status(sid, S.CANCELLED)
+    outcome = await manager.resume_session(sid)
+    assert {n.node_id: n.signature for n in outcome.nodes} == {"a": {"task": "t"}, "b": {"task": "u", "args": [1]}}
+
+
 async def test_late_events_after_the_end_are_recorded_without_moving_status(manager: SessionManager) -> None:
     sid = await new_session(manager, 3)
     await manager.add_node_result(sid, "a", 1)

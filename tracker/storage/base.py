@@ -93,8 +93,14 @@ def lost_reason(worker: str, last_seen: datetime, now: datetime) -> str:
 class SessionStorageAdapter(Protocol):
     """A blocking store of sessions. Implementations must be safe to share between threads."""
 
-    def create(self, session: SessionInfo, nodes: Sequence[NodeSpec] = ()) -> None:
+    def create(
+        self, session: SessionInfo, nodes: Sequence[NodeSpec] = (), signatures: Sequence[str | None] | None = None
+    ) -> None:
         """Store a new session (and its known nodes as ``pending``).
+
+        ``signatures``, when given, holds each node's signature as the compact JSON text the
+        manager checked (None for a node without one), so that a store keeping text need not encode
+        it again.
 
         Raises:
             SessionExistsError: the id is taken.
@@ -224,7 +230,9 @@ class SessionStorageAdapter(Protocol):
 class AsyncSessionStorageAdapter(Protocol):
     """The awaitable flavour of :class:`SessionStorageAdapter`: same verbs, same semantics."""
 
-    async def create(self, session: SessionInfo, nodes: Sequence[NodeSpec] = ()) -> None: ...
+    async def create(
+        self, session: SessionInfo, nodes: Sequence[NodeSpec] = (), signatures: Sequence[str | None] | None = None
+    ) -> None: ...
 
     async def get(self, session_id: str) -> SessionInfo | None: ...
 

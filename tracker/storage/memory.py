@@ -136,7 +136,9 @@ class InMemoryStorageAdapter:
 
     # -- the protocol ------------------------------------------------------------------------
 
-    def create(self, session: SessionInfo, nodes: Sequence[NodeSpec] = ()) -> None:
+    def create(
+        self, session: SessionInfo, nodes: Sequence[NodeSpec] = (), signatures: Sequence[str | None] | None = None
+    ) -> None:
         with self._lock:
             if session.session_id in self._sessions:
                 raise SessionExistsError(session.session_id)

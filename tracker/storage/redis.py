@@ -313,7 +313,9 @@ class RedisPrograms:
             raise SessionExistsError(session_id)
         raise StorageUnavailableError(f"unexpected script reply {code!r}")
 
-    def create(self, session: SessionInfo, nodes: Sequence[NodeSpec] = ()) -> Program[None]:
+    def create(
+        self, session: SessionInfo, nodes: Sequence[NodeSpec] = (), signatures: Sequence[str | None] | None = None
+    ) -> Program[None]:
         sid = session.session_id
         sk = self.keys.session(sid)
         now_ms = ms_from_utc(session.created_at)
@@ -328,9 +330,10 @@ class RedisPrograms:
             len(nodes),
             new_request_id(),
         ]
-        for spec in nodes:
-            sig = validation.compact_json(spec.signature) if spec.signature is not None else ""
-            args += [spec.node_id, _field(spec.task_id, "task_id"), sig]
+        if signatures is None:
+            signatures = [None if spec.signature is None else validation.compact_json(spec.signature) for spec in nodes]
+        for spec, sig in zip(nodes, signatures, strict=True):
+            args += [spec.node_id, _field(spec.task_id, "task_id"), sig or ""]
         script = self._script("create", sk, *args)
         if not self.cluster:
             script.keys.extend([self.keys.created_index, self.keys.expiry_index])
@@ -819,8 +822,10 @@ class RedisStorageAdapter(_RedisBase):
         except redis.RedisError as exc:
             raise _translate(exc, self.url) from exc
 
-    def create(self, session: SessionInfo, nodes: Sequence[NodeSpec] = ()) -> None:
-        self._drive(self.programs.create(session, nodes))
+    def create(
+        self, session: SessionInfo, nodes: Sequence[NodeSpec] = (), signatures: Sequence[str | None] | None = None
+    ) -> None:
+        self._drive(self.programs.create(session, nodes, signatures))
 
     def get(self, session_id: str) -> SessionInfo | None:
         return self._drive(self.programs.get(session_id))
@@ -980,8 +985,10 @@ class AsyncRedisStorageAdapter(_RedisBase):
         except redis.RedisError as exc:
             raise _translate(exc, self.url) from exc
 
-    async def create(self, session: SessionInfo, nodes: Sequence[NodeSpec] = ()) -> None:
-        await self._drive(self.programs.create(session, nodes))
+    async def create(
+        self, session: SessionInfo, nodes: Sequence[NodeSpec] = (), signatures: Sequence[str | None] | None = None
+    ) -> None:
+        await self._drive(self.programs.create(session, nodes, signatures))
 
     async def get(self, session_id: str) -> SessionInfo | None:
         return await self._drive(self.programs.get(session_id))
