@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import gc
+import uuid
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import redis
-from celery import chain, chord, group
+from celery import Celery, chain, chord, group
 
 from tests.celery.appmod import add, done, flaky, total, unjsonable, work
 from tests.celery.conftest import wait_for, wait_status
-from tracker import NodeStatus, SessionManager
+from tracker import InMemoryStorageAdapter, NodeStatus, SessionManager, TrackerValidationError
 from tracker.celery import dispatch, ids_of, leaves
-from tracker.celery.dispatch import node_spec
+from tracker.celery.dispatch import new_task_ids, node_spec
 
 
 def test_group_with_known_failures_ends_partial(tracked: SessionManager, thread_worker: None, redis_url: str) -> None:
@@ -73,6 +76,48 @@ def test_unstorable_result_still_completes_the_node(tracked: SessionManager, thr
 def test_leaves_of_a_nested_canvas() -> None:
     canvas = chain(add.s(1, 2), group(add.s(1), add.s(2)), chord([add.s(1, 1), add.s(2, 2)], total.s()))
     assert [sig.task for sig in leaves(canvas)] == ["t.add"] * 5 + ["t.total"]
+
+
+def test_new_task_ids_are_distinct_uuid4_strings() -> None:
+    ids = new_task_ids(5000)
+    assert len(set(ids)) == 5000
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
+    assert new_task_ids(0) == []
+
+
+def test_dispatch_holds_the_collector_off_only_while_it_creates_the_session() -> None:
+    app = Celery("gc_check", broker="memory://")  # sent into an in-process queue: nothing runs them
+    enabled_in_create: list[bool] = []
+
+    class Watched(InMemoryStorageAdapter):
+        def create(self, *args: Any, **kwargs: Any) -> None:
+            enabled_in_create.append(gc.isenabled())
+            super().create(*args, **kwargs)
+
+    manager = SessionManager(storage=Watched())
+
+    def send(**kwargs: Any) -> str:
+        return dispatch(
+            group(app.signature("t.x") for _ in range(3)), canvas_path="gc.canvas", manager=manager, **kwargs
+        )
+
+    assert gc.isenabled()
+    send()
+    assert enabled_in_create == [False] and gc.isenabled()
+    # A refused batch turns it back on too
+    with pytest.raises(TrackerValidationError):
+        send(node_ids=["a", "b", "not|an|id"])
+    assert gc.isenabled()
+    # A caller that turned it off keeps it off
+    gc.disable()
+    try:
+        send()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    assert enabled_in_create == [False, False]
 
 
 def test_a_node_is_sent_with_the_stamps_and_kept_without_them() -> None:
