@@ -6,11 +6,13 @@ here as a failing test, not as a silent migration.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import redis
 from redis.crc import key_slot
 
 from tests.redis.conftest import ManagerFactory
-from tracker import NodeSpec
+from tracker import NodeSpec, SessionInfo
 from tracker.storage.keys import KeySpace
 
 SID = "0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10"
@@ -94,3 +96,24 @@ def test_the_session_hash_holds_every_state_field_after_each_write(
     held = {k.decode(): v.decode() for k, v in redis_client.hgetall(key).items()}
     assert (held["status"], held["completed"], held["progress"]) == ("partial_failure", "2", "100")
     assert held["finished_ms"] != "" and int(held["updated_ms"]) >= int(held["finished_ms"])
+
+
+def test_a_store_called_without_the_managers_texts_encodes_signatures_the_same(
+    make_manager: ManagerFactory, key_prefix: str, redis_client: redis.Redis
+) -> None:
+    # Given the same nodes created through the manager (which hands the store the texts it
+    # checked) and straight through the store (which then encodes them itself)
+    manager = make_manager()
+    nodes = [NodeSpec(node_id="a", task_id="t-a", signature={"task": "t", "args": [1, "é"], "kwargs": {}}),
+             NodeSpec(node_id="b", task_id="t-b")]  # fmt: skip
+    managed = manager.sync.create_session("m.canvas", 2, nodes=nodes)
+    now = datetime.now(UTC)
+    direct = SessionInfo(session_id=SID, canvas_path="d.canvas", node_count=2, created_at=now, updated_at=now)
+    manager.storage.create(direct, nodes)
+
+    # Then both keep the same signature text and the same node records
+    space = KeySpace(key_prefix)
+    for part in ("sigs", "nodes"):
+        kept = [redis_client.hgetall(getattr(space.session(sid), part)) for sid in (managed, SID)]
+        assert kept[0] == kept[1]
+    assert redis_client.hgetall(space.session(SID).sigs) == {b"a": '{"task":"t","args":[1,"é"],"kwargs":{}}'.encode()}
