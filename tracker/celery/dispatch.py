@@ -95,9 +95,9 @@ def _collector_held() -> Iterator[None]:
 
     A big batch allocates tens of thousands of objects that all live until it is sent (its ids,
     signatures, node specs): the collector would run over them dozens of times in a row, and over
-    the whole heap every few batches, while the workers wait for the first task. They hold no
-    cycles, so nothing is left for later that would not have been. The collector is only turned
-    back on if it was on.
+    the whole heap every few batches, while the workers wait for the first task. They form no
+    reference cycles, so it would find nothing among them; cycles that other threads leave
+    meanwhile are collected once it is back on. It is only turned back on if it was on.
     """
     if not gc.isenabled():
         yield
