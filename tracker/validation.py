@@ -6,6 +6,7 @@ import json
 import math
 import re
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -90,19 +91,34 @@ def progress(value: object, sid: str | None = None) -> float:
     return number
 
 
-#: One encoder for every JSON text stored (json.dumps builds a new one per call for these options).
+#: The options of every JSON text stored (json.dumps would build a new encoder per call for them).
 _JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+_c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+
+
+def _encoder() -> Callable[[Any], str]:
+    """``_JSON.encode``, with its C encoder built once: ``encode`` builds one on every call, which
+    took two thirds of encoding a small result (0.4 instead of 1.3 µs for ``{"ok": true}``).
+    Built without the circular-reference check: a cycle ends in RecursionError instead of
+    ValueError, and :func:`json_text` refuses both alike."""
+    if _c_make_encoder is None:  # no C accelerator (not CPython)
+        return _JSON.encode
+    chunks = _c_make_encoder(None, _JSON.default, json.encoder.encode_basestring, None, ":", ",", False, False, False)
+    return lambda value: "".join(chunks(value, 0))
+
+
+_encode = _encoder()
 
 
 def compact_json(value: Any) -> str:
     """``value`` (already checked by :func:`json_text`) as the compact JSON text that is stored."""
-    return _JSON.encode(value)
+    return _encode(value)
 
 
 def json_text(value: Any, field: str, max_bytes: int, sid: str | None = None) -> str:
     """Encode ``value`` as compact JSON (no NaN), refusing what does not fit in ``max_bytes``."""
     try:
-        text = _JSON.encode(value)
+        text = _encode(value)
         # ASCII (the common case) is its own UTF-8; other text is encoded to be measured, and a
         # lone surrogate fails there (it cannot be stored).
         size = len(text) if text.isascii() else len(text.encode())
