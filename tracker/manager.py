@@ -161,6 +161,11 @@ class _Plans:
     ) -> NodeEvent:
         """:meth:`node_event` once the session id and the status are checked and the result is
         encoded (``result_json``, from :func:`validation.json_text`, is taken as it is)."""
+        if (
+            error is None and attempt is None and task_id is None and worker is None and reason is None
+            and request_id is None and at is None and started_at is None
+        ):  # fmt: skip
+            return NodeEvent(validation.node_id(node_id, sid), status, result_json)  # nothing else to check
         if reason is not None:
             reason = validation.optional_text(reason, "reason", self.settings.max_error_chars, sid) or None
         return NodeEvent(

@@ -174,9 +174,11 @@ def _json_second(second: int) -> str:
     return json_datetime(_utc(second * 1000))[:-1]
 
 
+@functools.lru_cache(maxsize=4096)
 def _json_ms(ms: int) -> str:
     """``json_datetime(_utc(ms))``, from a cached second: a write's reply holds a new millisecond
-    each time, and building its datetime to format it took a good part of reading that reply."""
+    each time, and building its datetime to format it took a good part of reading that reply. The
+    session's creation and start recur in every reply: cached whole."""
     second, milli = divmod(ms, 1000)
     return f"{_json_second(second)}.{milli:03d}000Z" if milli else _json_second(second) + "Z"
 
