@@ -1,7 +1,7 @@
 """Item 4: single-client write throughput, ``add_node_result`` vs a plain redis-py ``HSET`` loop.
 
 Both loops share one client (the adapter's own redis-py connection pool, so one connection) on a
-private redis-server and run in alternating blocks, so that both see the same machine. The
+private redis-server and run in blocks taken in rotation, so that both see the same machine. The
 ``HSET`` writes what a node record looks like into a plain hash: the least a store could do per
 result. Beside them, in the same rotation, the very script call each ``add_node_result`` makes,
 built beforehand and sent bare (no checks, no status dict): the floor of any client of that
@@ -125,7 +125,7 @@ def run(quick: bool) -> Section:
             median(ratios),
             baseline_name="HSET",
             target=Target("ratio", ">=", 0.6),
-            note="ratio: ours / HSET rate, median of alternating blocks",
+            note="ratio: ours / HSET rate, median of the blocks",
         ),
         interval_row(ratios, "blocks"),
         Row(

@@ -101,9 +101,13 @@ def _encoder() -> Callable[[Any], str]:
     took two thirds of encoding a small result (0.4 instead of 1.3 µs for ``{"ok": true}``).
     Built without the circular-reference check: a cycle ends in RecursionError instead of
     ValueError, and :func:`json_text` refuses both alike."""
-    if _c_make_encoder is None:  # no C accelerator (not CPython)
+    try:
+        # (markers, default, encoder, indent, key_separator, item_separator, sort_keys, skipkeys, allow_nan)
+        chunks = _c_make_encoder(
+            None, _JSON.default, json.encoder.encode_basestring, None, ":", ",", False, False, False
+        )
+    except TypeError:  # no C accelerator (not CPython), or one that takes other arguments
         return _JSON.encode
-    chunks = _c_make_encoder(None, _JSON.default, json.encoder.encode_basestring, None, ":", ",", False, False, False)
     return lambda value: "".join(chunks(value, 0))
 
 
