@@ -7,7 +7,9 @@ Configured from the environment so that the driver and the worker subprocess
 - ``TRACKER_BENCH_QUEUE``: the queue name;
 - ``TRACKER_REDIS_URL``: the tracker's store (another private redis-server), read by the tracker;
 - ``TRACKER_BENCH_TRACK=0``: leave the tracker out of the worker (what dispatch and the stamps cost
-  alone, without the worker's side of tracking).
+  alone, without the worker's side of tracking);
+- ``TRACKER_BENCH_INWORKER``: a directory; time the tracker's handlers and flushes in each worker
+  process and write them there (:mod:`benchmarks.inworker`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ app.conf.update(
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
 )
+if os.environ.get("TRACKER_BENCH_INWORKER"):
+    from benchmarks.inworker import instrument
+
+    instrument(os.environ["TRACKER_BENCH_INWORKER"])
 if os.environ.get("TRACKER_BENCH_TRACK", "1") != "0":
     install(app, beat=False)
 

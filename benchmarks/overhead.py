@@ -21,6 +21,10 @@ Then 10 pairs again on a worker without the tracker installed, the tracked batch
 dispatched (session created, tasks stamped, nothing recorded): what dispatch and Celery's handling
 of the stamps cost alone, and so what is left for the worker's side of tracking.
 
+Then 3 pairs on a third worker whose processes time the tracker's own code where it runs
+(:mod:`benchmarks.inworker`): the handlers of a tracked and of an untracked task in the pool
+children and in the main process, and the pool children's writer threads, per task.
+
 Round trips are counted in one more tracked batch with the store's slow log recording every
 command (a Lua script's own commands are told apart by their fake client): commands sent by the
 worker per node, and by the dispatching process per session.
@@ -44,6 +48,7 @@ import redis
 from celery import Celery, group
 
 from benchmarks._redis import LoggedCommand, RedisServer, command_log, redis_server
+from benchmarks.inworker import collect
 from benchmarks.report import Row, Section, Target, interval_row, median
 from tracker import SessionManager, TrackerSettings
 from tracker.celery import dispatch
@@ -251,6 +256,7 @@ def run(quick: bool) -> Section:
     n = 100 if quick else 2000
     pairs = 2 if quick else 20
     split_pairs = 2 if quick else 10  # the line under it: a coarser split is enough
+    timed_pairs = 1 if quick else 3  # inside the worker: medians of thousands of calls each
     section = Section("1-2", "Tracking overhead and round trips (prefork worker, concurrency 2)")
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     with redis_server() as broker, redis_server() as store, tempfile.TemporaryDirectory() as tmp:
@@ -300,6 +306,16 @@ def run(quick: bool) -> Section:
             split_cpu = {kind: list(runs) for kind, runs in bare_driver.cpu.items()}
         finally:
             bare.stop()
+        # Inside the worker: a third one, whose processes time the tracker's handlers and flushes.
+        timed_queue, timed_dir = f"{queue}-timed", Path(tmp) / "inworker"
+        timed_dir.mkdir()
+        timed = Worker({**env, "TRACKER_BENCH_INWORKER": str(timed_dir)}, timed_queue, Path(tmp) / "timed-worker.log")
+        try:
+            timed_driver = Driver(broker, store, timed_queue, timed)
+            _pairs(timed_driver, timed_driver.tracked, n, timed_pairs)
+        finally:
+            timed.stop()
+        inworker = collect(timed_dir)
 
     # Heartbeats (one ZADD per worker process every few seconds) are the tracker's too, but they
     # follow the clock, not the nodes: counted apart.
@@ -358,6 +374,32 @@ def run(quick: bool) -> Section:
             note="from /proc; less sensitive than wall time to other load on the machine",
         ),
         Row(
+            "inside the worker: the tracker's handlers per task, pool child (prerun + success)",
+            "µs CPU",
+            inworker["handlers_us"]["tracked"],
+            inworker["handlers_us"]["untracked"],
+            inworker["handlers_us"]["tracked"] / inworker["handlers_us"]["untracked"],
+            baseline_name="untracked",
+            note="thread CPU around each call (a third worker, wrapped); the clock reads are in both",
+        ),
+        Row(
+            "inside the worker: the writer thread per tracked task, pool child",
+            "µs CPU",
+            inworker["writer_thread_us_per_task"],
+            note=f"of which flushes {inworker['flush_us_per_task']:.1f} µs: "
+            f"{inworker['flushes_per_100_tasks']:.1f} store calls per 100 tasks, "
+            f"{inworker['events_per_flush_median']:.0f} events and "
+            f"{inworker['flush_median_us']:.0f} µs CPU each (median)",
+        ),
+        Row(
+            "inside the worker: the task_received handler per task, main process",
+            "µs CPU",
+            inworker["received_us"]["tracked"],
+            inworker["received_us"]["untracked"],
+            inworker["received_us"]["tracked"] / inworker["received_us"]["untracked"],
+            baseline_name="untracked",
+        ),
+        Row(
             "round trips per node, worker (start + result, written in batches)",
             "commands",
             worker_rt,
@@ -379,6 +421,7 @@ def run(quick: bool) -> Section:
         "cpu_us_per_task_by_process": cpu_per_task,
         "cpu_pair_ratios": cpu_ratios,
         "dispatch_only_pair_ratios": split_ratios,
+        "inside_worker": {"pairs": timed_pairs, **inworker},
         "dispatch_only_cpu_us_per_task_by_process": {
             kind: {name: median([run[name] for run in runs]) / n * 1e6 for name in runs[0]}
             for kind, runs in split_cpu.items()
