@@ -286,6 +286,54 @@ def test_a_busy_process_batches_its_events(make: Any) -> None:
     assert 2 <= calls.count <= 8, calls.count
 
 
+def test_a_busy_writer_ticks_without_being_woken_until_an_interval_passes_idle(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the idle rule on (at 50 ms, so that a stall of the test machine does not end the
+    # stretch), a flush_interval of 0.1 s, and the writer's wake-ups by handlers counted
+    monkeypatch.setattr(handlers, "IDLE_FLUSH_S", 0.05)
+    recorder, manager = make(flush_interval=0.1)
+    calls = Calls(manager)
+    sid = manager.sync.create_session("w.canvas", 1000)
+    writer = recorder.writer(HOST)
+    notify = writer._wake.notify
+    wakes = 0
+
+    def counted(n: int = 1) -> None:
+        nonlocal wakes
+        wakes += 1
+        notify(n)
+
+    writer._wake.notify = counted  # type: ignore[method-assign]
+
+    # When events come every 2 ms for 0.6 s (six flush intervals)
+    sent = 0
+    until = time.monotonic() + 0.6
+    while time.monotonic() < until:
+        t = task(recorder, sid, f"n{sent}")
+        start(recorder, t)
+        succeed(recorder, t, sent)
+        sent += 1
+        time.sleep(0.002)
+
+    # Then they went in about one store call per interval, and only the first event woke the thread
+    # (one wake-up per interval without ticking; a second if the machine stalled for an interval)
+    wait_for(lambda: manager.sync.get_session_status(sid)["completed_nodes"] == sent, 5, "every result")
+    assert sent >= 100
+    assert 3 <= calls.count <= 9, calls.count
+    assert wakes <= 2, wakes
+    busy_wakes = wakes
+
+    # And once an interval has passed without events, the next event wakes the thread again and is
+    # written by the idle rule, not at the next heartbeat (5 s away)
+    time.sleep(0.3)
+    t = task(recorder, sid, "late")
+    start(recorder, t)
+    succeed(recorder, t, None)
+    wait_for(lambda: manager.sync.get_session_status(sid)["completed_nodes"] == sent + 1, 1, "the late result")
+    assert wakes == busy_wakes + 1, (busy_wakes, wakes)
+
+
 def test_stopping_the_writer_writes_what_it_holds(make: Any) -> None:
     recorder, manager = make()
     sid = manager.sync.create_session("w.canvas", 1)

@@ -4,7 +4,8 @@ A handler queues its event as it saw it (its ids unchecked; a result encoded as 
 the process's :class:`Writer`; the writer thread validates what is queued and sends it within
 ``flush_interval`` seconds (10 ms after the last event when they stop early; as they come for a
 session near its end), one store call per session (one script run, so one round trip however many
-events). When a task ends before the next flush, its result carries its start (one event, as two
+events). While a process's events keep coming, its writer writes them every ``flush_interval``
+without the handlers waking it. When a task ends before the next flush, its result carries its start (one event, as two
 calls would have left it); otherwise the flush writes the start. With ``flush_interval = 0`` each
 event is written before the task goes on.
 
@@ -56,7 +57,8 @@ BACKLOG_SIZE = 10_000
 #: A process whose events stopped coming this long (it is idle) writes them without waiting for
 #: the rest of ``flush_interval``. The writer checks once per flush window, this long after its
 #: first event: a process still busy then writes at the window's end (each wake-up of the writer
-#: thread takes the GIL from the task's thread).
+#: thread takes the GIL from the task's thread), and from then on every ``flush_interval`` until an
+#: interval passes without events (so the last events of a busy stretch wait up to that long).
 IDLE_FLUSH_S = 0.01
 
 #: A session near its end has its results written as they come (the writer thread is woken for
@@ -159,6 +161,9 @@ class Writer(threading.Thread):
         self._progress: dict[str, tuple[tuple[int, float], float]] = {}
         self._urgent = False  # an event of such a session waits
         self._busy = False  # events kept coming past the idle check: flush at the deadline
+        # While events keep coming, the thread flushes every flush_interval (at this monotonic time)
+        # without being woken for each window's first event; 0: it is woken (see _due).
+        self._tick_at = 0.0
         self._last_at = 0.0  # when the newest did
         self._held: list[_Call] = []  # calls the store refused, retried first, as they were
         self._flushing = threading.Lock()  # one flush at a time: this thread, an inline flush, shutdown
@@ -178,7 +183,7 @@ class Writer(threading.Thread):
         queued = len(queue)
         # Only a result is urgent: a start waits for its result (they go as one event) or the deadline.
         urgent = raw.session_id in self._near_end and raw.status in TERMINAL_NODE_STATUSES
-        if queued == 1 or queued == MAX_BATCH or urgent:
+        if (queued == 1 and not self._tick_at) or queued == MAX_BATCH or urgent:
             with self._wake:
                 if queued == 1:
                     self._first_at = self._last_at
@@ -315,10 +320,15 @@ class Writer(threading.Thread):
 
     def _due(self, now: float) -> float:
         """When the next flush is due (monotonic), or infinity (lock held)."""
-        if self._held or len(self._queue) >= MAX_BATCH:
+        if self._held or len(self._queue) >= MAX_BATCH or self._urgent:
             return self._retry_at
-        if self._urgent:
-            return self._retry_at
+        if self._tick_at:
+            if now < self._tick_at or self._queue:
+                return max(self._tick_at, self._retry_at)
+            # A whole interval without events: stop ticking. First, so that a handler queueing
+            # from now on wakes the thread (keep); then look again for one that did not.
+            self._tick_at = 0.0
+            return self._retry_at if self._queue else float("inf")
         if self._queue:
             deadline = self._first_at + self.recorder.manager.settings.flush_interval
             idle_at = self._last_at + IDLE_FLUSH_S
@@ -342,11 +352,18 @@ class Writer(threading.Thread):
                 if self._stopped:
                     return
                 flush_now = self._due(now) <= now
+                # Events kept coming through the window (or the last tick): the next flush comes
+                # one interval after this one, whatever comes, and no handler needs to wake the
+                # thread for it (each wake-up takes the GIL from the task's thread).
+                interval = self.recorder.manager.settings.flush_interval
+                tick = flush_now and interval > 0 and (self._busy or self._tick_at > 0)
             if now >= next_beat:
                 self._beat()
                 next_beat = now + self.recorder.manager.settings.heartbeat_interval
             if flush_now:
                 self.flush()
+                if tick:
+                    self._tick_at = now + interval
 
     def _beat(self) -> None:
         try:
