@@ -85,6 +85,19 @@ def node(manager: SessionManager, sid: str, nid: str) -> Any:
     return next(n for n in manager.sync.get_nodes(sid).nodes if n.node_id == nid)
 
 
+def busy_stretch(recorder: Recorder, sid: str, seconds: float) -> int:
+    """Tasks that start and succeed one every 2 ms for ``seconds`` (nodes n0, n1...); how many ran."""
+    sent = 0
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        t = task(recorder, sid, f"n{sent}")
+        start(recorder, t)
+        succeed(recorder, t, sent)
+        sent += 1
+        time.sleep(0.002)
+    return sent
+
+
 def test_a_task_that_ends_before_the_flush_is_one_event_with_its_start(
     make: Any, redis_url: str, key_prefix: str
 ) -> None:
@@ -272,14 +285,7 @@ def test_a_busy_process_batches_its_events(make: Any) -> None:
     recorder, manager = make(flush_interval=0.2)
     calls = Calls(manager)
     sid = manager.sync.create_session("w.canvas", 1000)
-    sent = 0
-    until = time.monotonic() + 0.6
-    while time.monotonic() < until:
-        t = task(recorder, sid, f"n{sent}")
-        start(recorder, t)
-        succeed(recorder, t, sent)
-        sent += 1
-        time.sleep(0.002)
+    sent = busy_stretch(recorder, sid, 0.6)
     wait_for(lambda: manager.sync.get_session_status(sid)["completed_nodes"] == sent, 5, "every result")
     # Then they went in a handful of store calls, not one per event
     assert sent >= 100
@@ -307,14 +313,7 @@ def test_a_busy_writer_ticks_without_being_woken_until_an_interval_passes_idle(
     writer._wake.notify = counted  # type: ignore[method-assign]
 
     # When events come every 2 ms for 0.6 s (six flush intervals)
-    sent = 0
-    until = time.monotonic() + 0.6
-    while time.monotonic() < until:
-        t = task(recorder, sid, f"n{sent}")
-        start(recorder, t)
-        succeed(recorder, t, sent)
-        sent += 1
-        time.sleep(0.002)
+    sent = busy_stretch(recorder, sid, 0.6)
 
     # Then they went in about one store call per interval, and only the first event woke the thread
     # (one wake-up per interval without ticking; a second if the machine stalled for an interval)
