@@ -5,9 +5,9 @@ the process's :class:`Writer`; the writer thread validates what is queued and se
 ``flush_interval`` seconds (10 ms after the last event when they stop early; as they come for a
 session near its end), one store call per session (one script run, so one round trip however many
 events). While a process's events keep coming, its writer writes them every ``flush_interval``
-without the handlers waking it. When a task ends before the next flush, its result carries its start (one event, as two
-calls would have left it); otherwise the flush writes the start. With ``flush_interval = 0`` each
-event is written before the task goes on.
+without the handlers waking it. When a task ends before the next flush, its result carries its
+start (one event, as two calls would have left it); otherwise the flush writes the start. With
+``flush_interval = 0`` each event is written before the task goes on.
 
 Handlers never raise into the user's task (Celery would only log it anyway). When the store fails,
 the writer keeps the events (bounded) and retries with backoff, then says once that it holds them,
