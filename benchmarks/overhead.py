@@ -252,6 +252,12 @@ def _per_node(
     return sum(counts.values()) / n, dict(counts)
 
 
+def _vs_untracked(name: str, figures: dict[str, float], note: str = "") -> Row:
+    """A row of µs of CPU timed inside the worker: a tracked task's against an untracked one's."""
+    tracked, untracked = figures["tracked"], figures["untracked"]
+    return Row(name, "µs CPU", tracked, untracked, tracked / untracked, baseline_name="untracked", note=note)
+
+
 def run(quick: bool) -> Section:
     n = 100 if quick else 2000
     pairs = 2 if quick else 20
@@ -373,13 +379,9 @@ def run(quick: bool) -> Section:
             baseline_name="untracked",
             note="from /proc; less sensitive than wall time to other load on the machine",
         ),
-        Row(
+        _vs_untracked(
             "inside the worker: the tracker's handlers per task, pool child (prerun + success)",
-            "µs CPU",
-            inworker["handlers_us"]["tracked"],
-            inworker["handlers_us"]["untracked"],
-            inworker["handlers_us"]["tracked"] / inworker["handlers_us"]["untracked"],
-            baseline_name="untracked",
+            inworker["handlers_us"],
             note="thread CPU around each call (a third worker, wrapped); the clock reads are in both",
         ),
         Row(
@@ -391,14 +393,7 @@ def run(quick: bool) -> Section:
             f"{inworker['events_per_flush_median']:.0f} events and "
             f"{inworker['flush_median_us']:.0f} µs CPU each (median)",
         ),
-        Row(
-            "inside the worker: the task_received handler per task, main process",
-            "µs CPU",
-            inworker["received_us"]["tracked"],
-            inworker["received_us"]["untracked"],
-            inworker["received_us"]["tracked"] / inworker["received_us"]["untracked"],
-            baseline_name="untracked",
-        ),
+        _vs_untracked("inside the worker: the task_received handler per task, main process", inworker["received_us"]),
         Row(
             "round trips per node, worker (start + result, written in batches)",
             "commands",
