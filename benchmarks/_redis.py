@@ -58,14 +58,18 @@ class RedisServer:
         """A fresh client (bytes replies)."""
         return redis.Redis(port=self.port)
 
-    def command_calls(self) -> dict[str, int]:
-        """``INFO commandstats`` as {command: calls} (sub-commands as ``config|resetstat``)."""
+    def commandstats(self) -> dict[str, dict[str, Any]]:
+        """``INFO commandstats`` by command (sub-commands as ``config|resetstat``), since the last reset."""
         client = self.client()
         try:
             stats = client.info("commandstats")
         finally:
             client.close()
-        return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+        return {name.removeprefix("cmdstat_"): value for name, value in stats.items()}
+
+    def command_calls(self) -> dict[str, int]:
+        """``INFO commandstats`` as {command: calls}."""
+        return {name: int(value["calls"]) for name, value in self.commandstats().items()}
 
     def reset_stats(self) -> None:
         client = self.client()
