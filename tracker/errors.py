@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import re
+import reprlib
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+#: Shows an offending value in a message: bounded in length and in depth, so that a value nested
+#: deeper than the recursion limit (a task's result) can be named without recursing through it.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 80, 80
 
 
 class TrackerError(Exception):
@@ -42,7 +48,7 @@ class TrackerValidationError(TrackerError, ValueError):
         self.field = field
         self.value = value
         self.session_id = session_id
-        shown = repr(value)
+        shown = _SHORT.repr(value)
         if len(shown) > 80:
             shown = shown[:77] + "..."
         where = f" (session {session_id!r})" if session_id else ""

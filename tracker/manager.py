@@ -78,7 +78,7 @@ class _Plans:
         session_id: str | None = None,
     ) -> _Plan[str]:
         path = validation.canvas_path(canvas_path)
-        count = validation.node_count(node_count)
+        count = validation.node_count(node_count, self.settings.max_node_count)
         meta = validation.metadata(metadata)
         sid = validation.session_id(session_id) if session_id is not None else str(uuid.uuid4())
         signatures: list[str | None] = []  # encoded once: checked here, stored as they are
@@ -291,12 +291,13 @@ class _Plans:
         # Only the class name and the text are kept: nothing that could be imported back.
         return NodeError(type=type(error).__name__, message=str(error)[:cap])
 
-    def heartbeat(self, worker: str) -> _Plan[None]:
-        return _Plan("heartbeat", (validation.worker_id(worker), self.clock()))
+    def heartbeat(self, worker: str, sessions: Sequence[str] = ()) -> _Plan[None]:
+        sids = [validation.session_id(sid) for sid in sessions]
+        return _Plan("heartbeat", (validation.worker_id(worker), self.clock(), sids))
 
-    def reap_lost(self) -> _Plan[list[NodeOutcome]]:
+    def reap_lost(self, requeued: bool = False) -> _Plan[list[NodeOutcome]]:
         s = self.settings
-        return _Plan("reap_lost", (self.clock(), s.worker_stale_after, s.node_max_runtime))
+        return _Plan("reap_lost", (self.clock(), s.worker_stale_after, s.node_max_runtime, requeued))
 
     def get(self, session_id: str) -> _Plan[SessionInfo]:
         sid = validation.session_id(session_id)
@@ -458,7 +459,7 @@ class SessionManager:
 
         Args:
             canvas_path: What the batch is (a canvas file path or any label), 1-1024 characters.
-            node_count: How many nodes the batch has (>= 0).
+            node_count: How many nodes the batch has (1 to ``TRACKER_MAX_NODE_COUNT``).
             metadata: A JSON object kept with the session (<= 16 KiB).
             nodes: Nodes known up front (ids, task ids, signatures for resume).
             session_id: Use this id instead of a new UUID4 (dispatch stamps it before creating).
@@ -651,14 +652,24 @@ class SessionManager:
             logger.info("removed %d expired session(s)", removed)
         return removed
 
-    async def heartbeat(self, worker: str) -> None:
-        """Note that worker process ``worker`` (``hostname:pid``) is alive now."""
-        await self._run(self._plans.heartbeat(worker))
+    async def heartbeat(self, worker: str, sessions: Sequence[str] = ()) -> None:
+        """Note that worker process ``worker`` (``hostname:pid``) is alive now, and keep the
+        ``sessions`` it runs nodes of from expiring (however long their nodes run)."""
+        await self._run(self._plans.heartbeat(worker, sessions))
 
-    async def reap_lost_nodes(self) -> list[NodeOutcome]:
-        """Mark ``lost`` the running nodes of worker processes silent for ``worker_stale_after`` s
-        (and nodes running longer than ``node_max_runtime``, when set). Returns what was marked."""
-        return await self._run(self._plans.reap_lost())
+    async def reap_lost_nodes(self, requeued: bool = False) -> list[NodeOutcome]:
+        """Mark ``lost`` the running nodes of worker processes silent for ``worker_stale_after`` s,
+        once a reaper has seen them silent that long again (a live worker back from a store outage
+        beats meanwhile), and nodes running longer than ``node_max_runtime``, when set.
+
+        Args:
+            requeued: The dead workers' messages come back from the broker (``task_acks_late``):
+                their nodes go back to ``pending`` instead, counted when their tasks run again.
+
+        Returns:
+            What was marked.
+        """
+        return await self._run(self._plans.reap_lost(requeued))
 
     # -- background cleanup -----------------------------------------------------------------
 
@@ -808,13 +819,13 @@ class SyncSessionManager:
         """See :meth:`SessionManager.is_session_expired`."""
         return self._run(self._plans.is_session_expired(session_id))
 
-    def heartbeat(self, worker: str) -> None:
+    def heartbeat(self, worker: str, sessions: Sequence[str] = ()) -> None:
         """See :meth:`SessionManager.heartbeat`."""
-        self._run(self._plans.heartbeat(worker))
+        self._run(self._plans.heartbeat(worker, sessions))
 
-    def reap_lost_nodes(self) -> list[NodeOutcome]:
+    def reap_lost_nodes(self, requeued: bool = False) -> list[NodeOutcome]:
         """See :meth:`SessionManager.reap_lost_nodes`."""
-        return self._run(self._plans.reap_lost())
+        return self._run(self._plans.reap_lost(requeued))
 
     def cleanup_expired_sessions(self) -> int:
         """See :meth:`SessionManager.cleanup_expired_sessions`."""

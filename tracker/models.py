@@ -100,6 +100,8 @@ class SessionInfo(_Model):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
+    #: Which run of the session this is: 1 from dispatch, one more for each resume that re-sent nodes.
+    run: int = Field(default=1, ge=1)
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -122,9 +124,14 @@ class SessionInfo(_Model):
         return data
 
 
-@functools.lru_cache(maxsize=1024)
 def json_datetime(moment: datetime) -> str:
     """``moment`` as ``model_dump(mode="json")`` writes it: ISO 8601, UTC as ``Z``."""
+    # The offset is part of the cache key: equal moments in two time zones compare (and hash) equal.
+    return _json_datetime(moment, moment.utcoffset())
+
+
+@functools.lru_cache(maxsize=1024)
+def _json_datetime(moment: datetime, offset: timedelta | None) -> str:
     # Cached: the same few moments recur in every reply of a session (created, started, now).
     text = moment.isoformat()
     return text[:-6] + "Z" if text.endswith("+00:00") else text
@@ -213,6 +220,10 @@ class NodeOutcome(_Model):
     previous_node_status: NodeStatus | None = None
     #: Set when this very event finished the session (exactly one caller sees it).
     finished: SessionStatus | None = None
+    #: This event made the session ``completed`` for the first time in its life (exactly one caller).
+    succeeded: bool = False
+    #: The node whose failure was the session's first for good, told to exactly one caller.
+    first_failure: str | None = None
 
 
 class BatchOutcome(_Model):
@@ -223,6 +234,10 @@ class BatchOutcome(_Model):
     finished: SessionStatus | None = None
     #: Nodes of conditional events (the reaper's) that were not applied: the condition no longer held.
     skipped: list[str] = Field(default_factory=list)
+    #: This call made the session ``completed`` for the first time in its life (exactly one caller).
+    succeeded: bool = False
+    #: The node whose failure was the session's first for good, told to exactly one caller.
+    first_failure: str | None = None
 
 
 class TransitionOutcome(_Model):

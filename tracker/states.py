@@ -57,7 +57,10 @@ class NodeStatus(StrEnum):
         return self in TERMINAL_NODE_STATUSES
 
 
-#: The session transitions a caller may request. Resume is the only way out of an ended session.
+#: The session transitions. Out of an ended session there are two ways: *resume* (to ``running``),
+#: and a late result (a slow worker after its node was reaped, a redelivery) that moves a node
+#: between counters, after which the ended status is derived again from the counts (see
+#: :func:`rederived_status`). Neither is a plain status update: :func:`allowed_from` leaves them out.
 VALID_TRANSITIONS: dict[SessionStatus, frozenset[SessionStatus]] = {
     SessionStatus.PENDING: frozenset({SessionStatus.RUNNING, SessionStatus.CANCELLED, SessionStatus.FAILED}),
     SessionStatus.RUNNING: frozenset(
@@ -68,8 +71,8 @@ VALID_TRANSITIONS: dict[SessionStatus, frozenset[SessionStatus]] = {
             SessionStatus.CANCELLED,
         }
     ),
-    SessionStatus.PARTIAL_FAILURE: frozenset({SessionStatus.RUNNING}),
-    SessionStatus.FAILED: frozenset({SessionStatus.RUNNING}),
+    SessionStatus.PARTIAL_FAILURE: frozenset({SessionStatus.RUNNING, SessionStatus.COMPLETED, SessionStatus.FAILED}),
+    SessionStatus.FAILED: frozenset({SessionStatus.RUNNING, SessionStatus.COMPLETED, SessionStatus.PARTIAL_FAILURE}),
     SessionStatus.CANCELLED: frozenset({SessionStatus.RUNNING}),
     SessionStatus.COMPLETED: frozenset(),
 }
@@ -117,13 +120,14 @@ def allowed_from(target: SessionStatus, resume: bool = False) -> frozenset[Sessi
 
     Args:
         target: The status asked for.
-        resume: Include the resume edges (ended -> running). A plain status update leaves them
-            out: only a resume, which also resets the unfinished nodes, may reopen a session.
+        resume: Include the resume edges (ended -> running). A plain status update leaves every
+            edge out of an ended session: only a resume, which also resets the unfinished nodes,
+            may reopen one, and only the counts (a late result) may change an ended status.
     """
     return frozenset(
         s
         for s, targets in VALID_TRANSITIONS.items()
-        if target in targets and (resume or not (s in TERMINAL_STATUSES and target is SessionStatus.RUNNING))
+        if target in targets and (s not in TERMINAL_STATUSES or (resume and target is SessionStatus.RUNNING))
     )
 
 
@@ -149,6 +153,23 @@ def finish_status(completed: int, failed: int, cancelled: int, node_count: int) 
     if completed == 0:
         return SessionStatus.FAILED
     return SessionStatus.PARTIAL_FAILURE
+
+
+def rederived_status(
+    current: SessionStatus, completed: int, failed: int, cancelled: int, node_count: int
+) -> SessionStatus:
+    """The status of an ended session after a late result moved a node between counters.
+
+    An ended session's status always agrees with its counts: ``partial_failure`` becomes
+    ``completed`` once every node has completed, ``failed`` becomes ``partial_failure`` when one
+    completes after all, and so on: only along the edges of :data:`VALID_TRANSITIONS`.
+    ``cancelled`` stays ``cancelled`` (a user ended it), ``completed`` is final (completed nodes
+    stay completed), and a session that is not ended keeps its status (the finish rule ends it).
+    """
+    if not current.is_terminal:
+        return current
+    target = finish_status(completed, failed, cancelled, node_count)
+    return target if target in VALID_TRANSITIONS[current] else current
 
 
 def merge_node_status(current: NodeStatus | None, incoming: NodeStatus) -> NodeStatus:

@@ -71,10 +71,10 @@ def canvas_path(value: object) -> str:
     return value
 
 
-def node_count(value: object) -> int:
-    """Return ``value`` if it is a whole number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise TrackerValidationError("node_count", value, "expected a whole number >= 0")
+def node_count(value: object, maximum: int) -> int:
+    """Return ``value`` if it is a whole number from 1 to ``maximum`` (a batch of nothing never ends)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise TrackerValidationError("node_count", value, f"expected a whole number from 1 to {maximum}")
     return value
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from tests.conftest import FakeClock
-from tracker import NodeStatus, SessionManager, SessionStatus, TrackerSettings
+from tracker import InvalidStateTransitionError, NodeStatus, SessionManager, SessionStatus, TrackerSettings
+from tracker.models import NodeOutcome
 from tracker.storage.base import SessionStorageAdapter
 
 W1, W2 = "celery@host-a:101", "celery@host-b:202"
@@ -30,17 +33,122 @@ def test_nodes_of_a_silent_worker_become_lost(store: SessionStorageAdapter, cloc
     assert manager.sync.reap_lost_nodes() == []  # not yet
     clock.advance(15)
     manager.sync.heartbeat(W2)
+    assert manager.sync.reap_lost_nodes() == []  # silent 35 s: a suspect, its grace starts
+    clock.advance(29)
+    manager.sync.heartbeat(W2)
+    assert manager.sync.reap_lost_nodes() == []  # still within the grace
+    clock.advance(1)
+    manager.sync.heartbeat(W2)
     lost = manager.sync.reap_lost_nodes()
     # Then exactly W1's running nodes are lost, the session finishes and can say why
     assert sorted(o.node.node_id for o in lost) == ["a", "b"]
     assert [o.finished for o in lost if o.finished] == [SessionStatus.PARTIAL_FAILURE]
+    assert [o.first_failure for o in lost if o.first_failure] == ["a"]  # on_failure: once, the first
     status = manager.sync.get_session_status(sid)
     assert (status["status"], status["failed_nodes"], status["lost_nodes"]) == ("partial_failure", 2, 2)
     node = next(n for n in manager.sync.get_nodes(sid).nodes if n.node_id == "a")
     assert node.status is NodeStatus.LOST
-    assert node.reason is not None and W1 in node.reason and "35 s ago" in node.reason
+    assert node.reason is not None and W1 in node.reason and "65 s ago" in node.reason
     # and a second pass finds nothing more
     assert manager.sync.reap_lost_nodes() == []
+
+
+def reap_past_the_grace(manager: SessionManager, clock: FakeClock, *alive: str) -> list[NodeOutcome]:
+    """Two reaper passes a grace apart (the first makes the silent workers suspects), ``alive`` beating."""
+    assert manager.sync.reap_lost_nodes() == []
+    clock.advance(30)
+    for worker in alive:
+        manager.sync.heartbeat(worker)
+    return manager.sync.reap_lost_nodes()
+
+
+def test_a_store_outage_of_any_length_never_makes_a_live_worker_lost(
+    store: SessionStorageAdapter, clock: FakeClock
+) -> None:
+    # Given W1 and W2 running nodes, and a reaper pass that saw them alive
+    manager = make(store, clock)
+    sid = manager.sync.create_session("outage.canvas", 2)
+    manager.sync.record_node(sid, "a", "running", worker=W1)
+    manager.sync.record_node(sid, "b", "running", worker=W2)
+    assert manager.sync.reap_lost_nodes() == []
+    for outage_s in (40, 100, 1000):  # past the stale limit, and far past it
+        # When no heartbeat reaches the store for the outage, and a reaper runs first when it is back
+        clock.advance(outage_s)
+        assert manager.sync.reap_lost_nodes() == []
+        # and the workers beat within the grace
+        clock.advance(5)
+        manager.sync.heartbeat(W1)
+        manager.sync.heartbeat(W2)
+        clock.advance(26)
+        # Then no pass makes their nodes lost
+        assert manager.sync.reap_lost_nodes() == []
+        assert manager.sync.get_session_status(sid)["running_nodes"] == 2
+    # and nodes finish into the running session
+    manager.sync.record_node(sid, "a", "completed", result=1, worker=W1)
+    assert manager.sync.record_node(sid, "b", "completed", result=2, worker=W2).finished is SessionStatus.COMPLETED
+
+
+def test_a_suspect_marked_before_an_outage_gets_its_grace_again(store: SessionStorageAdapter, clock: FakeClock) -> None:
+    # Given W1 found silent (a suspect) by a pass just before the store went down, W2 alive then
+    manager = make(store, clock)
+    sid = manager.sync.create_session("outage.canvas", 1)
+    manager.sync.record_node(sid, "a", "running", worker=W1)
+    clock.advance(35)
+    manager.sync.heartbeat(W2)
+    assert manager.sync.reap_lost_nodes() == []
+    # When the outage outlasts the grace and a pass runs first when the store is back
+    clock.advance(120)
+    assert manager.sync.reap_lost_nodes() == []  # nobody seen alive since: the grace starts again
+    manager.sync.heartbeat(W1)  # W1 was alive all along
+    clock.advance(40)
+    manager.sync.heartbeat(W1)
+    # Then it keeps its node
+    assert manager.sync.reap_lost_nodes() == []
+    assert manager.sync.get_nodes(sid).nodes[0].status is NodeStatus.RUNNING
+
+
+def test_every_worker_dead_is_still_reaped(store: SessionStorageAdapter, clock: FakeClock) -> None:
+    # Given the only worker dies (nobody beats any more: it looks like an outage at first)
+    manager = make(store, clock)
+    sid = manager.sync.create_session("dead.canvas", 1)
+    manager.sync.record_node(sid, "a", "running", worker=W1)
+    assert manager.sync.reap_lost_nodes() == []
+    clock.advance(40)
+    # Then the grace runs out on the passes after, and the session ends
+    lost = reap_past_the_grace(manager, clock)
+    assert [o.finished for o in lost] == [SessionStatus.FAILED]
+
+
+def test_with_late_acks_a_dead_workers_nodes_wait_for_redelivery(
+    store: SessionStorageAdapter, clock: FakeClock
+) -> None:
+    # Given W1 running two nodes, dead; its messages were not acknowledged (task_acks_late)
+    manager = make(store, clock)
+    sid = manager.sync.create_session("requeued.canvas", 2)
+    manager.sync.record_node(sid, "a", "running", worker=W1, task_id="t-a")
+    manager.sync.record_node(sid, "b", "running", worker=W1, task_id="t-b")
+    clock.advance(35)
+    manager.sync.heartbeat(W2)
+    assert manager.sync.reap_lost_nodes(requeued=True) == []
+    clock.advance(30)
+    manager.sync.heartbeat(W2)
+    # When the reaper knows the broker gives them back
+    reaped = manager.sync.reap_lost_nodes(requeued=True)
+    # Then they go back to pending (not lost, not failed): the session waits for them
+    assert sorted((o.node.node_id, o.node.status) for o in reaped) == [("a", "pending"), ("b", "pending")]
+    assert all(o.finished is None and o.first_failure is None for o in reaped)
+    status = manager.sync.get_session_status(sid)
+    assert (status["status"], status["running_nodes"], status["pending_nodes"], status["lost_nodes"]) == (
+        "running", 0, 2, 0,
+    )  # fmt: skip
+    assert "redeliver" in (reaped[0].node.reason or "")
+    # and the redelivered tasks count once each on the worker that runs them
+    for nid in ("a", "b"):
+        manager.sync.record_node(sid, nid, "running", worker=W2, task_id=f"t-{nid}")
+    manager.sync.record_node(sid, "a", "completed", result=1, worker=W2, task_id="t-a")
+    done = manager.sync.record_node(sid, "b", "completed", result=2, worker=W2, task_id="t-b")
+    assert (done.finished, done.succeeded) == (SessionStatus.COMPLETED, True)
+    assert manager.sync.get_session_status(sid)["completed_nodes"] == 2
 
 
 def test_a_slow_but_alive_worker_is_never_reaped(store: SessionStorageAdapter, clock: FakeClock) -> None:
@@ -54,18 +162,48 @@ def test_a_slow_but_alive_worker_is_never_reaped(store: SessionStorageAdapter, c
     assert manager.sync.record_node(sid, "a", "completed", worker=W1).finished is SessionStatus.COMPLETED
 
 
-def test_a_late_result_after_lost_counts_once(store: SessionStorageAdapter, clock: FakeClock) -> None:
+def test_a_late_result_after_lost_counts_once_and_rederives_the_ended_status(
+    store: SessionStorageAdapter, clock: FakeClock
+) -> None:
+    # Given a session that ended partial_failure because its running node was reaped
     manager = make(store, clock)
     sid = manager.sync.create_session("late.canvas", 2)
     manager.sync.record_node(sid, "a", "running", worker=W1)
     manager.sync.add_node_result(sid, "b", 2)
     clock.advance(60)
-    assert len(manager.sync.reap_lost_nodes()) == 1
+    assert len(reap_past_the_grace(manager, clock)) == 1
     assert manager.sync.get_session_status(sid)["status"] == "partial_failure"
-    for _ in range(2):
-        status = manager.sync.add_node_result(sid, "a", 1, worker=W1)
+    # When the node's success arrives after all (twice: a redelivery)
+    outcomes = [manager.sync.record_node(sid, "a", "completed", result=1, worker=W1) for _ in range(2)]
+    # Then it counts once, and the ended status follows the counts, told as a status event
+    status = manager.sync.get_session_status(sid)
     assert (status["completed_nodes"], status["failed_nodes"], status["lost_nodes"]) == (2, 0, 0)
-    assert status["status"] == "partial_failure"  # an ended session keeps its status
+    assert status["status"] == "completed"
+    assert [o.finished for o in outcomes] == [None, None]  # not a new end of the run
+    assert [o.succeeded for o in outcomes] == [True, False]  # on_success: exactly once
+    events = [(e.type, e.status) for e in manager.sync.read_events(sid)]
+    assert events.count(("status", SessionStatus.COMPLETED)) == 1
+    assert events.index(("node", SessionStatus.COMPLETED)) < events.index(("status", SessionStatus.COMPLETED))
+    # and a resume finds a completed session: nothing to do, refused
+    with pytest.raises(InvalidStateTransitionError):
+        manager.sync.resume_session(sid)
+
+
+def test_a_resume_with_nothing_to_resend_ends_at_once(store: SessionStorageAdapter, clock: FakeClock) -> None:
+    # Given a session that ended partial_failure: a completed node and a failed one
+    manager = make(store, clock)
+    sid = manager.sync.create_session("nothing.canvas", 2)
+    manager.sync.add_node_result(sid, "a", 1)
+    manager.sync.record_node(sid, "b", "failed", error=ValueError("no"))
+    # When it is resumed without retrying failed nodes (nothing to re-send)
+    outcome = manager.sync.resume_session(sid, retry_failed=False)
+    # Then it ends at once with the status its counts give, never running, and its run is the same
+    assert outcome.nodes == []
+    assert outcome.session.status is SessionStatus.PARTIAL_FAILURE
+    assert manager.sync.get_session_status(sid)["status"] == "partial_failure"
+    assert outcome.session.run == 1
+    # and a resume that re-sends starts the next run
+    assert manager.sync.resume_session(sid).session.run == 2
 
 
 def test_a_node_redelivered_to_another_worker_is_not_reaped(store: SessionStorageAdapter, clock: FakeClock) -> None:
@@ -98,6 +236,8 @@ def test_two_reapers_at_once_mark_each_node_once(store: SessionStorageAdapter, c
     for i in range(60):
         manager.sync.record_node(sid, f"n{i}", "running", worker=W1 if i % 2 else W2)
     clock.advance(31)
+    manager.sync.reap_lost_nodes()  # they become suspects
+    clock.advance(30)
     results: list[list[object]] = []
     threads = [threading.Thread(target=lambda: results.append(manager.sync.reap_lost_nodes())) for _ in range(4)]
     for t in threads:

@@ -178,8 +178,8 @@ def test_each_write_is_one_evalsha_and_the_status_read_one_hgetall(
 def test_the_status_read_does_not_grow_with_the_node_count(
     manager: SessionManager, observer: Observer, key_prefix: str
 ) -> None:
-    # Given two sessions of 10 and 10 000 nodes, each with 10 results
-    small, large = new_session(manager, 10), new_session(manager, 10_000)
+    # Given two sessions of 20 and 10 000 nodes, each with 10 results (both still running)
+    small, large = new_session(manager, 20), new_session(manager, 10_000)
     for sid in (small, large):
         for i in range(10):
             manager.sync.add_node_result(sid, f"n{i}", {"ok": 1})

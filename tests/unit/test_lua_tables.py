@@ -16,6 +16,7 @@ from tracker.states import (
     FAILED_NODE_STATUSES,
     TERMINAL_NODE_STATUSES,
     TERMINAL_STATUSES,
+    VALID_TRANSITIONS,
     NodeStatus,
     SessionStatus,
 )
@@ -121,3 +122,20 @@ def test_load_session_reads_the_same_fields_in_the_same_order() -> None:
     assert tuple(re.findall(r"'([a-z_]+)'", hmget.group(1))) == SESSION_FIELDS
     positions = dict(re.findall(r"([a-z_]+) = (?:tonumber\()?v\[(\d+)\]", body))
     assert {name: int(i) for name, i in positions.items()} == {name: i + 1 for i, name in enumerate(SESSION_FIELDS)}
+
+
+def test_rederive_edges_are_the_edges_between_ended_statuses() -> None:
+    # common.lua's REDERIVE: {from = {to = true, ...}, ...}, the late-result edges of VALID_TRANSITIONS.
+    text = (resources.files("tracker.storage") / "lua" / "common.lua").read_text()
+    block = re.search(r"^local REDERIVE = \{(.*?)\}\}", text, re.MULTILINE | re.DOTALL)
+    assert block is not None
+    lua = {
+        source: {target for target, _ in re.findall(r"([a-z_]+) = (true)", inner)}
+        for source, inner in re.findall(r"([a-z_]+) = \{([^}]*)", block.group(1) + "}")
+    }
+    python = {
+        source.value: {t.value for t in targets if t.is_terminal}
+        for source, targets in VALID_TRANSITIONS.items()
+        if source.is_terminal and any(t.is_terminal for t in targets)
+    }
+    assert lua == python

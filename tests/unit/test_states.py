@@ -12,6 +12,7 @@ from tracker.states import (
     allowed_from,
     merge_node_status,
     progress_from_counts,
+    rederived_status,
 )
 
 S = SessionStatus
@@ -20,8 +21,8 @@ S = SessionStatus
 DESIGN_TABLE = {
     "pending": {"running", "cancelled", "failed"},
     "running": {"completed", "partial_failure", "failed", "cancelled"},
-    "partial_failure": {"running"},
-    "failed": {"running"},
+    "partial_failure": {"running", "completed", "failed"},
+    "failed": {"running", "completed", "partial_failure"},
     "cancelled": {"running"},
     "completed": set(),
 }
@@ -49,6 +50,30 @@ def test_resume_edges_are_left_out_of_plain_updates() -> None:
     assert {S.PARTIAL_FAILURE, S.FAILED, S.CANCELLED} == RESUMABLE_STATUSES
     assert allowed_from(S.CANCELLED) == {S.PENDING, S.RUNNING}
     assert all(s.is_terminal for s in TERMINAL_STATUSES)
+
+
+def test_edges_between_ended_statuses_are_for_late_results_only() -> None:
+    # A plain update never moves an ended session: only its counts do (rederived_status).
+    assert allowed_from(S.COMPLETED) == {S.RUNNING}
+    assert allowed_from(S.PARTIAL_FAILURE) == {S.RUNNING}
+    assert allowed_from(S.FAILED) == {S.PENDING, S.RUNNING}
+
+
+@given(st.sampled_from(list(S)), st.integers(0, 20), st.integers(0, 20), st.integers(0, 20), st.integers(1, 60))
+def test_an_ended_status_always_agrees_with_its_counts(
+    current: SessionStatus, completed: int, failed: int, cancelled: int, node_count: int
+) -> None:
+    result = rederived_status(current, completed, failed, cancelled, node_count)
+    if current in (S.PENDING, S.RUNNING, S.CANCELLED, S.COMPLETED):
+        assert result is current  # not ended (the finish rule ends it), ended by a user, or final
+        return
+    expected = finish_status(completed, failed, cancelled, node_count)
+    if expected in (S.COMPLETED, S.PARTIAL_FAILURE, S.FAILED):
+        assert result is expected
+    else:
+        assert result is current  # not every node has a result, or all were revoked
+    # Every move it makes is an edge of the table
+    assert result is current or is_valid_transition(current, result)
 
 
 @given(st.integers(0, 50), st.integers(0, 50), st.integers(0, 50), st.integers(0, 150))

@@ -60,6 +60,7 @@ def sessions(draw: st.DrawFn, stored: bool) -> SessionInfo:
         started_at=draw(st.none() | moments),
         finished_at=draw(st.none() | some_moment),
         metadata=draw(st.dictionaries(st.text(max_size=6), stored_json if stored else json_values, max_size=4)),
+        run=draw(st.integers(1, 1000)),
     )
 
 
@@ -83,7 +84,7 @@ def test_status_from_a_reply_is_the_models_dict(info: SessionInfo) -> None:
         info.status.value.encode(), info.node_count, info.completed_nodes, info.failed_nodes, info.running_nodes,
         info.lost_nodes, info.cancelled_nodes, str(info.progress_percent).encode(), _ms(info.started_at),
         _ms(info.finished_at), _ms(info.updated_at), info.canvas_path.encode(), _ms(info.created_at),
-        json.dumps(info.metadata, separators=(",", ":")).encode(),
+        json.dumps(info.metadata, separators=(",", ":")).encode(), info.run,
     ]  # fmt: skip
     for reply in (values, [v.decode() if isinstance(v, bytes) else v for v in values]):  # decode_responses clients
         expected = _session_values(SID, reply).to_dict()
@@ -93,7 +94,7 @@ def test_status_from_a_reply_is_the_models_dict(info: SessionInfo) -> None:
 
 
 def test_a_status_this_version_does_not_know_is_an_error_not_a_dict() -> None:
-    values = [b"paused", 3, 0, 0, 0, 0, 0, b"0", b"", b"", b"1767225600000", b"c", b"1767225600000", b"{}"]
+    values = [b"paused", 3, 0, 0, 0, 0, 0, b"0", b"", b"", b"1767225600000", b"c", b"1767225600000", b"{}", 1]
     with pytest.raises(StorageUnavailableError, match="paused"):
         _status_values(SID, values)
 

@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery, signals
 
 from tracker.celery.control import cancel_session, resume_session
-from tracker.celery.dispatch import ON_COMPLETE_KEY, dispatch, leaves
+from tracker.celery.dispatch import ON_COMPLETE_KEY, ON_FAILURE_KEY, ON_SUCCESS_KEY, dispatch, leaves
 from tracker.celery.handlers import Recorder
 from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP, ids_of
 from tracker.manager import SessionManager
@@ -24,6 +24,8 @@ __all__ = [
     "CLEANUP_TASK",
     "NODE_STAMP",
     "ON_COMPLETE_KEY",
+    "ON_FAILURE_KEY",
+    "ON_SUCCESS_KEY",
     "SESSION_STAMP",
     "Recorder",
     "cancel_session",
@@ -87,14 +89,18 @@ def uninstall(app: Celery) -> None:
 
 
 def maintain(recorder: Recorder) -> dict[str, int]:
-    """One round of upkeep: reap lost nodes (sending completion callbacks of sessions that this
-    ended), then remove expired sessions. Returns ``{"lost": n, "removed": m}``."""
+    """One round of upkeep: reap the nodes of dead worker processes (sending the callbacks that
+    this causes), then remove expired sessions. Returns ``{"lost": n, "removed": m}`` (``lost``:
+    nodes reaped, whether marked ``lost`` or sent back to ``pending`` for redelivery).
+
+    With ``task_acks_late`` a dead worker's messages come back from the broker, so its nodes go
+    back to ``pending`` rather than ``lost``: they are counted when the redelivered tasks run.
+    """
     sync = recorder.manager.sync
-    lost = sync.reap_lost_nodes()
-    for outcome in lost:
-        if outcome.finished is not None:
-            recorder.completed(outcome.session)
-    return {"lost": len(lost), "removed": sync.cleanup_expired_sessions()}
+    reaped = sync.reap_lost_nodes(requeued=bool(recorder.app.conf.task_acks_late))
+    for outcome in reaped:
+        recorder.callbacks(outcome)
+    return {"lost": len(reaped), "removed": sync.cleanup_expired_sessions()}
 
 
 def install(

@@ -44,7 +44,7 @@ def cancel_session(
             break
     if task_ids:
         app.control.revoke(task_ids, terminate=terminate)
-    Recorder(app, manager).completed(outcome.session)
+    Recorder(app, manager).callbacks(outcome)
     logger.info("tracker: session %s cancelled; %d task(s) revoked", session_id, len(task_ids))
     return outcome.session
 

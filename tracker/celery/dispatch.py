@@ -18,8 +18,10 @@ from tracker.manager import SessionManager
 from tracker.models import NodeSpec
 from tracker.states import SessionStatus
 
-#: Metadata key under which the completion callback's signature is kept.
+#: Metadata keys under which the callbacks' signatures are kept.
 ON_COMPLETE_KEY = "on_complete"
+ON_SUCCESS_KEY = "on_success"
+ON_FAILURE_KEY = "on_failure"
 
 
 def leaves(canvas: Signature, app: Celery | None = None) -> Iterator[Signature]:
@@ -133,6 +135,8 @@ def dispatch(
     on_complete: Signature | None = None,
     manager: SessionManager | None = None,
     app: Celery | None = None,
+    on_success: Signature | None = None,
+    on_failure: Signature | None = None,
 ) -> str:
     """Send ``canvas`` (a signature, group, chord or chain) as one tracked session.
 
@@ -144,9 +148,14 @@ def dispatch(
         canvas_path: A label for the batch (usually the ``.canvas`` file it came from).
         node_ids: One id per leaf, in :func:`leaves` order; default: each leaf's task id.
         metadata: A JSON object kept with the session.
-        on_complete: Sent once, with the final status dict as its argument, when the session ends.
+        on_complete: Sent once per end of a run (dispatch, then each resume), with the status dict
+            as its argument (its ``run`` says which).
         manager: Default: ``SessionManager.get_instance()``.
         app: The Celery app; default: the canvas's own.
+        on_success: Sent exactly once in the session's life, when every node has completed (after
+            a resume or a late result too), with the status dict.
+        on_failure: Sent exactly once, at the first node that fails for good (``failed`` or
+            ``lost``), with the status dict and that node's id: to alert early.
 
     Returns:
         The session id.
@@ -154,10 +163,15 @@ def dispatch(
     Raises:
         TrackerValidationError: bad ids, too few/many node ids, non-JSON arguments or metadata.
     """
+    if not isinstance(canvas, Signature):
+        raise TrackerValidationError(
+            "canvas", canvas, "expected a Celery signature, group, chain or chord (task.s(...))"
+        )
     manager = manager or SessionManager.get_instance()
     app = app or canvas.app
     with _collector_held():
-        session_id = _create(canvas, canvas_path, node_ids, metadata, on_complete, manager, app)
+        callbacks = {ON_COMPLETE_KEY: on_complete, ON_SUCCESS_KEY: on_success, ON_FAILURE_KEY: on_failure}
+        session_id = _create(canvas, canvas_path, node_ids, metadata, callbacks, manager, app)
     try:
         canvas.apply_async()
     except Exception:
@@ -173,20 +187,23 @@ def _create(
     canvas_path: str,
     node_ids: Sequence[str] | None,
     metadata: Mapping[str, Any] | None,
-    on_complete: Signature | None,
+    callbacks: Mapping[str, Signature | None],
     manager: SessionManager,
     app: Celery | None,
 ) -> str:
     """:func:`dispatch` up to the send: tag every leaf and create the session; returns its id."""
     nodes = list(leaves(canvas, app))
+    if not nodes:
+        raise TrackerValidationError("canvas", canvas, "has no task to run (an empty group?)")
     if node_ids is not None and len(node_ids) != len(nodes):
         raise TrackerValidationError("node_ids", len(node_ids), f"expected one id per leaf task ({len(nodes)})")
     session_id = str(uuid.uuid4())
     task_ids = [sig.options.get("task_id") or new for sig, new in zip(nodes, new_task_ids(len(nodes)), strict=True)]
     ids = list(node_ids) if node_ids is not None else task_ids
     meta = dict(metadata or {})
-    if on_complete is not None:
-        meta[ON_COMPLETE_KEY] = signature_json(on_complete)
+    for key, callback in callbacks.items():
+        if callback is not None:
+            meta[key] = signature_json(callback)
     specs = [node_spec(sig, session_id, nid, tid) for sig, nid, tid in zip(nodes, ids, task_ids, strict=True)]
     manager.sync.create_session(canvas_path, len(nodes), meta, specs, session_id=session_id)
     return session_id

@@ -1,13 +1,13 @@
-"""Celery signal handlers: task lifecycle events become node events, written behind the task.
+"""Celery signal handlers: task lifecycle events become node events.
 
-A handler queues its event as it saw it (its ids unchecked; a result encoded as JSON at once) in
-the process's :class:`Writer`; the writer thread validates what is queued and sends it within
-``flush_interval`` seconds (10 ms after the last event when they stop early; as they come for a
-session near its end), one store call per session (one script run, so one round trip however many
-events). While a process's events keep coming, its writer writes them every ``flush_interval``
-without the handlers waking it. When a task ends before the next flush, its result carries its
-start (one event, as two calls would have left it); otherwise the flush writes the start. With
-``flush_interval = 0`` each event is written before the task goes on.
+**Durable before acknowledged.** A task's outcome (success, failure, retry, revoke, loss) is written
+to the store by its handler, in the thread that ran the task, before the handler returns. Celery
+sends those signals before it acknowledges the message (with ``task_acks_late``, the pool child
+reports the task's end to the worker's main process only after them), so a process killed at any
+moment either recorded the outcome or leaves the message unacknowledged for the broker to
+redeliver. A start is not worth a round trip of its own: it waits in the process's :class:`Writer`
+and goes with its outcome (one event, one store call) or, for a task still running after
+``flush_interval``, from the writer's thread. ``docs/reliability.md`` says why this holds.
 
 Handlers never raise into the user's task (Celery would only log it anyway). When the store fails,
 the writer keeps the events (bounded) and retries with backoff, then says once that it holds them,
@@ -33,12 +33,12 @@ from celery import Celery, Signature
 from celery.exceptions import Ignore, Reject
 
 from tracker import validation
-from tracker.celery.dispatch import ON_COMPLETE_KEY
+from tracker.celery.dispatch import ON_COMPLETE_KEY, ON_FAILURE_KEY, ON_SUCCESS_KEY
 from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP, ids_of
-from tracker.errors import NodeLimitError, StorageUnavailableError, TrackerError, TrackerValidationError
+from tracker.errors import NodeLimitError, StorageUnavailableError, TrackerError
 from tracker.manager import SessionManager
-from tracker.models import BatchOutcome, SessionInfo
-from tracker.states import TERMINAL_NODE_STATUSES, NodeStatus
+from tracker.models import BatchOutcome, NodeOutcome, SessionInfo, TransitionOutcome
+from tracker.states import NodeStatus
 from tracker.storage.base import NodeEvent, new_request_id
 
 logger = logging.getLogger("tracker.celery")
@@ -47,26 +47,12 @@ logger = logging.getLogger("tracker.celery")
 #: says that it holds the events, and tries again every ``STORE_DOWN_HOLD_S``.
 RETRY_BACKOFF_S: tuple[float, ...] = (0.05, 0.2, 0.5)
 
-#: While the store is down, further events are queued at once (no waiting in the task) and the
-#: writer tries the store again this often.
+#: While the store is down, outcomes are queued at once (no waiting in the task) and the writer
+#: tries the store again this often.
 STORE_DOWN_HOLD_S = 5.0
 
 #: Events one process keeps while the store is unreachable; past this, the oldest are dropped.
 BACKLOG_SIZE = 10_000
-
-#: A process whose events stopped coming this long (it is idle) writes them without waiting for
-#: the rest of ``flush_interval``. The writer checks once per flush window, this long after its
-#: first event: a process still busy then writes at the window's end (each wake-up of the writer
-#: thread takes the GIL from the task's thread), and from then on every ``flush_interval`` until an
-#: interval passes without events (so the last events of a busy stretch wait up to that long).
-IDLE_FLUSH_S = 0.01
-
-#: A session near its end has its results written as they come (the writer thread is woken for
-#: each, and writes the task's start with it), so that its last results, its final status and its
-#: completion callback wait for no rule.
-#: Near its end: at most this many nodes left, or fewer than it finishes (as this process's last two
-#: writes saw it) in two flush intervals.
-NEAR_END_NODES = 32
 
 #: Most events in one store call; a queue this long is written at once.
 MAX_BATCH = 1_000
@@ -140,10 +126,13 @@ def _calls(queued: Sequence[tuple[str, NodeEvent]]) -> list[_Call]:
 
 
 class Writer(threading.Thread):
-    """One per process that records node events: writes its queued events and its heartbeat.
+    """One per process that records node events: writes its queued starts and its heartbeat.
 
-    The heartbeat (every ``heartbeat_interval`` seconds) tells the reaper the process is alive;
-    the running nodes of a process whose heartbeat lapsed become ``lost``.
+    A task's outcome is written by :meth:`write` in the task's own thread, before the handler
+    returns (and so before Celery acknowledges the message); a start waits in the queue for its
+    outcome or for ``flush_interval``, whichever comes first. The heartbeat (every
+    ``heartbeat_interval`` seconds) tells the reaper the process is alive and keeps the sessions
+    of its running nodes from expiring.
     """
 
     def __init__(self, recorder: Recorder, worker: str) -> None:
@@ -156,17 +145,11 @@ class Writer(threading.Thread):
         # Appended to by the handlers without a lock (deque appends and pops are atomic).
         self._queue: deque[_Raw] = deque()
         self._first_at = 0.0  # when the oldest queued event came (monotonic)
-        self._near_end: set[str] = set()  # sessions near their end (as last written)
-        # session -> ((finished nodes, when), how many nodes it finishes in two flush intervals)
-        self._progress: dict[str, tuple[tuple[int, float], float]] = {}
-        self._urgent = False  # an event of such a session waits
-        self._busy = False  # events kept coming past the idle check: flush at the deadline
-        # While events keep coming, the thread flushes every flush_interval (at this monotonic time)
-        # without being woken for each window's first event; 0: it is woken (see _due).
-        self._tick_at = 0.0
-        self._last_at = 0.0  # when the newest did
         self._held: list[_Call] = []  # calls the store refused, retried first, as they were
-        self._flushing = threading.Lock()  # one flush at a time: this thread, an inline flush, shutdown
+        self._flushing = threading.Lock()  # one flush at a time: this thread, a task's outcome, shutdown
+        # The nodes running in this process, (session, node), oldest first: the heartbeat keeps
+        # their sessions alive, however long they run.
+        self.running: dict[tuple[str, str], None] = {}
         self._failures = 0
         self._retry_at = 0.0
         self._warned = False
@@ -176,22 +159,28 @@ class Writer(threading.Thread):
     # -- queueing (any thread) ------------------------------------------------------------------
 
     def keep(self, raw: _Raw) -> None:
-        """Queue an event as the handler saw it (validated and written at the next flush)."""
+        """Queue an event (a start) to be written with its outcome or within ``flush_interval``."""
         queue = self._queue
         queue.append(raw)
-        self._last_at = time.monotonic()
-        queued = len(queue)
-        # Only a result is urgent: a start waits for its result (they go as one event) or the deadline.
-        urgent = raw.session_id in self._near_end and raw.status in TERMINAL_NODE_STATUSES
-        if (queued == 1 and not self._tick_at) or queued == MAX_BATCH or urgent:
+        if len(queue) == 1:
             with self._wake:
-                if queued == 1:
-                    self._first_at = self._last_at
-                self._urgent = self._urgent or urgent
+                self._first_at = time.monotonic()
                 self._wake.notify()  # the thread may be asleep until its next heartbeat
-        if queued > BACKLOG_SIZE:
+        if len(queue) > BACKLOG_SIZE:
             with self._lock:
                 self._drop(queue.popleft().session_id)
+
+    def write(self, raw: _Raw) -> None:
+        """Write an outcome now, with what waits (its start among it), in one store call per session.
+
+        While the store is down (a call failed and its retry is not due), the outcome is queued for
+        the thread's next try instead: a task does not wait on a store that just failed.
+        """
+        if self.store_down:
+            self.keep(raw)
+            return
+        self._queue.append(raw)
+        self.flush()
 
     def _drop(self, session_id: str) -> None:
         self._dropped += 1
@@ -221,7 +210,6 @@ class Writer(threading.Thread):
 
     def _flush_locked(self) -> list[BatchOutcome]:
         # _flushing is held.
-        self._urgent = self._busy = False  # first: an urgent event coming meanwhile sets it again
         queue = self._queue
         queued = [queue.popleft() for _ in range(len(queue))]  # a handler may append meanwhile
         calls = self._held + _calls(self.recorder.events(queued))
@@ -264,36 +252,11 @@ class Writer(threading.Thread):
             logger.exception("tracker: unexpected error recording node events of session %s", call.session_id)
             return []
         for outcome in outcomes:
-            if outcome.finished is not None:
-                self.recorder.completed(outcome.session)
-            self._note_progress(outcome.session)
+            self.recorder.callbacks(outcome)
         return outcomes
 
-    def _note_progress(self, session: SessionInfo) -> None:
-        sid, now = session.session_id, time.monotonic()
-        finished = session.completed_nodes + session.failed_nodes + session.cancelled_nodes
-        left = session.node_count - finished
-        if left <= 0 or session.status.is_terminal:
-            self._progress.pop(sid, None)
-            self._near_end.discard(sid)
-            return
-        interval = self.recorder.manager.settings.flush_interval
-        before, horizon = self._progress.get(sid, (None, NEAR_END_NODES))
-        if before is None or now - before[1] >= interval:
-            # The rate over at least one flush interval (two writes close together say nothing).
-            if before is not None:
-                horizon = max(NEAR_END_NODES, (finished - before[0]) / (now - before[1]) * 2 * interval)
-            if len(self._progress) >= RECEIVED_CACHE_SIZE:
-                self._progress.clear()
-                self._near_end.clear()
-            self._progress[sid] = ((finished, now), horizon)
-        if left <= horizon:
-            self._near_end.add(sid)
-        else:
-            self._near_end.discard(sid)
-
     def _hold(self, calls: list[_Call], exc: StorageUnavailableError) -> None:
-        with self._lock:
+        with self._wake:
             self._held = calls
             excess = sum(len(call.events) for call in calls) + len(self._queue) - BACKLOG_SIZE
             while excess > 0 and self._held:
@@ -303,12 +266,13 @@ class Writer(threading.Thread):
                 excess -= 1
                 if not call.events:
                     self._held.pop(0)
-        self._failures += 1
-        if self._failures <= len(RETRY_BACKOFF_S):
-            self._retry_at = time.monotonic() + RETRY_BACKOFF_S[self._failures - 1]
-            return
-        self._retry_at = time.monotonic() + STORE_DOWN_HOLD_S
-        if not self._warned:
+            self._failures += 1
+            if self._failures <= len(RETRY_BACKOFF_S):
+                self._retry_at = time.monotonic() + RETRY_BACKOFF_S[self._failures - 1]
+            else:
+                self._retry_at = time.monotonic() + STORE_DOWN_HOLD_S
+            self._wake.notify()  # the thread retries at _retry_at
+        if self._failures > len(RETRY_BACKOFF_S) and not self._warned:
             self._warned = True
             logger.warning(
                 "tracker: could not record node events of session %s after %d tries: %s; "
@@ -318,25 +282,12 @@ class Writer(threading.Thread):
 
     # -- the thread -----------------------------------------------------------------------------
 
-    def _due(self, now: float) -> float:
+    def _due(self) -> float:
         """When the next flush is due (monotonic), or infinity (lock held)."""
-        if self._held or len(self._queue) >= MAX_BATCH or self._urgent:
+        if self._held:
             return self._retry_at
-        if self._tick_at:
-            if now < self._tick_at or self._queue:
-                return max(self._tick_at, self._retry_at)
-            # A whole interval without events: stop ticking. First, so that a handler queueing
-            # from now on wakes the thread (keep); then look again for one that did not.
-            self._tick_at = 0.0
-            return self._retry_at if self._queue else float("inf")
         if self._queue:
-            deadline = self._first_at + self.recorder.manager.settings.flush_interval
-            idle_at = self._last_at + IDLE_FLUSH_S
-            if not self._busy and idle_at > now >= self._first_at + IDLE_FLUSH_S:
-                # Checked once and still busy: wait for the deadline (each wake-up takes the GIL
-                # from the task's thread); the end of a session has its own rule (NEAR_END_NODES).
-                self._busy = True
-            return max(deadline if self._busy else min(deadline, idle_at), self._retry_at)
+            return max(self._first_at + self.recorder.manager.settings.flush_interval, self._retry_at)
         return float("inf")
 
     def run(self) -> None:
@@ -345,29 +296,23 @@ class Writer(threading.Thread):
             with self._wake:
                 while not self._stopped:
                     now = time.monotonic()
-                    wait = min(next_beat, self._due(now)) - now
+                    wait = min(next_beat, self._due()) - now
                     if wait <= 0:
                         break
                     self._wake.wait(wait)
                 if self._stopped:
                     return
-                flush_now = self._due(now) <= now
-                # Events kept coming through the window (or the last tick): the next flush comes
-                # one interval after this one, whatever comes, and no handler needs to wake the
-                # thread for it (each wake-up takes the GIL from the task's thread).
-                interval = self.recorder.manager.settings.flush_interval
-                tick = flush_now and interval > 0 and (self._busy or self._tick_at > 0)
+                flush_now = self._due() <= now
             if now >= next_beat:
                 self._beat()
                 next_beat = now + self.recorder.manager.settings.heartbeat_interval
             if flush_now:
                 self.flush()
-                if tick:
-                    self._tick_at = now + interval
 
     def _beat(self) -> None:
         try:
-            self.recorder.manager.sync.heartbeat(self.worker)
+            sessions = sorted({session_id for session_id, _ in list(self.running)})
+            self.recorder.manager.sync.heartbeat(self.worker, sessions=sessions)
         except TrackerError as exc:
             logger.warning("tracker: heartbeat of %s not written: %s", self.worker, exc)
         except Exception:
@@ -448,9 +393,9 @@ class Recorder:
         reason: str | None = None,
         ids: tuple[str, str] | None = None,
     ) -> None:
-        """Queue one node event of a tracked request (untracked ones are ignored; ``ids``: its
-        stamps, when the caller read them already); with ``flush_interval = 0``, write it now,
-        unless the store has just failed."""
+        """Record one node event of a tracked request (untracked ones are ignored; ``ids``: its
+        stamps, when the caller read them already): an outcome before this returns, a start
+        within ``flush_interval`` (at once with ``flush_interval = 0``) or with its outcome."""
         ids = ids or ids_of(request)
         if ids is not None:
             self._keep(request, ids, status, result, error, attempt, task_id, worker, reason)
@@ -477,13 +422,20 @@ class Recorder:
         if result is not None:
             try:
                 result_json = validation.json_text(result, "result", manager.settings.max_result_bytes, ids[0])
-            except TrackerValidationError as exc:
-                # The return value is not JSON or is over the cap: the node still completed.
+            except Exception as exc:  # not JSON, over the cap, too deep: the node still completed
                 logger.warning("tracker: result of node %s (session %s) not stored: %s", ids[1], ids[0], exc)
                 reason = f"result not stored: {exc}"
-        writer.keep(_new_raw((*ids, status, result_json, error, attempt, task_id, worker, reason, manager.clock())))
-        if manager.settings.flush_interval == 0 and not writer.store_down:
-            writer.flush()
+        raw = _new_raw((*ids, status, result_json, error, attempt, task_id, worker, reason, manager.clock()))
+        if status is NodeStatus.RUNNING:
+            writer.running[ids] = None
+            if len(writer.running) > RECEIVED_CACHE_SIZE:  # outcomes reported by another process
+                writer.running.pop(next(iter(writer.running)))
+            writer.keep(raw)
+            if manager.settings.flush_interval == 0 and not writer.store_down:
+                writer.flush()
+            return
+        writer.running.pop(ids, None)
+        writer.write(raw)  # before the handler returns: before Celery acknowledges the message
 
     def events(self, queued: Sequence[_Raw]) -> list[tuple[str, NodeEvent]]:
         """The queued events validated and built, in order (a bad one is logged and dropped).
@@ -544,16 +496,37 @@ class Recorder:
         writer = self._writer
         return writer.waiting if writer is not None and writer.pid == _pid else 0
 
-    def completed(self, session: SessionInfo) -> None:
-        """Send the session's completion callback, if it has one (called once per terminal transition)."""
-        callback = session.metadata.get(ON_COMPLETE_KEY)
+    def callbacks(self, outcome: BatchOutcome | NodeOutcome | TransitionOutcome) -> None:
+        """Send the callbacks this outcome is the one caller told of (each at most once per end).
+
+        ``on_complete`` once per end of a run (the status dict, whose ``run`` says which);
+        ``on_success`` once in the session's life, when every node has completed; ``on_failure``
+        once, at the first node that failed for good (the status dict and that node's id).
+        """
+        session = outcome.session
+        if isinstance(outcome, TransitionOutcome):
+            ended = session.status.is_terminal
+            succeeded, first_failure = False, None
+        else:
+            ended, succeeded, first_failure = outcome.finished is not None, outcome.succeeded, outcome.first_failure
+        if not (ended or succeeded or first_failure) or not session.metadata:
+            return
+        if ended:
+            self._send_callback(session, ON_COMPLETE_KEY, (session.to_dict(),))
+        if succeeded:
+            self._send_callback(session, ON_SUCCESS_KEY, (session.to_dict(),))
+        if first_failure:
+            self._send_callback(session, ON_FAILURE_KEY, (session.to_dict(), first_failure))
+
+    def _send_callback(self, session: SessionInfo, key: str, args: tuple[Any, ...]) -> None:
+        callback = session.metadata.get(key)
         if not callback:
             return
         try:
             sig = Signature.from_dict(callback, app=self.app)
-            sig.apply_async(args=(session.to_dict(),))
+            sig.apply_async(args=args)
         except Exception:
-            logger.exception("tracker: completion callback of session %s could not be sent", session.session_id)
+            logger.exception("tracker: %s callback of session %s could not be sent", key, session.session_id)
 
     # -- the signals ------------------------------------------------------------------------
 

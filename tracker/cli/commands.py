@@ -253,18 +253,18 @@ def cleanup(state: CliState) -> None:
     without change. Beat does both every minute when workers.app runs with -B; this is the same,
     once, by hand (completion callbacks of sessions it ends are sent when the app loads).
     """
-    from tracker.celery import Recorder
+    from tracker.celery import Recorder, maintain
 
     started = time.monotonic()
     manager = state.manager()
-    lost = manager.sync.reap_lost_nodes()
-    app = state.app_if_available() if any(o.finished for o in lost) else None
-    for outcome in lost:
-        if outcome.finished is not None and app is not None:
-            Recorder(app, manager).completed(outcome.session)
-    removed = manager.sync.cleanup_expired_sessions()
+    app = state.app_if_available()
+    if app is not None:
+        done = maintain(Recorder(app, manager))
+        lost, removed = done["lost"], done["removed"]
+    else:
+        lost, removed = len(manager.sync.reap_lost_nodes()), manager.sync.cleanup_expired_sessions()
     elapsed = time.monotonic() - started
-    _out().print(f"Marked {len(lost)} lost node(s); removed {removed} expired session(s) in {elapsed:.2f} s.")
+    _out().print(f"Marked {lost} lost node(s); removed {removed} expired session(s) in {elapsed:.2f} s.")
 
 
 @click.command()

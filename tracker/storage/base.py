@@ -84,6 +84,48 @@ class ResumeOutcome(_Model):
     nodes: list[NodeSpec]
 
 
+class SilentWorkers(NamedTuple):
+    """What a reaper pass decides about silent worker processes (see :func:`silent_workers`)."""
+
+    #: Worker processes whose nodes are reaped now -> when each was last seen (ms).
+    due: dict[str, int]
+    #: Every silent worker process -> when a reaper first found it silent (ms): what to keep.
+    suspects: dict[str, int]
+    #: Some worker process was seen alive within the stale window (what the next pass compares).
+    alive: bool
+
+
+def silent_workers(
+    seen: dict[str, int], suspects: dict[str, int], alive_before: bool, now_ms: int, stale_after_ms: int
+) -> SilentWorkers:
+    """Which silent worker processes to reap now, with a grace that no store outage can cut short.
+
+    A worker process silent for ``stale_after_ms`` becomes a suspect; it is reaped once it has
+    been a suspect for ``stale_after_ms`` more, time in which a live one beats again. A store
+    outage silences every worker at once and a reaper may run before any of them is back: when
+    no worker at all was seen alive since the last pass, every suspect's grace starts again now.
+    When they all really died, the next passes find none alive again and the grace runs out.
+
+    Args:
+        seen: Worker process -> its last heartbeat (ms).
+        suspects: What the last pass kept (worker -> first found silent, ms).
+        alive_before: The last pass saw a live worker (True when no pass ran yet).
+        now_ms: Now.
+        stale_after_ms: The silence that makes a worker process a suspect, and its grace.
+    """
+    stale = {worker: ms for worker, ms in seen.items() if ms < now_ms - stale_after_ms}
+    alive = len(stale) < len(seen) if seen else alive_before
+    restart = alive_before and not alive
+    marks = {worker: now_ms if restart else suspects.get(worker, now_ms) for worker in stale}
+    due = {worker: stale[worker] for worker, mark in marks.items() if now_ms - mark >= stale_after_ms}
+    return SilentWorkers(due=due, suspects=marks, alive=alive)
+
+
+def requeued_reason(worker: str, last_seen: datetime, now: datetime) -> str:
+    """The reason recorded on a node sent back to ``pending`` because its worker died (late acks)."""
+    return f"{lost_reason(worker, last_seen, now)}; waiting for the broker to redeliver its task"
+
+
 def lost_reason(worker: str, last_seen: datetime, now: datetime) -> str:
     """The reason recorded on a node whose worker process went silent."""
     return f"worker {worker} last seen {(now - last_seen).total_seconds():.0f} s ago ({last_seen.isoformat()})"
@@ -179,16 +221,25 @@ class SessionStorageAdapter(Protocol):
             As :meth:`record_nodes`.
         """
 
-    def heartbeat(self, worker: str, now: datetime) -> None:
-        """Note that worker process ``worker`` is alive at ``now`` (called every few seconds)."""
+    def heartbeat(self, worker: str, now: datetime, sessions: Sequence[str] = ()) -> None:
+        """Note that worker process ``worker`` is alive at ``now`` (called every few seconds), and
+        keep ``sessions`` (those it runs nodes of) from expiring while they have not ended."""
 
-    def reap_lost(self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None) -> list[NodeOutcome]:
+    def reap_lost(
+        self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None, requeued: bool = False
+    ) -> list[NodeOutcome]:
         """Mark ``lost`` every running node whose worker process went silent (or that ran too long).
 
-        A node is lost when the worker process that started it has not been seen for
-        ``stale_after_s`` seconds, or, with ``max_runtime_s``, when it started longer ago than that.
-        Each node is marked once even when two reapers run at the same time. Cost: the running
-        nodes of the workers checked, never a scan of all nodes.
+        A worker process is silent when it has not been seen for ``stale_after_s`` seconds; its
+        nodes are reaped once a reaper has found it silent for ``stale_after_s`` more (the grace:
+        a live worker coming back from a store outage beats within it). When no worker at all was
+        seen alive since the last pass (the store was down, or every worker died), the grace
+        starts again for every silent worker, so that an outage of any length never costs a live
+        worker its nodes. With ``max_runtime_s``, a node that started longer ago than that is lost
+        at once. With ``requeued`` (the app acknowledges late: a dead worker's messages come back
+        from the broker), a silent worker's nodes go back to ``pending`` instead, to be counted when
+        their redelivered tasks run. Each node is marked once even when two reapers run at the same
+        time. Cost: the running nodes of the workers checked, never a scan of all nodes.
 
         Returns:
             The outcome of each node marked (``finished`` set where that ended its session).
@@ -259,10 +310,10 @@ class AsyncSessionStorageAdapter(Protocol):
 
     async def record_status(self, session_id: str, events: Sequence[NodeEvent], now: datetime) -> dict[str, Any]: ...
 
-    async def heartbeat(self, worker: str, now: datetime) -> None: ...
+    async def heartbeat(self, worker: str, now: datetime, sessions: Sequence[str] = ()) -> None: ...
 
     async def reap_lost(
-        self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None
+        self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None, requeued: bool = False
     ) -> list[NodeOutcome]: ...
 
     async def get_nodes(

@@ -28,6 +28,9 @@ Global (not atomic with session writes; they only help to find sessions):
                                              cleanup candidates; re-checked before deleting
 ``<prefix>:workers``                 ZSET    worker process id -> last heartbeat (ms)
 ``<prefix>:held:<worker>``           SET     ``"<session_id> <node_id>"`` the worker process runs
+``<prefix>:suspects``                ZSET    silent worker process id -> when a reaper first saw it
+                                             silent (ms); reaped once silent a grace period more
+``<prefix>:reaper``                  STRING  ``1``/``0``: the last reaper pass saw a live worker or not
 ===================================  ======  ===================================================
 
 Every session key gets the session timeout as TTL on every write, so nothing outlives an
@@ -85,6 +88,16 @@ class KeySpace:
     def workers(self) -> str:
         """Worker processes by last heartbeat."""
         return f"{self.prefix}:workers"
+
+    @property
+    def suspects(self) -> str:
+        """Silent worker processes by when a reaper first found them silent (the grace starts)."""
+        return f"{self.prefix}:suspects"
+
+    @property
+    def reaper(self) -> str:
+        """What the last reaper pass saw: ``1`` some worker alive, ``0`` none (an outage, or all dead)."""
+        return f"{self.prefix}:reaper"
 
     def held(self, worker: str) -> str:
         """The nodes ``worker`` (a validated worker process id) is running."""

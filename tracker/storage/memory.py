@@ -32,7 +32,14 @@ from tracker.models import (
 )
 from tracker.states import NodeStatus, SessionStatus
 from tracker.storage.aio import as_async
-from tracker.storage.base import AsyncSessionStorageAdapter, NodeEvent, ResumeOutcome, lost_reason
+from tracker.storage.base import (
+    AsyncSessionStorageAdapter,
+    NodeEvent,
+    ResumeOutcome,
+    lost_reason,
+    requeued_reason,
+    silent_workers,
+)
 from tracker.validation import is_worker_id, worker_id
 
 #: Events kept per session when no cap is given.
@@ -48,6 +55,11 @@ class _Entry:
     events: deque[SessionEvent] = field(default_factory=deque)
     last_event_ms: int = 0
     last_event_seq: int = 0
+    #: The callbacks told already (each to exactly one caller in the session's life).
+    success_told: bool = False
+    failure_told: bool = False
+    #: When a heartbeat last said one of its nodes still runs on a live worker (keeps it from expiring).
+    alive_at: datetime | None = None
 
 
 class InMemoryStorageAdapter:
@@ -64,6 +76,9 @@ class InMemoryStorageAdapter:
         self._events_maxlen = events_maxlen
         self._workers: dict[str, datetime] = {}
         self._held: dict[str, set[tuple[str, str]]] = {}
+        # The reaper's memory between passes (see storage.base.silent_workers).
+        self._suspects: dict[str, int] = {}
+        self._alive = True
 
     # -- helpers (call with the lock held) ---------------------------------------------------
 
@@ -202,8 +217,15 @@ class InMemoryStorageAdapter:
                     NodeResult(node_id=node_id, status=NodeStatus.PENDING, attempts=node.attempts, task_id=task_id),
                 )
                 reset.append(NodeSpec(node_id=node_id, task_id=task_id, signature=entry.signatures.get(node_id)))
-            entry.info = self._recount(entry, now)
-            entry.info = self._move(entry.info, SessionStatus.RUNNING, now)
+            info = self._recount(entry, now)
+            counts = (info.completed_nodes, info.failed_nodes, info.cancelled_nodes, info.node_count)
+            ended = None if reset else states.finish_status(*counts)
+            if ended is not None:
+                # Nothing to re-send and every node has a result: the session ends at once so.
+                info = self._move(info, ended, now)
+            else:
+                info = self._move(info, SessionStatus.RUNNING, now).model_copy(update={"run": info.run + 1})
+            entry.info = info
             self._emit(entry, "status", now)
             return ResumeOutcome(session=entry.info, previous_status=previous, nodes=reset)
 
@@ -231,9 +253,13 @@ class InMemoryStorageAdapter:
             entry = self._entry(session_id)
             self._check_limit(session_id, entry, events)
             finished: SessionStatus | None = None
+            succeeded, first_failure = False, None
             for event in events:
-                finished = self._apply(session_id, entry, event, now).finished or finished
-            return BatchOutcome(session=entry.info, finished=finished)
+                outcome = self._apply(session_id, entry, event, now)
+                finished = outcome.finished or finished
+                succeeded = succeeded or outcome.succeeded
+                first_failure = first_failure or outcome.first_failure
+            return BatchOutcome(session=entry.info, finished=finished, succeeded=succeeded, first_failure=first_failure)
 
     def record_status(self, session_id: str, events: Sequence[NodeEvent], now: datetime) -> dict[str, Any]:
         return self.record_nodes(session_id, events, now).session.to_dict()
@@ -268,17 +294,35 @@ class InMemoryStorageAdapter:
         entry.info = self._recount(entry, at)
         info = entry.info
         finished: SessionStatus | None = None
+        counts = (info.completed_nodes, info.failed_nodes, info.cancelled_nodes, info.node_count)
         if info.status is SessionStatus.PENDING:
             info = self._move(info, SessionStatus.RUNNING, at)
+        rederived = None
         if info.status is SessionStatus.RUNNING:
-            finished = states.finish_status(
-                info.completed_nodes, info.failed_nodes, info.cancelled_nodes, info.node_count
-            )
+            finished = states.finish_status(*counts)
             if finished is not None:
                 info = self._move(info, finished, at)
+        elif info.status.is_terminal and (target := states.rederived_status(info.status, *counts)) is not info.status:
+            info = rederived = self._move(info, target, at)
         entry.info = info
         self._emit(entry, "node", at, node)
-        return NodeOutcome(node=node, session=info, previous_node_status=old.status if old else None, finished=finished)
+        if rederived is not None:
+            self._emit(entry, "status", at)
+        succeeded = info.status is SessionStatus.COMPLETED and not entry.success_told
+        entry.success_told = entry.success_told or succeeded
+        failing = node.status in states.FAILED_NODE_STATUSES and (
+            old is None or old.status not in states.FAILED_NODE_STATUSES
+        )
+        first_failure = node.node_id if failing and not entry.failure_told else None
+        entry.failure_told = entry.failure_told or failing
+        return NodeOutcome(
+            node=node,
+            session=info,
+            previous_node_status=old.status if old else None,
+            finished=finished,
+            succeeded=succeeded,
+            first_failure=first_failure,
+        )
 
     def _register(self, session_id: str, node: NodeResult, worker: str | None, now: datetime) -> None:
         # The same holder registry the Redis scripts keep: a start by a worker adds the node to
@@ -292,16 +336,25 @@ class InMemoryStorageAdapter:
         else:
             held.discard((session_id, node.node_id))
 
-    def heartbeat(self, worker: str, now: datetime) -> None:
+    def heartbeat(self, worker: str, now: datetime, sessions: Sequence[str] = ()) -> None:
         with self._lock:
             self._workers[worker_id(worker)] = now
+            for session_id in sessions:
+                entry = self._sessions.get(session_id)
+                if entry is not None and not entry.info.status.is_terminal:
+                    entry.alive_at = now
 
-    def reap_lost(self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None) -> list[NodeOutcome]:
+    def reap_lost(
+        self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None, requeued: bool = False
+    ) -> list[NodeOutcome]:
         outcomes: list[NodeOutcome] = []
         with self._lock:
-            for worker, seen in list(self._workers.items()):
-                stale = (now - seen).total_seconds() > stale_after_s
-                if not stale and max_runtime_s is None:
+            seen = {worker: _ms(at) for worker, at in self._workers.items()}
+            silent = silent_workers(seen, self._suspects, self._alive, _ms(now), round(stale_after_s * 1000))
+            self._suspects, self._alive = silent.suspects, silent.alive
+            for worker, seen_at in list(self._workers.items()):
+                due = worker in silent.due
+                if not due and max_runtime_s is None:
                     continue
                 for session_id, node_id in sorted(self._held.get(worker, set())):
                     entry = self._sessions.get(session_id)
@@ -309,17 +362,21 @@ class InMemoryStorageAdapter:
                     self._held[worker].discard((session_id, node_id))
                     if entry is None or node is None or node.status is not NodeStatus.RUNNING or node.worker != worker:
                         continue
-                    if stale:
-                        reason = lost_reason(worker, seen, now)
+                    status = NodeStatus.LOST
+                    if due:
+                        reason = lost_reason(worker, seen_at, now)
+                        if requeued:
+                            status, reason = NodeStatus.PENDING, requeued_reason(worker, seen_at, now)
                     elif node.started_at is not None and (now - node.started_at).total_seconds() > max_runtime_s:  # type: ignore[operator]
                         reason = f"ran longer than the {max_runtime_s:g} s limit on {worker}"
                     else:
                         self._held[worker].add((session_id, node_id))
                         continue
-                    event = NodeEvent(node_id=node_id, status=NodeStatus.LOST, reason=reason)
+                    event = NodeEvent(node_id=node_id, status=status, reason=reason)
                     outcomes.append(self.record_node(session_id, event, now))
-                if stale and not self._held.get(worker):
+                if due and not self._held.get(worker):
                     self._held.pop(worker, None)
+                    self._suspects.pop(worker, None)
                     del self._workers[worker]
         return outcomes
 
@@ -352,8 +409,11 @@ class InMemoryStorageAdapter:
 
     def remove_expired(self, now: datetime, timeout_s: float) -> int:
         with self._lock:
+            # The last sign of life: a change, or a heartbeat of a worker running one of its nodes.
             expired = [
-                sid for sid, e in self._sessions.items() if (now - e.info.updated_at).total_seconds() > timeout_s
+                sid
+                for sid, e in self._sessions.items()
+                if (now - max(e.info.updated_at, e.alive_at or e.info.updated_at)).total_seconds() > timeout_s
             ]
             for sid in expired:
                 del self._sessions[sid]
@@ -378,6 +438,10 @@ class InMemoryStorageAdapter:
     def close(self) -> None:
         with self._lock:
             self._changed.notify_all()
+
+
+def _ms(moment: datetime) -> int:
+    return round(moment.timestamp() * 1000)
 
 
 def _position(cursor: str | None) -> int:

@@ -51,20 +51,27 @@ from tracker.models import (
     utc_from_ms,
 )
 from tracker.states import NodeStatus, SessionStatus
-from tracker.storage.base import NodeEvent, ResumeOutcome, lost_reason, new_request_id
+from tracker.storage.base import (
+    NodeEvent,
+    ResumeOutcome,
+    lost_reason,
+    new_request_id,
+    requeued_reason,
+    silent_workers,
+)
 from tracker.storage.keys import KeySpace, SessionKeys
 from tracker.validation import is_worker_id
 
 T = TypeVar("T")
 
 #: The scripts, by file name (without ``.lua``); each is loaded with ``common.lua`` before it.
-SCRIPTS = ("create", "record_nodes", "transition", "resume", "set_progress", "remove_if_expired")
+SCRIPTS = ("create", "record_nodes", "transition", "resume", "set_progress", "remove_if_expired", "keep_alive")
 
 #: The session fields ``record_nodes`` replies, in order (``session_values`` in ``common.lua``; its
 #: ``load_session`` reads them in the same order).
 SESSION_FIELDS = (
     "status", "node_count", "completed", "failed", "running", "lost", "cancelled", "progress",
-    "started_ms", "finished_ms", "updated_ms", "canvas_path", "created_ms", "metadata",
+    "started_ms", "finished_ms", "updated_ms", "canvas_path", "created_ms", "metadata", "run",
 )  # fmt: skip
 
 #: Sessions whose key names each program object remembers (see ``RedisPrograms._session_keys``).
@@ -138,6 +145,7 @@ def _session(session_id: str, fields: dict[str, str]) -> SessionInfo:
         started_at=_ms(fields.get("started_ms", "")),
         finished_at=_ms(fields.get("finished_ms", "")),
         metadata=json.loads(fields.get("metadata") or "{}"),
+        run=int(fields.get("run") or 1),
     )
 
 
@@ -145,7 +153,7 @@ def _session_values(session_id: str, values: Sequence[Any]) -> SessionInfo:
     # record_nodes replies the session's fields as values in SESSION_FIELDS order: numbers as
     # integers, the rest as bytes (read on every write: decoded in line).
     (status, node_count, completed, failed, running, lost, cancelled, progress,
-     started_ms, finished_ms, updated_ms, canvas_path, created_ms, metadata) = values  # fmt: skip
+     started_ms, finished_ms, updated_ms, canvas_path, created_ms, metadata, run) = values  # fmt: skip
     return SessionInfo(
         session_id=session_id,
         canvas_path=_text(canvas_path),
@@ -162,6 +170,7 @@ def _session_values(session_id: str, values: Sequence[Any]) -> SessionInfo:
         started_at=_utc(int(started_ms)) if started_ms else None,
         finished_at=_utc(int(finished_ms)) if finished_ms else None,
         metadata=json.loads(metadata) if metadata and metadata != b"{}" else {},
+        run=run,
     )
 
 
@@ -187,7 +196,7 @@ def _status_values(session_id: str, values: Sequence[Any]) -> dict[str, Any]:
     # What _session_values(...).to_dict() gives, without the model: the status dict every
     # add_node_result returns (tests/unit/test_status_dict.py checks the two agree).
     (status, node_count, completed, failed, running, lost, cancelled, progress,
-     started_ms, finished_ms, updated_ms, canvas_path, created_ms, metadata) = values  # fmt: skip
+     started_ms, finished_ms, updated_ms, canvas_path, created_ms, metadata, run) = values  # fmt: skip
     status = _text(status)
     if status not in _SESSION_STATUS:
         raise StorageUnavailableError(f"unexpected session status {status!r} in the store")
@@ -207,8 +216,15 @@ def _status_values(session_id: str, values: Sequence[Any]) -> dict[str, Any]:
         "started_at": _json_ms(int(started_ms)) if started_ms else None,
         "finished_at": _json_ms(int(finished_ms)) if finished_ms else None,
         "metadata": json.loads(metadata) if metadata and metadata != b"{}" else {},
+        "run": run,
         "pending_nodes": max(0, node_count - completed - failed - cancelled - running),
     }
+
+
+def _callbacks(reply: list[Any]) -> dict[str, Any]:
+    """The callbacks a ``record_nodes`` reply tells its caller to send (see the script's contract)."""
+    failed_node = _text(reply[6])
+    return {"succeeded": _text(reply[5]) == "1", "first_failure": failed_node or None}
 
 
 def _node(node_id: str, record: str) -> NodeResult:
@@ -482,6 +498,7 @@ class RedisPrograms:
             session=session,
             previous_node_status=NodeStatus(old) if old else None,
             finished=finished,
+            **_callbacks(reply),
         )
 
     def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> Program[NodeOutcome]:
@@ -515,7 +532,7 @@ class RedisPrograms:
                     registry += self._registry_update(session_id, event.worker, node, now_ms)
             if registry:
                 yield registry
-        return BatchOutcome(session=session, finished=finished)
+        return BatchOutcome(session=session, finished=finished, **_callbacks(reply))
 
     def record_status(self, session_id: str, events: Sequence[NodeEvent], now: datetime) -> Program[dict[str, Any]]:
         if self.cluster:  # the holder registry takes a second round trip and the node records
@@ -537,32 +554,45 @@ class RedisPrograms:
             raise NodeLimitError(session_id, _text(reply[1]), info.node_count if info else 0)
         return _status_values(session_id, self._check(session_id, reply)[2])
 
-    def heartbeat(self, worker: str, now: datetime) -> Program[None]:
-        yield [("ZADD", self.keys.workers, {validation.worker_id(worker): _ms_int(now)})]
+    def heartbeat(self, worker: str, now: datetime, sessions: Sequence[str] = ()) -> Program[None]:
+        now_ms = _ms_int(now)
+        keep_alive = [Script("keep_alive", self.keys.session(sid).all(), [now_ms, self.ttl_s]) for sid in sessions]
+        yield [("ZADD", self.keys.workers, {validation.worker_id(worker): now_ms}), *keep_alive]
 
     def reap_lost(
-        self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None
+        self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None, requeued: bool = False
     ) -> Program[list[NodeOutcome]]:
         now_ms = _ms_int(now)
-        stale_before_ms = now_ms - round(stale_after_s * 1000)
-        (seen,) = yield [("ZRANGE", self.keys.workers, 0, -1, "WITHSCORES")]
+        seen, suspected, state = yield [
+            ("ZRANGE", self.keys.workers, 0, -1, "WITHSCORES"),
+            ("ZRANGE", self.keys.suspects, 0, -1, "WITHSCORES"),
+            ("GET", self.keys.reaper),
+        ]
         workers = {_text(w): int(float(score)) for w, score in seen}
-        stale = {w: ms for w, ms in workers.items() if ms < stale_before_ms}
-        check = list(workers) if max_runtime_s is not None else list(stale)
-        if not check:
-            return []
-        held = yield [("SMEMBERS", self.keys.held(w)) for w in check]
+        suspects = {_text(w): int(float(score)) for w, score in suspected}
+        silent = silent_workers(workers, suspects, state is None or _text(state) == "1", now_ms,
+                                round(stale_after_s * 1000))  # fmt: skip
+        upkeep: list[Command] = [("DEL", self.keys.suspects), ("SET", self.keys.reaper, "1" if silent.alive else "0")]
+        if silent.suspects:
+            upkeep.append(("ZADD", self.keys.suspects, silent.suspects))
+        due = silent.due
+        check = list(workers) if max_runtime_s is not None else list(due)
+        held = (yield [*upkeep, *[("SMEMBERS", self.keys.held(w)) for w in check]])[len(upkeep) :]
         calls: list[tuple[str, str, str, Script]] = []
         for worker, members in zip(check, held, strict=True):
-            if worker in stale:
-                reason, started_before = lost_reason(worker, utc_from_ms(stale[worker]) or now, now), ""
+            status = NodeStatus.LOST
+            if worker in due:
+                last_seen = utc_from_ms(due[worker]) or now
+                reason, started_before = lost_reason(worker, last_seen, now), ""
+                if requeued:
+                    status, reason = NodeStatus.PENDING, requeued_reason(worker, last_seen, now)
             else:
                 assert max_runtime_s is not None
                 reason = f"ran longer than the {max_runtime_s:g} s limit on {worker}"
                 started_before = str(now_ms - round(max_runtime_s * 1000))
             for member in sorted(_text(m) for m in members):
                 session_id, _, node_id = member.partition(" ")
-                event = NodeEvent(node_id=node_id, status=NodeStatus.LOST, reason=reason)
+                event = NodeEvent(node_id=node_id, status=status, reason=reason)
                 request_id = new_request_id()
                 script = self._record_script(session_id, [event], now_ms, True, request_id, worker, started_before)
                 calls.append((worker, session_id, node_id, script))
@@ -575,13 +605,13 @@ class RedisPrograms:
                 code = "skip"
             if code == "ok":
                 outcomes.append(self._node_outcome(session_id, node_id, reply))
-            if code == "not_found" or (self.cluster and (code == "ok" or worker in stale)):
+            if code == "not_found" or (self.cluster and (code == "ok" or worker in due)):
                 done.append(("SREM", self.keys.held(worker), f"{session_id} {node_id}"))
-        if stale:
-            sizes = yield [*done, *[("SCARD", self.keys.held(w)) for w in stale]]
-            idle = [w for w, size in zip(stale, sizes[len(done) :], strict=True) if not size]
+        if due:
+            sizes = yield [*done, *[("SCARD", self.keys.held(w)) for w in due]]
+            idle = [w for w, size in zip(due, sizes[len(done) :], strict=True) if not size]
             if idle:
-                yield [("ZREM", self.keys.workers, *idle)]
+                yield [("ZREM", self.keys.workers, *idle), ("ZREM", self.keys.suspects, *idle)]
         elif done:
             yield done
         return outcomes
@@ -871,11 +901,13 @@ class RedisStorageAdapter(_RedisBase):
             return _status_values(session_id, reply[2])
         return self._drive(programs.status_reply(session_id, reply))
 
-    def heartbeat(self, worker: str, now: datetime) -> None:
-        self._drive(self.programs.heartbeat(worker, now))
+    def heartbeat(self, worker: str, now: datetime, sessions: Sequence[str] = ()) -> None:
+        self._drive(self.programs.heartbeat(worker, now, sessions))
 
-    def reap_lost(self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None) -> list[NodeOutcome]:
-        return self._drive(self.programs.reap_lost(now, stale_after_s, max_runtime_s))
+    def reap_lost(
+        self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None, requeued: bool = False
+    ) -> list[NodeOutcome]:
+        return self._drive(self.programs.reap_lost(now, stale_after_s, max_runtime_s, requeued))
 
     def get_nodes(
         self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100
@@ -1024,13 +1056,13 @@ class AsyncRedisStorageAdapter(_RedisBase):
     async def record_status(self, session_id: str, events: Sequence[NodeEvent], now: datetime) -> dict[str, Any]:
         return await self._drive(self.programs.record_status(session_id, events, now))
 
-    async def heartbeat(self, worker: str, now: datetime) -> None:
-        await self._drive(self.programs.heartbeat(worker, now))
+    async def heartbeat(self, worker: str, now: datetime, sessions: Sequence[str] = ()) -> None:
+        await self._drive(self.programs.heartbeat(worker, now, sessions))
 
     async def reap_lost(
-        self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None
+        self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None, requeued: bool = False
     ) -> list[NodeOutcome]:
-        return await self._drive(self.programs.reap_lost(now, stale_after_s, max_runtime_s))
+        return await self._drive(self.programs.reap_lost(now, stale_after_s, max_runtime_s, requeued))
 
     async def get_nodes(
         self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100

@@ -15,12 +15,13 @@ local TERMINAL_SESSION = {completed = true, partial_failure = true, failed = tru
 -- them and replies them, unrolled, in the order of redis.py SESSION_FIELDS (tests/unit/test_lua_tables.py).
 local function load_session()
   local v = redis.call('HMGET', S, 'status', 'node_count', 'completed', 'failed', 'running', 'lost', 'cancelled',
-                       'progress', 'started_ms', 'finished_ms', 'updated_ms', 'canvas_path', 'created_ms', 'metadata')
+                       'progress', 'started_ms', 'finished_ms', 'updated_ms', 'canvas_path', 'created_ms', 'metadata', 'run')
   if not v[1] then return nil end
   local s = {status = v[1], node_count = tonumber(v[2]) or 0, completed = tonumber(v[3]) or 0,
              failed = tonumber(v[4]) or 0, running = tonumber(v[5]) or 0, lost = tonumber(v[6]) or 0,
              cancelled = tonumber(v[7]) or 0, progress = v[8] or '', started_ms = v[9] or '', finished_ms = v[10] or '',
-             updated_ms = v[11] or '', canvas_path = v[12] or '', created_ms = v[13] or '', metadata = v[14] or ''}
+             updated_ms = v[11] or '', canvas_path = v[12] or '', created_ms = v[13] or '', metadata = v[14] or '',
+             run = tonumber(v[15]) or 1}
   -- What the hash holds now (false: missing), in save_session's order: it writes what differs.
   s.stored = {v[1], v[3] and s.completed, v[4] and s.failed, v[5] and s.running, v[6] and s.lost,
               v[7] and s.cancelled, v[8], v[9], v[10]}
@@ -30,7 +31,7 @@ end
 -- The session's fields as a list, in SESSION_FIELDS order (what record_nodes replies).
 local function session_values(s)
   return {s.status, s.node_count, s.completed, s.failed, s.running, s.lost, s.cancelled, s.progress, s.started_ms,
-          s.finished_ms, s.updated_ms, s.canvas_path, s.created_ms, s.metadata}
+          s.finished_ms, s.updated_ms, s.canvas_path, s.created_ms, s.metadata, s.run}
 end
 
 -- Writes updated_ms and the state fields that differ from what load_session read: the session hash
@@ -79,6 +80,17 @@ local function finish_status(s)
   if s.cancelled == n then return 'cancelled' end
   if s.completed == 0 then return 'failed' end
   return 'partial_failure'
+end
+
+-- states.rederived_status: an ended session's status after a late result moved its counters, along
+-- the edges between ended statuses of states.VALID_TRANSITIONS.
+local REDERIVE = {partial_failure = {completed = true, failed = true},
+                  failed = {completed = true, partial_failure = true}}
+local function rederived_status(s)
+  local edges = REDERIVE[s.status]
+  local target = edges and finish_status(s)
+  if target and edges[target] then return target end
+  return s.status
 end
 
 local function set_status(s, target, now_ms)

@@ -19,7 +19,14 @@
 -- twice.
 -- The call that ends the session leaves its request_id in the session's `finish_request` field: a
 -- retry of that same call (its reply was lost) is answered `finished` again; any other call is not.
--- Returns {'ok', finished, session_values (SESSION_FIELDS order), skipped, details} | {'not_found'}
+-- A late result in an ended session (a node reaped, then its success) re-derives the ended status
+-- from the counts (states.rederived_status) and appends a status event; it is not a new end.
+-- Callbacks, each told to exactly one call (a retry of that call, same request_id, is told again):
+-- `succeeded` when the session became completed for the first time in its life (the field
+-- `success_call` remembers the call), `failed_node` the first node that failed for good (failed or
+-- lost; `failure_call` remembers '<request_id>|<node_id>').
+-- Returns {'ok', finished, session_values (SESSION_FIELDS order), skipped, details, succeeded, failed_node}
+--         | {'not_found'}
 --         | {'limit', node_id} (more distinct nodes than node_count: nothing written)
 --   skipped: node ids of the conditional events not applied;
 --   details (details = '1'): {previous_status, node_record} per event.
@@ -87,6 +94,7 @@ for _, e in ipairs(events) do
 end
 
 local finished, skipped, details = '', {}, {}
+local first_failed = nil -- the first node of this call that failed for good
 local registry, seen = {}, {} -- registry[held] = {member = true (add) | false (remove)}
 local applied, last_ms = 0, s.updated_ms
 for _, e in ipairs(events) do
@@ -130,15 +138,26 @@ for _, e in ipairs(events) do
         registry[held][member] = false -- it may be in the set: a node never seen running is not
       end
     end
+    if (new[1] == 'failed' or new[1] == 'lost') and old_status ~= 'failed' and old_status ~= 'lost' then
+      first_failed = first_failed or node_id
+    end
+    local rederived = nil
     if s.status == 'running' then
       local target = finish_status(s)
       if target then
         set_status(s, target, at_ms)
         finished = target
       end
+    elseif TERMINAL_SESSION[s.status] then
+      local target = rederived_status(s)
+      if target ~= s.status then
+        set_status(s, target, at_ms)
+        rederived = target
+      end
     end
     s.progress = derived_progress(s)
     emit(s, 'node', at_ms, maxlen, node_id, new[1])
+    if rederived then emit(s, 'status', at_ms, maxlen) end
     if want_details then details[#details + 1] = old_status; details[#details + 1] = record end
     if tonumber(at_ms) > tonumber(last_ms) then last_ms = at_ms end
   end
@@ -164,4 +183,26 @@ if applied > 0 then
   s.updated_ms = save_session(s, last_ms)
   touch(ttl_s, known == 0) -- known == 0: this call created the nodes hash
 end
-return {'ok', finished, session_values(s), skipped, details}
+local mark = request_id ~= '' and request_id or '-'
+local succeeded, failed_node = '', ''
+if s.status == 'completed' then
+  local call = redis.call('HGET', S, 'success_call')
+  if not call then
+    redis.call('HSET', S, 'success_call', mark)
+    succeeded = '1'
+  elseif request_id ~= '' and call == request_id then
+    succeeded = '1'
+  end
+end
+if first_failed or (s.failed > 0 and request_id ~= '') then
+  local call = redis.call('HGET', S, 'failure_call')
+  if not call then
+    if first_failed then
+      redis.call('HSET', S, 'failure_call', mark .. '|' .. first_failed)
+      failed_node = first_failed
+    end
+  elseif request_id ~= '' and string.sub(call, 1, #request_id + 1) == request_id .. '|' then
+    failed_node = string.sub(call, #request_id + 2)
+  end
+end
+return {'ok', finished, session_values(s), skipped, details, succeeded, failed_node}

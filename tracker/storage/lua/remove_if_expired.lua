@@ -1,11 +1,13 @@
 -- remove_if_expired(KEYS=[session, nodes, sigs, events], ARGV=[cutoff_ms])
--- Deletes the session if its real updated_ms is older than cutoff_ms (re-checked here, atomically,
--- so a session written since it was picked as a candidate is kept).
--- Returns {'deleted'} | {'gone'} (expired by TTL already) | {'active', updated_ms}
-local updated = redis.call('HGET', S, 'updated_ms')
-if not updated then return {'gone'} end
-if tonumber(updated) < tonumber(ARGV[1]) then
+-- Deletes the session if its last sign of life is older than cutoff_ms: its real updated_ms, or
+-- alive_ms (a heartbeat of a worker running one of its nodes), re-checked here atomically, so a
+-- session written or kept alive since it was picked as a candidate is kept.
+-- Returns {'deleted'} | {'gone'} (expired by TTL already) | {'active', last_ms}
+local v = redis.call('HMGET', S, 'updated_ms', 'alive_ms')
+if not v[1] then return {'gone'} end
+local last = math.max(tonumber(v[1]), tonumber(v[2]) or 0)
+if last < tonumber(ARGV[1]) then
   redis.call('DEL', S, N, G, E)
   return {'deleted'}
 end
-return {'active', updated}
+return {'active', string.format('%d', last)}

@@ -1,7 +1,9 @@
 -- resume(KEYS=[session, nodes, sigs, events],
 --        ARGV=[retry_failed, task_id_base, now_ms, ttl_s, events_maxlen, request_id, allowed_from...])
--- Takes the session back to running and resets to pending every node that has not completed
--- (failed ones only when retry_failed is '1'). Completed nodes are never touched. Each reset node
+-- Takes the session back to running (its next run: the `run` field counts them) and resets to
+-- pending every node that has not completed (failed ones only when retry_failed is '1'). With
+-- nothing to reset and a result for every node, the session ends at once with the status its
+-- counts give (never `running`). Completed nodes are never touched. Each reset node
 -- gets a fresh task id, task_id_base followed by 12 hex digits of a counter (a revoked id stays
 -- revoked in the workers' memory, so a re-sent task must not reuse it). A retry of the same request
 -- (same request_id) changes nothing and answers with the first attempt's previous status and the
@@ -42,7 +44,14 @@ for i = 1, #all, 2 do
   end
 end
 s.progress = derived_progress(s)
-set_status(s, 'running', now_ms)
+local ended = #reset == 0 and finish_status(s)
+if ended then
+  -- Nothing to re-send and every node has a result: the session ends at once with that status.
+  set_status(s, ended, now_ms)
+else
+  set_status(s, 'running', now_ms)
+  redis.call('HSET', S, 'run', s.run + 1)
+end
 save_session(s, now_ms)
 remember_request(request_id, previous)
 emit(s, 'status', now_ms, maxlen)
