@@ -1,4 +1,4 @@
-"""The handlers' writer: events written behind the task, in batches, with a start riding on its result.
+"""The handlers' writer: outcomes written before the handler returns, each with its start; starts behind.
 
 The handlers run for stand-in tasks (the request Celery gives: id, retries, hostname, stamps)
 against a real Redis store; what reaches the store is read back through the manager and the
@@ -47,9 +47,8 @@ class Calls:
 
 @pytest.fixture
 def make(redis_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """Recorders on the test store whose writer thread writes only after ``flush_interval`` (the
-    idle rule is off unless a test turns it back on), so that tests flush by hand."""
-    monkeypatch.setattr(handlers, "IDLE_FLUSH_S", 60.0)
+    """Recorders on the test store whose writer thread writes a waiting start only after
+    ``flush_interval`` (a minute unless a test says otherwise), so that tests flush by hand."""
     made: list[tuple[Recorder, SessionManager]] = []
 
     def build(flush_interval: float = 60.0, url: str | None = None) -> tuple[Recorder, SessionManager]:
@@ -85,6 +84,11 @@ def node(manager: SessionManager, sid: str, nid: str) -> Any:
     return next(n for n in manager.sync.get_nodes(sid).nodes if n.node_id == nid)
 
 
+def status_of(manager: SessionManager, sid: str, nid: str) -> NodeStatus | None:
+    """The node's status in the store, None while nothing was written of it."""
+    return next((n.status for n in manager.sync.get_nodes(sid).nodes if n.node_id == nid), None)
+
+
 def busy_stretch(recorder: Recorder, sid: str, seconds: float) -> int:
     """Tasks that start and succeed one every 2 ms for ``seconds`` (nodes n0, n1...); how many ran."""
     sent = 0
@@ -98,34 +102,54 @@ def busy_stretch(recorder: Recorder, sid: str, seconds: float) -> int:
     return sent
 
 
-def test_a_task_that_ends_before_the_flush_is_one_event_with_its_start(
+def test_an_outcome_is_in_the_store_when_its_handler_returns_with_its_start(
     make: Any, redis_url: str, key_prefix: str
 ) -> None:
-    # Given a writer that only writes when flushed
+    # Given a writer whose thread would write a waiting start only a minute later
     recorder, manager = make()
     calls = Calls(manager)
     sid = manager.sync.create_session("w.canvas", 3)
     t = task(recorder, sid, "a")
 
-    # When a task starts and succeeds, then the writer flushes
+    # When a task starts (its start waits) and succeeds
     start(recorder, t)
     time.sleep(0.01)
+    assert (status_of(manager, sid, "a"), calls.count) == (None, 0)
     succeed(recorder, t, {"rows": 1})
-    assert manager.sync.get_session_status(sid)["completed_nodes"] == 0  # nothing written yet
-    recorder.flush()
 
-    # Then one store call wrote the node as started, then completed, and one node event
+    # Then, as the success handler returns (before Celery would acknowledge the message), one
+    # store call has written the node as started, then completed, and one node event
     a = node(manager, sid, "a")
     assert (a.status, a.attempts, a.task_id, a.result) == (NodeStatus.COMPLETED, 1, t.request.id, {"rows": 1})
     assert a.worker is not None and a.worker.startswith(HOST)
     assert a.started_at is not None and a.finished_at is not None and a.finished_at > a.started_at
-    assert calls.count == 1
+    assert calls.count == 1 and recorder.held_events == 0
     events = [e for e in manager.sync.read_events(sid) if e.type == "node"]
     assert [(e.node_id, e.node_status) for e in events] == [("a", NodeStatus.COMPLETED)]
     status = manager.sync.get_session_status(sid)
     assert (status["running_nodes"], status["completed_nodes"]) == (0, 1)
     # and the worker's holder registry was never touched for it
     assert redis.Redis.from_url(redis_url).scard(KeySpace(key_prefix).held(a.worker)) == 0
+
+
+@pytest.mark.parametrize("outcome", ["fail", "retry"])
+def test_failures_and_retries_are_written_before_their_handler_returns(make: Any, outcome: str) -> None:
+    recorder, manager = make()
+    sid = manager.sync.create_session("w.canvas", 1)
+    t = task(recorder, sid, "a")
+    start(recorder, t)
+    if outcome == "fail":
+        recorder.on_failure(sender=t, task_id=t.request.id, exception=ValueError("no"))
+        expected = NodeStatus.FAILED
+    else:
+        recorder.on_retry(sender=t, request=t.request, reason=KeyError("again"))
+        expected = NodeStatus.RETRYING
+    a = node(manager, sid, "a")
+    assert (a.status, a.error is not None and a.error.type) == (
+        expected,
+        "ValueError" if outcome == "fail" else "KeyError",
+    )
+    assert recorder.held_events == 0
 
 
 def test_a_result_is_recorded_as_it_was_returned(make: Any) -> None:
@@ -155,7 +179,6 @@ def test_a_start_still_waiting_at_a_flush_is_written_then(make: Any, redis_url: 
     client = redis.Redis.from_url(redis_url)
     assert client.sismember(held, f"{sid} slow")  # the reaper can see it
     succeed(recorder, t, 5)
-    recorder.flush()
     done = node(manager, sid, "slow")
     assert (done.status, done.started_at, done.result) == (NodeStatus.COMPLETED, running.started_at, 5)
     assert not client.sismember(held, f"{sid} slow")
@@ -225,122 +248,36 @@ def test_with_flush_interval_zero_each_event_is_written_before_the_handler_retur
     assert recorder.held_events == 0
 
 
-def test_the_writer_thread_writes_once_the_process_is_idle(make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Given a long flush_interval: only the idle rule (back at its default) can write soon
-    monkeypatch.setattr(handlers, "IDLE_FLUSH_S", 0.01)
-    recorder, manager = make(flush_interval=30)
-    sid = manager.sync.create_session("w.canvas", 5)
-    for i in range(5):
-        t = task(recorder, sid, f"n{i}")
-        start(recorder, t)
-        succeed(recorder, t, i)
-    # When no event comes for a while, Then the writer thread writes them all, in one call
-    wait_for(lambda: manager.sync.get_session_status(sid)["status"] == "completed", 5, "the idle flush")
-    assert recorder.held_events == 0
-
-
-def test_the_last_nodes_of_a_session_are_written_as_they_come(make: Any) -> None:
-    # Given a writer that writes only when flushed (neither its interval nor the idle rule comes
-    # within the test), and a session it has written 9 of 41 results of
-    recorder, manager = make()
-    sid = manager.sync.create_session("w.canvas", handlers.NEAR_END_NODES + 9)
-    tasks = [task(recorder, sid, f"n{i}") for i in range(handlers.NEAR_END_NODES + 9)]
-
-    def run(t: SimpleNamespace) -> None:
-        start(recorder, t)
-        succeed(recorder, t, None)
-
-    def completed() -> int:
-        return int(manager.sync.get_session_status(sid)["completed_nodes"])
-
-    for t in tasks[:8]:
-        run(t)
-    recorder.flush()
-    # While more than NEAR_END_NODES are left, an event waits for the next flush
-    run(tasks[8])
-    time.sleep(0.3)
-    assert completed() == 8 and recorder.held_events == 2  # its start and its result
-    recorder.flush()
-
-    # When the session has NEAR_END_NODES left, Then each result is written as it comes, with its
-    # start (one store call a task: a start alone is not urgent, it waits for its result)
-    calls = Calls(manager)
-    for done, t in enumerate(tasks[9:-1], start=10):
-        run(t)
-        wait_for(lambda done=done: completed() == done, 5, f"result {done} written without a flush")
-    assert calls.count == len(tasks[9:-1])
-    # And a start alone waits for the next flush, even so near the end
-    start(recorder, tasks[-1])
-    time.sleep(0.3)
-    assert calls.count == len(tasks[9:-1]) and recorder.held_events == 1
-    succeed(recorder, tasks[-1], None)
-    wait_for(lambda: completed() == len(tasks), 5, "the last result written without a flush")
-    assert calls.count == len(tasks[9:])
-    assert manager.sync.get_session_status(sid)["status"] == "completed"
-    assert recorder.held_events == 0
-
-
-def test_a_busy_process_batches_its_events(make: Any) -> None:
-    # Given events coming every 2 ms for 0.6 s (never idle), and a flush_interval of 0.2 s
+def test_the_writer_thread_writes_a_start_within_the_flush_interval(make: Any) -> None:
+    # Given a flush interval of 0.2 s
     recorder, manager = make(flush_interval=0.2)
+    sid = manager.sync.create_session("w.canvas", 2)
+    started = time.monotonic()
+    # When a task starts and runs on, Then its writer thread writes the start (not the next heartbeat)
+    start(recorder, task(recorder, sid, "long"))
+    wait_for(lambda: status_of(manager, sid, "long") is NodeStatus.RUNNING, 5, "the start written")
+    assert time.monotonic() - started >= 0.2
+    assert recorder.held_events == 0
+
+
+def test_each_outcome_is_one_store_call_however_busy_the_process(make: Any) -> None:
+    # Given tasks that start and succeed one every 2 ms (each start waits for its outcome)
+    recorder, manager = make()
     calls = Calls(manager)
     sid = manager.sync.create_session("w.canvas", 1000)
-    sent = busy_stretch(recorder, sid, 0.6)
-    wait_for(lambda: manager.sync.get_session_status(sid)["completed_nodes"] == sent, 5, "every result")
-    # Then they went in a handful of store calls, not one per event
-    assert sent >= 100
-    assert 2 <= calls.count <= 8, calls.count
-
-
-def test_a_busy_writer_ticks_without_being_woken_until_an_interval_passes_idle(
-    make: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Given the idle rule on (at 50 ms, so that a stall of the test machine does not end the
-    # stretch), a flush_interval of 0.1 s, and the writer's wake-ups by handlers counted
-    monkeypatch.setattr(handlers, "IDLE_FLUSH_S", 0.05)
-    recorder, manager = make(flush_interval=0.1)
-    calls = Calls(manager)
-    sid = manager.sync.create_session("w.canvas", 1000)
-    writer = recorder.writer(HOST)
-    notify = writer._wake.notify
-    wakes = 0
-
-    def counted(n: int = 1) -> None:
-        nonlocal wakes
-        wakes += 1
-        notify(n)
-
-    writer._wake.notify = counted  # type: ignore[method-assign]
-
-    # When events come every 2 ms for 0.6 s (six flush intervals)
-    sent = busy_stretch(recorder, sid, 0.6)
-
-    # Then they went in about one store call per interval, and only the first event woke the thread
-    # (one wake-up per interval without ticking; a second if the machine stalled for an interval)
-    wait_for(lambda: manager.sync.get_session_status(sid)["completed_nodes"] == sent, 5, "every result")
-    assert sent >= 100
-    assert 3 <= calls.count <= 9, calls.count
-    assert wakes <= 2, wakes
-    busy_wakes = wakes
-
-    # And once an interval has passed without events, the next event wakes the thread again and is
-    # written by the idle rule, not at the next heartbeat (5 s away)
-    time.sleep(0.3)
-    t = task(recorder, sid, "late")
-    start(recorder, t)
-    succeed(recorder, t, None)
-    wait_for(lambda: manager.sync.get_session_status(sid)["completed_nodes"] == sent + 1, 1, "the late result")
-    assert wakes == busy_wakes + 1, (busy_wakes, wakes)
+    sent = busy_stretch(recorder, sid, 0.3)
+    # Then every result is in the store already, one store call a task (never one per event)
+    assert manager.sync.get_session_status(sid)["completed_nodes"] == sent
+    assert calls.count == sent and recorder.held_events == 0
 
 
 def test_stopping_the_writer_writes_what_it_holds(make: Any) -> None:
     recorder, manager = make()
     sid = manager.sync.create_session("w.canvas", 1)
-    t = task(recorder, sid, "a")
-    start(recorder, t)
-    succeed(recorder, t, 1)
+    start(recorder, task(recorder, sid, "a"))
+    assert recorder.held_events == 1
     recorder.stop_writer()  # worker_process_shutdown / worker_shutdown
-    assert manager.sync.get_session_status(sid)["status"] == "completed"
+    assert node(manager, sid, "a").status is NodeStatus.RUNNING
 
 
 def test_a_store_that_stays_down_holds_a_bounded_backlog(
@@ -373,7 +310,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_a_prefork_pool_writes_behind_and_sends_the_completion_callback_once(
+def test_a_prefork_pool_records_every_node_and_sends_the_completion_callback_once(
     tracked: SessionManager, worker_process: Any, redis_url: str
 ) -> None:
     # Given a prefork worker (each pool child has its own writer), and a batch with a callback
@@ -385,9 +322,8 @@ def test_a_prefork_pool_writes_behind_and_sends_the_completion_callback_once(
     worker_process(concurrency=2)
     sid = dispatch(group(work.s(i) for i in range(40)), canvas_path="pre.canvas", on_complete=done.s())
 
-    # Then the session ends with every node counted once, the writers' batches having carried
-    # each node's start with its result, and the callback (sent from a pool child's writer
-    # thread) ran exactly once
+    # Then the session ends with every node counted once, each result having carried its node's
+    # start, and the callback (sent from the pool child that wrote the last result) ran exactly once
     wait_for(lambda: tracked.sync.get_session_status(sid)["status"] == "completed", 60, "the session to end")
     status = tracked.sync.get_session_status(sid)
     assert (status["completed_nodes"], status["running_nodes"]) == (40, 0)
