@@ -70,9 +70,26 @@ def unjsonable() -> str:
     return "x" * (128 * 1024)
 
 
+@app.task(name="t.deep", ignore_result=True)
+def deep(depth: int) -> dict[str, Any]:
+    """A result nested ``depth`` levels deep (deeper than the recursion limit when large)."""
+    value: dict[str, Any] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@app.task(name="t.slow_ok")
+def slow_ok(sleep: float) -> str:
+    time.sleep(sleep)
+    return "ok"
+
+
 @app.task(name="t.done")
-def done(status: dict[str, Any]) -> None:
-    """Completion callback: append the final status to a Redis list the test reads."""
+def done(status: dict[str, Any], *rest: Any, kind: str = "done") -> None:
+    """A callback: append ``<status>`` (``<status> <run> <rest...>`` for other kinds) to the Redis
+    list ``<kind>:<session id>`` the test reads."""
     client = redis.Redis.from_url(os.environ["TRACKER_TEST_BROKER"])
-    client.rpush(f"done:{status['session_id']}", status["status"])
+    entry = status["status"] if kind == "done" else " ".join([status["status"], str(status["run"]), *map(str, rest)])
+    client.rpush(f"{kind}:{status['session_id']}", entry)
     client.close()

@@ -11,7 +11,7 @@ import pytest
 import redis
 from celery import Celery, chain, chord, group
 
-from tests.celery.appmod import add, done, flaky, total, unjsonable, work
+from tests.celery.appmod import add, deep, done, flaky, total, unjsonable, work
 from tests.celery.conftest import wait_for, wait_status
 from tracker import InMemoryStorageAdapter, NodeStatus, SessionManager, TrackerValidationError
 from tracker.celery import dispatch, ids_of, leaves
@@ -164,3 +164,42 @@ def test_a_failed_send_marks_the_session_failed(tracked: SessionManager, redis_u
     # Then the session it created says so instead of staying pending forever
     (session,) = tracked.sync.list_sessions().sessions
     assert session.status is SessionStatus.FAILED
+
+
+def test_a_result_deeper_than_the_recursion_limit_completes_the_node_unstored(
+    tracked: SessionManager, thread_worker: None
+) -> None:
+    # Given a task whose return value is nested 1500 levels deep (no result backend for it)
+    sid = dispatch(group([deep.s(1500), work.s(1)]), canvas_path="deep.canvas", node_ids=["deep", "ok"])
+    # Then the session ends: the node completed, its result not stored, and says why
+    status = wait_status(tracked, sid, {"completed", "partial_failure", "failed"}, timeout_s=30)
+    assert (status["status"], status["completed_nodes"]) == ("completed", 2)
+    node = next(n for n in tracked.sync.get_nodes(sid).nodes if n.node_id == "deep")
+    assert node.result is None and node.reason is not None and "result not stored" in node.reason
+
+
+@pytest.mark.parametrize(
+    ("canvas", "why"),
+    [
+        (lambda: group([]), "no task"),
+        (lambda: [add.s(1, 2), add.s(3, 4)], "expected a Celery signature"),
+        (lambda: add, "expected a Celery signature"),
+        (lambda: None, "expected a Celery signature"),
+    ],
+    ids=["empty group", "a list", "a task", "None"],
+)
+def test_a_canvas_that_cannot_run_is_refused_and_nothing_is_stored(
+    tracked: SessionManager, canvas: Any, why: str
+) -> None:
+    with pytest.raises(TrackerValidationError, match=why):
+        dispatch(canvas(), canvas_path="bad.canvas")
+    assert tracked.sync.list_sessions().sessions == []
+
+
+def test_node_count_is_bounded(tracked: SessionManager) -> None:
+    for count in (0, -1, 11):
+        with pytest.raises(TrackerValidationError, match="node_count"):
+            SessionManager(storage=tracked.storage, settings=tracked.settings.model_copy(update={"max_node_count": 10})
+                           ).sync.create_session("big.canvas", count)  # fmt: skip
+    assert tracked.sync.list_sessions().sessions == []
+    assert tracked.settings.max_node_count == 10_000_000

@@ -151,6 +151,28 @@ def test_with_late_acks_a_dead_workers_nodes_wait_for_redelivery(
     assert manager.sync.get_session_status(sid)["completed_nodes"] == 2
 
 
+def test_heartbeats_keep_a_long_running_nodes_session_from_expiring(
+    store: SessionStorageAdapter, clock: FakeClock
+) -> None:
+    # Given a 60 s session timeout and a node running on W1
+    manager = make(store, clock, session_timeout=60.0)
+    sid = manager.sync.create_session("long.canvas", 1)
+    manager.sync.record_node(sid, "a", "running", worker=W1)
+    # When W1 beats for twice the timeout while nothing else writes to the session
+    for _ in range(12):
+        clock.advance(10)
+        manager.sync.heartbeat(W1, sessions=[sid])
+        # Then cleanup keeps it
+        assert manager.sync.cleanup_expired_sessions() == 0
+    # and the node finishes into it
+    assert manager.sync.record_node(sid, "a", "completed", worker=W1).finished is SessionStatus.COMPLETED
+    # and an ended session is not kept alive by heartbeats: it expires as any other
+    clock.advance(30)
+    manager.sync.heartbeat(W1, sessions=[sid])
+    clock.advance(31)
+    assert manager.sync.cleanup_expired_sessions() == 1
+
+
 def test_a_slow_but_alive_worker_is_never_reaped(store: SessionStorageAdapter, clock: FakeClock) -> None:
     manager = make(store, clock)
     sid = manager.sync.create_session("slow.canvas", 1)

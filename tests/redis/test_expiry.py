@@ -197,3 +197,23 @@ def test_cleanup_drops_index_entries_of_sessions_redis_expired(
     assert redis_client.zscore(space.created_index, sid) is None
     assert redis_client.zscore(space.expiry_index, sid) is None
     assert manager.sync.list_sessions().sessions == []
+
+
+def test_heartbeats_keep_the_keys_of_a_session_with_a_running_node(
+    make_manager: ManagerFactory, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    # Given a 2 s session timeout and a node running on a live worker process
+    manager = make_manager(session_timeout=2)
+    sid = session_with_every_key(manager)
+    manager.sync.record_node(sid, "a", "running", worker="celery@h:1")
+    keys = KeySpace(key_prefix).session(sid).all()
+    # When its worker beats every 0.5 s for twice the timeout, nothing else writing
+    until = time.monotonic() + 4
+    while time.monotonic() < until:
+        manager.sync.heartbeat("celery@h:1", sessions=[sid])
+        assert min(ttls_ms(redis_client, keys).values()) > 1000  # never let near its end
+        assert manager.sync.cleanup_expired_sessions() == 0
+        time.sleep(0.5)
+    # Then the node finishes into the intact session
+    assert manager.sync.record_node(sid, "a", "completed", result=1, worker="celery@h:1").node.status == "completed"
+    assert manager.sync.get_session_status(sid)["completed_nodes"] == 1

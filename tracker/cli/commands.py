@@ -246,12 +246,14 @@ def resume(ctx: click.Context, state: CliState, session_id: str, retry_failed: b
 @click.command()
 @pass_state
 def cleanup(state: CliState) -> None:
-    """Mark the nodes of dead workers lost, then remove expired sessions, now.
+    """Reap the nodes of dead workers, then remove expired sessions, now.
 
-    A node is lost when the worker process running it has been silent for
-    TRACKER_WORKER_STALE_AFTER seconds; a session expires after TRACKER_SESSION_TIMEOUT seconds
-    without change. Beat does both every minute when workers.app runs with -B; this is the same,
-    once, by hand (completion callbacks of sessions it ends are sent when the app loads).
+    A worker process silent for TRACKER_WORKER_STALE_AFTER seconds is reaped by the first pass
+    that finds it silent that long again (a live one beats meanwhile). Its running nodes become
+    lost, or pending again when the app acknowledges late (its messages come back from the
+    broker). A session expires after TRACKER_SESSION_TIMEOUT seconds without change. Beat does
+    both every minute when workers.app runs with -B; this is one pass, by hand (the callbacks it
+    causes are sent when the app loads).
     """
     from tracker.celery import Recorder, maintain
 
@@ -264,7 +266,9 @@ def cleanup(state: CliState) -> None:
     else:
         lost, removed = len(manager.sync.reap_lost_nodes()), manager.sync.cleanup_expired_sessions()
     elapsed = time.monotonic() - started
-    _out().print(f"Marked {lost} lost node(s); removed {removed} expired session(s) in {elapsed:.2f} s.")
+    _out().print(
+        f"Reaped {lost} node(s) of dead worker processes; removed {removed} expired session(s) in {elapsed:.2f} s."
+    )
 
 
 @click.command()
