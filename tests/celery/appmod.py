@@ -85,6 +85,17 @@ def slow_ok(sleep: float) -> str:
     return "ok"
 
 
+@app.task(name="t.fails_once")
+def fails_once(key: str) -> str:
+    """Fail the first time it runs for ``key`` (a Redis counter on the broker), succeed after."""
+    client = redis.Redis.from_url(os.environ["TRACKER_TEST_BROKER"])
+    runs = int(client.incr(key))
+    client.close()
+    if runs == 1:
+        raise ValueError(f"first run of {key}")
+    return "ok"
+
+
 @app.task(name="t.done")
 def done(status: dict[str, Any], *rest: Any, kind: str = "done") -> None:
     """A callback: append ``<status>`` (``<status> <run> <rest...>`` for other kinds) to the Redis

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
+import redis
 from celery import group
 from celery.contrib.testing.worker import start_worker
 
-from tests.celery.appmod import app, work
+from tests.celery.appmod import app, done, fails_once, work
 from tests.celery.conftest import WorkerProcess, wait_for, wait_status
 from tracker import InMemoryStorageAdapter, NodeStatus, SessionManager
 from tracker.celery import BEAT_ENTRY, CLEANUP_TASK, cancel_session, dispatch, install, resume_session
@@ -115,3 +117,36 @@ def test_uninstall_disconnects_and_recorders_keep_to_their_app(celery_env: dict[
     assert len(signals.task_prerun.receivers) == before
     assert install(other, beat=False) is not recorder  # installable again
     uninstall(other)
+
+
+def test_callbacks_fire_once_each_across_a_failure_a_resume_and_the_end(
+    tracked: SessionManager, thread_worker: None, redis_url: str
+) -> None:
+    # Given a batch with a node that fails its first run, and all three callbacks
+    key = f"fails-once:{uuid.uuid4().hex}"
+    calls = [work.s(1), fails_once.s(key), work.s(2)]
+    sid = dispatch(group(calls), canvas_path="cb.canvas", app=app, node_ids=["a", "flaky", "b"],
+                   on_complete=done.s(kind="complete"), on_success=done.s(kind="success"),
+                   on_failure=done.s(kind="failure"))  # fmt: skip
+    client = redis.Redis.from_url(redis_url)
+
+    def said(kind: str) -> list[str]:
+        return [entry.decode() for entry in client.lrange(f"{kind}:{sid}", 0, -1)]
+
+    # When the first run ends partial_failure
+    wait_status(tracked, sid, TERMINAL)
+    wait_for(lambda: said("complete") and said("failure"), 30, "the first run's callbacks")
+    # Then on_complete said so for run 1, and on_failure named the failed node, once
+    assert said("complete") == ["partial_failure 1"]
+    assert len(said("failure")) == 1 and said("failure")[0].endswith(" 1 flaky")
+    assert said("success") == []
+    # When it is resumed and the node succeeds
+    assert resume_session(sid, app=app) == 1
+    wait_status(tracked, sid, {"completed"})
+    wait_for(lambda: len(said("complete")) == 2 and said("success"), 30, "the second run's callbacks")
+    time.sleep(0.5)  # room for a duplicate to show
+    # Then on_complete fired once for run 2, on_success once, on_failure not again
+    assert said("complete") == ["partial_failure 1", "completed 2"]
+    assert said("success") == ["completed 2"]
+    assert len(said("failure")) == 1
+    client.close()

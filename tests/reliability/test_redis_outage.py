@@ -8,6 +8,8 @@ retries, then ``RETRY_BACKOFF_S``) and then log it and let the task go on.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 
 import pytest
@@ -18,7 +20,7 @@ from tests.reliability import appmod
 from tests.reliability.conftest import MakeWorker, StartRedis
 from tests.reliability.helpers import TERMINAL, all_nodes, wait_for
 from tracker import SessionManager, StorageUnavailableError, TrackerSettings
-from tracker.celery import dispatch
+from tracker.celery import Recorder, dispatch, maintain
 from tracker.storage.redis import RedisStorageAdapter
 
 GIVE_UP = "tracker: could not record node"
@@ -125,4 +127,49 @@ def test_dispatch_with_the_store_down_refuses_and_sends_nothing(
         dispatch(group(appmod.step.s(i).set(queue=rel_queue) for i in range(3)), canvas_path="x.canvas",
                  app=appmod.app, manager=manager)  # fmt: skip
     assert redis.Redis.from_url(rel_broker).llen(rel_queue) == 0
+    manager.storage.close()
+
+
+@pytest.mark.timeout(240)
+def test_an_outage_twice_the_stale_limit_never_makes_a_live_workers_nodes_lost(
+    start_redis: StartRedis, make_worker: MakeWorker, key_prefix: str, rel_queue: str
+) -> None:
+    # Given nodes running on a live worker (heartbeat every 0.3 s, stale after 2 s), and a reaper
+    # running every 0.2 s from beat's task, as beat would, the whole time
+    store = start_redis("--appendonly", "yes")
+    manager = store_manager(store.url, key_prefix)
+    manager.settings.worker_stale_after = 2.0
+    fast = {"TRACKER_HEARTBEAT_INTERVAL": "0.3", "TRACKER_WORKER_STALE_AFTER": "2"}
+    worker = make_worker(store.url, concurrency=4, env_extra=fast)
+    worker.wait_ready()
+    calls = [appmod.step.s(i, sleep_s=3.0 if i < 4 else 0.05).set(queue=rel_queue) for i in range(12)]
+    sid = dispatch(group(calls), canvas_path="outage.canvas", app=appmod.app, manager=manager,
+                   node_ids=[f"n{i}" for i in range(12)])  # fmt: skip
+    recorder = Recorder(appmod.app, manager)
+    stop = threading.Event()
+
+    def reap() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(StorageUnavailableError):
+                maintain(recorder)
+            stop.wait(0.2)
+
+    reaper = threading.Thread(target=reap, daemon=True)
+    reaper.start()
+    wait_for(lambda: manager.sync.get_session_status(sid)["running_nodes"] >= 3, 30, "slow nodes running")
+
+    # When the store is down for 4 s (twice the stale limit) while they run and finish
+    store.stop()
+    time.sleep(4.0)
+    store.start()
+
+    # Then the session completes with every node counted once, and no node was ever lost or reset
+    wait_for(lambda: manager.sync.get_session_status(sid)["status"] in TERMINAL, 60, "the session to end")
+    stop.set()
+    reaper.join(timeout=5)
+    status = manager.sync.get_session_status(sid)
+    assert (status["status"], status["completed_nodes"], status["lost_nodes"]) == ("completed", 12, 0)
+    seen = {(e.node_id, e.node_status) for e in manager.sync.read_events(sid, limit=1000) if e.type == "node"}
+    assert not {s for _, s in seen} & {"lost", "pending"}, seen
+    assert all(node.attempts == 1 for node in all_nodes(manager, sid).values())
     manager.storage.close()
