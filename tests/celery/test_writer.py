@@ -334,3 +334,14 @@ def test_a_prefork_pool_records_every_node_and_sends_the_completion_callback_onc
     wait_for(lambda: client.llen(f"done:{sid}") >= 1, 30, "the completion callback")
     time.sleep(0.5)
     assert client.lrange(f"done:{sid}", 0, -1) == [b"completed"]
+
+
+def test_the_heartbeat_names_the_sessions_of_the_nodes_running_in_the_process(make: Any) -> None:
+    recorder, manager = make()
+    sid = manager.sync.create_session("w.canvas", 2)
+    t = task(recorder, sid, "a")
+    start(recorder, t)
+    writer = recorder.writer(HOST)
+    assert writer.running_sessions == [sid]  # kept alive by each heartbeat while "a" runs
+    succeed(recorder, t, 1)
+    assert writer.running_sessions == []

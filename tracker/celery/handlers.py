@@ -18,6 +18,7 @@ twice. Untracked tasks (no stamps) cost nothing but two dict lookups.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import threading
@@ -149,7 +150,7 @@ class Writer(threading.Thread):
         self._flushing = threading.Lock()  # one flush at a time: this thread, a task's outcome, shutdown
         # The nodes running in this process, (session, node), oldest first: the heartbeat keeps
         # their sessions alive, however long they run.
-        self.running: dict[tuple[str, str], None] = {}
+        self._running: dict[tuple[str, str], None] = {}
         self._failures = 0
         self._retry_at = 0.0
         self._warned = False
@@ -181,6 +182,23 @@ class Writer(threading.Thread):
             return
         self._queue.append(raw)
         self.flush()
+
+    def runs(self, node: tuple[str, str]) -> None:
+        """Note a node this process started: its session is kept alive until :meth:`ran`."""
+        running = self._running
+        running[node] = None
+        if len(running) > RECEIVED_CACHE_SIZE:  # outcomes another process reported (a revoke) never come here
+            with self._lock, contextlib.suppress(StopIteration, KeyError, RuntimeError):
+                running.pop(next(iter(running)))
+
+    def ran(self, node: tuple[str, str]) -> None:
+        """Note a node of this process that has an outcome."""
+        self._running.pop(node, None)
+
+    @property
+    def running_sessions(self) -> list[str]:
+        """The sessions of the nodes running in this process."""
+        return sorted({session_id for session_id, _ in list(self._running)})
 
     def _drop(self, session_id: str) -> None:
         self._dropped += 1
@@ -311,8 +329,7 @@ class Writer(threading.Thread):
 
     def _beat(self) -> None:
         try:
-            sessions = sorted({session_id for session_id, _ in list(self.running)})
-            self.recorder.manager.sync.heartbeat(self.worker, sessions=sessions)
+            self.recorder.manager.sync.heartbeat(self.worker, sessions=self.running_sessions)
         except TrackerError as exc:
             logger.warning("tracker: heartbeat of %s not written: %s", self.worker, exc)
         except Exception:
@@ -427,14 +444,12 @@ class Recorder:
                 reason = f"result not stored: {exc}"
         raw = _new_raw((*ids, status, result_json, error, attempt, task_id, worker, reason, manager.clock()))
         if status is NodeStatus.RUNNING:
-            writer.running[ids] = None
-            if len(writer.running) > RECEIVED_CACHE_SIZE:  # outcomes reported by another process
-                writer.running.pop(next(iter(writer.running)))
+            writer.runs(ids)
             writer.keep(raw)
             if manager.settings.flush_interval == 0 and not writer.store_down:
                 writer.flush()
             return
-        writer.running.pop(ids, None)
+        writer.ran(ids)
         writer.write(raw)  # before the handler returns: before Celery acknowledges the message
 
     def events(self, queued: Sequence[_Raw]) -> list[tuple[str, NodeEvent]]:
