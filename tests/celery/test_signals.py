@@ -203,3 +203,36 @@ def test_node_count_is_bounded(tracked: SessionManager) -> None:
                            ).sync.create_session("big.canvas", count)  # fmt: skip
     assert tracked.sync.list_sessions().sessions == []
     assert tracked.settings.max_node_count == 10_000_000
+
+
+def test_a_task_the_worker_does_not_know_fails_its_node(tracked: SessionManager, thread_worker: None) -> None:
+    # Given a batch with a task no worker has registered (a rolling deploy: an old worker, a new task)
+    from tests.celery.appmod import app
+
+    sid = dispatch(group([app.signature("t.not_deployed_yet", args=(1,)), work.s(1)]), canvas_path="unknown.canvas",
+                   node_ids=["new", "old"])  # fmt: skip
+    # Then the worker's refusal fails that node, and the session ends instead of waiting for it
+    status = wait_status(tracked, sid, {"completed", "partial_failure", "failed"}, timeout_s=30)
+    assert (status["status"], status["completed_nodes"], status["failed_nodes"]) == ("partial_failure", 1, 1)
+    node = next(n for n in tracked.sync.get_nodes(sid).nodes if n.node_id == "new")
+    assert node.status is NodeStatus.FAILED and node.reason is not None
+    assert "'t.not_deployed_yet' is not registered on worker" in node.reason
+
+
+def test_a_message_the_worker_rejects_fails_its_node(tracked: SessionManager, thread_worker: None) -> None:
+    # Given a tracked node whose message reaches the worker without a task name (not a task it can read)
+    from kombu import Exchange, Producer
+
+    from tests.celery.appmod import app
+    from tracker.celery import NODE_STAMP, SESSION_STAMP
+
+    sid = tracked.sync.create_session("rejected.canvas", 1)
+    headers = {"id": "t-odd", "stamps": {SESSION_STAMP: sid, NODE_STAMP: "odd"}}
+    with app.connection_for_write() as conn:
+        Producer(conn).publish({"not": "a task"}, exchange=Exchange(""), routing_key=app.conf.task_default_queue,
+                               headers=headers, serializer="json")  # fmt: skip
+    # Then the worker's rejection fails the node and the session ends
+    status = wait_status(tracked, sid, {"failed"}, timeout_s=30)
+    assert status["failed_nodes"] == 1
+    node = tracked.sync.get_nodes(sid).nodes[0]
+    assert node.reason is not None and "message rejected by worker" in node.reason

@@ -65,6 +65,8 @@ def _connections(recorder: Recorder) -> list[tuple[Any, Any]]:
         (signals.task_retry, recorder.on_retry),
         (signals.task_revoked, recorder.on_revoked),
         (signals.task_received, recorder.on_received),
+        (signals.task_unknown, recorder.on_unknown),
+        (signals.task_rejected, recorder.on_rejected),
         (signals.worker_init, recorder.on_worker_init),
         # Each process that runs tasks has a writer (node events, heartbeat): each prefork child
         # from its start, any other process from its first tracked event; both write what they

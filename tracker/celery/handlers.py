@@ -35,7 +35,7 @@ from celery.exceptions import Ignore, Reject
 
 from tracker import validation
 from tracker.celery.dispatch import ON_COMPLETE_KEY, ON_FAILURE_KEY, ON_SUCCESS_KEY
-from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP, ids_of
+from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP, ids_of, ids_of_headers
 from tracker.errors import NodeLimitError, StorageUnavailableError, TrackerError
 from tracker.manager import SessionManager
 from tracker.models import BatchOutcome, NodeOutcome, SessionInfo, TransitionOutcome
@@ -629,6 +629,31 @@ class Recorder:
         why = "expired" if expired else f"terminated (signal {signum})" if terminated else "revoked"
         # The task id lets the store ignore a revoke of a task that a resume has since replaced.
         self.submit(request, NodeStatus.CANCELLED, reason=why, task_id=getattr(request, "id", None))
+
+    def on_unknown(
+        self, sender: Any = None, message: Any = None, name: str | None = None, id: str | None = None, **_: Any
+    ) -> None:
+        """Main process: a message for a task this worker does not know (a rolling deploy: an old
+        worker got a new task). Celery drops it, so the node will never run: it failed."""
+        self._refused(sender, message, id, f"task {name!r} is not registered on worker {self._hostname(sender)}")
+
+    def on_rejected(self, sender: Any = None, message: Any = None, exc: Any = None, **_: Any) -> None:
+        """Main process: a message Celery rejected as invalid (not a task it can read). Dropped."""
+        why = f": {exc}" if exc else ""
+        self._refused(sender, message, None, f"message rejected by worker {self._hostname(sender)}{why}")
+
+    def _refused(self, consumer: Any, message: Any, task_id: str | None, reason: str) -> None:
+        if getattr(consumer, "app", self.app) is not self.app:
+            return
+        headers = getattr(message, "headers", None) or {}
+        ids = ids_of_headers(headers)
+        if ids is None:
+            return
+        task_id = task_id or (headers.get("id") if isinstance(headers.get("id"), str) else None)
+        self.submit(None, NodeStatus.FAILED, reason=reason, task_id=task_id, ids=ids)
+
+    def _hostname(self, consumer: Any) -> str:
+        return str(getattr(consumer, "hostname", None) or self.worker_name or "worker")
 
     # -- process lifecycle ----------------------------------------------------------------------
 

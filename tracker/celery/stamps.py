@@ -43,3 +43,13 @@ def ids_of(request: Any) -> tuple[str, str] | None:
     if sid is None or nid is None:
         return None
     return sid, nid
+
+
+def ids_of_headers(headers: Any) -> tuple[str, str] | None:
+    """``(session_id, node_id)`` of a raw task message's headers (protocol 2 keeps the stamps
+    under ``stamps``), for a message the worker refused before it became a request."""
+    if not isinstance(headers, dict):
+        return None
+    stamps = headers.get("stamps") if isinstance(headers.get("stamps"), dict) else headers
+    sid, nid = _one(stamps.get(SESSION_STAMP)), _one(stamps.get(NODE_STAMP))
+    return None if sid is None or nid is None else (sid, nid)
