@@ -50,6 +50,7 @@ def ids_of_headers(headers: Any) -> tuple[str, str] | None:
     under ``stamps``), for a message the worker refused before it became a request."""
     if not isinstance(headers, dict):
         return None
-    stamps = headers.get("stamps") if isinstance(headers.get("stamps"), dict) else headers
+    nested = headers.get("stamps")
+    stamps: dict[str, Any] = nested if isinstance(nested, dict) else headers
     sid, nid = _one(stamps.get(SESSION_STAMP)), _one(stamps.get(NODE_STAMP))
     return None if sid is None or nid is None else (sid, nid)
