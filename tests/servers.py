@@ -1,14 +1,17 @@
-"""Real servers for tests: redis-server processes started in temp dirs on free loopback ports."""
+"""Real servers for tests: redis-server and rabbitmq-server processes started in temp dirs on free loopback ports."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,3 +271,200 @@ class LossyProxy:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
+
+
+def rabbitmq_scripts() -> tuple[str, str]:
+    """Paths of ``rabbitmq-server`` and ``rabbitmqctl``, run as the current user.
+
+    Debian's ``/usr/sbin`` entries are a wrapper that re-runs them as the ``rabbitmq`` user (with
+    that user's home and cookie); the scripts under ``/usr/lib/rabbitmq/bin`` are the real ones.
+    Fails loudly (``.ci/run`` installs the package) rather than skipping.
+    """
+    debian = Path("/usr/lib/rabbitmq/bin")
+    if (debian / "rabbitmq-server").exists() and (debian / "rabbitmqctl").exists():
+        return str(debian / "rabbitmq-server"), str(debian / "rabbitmqctl")
+    server, ctl = shutil.which("rabbitmq-server"), shutil.which("rabbitmqctl")
+    if not server or not ctl:
+        raise RuntimeError("rabbitmq-server is not installed (apt-get install rabbitmq-server; .ci/run does this)")
+    return server, ctl
+
+
+def epmd_binary() -> str:
+    """Path of Erlang's ``epmd`` (it comes with rabbitmq-server's Erlang)."""
+    found = shutil.which("epmd") or next(iter(sorted(Path("/usr/lib/erlang").glob("erts-*/bin/epmd"))), None)
+    if not found:
+        raise RuntimeError("epmd is not installed (it comes with Erlang, a dependency of rabbitmq-server)")
+    return str(found)
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Live processes of the session ``sid`` (zombies left out: they are only waiting to be reaped)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp session ...: comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            pids.append(int(entry.name))
+    return pids
+
+
+@dataclass
+class RabbitMQProcess:
+    """One RabbitMQ node of the tests' own, on loopback, never the machine's.
+
+    Everything it uses is its own: node name, AMQP port, Erlang distribution port, an ``epmd`` on a
+    port of its own (``ERL_EPMD_PORT``; the machine's epmd on 4369 is never asked), data, logs,
+    config, plugins (none) and ``HOME`` (the Erlang cookie). The broker and the epmd each run in a
+    session of their own, so stopping kills whatever of theirs is left.
+
+    Args:
+        directory: Where its files go (a fresh temp dir).
+    """
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    dist_port: int = field(default_factory=free_port)
+    epmd_port: int = field(default_factory=free_port)
+    nodename: str = field(default_factory=lambda: f"rabbit-{uuid.uuid4().hex[:10]}@localhost")
+    process: subprocess.Popen[bytes] | None = None
+    epmd: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment of its server and of ``rabbitmqctl`` for it (nothing inherited of RabbitMQ or Erlang)."""
+        d = self.directory
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+        dist = "-kernel inet_dist_use_interface {127,0,0,1} -start_epmd false"
+        return {
+            **base,
+            "HOME": str(d),
+            "RABBITMQ_NODENAME": self.nodename,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(d / "log"),
+            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
+            "RABBITMQ_CONF_ENV_FILE": str(d / "rabbitmq-env.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+            "RABBITMQ_PLUGINS_EXPAND_DIR": str(d / "plugins-expand"),
+            "RABBITMQ_PID_FILE": str(d / "rabbitmq.pid"),
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": dist,
+            "RABBITMQ_CTL_ERL_ARGS": dist,
+            "ERL_EPMD_PORT": str(self.epmd_port),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            # Names from /etc/hosts only: no native resolver helper (inet_gethost) to outlive the VM.
+            "ERL_INETRC": str(d / "erl_inetrc"),
+        }
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        d = self.directory
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+            "loopback_users.guest = true\n"
+            "disk_free_limit.absolute = 10MB\n"
+            "log.console = false\n"
+            "log.file.level = info\n"
+        )
+        (d / "rabbitmq-env.conf").write_text("")  # not the machine's /etc/rabbitmq/rabbitmq-env.conf
+        (d / "advanced.config").write_text("[].\n")
+        (d / "enabled_plugins").write_text("[].\n")
+        (d / "erl_inetrc").write_text('{host, {127,0,0,1}, ["localhost"]}.\n{lookup, [file]}.\n')
+        env = self.env
+        with (d / "epmd.out").open("ab") as out:
+            self.epmd = subprocess.Popen(
+                [epmd_binary(), "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+                env=env, cwd=d, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        with (d / "server.out").open("ab") as out:
+            self.process = subprocess.Popen(
+                [rabbitmq_scripts()[0]], env=env, cwd=d, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _tail(self) -> str:
+        texts = []
+        for path in [self.directory / "server.out", *sorted((self.directory / "log").glob("*.log"))]:
+            if path.exists():
+                texts.append(f"--- {path.name}\n{path.read_text(errors='replace')[-2000:]}")
+        return "\n".join(texts)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Wait until ``url`` completes an AMQP handshake (the node is up and its listener open)."""
+        from kombu.connection import Connection
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"rabbitmq-server exited with {self.process.returncode}:\n{self._tail()}")
+            try:
+                with Connection(self.url, connect_timeout=1) as conn:  # type: ignore[no-untyped-call]
+                    conn.connect()
+                    return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"rabbitmq-server not ready after {timeout_s} s:\n{self._tail()}") from None
+                time.sleep(0.2)
+
+    def ctl(self, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """``rabbitmqctl -n <node> *args`` for this node."""
+        return subprocess.run(
+            [rabbitmq_scripts()[1], "-n", self.nodename, *args],
+            env=self.env, cwd=self.directory, capture_output=True, text=True, timeout=timeout_s, check=False,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        """``rabbitmqctl stop``, then SIGKILL whatever of the node and its epmd is left."""
+        if self.process is not None:
+            if self.process.poll() is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.ctl("stop", timeout_s=30)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(timeout=15)
+            self._kill_session(self.process)
+            self.process = None
+        if self.epmd is not None:
+            self._kill_session(self.epmd)
+            self.epmd = None
+
+    @staticmethod
+    def _kill_session(proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL every live process of ``proc``'s session (it leads one) and reap ``proc``."""
+        for _ in range(50):
+            pids = _session_pids(proc.pid)
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def rabbitmq_process(directory: Path) -> Iterator[RabbitMQProcess]:
+    """Start a RabbitMQ node of the tests' own in ``directory``; stop it on exit."""
+    server = RabbitMQProcess(directory=directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -12,11 +12,13 @@ Broker settings follow the redelivery scenario: ``task_acks_late``, a ``visibili
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+import redis
 from celery import Celery
 
 from tracker.celery import install
@@ -65,3 +67,18 @@ def mark(path: str) -> str:
 def big(size: int) -> str:
     """Return a string of ``size`` characters (over the result cap when large)."""
     return "x" * size
+
+
+#: The Redis list where :func:`completion` records its calls for session ``<id>``.
+CALLBACKS_KEY = "crash:callbacks:{}"
+
+
+@app.task(name="rel.completion")  # type: ignore[untyped-decorator]
+def completion(status: dict[str, Any]) -> None:
+    """An ``on_complete`` callback that records each call: RPUSHes its argument (JSON) to
+    ``crash:callbacks:<session id>`` in the store's redis-server (``TRACKER_REDIS_URL``)."""
+    client = redis.Redis.from_url(os.environ["TRACKER_REDIS_URL"])
+    try:
+        client.rpush(CALLBACKS_KEY.format(status["session_id"]), json.dumps(status))
+    finally:
+        client.close()

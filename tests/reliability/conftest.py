@@ -2,11 +2,14 @@
 
 Each scenario that injects a fault into the store gets a redis-server of its own, separate from
 the broker's, so stopping it touches nothing else. Workers are real prefork subprocesses running
-:mod:`tests.reliability.appmod`; each test publishes to a queue of its own.
+:mod:`tests.reliability.appmod`; each test publishes to a queue of its own. The broker is a
+redis-server of its own (``rel_broker``) or, for a test that asks, a RabbitMQ node of its own
+(``rel_rabbitmq``, started once per test session on first use; ``rel_broker_url`` picks one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,14 +18,18 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.helpers import Worker
-from tests.servers import RedisProcess, redis_process
+from tests.servers import RedisProcess, rabbitmq_process, redis_process
 from tests.workers import ROOT
 
 StartRedis = Callable[..., RedisProcess]
 """``start_redis(*extra_args, password=None)``: a started redis-server of this test's own."""
 
 MakeWorker = Callable[..., Worker]
-"""``make_worker(store_url, concurrency=2, visibility_s=None, env_extra=None)``: a started worker."""
+"""``make_worker(store_url, concurrency=2, visibility_s=None, env_extra=None, broker_url=None)``: a started
+worker (on ``rel_broker`` unless ``broker_url`` is given)."""
+
+BROKERS = ["redis", "rabbitmq"]
+"""The brokers ``rel_broker_url`` can give, for ``parametrize("rel_broker_url", BROKERS, indirect=True)``."""
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +40,54 @@ def rel_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
         appmod.app.conf.update(broker_url=server.url, result_backend=server.url)
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def rel_rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A RabbitMQ node of the tests' own (its own node name, ports, epmd, data): its AMQP URL.
+
+    Started once per test session on first use (it takes 5-15 s), stopped at the end.
+    """
+    with rabbitmq_process(tmp_path_factory.mktemp("rel-rabbitmq")) as server:
+        yield server.url
+
+
+@contextlib.contextmanager
+def publishing_to(broker_url: str) -> Iterator[None]:
+    """Make :mod:`~tests.reliability.appmod`'s app publish to ``broker_url`` in this process
+    (dispatch, callbacks sent by a reaper here), then restore its broker.
+
+    The app keeps its connection and producer pools once made: they are dropped on each switch
+    (kombu keeps them per URL, so switching back reuses the old ones).
+    """
+    from tests.reliability import appmod
+
+    app = appmod.app
+
+    def point(url: str) -> None:
+        app.conf.broker_url = url
+        app._pool = None
+        app.amqp._producer_pool = None
+
+    before = app.conf.broker_url
+    point(broker_url)
+    try:
+        yield
+    finally:
+        point(before)
+
+
+@pytest.fixture
+def rel_broker_url(request: pytest.FixtureRequest, rel_broker: str) -> Iterator[str]:
+    """The broker of this test: ``rel_broker`` or, parametrised indirectly with ``"rabbitmq"``,
+    ``rel_rabbitmq``. This process publishes through ``appmod.app`` to it while the test runs; pass
+    it to ``make_worker(..., broker_url=...)``."""
+    kind = getattr(request, "param", "redis")
+    if kind not in BROKERS:
+        raise ValueError(f"unknown broker {kind!r}; one of {BROKERS}")
+    url = rel_broker if kind == "redis" else str(request.getfixturevalue("rel_rabbitmq"))
+    with publishing_to(url):
+        yield url
 
 
 @pytest.fixture
@@ -69,11 +124,12 @@ def make_worker(rel_broker: str, rel_queue: str, key_prefix: str, tmp_path: Path
         concurrency: int = 2,
         visibility_s: int | None = None,
         env_extra: dict[str, str] | None = None,
+        broker_url: str | None = None,
     ) -> Worker:
         env = {
             **os.environ,
             "TRACKER_REL_WORKER": "1",
-            "TRACKER_REL_BROKER": rel_broker,
+            "TRACKER_REL_BROKER": broker_url or rel_broker,
             "TRACKER_REL_QUEUE": rel_queue,
             "TRACKER_REDIS_URL": store_url,
             "TRACKER_KEY_PREFIX": key_prefix,
