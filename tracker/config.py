@@ -46,6 +46,11 @@ class TrackerSettings(BaseSettings):
     heartbeat_interval: float = Field(default=5.0, gt=0)
     #: A worker process silent this long is presumed dead: its running nodes become ``lost``.
     worker_stale_after: float = Field(default=30.0, gt=0)
+    #: After a worker died, a session of that time with nothing running and nothing changed for
+    #: this long has its unfinished nodes marked ``lost`` (a broker lost their messages with the
+    #: worker). Unset: derived from the app's broker (its redelivery delay plus twice
+    #: ``worker_stale_after``; see ``tracker.celery.stalled_after_s``).
+    stalled_after: float | None = Field(default=None, gt=0)
     #: Optional per-node run limit in seconds; a node running longer is marked ``lost``.
     node_max_runtime: float | None = Field(default=None, gt=0)
     #: Bearer token the web API requires; unset: reads are open, mutations refused.

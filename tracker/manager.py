@@ -313,6 +313,14 @@ class _Plans:
         now = self.clock()
         return _Plan("get", (sid,), lambda info: (now - _found(sid, info).updated_at).total_seconds() > timeout_s)
 
+    def end_stalled(self, stalled_after_s: float) -> _Plan[list[BatchOutcome]]:
+        limit = validation.positive_seconds(stalled_after_s, "stalled_after_s")
+        reason = (
+            f"never ran: nothing of its session ran or changed for {limit:g} s after a worker died "
+            "(its message was lost with the worker, or is still queued: it is counted if it runs)"
+        )
+        return _Plan("end_stalled", (self.clock(), limit, reason))
+
     def cleanup_expired_sessions(self) -> _Plan[int]:
         return _Plan("remove_expired", (self.clock(), self.settings.session_timeout))
 
@@ -671,6 +679,20 @@ class SessionManager:
         """
         return await self._run(self._plans.reap_lost(requeued))
 
+    async def end_stalled_sessions(self, stalled_after_s: float) -> list[BatchOutcome]:
+        """End the sessions a message lost with a dead worker left waiting: see
+        :meth:`SessionStorageAdapter.end_stalled`. Their unfinished nodes become ``lost``.
+
+        Args:
+            stalled_after_s: How long nothing of such a session may run or change first; longer
+                than the broker takes to redeliver a dead worker's messages
+                (:func:`tracker.celery.maintain` derives it from the app's broker settings).
+
+        Returns:
+            One outcome per session ended.
+        """
+        return await self._run(self._plans.end_stalled(stalled_after_s))
+
     # -- background cleanup -----------------------------------------------------------------
 
     def start_cleanup_scheduler(self, interval_s: float | None = None) -> None:
@@ -826,6 +848,10 @@ class SyncSessionManager:
     def reap_lost_nodes(self, requeued: bool = False) -> list[NodeOutcome]:
         """See :meth:`SessionManager.reap_lost_nodes`."""
         return self._run(self._plans.reap_lost(requeued))
+
+    def end_stalled_sessions(self, stalled_after_s: float) -> list[BatchOutcome]:
+        """See :meth:`SessionManager.end_stalled_sessions`."""
+        return self._run(self._plans.end_stalled(stalled_after_s))
 
     def cleanup_expired_sessions(self) -> int:
         """See :meth:`SessionManager.cleanup_expired_sessions`."""

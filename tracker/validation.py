@@ -78,6 +78,13 @@ def node_count(value: object, maximum: int) -> int:
     return value
 
 
+def positive_seconds(value: object, field: str) -> float:
+    """Return ``value`` as a float if it is a finite number of seconds > 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < float(value) < math.inf:
+        raise TrackerValidationError(field, value, "expected a finite number of seconds > 0")
+    return float(value)
+
+
 def progress(value: object, sid: str | None = None) -> float:
     """Return ``value`` as a float if it is a finite number within 0..100."""
     if isinstance(value, bool) or not isinstance(value, int | float):

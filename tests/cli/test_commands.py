@@ -297,10 +297,10 @@ def test_cleanup_removes_expired_sessions(cli: Cli, redis_url: str, key_prefix: 
     result = cli("cleanup", env=env)
     assert result.exit_code == ExitCode.OK
     # The first pass finds the worker silent and gives it a grace to beat again; the next one reaps
-    assert "Reaped 0 node(s) of dead worker processes; removed 1 expired session(s)" in result.stdout
+    assert "Reaped 0 node(s) of dead worker processes; ended 0 stalled session(s); removed 1 expired" in result.stdout
     time.sleep(1.1)
     result = cli("cleanup", env=env)
-    assert "Reaped 1 node(s) of dead worker processes; removed 0 expired session(s)" in result.stdout
+    assert "Reaped 1 node(s) of dead worker processes; ended 0 stalled session(s); removed 0 expired" in result.stdout
     # workers.app acknowledges late: the dead worker's message comes back, so the node waits for it
     node = old.sync.get_nodes(fresh).nodes[0]
     assert node.status is NodeStatus.PENDING and node.reason is not None and "redeliver" in node.reason

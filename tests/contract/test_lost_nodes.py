@@ -7,7 +7,14 @@ import threading
 import pytest
 
 from tests.conftest import FakeClock
-from tracker import InvalidStateTransitionError, NodeStatus, SessionManager, SessionStatus, TrackerSettings
+from tracker import (
+    InvalidStateTransitionError,
+    NodeSpec,
+    NodeStatus,
+    SessionManager,
+    SessionStatus,
+    TrackerSettings,
+)
 from tracker.models import NodeOutcome
 from tracker.storage.base import SessionStorageAdapter
 
@@ -271,3 +278,41 @@ def test_two_reapers_at_once_mark_each_node_once(store: SessionStorageAdapter, c
     finishes = [o.finished for batch in results for o in batch if o.finished]  # type: ignore[attr-defined]
     assert finishes == [SessionStatus.FAILED]
     assert manager.sync.get_session_status(sid)["lost_nodes"] == 60
+
+
+def test_a_session_left_waiting_by_a_message_lost_with_a_dead_worker_ends(
+    store: SessionStorageAdapter, clock: FakeClock
+) -> None:
+    # Given sessions waiting on nodes: one whose last node's message died with W1 (never started),
+    # one with a node running on live W2, and an idle one while no worker has died
+    manager = make(store, clock)
+    waiting = manager.sync.create_session("waiting.canvas", 2, nodes=[NodeSpec(node_id="a"), NodeSpec(node_id="b")])
+    manager.sync.record_node(waiting, "a", "completed", result=1, worker=W1)
+    busy = manager.sync.create_session("busy.canvas", 1, nodes=[NodeSpec(node_id="c")])
+    manager.sync.record_node(busy, "c", "running", worker=W2)
+    clock.advance(120)
+    manager.sync.heartbeat(W2, sessions=[busy])
+    assert manager.sync.end_stalled_sessions(60) == []  # no worker died: nothing is presumed lost
+    # When W1 is reaped as dead (silent past the stale limit and the grace)
+    manager.sync.record_node(busy, "c", "running", worker=W2)  # W2 still beats
+    manager.sync.heartbeat(W1)
+    clock.advance(31)
+    manager.sync.heartbeat(W2, sessions=[busy])
+    reap_past_the_grace(manager, clock, W2)
+    manager.sync.heartbeat(W2, sessions=[busy])
+    later = manager.sync.create_session("later.canvas", 1, nodes=[NodeSpec(node_id="d")])
+    clock.advance(61)
+    manager.sync.heartbeat(W2, sessions=[busy])
+    # Then the waiting session ends: its unfinished node lost with a reason, its first failure told
+    (ended,) = manager.sync.end_stalled_sessions(60)
+    assert ended.session.session_id == waiting
+    assert (ended.finished, ended.first_failure) == (SessionStatus.PARTIAL_FAILURE, "b")
+    b = next(n for n in manager.sync.get_nodes(waiting).nodes if n.node_id == "b")
+    assert b.status is NodeStatus.LOST and b.reason is not None and "never ran" in b.reason
+    # and neither the session whose node runs on a live worker, nor one created after the death
+    assert manager.sync.get_session_status(busy)["status"] == "running"
+    assert manager.sync.get_session_status(later)["status"] == "pending"
+    assert manager.sync.end_stalled_sessions(60) == []  # once
+    # and if the message was only late after all, its result counts and the status follows
+    manager.sync.record_node(waiting, "b", "completed", result=2, worker=W2)
+    assert manager.sync.get_session_status(waiting)["status"] == "completed"

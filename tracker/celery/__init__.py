@@ -10,6 +10,7 @@ Only this package imports ``celery``. Typical use::
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery, signals
 
@@ -17,6 +18,7 @@ from tracker.celery.control import cancel_session, resume_session
 from tracker.celery.dispatch import ON_COMPLETE_KEY, ON_FAILURE_KEY, ON_SUCCESS_KEY, dispatch, leaves
 from tracker.celery.handlers import Recorder
 from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP, ids_of
+from tracker.config import TrackerSettings
 from tracker.manager import SessionManager
 from tracker.storage.memory import InMemoryStorageAdapter
 
@@ -35,6 +37,7 @@ __all__ = [
     "leaves",
     "maintain",
     "resume_session",
+    "stalled_after_s",
     "uninstall",
 ]
 
@@ -90,19 +93,46 @@ def uninstall(app: Celery) -> None:
     del app._tracker_recorder
 
 
+#: Brokers that give a dead worker's unacknowledged messages back only after their
+#: ``visibility_timeout`` (kombu's default: an hour); the others (AMQP) at once.
+_VISIBILITY_BROKERS = {"redis", "rediss", "sentinel", "sqs"}
+
+
+def stalled_after_s(app: Celery, settings: TrackerSettings) -> float:
+    """How long a session may wait, after a worker died, before its unfinished nodes are presumed
+    lost with it: ``TRACKER_STALLED_AFTER`` when set, else the longest the app's broker takes to
+    redeliver a dead worker's messages (its visibility timeout and restore sweep), plus twice
+    ``worker_stale_after`` (the reaper's own delay)."""
+    if settings.stalled_after is not None:
+        return settings.stalled_after
+    scheme = urlsplit(str(app.conf.broker_url or "")).scheme.split("+")[0]
+    wait_s = 0.0
+    if scheme in _VISIBILITY_BROKERS:
+        options = app.conf.broker_transport_options or {}
+        # kombu's Redis transport looks for messages to restore every interval x throttle seconds.
+        interval, throttle = options.get("unacked_restore_interval", 10), options.get("unacked_restore_throttle", 10)
+        sweep_s = float(interval) * float(throttle)
+        wait_s = float(options.get("visibility_timeout", 3600)) + (sweep_s if scheme != "sqs" else 0.0)
+    return wait_s + 2 * settings.worker_stale_after
+
+
 def maintain(recorder: Recorder) -> dict[str, int]:
-    """One round of upkeep: reap the nodes of dead worker processes (sending the callbacks that
-    this causes), then remove expired sessions. Returns ``{"lost": n, "removed": m}`` (``lost``:
-    nodes reaped, whether marked ``lost`` or sent back to ``pending`` for redelivery).
+    """One round of upkeep, what beat runs every minute: reap the nodes of dead worker processes,
+    end the sessions a message lost with a dead worker left waiting, then remove expired sessions.
+    The callbacks this causes are sent. Returns ``{"lost": n, "stalled": s, "removed": m}``
+    (``lost``: nodes reaped, whether marked ``lost`` or sent back to ``pending``).
 
     With ``task_acks_late`` a dead worker's messages come back from the broker, so its nodes go
     back to ``pending`` rather than ``lost``: they are counted when the redelivered tasks run.
     """
     sync = recorder.manager.sync
     reaped = sync.reap_lost_nodes(requeued=bool(recorder.app.conf.task_acks_late))
+    stalled = sync.end_stalled_sessions(stalled_after_s(recorder.app, recorder.manager.settings))
     for outcome in reaped:
         recorder.callbacks(outcome)
-    return {"lost": len(reaped), "removed": sync.cleanup_expired_sessions()}
+    for ended in stalled:
+        recorder.callbacks(ended)
+    return {"lost": len(reaped), "stalled": len(stalled), "removed": sync.cleanup_expired_sessions()}
 
 
 def install(

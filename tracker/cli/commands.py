@@ -262,12 +262,13 @@ def cleanup(state: CliState) -> None:
     app = state.app_if_available()
     if app is not None:
         done = maintain(Recorder(app, manager))
-        lost, removed = done["lost"], done["removed"]
+        lost, stalled, removed = done["lost"], done["stalled"], done["removed"]
     else:
-        lost, removed = len(manager.sync.reap_lost_nodes()), manager.sync.cleanup_expired_sessions()
+        lost, stalled, removed = len(manager.sync.reap_lost_nodes()), 0, manager.sync.cleanup_expired_sessions()
     elapsed = time.monotonic() - started
     _out().print(
-        f"Reaped {lost} node(s) of dead worker processes; removed {removed} expired session(s) in {elapsed:.2f} s."
+        f"Reaped {lost} node(s) of dead worker processes; ended {stalled} stalled session(s); "
+        f"removed {removed} expired session(s) in {elapsed:.2f} s."
     )
 
 

@@ -265,6 +265,18 @@ class SessionStorageAdapter(Protocol):
     def remove_expired(self, now: datetime, timeout_s: float) -> int:
         """Remove sessions not updated within ``timeout_s`` before ``now``; return how many."""
 
+    def end_stalled(self, now: datetime, stalled_after_s: float, reason: str) -> list[BatchOutcome]:
+        """End the sessions a lost message left waiting: not ended, existing when a dead worker
+        process was last reaped, nothing of them running, and no write nor heartbeat for
+        ``stalled_after_s``. Their nodes without a result become ``lost`` (with ``reason``).
+
+        Only the sessions of the window after a reaping are looked at (by last known update, as
+        cleanup does), so a store where no worker died does nothing.
+
+        Returns:
+            One outcome per session ended (``finished``, ``first_failure`` as for node events).
+        """
+
     def read_events(
         self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
     ) -> list[SessionEvent]:
@@ -327,6 +339,8 @@ class AsyncSessionStorageAdapter(Protocol):
     async def delete(self, session_id: str) -> bool: ...
 
     async def remove_expired(self, now: datetime, timeout_s: float) -> int: ...
+
+    async def end_stalled(self, now: datetime, stalled_after_s: float, reason: str) -> list[BatchOutcome]: ...
 
     async def read_events(
         self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None

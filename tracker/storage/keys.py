@@ -31,6 +31,7 @@ Global (not atomic with session writes; they only help to find sessions):
 ``<prefix>:suspects``                ZSET    silent worker process id -> when a reaper first saw it
                                              silent (ms); reaped once silent a grace period more
 ``<prefix>:reaper``                  STRING  ``1``/``0``: the last reaper pass saw a live worker or not
+``<prefix>:reaped``                  STRING  when a reaper last reaped a dead worker process (ms)
 ===================================  ======  ===================================================
 
 Every session key gets the session timeout as TTL on every write, so nothing outlives an
@@ -98,6 +99,11 @@ class KeySpace:
     def reaper(self) -> str:
         """What the last reaper pass saw: ``1`` some worker alive, ``0`` none (an outage, or all dead)."""
         return f"{self.prefix}:reaper"
+
+    @property
+    def reaped(self) -> str:
+        """When a reaper last reaped a dead worker process (ms): sessions older may have lost a message."""
+        return f"{self.prefix}:reaped"
 
     def held(self, worker: str) -> str:
         """The nodes ``worker`` (a validated worker process id) is running."""

@@ -79,6 +79,7 @@ class InMemoryStorageAdapter:
         # The reaper's memory between passes (see storage.base.silent_workers).
         self._suspects: dict[str, int] = {}
         self._alive = True
+        self._reaped_at: datetime | None = None
 
     # -- helpers (call with the lock held) ---------------------------------------------------
 
@@ -352,6 +353,8 @@ class InMemoryStorageAdapter:
             seen = {worker: _ms(at) for worker, at in self._workers.items()}
             silent = silent_workers(seen, self._suspects, self._alive, _ms(now), round(stale_after_s * 1000))
             self._suspects, self._alive = silent.suspects, silent.alive
+            if silent.due:
+                self._reaped_at = now
             for worker, seen_at in list(self._workers.items()):
                 due = worker in silent.due
                 if not due and max_runtime_s is None:
@@ -418,6 +421,40 @@ class InMemoryStorageAdapter:
             for sid in expired:
                 del self._sessions[sid]
             return len(expired)
+
+    def end_stalled(self, now: datetime, stalled_after_s: float, reason: str) -> list[BatchOutcome]:
+        outcomes: list[BatchOutcome] = []
+        with self._lock:
+            reaped_at = self._reaped_at
+            if reaped_at is None:
+                return outcomes
+            for entry in self._sessions.values():
+                info = entry.info
+                last = max(info.updated_at, entry.alive_at or info.updated_at)
+                if (
+                    info.status.is_terminal
+                    or info.running_nodes
+                    or info.created_at >= reaped_at
+                    or (now - last).total_seconds() <= stalled_after_s
+                ):
+                    continue
+                waiting = [node for node in entry.nodes.values() if not node.status.is_terminal]
+                if not waiting:
+                    continue  # its missing nodes were never recorded
+                for node in waiting:
+                    lost = {"status": NodeStatus.LOST, "finished_at": now, "result": None, "reason": reason}
+                    self._set_node(entry, node.model_copy(update=lost))
+                info = self._recount(entry, now)
+                if info.status is SessionStatus.PENDING:
+                    info = self._move(info, SessionStatus.RUNNING, now)
+                counts = (info.completed_nodes, info.failed_nodes, info.cancelled_nodes, info.node_count)
+                finished = states.finish_status(*counts)
+                entry.info = self._move(info, finished, now) if finished is not None else info
+                self._emit(entry, "status", now)
+                first_failure = None if entry.failure_told else waiting[0].node_id
+                entry.failure_told = True
+                outcomes.append(BatchOutcome(session=entry.info, finished=finished, first_failure=first_failure))
+        return outcomes
 
     def read_events(
         self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None

@@ -65,7 +65,9 @@ from tracker.validation import is_worker_id
 T = TypeVar("T")
 
 #: The scripts, by file name (without ``.lua``); each is loaded with ``common.lua`` before it.
-SCRIPTS = ("create", "record_nodes", "transition", "resume", "set_progress", "remove_if_expired", "keep_alive")
+SCRIPTS = (
+    "create", "record_nodes", "transition", "resume", "set_progress", "remove_if_expired", "keep_alive", "end_stalled",
+)  # fmt: skip
 
 #: The session fields ``record_nodes`` replies, in order (``session_values`` in ``common.lua``; its
 #: ``load_session`` reads them in the same order).
@@ -575,6 +577,8 @@ class RedisPrograms:
         upkeep: list[Command] = [("DEL", self.keys.suspects), ("SET", self.keys.reaper, "1" if silent.alive else "0")]
         if silent.suspects:
             upkeep.append(("ZADD", self.keys.suspects, silent.suspects))
+        if silent.due:
+            upkeep.append(("SET", self.keys.reaped, now_ms))
         due = silent.due
         check = list(workers) if max_runtime_s is not None else list(due)
         held = (yield [*upkeep, *[("SMEMBERS", self.keys.held(w)) for w in check]])[len(upkeep) :]
@@ -615,6 +619,44 @@ class RedisPrograms:
         elif done:
             yield done
         return outcomes
+
+    def end_stalled(self, now: datetime, stalled_after_s: float, reason: str) -> Program[list[BatchOutcome]]:
+        now_ms = _ms_int(now)
+        (reaped,) = yield [("GET", self.keys.reaped)]
+        if reaped is None or now_ms - int(_text(reaped)) > round((stalled_after_s + self.ttl_s) * 1000):
+            return []  # no worker died within the window: nothing can have been left waiting
+        cutoff_ms = now_ms - round(stalled_after_s * 1000)
+        payload = json.dumps({"reason": reason}, separators=(",", ":"))
+        outcomes: list[BatchOutcome] = []
+        offset = 0
+        while True:
+            (ids,) = yield [
+                ("ZRANGEBYSCORE", self.keys.expiry_index, "-inf", f"({cutoff_ms}", "LIMIT", offset, CLEANUP_BATCH)
+            ]
+            if not ids:
+                return outcomes
+            ids = [_text(i) for i in ids]
+            args = [cutoff_ms, _text(reaped), now_ms, self.ttl_s, self.events_maxlen, payload]
+            replies = yield [Script("end_stalled", self.keys.session(sid).all(), args) for sid in ids]
+            active: dict[str, int] = {}
+            for sid, reply in zip(ids, replies, strict=True):
+                code = _text(reply[0])
+                if code == "active":
+                    active[sid] = int(_text(reply[1]))
+                elif code == "stalled":
+                    finished = _text(reply[1])
+                    outcomes.append(
+                        BatchOutcome(
+                            session=_session_values(sid, reply[2]),
+                            finished=SessionStatus(finished) if finished else None,
+                            first_failure=_text(reply[3]) or None,
+                        )
+                    )
+            if active:  # their real last change: those younger than the cutoff leave the range
+                yield [("ZADD", self.keys.expiry_index, active)]
+            if len(ids) < CLEANUP_BATCH:
+                return outcomes
+            offset += len(ids) - sum(ms >= cutoff_ms for ms in active.values())
 
     def get_nodes(
         self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100
@@ -925,6 +967,9 @@ class RedisStorageAdapter(_RedisBase):
     def remove_expired(self, now: datetime, timeout_s: float) -> int:
         return self._drive(self.programs.remove_expired(now, timeout_s))
 
+    def end_stalled(self, now: datetime, stalled_after_s: float, reason: str) -> list[BatchOutcome]:
+        return self._drive(self.programs.end_stalled(now, stalled_after_s, reason))
+
     def read_events(
         self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
     ) -> list[SessionEvent]:
@@ -1079,6 +1124,9 @@ class AsyncRedisStorageAdapter(_RedisBase):
 
     async def remove_expired(self, now: datetime, timeout_s: float) -> int:
         return await self._drive(self.programs.remove_expired(now, timeout_s))
+
+    async def end_stalled(self, now: datetime, stalled_after_s: float, reason: str) -> list[BatchOutcome]:
+        return await self._drive(self.programs.end_stalled(now, stalled_after_s, reason))
 
     async def read_events(
         self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
