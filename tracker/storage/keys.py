@@ -12,7 +12,11 @@ also on Redis Cluster):
                                              status>`` of the last create/transition/resume, so
                                              a retried call is answered, not applied twice),
                                              ``finish_request`` (id of the node event that ended
-                                             the session: its retry is told ``finished`` again)
+                                             the session: its retry is told ``finished`` again),
+                                             ``success_call`` / ``failure_call`` (the calls told
+                                             to send on_success / on_failure), ``run`` (1, then
+                                             one more per resume), ``alive_ms`` (last heartbeat
+                                             of a worker running one of its nodes)
 ``<prefix>:{<sid>}:nodes``           HASH    node id -> ``status|attempts|started_ms|finished_ms|
                                              task_id|worker|payload`` (payload: JSON object with
                                              ``result``, ``error``, ``reason``; may be empty)
