@@ -3,12 +3,14 @@ in a subprocess (``celery -A tests.celery.appmod worker``) and one in a thread s
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, Task
+from celery.worker.request import Request
 
 from tracker.celery import install
 
@@ -94,6 +96,34 @@ def fails_once(key: str) -> str:
     if runs == 1:
         raise ValueError(f"first run of {key}")
     return "ok"
+
+
+class CustomRequest(Request):  # type: ignore[misc]
+    """A user's own Request class (main process): notes each failure it handles in the broker's Redis."""
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
+        client = redis.Redis.from_url(os.environ["TRACKER_TEST_BROKER"])
+        client.rpush(f"custom-request:{self.id}", type(exc_info.exception).__name__)
+        client.close()
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+
+class CustomTask(Task):  # type: ignore[misc]
+    """A user's own Task base class with its own hook and Request class."""
+
+    Request = CustomRequest
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        client = redis.Redis.from_url(os.environ["TRACKER_TEST_BROKER"])
+        client.rpush(f"custom-task:{task_id}", json.dumps(retval))
+        client.close()
+
+
+@app.task(name="t.custom", base=CustomTask)
+def custom(i: int) -> int:
+    if i == 3:
+        raise ValueError("three")
+    return i * 10
 
 
 @app.task(name="t.done")

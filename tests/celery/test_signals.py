@@ -236,3 +236,28 @@ def test_a_message_the_worker_rejects_fails_its_node(tracked: SessionManager, th
     assert status["failed_nodes"] == 1
     node = tracked.sync.get_nodes(sid).nodes[0]
     assert node.reason is not None and "message rejected by worker" in node.reason
+
+
+def test_a_users_own_task_base_and_request_class_keep_working(
+    tracked: SessionManager, worker_process: Any, redis_url: str
+) -> None:
+    # Given tasks with the user's own Task base class and Request class, on a prefork worker
+    from tests.celery.appmod import custom
+
+    worker_process(concurrency=2)
+    sid = dispatch(
+        group(custom.s(i) for i in range(6)), canvas_path="custom.canvas", node_ids=[f"n{i}" for i in range(6)]
+    )
+    # Then the session ends with every result, and the user's hooks ran for every task
+    status = wait_status(tracked, sid, {"completed", "partial_failure", "failed"}, timeout_s=60)
+    assert (status["status"], status["completed_nodes"], status["failed_nodes"]) == ("partial_failure", 5, 1)
+    nodes = {n.node_id: n for n in tracked.sync.get_nodes(sid).nodes}
+    assert sorted(n.result for n in nodes.values() if n.node_id != "n3") == [0, 10, 20, 40, 50]
+    assert nodes["n3"].error is not None and nodes["n3"].error.type == "ValueError"
+    client = redis.Redis.from_url(redis_url)
+    for nid, node in nodes.items():
+        if nid != "n3":
+            assert client.lrange(f"custom-task:{node.task_id}", 0, -1) == [str(node.result).encode()]
+    wait_for(lambda: client.lrange(f"custom-request:{nodes['n3'].task_id}", 0, -1) == [b"ValueError"], 10,
+             "the Request class's failure hook")  # fmt: skip
+    client.close()
