@@ -20,9 +20,10 @@ from tracker.celery import BEAT_ENTRY, CLEANUP_TASK, cancel_session, dispatch, i
 TERMINAL = {"completed", "failed", "partial_failure", "cancelled"}
 
 
-def test_cancel_mid_batch(tracked: SessionManager, thread_worker: None) -> None:
+def test_cancel_mid_batch(tracked: SessionManager, thread_worker: None, redis_url: str) -> None:
     # Given a batch of slow nodes, a few of which have run
-    sid = dispatch(group(work.s(i, sleep=0.2) for i in range(40)), canvas_path="slow.canvas", app=app)
+    sid = dispatch(group(work.s(i, sleep=0.2) for i in range(40)), canvas_path="slow.canvas", app=app,
+                   on_complete=done.s(kind="complete"))  # fmt: skip
     wait_for(lambda: tracked.sync.get_session_status(sid)["completed_nodes"] >= 4, what="first results")
     # When it is cancelled
     info = cancel_session(sid, app=app)
@@ -36,6 +37,11 @@ def test_cancel_mid_batch(tracked: SessionManager, thread_worker: None) -> None:
     # late results of nodes that were already running are recorded without moving the status
     nodes = tracked.sync.get_nodes(sid, limit=1000).nodes
     assert {n.status for n in nodes} <= {NodeStatus.COMPLETED, NodeStatus.CANCELLED}
+    # and the cancel was the run's end: on_complete said so, once
+    client = redis.Redis.from_url(redis_url)
+    wait_for(lambda: client.llen(f"complete:{sid}") >= 1, 30, "the on_complete callback")
+    assert client.lrange(f"complete:{sid}", 0, -1) == [b"cancelled 1"]
+    client.close()
 
 
 def test_sigkilled_prefork_worker_then_resume_counts_every_node_once(

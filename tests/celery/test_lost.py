@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from celery import group
 
-from tests.celery.appmod import app, limited, work
+from tests.celery.appmod import app, limited, slow_ok, work
 from tests.celery.conftest import WorkerProcess, wait_for, wait_status
 from tracker import NodeStatus, SessionManager, TrackerSettings
 from tracker.celery import dispatch, resume_session
@@ -117,3 +117,23 @@ def test_worker_processes_keep_heartbeats(tracked: SessionManager, worker_proces
     children = subprocess.run(["pgrep", "-f", "tests.celery.appmod"], capture_output=True, text=True).stdout.split()
     assert pids <= set(children), (pids, children)
     client.close()
+
+
+def test_a_node_running_twice_the_session_timeout_finishes_into_an_intact_session(
+    redis_url: str, key_prefix: str, tracked: SessionManager, worker_process: Callable[..., WorkerProcess]
+) -> None:
+    # Given a 2 s session timeout (the store's TTLs and cleanup alike) and a node that runs 4.5 s
+    short = {"TRACKER_SESSION_TIMEOUT": "2", **FAST_BEAT}
+    worker_process(concurrency=1, env_extra=short)
+    settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix, session_timeout=2)
+    manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
+    sid = dispatch(group([slow_ok.s(4.5)]), canvas_path="long.canvas", app=app, manager=manager, node_ids=["long"])
+    running_node(manager, sid, "long")
+    # When cleanup runs all along (as beat would, more often)
+    while manager.sync.get_session_status(sid)["status"] == "running":
+        assert manager.sync.cleanup_expired_sessions() == 0
+        time.sleep(0.3)
+    # Then the worker's heartbeats kept it: the node finished into it
+    status = manager.sync.get_session_status(sid)
+    assert (status["status"], status["completed_nodes"]) == ("completed", 1)
+    manager.storage.close()
