@@ -89,17 +89,13 @@ def status_of(manager: SessionManager, sid: str, nid: str) -> NodeStatus | None:
     return next((n.status for n in manager.sync.get_nodes(sid).nodes if n.node_id == nid), None)
 
 
-def busy_stretch(recorder: Recorder, sid: str, seconds: float) -> int:
-    """Tasks that start and succeed one every 2 ms for ``seconds`` (nodes n0, n1...); how many ran."""
-    sent = 0
-    until = time.monotonic() + seconds
-    while time.monotonic() < until:
-        t = task(recorder, sid, f"n{sent}")
+def busy_stretch_of(recorder: Recorder, sid: str, count: int) -> int:
+    """``count`` tasks that start and succeed one after the other (nodes n0, n1...); returns count."""
+    for i in range(count):
+        t = task(recorder, sid, f"n{i}")
         start(recorder, t)
-        succeed(recorder, t, sent)
-        sent += 1
-        time.sleep(0.002)
-    return sent
+        succeed(recorder, t, i)
+    return count
 
 
 def test_an_outcome_is_in_the_store_when_its_handler_returns_with_its_start(
@@ -261,11 +257,11 @@ def test_the_writer_thread_writes_a_start_within_the_flush_interval(make: Any) -
 
 
 def test_each_outcome_is_one_store_call_however_busy_the_process(make: Any) -> None:
-    # Given tasks that start and succeed one every 2 ms (each start waits for its outcome)
+    # Given tasks that start and succeed one after the other (each start waits for its outcome)
     recorder, manager = make()
     calls = Calls(manager)
     sid = manager.sync.create_session("w.canvas", 1000)
-    sent = busy_stretch(recorder, sid, 0.3)
+    sent = busy_stretch_of(recorder, sid, 150)
     # Then every result is in the store already, one store call a task (never one per event)
     assert manager.sync.get_session_status(sid)["completed_nodes"] == sent
     assert calls.count == sent and recorder.held_events == 0
@@ -345,3 +341,37 @@ def test_the_heartbeat_names_the_sessions_of_the_nodes_running_in_the_process(ma
     assert writer.running_sessions == [sid]  # kept alive by each heartbeat while "a" runs
     succeed(recorder, t, 1)
     assert writer.running_sessions == []
+
+
+def test_a_busy_process_wakes_its_writer_thread_once_not_once_per_task(make: Any) -> None:
+    # Given a writer whose thread, once woken, ticks only a minute later, and its wake-ups counted
+    recorder, manager = make()
+    sid = manager.sync.create_session("w.canvas", 1000)
+    writer = recorder.writer(HOST)
+    notify = writer._wake.notify
+    wakes = 0
+
+    def counted(n: int = 1) -> None:
+        nonlocal wakes
+        wakes += 1
+        notify(n)
+
+    writer._wake.notify = counted  # type: ignore[method-assign]
+    # When 100 tasks start and succeed
+    sent = busy_stretch_of(recorder, sid, 100)
+    # Then only the first start woke the thread (it ticks from then on); every result is written
+    assert wakes == 1
+    assert manager.sync.get_session_status(sid)["completed_nodes"] == sent
+
+
+def test_an_idle_writer_is_woken_again_by_the_next_start(make: Any) -> None:
+    # Given a writer ticking every 0.1 s, which wrote a long task's start and then went idle
+    recorder, manager = make(flush_interval=0.1)
+    sid = manager.sync.create_session("w.canvas", 2)
+    start(recorder, task(recorder, sid, "first"))
+    wait_for(lambda: status_of(manager, sid, "first") is NodeStatus.RUNNING, 5, "the first start written")
+    writer = recorder.writer(HOST)
+    wait_for(lambda: writer._idle, 5, "the writer thread idle")
+    # When another long task starts, Then the thread wakes and writes it (not at the next heartbeat)
+    start(recorder, task(recorder, sid, "second"))
+    wait_for(lambda: status_of(manager, sid, "second") is NodeStatus.RUNNING, 2, "the second start written")

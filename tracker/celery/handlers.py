@@ -131,9 +131,11 @@ class Writer(threading.Thread):
 
     A task's outcome is written by :meth:`write` in the task's own thread, before the handler
     returns (and so before Celery acknowledges the message); a start waits in the queue for its
-    outcome or for ``flush_interval``, whichever comes first. The heartbeat (every
-    ``heartbeat_interval`` seconds) tells the reaper the process is alive and keeps the sessions
-    of its running nodes from expiring.
+    outcome or for the thread's next tick. While starts keep coming, the thread ticks every
+    ``flush_interval`` and writes what waits; after a tick without any it sleeps until the next
+    start wakes it (so a busy process wakes it once per interval, not once per task). The
+    heartbeat (every ``heartbeat_interval`` seconds) tells the reaper the process is alive and
+    keeps the sessions of its running nodes from expiring.
     """
 
     def __init__(self, recorder: Recorder, worker: str) -> None:
@@ -145,7 +147,9 @@ class Writer(threading.Thread):
         self._wake = threading.Condition(self._lock)
         # Appended to by the handlers without a lock (deque appends and pops are atomic).
         self._queue: deque[_Raw] = deque()
-        self._first_at = 0.0  # when the oldest queued event came (monotonic)
+        self._idle = True  # the thread sleeps until its next heartbeat; the next start wakes it
+        self._tick_at = 0.0  # while not idle: when the thread next writes what waits (monotonic)
+        self._kept = False  # a start came since the last tick
         self._held: list[_Call] = []  # calls the store refused, retried first, as they were
         self._flushing = threading.Lock()  # one flush at a time: this thread, a task's outcome, shutdown
         # The nodes running in this process, (session, node), oldest first: the heartbeat keeps
@@ -163,10 +167,13 @@ class Writer(threading.Thread):
         """Queue an event (a start) to be written with its outcome or within ``flush_interval``."""
         queue = self._queue
         queue.append(raw)
-        if len(queue) == 1:
+        self._kept = True
+        if self._idle:
             with self._wake:
-                self._first_at = time.monotonic()
-                self._wake.notify()  # the thread may be asleep until its next heartbeat
+                if self._idle:
+                    self._idle = False
+                    self._tick_at = time.monotonic() + self.recorder.manager.settings.flush_interval
+                    self._wake.notify()  # asleep until its next heartbeat: it ticks from now on
         if len(queue) > BACKLOG_SIZE:
             with self._lock:
                 self._drop(queue.popleft().session_id)
@@ -304,9 +311,9 @@ class Writer(threading.Thread):
         """When the next flush is due (monotonic), or infinity (lock held)."""
         if self._held:
             return self._retry_at
-        if self._queue:
-            return max(self._first_at + self.recorder.manager.settings.flush_interval, self._retry_at)
-        return float("inf")
+        if self._idle:
+            return float("inf")
+        return max(self._tick_at, self._retry_at)
 
     def run(self) -> None:
         next_beat = 0.0
@@ -325,7 +332,19 @@ class Writer(threading.Thread):
                 self._beat()
                 next_beat = now + self.recorder.manager.settings.heartbeat_interval
             if flush_now:
-                self.flush()
+                self._tick()
+
+    def _tick(self) -> None:
+        """Write what waits; tick again an interval later, unless no start came since the last tick."""
+        kept, self._kept = self._kept, False
+        if self._queue or self._held:
+            self.flush()
+        with self._wake:
+            if not (kept or self._queue or self._held):
+                self._idle = True
+                # A start queued while this decided saw the thread ticking, and did not wake it.
+                self._idle = not self._queue
+            self._tick_at = time.monotonic() + self.recorder.manager.settings.flush_interval
 
     def _beat(self) -> None:
         try:
