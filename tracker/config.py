@@ -37,10 +37,9 @@ class TrackerSettings(BaseSettings):
     redis_max_connections: int = Field(default=50, ge=1)
     #: Seconds between connection health checks (0 disables).
     redis_health_check_interval: int = Field(default=30, ge=0)
-    #: Seconds a busy worker process may keep a node event before writing it (events that stop
-    #: within 10 ms are written 10 ms after the last; a session near its end, as they come): what
-    #: waits is written in one store call per session, and a start still waiting when its result
-    #: comes is folded into it. 0: every event is written before the task goes on.
+    #: Seconds a task's start may wait in its process before it is written: most tasks end sooner,
+    #: and their start is written with their outcome (one store call). Outcomes are always written
+    #: before their handler returns. 0: every start is written before the task goes on too.
     flush_interval: float = Field(default=0.05, ge=0, le=60)
     #: Seconds between heartbeats of each worker process that runs tracked nodes.
     heartbeat_interval: float = Field(default=5.0, gt=0)
