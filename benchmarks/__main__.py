@@ -30,6 +30,7 @@ BENCHMARKS = {
     "memory": "benchmarks.memory",
     "cleanup": "benchmarks.cleanup",
     "profile": "benchmarks.hotpath",
+    "durable": "benchmarks.durable",
 }
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"

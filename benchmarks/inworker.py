@@ -3,10 +3,13 @@
 :func:`instrument` runs in the benchmark worker (``benchmarks.app`` calls it, before it installs the
 tracker, when ``TRACKER_BENCH_INWORKER`` names a directory). It wraps the recorder's per-task
 handlers (``task_received`` in the main process, ``task_prerun`` and ``task_success`` in the pool
-children) and its writer's ``flush`` so that each call reads its thread's CPU clock before and after;
-the writer thread's whole CPU time (flushes, wake-ups, heartbeats) is read when the process stops.
-Each process writes what it measured to ``<directory>/<pid>.json`` when it stops: a pool child on
-``worker_process_shutdown``, the main process at exit. :func:`collect` sums them up for the driver.
+children) and its writer's ``flush`` so that each call reads its thread's CPU clock before and after.
+A task's outcome is written by ``task_success`` itself, in the task's thread (its start folded in):
+that flush is inside the handler's figure, and is also shown apart. The writer thread's own flushes
+(starts of tasks still running after ``flush_interval``) are counted apart, and its whole CPU time
+(those flushes, wake-ups, heartbeats) is read when the process stops. Each process writes what it
+measured to ``<directory>/<pid>.json`` when it stops: a pool child on ``worker_process_shutdown``,
+the main process at exit. :func:`collect` sums them up for the driver.
 
 The same wrappers time the handlers of untracked tasks (their stamps are looked for, nothing else),
 so the wrappers' own clock reads are in both figures and their difference is the tracker's. Unlike
@@ -20,6 +23,7 @@ import atexit
 import json
 import os
 import statistics
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -41,7 +45,9 @@ _REQUEST_OF: dict[str, Callable[[dict[str, Any]], Any]] = {
 
 def instrument(directory: str) -> None:
     """Time this process's tracker handlers and flushes; write them to ``directory`` at exit."""
-    #: "<handler>:tracked" / "<handler>:untracked" -> CPU ns per call; "flush" -> [CPU ns, events].
+    #: "<handler>:tracked" / "<handler>:untracked" -> CPU ns per call; "flush:task" (an outcome's
+    #: write, in the task's thread) / "flush:writer" (the writer thread's) -> [CPU ns, events queued,
+    #: store calls made].
     calls: dict[str, list[Any]] = defaultdict(list)
     clock = time.thread_time_ns
 
@@ -66,7 +72,8 @@ def instrument(directory: str) -> None:
         queued = len(self._queue)
         start = clock()
         outcomes = flush(self)
-        calls["flush"].append([clock() - start, queued])
+        where = "writer" if threading.current_thread() is self else "task"
+        calls[f"flush:{where}"].append([clock() - start, queued, len(outcomes)])
         return outcomes
 
     Writer.flush = timed_flush  # type: ignore[method-assign]
@@ -103,21 +110,29 @@ def collect(directory: Path) -> dict[str, Any]:
         return statistics.median(values) / 1000 if values else float("nan")
 
     tracked_tasks = len(merged.get("on_prerun:tracked", []))
-    flushes = [spent for spent, _ in merged.get("flush", [])]
-    events = [queued for _, queued in merged.get("flush", []) if queued]
+
+    def per_task(value: float) -> float:
+        return value / tracked_tasks if tracked_tasks else float("nan")
+
+    task_flushes = [spent for spent, _, _ in merged.get("flush:task", [])]
+    task_events = [queued for _, queued, _ in merged.get("flush:task", [])]
+    task_calls = sum(made for _, _, made in merged.get("flush:task", []))
+    writer_flushes = [spent for spent, _, made in merged.get("flush:writer", []) if made]
     return {
         "tracked_tasks": tracked_tasks,
         "untracked_tasks": len(merged.get("on_prerun:untracked", [])),
+        # task_success's figure includes its write (the flush below).
         "handlers_us": {
             kind: median_us(f"on_prerun:{kind}") + median_us(f"on_success:{kind}") for kind in ("tracked", "untracked")
         },
         "received_us": {kind: median_us(f"on_received:{kind}") for kind in ("tracked", "untracked")},
-        "writer_thread_us_per_task": sum(merged.get("writer_thread", [])) / 1000 / tracked_tasks
-        if tracked_tasks
-        else float("nan"),
-        "flush_us_per_task": sum(flushes) / 1000 / tracked_tasks if tracked_tasks else float("nan"),
-        "flushes_per_100_tasks": 100 * len(events) / tracked_tasks if tracked_tasks else float("nan"),
-        "flush_median_us": statistics.median(flushes) / 1000 if flushes else float("nan"),
-        # A task's start and result are two events, written as one when they meet in a flush.
-        "events_per_flush_median": statistics.median(events) if events else float("nan"),
+        # An outcome's write in the task's thread: its CPU (median) and the events it found queued
+        # (its start and itself: 2, written as one event).
+        "outcome_write_median_us": statistics.median(task_flushes) / 1000 if task_flushes else float("nan"),
+        "outcome_store_calls_per_100_tasks": 100 * per_task(task_calls),
+        "events_per_outcome_write_median": statistics.median(task_events) if task_events else float("nan"),
+        # The writer thread: its whole CPU time, and its flushes that made a store call (starts alone).
+        "writer_thread_us_per_task": per_task(sum(merged.get("writer_thread", [])) / 1000),
+        "writer_flush_us_per_task": per_task(sum(writer_flushes) / 1000),
+        "writer_flushes_per_100_tasks": 100 * per_task(len(writer_flushes)),
     }

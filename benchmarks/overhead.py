@@ -23,7 +23,8 @@ of the stamps cost alone, and so what is left for the worker's side of tracking.
 
 Then 3 pairs on a third worker whose processes time the tracker's own code where it runs
 (:mod:`benchmarks.inworker`): the handlers of a tracked and of an untracked task in the pool
-children and in the main process, and the pool children's writer threads, per task.
+children (a tracked task's ``task_success`` writes its outcome, its start folded in, before it
+returns) and in the main process, and the pool children's writer threads, per task.
 
 Round trips are counted in one more tracked batch with the store's slow log recording every
 command (a Lua script's own commands are told apart by their fake client): commands sent by the
@@ -380,26 +381,27 @@ def run(quick: bool) -> Section:
             note="from /proc; less sensitive than wall time to other load on the machine",
         ),
         _vs_untracked(
-            "inside the worker: the tracker's handlers per task, pool child (prerun + success)",
+            "inside the worker: the tracker's handlers per task, pool child (prerun + success, its write)",
             inworker["handlers_us"],
-            note="thread CPU around each call (a third worker, wrapped); the clock reads are in both",
+            note=f"of which the outcome's store call {inworker['outcome_write_median_us']:.0f} µs (median, "
+            f"{inworker['outcome_store_calls_per_100_tasks']:.0f} per 100 tasks); thread CPU around each "
+            "call (a third worker, wrapped): the clock reads are in both",
         ),
         Row(
             "inside the worker: the writer thread per tracked task, pool child",
             "µs CPU",
             inworker["writer_thread_us_per_task"],
-            note=f"of which flushes {inworker['flush_us_per_task']:.1f} µs: "
-            f"{inworker['flushes_per_100_tasks']:.1f} store calls per 100 tasks, "
-            f"{inworker['events_per_flush_median']:.0f} events and "
-            f"{inworker['flush_median_us']:.0f} µs CPU each (median)",
+            note=f"heartbeats, wake-ups; starts written alone (task past flush_interval): "
+            f"{inworker['writer_flushes_per_100_tasks']:.1f} store calls per 100 tasks, "
+            f"{inworker['writer_flush_us_per_task']:.1f} µs per task",
         ),
         _vs_untracked("inside the worker: the task_received handler per task, main process", inworker["received_us"]),
         Row(
-            "round trips per node, worker (start + result, written in batches)",
+            "round trips per node, worker (its result with its start, written before the ack)",
             "commands",
             worker_rt,
             target=Target("ours", "<=", 2),
-            note=f"{1 / worker_rt:.0f} nodes per store call; plus {heartbeats} heartbeat(s) over the batch",
+            note=f"one store call per task, its start folded in; plus {heartbeats} heartbeat(s) over the batch",
         ),
         Row(f"round trips per batch, dispatch ({n} nodes)", "commands", float(dispatch_counts[n]),
             float(dispatch_counts[10]), dispatch_counts[n] / dispatch_counts[10], baseline_name="10 nodes"),

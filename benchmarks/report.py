@@ -12,7 +12,7 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.table import Table
 
-_OPS: dict[str, Callable[[float, float], bool]] = {"<=": operator.le, ">=": operator.ge}
+_OPS: dict[str, Callable[[float, float], bool]] = {"<=": operator.le, ">=": operator.ge, "<": operator.lt}
 
 
 @dataclass(frozen=True)
@@ -21,12 +21,12 @@ class Target:
 
     Args:
         on: Which figure is judged: the ratio, or our own value.
-        op: ``"<="`` or ``">="``.
+        op: ``"<="``, ``">="`` or ``"<"``.
         value: The bound.
     """
 
     on: Literal["ratio", "ours"]
-    op: Literal["<=", ">="]
+    op: Literal["<=", ">=", "<"]
     value: float
 
     def met(self, row: Row) -> bool | None:

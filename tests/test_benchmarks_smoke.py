@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from benchmarks.__main__ import BENCHMARKS
 from benchmarks.report import median_interval
@@ -51,6 +52,49 @@ def test_quick_run_writes_every_benchmark(tmp_path: Path) -> None:
                 value = row[field]
                 assert value is None or (isinstance(value, int | float) and math.isfinite(value)), (name, row)
             assert row["passed"] in (True, False, None)
+    _check_durability_rows(data["benchmarks"]["durable"])
+
+
+#: Item 8's rows, by the start of their names: which of (ours, baseline, ratio) each must have.
+DURABLE_ROWS = {
+    "D: tracked, durable": ("ours", "baseline", "ratio"),
+    "time added per task over U": ("ours", "baseline", "ratio"),
+    "D vs C, per round": ("ours", "baseline", "ratio"),
+    "C: untracked, Celery's Redis result backend": ("ours", "baseline", "ratio"),
+    "W: tracked, write-behind": ("ours", "baseline", "ratio"),
+    "D vs W": ("ours", "baseline", "ratio"),
+    "CPU per task": ("ours", "baseline", "ratio"),
+    "store script calls per task": ("ours", "baseline", "ratio"),
+    "batches whose session had ended": ("ours", "baseline"),
+}
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _check_durability_rows(bench: dict[str, Any]) -> None:
+    """Item 8 (the cost of durability) has every row, each figure present and finite, its targets judged."""
+    rows = bench["rows"]
+    for start, fields in DURABLE_ROWS.items():
+        matching = [row for row in rows if row["name"].startswith(start)]
+        assert len(matching) == 1, (start, [row["name"] for row in rows])
+        for field in fields:
+            assert _finite(matching[0][field]), (start, field, matching[0])
+    judged = {row["target"]: row["passed"] for row in rows if row["target"]}
+    assert set(judged) == {"ratio <= 1.02", "ratio < 1"}
+    assert all(passed in (True, False) for passed in judged.values())
+    intervals = [row for row in rows if row["name"].startswith("its median's")]
+    assert len(intervals) == 2 and all(_finite(row["ours"]) and _finite(row["baseline"]) for row in intervals)
+    details = bench["details"]
+    for name in ("D/U", "C/U", "W/U", "D/W", "D/C", "(D-U)/(C-U)", "cpu D/U"):
+        summary = details["ratios"][name]
+        assert all(_finite(summary[key]) for key in ("median", "low", "high")), (name, summary)
+        assert len(summary["values"]) == details["rounds"]
+    # Not a timing: D writes every outcome before its ack, so each session had ended at its last
+    # ack; W (outcomes after the ack, within flush_interval) made fewer store calls than tasks.
+    assert details["session_ended_at_last_ack_pct"]["D"] == 100
+    assert details["store_script_calls_per_task"]["W"] < details["store_script_calls_per_task"]["D"]
 
 
 def test_the_median_interval_covers_the_median_as_often_as_it_says() -> None:
