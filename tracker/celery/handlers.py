@@ -131,9 +131,10 @@ class Writer(threading.Thread):
 
     A task's outcome is written by :meth:`write` in the task's own thread, before the handler
     returns (and so before Celery acknowledges the message); a start waits in the queue for its
-    outcome or for the thread's next tick. While starts keep coming, the thread ticks every
-    ``flush_interval`` and writes what waits; after a tick without any it sleeps until the next
-    start wakes it (so a busy process wakes it once per interval, not once per task). The
+    outcome or for the thread's tick. While starts keep coming, the thread ticks every
+    ``flush_interval`` and writes the starts that already waited at the tick before (tasks running
+    longer than an interval); after a tick without any start it sleeps until the next start wakes
+    it (so a busy process wakes it once per interval, not once per task). The
     heartbeat (every ``heartbeat_interval`` seconds) tells the reaper the process is alive and
     keeps the sessions of its running nodes from expiring.
     """
@@ -150,6 +151,7 @@ class Writer(threading.Thread):
         self._idle = True  # the thread sleeps until its next heartbeat; the next start wakes it
         self._tick_at = 0.0  # while not idle: when the thread next writes what waits (monotonic)
         self._kept = False  # a start came since the last tick
+        self._waited: _Raw | None = None  # the oldest start waiting at the last tick
         self._held: list[_Call] = []  # calls the store refused, retried first, as they were
         self._flushing = threading.Lock()  # one flush at a time: this thread, a task's outcome, shutdown
         # The nodes running in this process, (session, node), oldest first: the heartbeat keeps
@@ -335,10 +337,17 @@ class Writer(threading.Thread):
                 self._tick()
 
     def _tick(self) -> None:
-        """Write what waits; tick again an interval later, unless no start came since the last tick."""
+        """Write what waits if a start has waited since the last tick (a younger one most likely
+        goes with its outcome); tick again an interval later, unless no start came since the last."""
         kept, self._kept = self._kept, False
-        if self._queue or self._held:
+        try:
+            oldest: _Raw | None = self._queue[0]
+        except IndexError:  # empty, or emptied meanwhile by an outcome's write
+            oldest = None
+        if self._held or (oldest is not None and oldest is self._waited):
             self.flush()
+            oldest = None
+        self._waited = oldest
         with self._wake:
             if not (kept or self._queue or self._held):
                 self._idle = True

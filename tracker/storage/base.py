@@ -72,7 +72,7 @@ class NodeEvent(NamedTuple):
     #: When it happened; None: the time of the store call (a buffered event carries its own).
     at: datetime | None = None
     #: With a result: when the node started, for a start and its result recorded as one event (a
-    #: write-behind buffer folds the two together when both wait in it).
+    #: handlers' writer folds a waiting start into its task's outcome).
     started_at: datetime | None = None
 
 

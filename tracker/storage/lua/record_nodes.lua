@@ -7,7 +7,7 @@
 -- (the same event twice changes nothing the second time) that moves the counters when the node's
 -- status changes; the session starts with its first event and finishes when every node has a
 -- result: exactly one call sees `finished`. Rules: states.merge_node_status.
--- started_ms (optional, with a result): the node's start, folded into this event by a write-behind
+-- started_ms (optional, with a result): the node's start, folded into this event by the handlers'
 -- buffer (a running event at started_ms, then the result, without writing the running state).
 -- The holder registry is passed outside Cluster only: workers (ZSET of worker process -> last seen
 -- ms) and the held sets (SET of "<session_id> <node_id>" one worker process runs) of the events'
