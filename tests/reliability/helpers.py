@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import redis
 
 from tests.workers import CeleryWorker
 from tracker import NodeResult, SessionManager, SessionNotFoundError
+from tracker.celery import Recorder, maintain
 
 TERMINAL = {"completed", "failed", "partial_failure", "cancelled"}
 
@@ -88,6 +90,31 @@ def command_calls(client: redis.Redis) -> dict[str, int]:
     """Calls per command since the last ``CONFIG RESETSTAT`` (``INFO commandstats``)."""
     stats = client.info("commandstats")
     return {name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in stats.items()}
+
+
+class Reaper(threading.Thread):
+    """``maintain(recorder)`` every ``every_s`` seconds until stopped (beat's job, sped up); its
+    errors (a store outage) are kept and it goes on."""
+
+    def __init__(self, recorder: Recorder, every_s: float) -> None:
+        super().__init__(name="test-reaper", daemon=True)
+        self.recorder = recorder
+        self.every_s = every_s
+        self.halt = threading.Event()
+        self.lost = 0
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                self.lost += maintain(self.recorder)["lost"]
+            except Exception as exc:
+                self.errors.append(repr(exc))
+            self.halt.wait(self.every_s)
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(timeout=30)
 
 
 class Worker(CeleryWorker):

@@ -45,7 +45,6 @@ import os
 import random
 import re
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -58,9 +57,9 @@ from celery import group
 
 from tests.reliability import appmod
 from tests.reliability.conftest import BROKERS, MakeWorker
-from tests.reliability.helpers import TERMINAL, Worker, all_nodes, text, wait_for
+from tests.reliability.helpers import TERMINAL, Reaper, Worker, all_nodes, text, wait_for
 from tracker import NodeResult, NodeStatus, SessionManager, TrackerSettings
-from tracker.celery import Recorder, dispatch, maintain
+from tracker.celery import Recorder, dispatch
 from tracker.storage.redis import RedisStorageAdapter
 
 NODES = 300
@@ -148,29 +147,6 @@ def report(row: Row) -> None:
         new = not path.exists() or path.stat().st_size == 0
         with path.open("a") as out:
             out.write((HEADER + "\n" if new else "") + line + "\n")
-
-
-class Reaper(threading.Thread):
-    """``maintain(recorder)`` every ``REAP_EVERY_S`` seconds until stopped (beat's job, sped up)."""
-
-    def __init__(self, recorder: Recorder) -> None:
-        super().__init__(name="crash-reaper", daemon=True)
-        self.recorder = recorder
-        self.halt = threading.Event()
-        self.lost = 0
-        self.errors: list[str] = []
-
-    def run(self) -> None:
-        while not self.halt.is_set():
-            try:
-                self.lost += maintain(self.recorder)["lost"]
-            except Exception as exc:  # reported with the run, the reaper goes on
-                self.errors.append(repr(exc))
-            self.halt.wait(REAP_EVERY_S)
-
-    def stop(self) -> None:
-        self.halt.set()
-        self.join(timeout=30)
 
 
 def _pid_of(node: NodeResult) -> int | None:
@@ -395,7 +371,7 @@ def crash(
     # how long a redelivery may take from them).
     transport = dict(appmod.app.conf.broker_transport_options)
     appmod.app.conf.broker_transport_options = {**transport, "visibility_timeout": VISIBILITY_S}
-    reaper = Reaper(Recorder(appmod.app, manager))
+    reaper = Reaper(Recorder(appmod.app, manager), REAP_EVERY_S)
     harness = Crash(broker, rel_broker_url, redis_url, rel_queue, manager, make_worker, store, reaper)
     reaper.start()
     yield harness

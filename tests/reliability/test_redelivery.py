@@ -9,7 +9,6 @@ redelivery alone, and every node must be counted exactly once.
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
@@ -18,9 +17,9 @@ from celery import group
 
 from tests.reliability import appmod
 from tests.reliability.conftest import MakeWorker
-from tests.reliability.helpers import TERMINAL, all_nodes, wait_for
+from tests.reliability.helpers import TERMINAL, Reaper, all_nodes, wait_for
 from tracker import NodeStatus, SessionManager, TrackerSettings
-from tracker.celery import Recorder, dispatch, maintain
+from tracker.celery import Recorder, dispatch
 from tracker.storage.redis import RedisStorageAdapter
 
 NODES = 30
@@ -104,23 +103,15 @@ def test_a_message_lost_with_a_dead_worker_does_not_leave_its_session_waiting(
     make_worker(redis_url, concurrency=2, visibility_s=2, env_extra=fast)
     options = dict(appmod.app.conf.broker_transport_options)
     appmod.app.conf.broker_transport_options = {**options, "visibility_timeout": 2}
-    recorder = Recorder(appmod.app, manager)
-    stop = threading.Event()
-
-    def reap() -> None:
-        while not stop.is_set():
-            maintain(recorder)
-            stop.wait(0.5)
-
-    reaper = threading.Thread(target=reap, daemon=True)
+    reaper = Reaper(Recorder(appmod.app, manager), 0.5)
     reaper.start()
     try:
         # Then the session ends by itself: n3 lost ("never ran"), every other node completed once
         wait_for(lambda: manager.sync.get_session_status(sid)["status"] in TERMINAL, 90, "the session to end")
     finally:
-        stop.set()
-        reaper.join(timeout=10)
+        reaper.stop()
         appmod.app.conf.broker_transport_options = options
+    assert reaper.errors == []
     status = manager.sync.get_session_status(sid)
     assert (status["status"], status["completed_nodes"], status["lost_nodes"]) == ("partial_failure", 7, 1)
     n3 = all_nodes(manager, sid)["n3"]

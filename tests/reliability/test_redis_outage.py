@@ -8,8 +8,6 @@ retries, then ``RETRY_BACKOFF_S``) and then log it and let the task go on.
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
 
 import pytest
@@ -18,9 +16,9 @@ from celery import group
 
 from tests.reliability import appmod
 from tests.reliability.conftest import MakeWorker, StartRedis
-from tests.reliability.helpers import TERMINAL, all_nodes, wait_for
+from tests.reliability.helpers import TERMINAL, Reaper, all_nodes, wait_for
 from tracker import SessionManager, StorageUnavailableError, TrackerSettings
-from tracker.celery import Recorder, dispatch, maintain
+from tracker.celery import Recorder, dispatch
 from tracker.storage.redis import RedisStorageAdapter
 
 GIVE_UP = "tracker: could not record node"
@@ -145,16 +143,7 @@ def test_an_outage_twice_the_stale_limit_never_makes_a_live_workers_nodes_lost(
     calls = [appmod.step.s(i, sleep_s=3.0 if i < 4 else 0.05).set(queue=rel_queue) for i in range(12)]
     sid = dispatch(group(calls), canvas_path="outage.canvas", app=appmod.app, manager=manager,
                    node_ids=[f"n{i}" for i in range(12)])  # fmt: skip
-    recorder = Recorder(appmod.app, manager)
-    stop = threading.Event()
-
-    def reap() -> None:
-        while not stop.is_set():
-            with contextlib.suppress(StorageUnavailableError):
-                maintain(recorder)
-            stop.wait(0.2)
-
-    reaper = threading.Thread(target=reap, daemon=True)
+    reaper = Reaper(Recorder(appmod.app, manager), 0.2)  # its calls fail while the store is down
     reaper.start()
     wait_for(lambda: manager.sync.get_session_status(sid)["running_nodes"] >= 3, 30, "slow nodes running")
 
@@ -165,8 +154,7 @@ def test_an_outage_twice_the_stale_limit_never_makes_a_live_workers_nodes_lost(
 
     # Then the session completes with every node counted once, and no node was ever lost or reset
     wait_for(lambda: manager.sync.get_session_status(sid)["status"] in TERMINAL, 60, "the session to end")
-    stop.set()
-    reaper.join(timeout=5)
+    reaper.stop()
     status = manager.sync.get_session_status(sid)
     assert (status["status"], status["completed_nodes"], status["lost_nodes"]) == ("completed", 12, 0)
     seen = {(e.node_id, e.node_status) for e in manager.sync.read_events(sid, limit=1000) if e.type == "node"}
