@@ -37,9 +37,10 @@ class TrackerSettings(BaseSettings):
     redis_max_connections: int = Field(default=50, ge=1)
     #: Seconds between connection health checks (0 disables).
     redis_health_check_interval: int = Field(default=30, ge=0)
-    #: Seconds a task's start may wait in its process before it is written: most tasks end sooner,
-    #: and their start is written with their outcome (one store call). Outcomes are always written
-    #: before their handler returns. 0: every start is written before the task goes on too.
+    #: Seconds a task's start waits in its process before it is written on its own (between one and
+    #: two of them): most tasks end sooner, and their start is written with their outcome (one store
+    #: call). Outcomes are always written before their handler returns. 0: every start is written
+    #: before the task goes on too.
     flush_interval: float = Field(default=0.05, ge=0, le=60)
     #: Seconds between heartbeats of each worker process that runs tracked nodes.
     heartbeat_interval: float = Field(default=5.0, gt=0)

@@ -166,7 +166,8 @@ class Writer(threading.Thread):
     # -- queueing (any thread) ------------------------------------------------------------------
 
     def keep(self, raw: _Raw) -> None:
-        """Queue an event (a start) to be written with its outcome or within ``flush_interval``."""
+        """Queue an event (a start) to be written with its outcome, or by the thread's tick once it
+        has waited a whole ``flush_interval`` (so within two)."""
         queue = self._queue
         queue.append(raw)
         self._kept = True
