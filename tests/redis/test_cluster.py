@@ -21,6 +21,16 @@ from redis.crc import key_slot
 from redis.retry import Retry
 
 from tests.conftest import FakeClock
+from tests.contract.test_lost_nodes import (
+    test_a_late_result_after_lost_counts_once_and_rederives_the_ended_status,
+    test_a_resume_with_nothing_to_resend_ends_at_once,
+    test_a_session_left_waiting_by_a_message_lost_with_a_dead_worker_ends,
+    test_a_store_outage_of_any_length_never_makes_a_live_worker_lost,
+    test_heartbeats_keep_a_long_running_nodes_session_from_expiring,
+    test_nodes_of_a_silent_worker_become_lost,
+    test_two_reapers_at_once_mark_each_node_once,
+    test_with_late_acks_a_dead_workers_nodes_wait_for_redelivery,
+)
 from tests.contract.test_storage_contract import (
     test_blocking_event_read_wakes_on_a_write,
     test_cancel_marks_unfinished_nodes,
