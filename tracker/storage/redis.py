@@ -620,6 +620,14 @@ class RedisPrograms:
             yield done
         return outcomes
 
+    def _idle_candidates(self, cutoff_ms: int, offset: int) -> Program[list[str]]:
+        """A page (from ``offset``) of the sessions whose last *known* change, as the expiry index has
+        it, is older than ``cutoff_ms``: candidates only, each re-checked by a script of its own."""
+        (ids,) = yield [
+            ("ZRANGEBYSCORE", self.keys.expiry_index, "-inf", f"({cutoff_ms}", "LIMIT", offset, CLEANUP_BATCH)
+        ]
+        return [_text(i) for i in ids]
+
     def end_stalled(self, now: datetime, stalled_after_s: float, reason: str) -> Program[list[BatchOutcome]]:
         now_ms = _ms_int(now)
         (reaped,) = yield [("GET", self.keys.reaped)]
@@ -630,12 +638,9 @@ class RedisPrograms:
         outcomes: list[BatchOutcome] = []
         offset = 0
         while True:
-            (ids,) = yield [
-                ("ZRANGEBYSCORE", self.keys.expiry_index, "-inf", f"({cutoff_ms}", "LIMIT", offset, CLEANUP_BATCH)
-            ]
+            ids = yield from self._idle_candidates(cutoff_ms, offset)
             if not ids:
                 return outcomes
-            ids = [_text(i) for i in ids]
             args = [cutoff_ms, _text(reaped), now_ms, self.ttl_s, self.events_maxlen, payload]
             replies = yield [Script("end_stalled", self.keys.session(sid).all(), args) for sid in ids]
             active: dict[str, int] = {}
@@ -714,14 +719,10 @@ class RedisPrograms:
         removed = 0
         offset = 0
         while True:
-            # Candidates: sessions whose last *known* update is older than the cutoff. Each one is
-            # re-checked atomically against its real updated_ms before anything is deleted.
-            (ids,) = yield [
-                ("ZRANGEBYSCORE", self.keys.expiry_index, "-inf", f"({cutoff_ms}", "LIMIT", offset, CLEANUP_BATCH)
-            ]
+            # Each candidate is re-checked atomically against its real updated_ms before it is deleted.
+            ids = yield from self._idle_candidates(cutoff_ms, offset)
             if not ids:
                 return removed
-            ids = [_text(i) for i in ids]
             replies = yield [Script("remove_if_expired", self.keys.session(sid).all(), [cutoff_ms]) for sid in ids]
             gone, active = [], {}
             for sid, reply in zip(ids, replies, strict=True):
