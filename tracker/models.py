@@ -65,7 +65,7 @@ class NodeResult(_Model):
     worker: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    #: Reason text for ``lost`` / ``cancelled`` nodes.
+    #: Why a node is ``lost``, ``cancelled`` or ``skipped`` (for ``skipped``: the node whose end caused it).
     reason: str | None = None
 
     @computed_field  # type: ignore[prop-decorator]
@@ -95,6 +95,8 @@ class SessionInfo(_Model):
     lost_nodes: int = 0
     #: Nodes revoked, or outstanding when the session was cancelled (not in ``failed_nodes``).
     cancelled_nodes: int = 0
+    #: Nodes Celery will never run because a node they depend on did not complete.
+    skipped_nodes: int = 0
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None = None
@@ -107,7 +109,7 @@ class SessionInfo(_Model):
     @property
     def pending_nodes(self) -> int:
         """Nodes with no terminal result that are not running."""
-        finished = self.completed_nodes + self.failed_nodes + self.cancelled_nodes
+        finished = self.completed_nodes + self.failed_nodes + self.cancelled_nodes + self.skipped_nodes
         return max(0, self.node_count - finished - self.running_nodes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -151,6 +153,7 @@ class ParallelTaskStatus(BaseModel):
     pending_nodes: int = 0
     lost_nodes: int = 0
     cancelled_nodes: int = 0
+    skipped_nodes: int = 0
     node_count: int
     canvas_path: str
     created_at: datetime

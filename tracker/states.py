@@ -50,6 +50,9 @@ class NodeStatus(StrEnum):
     CANCELLED = "cancelled"
     #: Its worker vanished (killed, out of memory, hard time limit) without reporting a result.
     LOST = "lost"
+    #: Celery will never run it: a node it depends on ended without completing (an earlier chain
+    #: link, a chord header task), or it is an error callback and nothing it handles failed.
+    SKIPPED = "skipped"
 
     @property
     def is_terminal(self) -> bool:
@@ -89,7 +92,7 @@ RESUMABLE_STATUSES: frozenset[SessionStatus] = frozenset(
 
 #: Node results that count towards the finish rule.
 TERMINAL_NODE_STATUSES: frozenset[NodeStatus] = frozenset(
-    {NodeStatus.COMPLETED, NodeStatus.FAILED, NodeStatus.CANCELLED, NodeStatus.LOST}
+    {NodeStatus.COMPLETED, NodeStatus.FAILED, NodeStatus.CANCELLED, NodeStatus.LOST, NodeStatus.SKIPPED}
 )
 
 #: Node statuses counted in ``failed_nodes``: the node ran (or was meant to) and did not complete.
@@ -131,7 +134,9 @@ def allowed_from(target: SessionStatus, resume: bool = False) -> frozenset[Sessi
     )
 
 
-def finish_status(completed: int, failed: int, cancelled: int, node_count: int) -> SessionStatus | None:
+def finish_status(
+    completed: int, failed: int, cancelled: int, node_count: int, skipped: int = 0
+) -> SessionStatus | None:
     """The status a running session finishes in, or None while results are outstanding.
 
     Args:
@@ -139,16 +144,18 @@ def finish_status(completed: int, failed: int, cancelled: int, node_count: int) 
         failed: Nodes whose latest result is ``failed`` or ``lost``.
         cancelled: Nodes whose latest result is ``cancelled`` (revoked one by one).
         node_count: Nodes in the batch.
+        skipped: Nodes Celery will never run (``skipped``).
 
     Returns:
-        ``completed`` (every node completed), ``cancelled`` (every node revoked), ``failed`` (none
-        completed), ``partial_failure`` (some completed), or None while any node has no result.
+        ``completed`` (every node completed), ``cancelled`` (every node revoked, or skipped because
+        of a revoked one), ``failed`` (none completed), ``partial_failure`` (some completed), or
+        None while any node has no result.
     """
-    if node_count <= 0 or completed + failed + cancelled < node_count:
+    if node_count <= 0 or completed + failed + cancelled + skipped < node_count:
         return None
     if completed == node_count:
         return SessionStatus.COMPLETED
-    if cancelled == node_count:
+    if cancelled and cancelled + skipped == node_count:
         return SessionStatus.CANCELLED
     if completed == 0:
         return SessionStatus.FAILED
@@ -156,7 +163,7 @@ def finish_status(completed: int, failed: int, cancelled: int, node_count: int) 
 
 
 def rederived_status(
-    current: SessionStatus, completed: int, failed: int, cancelled: int, node_count: int
+    current: SessionStatus, completed: int, failed: int, cancelled: int, node_count: int, skipped: int = 0
 ) -> SessionStatus:
     """The status of an ended session after a late result moved a node between counters.
 
@@ -168,7 +175,7 @@ def rederived_status(
     """
     if not current.is_terminal:
         return current
-    target = finish_status(completed, failed, cancelled, node_count)
+    target = finish_status(completed, failed, cancelled, node_count, skipped)
     return target if target in VALID_TRANSITIONS[current] else current
 
 

@@ -40,17 +40,19 @@ def test_counters_follow_the_model(
             completed = sum(s is NodeStatus.COMPLETED for s in model.values())
             failed = sum(s in {NodeStatus.FAILED, NodeStatus.LOST} for s in model.values())
             cancelled = sum(s is NodeStatus.CANCELLED for s in model.values())
+            skipped = sum(s is NodeStatus.SKIPPED for s in model.values())
             running = sum(s in {NodeStatus.RUNNING, NodeStatus.RETRYING} for s in model.values())
             info = outcome.session
-            assert (info.completed_nodes, info.failed_nodes, info.cancelled_nodes, info.running_nodes) == (
-                completed, failed, cancelled, running)  # fmt: skip
+            assert (
+                info.completed_nodes, info.failed_nodes, info.cancelled_nodes, info.skipped_nodes, info.running_nodes
+            ) == (completed, failed, cancelled, skipped, running)  # fmt: skip
             assert info.completed_nodes + info.failed_nodes <= info.node_count
             if status is SessionStatus.PENDING:
                 status = SessionStatus.RUNNING
             if status is SessionStatus.RUNNING:
-                status = finish_status(completed, failed, cancelled, node_count) or status
+                status = finish_status(completed, failed, cancelled, node_count, skipped) or status
             else:  # an ended status follows late results
-                status = rederived_status(status, completed, failed, cancelled, node_count)
+                status = rederived_status(status, completed, failed, cancelled, node_count, skipped)
             assert info.status is status
             finishes += outcome.finished is not None
             assert outcome.node.status is model[node]

@@ -94,7 +94,8 @@ def test_counter_matches_the_node_status_sets(tables: dict[str, dict[str, str | 
     assert by_counter["running"] == {s.value for s in ACTIVE_NODE_STATUSES}
     assert by_counter["completed"] == {NodeStatus.COMPLETED.value}
     assert by_counter["cancelled"] == {NodeStatus.CANCELLED.value}
-    assert set(by_counter) == {"completed", "failed", "running", "cancelled"}
+    assert by_counter["skipped"] == {NodeStatus.SKIPPED.value}
+    assert set(by_counter) == {"completed", "failed", "running", "cancelled", "skipped"}
     # Every result counts somewhere (the finish rule adds the counters up); pending counts nowhere.
     assert {s.value for s in TERMINAL_NODE_STATUSES} <= set(counter)
     assert NodeStatus.PENDING.value not in counter
@@ -115,13 +116,14 @@ def test_the_session_fields_record_nodes_replies_are_in_the_order_python_reads()
 
 def test_load_session_reads_the_same_fields_in_the_same_order() -> None:
     # load_session names the fields itself (unrolled, it runs on every write): the same list, the
-    # same positions as its table's keys.
+    # same positions as its table's keys, then `linked` (read by the scripts, not replied).
     body = _lua_function("load_session")
     hmget = re.search(r"redis\.call\('HMGET', S,([^)]*)\)", body)
     assert hmget is not None
-    assert tuple(re.findall(r"'([a-z_]+)'", hmget.group(1))) == SESSION_FIELDS
+    read = (*SESSION_FIELDS, "linked")
+    assert tuple(re.findall(r"'([a-z_]+)'", hmget.group(1))) == read
     positions = dict(re.findall(r"([a-z_]+) = (?:tonumber\()?v\[(\d+)\]", body))
-    assert {name: int(i) for name, i in positions.items()} == {name: i + 1 for i, name in enumerate(SESSION_FIELDS)}
+    assert {name: int(i) for name, i in positions.items()} == {name: i + 1 for i, name in enumerate(read)}
 
 
 def test_rederive_edges_are_the_edges_between_ended_statuses() -> None:

@@ -125,7 +125,7 @@ class InMemoryStorageAdapter:
         """The session's counters (and the progress they drive) from the node status counts."""
         counts = entry.counts
         failed = counts[NodeStatus.FAILED] + counts[NodeStatus.LOST]
-        finished = counts[NodeStatus.COMPLETED] + failed + counts[NodeStatus.CANCELLED]
+        finished = counts[NodeStatus.COMPLETED] + failed + counts[NodeStatus.CANCELLED] + counts[NodeStatus.SKIPPED]
         return entry.info.model_copy(
             update={
                 "completed_nodes": counts[NodeStatus.COMPLETED],
@@ -133,6 +133,7 @@ class InMemoryStorageAdapter:
                 "running_nodes": counts[NodeStatus.RUNNING] + counts[NodeStatus.RETRYING],
                 "lost_nodes": counts[NodeStatus.LOST],
                 "cancelled_nodes": counts[NodeStatus.CANCELLED],
+                "skipped_nodes": counts[NodeStatus.SKIPPED],
                 "progress_percent": states.progress_from_counts(finished, entry.info.node_count),
                 "updated_at": max(now, entry.info.updated_at),
             }
@@ -219,7 +220,7 @@ class InMemoryStorageAdapter:
                 )
                 reset.append(NodeSpec(node_id=node_id, task_id=task_id, signature=entry.signatures.get(node_id)))
             info = self._recount(entry, now)
-            counts = (info.completed_nodes, info.failed_nodes, info.cancelled_nodes, info.node_count)
+            counts = _counts(info)
             ended = None if reset else states.finish_status(*counts)
             if ended is not None:
                 # Nothing to re-send and every node has a result: the session ends at once so.
@@ -295,7 +296,7 @@ class InMemoryStorageAdapter:
         entry.info = self._recount(entry, at)
         info = entry.info
         finished: SessionStatus | None = None
-        counts = (info.completed_nodes, info.failed_nodes, info.cancelled_nodes, info.node_count)
+        counts = _counts(info)
         if info.status is SessionStatus.PENDING:
             info = self._move(info, SessionStatus.RUNNING, at)
         rederived = None
@@ -447,7 +448,7 @@ class InMemoryStorageAdapter:
                 info = self._recount(entry, now)
                 if info.status is SessionStatus.PENDING:
                     info = self._move(info, SessionStatus.RUNNING, now)
-                counts = (info.completed_nodes, info.failed_nodes, info.cancelled_nodes, info.node_count)
+                counts = _counts(info)
                 finished = states.finish_status(*counts)
                 entry.info = self._move(info, finished, now) if finished is not None else info
                 self._emit(entry, "status", now)
@@ -475,6 +476,11 @@ class InMemoryStorageAdapter:
     def close(self) -> None:
         with self._lock:
             self._changed.notify_all()
+
+
+def _counts(info: SessionInfo) -> tuple[int, int, int, int, int]:
+    """The arguments of :func:`states.finish_status` for ``info``."""
+    return info.completed_nodes, info.failed_nodes, info.cancelled_nodes, info.node_count, info.skipped_nodes
 
 
 def _ms(moment: datetime) -> int:

@@ -72,7 +72,7 @@ SCRIPTS = (
 #: The session fields ``record_nodes`` replies, in order (``session_values`` in ``common.lua``; its
 #: ``load_session`` reads them in the same order).
 SESSION_FIELDS = (
-    "status", "node_count", "completed", "failed", "running", "lost", "cancelled", "progress",
+    "status", "node_count", "completed", "failed", "running", "lost", "cancelled", "skipped", "progress",
     "started_ms", "finished_ms", "updated_ms", "canvas_path", "created_ms", "metadata", "run",
 )  # fmt: skip
 
@@ -142,6 +142,7 @@ def _session(session_id: str, fields: dict[str, str]) -> SessionInfo:
         running_nodes=int(fields["running"]),
         lost_nodes=int(fields["lost"]),
         cancelled_nodes=int(fields["cancelled"]),
+        skipped_nodes=int(fields.get("skipped") or 0),
         created_at=created,
         updated_at=updated,
         started_at=_ms(fields.get("started_ms", "")),
@@ -154,7 +155,7 @@ def _session(session_id: str, fields: dict[str, str]) -> SessionInfo:
 def _session_values(session_id: str, values: Sequence[Any]) -> SessionInfo:
     # record_nodes replies the session's fields as values in SESSION_FIELDS order: numbers as
     # integers, the rest as bytes (read on every write: decoded in line).
-    (status, node_count, completed, failed, running, lost, cancelled, progress,
+    (status, node_count, completed, failed, running, lost, cancelled, skipped, progress,
      started_ms, finished_ms, updated_ms, canvas_path, created_ms, metadata, run) = values  # fmt: skip
     return SessionInfo(
         session_id=session_id,
@@ -167,6 +168,7 @@ def _session_values(session_id: str, values: Sequence[Any]) -> SessionInfo:
         running_nodes=running,
         lost_nodes=lost,
         cancelled_nodes=cancelled,
+        skipped_nodes=skipped,
         created_at=_utc(int(created_ms)),
         updated_at=_utc(int(updated_ms)),
         started_at=_utc(int(started_ms)) if started_ms else None,
@@ -197,7 +199,7 @@ def _json_ms(ms: int) -> str:
 def _status_values(session_id: str, values: Sequence[Any]) -> dict[str, Any]:
     # What _session_values(...).to_dict() gives, without the model: the status dict every
     # add_node_result returns (tests/unit/test_status_dict.py checks the two agree).
-    (status, node_count, completed, failed, running, lost, cancelled, progress,
+    (status, node_count, completed, failed, running, lost, cancelled, skipped, progress,
      started_ms, finished_ms, updated_ms, canvas_path, created_ms, metadata, run) = values  # fmt: skip
     status = _text(status)
     if status not in _SESSION_STATUS:
@@ -213,13 +215,14 @@ def _status_values(session_id: str, values: Sequence[Any]) -> dict[str, Any]:
         "running_nodes": running,
         "lost_nodes": lost,
         "cancelled_nodes": cancelled,
+        "skipped_nodes": skipped,
         "created_at": _json_ms(int(created_ms)),
         "updated_at": _json_ms(int(updated_ms)),
         "started_at": _json_ms(int(started_ms)) if started_ms else None,
         "finished_at": _json_ms(int(finished_ms)) if finished_ms else None,
         "metadata": json.loads(metadata) if metadata and metadata != b"{}" else {},
         "run": run,
-        "pending_nodes": max(0, node_count - completed - failed - cancelled - running),
+        "pending_nodes": max(0, node_count - completed - failed - cancelled - skipped - running),
     }
 
 

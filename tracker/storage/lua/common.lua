@@ -5,9 +5,9 @@ local S, N, G, E = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
 -- node status -> the session counter it counts in
 local COUNTER = {completed = 'completed', failed = 'failed', lost = 'failed', cancelled = 'cancelled',
-                 running = 'running', retrying = 'running'}
+                 skipped = 'skipped', running = 'running', retrying = 'running'}
 -- node statuses that are a result (count towards the finish rule)
-local TERMINAL_NODE = {completed = true, failed = true, lost = true, cancelled = true}
+local TERMINAL_NODE = {completed = true, failed = true, lost = true, cancelled = true, skipped = true}
 -- session statuses that end a session
 local TERMINAL_SESSION = {completed = true, partial_failure = true, failed = true, cancelled = true}
 
@@ -15,23 +15,24 @@ local TERMINAL_SESSION = {completed = true, partial_failure = true, failed = tru
 -- them and replies them, unrolled, in the order of redis.py SESSION_FIELDS (tests/unit/test_lua_tables.py).
 local function load_session()
   local v = redis.call('HMGET', S, 'status', 'node_count', 'completed', 'failed', 'running', 'lost', 'cancelled',
-                       'progress', 'started_ms', 'finished_ms', 'updated_ms', 'canvas_path', 'created_ms', 'metadata', 'run')
+                       'skipped', 'progress', 'started_ms', 'finished_ms', 'updated_ms', 'canvas_path', 'created_ms',
+                       'metadata', 'run', 'linked')
   if not v[1] then return nil end
   local s = {status = v[1], node_count = tonumber(v[2]) or 0, completed = tonumber(v[3]) or 0,
              failed = tonumber(v[4]) or 0, running = tonumber(v[5]) or 0, lost = tonumber(v[6]) or 0,
-             cancelled = tonumber(v[7]) or 0, progress = v[8] or '', started_ms = v[9] or '', finished_ms = v[10] or '',
-             updated_ms = v[11] or '', canvas_path = v[12] or '', created_ms = v[13] or '', metadata = v[14] or '',
-             run = tonumber(v[15]) or 1}
+             cancelled = tonumber(v[7]) or 0, skipped = tonumber(v[8]) or 0, progress = v[9] or '',
+             started_ms = v[10] or '', finished_ms = v[11] or '', updated_ms = v[12] or '', canvas_path = v[13] or '',
+             created_ms = v[14] or '', metadata = v[15] or '', run = tonumber(v[16]) or 1, linked = v[17] == '1'}
   -- What the hash holds now (false: missing), in save_session's order: it writes what differs.
   s.stored = {v[1], v[3] and s.completed, v[4] and s.failed, v[5] and s.running, v[6] and s.lost,
-              v[7] and s.cancelled, v[8], v[9], v[10]}
+              v[7] and s.cancelled, v[8] and s.skipped, v[9], v[10], v[11]}
   return s
 end
 
 -- The session's fields as a list, in SESSION_FIELDS order (what record_nodes replies).
 local function session_values(s)
-  return {s.status, s.node_count, s.completed, s.failed, s.running, s.lost, s.cancelled, s.progress, s.started_ms,
-          s.finished_ms, s.updated_ms, s.canvas_path, s.created_ms, s.metadata, s.run}
+  return {s.status, s.node_count, s.completed, s.failed, s.running, s.lost, s.cancelled, s.skipped, s.progress,
+          s.started_ms, s.finished_ms, s.updated_ms, s.canvas_path, s.created_ms, s.metadata, s.run}
 end
 
 -- Writes updated_ms and the state fields that differ from what load_session read: the session hash
@@ -43,7 +44,7 @@ local function save_session(s, now_ms)
   if s.updated_ms ~= '' and tonumber(s.updated_ms) > tonumber(now_ms) then updated = s.updated_ms end
   local was = s.stored
   local a = {'updated_ms', updated, false, false, false, false, false, false, false, false, false, false, false, false,
-             false, false, false, false, false, false}
+             false, false, false, false, false, false, false, false}
   local n = 2
   if s.status ~= was[1] then a[n + 1] = 'status'; a[n + 2] = s.status; n = n + 2 end
   if s.completed ~= was[2] then a[n + 1] = 'completed'; a[n + 2] = s.completed; n = n + 2 end
@@ -51,11 +52,13 @@ local function save_session(s, now_ms)
   if s.running ~= was[4] then a[n + 1] = 'running'; a[n + 2] = s.running; n = n + 2 end
   if s.lost ~= was[5] then a[n + 1] = 'lost'; a[n + 2] = s.lost; n = n + 2 end
   if s.cancelled ~= was[6] then a[n + 1] = 'cancelled'; a[n + 2] = s.cancelled; n = n + 2 end
-  if s.progress ~= was[7] then a[n + 1] = 'progress'; a[n + 2] = s.progress; n = n + 2 end
-  if s.started_ms ~= was[8] then a[n + 1] = 'started_ms'; a[n + 2] = s.started_ms; n = n + 2 end
-  if s.finished_ms ~= was[9] then a[n + 1] = 'finished_ms'; a[n + 2] = s.finished_ms; n = n + 2 end
+  if s.skipped ~= was[7] then a[n + 1] = 'skipped'; a[n + 2] = s.skipped; n = n + 2 end
+  if s.progress ~= was[8] then a[n + 1] = 'progress'; a[n + 2] = s.progress; n = n + 2 end
+  if s.started_ms ~= was[9] then a[n + 1] = 'started_ms'; a[n + 2] = s.started_ms; n = n + 2 end
+  if s.finished_ms ~= was[10] then a[n + 1] = 'finished_ms'; a[n + 2] = s.finished_ms; n = n + 2 end
   redis.call('HSET', S, unpack(a, 1, n))
-  s.stored = {s.status, s.completed, s.failed, s.running, s.lost, s.cancelled, s.progress, s.started_ms, s.finished_ms}
+  s.stored = {s.status, s.completed, s.failed, s.running, s.lost, s.cancelled, s.skipped, s.progress, s.started_ms,
+              s.finished_ms}
   return updated
 end
 
@@ -69,15 +72,15 @@ end
 -- 100 * finished / node_count, rounded half up to 2 decimals (same formula as states.progress_from_counts).
 local function derived_progress(s)
   if s.node_count <= 0 then return '0' end
-  return tostring(math.floor(10000 * (s.completed + s.failed + s.cancelled) / s.node_count + 0.5) / 100)
+  return tostring(math.floor(10000 * (s.completed + s.failed + s.cancelled + s.skipped) / s.node_count + 0.5) / 100)
 end
 
 -- states.finish_status
 local function finish_status(s)
   local n = s.node_count
-  if n <= 0 or s.completed + s.failed + s.cancelled < n then return nil end
+  if n <= 0 or s.completed + s.failed + s.cancelled + s.skipped < n then return nil end
   if s.completed == n then return 'completed' end
-  if s.cancelled == n then return 'cancelled' end
+  if s.cancelled > 0 and s.cancelled + s.skipped == n then return 'cancelled' end
   if s.completed == 0 then return 'failed' end
   return 'partial_failure'
 end
