@@ -36,6 +36,15 @@ def partial_session(manager: SessionManager) -> str:
     return sid
 
 
+def skipped_session(manager: SessionManager) -> str:
+    """A session of 3 nodes that ended partial_failure: n1 completed, n2 failed, n3 skipped because of n2."""
+    sid = manager.sync.create_session("chain.canvas", 3)
+    manager.sync.add_node_result(sid, "n1", {"ok": 1})
+    manager.sync.add_node_result(sid, "n2", status="failed", error=ValueError("disk on fire"))
+    manager.sync.record_node(sid, "n3", "skipped", reason="skipped: node n2 failed")
+    return sid
+
+
 # -- help and version ----------------------------------------------------------------------------
 
 
@@ -100,6 +109,33 @@ def test_completed_session_exits_0(cli: Cli, store_manager: SessionManager) -> N
     store_manager.sync.add_node_result(sid, "only", 42)
     result = cli("status", sid)
     assert (result.exit_code, "completed" in result.stdout) == (ExitCode.OK, True)
+
+
+def test_status_counts_skipped_nodes(cli: Cli, store_manager: SessionManager) -> None:
+    sid = skipped_session(store_manager)
+    result = cli("status", sid)
+    assert result.exit_code == ExitCode.SESSION_FAILED
+    assert "partial_failure" in result.stdout
+    assert "1 completed, 1 failed, 0 running, 0 pending, 1 skipped (of 3)" in result.stdout
+    assert "100.0 %" in result.stdout
+    assert "Failures (1)" in result.stdout  # a skipped node is not a failure
+    assert cli.json("status", sid, "--json")["skipped_nodes"] == 1
+    # no skipped nodes: no skipped count
+    assert "skipped" not in cli("status", partial_session(store_manager)).stdout
+
+
+def test_skipped_has_a_colour_of_its_own() -> None:
+    from rich.console import Console
+
+    from tracker.cli.render import styled
+
+    others = {styled(s.value).style for s in NodeStatus if s is not NodeStatus.SKIPPED}
+    others |= {styled(s.value).style for s in SessionStatus}
+    assert styled("skipped").style not in others | {""}
+    console = Console(force_terminal=True, color_system="standard", width=40)
+    with console.capture() as captured:
+        console.print(styled("skipped"))
+    assert "\x1b[" in captured.get() and "skipped" in captured.get()
 
 
 def test_unknown_session_exits_3_with_one_line(cli: Cli) -> None:
@@ -195,6 +231,13 @@ def test_list_shows_sessions_newest_first_and_filters(cli: Cli, store_manager: S
     assert partial in narrow.stdout and "Created" not in narrow.stdout
 
 
+def test_list_counts_skipped_nodes_as_done(cli: Cli, store_manager: SessionManager) -> None:
+    sid = skipped_session(store_manager)
+    table = cli("list")
+    row = next(line for line in table.stdout.splitlines() if sid in line)
+    assert "partial_failure" in row and " 3/3 " in row
+
+
 def test_list_when_there_is_nothing(cli: Cli) -> None:
     assert cli.json("list", "--json") == []
     assert "No sessions. (none running)" in cli("list", "--status", "running").stdout
@@ -231,6 +274,35 @@ def test_watch_follows_events_until_the_end(cli: Cli, store_manager: SessionMana
     assert "3 completed, 1 failed of 4" in result.stdout
 
 
+def test_watch_a_session_with_skipped_nodes_names_them(cli: Cli, store_manager: SessionManager) -> None:
+    sid = skipped_session(store_manager)
+    result = cli("watch", sid)
+    assert result.exit_code == ExitCode.SESSION_FAILED
+    assert f"Session {sid} ended partial_failure: 1 completed, 1 failed, 1 skipped of 3" in result.stdout
+    assert "node n3" not in result.stdout  # announced as a failure: it is not one
+
+
+def test_watch_counts_skipped_nodes_in_the_bar(cli: Cli, store_manager: SessionManager) -> None:
+    sid = store_manager.sync.create_session("chain.canvas", 3)
+
+    def work() -> None:
+        time.sleep(0.3)
+        store_manager.sync.record_node(sid, "n1", "running")
+        store_manager.sync.add_node_result(sid, "n1", status="failed", error=ValueError("first link broke"))
+        for node_id in ("n2", "n3"):
+            time.sleep(0.15)
+            store_manager.sync.record_node(sid, node_id, "skipped", reason="skipped: node n1 failed")
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    result = cli("watch", sid)
+    thread.join()
+    assert result.exit_code == ExitCode.SESSION_FAILED
+    assert "node n1 failed" in result.stdout
+    assert "ended failed: 0 completed, 1 failed, 2 skipped of 3" in result.stdout
+    assert "3/3" in result.stdout  # the bar is full: skipped nodes count towards progress
+
+
 def test_watch_unknown_session_exits_3(cli: Cli) -> None:
     assert cli("watch", "0b0c1a3e-58c3-4cc9-8a4a-3f0e8f6c1d2e").exit_code == ExitCode.NOT_FOUND
 
@@ -244,6 +316,44 @@ def test_follow_stops_at_its_timeout(store_manager: SessionManager) -> None:
     store_manager.sync.record_node(sid, "n1", "running")
     status = follow(store_manager, sid, Console(file=open("/dev/null", "w")), timeout_s=0.3, wait_ms=100)  # noqa: SIM115
     assert status["status"] == "running"
+
+
+def test_follow_counts_skipped_nodes_while_the_session_runs(
+    store_manager: SessionManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rich.console import Console
+
+    from tracker.cli import render
+
+    # Given the bar's every state recorded as (finished, completed)
+    shown: list[tuple[int, int]] = []
+    show = render._show
+
+    def recording_show(progress: Any, bar: Any, status: dict[str, Any]) -> None:
+        shown.append((render.finished_nodes(status), int(status["completed_nodes"])))
+        show(progress, bar, status)
+
+    monkeypatch.setattr(render, "_show", recording_show)
+    sid = store_manager.sync.create_session("chain.canvas", 4)
+
+    def work() -> None:
+        for node_id, status in (("n1", "failed"), ("n2", "skipped"), ("n3", "completed"), ("n4", "completed")):
+            time.sleep(0.4)
+            if status == "skipped":
+                store_manager.sync.record_node(sid, node_id, status, reason="skipped: node n1 failed")
+            else:
+                store_manager.sync.add_node_result(sid, node_id, 1, status=status)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    # When it is followed while its nodes end one by one (each read waits long enough to get an event)
+    status = render.follow(store_manager, sid, Console(file=open("/dev/null", "w")), timeout_s=10, wait_ms=2000)  # noqa: SIM115
+    thread.join()
+
+    # Then the skipped node moved the bar as soon as its event came, before any node completed
+    assert status["status"] == "partial_failure"
+    assert (2, 0) in shown, shown
+    assert shown[-1] == (4, 2)
 
 
 # -- cancel, resume, cleanup ---------------------------------------------------------------------

@@ -44,6 +44,24 @@ async def test_status_of_a_session(client: httpx.AsyncClient, web_manager: Sessi
     assert body["metadata"] == {"owner": "ops"}
 
 
+async def test_status_counts_skipped_nodes(client: httpx.AsyncClient, web_manager: SessionManager) -> None:
+    # Given a chain of 4: the first link failed, the two after it are skipped, the last is pending
+    sid = await new_session(web_manager, 4)
+    await web_manager.add_node_result(sid, "n0", status="failed", error=NodeError(type="ValueError", message="x"))
+    for node_id in ("n1", "n2"):
+        await web_manager.record_node(sid, node_id, "skipped", reason="skipped: node n0 failed")
+
+    # When
+    body = (await client.get(f"{BASE}/status/{sid}")).json()
+
+    # Then skipped nodes have their own counter, count towards progress and are not pending
+    assert (body["skipped_nodes"], body["failed_nodes"], body["pending_nodes"]) == (2, 1, 1)
+    assert body["progress_percent"] == 75.0
+    assert body["status"] == "running"
+    listed = (await client.get(f"{BASE}/sessions")).json()["sessions"]
+    assert next(s for s in listed if s["task_id"] == sid)["skipped_nodes"] == 2
+
+
 async def test_status_accepts_any_uuid_spelling(client: httpx.AsyncClient, web_manager: SessionManager) -> None:
     sid = await new_session(web_manager)
     response = await client.get(f"{BASE}/status/{sid.upper().replace('-', '')}")
@@ -141,6 +159,18 @@ async def test_nodes_are_paged_and_filtered(client: httpx.AsyncClient, web_manag
     assert sorted(n["node_id"] for n in failed) == ["bad0", "bad1"]
     assert {n["error"]["type"] for n in failed} == {"ValueError"}
     assert sorted(n["error"]["message"] for n in failed) == ["boom 0", "boom 1"]
+
+
+async def test_nodes_filter_skipped(client: httpx.AsyncClient, web_manager: SessionManager) -> None:
+    sid = await new_session(web_manager, 3)
+    await web_manager.add_node_result(sid, "n0", status="failed", error=NodeError(type="ValueError", message="x"))
+    await web_manager.record_node(sid, "n1", "skipped", reason="skipped: node n0 failed")
+
+    response = await client.get(f"{BASE}/sessions/{sid}/nodes", params={"status": "skipped"})
+
+    assert response.status_code == 200
+    nodes = response.json()["nodes"]
+    assert [(n["node_id"], n["status"], n["reason"]) for n in nodes] == [("n1", "skipped", "skipped: node n0 failed")]
 
 
 async def test_nodes_errors(client: httpx.AsyncClient, web_manager: SessionManager) -> None:
@@ -282,6 +312,17 @@ async def test_openapi_names_parallel_task_status_with_the_seed_enum(client: htt
         "text/event-stream"
         in doc["paths"]["/api/v1/parallel/sessions/{session_id}/events"]["get"]["responses"]["200"]["content"]
     )
+
+
+async def test_openapi_knows_skipped_nodes(client: httpx.AsyncClient) -> None:
+    doc = (await client.get("/openapi.json")).json()
+    schemas = doc["components"]["schemas"]
+    assert schemas["ParallelTaskStatus"]["properties"]["skipped_nodes"]["type"] == "integer"
+    assert "skipped" in schemas["NodeStatus"]["enum"]
+    assert schemas["NodeResult"]["properties"]["status"]["$ref"] == "#/components/schemas/NodeStatus"
+    nodes = doc["paths"]["/api/v1/parallel/sessions/{session_id}/nodes"]["get"]
+    status = next(p for p in nodes["parameters"] if p["name"] == "status")
+    assert {"$ref": "#/components/schemas/NodeStatus"} in status["schema"]["anyOf"]
 
 
 async def test_router_mounted_in_a_users_app_maps_errors_itself(web_manager: SessionManager) -> None:

@@ -163,3 +163,70 @@ def test_dashboard_follows_a_batch_live(chromium: str, redis_manager: SessionMan
             assert errors == []
         finally:
             browser.close()
+
+
+def test_dashboard_shows_skipped_nodes_live(chromium: str, redis_manager: SessionManager) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    app = create_app(redis_manager, TrackerSettings(api_token=TOKEN), None, web_settings=WebSettings())
+    # Given a chain of 4 nodes that has not started, on a page that refreshes its list only once a minute
+    sid = redis_manager.sync.create_session("chain.canvas", 4)
+    with serve_in_thread(app) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 800})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            list_reads: list[str] = []
+            page.on("request", lambda request: list_reads.append(request.url) if "/sessions?" in request.url else None)
+            page.goto(f"{server.url}/dashboard?refresh=60")
+            page.fill("#login-token", TOKEN)
+            page.click("#login button[type=submit]")
+            row = page.locator(f'tr[data-session-id="{sid}"]')
+            expect(row).to_be_visible(timeout=10_000)
+            row.click()
+            expect(row.locator(".counts")).to_have_text("0 / 0 / 0 / 4 of 4")
+            page.wait_for_function(f"window.trackerDashboard.streams.has('{sid}')", timeout=10_000)
+            reads_before = len(list_reads)
+
+            # When its first link fails and the two links after it are skipped
+            redis_manager.sync.record_node(sid, "n0", "running", attempt=1, worker="celery@browser-test")
+            error = NodeError(type="ValueError", message="first link broke")
+            redis_manager.sync.add_node_result(sid, "n0", status="failed", error=error)
+            for node_id in ("n1", "n2"):
+                redis_manager.sync.record_node(sid, node_id, "skipped", reason="skipped: node n0 failed")
+
+            # Then the events alone (no list refresh) count them: skipped, not pending, not running
+            summary = page.locator("#detail-summary")
+            expect(row.locator(".counts")).to_have_text("0 / 1 / 0 / 1 of 4", timeout=10_000)
+            expect(summary.locator('dt:text-is("skipped") + dd')).to_have_text("2")
+            expect(summary.locator('dt:text-is("pending") + dd')).to_have_text("1")
+            expect(row.locator("[role=progressbar]")).to_have_attribute("aria-valuenow", "75")
+            assert len(list_reads) == reads_before, list_reads
+
+            # And the node table shows each skipped node in the skipped colour, with the node that caused it
+            skipped = page.locator('#nodes tbody tr[data-node-id="n1"]')
+            expect(skipped.locator(".status")).to_have_text("skipped", timeout=10_000)
+            expect(skipped.locator(".status")).to_have_class("status status-skipped")
+            expect(skipped.locator(".error-cell")).to_have_text("skipped: node n0 failed")
+            colours = page.evaluate(
+                """() => Object.fromEntries([...document.querySelectorAll("#nodes tbody tr .status")]
+                  .map((badge) => [badge.textContent, getComputedStyle(badge).color]))"""
+            )
+            assert colours["skipped"] == "rgb(109, 76, 159)", colours  # --skip
+            assert colours["skipped"] != colours["failed"]
+
+            # And the node filter offers skipped nodes alone
+            page.select_option("#node-filter", "skipped")
+            expect(page.locator("#nodes tbody tr")).to_have_count(2)
+            expect(page.locator("#nodes tbody tr .status")).to_have_text(["skipped", "skipped"])
+
+            # When the last node completes, the session ends with exact counters
+            redis_manager.sync.add_node_result(sid, "n3", 3)
+            expect(row.locator(".status")).to_have_text("partial_failure", timeout=10_000)
+            expect(summary.locator('dt:text-is("skipped") + dd')).to_have_text("2")
+            expect(summary.locator('dt:text-is("pending") + dd')).to_have_text("0")
+            expect(row.locator(".counts")).to_have_text("1 / 1 / 0 / 0 of 4")
+            assert errors == []
+        finally:
+            browser.close()

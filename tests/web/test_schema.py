@@ -1,8 +1,8 @@
 """schemathesis against the app's own OpenAPI document: generated inputs never get a 5xx.
 
 The app runs with a token and a Celery app on an in-memory broker, so that the mutating routes
-reach their real code (and not just the 403 of a server without a token). A few sessions exist,
-so lists have content to validate against the response schemas.
+reach their real code (and not just the 403 of a server without a token). A few sessions exist
+(one with a skipped node), so lists have content to validate against the response schemas.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ def build_app() -> FastAPI:
         sid = manager.sync.create_session("schema.canvas", 2, metadata={"k": [1, "v"]})
         manager.sync.add_node_result(sid, "a", {"ok": True})
         manager.sync.add_node_result(sid, "b", status=status, error=NodeError(type="ValueError", message="x"))
+    chain = manager.sync.create_session("schema.canvas", 3)
+    manager.sync.add_node_result(chain, "a", status="failed", error=NodeError(type="ValueError", message="x"))
+    manager.sync.record_node(chain, "b", "skipped", reason="skipped: node a failed")
     manager.sync.create_session("schema.canvas", 1)
     celery_app = Celery("schema-tests", broker="memory://", set_as_current=False)
     web = WebSettings(sse_block_ms=50, sse_ping_s=1)

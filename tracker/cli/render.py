@@ -23,6 +23,8 @@ MAX_DETAIL_NODES = 10_000
 MAX_FAILURE_LINES = 20
 #: How long one event read waits for news (Redis ``XREAD BLOCK``), in milliseconds.
 EVENT_WAIT_MS = 1000
+#: Node results whose counters an event does not carry: seeing one, :func:`follow` re-reads the status.
+_UNCOUNTED_IN_EVENTS = frozenset({NodeStatus.CANCELLED, NodeStatus.SKIPPED})
 
 _STYLES = {
     "pending": "dim",
@@ -33,6 +35,7 @@ _STYLES = {
     "cancelled": "magenta",
     "retrying": "yellow",
     "lost": "red",
+    "skipped": "blue",
 }
 
 
@@ -98,7 +101,10 @@ def follow(
                         )
                     elif announced == MAX_FAILURE_LINES + 1:
                         progress.console.print("  … more failures: see the summary")
-            if events:
+            if any(event.node_status in _UNCOUNTED_IN_EVENTS for event in events):
+                # Events carry the completed and failed counters only: read the others once.
+                status = manager.sync.get_session_status(session_id)
+            elif events:
                 latest = events[-1]
                 status = {
                     **status,
@@ -115,8 +121,15 @@ def follow(
     return status
 
 
+def finished_nodes(status: dict[str, Any]) -> int:
+    """Nodes with a result: completed, failed (lost included), cancelled and skipped (what progress counts)."""
+    return sum(
+        int(status.get(key) or 0) for key in ("completed_nodes", "failed_nodes", "cancelled_nodes", "skipped_nodes")
+    )
+
+
 def _show(progress: Progress, bar: Any, status: dict[str, Any]) -> None:
-    finished = int(status["completed_nodes"]) + int(status["failed_nodes"])
+    finished = finished_nodes(status)
     total = int(status["node_count"])
     progress.update(
         bar,
@@ -143,13 +156,15 @@ def duration_s(status: dict[str, Any]) -> float | None:
 
 
 def node_counts(status: dict[str, Any]) -> str:
-    """``"38 completed, 4 failed, 0 running, 0 pending (of 42)"`` plus lost/cancelled when any."""
+    """``"38 completed, 4 failed, 0 running, 0 pending (of 42)"`` plus lost/cancelled/skipped when any."""
     parts = [f"{status['completed_nodes']} completed", f"{status['failed_nodes']} failed"]
     if status.get("lost_nodes"):
         parts[-1] += f" ({status['lost_nodes']} lost)"
     parts += [f"{status.get('running_nodes', 0)} running", f"{status.get('pending_nodes', 0)} pending"]
     if status.get("cancelled_nodes"):
         parts.append(f"{status['cancelled_nodes']} cancelled")
+    if status.get("skipped_nodes"):
+        parts.append(f"{status['skipped_nodes']} skipped")
     return ", ".join(parts) + f" (of {status['node_count']})"
 
 
@@ -237,11 +252,17 @@ def print_report(
 
 
 def ending_line(status: dict[str, Any]) -> Text:
-    """``Session <id> ended partial_failure: 38 completed, 4 failed of 42 in 5.1 s.`` (or ``is running``)."""
+    """``Session <id> ended partial_failure: 38 completed, 4 failed of 42 in 5.1 s.`` (or ``is running``).
+
+    Skipped nodes are named too when there are any (``…, 4 failed, 2 skipped of 42``).
+    """
     took = duration_s(status)
     verb = "ended" if status["status"] in TERMINAL_STATUSES else "is"
     tail = f" in {took:.1f} s" if took is not None and verb == "ended" else ""
-    counts = f"{status['completed_nodes']} completed, {status['failed_nodes']} failed of {status['node_count']}"
+    counts = f"{status['completed_nodes']} completed, {status['failed_nodes']} failed"
+    if status.get("skipped_nodes"):
+        counts += f", {status['skipped_nodes']} skipped"
+    counts += f" of {status['node_count']}"
     return Text.assemble(
         f"Session {status['session_id']} {verb} ", styled(status["status"]), f": {counts}{tail}.", style="bold"
     )
@@ -263,7 +284,7 @@ def sessions_table(sessions: list[dict[str, Any]], width: int = 80) -> Table:
     if wide:
         table.add_column("Created (UTC)", no_wrap=True)
     for s in sessions:
-        done = int(s["completed_nodes"]) + int(s["failed_nodes"])
+        done = finished_nodes(s)
         row = [s["session_id"], styled(s["status"]), f"{done}/{s['node_count']}"]
         row.append(PurePath(s["canvas_path"]).name or s["canvas_path"])
         if wide:

@@ -135,9 +135,9 @@
       ["canvas", session.canvas_path], ["status", session.status], ["progress", `${session.progress_percent} %`],
       ["nodes", session.node_count], ["completed", session.completed_nodes], ["failed", session.failed_nodes],
       ["running", session.running_nodes], ["pending", session.pending_nodes], ["lost", session.lost_nodes],
-      ["cancelled", session.cancelled_nodes], ["created", dateTime(session.created_at)],
-      ["started", dateTime(session.started_at)], ["finished", dateTime(session.finished_at)],
-      ["updated", dateTime(session.updated_at)],
+      ["cancelled", session.cancelled_nodes], ["skipped", session.skipped_nodes],
+      ["created", dateTime(session.created_at)], ["started", dateTime(session.started_at)],
+      ["finished", dateTime(session.finished_at)], ["updated", dateTime(session.updated_at)],
     ];
     for (const [label, value] of fields) {
       summary.append(text("dt", label), label === "status" ? wrap("dd", statusBadge(value)) : text("dd", value ?? "—"));
@@ -270,13 +270,18 @@
       updated_at: event.at,
     };
     if (event.type === "node" && event.node_status) {
-      // The running count is not in the event; it is exact again at the next list refresh.
+      // The running and skipped counts are not in the event; they are exact again at the next list
+      // refresh. A skipped node never started: it leaves pending, not running.
       const running = Math.max(0, session.running_nodes + (event.node_status === "running" ? 1 : 0) -
         (["completed", "failed", "lost", "cancelled"].includes(event.node_status) ? 1 : 0));
       merged.running_nodes = Math.min(running, session.node_count);
+      if (event.node_status === "skipped") {
+        merged.skipped_nodes = Math.min((session.skipped_nodes || 0) + 1,
+          Math.max(0, session.node_count - merged.completed_nodes - merged.failed_nodes - merged.cancelled_nodes));
+      }
     }
     merged.pending_nodes = Math.max(0, merged.node_count - merged.completed_nodes - merged.failed_nodes -
-      merged.cancelled_nodes - merged.running_nodes);
+      merged.cancelled_nodes - (merged.skipped_nodes || 0) - merged.running_nodes);
     update(merged);
     if (state.selected === id && event.type !== "progress") scheduleNodes();
   }
