@@ -4,6 +4,7 @@ from tracker.config import TrackerSettings
 from tracker.errors import (
     InvalidStateTransitionError,
     NodeLimitError,
+    ResumeNotPossibleError,
     SessionExistsError,
     SessionNotFoundError,
     StorageUnavailableError,
@@ -59,6 +60,7 @@ __all__ = [
     "SessionStorageAdapter",
     # Errors
     "InvalidStateTransitionError",
+    "ResumeNotPossibleError",
     "NodeLimitError",
     "SessionExistsError",
     "SessionNotFoundError",

@@ -23,6 +23,8 @@ class TrackerSettings(BaseSettings):
     cleanup_interval: float = Field(default=60.0, gt=0)
     #: Most nodes one session may have (a bound on what one dispatch may ask the store to hold).
     max_node_count: int = Field(default=10_000_000, ge=1)
+    #: Deepest nesting of groups, chains and chords a dispatched canvas may have.
+    max_canvas_depth: int = Field(default=32, ge=1)
     #: Largest JSON-encoded node result accepted.
     max_result_bytes: int = Field(default=64 * 1024, ge=16)
     #: Longest error message kept for a failed node; longer ones are cut.

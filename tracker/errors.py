@@ -36,6 +36,14 @@ class InvalidStateTransitionError(TrackerError):
         super().__init__(f"session {session_id!r}: cannot go from {from_status!r} to {to_status!r}{detail}")
 
 
+class ResumeNotPossibleError(InvalidStateTransitionError):
+    """A resume that could not re-send the session's canvas as Celery would have run it. Nothing changed."""
+
+    def __init__(self, session_id: str, reason: str) -> None:
+        super().__init__(session_id, "", "running", reason)
+        self.args = (f"session {session_id!r} cannot be resumed: {reason}",)
+
+
 class TrackerValidationError(TrackerError, ValueError):
     """Input was refused before it touched the store; nothing changed.
 

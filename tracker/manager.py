@@ -35,6 +35,7 @@ from tracker.models import (
 )
 from tracker.states import TERMINAL_NODE_STATUSES, NodeStatus, SessionStatus
 from tracker.storage.base import AsyncSessionStorageAdapter, NodeEvent, ResumeOutcome, SessionStorageAdapter
+from tracker.structure import Tree, check_tree
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class _Plans:
         metadata: dict[str, Any] | None = None,
         nodes: Sequence[NodeSpec] = (),
         session_id: str | None = None,
+        structure: Tree | None = None,
     ) -> _Plan[str]:
         path = validation.canvas_path(canvas_path)
         count = validation.node_count(node_count, self.settings.max_node_count)
@@ -96,24 +98,32 @@ class _Plans:
             raise TrackerValidationError(
                 "nodes", len(node_ids), f"node ids must be distinct and at most node_count ({count})", sid
             )
+        if structure is not None:
+            structure = check_tree(structure, node_ids, self.settings.max_canvas_depth)
+            if len(node_ids) != count:
+                raise TrackerValidationError("nodes", len(node_ids), f"a structure needs all {count} nodes", sid)
         now = self.clock()
         info = SessionInfo(
             session_id=sid, canvas_path=path, node_count=count, created_at=now, updated_at=now, metadata=meta
         )
-        return _Plan("create", (info, tuple(nodes), signatures), lambda _: sid)
+        return _Plan("create", (info, tuple(nodes), signatures, structure), lambda _: sid)
 
     def update_status(self, session_id: str, status: SessionStatus | str) -> _Plan[TransitionOutcome]:
         sid = validation.session_id(session_id)
         target = validation.member(SessionStatus, status, "status", sid)
         return _Plan("transition", (sid, target, states.allowed_from(target), self.clock()))
 
-    def resume(self, session_id: str, retry_failed: bool) -> _Plan[ResumeOutcome]:
+    def resume(self, session_id: str, retry_failed: bool, nodes: Sequence[str] | None = None) -> _Plan[ResumeOutcome]:
         sid = validation.session_id(session_id)
+        chosen = None if nodes is None else [validation.node_id(node, sid) for node in nodes]
         # Resume is the one way out of an ended session; a stalled running or pending one may be
         # resumed too (its unfinished nodes are re-sent). Only a completed session is final.
         allowed = states.allowed_from(SessionStatus.RUNNING, resume=True) | {SessionStatus.RUNNING}
         task_id_base = str(uuid.uuid4())[:24]  # reset nodes get <base><12 hex digits>: valid UUID strings
-        return _Plan("resume", (sid, frozenset(allowed), retry_failed, task_id_base, self.clock()))
+        return _Plan("resume", (sid, frozenset(allowed), retry_failed, task_id_base, self.clock(), chosen))
+
+    def get_structure(self, session_id: str) -> _Plan[Tree | None]:
+        return _Plan("get_structure", (validation.session_id(session_id),))
 
     def update_progress(self, session_id: str, progress_percent: float) -> _Plan[SessionInfo]:
         sid = validation.session_id(session_id)
@@ -462,6 +472,7 @@ class SessionManager:
         metadata: dict[str, Any] | None = None,
         nodes: Sequence[NodeSpec] = (),
         session_id: str | None = None,
+        structure: Tree | None = None,
     ) -> str:
         """Create a ``pending`` session and return its id (a UUID4 string, 36 characters).
 
@@ -471,12 +482,16 @@ class SessionManager:
             metadata: A JSON object kept with the session (<= 16 KiB).
             nodes: Nodes known up front (ids, task ids, signatures for resume).
             session_id: Use this id instead of a new UUID4 (dispatch stamps it before creating).
+            structure: Which node feeds which (a canvas tree, see :mod:`tracker.structure`; every
+                node listed in ``nodes``): nodes that will never run are marked ``skipped`` as soon
+                as that is known, and resume re-sends with it.
 
         Raises:
             TrackerValidationError: bad input; nothing was stored.
             SessionExistsError: ``session_id`` is taken.
         """
-        return await self._run(self._plans.create_session(canvas_path, node_count, metadata, nodes, session_id))
+        plan = self._plans.create_session(canvas_path, node_count, metadata, nodes, session_id, structure)
+        return await self._run(plan)
 
     async def update_status(self, session_id: str, status: SessionStatus | str) -> dict[str, Any]:
         """Move the session to ``status`` if the state machine allows it; return the new status dict.
@@ -634,12 +649,26 @@ class SessionManager:
         """
         return await self._run(self._plans.read_events(session_id, after, limit, block_ms))
 
-    async def resume_session(self, session_id: str, retry_failed: bool = True) -> ResumeOutcome:
+    async def resume_session(
+        self, session_id: str, retry_failed: bool = True, nodes: Sequence[str] | None = None
+    ) -> ResumeOutcome:
         """Take a session back to ``running`` and reset its unfinished nodes (store side only).
 
-        :func:`tracker.celery.resume_session` also re-sends the reset nodes' tasks.
+        :func:`tracker.celery.resume_session` also re-sends the reset nodes' tasks, with the
+        session's structure.
+
+        Args:
+            retry_failed: Reset failed nodes too.
+            nodes: Reset exactly these nodes instead (a plan made from the session's structure).
+
+        Raises:
+            ResumePlanChanged: one of ``nodes`` completed meanwhile; nothing changed.
         """
-        return await self._run(self._plans.resume(session_id, retry_failed))
+        return await self._run(self._plans.resume(session_id, retry_failed, nodes))
+
+    async def get_structure(self, session_id: str) -> Tree | None:
+        """The canvas tree the session was dispatched with (see :mod:`tracker.structure`), or None."""
+        return await self._run(self._plans.get_structure(session_id))
 
     async def delete_session(self, session_id: str) -> bool:
         """Remove a session now; False when it did not exist."""
@@ -756,9 +785,10 @@ class SyncSessionManager:
         metadata: dict[str, Any] | None = None,
         nodes: Sequence[NodeSpec] = (),
         session_id: str | None = None,
+        structure: Tree | None = None,
     ) -> str:
         """See :meth:`SessionManager.create_session`."""
-        return self._run(self._plans.create_session(canvas_path, node_count, metadata, nodes, session_id))
+        return self._run(self._plans.create_session(canvas_path, node_count, metadata, nodes, session_id, structure))
 
     def update_status(self, session_id: str, status: SessionStatus | str) -> dict[str, Any]:
         """See :meth:`SessionManager.update_status`."""
@@ -829,9 +859,15 @@ class SyncSessionManager:
         """See :meth:`SessionManager.read_events`."""
         return self._run(self._plans.read_events(session_id, after, limit, block_ms))
 
-    def resume_session(self, session_id: str, retry_failed: bool = True) -> ResumeOutcome:
+    def resume_session(
+        self, session_id: str, retry_failed: bool = True, nodes: Sequence[str] | None = None
+    ) -> ResumeOutcome:
         """See :meth:`SessionManager.resume_session`."""
-        return self._run(self._plans.resume(session_id, retry_failed))
+        return self._run(self._plans.resume(session_id, retry_failed, nodes))
+
+    def get_structure(self, session_id: str) -> Tree | None:
+        """See :meth:`SessionManager.get_structure`."""
+        return self._run(self._plans.get_structure(session_id))
 
     def delete_session(self, session_id: str) -> bool:
         """See :meth:`SessionManager.delete_session`."""

@@ -18,7 +18,7 @@ class SessionStatus(StrEnum):
     PENDING = "pending"
     #: At least one node started; not every node has a terminal result yet.
     RUNNING = "running"
-    #: Every node completed.
+    #: Every node completed (error callbacks with nothing to handle are ``skipped``).
     COMPLETED = "completed"
     #: Every node has a terminal result; some completed, some did not.
     PARTIAL_FAILURE = "partial_failure"
@@ -147,13 +147,16 @@ def finish_status(
         skipped: Nodes Celery will never run (``skipped``).
 
     Returns:
-        ``completed`` (every node completed), ``cancelled`` (every node revoked, or skipped because
-        of a revoked one), ``failed`` (none completed), ``partial_failure`` (some completed), or
-        None while any node has no result.
+        ``completed`` (every node completed, but for error callbacks skipped because nothing they
+        handle failed), ``cancelled`` (every node revoked, or skipped because of a revoked one),
+        ``failed`` (none completed), ``partial_failure`` (some completed), or None while any node
+        has no result.
     """
     if node_count <= 0 or completed + failed + cancelled + skipped < node_count:
         return None
-    if completed == node_count:
+    if completed and not failed and not cancelled:
+        # Nothing failed or was revoked, so nothing was skipped for it: what was skipped are
+        # error callbacks with nothing to handle.
         return SessionStatus.COMPLETED
     if cancelled and cancelled + skipped == node_count:
         return SessionStatus.CANCELLED

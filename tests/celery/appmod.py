@@ -134,3 +134,27 @@ def done(status: dict[str, Any], *rest: Any, kind: str = "done") -> None:
     entry = status["status"] if kind == "done" else " ".join([status["status"], str(status["run"]), *map(str, rest)])
     client.rpush(f"{kind}:{status['session_id']}", entry)
     client.close()
+
+
+@app.task(name="t.op")
+def op(*inputs: Any, tag: str, fail: str = "", log: str = "") -> list[Any]:
+    """A canvas step whose result shows everything it was given: ``[tag, [inputs...]]``.
+
+    With ``log``, notes its run (``tag``) in the broker's Redis list ``log``. With ``fail``, fails
+    the first time it runs for the Redis key ``fail`` (the run of a resume succeeds).
+    """
+    client = redis.Redis.from_url(os.environ["TRACKER_TEST_BROKER"])
+    try:
+        if log:
+            client.rpush(log, tag)
+        if fail and int(client.incr(fail)) == 1:
+            raise ValueError(f"{tag} fails on purpose")
+    finally:
+        client.close()
+    return [tag, list(inputs)]
+
+
+@app.task(name="t.on_error")
+def on_error(task_id: str, tag: str = "") -> str:
+    """An error callback, run as a task of its own (it takes only the failed task's id)."""
+    return f"handled {tag}"

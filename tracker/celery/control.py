@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from celery import Celery, Signature
+from celery import Celery, Signature, chain, chord, group
 from celery import current_app as default_app
 
 from tracker.celery.dispatch import tag
 from tracker.celery.handlers import Recorder
+from tracker.errors import ResumeNotPossibleError
 from tracker.manager import SessionManager
-from tracker.models import SessionInfo
+from tracker.models import NodeSpec, SessionInfo
 from tracker.states import NodeStatus, SessionStatus
+from tracker.storage.base import ResumePlanChanged
+from tracker.structure import RESULT_NOT_STORED, Tree, parts_of, resume_plan
 
 logger = logging.getLogger("tracker.celery")
 
@@ -56,10 +60,17 @@ def resume_session(
     manager: SessionManager | None = None,
     retry_failed: bool = True,
 ) -> int:
-    """Re-send the unfinished (and, if asked, failed) nodes of a session under the same session id.
+    """Re-send what did not complete of a session, with its structure, under the same session id.
 
-    Completed nodes are never re-run. Each re-sent node gets a fresh task id and the session's
-    stamps, so the signal handlers count it against the same node, exactly once.
+    Completed nodes are never re-run. A session dispatched with a structure (a chain, a chord, a
+    nested canvas) is re-sent as Celery would have run it: a failed chain link with the rest of its
+    chain and the result its parent produced, a chord's failed header tasks and then its body with
+    every header result in order (those that completed given back from the store). Each re-sent
+    node gets a fresh task id and the session's stamps, so it is counted against the same node.
+
+    Args:
+        retry_failed: Re-send failed nodes too (otherwise only the unfinished ones, and nothing
+            that needs a failed node's result).
 
     Returns:
         How many nodes were re-sent. Nodes without a stored signature (a session created by hand,
@@ -67,18 +78,95 @@ def resume_session(
 
     Raises:
         SessionNotFoundError, InvalidStateTransitionError (a completed session), TrackerValidationError.
+        ResumeNotPossibleError: a re-sent part needs a completed node's result that was not stored
+            (nothing changed).
     """
     manager = manager or SessionManager.get_instance()
     app = app or default_app
-    outcome = manager.sync.resume_session(session_id, retry_failed=retry_failed)
-    sent = 0
-    for node in outcome.nodes:
-        if node.signature is None or node.task_id is None:
-            logger.warning("tracker: node %s of session %s has no stored signature", node.node_id, session_id)
-            continue
-        sig = Signature.from_dict(node.signature, app=app)
-        tag(sig, session_id, node.node_id, node.task_id)
-        sig.apply_async()
-        sent += 1
+    for _ in range(_PLAN_ATTEMPTS):
+        tree = manager.sync.get_structure(session_id)
+        if tree is None:
+            outcome = manager.sync.resume_session(session_id, retry_failed=retry_failed)
+            sent = sum(_send(_task(app, session_id, node)) for node in outcome.nodes)
+            break
+        plan = resume_plan(tree, _node_states(manager, session_id), retry_failed, session_id)
+        try:
+            outcome = manager.sync.resume_session(session_id, retry_failed=retry_failed, nodes=plan.reset)
+        except ResumePlanChanged:
+            continue  # a node it meant to re-send completed meanwhile: plan again
+        if plan.tree is not None:
+            specs = {node.node_id: node for node in outcome.nodes}
+            canvas = _canvas(plan.tree, specs, plan.values, app, session_id)
+            if canvas is not None:
+                canvas.apply_async()
+        sent = len(plan.reset)
+        break
+    else:
+        raise ResumeNotPossibleError(session_id, "its nodes kept completing while the resume was planned; try again")
     logger.info("tracker: session %s resumed; %d node(s) re-sent", session_id, sent)
     return sent
+
+
+#: How many times a resume plans again when a node it meant to re-send completed meanwhile.
+_PLAN_ATTEMPTS = 5
+
+
+def _node_states(manager: SessionManager, session_id: str) -> dict[str, tuple[NodeStatus, Any, bool]]:
+    """Every node's status, result and whether that result was stored (what a resume plan reads)."""
+    states: dict[str, tuple[NodeStatus, Any, bool]] = {}
+    cursor: str | None = None
+    while True:
+        page = manager.sync.get_nodes(session_id, cursor=cursor, limit=1000)
+        for node in page.nodes:
+            stored = not (node.reason or "").startswith(RESULT_NOT_STORED)
+            states[node.node_id] = (node.status, node.result, stored)
+        cursor = page.next_cursor
+        if cursor is None:
+            return states
+
+
+def _task(app: Celery, session_id: str, node: NodeSpec) -> Signature | None:
+    """Node ``node``'s stored signature, tagged with its new task id; None (logged) without one."""
+    if node.signature is None or node.task_id is None:
+        logger.warning("tracker: node %s of session %s has no stored signature", node.node_id, session_id)
+        return None
+    sig = Signature.from_dict(node.signature, app=app)
+    tag(sig, session_id, node.node_id, node.task_id)
+    return sig
+
+
+def _send(sig: Signature | None) -> bool:
+    if sig is None:
+        return False
+    sig.apply_async()
+    return True
+
+
+def _canvas(
+    tree: Tree, specs: dict[str, NodeSpec], values: dict[str, Any], app: Celery, session_id: str
+) -> Signature | None:
+    """The Celery canvas of a resume plan's tree (None when none of its tasks can be sent)."""
+    sig: Signature | None
+    if "n" in tree:
+        sig = _task(app, session_id, specs[tree["n"]]) if tree["n"] in specs else None
+    elif "v" in tree:
+        # A completed node's stored result, given back where the re-sent part needs it: Celery's
+        # own accumulate task returns its argument (immutable: it takes nothing from before).
+        sig = app.signature("celery.accumulate", args=(values[tree["v"]],), kwargs={"index": 0}, immutable=True)
+    else:
+        parts = [p for p in (_canvas(t, specs, values, app, session_id) for t in parts_of(tree)) if p is not None]
+        if not parts:
+            return None
+        if "chain" in tree:
+            sig = chain(*parts, app=app)
+        elif "group" in tree:
+            sig = group(parts, app=app)
+        else:
+            body = parts.pop()
+            sig = chord(group(parts, app=app), body, app=app)
+    if sig is not None:
+        for errback in tree.get("e", ()):
+            callback = _canvas(errback, specs, values, app, session_id)
+            if callback is not None:
+                sig.link_error(callback)
+    return sig

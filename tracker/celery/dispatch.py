@@ -11,12 +11,14 @@ from typing import Any
 
 from celery import Celery, Signature, chord, group
 from celery.canvas import _chain, maybe_signature
+from celery.utils.functional import maybe_list
 
 from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP
 from tracker.errors import TrackerError, TrackerValidationError
 from tracker.manager import SessionManager
 from tracker.models import NodeSpec
 from tracker.states import SessionStatus
+from tracker.structure import Tree, has_links
 
 #: Metadata keys under which the callbacks' signatures are kept.
 ON_COMPLETE_KEY = "on_complete"
@@ -24,28 +26,84 @@ ON_SUCCESS_KEY = "on_success"
 ON_FAILURE_KEY = "on_failure"
 
 
-def leaves(canvas: Signature, app: Celery | None = None) -> Iterator[Signature]:
-    """Every leaf task of a canvas (signature, group, chain, chord), depth first, in order.
+def leaves(canvas: Signature, app: Celery | None = None) -> list[Signature]:
+    """Every task of a canvas (signature, group, chain, chord) that is a node, in node order: depth
+    first, each part's error callbacks (``link_error``) after it.
 
-    Nested items given as dicts are replaced in place by Signature objects, so what is yielded
+    Nested items given as dicts are replaced in place by Signature objects, so what is returned
     is what will be sent.
     """
-    if isinstance(canvas, group | _chain):
-        canvas.tasks = [maybe_signature(t, app=app) for t in canvas.tasks]
-        for task in canvas.tasks:
-            yield from leaves(task, app)
-    elif isinstance(canvas, chord):
-        header = canvas.tasks
-        if not isinstance(header, group):
-            header = group(list(header), app=app)
-            canvas.kwargs["header"] = header
-        yield from leaves(header, app)
-        if canvas.body is not None:
-            body = maybe_signature(canvas.body, app=app)
-            canvas.kwargs["body"] = body
-            yield from leaves(body, app)
-    else:
-        yield canvas
+    walk = _Walk(app, max_depth=None)
+    walk.tree(canvas, 0)
+    return walk.tasks
+
+
+class _Walk:
+    """Reads a canvas into its tree (see :mod:`tracker.structure`) and its tasks, in node order."""
+
+    def __init__(self, app: Celery | None, max_depth: int | None) -> None:
+        self.app = app
+        self.max_depth = max_depth
+        self.tasks: list[Signature] = []
+
+    def tree(self, canvas: Any, depth: int) -> Tree:
+        """The tree of ``canvas``, its tasks' leaves named by their position in :attr:`tasks`."""
+        if not isinstance(canvas, Signature):
+            raise TrackerValidationError(
+                "canvas", canvas, "expected a Celery signature, group, chain or chord (task.s(...)) in every place"
+            )
+        if self.max_depth is not None and depth > self.max_depth:
+            raise TrackerValidationError(
+                "canvas", canvas, f"nested deeper than {self.max_depth} levels (TRACKER_MAX_CANVAS_DEPTH)"
+            )
+        tree: Tree
+        if isinstance(canvas, chord):
+            header = canvas.tasks
+            if not isinstance(header, group):
+                header = group(list(header), app=self.app)
+                canvas.kwargs["header"] = header
+            members = self._parts(header, depth)
+            if canvas.body is None:
+                tree = {"group": members}
+            else:
+                body = self._signature(canvas.body)
+                canvas.kwargs["body"] = body
+                tree = {"chord": members, "body": self.tree(body, depth + 1)}
+        elif isinstance(canvas, group | _chain):
+            tree = {"chain" if isinstance(canvas, _chain) else "group": self._parts(canvas, depth)}
+        else:
+            tree = {"n": len(self.tasks)}
+            self.tasks.append(canvas)
+        errbacks = canvas.options.get("link_error")
+        if errbacks:
+            callbacks = [self._signature(e) for e in maybe_list(errbacks)]
+            canvas.options["link_error"] = callbacks
+            tree["e"] = [self.tree(callback, depth + 1) for callback in callbacks]
+        return tree
+
+    def _signature(self, item: Any) -> Any:
+        """``item`` as a Signature when it is one or a dict of one; anything else as it is (refused)."""
+        return maybe_signature(item, app=self.app) if isinstance(item, dict) else item
+
+    def _parts(self, canvas: group | _chain, depth: int) -> list[Tree]:
+        canvas.tasks = [self._signature(t) for t in canvas.tasks]
+        if not canvas.tasks:
+            kind = "chain" if isinstance(canvas, _chain) else "group"
+            raise TrackerValidationError("canvas", canvas, f"holds an empty {kind}: it has no task to run")
+        return [self.tree(task, depth + 1) for task in canvas.tasks]
+
+
+def _named(tree: Tree, ids: Sequence[str]) -> Tree:
+    """``tree`` with each task's position replaced by its node id."""
+    named: Tree = {}
+    for key, value in tree.items():
+        if key == "n":
+            named[key] = ids[value]
+        elif key == "body":
+            named[key] = _named(value, ids)
+        else:
+            named[key] = [_named(part, ids) for part in value]
+    return named
 
 
 def signature_json(sig: Signature) -> dict[str, Any]:
@@ -61,22 +119,25 @@ def signature_json(sig: Signature) -> dict[str, Any]:
     }
 
 
-#: Options a node's stored signature leaves out: resume gives it a fresh task id, and callbacks are
-#: not re-sent.
-_NOT_KEPT = frozenset({"task_id", "link", "link_error"})
+#: Options a node's stored signature leaves out: resume gives it a fresh task id, and its error
+#: callbacks are nodes of their own (resume attaches them again from the session's structure).
+_NOT_KEPT = frozenset({"task_id", "link_error"})
 
 
 def tag(sig: Signature, session_id: str, node_id: str, task_id: str) -> None:
-    """Give ``sig`` its task id and the session/node stamps (what the signal handlers read)."""
-    stamps = {SESSION_STAMP: session_id, NODE_STAMP: node_id}
+    """Give ``sig`` its task id and the session/node stamps (what the signal handlers read).
+
+    Only ``sig`` itself is stamped, not its callbacks (``Signature.stamp`` would stamp them with
+    the same node): an error callback is a node of its own, tagged on its own. Stamps the caller
+    set earlier are kept.
+    """
     options = sig.options
-    if options.get("link") or options.get("link_error") or options.get("stamped_headers"):
-        sig.set(task_id=task_id)
-        sig.stamp(**stamps)  # stamps its callbacks too, and merges with earlier stamps
-        return
-    # What Signature.stamp leaves on a signature without callbacks or earlier stamps, without its
-    # deep copies (a third of dispatching a big batch).
-    options.update(stamps, task_id=task_id, stamped_headers=[SESSION_STAMP, NODE_STAMP])
+    earlier = [h for h in options.get("stamped_headers") or () if h not in _STAMPS]
+    stamps = {SESSION_STAMP: session_id, NODE_STAMP: node_id}
+    options.update(stamps, task_id=task_id, stamped_headers=[*earlier, *_STAMPS])
+
+
+_STAMPS = (SESSION_STAMP, NODE_STAMP)
 
 
 def node_spec(sig: Signature, session_id: str, node_id: str, task_id: str) -> NodeSpec:
@@ -192,11 +253,13 @@ def _create(
     app: Celery | None,
 ) -> str:
     """:func:`dispatch` up to the send: tag every leaf and create the session; returns its id."""
-    nodes = list(leaves(canvas, app))
-    if not nodes:
-        raise TrackerValidationError("canvas", canvas, "has no task to run (an empty group?)")
+    walk = _Walk(app, manager.settings.max_canvas_depth)
+    shape = walk.tree(canvas, 0)
+    nodes = walk.tasks
     if node_ids is not None and len(node_ids) != len(nodes):
-        raise TrackerValidationError("node_ids", len(node_ids), f"expected one id per leaf task ({len(nodes)})")
+        raise TrackerValidationError(
+            "node_ids", len(node_ids), f"expected one id per task, error callbacks included ({len(nodes)})"
+        )
     session_id = str(uuid.uuid4())
     task_ids = [sig.options.get("task_id") or new for sig, new in zip(nodes, new_task_ids(len(nodes)), strict=True)]
     ids = list(node_ids) if node_ids is not None else task_ids
@@ -205,5 +268,7 @@ def _create(
         if callback is not None:
             meta[key] = signature_json(callback)
     specs = [node_spec(sig, session_id, nid, tid) for sig, nid, tid in zip(nodes, ids, task_ids, strict=True)]
-    manager.sync.create_session(canvas_path, len(nodes), meta, specs, session_id=session_id)
+    tree = _named(shape, ids)
+    structure = tree if has_links(tree) else None  # tasks side by side: each node is all there is
+    manager.sync.create_session(canvas_path, len(nodes), meta, specs, session_id=session_id, structure=structure)
     return session_id

@@ -41,6 +41,7 @@ from tracker.manager import SessionManager
 from tracker.models import BatchOutcome, NodeOutcome, SessionInfo, TransitionOutcome
 from tracker.states import NodeStatus
 from tracker.storage.base import NodeEvent, new_request_id
+from tracker.structure import RESULT_NOT_STORED
 
 logger = logging.getLogger("tracker.celery")
 
@@ -470,7 +471,7 @@ class Recorder:
                 result_json = validation.json_text(result, "result", manager.settings.max_result_bytes, ids[0])
             except Exception as exc:  # not JSON, over the cap, too deep: the node still completed
                 logger.warning("tracker: result of node %s (session %s) not stored: %s", ids[1], ids[0], exc)
-                reason = f"result not stored: {exc}"
+                reason = f"{RESULT_NOT_STORED}: {exc}"
         raw = _new_raw((*ids, status, result_json, error, attempt, task_id, worker, reason, manager.clock()))
         if status is NodeStatus.RUNNING:
             writer.runs(ids)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from tracker.errors import TrackerError
 from tracker.models import (
     BatchOutcome,
     NodeError,
@@ -30,6 +31,7 @@ from tracker.models import (
     _Model,
 )
 from tracker.states import NodeStatus, SessionStatus
+from tracker.structure import Tree
 
 _request_prefix = os.urandom(8).hex()
 _request_numbers = itertools.count()
@@ -74,6 +76,10 @@ class NodeEvent(NamedTuple):
     #: With a result: when the node started, for a start and its result recorded as one event (a
     #: handlers' writer folds a waiting start into its task's outcome).
     started_at: datetime | None = None
+
+
+class ResumePlanChanged(TrackerError):
+    """A node a resume plan meant to re-send completed meanwhile: nothing changed; plan again."""
 
 
 class ResumeOutcome(_Model):
@@ -136,13 +142,18 @@ class SessionStorageAdapter(Protocol):
     """A blocking store of sessions. Implementations must be safe to share between threads."""
 
     def create(
-        self, session: SessionInfo, nodes: Sequence[NodeSpec] = (), signatures: Sequence[str | None] | None = None
+        self,
+        session: SessionInfo,
+        nodes: Sequence[NodeSpec] = (),
+        signatures: Sequence[str | None] | None = None,
+        structure: Tree | None = None,
     ) -> None:
         """Store a new session (and its known nodes as ``pending``).
 
         ``signatures``, when given, holds each node's signature as the compact JSON text the
         manager checked (None for a node without one), so that a store keeping text need not encode
-        it again.
+        it again. ``structure`` (checked by the manager) says which node feeds which: from then on
+        a node's end marks ``skipped`` what will never run (:func:`tracker.structure.skips`).
 
         Raises:
             SessionExistsError: the id is taken.
@@ -150,6 +161,9 @@ class SessionStorageAdapter(Protocol):
 
     def get(self, session_id: str) -> SessionInfo | None:
         """The session's metadata and counters, or None. Cost does not grow with the node count."""
+
+    def get_structure(self, session_id: str) -> Tree | None:
+        """The canvas tree the session was created with, or None (none given, or no such session)."""
 
     def transition(
         self, session_id: str, target: SessionStatus, allowed_from: frozenset[SessionStatus], now: datetime
@@ -168,6 +182,7 @@ class SessionStorageAdapter(Protocol):
         retry_failed: bool,
         task_id_base: str,
         now: datetime,
+        nodes: Sequence[str] | None = None,
     ) -> ResumeOutcome:
         """Take the session back to ``running``; reset unfinished (and failed) nodes to ``pending``.
 
@@ -175,9 +190,14 @@ class SessionStorageAdapter(Protocol):
         (24 characters) followed by a 12-hex-digit counter from 1. Returns the reset nodes, with
         their new task ids and the signatures stored at dispatch.
 
+        ``nodes``, when given, are exactly the nodes to reset (a plan made from the session's
+        structure; ``retry_failed`` is then not consulted): if one of them has completed since,
+        nothing changes and :class:`ResumePlanChanged` is raised, so that the plan is made again.
+
         Raises:
             SessionNotFoundError: no such session.
             InvalidStateTransitionError: the current status is not in ``allowed_from``.
+            ResumePlanChanged: see ``nodes``.
         """
 
     def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> SessionInfo:
@@ -294,10 +314,16 @@ class AsyncSessionStorageAdapter(Protocol):
     """The awaitable flavour of :class:`SessionStorageAdapter`: same verbs, same semantics."""
 
     async def create(
-        self, session: SessionInfo, nodes: Sequence[NodeSpec] = (), signatures: Sequence[str | None] | None = None
+        self,
+        session: SessionInfo,
+        nodes: Sequence[NodeSpec] = (),
+        signatures: Sequence[str | None] | None = None,
+        structure: Tree | None = None,
     ) -> None: ...
 
     async def get(self, session_id: str) -> SessionInfo | None: ...
+
+    async def get_structure(self, session_id: str) -> Tree | None: ...
 
     async def transition(
         self, session_id: str, target: SessionStatus, allowed_from: frozenset[SessionStatus], now: datetime
@@ -310,6 +336,7 @@ class AsyncSessionStorageAdapter(Protocol):
         retry_failed: bool,
         task_id_base: str,
         now: datetime,
+        nodes: Sequence[str] | None = None,
     ) -> ResumeOutcome: ...
 
     async def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> SessionInfo: ...

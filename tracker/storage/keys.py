@@ -16,11 +16,15 @@ also on Redis Cluster):
                                              ``success_call`` / ``failure_call`` (the calls told
                                              to send on_success / on_failure), ``run`` (1, then
                                              one more per resume), ``alive_ms`` (last heartbeat
-                                             of a worker running one of its nodes)
+                                             of a worker running one of its nodes), ``linked``
+                                             (1: it has a structure to follow)
 ``<prefix>:{<sid>}:nodes``           HASH    node id -> ``status|attempts|started_ms|finished_ms|
                                              task_id|worker|payload`` (payload: JSON object with
                                              ``result``, ``error``, ``reason``; may be empty)
-``<prefix>:{<sid>}:sigs``            HASH    node id -> the node's Celery signature (JSON), for resume
+``<prefix>:{<sid>}:sigs``            HASH    node id -> the node's Celery signature (JSON), for resume;
+                                             and the session's structure (tracker.structure): ``@tree``,
+                                             ``>node`` (what runs after it), ``<node`` (what an error
+                                             callback handles)
 ``<prefix>:{<sid>}:events``          STREAM  one entry per change (capped, approximate trim)
 ===================================  ======  ===================================================
 

@@ -36,10 +36,12 @@ from tracker.storage.base import (
     AsyncSessionStorageAdapter,
     NodeEvent,
     ResumeOutcome,
+    ResumePlanChanged,
     lost_reason,
     requeued_reason,
     silent_workers,
 )
+from tracker.structure import Links, Tree, links, skips
 from tracker.validation import is_worker_id, worker_id
 
 #: Events kept per session when no cap is given.
@@ -60,6 +62,9 @@ class _Entry:
     failure_told: bool = False
     #: When a heartbeat last said one of its nodes still runs on a live worker (keeps it from expiring).
     alive_at: datetime | None = None
+    #: The canvas tree it was created with, and the links read from it (see tracker.structure).
+    structure: Tree | None = None
+    links: Links | None = None
 
 
 class InMemoryStorageAdapter:
@@ -154,12 +159,16 @@ class InMemoryStorageAdapter:
     # -- the protocol ------------------------------------------------------------------------
 
     def create(
-        self, session: SessionInfo, nodes: Sequence[NodeSpec] = (), signatures: Sequence[str | None] | None = None
+        self,
+        session: SessionInfo,
+        nodes: Sequence[NodeSpec] = (),
+        signatures: Sequence[str | None] | None = None,
+        structure: Tree | None = None,
     ) -> None:
         with self._lock:
             if session.session_id in self._sessions:
                 raise SessionExistsError(session.session_id)
-            entry = _Entry(info=session)
+            entry = _Entry(info=session, structure=structure, links=links(structure) if structure else None)
             for spec in nodes:
                 self._set_node(entry, NodeResult(node_id=spec.node_id, status=NodeStatus.PENDING, task_id=spec.task_id))
                 if spec.signature is not None:
@@ -171,6 +180,11 @@ class InMemoryStorageAdapter:
         with self._lock:
             entry = self._sessions.get(session_id)
             return entry.info if entry else None
+
+    def get_structure(self, session_id: str) -> Tree | None:
+        with self._lock:
+            entry = self._sessions.get(session_id)
+            return entry.structure if entry else None
 
     def transition(
         self, session_id: str, target: SessionStatus, allowed_from: frozenset[SessionStatus], now: datetime
@@ -203,15 +217,23 @@ class InMemoryStorageAdapter:
         retry_failed: bool,
         task_id_base: str,
         now: datetime,
+        nodes: Sequence[str] | None = None,
     ) -> ResumeOutcome:
         with self._lock:
             entry = self._entry(session_id)
             previous = entry.info.status
             if previous not in allowed_from:
                 raise InvalidStateTransitionError(session_id, previous, SessionStatus.RUNNING, "cannot resume")
+            if nodes is not None:
+                chosen = set(nodes)
+                if any(entry.nodes[n].status is NodeStatus.COMPLETED for n in chosen if n in entry.nodes):
+                    raise ResumePlanChanged(session_id)
             reset: list[NodeSpec] = []
             for node_id, node in list(entry.nodes.items()):
-                if node.status is NodeStatus.COMPLETED or (node.status is NodeStatus.FAILED and not retry_failed):
+                if nodes is not None:
+                    if node_id not in chosen:
+                        continue
+                elif node.status is NodeStatus.COMPLETED or (node.status is NodeStatus.FAILED and not retry_failed):
                     continue
                 task_id = f"{task_id_base}{len(reset) + 1:012x}"
                 self._set_node(
@@ -293,6 +315,7 @@ class InMemoryStorageAdapter:
         node = _merge_node(node, event, at)
         self._set_node(entry, node)
         self._register(session_id, node, event.worker, at)
+        skipped = self._skip_after(entry, node, old, at)
         entry.info = self._recount(entry, at)
         info = entry.info
         finished: SessionStatus | None = None
@@ -308,6 +331,8 @@ class InMemoryStorageAdapter:
             info = rederived = self._move(info, target, at)
         entry.info = info
         self._emit(entry, "node", at, node)
+        for skipped_node in skipped:
+            self._emit(entry, "node", at, skipped_node)
         if rederived is not None:
             self._emit(entry, "status", at)
         succeeded = info.status is SessionStatus.COMPLETED and not entry.success_told
@@ -325,6 +350,31 @@ class InMemoryStorageAdapter:
             succeeded=succeeded,
             first_failure=first_failure,
         )
+
+    def _skip_after(self, entry: _Entry, node: NodeResult, old: NodeResult | None, at: datetime) -> list[NodeResult]:
+        """Mark ``skipped`` what will never run now that ``node`` ended (see tracker.structure.skips)."""
+        found = entry.links
+        if found is None or not node.status.is_terminal or (old is not None and old.status is node.status):
+            return []
+
+        def status_of(node_id: str) -> NodeStatus | None:
+            known = entry.nodes.get(node_id)
+            return known.status if known else None
+
+        marked = []
+        for node_id, reason in skips(
+            lambda n: (found.after.get(n, []), found.errbacks.get(n, [])),
+            lambda n: found.handles.get(n, []),
+            status_of,
+            node.node_id,
+            node.status,
+        ):
+            skipped = entry.nodes[node_id].model_copy(
+                update={"status": NodeStatus.SKIPPED, "finished_at": at, "reason": reason}
+            )
+            self._set_node(entry, skipped)
+            marked.append(skipped)
+        return marked
 
     def _register(self, session_id: str, node: NodeResult, worker: str | None, now: datetime) -> None:
         # The same holder registry the Redis scripts keep: a start by a worker adds the node to

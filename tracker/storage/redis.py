@@ -54,12 +54,14 @@ from tracker.states import NodeStatus, SessionStatus
 from tracker.storage.base import (
     NodeEvent,
     ResumeOutcome,
+    ResumePlanChanged,
     lost_reason,
     new_request_id,
     requeued_reason,
     silent_workers,
 )
 from tracker.storage.keys import KeySpace, SessionKeys
+from tracker.structure import TREE_FIELD, Tree, links
 from tracker.validation import is_worker_id
 
 T = TypeVar("T")
@@ -337,7 +339,11 @@ class RedisPrograms:
         raise StorageUnavailableError(f"unexpected script reply {code!r}")
 
     def create(
-        self, session: SessionInfo, nodes: Sequence[NodeSpec] = (), signatures: Sequence[str | None] | None = None
+        self,
+        session: SessionInfo,
+        nodes: Sequence[NodeSpec] = (),
+        signatures: Sequence[str | None] | None = None,
+        structure: Tree | None = None,
     ) -> Program[None]:
         sid = session.session_id
         sk = self.keys.session(sid)
@@ -357,6 +363,13 @@ class RedisPrograms:
             signatures = [None if spec.signature is None else validation.compact_json(spec.signature) for spec in nodes]
         for spec, sig in zip(nodes, signatures, strict=True):
             args += [spec.node_id, _field(spec.task_id, "task_id"), sig or ""]
+        if structure is not None:
+            # Kept beside the signatures: the links, read by record_nodes when a node ends, and the
+            # tree, read by resume.
+            fields = links(structure).fields()
+            fields[TREE_FIELD] = validation.compact_json(structure)
+            for name, value in fields.items():
+                args += [name, value]
         script = self._script("create", sk, *args)
         if not self.cluster:
             script.keys.extend([self.keys.created_index, self.keys.expiry_index])
@@ -367,6 +380,10 @@ class RedisPrograms:
             ("ZADD", self.keys.created_index, {sid: now_ms}),
             ("ZADD", self.keys.expiry_index, {sid: now_ms}),
         ]
+
+    def get_structure(self, session_id: str) -> Program[Tree | None]:
+        found = (yield [("HGET", self._session_keys(session_id).sigs, TREE_FIELD)])[0]
+        return None if found is None else json.loads(found)
 
     def get(self, session_id: str) -> Program[SessionInfo | None]:
         flat = (yield [("HGETALL", self._session_keys(session_id).session)])[0]
@@ -401,8 +418,10 @@ class RedisPrograms:
         retry_failed: bool,
         task_id_base: str,
         now: datetime,
+        nodes: Sequence[str] | None = None,
     ) -> Program[ResumeOutcome]:
         sk = self.keys.session(session_id)
+        chosen = [] if nodes is None else [validation.node_id(node, session_id) for node in nodes]
         script = self._script(
             "resume",
             sk,
@@ -412,18 +431,23 @@ class RedisPrograms:
             self.ttl_s,
             self.events_maxlen,
             new_request_id(),
+            "-1" if nodes is None else len(chosen),
+            *chosen,
             *sorted(allowed_from),
         )
-        reply = self._check(session_id, (yield [script])[0], SessionStatus.RUNNING.value)
+        reply = (yield [script])[0]
+        if _text(reply[0]) == "changed":
+            raise ResumePlanChanged(session_id)
+        reply = self._check(session_id, reply, SessionStatus.RUNNING.value)
         flat = [_text(v) for v in reply[3]]
-        nodes = [
+        reset = [
             NodeSpec(node_id=nid, task_id=task or None, signature=json.loads(sig) if sig else None)
             for nid, task, sig in zip(flat[0::3], flat[1::3], flat[2::3], strict=True)
         ]
         return ResumeOutcome(
             session=_session(session_id, _flat_dict(reply[1])),
             previous_status=SessionStatus(_text(reply[2])),
-            nodes=nodes,
+            nodes=reset,
         )
 
     def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> Program[SessionInfo]:
@@ -901,12 +925,19 @@ class RedisStorageAdapter(_RedisBase):
             raise _translate(exc, self.url) from exc
 
     def create(
-        self, session: SessionInfo, nodes: Sequence[NodeSpec] = (), signatures: Sequence[str | None] | None = None
+        self,
+        session: SessionInfo,
+        nodes: Sequence[NodeSpec] = (),
+        signatures: Sequence[str | None] | None = None,
+        structure: Tree | None = None,
     ) -> None:
-        self._drive(self.programs.create(session, nodes, signatures))
+        self._drive(self.programs.create(session, nodes, signatures, structure))
 
     def get(self, session_id: str) -> SessionInfo | None:
         return self._drive(self.programs.get(session_id))
+
+    def get_structure(self, session_id: str) -> Tree | None:
+        return self._drive(self.programs.get_structure(session_id))
 
     def transition(
         self, session_id: str, target: SessionStatus, allowed_from: frozenset[SessionStatus], now: datetime
@@ -920,8 +951,9 @@ class RedisStorageAdapter(_RedisBase):
         retry_failed: bool,
         task_id_base: str,
         now: datetime,
+        nodes: Sequence[str] | None = None,
     ) -> ResumeOutcome:
-        return self._drive(self.programs.resume(session_id, allowed_from, retry_failed, task_id_base, now))
+        return self._drive(self.programs.resume(session_id, allowed_from, retry_failed, task_id_base, now, nodes))
 
     def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> SessionInfo:
         return self._drive(self.programs.set_progress(session_id, progress_percent, now))
@@ -1069,12 +1101,19 @@ class AsyncRedisStorageAdapter(_RedisBase):
             raise _translate(exc, self.url) from exc
 
     async def create(
-        self, session: SessionInfo, nodes: Sequence[NodeSpec] = (), signatures: Sequence[str | None] | None = None
+        self,
+        session: SessionInfo,
+        nodes: Sequence[NodeSpec] = (),
+        signatures: Sequence[str | None] | None = None,
+        structure: Tree | None = None,
     ) -> None:
-        await self._drive(self.programs.create(session, nodes, signatures))
+        await self._drive(self.programs.create(session, nodes, signatures, structure))
 
     async def get(self, session_id: str) -> SessionInfo | None:
         return await self._drive(self.programs.get(session_id))
+
+    async def get_structure(self, session_id: str) -> Tree | None:
+        return await self._drive(self.programs.get_structure(session_id))
 
     async def transition(
         self, session_id: str, target: SessionStatus, allowed_from: frozenset[SessionStatus], now: datetime
@@ -1088,8 +1127,10 @@ class AsyncRedisStorageAdapter(_RedisBase):
         retry_failed: bool,
         task_id_base: str,
         now: datetime,
+        nodes: Sequence[str] | None = None,
     ) -> ResumeOutcome:
-        return await self._drive(self.programs.resume(session_id, allowed_from, retry_failed, task_id_base, now))
+        program = self.programs.resume(session_id, allowed_from, retry_failed, task_id_base, now, nodes)
+        return await self._drive(program)
 
     async def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> SessionInfo:
         return await self._drive(self.programs.set_progress(session_id, progress_percent, now))

@@ -79,7 +79,7 @@ end
 local function finish_status(s)
   local n = s.node_count
   if n <= 0 or s.completed + s.failed + s.cancelled + s.skipped < n then return nil end
-  if s.completed == n then return 'completed' end
+  if s.completed > 0 and s.failed == 0 and s.cancelled == 0 then return 'completed' end
   if s.cancelled > 0 and s.cancelled + s.skipped == n then return 'cancelled' end
   if s.completed == 0 then return 'failed' end
   return 'partial_failure'

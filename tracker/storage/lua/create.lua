@@ -1,7 +1,9 @@
 -- create(KEYS=[session, nodes, sigs, events, (created_index, expiry_index)],
 --        ARGV=[session_id, canvas_path, node_count, now_ms, metadata_json, ttl_s, events_maxlen, n_nodes,
---              request_id, (node_id, task_id, signature_json) * n_nodes])
+--              request_id, (node_id, task_id, signature_json) * n_nodes, (field, value) * m])
 -- Creates a pending session with its known nodes. The index keys are passed only outside Cluster.
+-- The (field, value) pairs after the nodes are the session's structure (tracker.structure), kept in
+-- the sigs hash; with them the session is `linked`: record_nodes follows its links.
 -- A retry of the same request (same request_id) answers 'ok' again and changes nothing.
 -- Returns {'ok'} | {'exists'}
 local sid, canvas_path, node_count, now_ms, metadata = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -31,6 +33,13 @@ for i = 0, n_nodes - 1 do
     if #sigs > 0 then redis.call('HSET', G, unpack(sigs)) end
     sigs = {}
   end
+end
+local first_field = 10 + n_nodes * 3
+if #ARGV >= first_field then
+  for first = first_field, #ARGV, 1000 do -- pairs stay whole: 1000 is even
+    redis.call('HSET', G, unpack(ARGV, first, math.min(first + 999, #ARGV)))
+  end
+  redis.call('HSET', S, 'linked', '1')
 end
 local s = load_session()
 emit(s, 'created', now_ms, maxlen)

@@ -25,6 +25,9 @@
 -- `succeeded` when the session became completed for the first time in its life (the field
 -- `success_call` remembers the call), `failed_node` the first node that failed for good (failed or
 -- lost; `failure_call` remembers '<request_id>|<node_id>').
+-- A `linked` session (one with a structure, tracker.structure) follows a node's end through its
+-- links in the sigs hash: what Celery will never run is marked `skipped` in this same call
+-- (tracker.structure.skips gives the rule), each with a node event after the event that caused it.
 -- Returns {'ok', finished, session_values (SESSION_FIELDS order), skipped, details, succeeded, failed_node}
 --         | {'not_found'}
 --         | {'limit', node_id} (more distinct nodes than node_count: nothing written)
@@ -93,6 +96,62 @@ for _, e in ipairs(events) do
   end
 end
 
+-- Skipping (tracker.structure.skips). A node's status, from this call's records when it has one.
+local function status_of(node_id)
+  if records[node_id] == nil then records[node_id] = redis.call('HGET', N, node_id) end
+  return records[node_id] and string.match(records[node_id], '^[^|]*') or nil
+end
+
+local ERRBACK_NOT_NEEDED = 'skipped: an error callback, and no task it handles failed'
+local marked = {} -- nodes skipped by the event being applied (their events follow its own)
+
+local function skip(node_id, reason, at_ms)
+  local f = parse_node(records[node_id])
+  f[1], f[3], f[4], f[6], f[7] = 'skipped', '', at_ms, '', '{"reason":"' .. reason .. '"}'
+  records[node_id] = node_text(f)
+  redis.call('HSET', N, node_id, records[node_id])
+  count(s, 'skipped', 1) -- from pending, which counts nowhere
+  marked[#marked + 1] = node_id
+end
+
+-- True when every node whose failure calls the error callback has ended without failing.
+local function none_failed(errback)
+  for node in string.gmatch(redis.call('HGET', G, '<' .. errback) or '', '%S+') do
+    local status = status_of(node)
+    if not status or not TERMINAL_NODE[status] or status == 'failed' or status == 'lost' then return false end
+  end
+  return true
+end
+
+local function skip_after(node_id, status, at_ms)
+  local reason = 'skipped: node ' .. node_id .. ' ' .. status -- node ids need no JSON escaping
+  local queue, head = {node_id, status}, 1
+  while head < #queue do
+    local node, ended = queue[head], queue[head + 1]
+    head = head + 2
+    local links = redis.call('HGET', G, '>' .. node)
+    if links then
+      local bar = string.find(links, '|', 1, true)
+      if ended ~= 'completed' then
+        for child in string.gmatch(string.sub(links, 1, bar - 1), '%S+') do
+          if status_of(child) == 'pending' then
+            skip(child, reason, at_ms)
+            queue[#queue + 1], queue[#queue + 2] = child, 'skipped'
+          end
+        end
+      end
+      if ended ~= 'failed' and ended ~= 'lost' then
+        for errback in string.gmatch(string.sub(links, bar + 1), '%S+') do
+          if status_of(errback) == 'pending' and none_failed(errback) then
+            skip(errback, ERRBACK_NOT_NEEDED, at_ms)
+            queue[#queue + 1], queue[#queue + 2] = errback, 'skipped'
+          end
+        end
+      end
+    end
+  end
+end
+
 local finished, skipped, details = '', {}, {}
 local first_failed = nil -- the first node of this call that failed for good
 local registry, seen = {}, {} -- registry[held] = {member = true (add) | false (remove)}
@@ -141,6 +200,7 @@ for _, e in ipairs(events) do
     if (new[1] == 'failed' or new[1] == 'lost') and old_status ~= 'failed' and old_status ~= 'lost' then
       first_failed = first_failed or node_id
     end
+    if s.linked and TERMINAL_NODE[new[1]] and new[1] ~= old_status then skip_after(node_id, new[1], at_ms) end
     local rederived = nil
     if s.status == 'running' then
       local target = finish_status(s)
@@ -157,6 +217,8 @@ for _, e in ipairs(events) do
     end
     s.progress = derived_progress(s)
     emit(s, 'node', at_ms, maxlen, node_id, new[1])
+    for _, other in ipairs(marked) do emit(s, 'node', at_ms, maxlen, other, 'skipped') end
+    marked = {}
     if rederived then emit(s, 'status', at_ms, maxlen) end
     if want_details then details[#details + 1] = old_status; details[#details + 1] = record end
     if tonumber(at_ms) > tonumber(last_ms) then last_ms = at_ms end

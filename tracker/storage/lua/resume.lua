@@ -1,5 +1,6 @@
 -- resume(KEYS=[session, nodes, sigs, events],
---        ARGV=[retry_failed, task_id_base, now_ms, ttl_s, events_maxlen, request_id, allowed_from...])
+--        ARGV=[retry_failed, task_id_base, now_ms, ttl_s, events_maxlen, request_id, n_chosen, chosen...,
+--              allowed_from...])
 -- Takes the session back to running (its next run: the `run` field counts them) and resets to
 -- pending every node that has not completed (failed ones only when retry_failed is '1'). With
 -- nothing to reset and a result for every node, the session ends at once with the status its
@@ -8,10 +9,14 @@
 -- revoked in the workers' memory, so a re-sent task must not reuse it). A retry of the same request
 -- (same request_id) changes nothing and answers with the first attempt's previous status and the
 -- nodes still pending (those it reset, unless they have moved on since).
+-- With n_chosen >= 0, the chosen nodes are exactly those to reset (a plan made from the session's
+-- structure; retry_failed is not consulted): if one of them has completed since, nothing changes.
 -- Returns {'ok', session_hgetall, previous_status, {node_id, task_id, signature_json}...}
---       | {'not_found'} | {'invalid', current_status}
+--       | {'not_found'} | {'invalid', current_status} | {'changed'} (a chosen node completed)
 local retry_failed, task_id_base, now_ms, ttl_s, maxlen = ARGV[1] == '1', ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local request_id = ARGV[6]
+local n_chosen = tonumber(ARGV[7])
+local ALLOWED = 8 + math.max(n_chosen, 0)
 local s = load_session()
 if not s then return {'not_found'} end
 local previous = s.status
@@ -30,18 +35,33 @@ if replayed then
   end
   return {'ok', redis.call('HGETALL', S), replayed, reset}
 end
-if not in_list(previous, ARGV, 7) then return {'invalid', previous} end
+if not in_list(previous, ARGV, ALLOWED) then return {'invalid', previous} end
 
-for i = 1, #all, 2 do
-  local f = parse_node(all[i + 1])
-  if f[1] ~= 'completed' and (f[1] ~= 'failed' or retry_failed) then
-    count(s, f[1], -1)
-    local task_id = string.format('%s%012x', task_id_base, #reset / 3 + 1)
-    redis.call('HSET', N, all[i], node_text({'pending', f[2], '', '', task_id, '', ''}))
-    reset[#reset + 1] = all[i]
-    reset[#reset + 1] = task_id
-    reset[#reset + 1] = redis.call('HGET', G, all[i]) or ''
+local candidates = {} -- {node_id, record}
+if n_chosen >= 0 then
+  for i = 8, ALLOWED - 1 do
+    local raw = redis.call('HGET', N, ARGV[i])
+    if raw then
+      if parse_node(raw)[1] == 'completed' then return {'changed'} end
+      candidates[#candidates + 1] = {ARGV[i], raw}
+    end
   end
+else
+  for i = 1, #all, 2 do
+    local status = parse_node(all[i + 1])[1]
+    if status ~= 'completed' and (status ~= 'failed' or retry_failed) then
+      candidates[#candidates + 1] = {all[i], all[i + 1]}
+    end
+  end
+end
+for _, node in ipairs(candidates) do
+  local f = parse_node(node[2])
+  count(s, f[1], -1)
+  local task_id = string.format('%s%012x', task_id_base, #reset / 3 + 1)
+  redis.call('HSET', N, node[1], node_text({'pending', f[2], '', '', task_id, '', ''}))
+  reset[#reset + 1] = node[1]
+  reset[#reset + 1] = task_id
+  reset[#reset + 1] = redis.call('HGET', G, node[1]) or ''
 end
 s.progress = derived_progress(s)
 local ended = #reset == 0 and finish_status(s)

@@ -1,0 +1,391 @@
+"""A session's canvas: which node feeds which, as Celery will run them. Pure rules, no I/O.
+
+:func:`tracker.celery.dispatch` records the shape of what it sends as a *tree* of plain JSON:
+
+- ``{"n": node_id}``: a task;
+- ``{"chain": [tree, ...]}``: each part gets the result of the one before;
+- ``{"group": [tree, ...]}``: the parts run side by side; a group's result is the list of theirs;
+- ``{"chord": [tree, ...], "body": tree}``: the body runs with the header's results once every
+  header part has completed;
+- any of them may carry ``"e": [tree, ...]``: error callbacks (``link_error``) Celery runs when a
+  task of that part fails.
+
+From the tree come the session's *links* (:class:`Links`): what runs only after a node completes,
+and which error callbacks a node's failure calls. The store reads them when a node ends, to mark
+``skipped`` what Celery will never run (:func:`skips`); resume reads the tree to re-send what did
+not complete with its structure (:func:`resume_plan`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tracker.errors import ResumeNotPossibleError, TrackerValidationError
+from tracker.states import FAILED_NODE_STATUSES, NodeStatus
+
+Tree = dict[str, Any]
+"""One part of a canvas, as JSON (see the module's text)."""
+
+#: Field names a store keeps the structure under, next to the signatures (node ids never hold
+#: these characters): the tree, what runs after a node, and the nodes an error callback handles.
+TREE_FIELD = "@tree"
+AFTER_PREFIX = ">"
+HANDLES_PREFIX = "<"
+
+#: How the reason of a completed node whose result could not be kept begins (resume cannot give
+#: that result back to what needs it).
+RESULT_NOT_STORED = "result not stored"
+
+#: The reason recorded on a node that an error callback would have run, and nothing it handles failed.
+ERRBACK_NOT_NEEDED = "skipped: an error callback, and no task it handles failed"
+
+
+def skipped_reason(node_id: str, status: NodeStatus | str) -> str:
+    """The reason recorded on a node skipped because ``node_id`` ended ``status`` (failed, lost...)."""
+    return f"skipped: node {node_id} {NodeStatus(status).value}"
+
+
+def leaf_ids(tree: Tree, *, errbacks: bool = True) -> Iterator[str]:
+    """The node ids of a tree, depth first, in order (error callbacks after the part they serve)."""
+    if "n" in tree:
+        yield tree["n"]
+    for part in parts_of(tree):
+        yield from leaf_ids(part, errbacks=errbacks)
+    if errbacks:
+        for errback in tree.get("e", ()):
+            yield from leaf_ids(errback)
+
+
+def parts_of(tree: Tree) -> list[Tree]:
+    """The parts a tree runs (not its error callbacks), in order; a chord's body last."""
+    if "chain" in tree:
+        return list(tree["chain"])
+    if "group" in tree:
+        return list(tree["group"])
+    if "chord" in tree:
+        return [*tree["chord"], tree["body"]]
+    return []
+
+
+def depth(tree: Tree) -> int:
+    """How deeply groups, chains and chords nest in ``tree`` (a task alone: 0)."""
+    inner = [depth(part) for part in parts_of(tree)] + [depth(errback) for errback in tree.get("e", ())]
+    return ("n" not in tree) + max(inner, default=0)
+
+
+def _entries(tree: Tree) -> list[str]:
+    """The nodes that start when ``tree`` is sent (and receive what feeds it)."""
+    if "n" in tree:
+        return [tree["n"]]
+    if "chain" in tree:
+        return _entries(tree["chain"][0])
+    members = tree["chord"] if "chord" in tree else tree["group"]
+    return [node for member in members for node in _entries(member)]
+
+
+def _exits(tree: Tree) -> list[str]:
+    """The nodes whose completion makes ``tree`` complete (what feeds the next part)."""
+    if "n" in tree:
+        return [tree["n"]]
+    if "chain" in tree:
+        return _exits(tree["chain"][-1])
+    if "chord" in tree:
+        return _exits(tree["body"])
+    return [node for member in tree["group"] for node in _exits(member)]
+
+
+@dataclass
+class Links:
+    """What a node's end means for the others (direct links only)."""
+
+    #: node -> the nodes that run only once it completed (next chain link, chord body).
+    after: dict[str, list[str]] = field(default_factory=dict)
+    #: node -> the error callbacks its failure calls (their first tasks).
+    errbacks: dict[str, list[str]] = field(default_factory=dict)
+    #: error callback (its first task) -> every node whose failure calls it.
+    handles: dict[str, list[str]] = field(default_factory=dict)
+
+    def fields(self) -> dict[str, str]:
+        """The links as a store keeps them: ``>node`` = ``"after ids|errback ids"``, ``<errback`` =
+        ``"handled ids"`` (ids separated by spaces)."""
+        out = {}
+        for node in self.after.keys() | self.errbacks.keys():
+            after, errbacks = " ".join(self.after.get(node, ())), " ".join(self.errbacks.get(node, ()))
+            out[AFTER_PREFIX + node] = f"{after}|{errbacks}"
+        for errback, handled in self.handles.items():
+            out[HANDLES_PREFIX + errback] = " ".join(handled)
+        return out
+
+
+def links(tree: Tree) -> Links:
+    """The links of every node of ``tree``."""
+    found = Links()
+
+    def add(mapping: dict[str, list[str]], source: str, targets: list[str]) -> None:
+        known = mapping.setdefault(source, [])
+        known.extend(t for t in targets if t not in known)
+
+    def walk(part: Tree) -> None:
+        children = parts_of(part)
+        for child in children:
+            walk(child)
+        if "chain" in part:
+            for before, after in itertools.pairwise(children):
+                for node in _exits(before):
+                    add(found.after, node, _entries(after))
+        elif "chord" in part:
+            for node in [n for member in part["chord"] for n in _exits(member)]:
+                add(found.after, node, _entries(part["body"]))
+        for errback in part.get("e", ()):
+            walk(errback)
+            # Celery calls a part's error callbacks from any of its tasks that fails (a chain passes
+            # them to every link; a chord's go to its body, which a failed header task fails too).
+            handled = list(leaf_ids(part, errbacks=False))
+            for node in handled:
+                add(found.errbacks, node, _entries(errback))
+            for entry in _entries(errback):
+                add(found.handles, entry, handled)
+
+    walk(tree)
+    return found
+
+
+def has_links(tree: Tree) -> bool:
+    """True when some node's end decides whether another runs (anything but tasks side by side)."""
+    found = links(tree)
+    return bool(found.after or found.errbacks)
+
+
+def skips(
+    links_of: Callable[[str], tuple[list[str], list[str]]],
+    handled_by: Callable[[str], list[str]],
+    status_of: Callable[[str], NodeStatus | None],
+    node_id: str,
+    status: NodeStatus,
+) -> list[tuple[str, str]]:
+    """The nodes Celery will never run now that ``node_id`` ended ``status``, with their reasons.
+
+    A node that did not complete (failed, lost, cancelled, skipped) takes what runs after it with
+    it; a node that did not fail leaves its error callbacks nothing to do once every node they
+    handle has ended without failing. Only ``pending`` nodes are skipped, and what they lead to is
+    followed in turn. The Redis scripts apply the same rule (``record_nodes.lua``).
+
+    Args:
+        links_of: node -> (what runs after it, its error callbacks).
+        handled_by: error callback -> the nodes whose failure calls it.
+        status_of: node -> its status now (None: unknown).
+        node_id: The node that ended.
+        status: How it ended.
+    """
+    marked: dict[str, str] = {}
+
+    def current(node: str) -> NodeStatus | None:
+        return NodeStatus.SKIPPED if node in marked else status_of(node)
+
+    queue = [(node_id, status)]
+    after_reason = skipped_reason(node_id, status)
+    while queue:
+        node, ended = queue.pop(0)
+        after, errbacks = links_of(node)
+        if ended is not NodeStatus.COMPLETED:
+            for child in after:
+                if current(child) is NodeStatus.PENDING:
+                    marked[child] = after_reason
+                    queue.append((child, NodeStatus.SKIPPED))
+        if ended not in FAILED_NODE_STATUSES:
+            for errback in errbacks:
+                handled = [current(n) for n in handled_by(errback)]
+                if current(errback) is NodeStatus.PENDING and all(
+                    s is not None and s.is_terminal and s not in FAILED_NODE_STATUSES for s in handled
+                ):
+                    marked[errback] = ERRBACK_NOT_NEEDED
+                    queue.append((errback, NodeStatus.SKIPPED))
+    return list(marked.items())
+
+
+def check_tree(tree: object, node_ids: list[str], max_depth: int) -> Tree:
+    """Return ``tree`` if it is a canvas tree whose tasks are exactly ``node_ids``, each once.
+
+    Raises:
+        TrackerValidationError: anything else, or nested deeper than ``max_depth``.
+    """
+    try:
+        leaves = list(leaf_ids(_checked(tree)))
+    except (TypeError, KeyError, AttributeError, IndexError):
+        raise TrackerValidationError("structure", tree, "expected a canvas tree (see tracker.structure)") from None
+    if sorted(leaves) != sorted(node_ids):
+        raise TrackerValidationError("structure", tree, "its tasks must be the session's nodes, each once")
+    if depth(tree) > max_depth:  # type: ignore[arg-type]
+        raise TrackerValidationError("canvas", tree, f"nested deeper than {max_depth} levels (max_canvas_depth)")
+    return tree  # type: ignore[return-value]
+
+
+def _checked(tree: object) -> Tree:
+    """``tree`` if every part has one known shape (raises TypeError otherwise)."""
+    if not isinstance(tree, dict):
+        raise TypeError(tree)
+    kinds = {"n", "chain", "group", "chord"} & tree.keys()
+    if len(kinds) != 1 or not tree.keys() <= {"n", "chain", "group", "chord", "body", "e"}:
+        raise TypeError(tree)
+    if ("body" in tree) != ("chord" in tree):
+        raise TypeError(tree)
+    if "n" in tree and not isinstance(tree["n"], str):
+        raise TypeError(tree)
+    for key in ("chain", "group", "chord", "e"):
+        if key in tree and (not isinstance(tree[key], list) or (key != "e" and not tree[key])):
+            raise TypeError(tree)
+    for part in [*parts_of(tree), *tree.get("e", ())]:
+        _checked(part)
+    return tree
+
+
+# -- resume ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResumePlan:
+    """What a resume re-sends: a canvas tree whose tasks are ``{"n": id}`` (re-sent nodes) and
+    ``{"v": id}`` (a completed node's stored result, given back as it was)."""
+
+    #: None: nothing to re-send.
+    tree: Tree | None
+    #: The nodes re-sent, in tree order.
+    reset: list[str]
+    #: The stored results the tree gives back, by node id.
+    values: dict[str, Any]
+
+
+_DONE = "done"  # every task of the part completed
+_BLOCKED = "blocked"  # a failed task is kept (retry_failed=False): the part cannot run again
+
+
+class _Planner:
+    def __init__(self, nodes: Mapping[str, tuple[NodeStatus, Any, bool]], retry_failed: bool, session: str) -> None:
+        self.nodes = nodes  # node -> (status, result, result stored)
+        self.retry_failed = retry_failed
+        self.session = session
+        self.values: dict[str, Any] = {}
+
+    def status(self, node: str) -> NodeStatus:
+        return self.nodes[node][0] if node in self.nodes else NodeStatus.PENDING
+
+    def residual(self, tree: Tree, consumed: bool) -> Tree | str:
+        """What is left to run of ``tree``: a tree, ``_DONE`` or ``_BLOCKED``. ``consumed``: its
+        result feeds something (a later chain link, a chord body), so completed parts of it are
+        given back rather than dropped."""
+        if "n" in tree:
+            status = self.status(tree["n"])
+            if status is NodeStatus.COMPLETED:
+                return _DONE
+            if status is NodeStatus.FAILED and not self.retry_failed:
+                return _BLOCKED
+            return self._with_errbacks(tree, {"n": tree["n"]})
+        if "chain" in tree:
+            return self._chain(tree, consumed)
+        if "group" in tree:
+            return self._group(tree, tree["group"], consumed)
+        header = self._group(tree, tree["chord"], True)
+        if header == _BLOCKED:
+            return _BLOCKED
+        body = self.residual(tree["body"], consumed)
+        if header == _DONE:
+            if not isinstance(body, dict):
+                return body
+            header = {"group": [self.constant(member) for member in tree["chord"]]}
+        elif body == _BLOCKED:
+            return _BLOCKED
+        elif body == _DONE:
+            body = self.constant(tree["body"])
+        assert isinstance(header, dict) and isinstance(body, dict)
+        return self._with_errbacks(tree, {"chord": header["group"], "body": body})
+
+    def _chain(self, tree: Tree, consumed: bool) -> Tree | str:
+        links = tree["chain"]
+        for i, link in enumerate(links):
+            rest = self.residual(link, consumed or i < len(links) - 1)
+            if rest == _DONE:
+                continue
+            if rest == _BLOCKED:
+                return _BLOCKED
+            assert isinstance(rest, dict)
+            # The link before gives back its result to the first link re-sent, as Celery passed it.
+            parts = [self.constant(links[i - 1])] if i > 0 else []
+            parts.append(rest)
+            for later in links[i + 1 :]:
+                after = self.residual(later, True)
+                if after == _BLOCKED:
+                    return _BLOCKED
+                parts.append(self.constant(later) if after == _DONE else after)  # type: ignore[arg-type]
+            return self._with_errbacks(tree, {"chain": parts})
+        return _DONE
+
+    def _group(self, tree: Tree, members: list[Tree], consumed: bool) -> Tree | str:
+        rests = [self.residual(member, consumed) for member in members]
+        if all(rest == _DONE for rest in rests):
+            return _DONE
+        if _BLOCKED in rests and consumed:  # what it feeds needs every member's result
+            return _BLOCKED
+        if not any(isinstance(rest, dict) for rest in rests):
+            return _BLOCKED
+        kept: list[Tree] = []
+        for member, rest in zip(members, rests, strict=True):
+            if isinstance(rest, dict):
+                kept.append(rest)
+            elif consumed:  # a completed member's result, in its place
+                kept.append(self.constant(member))
+        return self._with_errbacks(tree, {"group": kept})
+
+    def _with_errbacks(self, tree: Tree, rest: Tree) -> Tree:
+        errbacks = []
+        for errback in tree.get("e", ()):
+            again = self.residual(errback, False)
+            if isinstance(again, dict):
+                errbacks.append(again)
+        if errbacks:
+            rest["e"] = errbacks
+        return rest
+
+    def constant(self, tree: Tree) -> Tree:
+        """``tree`` with each task replaced by its stored result (same shape, so Celery combines
+        them as it did). Raises ResumeNotPossibleError when a result was not stored."""
+        if "n" in tree:
+            node = tree["n"]
+            status, result, stored = self.nodes.get(node, (NodeStatus.PENDING, None, False))
+            if status is not NodeStatus.COMPLETED or not stored:
+                reason = f"the result of node {node} is needed again but was not stored (too large, or not JSON)"
+                raise ResumeNotPossibleError(self.session, reason)
+            self.values[node] = result
+            return {"v": node}
+        if "chain" in tree:
+            return {"chain": [self.constant(part) for part in tree["chain"]]}
+        if "group" in tree:
+            return {"group": [self.constant(part) for part in tree["group"]]}
+        return {"chord": [self.constant(part) for part in tree["chord"]], "body": self.constant(tree["body"])}
+
+
+def resume_plan(
+    tree: Tree, nodes: Mapping[str, tuple[NodeStatus, Any, bool]], retry_failed: bool, session: str
+) -> ResumePlan:
+    """What to re-send of ``tree`` so that the session completes as if Celery had run it whole.
+
+    Completed nodes are not re-run: where a re-sent part needs their result (a chain link's
+    parent, a chord's header results), the stored result is given back in its place. Failed nodes
+    are re-sent only with ``retry_failed``; a part that needs a kept failed node stays as it is.
+
+    Args:
+        tree: The session's canvas tree.
+        nodes: node -> (status, stored result, whether the result was stored).
+        retry_failed: Re-send failed nodes too.
+        session: The session's id, for the error's message.
+
+    Raises:
+        ResumeNotPossibleError: a completed node's result is needed and was not stored.
+    """
+    planner = _Planner(nodes, retry_failed, session)
+    rest = planner.residual(tree, False)
+    if not isinstance(rest, dict):
+        return ResumePlan(tree=None, reset=[], values={})
+    return ResumePlan(tree=rest, reset=list(leaf_ids(rest)), values=planner.values)
