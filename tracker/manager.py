@@ -115,7 +115,7 @@ class _Plans:
 
     def resume(self, session_id: str, retry_failed: bool, nodes: Sequence[str] | None = None) -> _Plan[ResumeOutcome]:
         sid = validation.session_id(session_id)
-        chosen = None if nodes is None else [validation.node_id(node, sid) for node in nodes]
+        chosen = None if nodes is None else list(dict.fromkeys(validation.node_id(node, sid) for node in nodes))
         # Resume is the one way out of an ended session; a stalled running or pending one may be
         # resumed too (its unfinished nodes are re-sent). Only a completed session is final.
         allowed = states.allowed_from(SessionStatus.RUNNING, resume=True) | {SessionStatus.RUNNING}

@@ -31,7 +31,7 @@ Tree = dict[str, Any]
 
 #: Field names a store keeps the structure under, next to the signatures (node ids never hold
 #: these characters): the tree, what runs after a node, and the nodes an error callback handles.
-TREE_FIELD = "@tree"
+TREE_FIELD = "#tree"
 AFTER_PREFIX = ">"
 HANDLES_PREFIX = "<"
 
@@ -139,6 +139,14 @@ def links(tree: Tree) -> Links:
         elif "chord" in part:
             for node in [n for member in part["chord"] for n in _exits(member)]:
                 add(found.after, node, _entries(part["body"]))
+            # A failed header task fails the body without running it, and Celery calls the body's
+            # error callbacks then: they handle the header's tasks too.
+            header = [n for member in part["chord"] for n in leaf_ids(member, errbacks=False)]
+            for errback in part["body"].get("e", ()):
+                for node in header:
+                    add(found.errbacks, node, _entries(errback))
+                for entry in _entries(errback):
+                    add(found.handles, entry, header)
         for errback in part.get("e", ()):
             walk(errback)
             # Celery calls a part's error callbacks from any of its tasks that fails (a chain passes
@@ -185,16 +193,16 @@ def skips(
     def current(node: str) -> NodeStatus | None:
         return NodeStatus.SKIPPED if node in marked else status_of(node)
 
-    queue = [(node_id, status)]
-    after_reason = skipped_reason(node_id, status)
+    # What a skipped node leads to is skipped for the same reason as it.
+    queue = [(node_id, status, skipped_reason(node_id, status))]
     while queue:
-        node, ended = queue.pop(0)
+        node, ended, reason = queue.pop(0)
         after, errbacks = links_of(node)
         if ended is not NodeStatus.COMPLETED:
             for child in after:
                 if current(child) is NodeStatus.PENDING:
-                    marked[child] = after_reason
-                    queue.append((child, NodeStatus.SKIPPED))
+                    marked[child] = reason
+                    queue.append((child, NodeStatus.SKIPPED, reason))
         if ended not in FAILED_NODE_STATUSES:
             for errback in errbacks:
                 handled = [current(n) for n in handled_by(errback)]
@@ -202,7 +210,7 @@ def skips(
                     s is not None and s.is_terminal and s not in FAILED_NODE_STATUSES for s in handled
                 ):
                     marked[errback] = ERRBACK_NOT_NEEDED
-                    queue.append((errback, NodeStatus.SKIPPED))
+                    queue.append((errback, NodeStatus.SKIPPED, ERRBACK_NOT_NEEDED))
     return list(marked.items())
 
 
@@ -216,6 +224,8 @@ def check_tree(tree: object, node_ids: list[str], max_depth: int) -> Tree:
         leaves = list(leaf_ids(_checked(tree)))
     except (TypeError, KeyError, AttributeError, IndexError):
         raise TrackerValidationError("structure", tree, "expected a canvas tree (see tracker.structure)") from None
+    except RecursionError:
+        raise TrackerValidationError("canvas", tree, f"nested deeper than {max_depth} levels") from None
     if sorted(leaves) != sorted(node_ids):
         raise TrackerValidationError("structure", tree, "its tasks must be the session's nodes, each once")
     if depth(tree) > max_depth:  # type: ignore[arg-type]
@@ -294,11 +304,11 @@ class _Planner:
         if header == _DONE:
             if not isinstance(body, dict):
                 return body
-            header = {"group": [self.constant(member) for member in tree["chord"]]}
+            header = {"group": [self.output(member) for member in tree["chord"]]}
         elif body == _BLOCKED:
             return _BLOCKED
         elif body == _DONE:
-            body = self.constant(tree["body"])
+            body = self.output(tree["body"])
         assert isinstance(header, dict) and isinstance(body, dict)
         return self._with_errbacks(tree, {"chord": header["group"], "body": body})
 
@@ -312,13 +322,13 @@ class _Planner:
                 return _BLOCKED
             assert isinstance(rest, dict)
             # The link before gives back its result to the first link re-sent, as Celery passed it.
-            parts = [self.constant(links[i - 1])] if i > 0 else []
+            parts = [self.output(links[i - 1])] if i > 0 else []
             parts.append(rest)
             for later in links[i + 1 :]:
                 after = self.residual(later, True)
                 if after == _BLOCKED:
                     return _BLOCKED
-                parts.append(self.constant(later) if after == _DONE else after)  # type: ignore[arg-type]
+                parts.append(self.output(later) if after == _DONE else after)  # type: ignore[arg-type]
             return self._with_errbacks(tree, {"chain": parts})
         return _DONE
 
@@ -335,7 +345,7 @@ class _Planner:
             if isinstance(rest, dict):
                 kept.append(rest)
             elif consumed:  # a completed member's result, in its place
-                kept.append(self.constant(member))
+                kept.append(self.output(member))
         return self._with_errbacks(tree, {"group": kept})
 
     def _with_errbacks(self, tree: Tree, rest: Tree) -> Tree:
@@ -348,22 +358,26 @@ class _Planner:
             rest["e"] = errbacks
         return rest
 
-    def constant(self, tree: Tree) -> Tree:
-        """``tree`` with each task replaced by its stored result (same shape, so Celery combines
-        them as it did). Raises ResumeNotPossibleError when a result was not stored."""
-        if "n" in tree:
-            node = tree["n"]
-            status, result, stored = self.nodes.get(node, (NodeStatus.PENDING, None, False))
-            if status is not NodeStatus.COMPLETED or not stored:
-                reason = f"the result of node {node} is needed again but was not stored (too large, or not JSON)"
-                raise ResumeNotPossibleError(self.session, reason)
-            self.values[node] = result
-            return {"v": node}
+    def output(self, tree: Tree) -> Tree:
+        """What gives back the result of completed ``tree`` as the next chain link receives it: the
+        result of a chain's last part, of a chord's body, of each member of a group."""
         if "chain" in tree:
-            return {"chain": [self.constant(part) for part in tree["chain"]]}
+            return self.output(tree["chain"][-1])
+        if "chord" in tree:
+            return self.output(tree["body"])
         if "group" in tree:
-            return {"group": [self.constant(part) for part in tree["group"]]}
-        return {"chord": [self.constant(part) for part in tree["chord"]], "body": self.constant(tree["body"])}
+            return {"group": [self.output(member) for member in tree["group"]]}
+        return self.value(tree["n"])
+
+    def value(self, node: str) -> Tree:
+        """Completed ``node``'s stored result, given back in its place. Raises ResumeNotPossibleError
+        when it was not stored."""
+        status, result, stored = self.nodes.get(node, (NodeStatus.PENDING, None, False))
+        if status is not NodeStatus.COMPLETED or not stored:
+            reason = f"the result of node {node} is needed again but was not stored (too large, or not JSON)"
+            raise ResumeNotPossibleError(self.session, reason)
+        self.values[node] = result
+        return {"v": node}
 
 
 def resume_plan(

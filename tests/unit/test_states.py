@@ -76,15 +76,16 @@ def test_an_ended_status_always_agrees_with_its_counts(
     assert result is current or is_valid_transition(current, result)
 
 
-@given(st.integers(0, 50), st.integers(0, 50), st.integers(0, 50), st.integers(0, 150))
-def test_finish_status(completed: int, failed: int, cancelled: int, node_count: int) -> None:
-    result = finish_status(completed, failed, cancelled, node_count)
-    finished = completed + failed + cancelled
-    if node_count == 0 or finished < node_count:
+@given(st.integers(0, 50), st.integers(0, 50), st.integers(0, 50), st.integers(0, 50), st.integers(0, 3))
+def test_finish_status(completed: int, failed: int, cancelled: int, skipped: int, pending: int) -> None:
+    node_count = completed + failed + cancelled + skipped + pending
+    result = finish_status(completed, failed, cancelled, node_count, skipped)
+    if node_count == 0 or pending:
         assert result is None
-    elif completed == node_count:
+    elif completed and not failed and not cancelled:
+        # what is skipped with nothing failed or revoked: error callbacks with nothing to handle
         assert result is S.COMPLETED
-    elif cancelled == node_count:
+    elif cancelled and cancelled + skipped == node_count:
         assert result is S.CANCELLED
     elif completed == 0:
         assert result is S.FAILED
@@ -92,6 +93,16 @@ def test_finish_status(completed: int, failed: int, cancelled: int, node_count: 
         assert result is S.PARTIAL_FAILURE
     if result is not None:
         assert result in VALID_TRANSITIONS[S.RUNNING]
+
+
+def test_finish_status_examples() -> None:
+    assert finish_status(3, 0, 0, 3) is S.COMPLETED
+    assert finish_status(3, 0, 0, 4, skipped=1) is S.COMPLETED  # an error callback nothing needed
+    assert finish_status(1, 1, 0, 4, skipped=2) is S.PARTIAL_FAILURE  # a chain link failed, the rest skipped
+    assert finish_status(0, 1, 0, 3, skipped=2) is S.FAILED
+    assert finish_status(0, 0, 1, 3, skipped=2) is S.CANCELLED  # the first link revoked
+    assert finish_status(1, 0, 1, 3, skipped=1) is S.PARTIAL_FAILURE
+    assert finish_status(2, 0, 0, 4, skipped=1) is None
 
 
 @given(st.lists(st.sampled_from(list(NodeStatus)), min_size=1, max_size=30))

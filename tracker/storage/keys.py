@@ -22,7 +22,7 @@ also on Redis Cluster):
                                              task_id|worker|payload`` (payload: JSON object with
                                              ``result``, ``error``, ``reason``; may be empty)
 ``<prefix>:{<sid>}:sigs``            HASH    node id -> the node's Celery signature (JSON), for resume;
-                                             and the session's structure (tracker.structure): ``@tree``,
+                                             and the session's structure (tracker.structure): ``#tree``,
                                              ``>node`` (what runs after it), ``<node`` (what an error
                                              callback handles)
 ``<prefix>:{<sid>}:events``          STREAM  one entry per change (capped, approximate trim)

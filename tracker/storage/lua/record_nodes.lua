@@ -123,12 +123,12 @@ local function none_failed(errback)
   return true
 end
 
+-- What a skipped node leads to is skipped for the same reason as it.
 local function skip_after(node_id, status, at_ms)
-  local reason = 'skipped: node ' .. node_id .. ' ' .. status -- node ids need no JSON escaping
-  local queue, head = {node_id, status}, 1
-  while head < #queue do
-    local node, ended = queue[head], queue[head + 1]
-    head = head + 2
+  local queue, head = {{node_id, status, 'skipped: node ' .. node_id .. ' ' .. status}}, 1 -- ids need no JSON escaping
+  while head <= #queue do
+    local node, ended, reason = queue[head][1], queue[head][2], queue[head][3]
+    head = head + 1
     local links = redis.call('HGET', G, '>' .. node)
     if links then
       local bar = string.find(links, '|', 1, true)
@@ -136,7 +136,7 @@ local function skip_after(node_id, status, at_ms)
         for child in string.gmatch(string.sub(links, 1, bar - 1), '%S+') do
           if status_of(child) == 'pending' then
             skip(child, reason, at_ms)
-            queue[#queue + 1], queue[#queue + 2] = child, 'skipped'
+            queue[#queue + 1] = {child, 'skipped', reason}
           end
         end
       end
@@ -144,7 +144,7 @@ local function skip_after(node_id, status, at_ms)
         for errback in string.gmatch(string.sub(links, bar + 1), '%S+') do
           if status_of(errback) == 'pending' and none_failed(errback) then
             skip(errback, ERRBACK_NOT_NEEDED, at_ms)
-            queue[#queue + 1], queue[#queue + 2] = errback, 'skipped'
+            queue[#queue + 1] = {errback, 'skipped', ERRBACK_NOT_NEEDED}
           end
         end
       end
