@@ -135,7 +135,7 @@ def allowed_from(target: SessionStatus, resume: bool = False) -> frozenset[Sessi
 
 
 def finish_status(
-    completed: int, failed: int, cancelled: int, node_count: int, skipped: int = 0
+    completed: int, failed: int, cancelled: int, node_count: int, skipped: int = 0, unneeded: int = 0
 ) -> SessionStatus | None:
     """The status a running session finishes in, or None while results are outstanding.
 
@@ -145,18 +145,16 @@ def finish_status(
         cancelled: Nodes whose latest result is ``cancelled`` (revoked one by one).
         node_count: Nodes in the batch.
         skipped: Nodes Celery will never run (``skipped``).
+        unneeded: Of ``skipped``, the error callbacks skipped because nothing they handle failed.
 
     Returns:
-        ``completed`` (every node completed, but for error callbacks skipped because nothing they
-        handle failed), ``cancelled`` (every node revoked, or skipped because of a revoked one),
-        ``failed`` (none completed), ``partial_failure`` (some completed), or None while any node
-        has no result.
+        ``completed`` (every node completed, but for error callbacks nothing needed),
+        ``cancelled`` (every node revoked, or skipped because of a revoked one), ``failed`` (none
+        completed), ``partial_failure`` (some completed), or None while any node has no result.
     """
     if node_count <= 0 or completed + failed + cancelled + skipped < node_count:
         return None
-    if completed and not failed and not cancelled:
-        # Nothing failed or was revoked, so nothing was skipped for it: what was skipped are
-        # error callbacks with nothing to handle.
+    if completed and completed + unneeded == node_count:
         return SessionStatus.COMPLETED
     if cancelled and cancelled + skipped == node_count:
         return SessionStatus.CANCELLED
@@ -166,7 +164,13 @@ def finish_status(
 
 
 def rederived_status(
-    current: SessionStatus, completed: int, failed: int, cancelled: int, node_count: int, skipped: int = 0
+    current: SessionStatus,
+    completed: int,
+    failed: int,
+    cancelled: int,
+    node_count: int,
+    skipped: int = 0,
+    unneeded: int = 0,
 ) -> SessionStatus:
     """The status of an ended session after a late result moved a node between counters.
 
@@ -178,7 +182,7 @@ def rederived_status(
     """
     if not current.is_terminal:
         return current
-    target = finish_status(completed, failed, cancelled, node_count, skipped)
+    target = finish_status(completed, failed, cancelled, node_count, skipped, unneeded)
     return target if target in VALID_TRANSITIONS[current] else current
 
 

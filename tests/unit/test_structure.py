@@ -444,7 +444,7 @@ def test_resume_resends_an_error_callback_that_did_not_run() -> None:
 
 
 def test_the_lua_errback_reason_is_the_python_one() -> None:
-    text = (resources.files("tracker.storage") / "lua" / "record_nodes.lua").read_text()
+    text = (resources.files("tracker.storage") / "lua" / "common.lua").read_text()
     found = re.findall(r"^local ERRBACK_NOT_NEEDED = '([^']*)'$", text, re.MULTILINE)
     assert found == [ERRBACK_NOT_NEEDED]
 

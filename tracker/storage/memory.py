@@ -41,7 +41,7 @@ from tracker.storage.base import (
     requeued_reason,
     silent_workers,
 )
-from tracker.structure import Links, Tree, links, skips
+from tracker.structure import ERRBACK_NOT_NEEDED, Links, Tree, links, skips
 from tracker.validation import is_worker_id, worker_id
 
 #: Events kept per session when no cap is given.
@@ -65,6 +65,8 @@ class _Entry:
     #: The canvas tree it was created with, and the links read from it (see tracker.structure).
     structure: Tree | None = None
     links: Links | None = None
+    #: The skipped error callbacks nothing needed (they do not keep a session from completing).
+    unneeded: set[str] = field(default_factory=set)
 
 
 class InMemoryStorageAdapter:
@@ -124,6 +126,10 @@ class InMemoryStorageAdapter:
             entry.counts[old.status] -= 1
         entry.counts[node.status] += 1
         entry.nodes[node.node_id] = node
+        if node.status is NodeStatus.SKIPPED and node.reason == ERRBACK_NOT_NEEDED:
+            entry.unneeded.add(node.node_id)
+        else:
+            entry.unneeded.discard(node.node_id)
 
     @staticmethod
     def _recount(entry: _Entry, now: datetime) -> SessionInfo:
@@ -242,7 +248,7 @@ class InMemoryStorageAdapter:
                 )
                 reset.append(NodeSpec(node_id=node_id, task_id=task_id, signature=entry.signatures.get(node_id)))
             info = self._recount(entry, now)
-            counts = _counts(info)
+            counts = _counts(entry, info)
             ended = None if reset else states.finish_status(*counts)
             if ended is not None:
                 # Nothing to re-send and every node has a result: the session ends at once so.
@@ -319,7 +325,7 @@ class InMemoryStorageAdapter:
         entry.info = self._recount(entry, at)
         info = entry.info
         finished: SessionStatus | None = None
-        counts = _counts(info)
+        counts = _counts(entry, info)
         if info.status is SessionStatus.PENDING:
             info = self._move(info, SessionStatus.RUNNING, at)
         rederived = None
@@ -498,7 +504,7 @@ class InMemoryStorageAdapter:
                 info = self._recount(entry, now)
                 if info.status is SessionStatus.PENDING:
                     info = self._move(info, SessionStatus.RUNNING, now)
-                counts = _counts(info)
+                counts = _counts(entry, info)
                 finished = states.finish_status(*counts)
                 entry.info = self._move(info, finished, now) if finished is not None else info
                 self._emit(entry, "status", now)
@@ -528,9 +534,10 @@ class InMemoryStorageAdapter:
             self._changed.notify_all()
 
 
-def _counts(info: SessionInfo) -> tuple[int, int, int, int, int]:
-    """The arguments of :func:`states.finish_status` for ``info``."""
-    return info.completed_nodes, info.failed_nodes, info.cancelled_nodes, info.node_count, info.skipped_nodes
+def _counts(entry: _Entry, info: SessionInfo) -> tuple[int, int, int, int, int, int]:
+    """The arguments of :func:`states.finish_status` for ``info`` (the counters of ``entry``)."""
+    counts = (info.completed_nodes, info.failed_nodes, info.cancelled_nodes, info.node_count, info.skipped_nodes)
+    return (*counts, len(entry.unneeded))
 
 
 def _ms(moment: datetime) -> int:

@@ -16,16 +16,17 @@ local TERMINAL_SESSION = {completed = true, partial_failure = true, failed = tru
 local function load_session()
   local v = redis.call('HMGET', S, 'status', 'node_count', 'completed', 'failed', 'running', 'lost', 'cancelled',
                        'skipped', 'progress', 'started_ms', 'finished_ms', 'updated_ms', 'canvas_path', 'created_ms',
-                       'metadata', 'run', 'linked')
+                       'metadata', 'run', 'linked', 'unneeded')
   if not v[1] then return nil end
   local s = {status = v[1], node_count = tonumber(v[2]) or 0, completed = tonumber(v[3]) or 0,
              failed = tonumber(v[4]) or 0, running = tonumber(v[5]) or 0, lost = tonumber(v[6]) or 0,
              cancelled = tonumber(v[7]) or 0, skipped = tonumber(v[8]) or 0, progress = v[9] or '',
              started_ms = v[10] or '', finished_ms = v[11] or '', updated_ms = v[12] or '', canvas_path = v[13] or '',
-             created_ms = v[14] or '', metadata = v[15] or '', run = tonumber(v[16]) or 1, linked = v[17] == '1'}
+             created_ms = v[14] or '', metadata = v[15] or '', run = tonumber(v[16]) or 1, linked = v[17] == '1',
+             unneeded = tonumber(v[18]) or 0}
   -- What the hash holds now (false: missing), in save_session's order: it writes what differs.
   s.stored = {v[1], v[3] and s.completed, v[4] and s.failed, v[5] and s.running, v[6] and s.lost,
-              v[7] and s.cancelled, v[8] and s.skipped, v[9], v[10], v[11]}
+              v[7] and s.cancelled, v[8] and s.skipped, v[9], v[10], v[11], v[18] and s.unneeded}
   return s
 end
 
@@ -44,7 +45,7 @@ local function save_session(s, now_ms)
   if s.updated_ms ~= '' and tonumber(s.updated_ms) > tonumber(now_ms) then updated = s.updated_ms end
   local was = s.stored
   local a = {'updated_ms', updated, false, false, false, false, false, false, false, false, false, false, false, false,
-             false, false, false, false, false, false, false, false}
+             false, false, false, false, false, false, false, false, false, false}
   local n = 2
   if s.status ~= was[1] then a[n + 1] = 'status'; a[n + 2] = s.status; n = n + 2 end
   if s.completed ~= was[2] then a[n + 1] = 'completed'; a[n + 2] = s.completed; n = n + 2 end
@@ -56,17 +57,26 @@ local function save_session(s, now_ms)
   if s.progress ~= was[8] then a[n + 1] = 'progress'; a[n + 2] = s.progress; n = n + 2 end
   if s.started_ms ~= was[9] then a[n + 1] = 'started_ms'; a[n + 2] = s.started_ms; n = n + 2 end
   if s.finished_ms ~= was[10] then a[n + 1] = 'finished_ms'; a[n + 2] = s.finished_ms; n = n + 2 end
+  if s.unneeded ~= was[11] then a[n + 1] = 'unneeded'; a[n + 2] = s.unneeded; n = n + 2 end
   redis.call('HSET', S, unpack(a, 1, n))
   s.stored = {s.status, s.completed, s.failed, s.running, s.lost, s.cancelled, s.skipped, s.progress, s.started_ms,
-              s.finished_ms}
+              s.finished_ms, s.unneeded}
   return updated
 end
 
--- Move one node's weight in the counters (delta = 1 when it enters status, -1 when it leaves).
-local function count(s, status, delta)
+-- The payload of an error callback skipped because nothing it handles failed (tracker.structure
+-- ERRBACK_NOT_NEEDED): such nodes are also counted in `unneeded`, and do not keep a session from
+-- completing.
+local ERRBACK_NOT_NEEDED = 'skipped: an error callback, and no task it handles failed'
+local UNNEEDED = '{"reason":"' .. ERRBACK_NOT_NEEDED .. '"}'
+
+-- Move one node's weight in the counters (delta = 1 when it enters status, -1 when it leaves);
+-- payload: the node's payload in that status.
+local function count(s, status, delta, payload)
   local counter = COUNTER[status]
   if counter then s[counter] = s[counter] + delta end
   if status == 'lost' then s.lost = s.lost + delta end
+  if status == 'skipped' and payload == UNNEEDED then s.unneeded = s.unneeded + delta end
 end
 
 -- 100 * finished / node_count, rounded half up to 2 decimals (same formula as states.progress_from_counts).
@@ -79,7 +89,7 @@ end
 local function finish_status(s)
   local n = s.node_count
   if n <= 0 or s.completed + s.failed + s.cancelled + s.skipped < n then return nil end
-  if s.completed > 0 and s.failed == 0 and s.cancelled == 0 then return 'completed' end
+  if s.completed > 0 and s.completed + s.unneeded == n then return 'completed' end
   if s.cancelled > 0 and s.cancelled + s.skipped == n then return 'cancelled' end
   if s.completed == 0 then return 'failed' end
   return 'partial_failure'

@@ -45,7 +45,7 @@ for i = FIRST, #ARGV do events[#events + 1] = {string.match(ARGV[i], EVENT)} end
 
 -- One status change of a node: f (its fields, parse_node order) is updated in place.
 local function step(f, incoming, attempt, task_id, worker, payload, at_ms)
-  local old_status = f[1]
+  local old_status, old_payload = f[1], f[7]
   local status = incoming
   if old_status == 'completed' or (TERMINAL_NODE[old_status] and not TERMINAL_NODE[incoming]) then
     status = old_status
@@ -74,9 +74,9 @@ local function step(f, incoming, attempt, task_id, worker, payload, at_ms)
       f[4] = at_ms
     end
   end
-  if old_status ~= f[1] then
-    if old_status ~= '' then count(s, old_status, -1) end
-    count(s, f[1], 1)
+  if old_status ~= f[1] or old_payload ~= f[7] then -- the same status may move `unneeded` (count)
+    if old_status ~= '' then count(s, old_status, -1, old_payload) end
+    count(s, f[1], 1, f[7])
   end
   if s.status == 'pending' then set_status(s, 'running', at_ms) end
 end
@@ -102,7 +102,6 @@ local function status_of(node_id)
   return records[node_id] and string.match(records[node_id], '^[^|]*') or nil
 end
 
-local ERRBACK_NOT_NEEDED = 'skipped: an error callback, and no task it handles failed'
 local marked = {} -- nodes skipped by the event being applied (their events follow its own)
 
 local function skip(node_id, reason, at_ms)
@@ -110,7 +109,7 @@ local function skip(node_id, reason, at_ms)
   f[1], f[3], f[4], f[6], f[7] = 'skipped', '', at_ms, '', '{"reason":"' .. reason .. '"}'
   records[node_id] = node_text(f)
   redis.call('HSET', N, node_id, records[node_id])
-  count(s, 'skipped', 1) -- from pending, which counts nowhere
+  count(s, 'skipped', 1, f[7]) -- from pending, which counts nowhere
   marked[#marked + 1] = node_id
 end
 

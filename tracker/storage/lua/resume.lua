@@ -56,7 +56,7 @@ else
 end
 for _, node in ipairs(candidates) do
   local f = parse_node(node[2])
-  count(s, f[1], -1)
+  count(s, f[1], -1, f[7])
   local task_id = string.format('%s%012x', task_id_base, #reset / 3 + 1)
   redis.call('HSET', N, node[1], node_text({'pending', f[2], '', '', task_id, '', ''}))
   reset[#reset + 1] = node[1]
