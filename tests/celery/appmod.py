@@ -158,3 +158,11 @@ def op(*inputs: Any, tag: str, fail: str = "", log: str = "") -> list[Any]:
 def on_error(task_id: str, tag: str = "") -> str:
     """An error callback, run as a task of its own (it takes only the failed task's id)."""
     return f"handled {tag}"
+
+
+@app.task(name="t.on_error_inline")
+def on_error_inline(request: Any, exc: Any, traceback: Any) -> None:
+    """An error callback Celery calls inside the failing worker (it takes the request): notes it."""
+    client = redis.Redis.from_url(os.environ["TRACKER_TEST_BROKER"])
+    client.rpush(f"inline-errback:{request.id}", type(exc).__name__)
+    client.close()

@@ -181,3 +181,17 @@ def test_a_canvas_deeper_than_the_limit_is_refused(tracked: SessionManager, cele
     with pytest.raises(TrackerValidationError, match="nested deeper than"):
         dispatch(canvas, canvas_path="c.canvas")
     assert tracked.sync.list_sessions().sessions == []
+
+
+def test_an_error_callback_celery_calls_in_place_is_not_a_node(
+    tracked: SessionManager, thread_worker: None, redis_url: str
+) -> None:
+    from tests.celery.appmod import on_error_inline
+
+    run = Run(redis_url, lambda s: chain(s("a"), s("b")).on_error(on_error_inline.s()), ["a", "b"], "a")
+    sid = run.dispatch()  # two nodes: the callback takes (request, exc, traceback), Celery calls it in place
+    status = wait_status(tracked, sid, {"partial_failure", "failed"}, timeout_s=30)
+    assert (status["node_count"], status["failed_nodes"], status["skipped_nodes"]) == (2, 1, 1)
+    failed_task = _nodes(tracked, sid)["a"].task_id
+    client = redis.Redis.from_url(redis_url)
+    wait_for(lambda: client.llen(f"inline-errback:{failed_task}") == 1, 30, "the callback's call")

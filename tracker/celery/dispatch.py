@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import uuid
@@ -11,7 +12,8 @@ from typing import Any
 
 from celery import Celery, Signature, chord, group
 from celery.canvas import _chain, maybe_signature
-from celery.utils.functional import maybe_list
+from celery.exceptions import NotRegistered
+from celery.utils.functional import arity_greater, maybe_list
 
 from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP
 from tracker.errors import TrackerError, TrackerValidationError
@@ -78,7 +80,9 @@ class _Walk:
         if errbacks:
             callbacks = [self._signature(e) for e in maybe_list(errbacks)]
             canvas.options["link_error"] = callbacks
-            tree["e"] = [self.tree(callback, depth + 1) for callback in callbacks]
+            sent = [self.tree(callback, depth + 1) for callback in callbacks if _sent_as_task(callback)]
+            if sent:
+                tree["e"] = sent
         return tree
 
     def _signature(self, item: Any) -> Any:
@@ -91,6 +95,26 @@ class _Walk:
             kind = "chain" if isinstance(canvas, _chain) else "group"
             raise TrackerValidationError("canvas", canvas, f"holds an empty {kind}: it has no task to run")
         return [self.tree(task, depth + 1) for task in canvas.tasks]
+
+
+def _sent_as_task(callback: Any) -> bool:
+    """Whether Celery sends error callback ``callback`` as a task of its own (then it is a node),
+    rather than calling it inside the failing worker: Celery calls a known task in place when it
+    takes more than the failed task's id (``request, exc, traceback``), counting only the arguments
+    the signature does not bind already (see ``celery.backends.base``)."""
+    if not isinstance(callback, Signature) or isinstance(callback, group | _chain | chord):
+        return True  # a canvas as error callback is sent (a non-signature is refused by the walk)
+    try:
+        header = callback.type.__header__
+    except (NotRegistered, AttributeError):
+        return True
+    if isinstance(header, functools.partial):
+        return True
+    bound = callback.args or callback.kwargs
+    if not callback.immutable and bound:
+        with contextlib.suppress(TypeError, ValueError):
+            return not arity_greater(functools.partial(header, *callback.args, **callback.kwargs), 1)
+    return not arity_greater(header, 1)
 
 
 def _named(tree: Tree, ids: Sequence[str]) -> Tree:
