@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from tests.cli.apps import UNREACHABLE_BROKER
 from tests.cli.conftest import TEST_APP, Cli
 from tests.servers import free_port
-from tracker import NodeError, NodeStatus, SessionManager, SessionStatus, TrackerSettings
+from tracker import NodeError, NodeSpec, NodeStatus, SessionManager, SessionStatus, TrackerSettings
 from tracker.cli import ExitCode
 from tracker.cli.base import CliError, masked_url
 from tracker.storage.redis import RedisStorageAdapter
@@ -391,6 +391,23 @@ def test_resume_a_completed_session_exits_2(cli: Cli, store_manager: SessionMana
     result = cli("--app", TEST_APP, "resume", sid)
     assert result.exit_code == ExitCode.USAGE
     assert "is completed" in result.stderr
+
+
+def test_a_resume_that_needs_a_result_not_stored_is_refused_and_changes_nothing(
+    cli: Cli, store_manager: SessionManager
+) -> None:
+    # A chain a -> b whose a completed with a result too large to keep, and b failed
+    nodes = [NodeSpec(node_id=n, signature={"task": "t.add", "args": [1], "kwargs": {}}) for n in ("a", "b")]
+    structure = {"chain": [{"n": "a"}, {"n": "b"}]}
+    sid = store_manager.sync.create_session("chain.canvas", 2, nodes=nodes, structure=structure)
+    store_manager.sync.record_node(sid, "a", "completed", reason="result not stored: too large")
+    store_manager.sync.record_node(sid, "b", "failed")
+    before = store_manager.sync.get_session_status(sid)
+    result = cli("--app", TEST_APP, "resume", sid)
+    assert result.exit_code == ExitCode.USAGE
+    assert f"session '{sid}' cannot be resumed: the result of node a is needed again" in result.stderr
+    assert "Hint: results over TRACKER_MAX_RESULT_BYTES" in result.stderr
+    assert store_manager.sync.get_session_status(sid) == before
 
 
 def test_cleanup_removes_expired_sessions(cli: Cli, redis_url: str, key_prefix: str) -> None:

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from celery import Celery, group
+from celery import Celery, chain, group
 
 from tests.servers import free_port
 from tests.web.conftest import TOKEN, AppFactory, asgi_client
@@ -79,6 +79,33 @@ async def test_cancel_and_resume_errors(make_app: AppFactory, web_manager: Sessi
             assert (await http.post(f"{BASE}/sessions/not-a-uuid/{action}", headers=AUTH)).status_code == 422
             assert (await http.post(f"{BASE}/sessions/{completed}/{action}")).status_code == 401
     assert (await web_manager.get_session(completed)).status is SessionStatus.COMPLETED
+
+
+async def test_resume_keeps_the_structure_and_refuses_what_it_cannot_build(
+    make_app: AppFactory, web_manager: SessionManager, celery_app: Celery
+) -> None:
+    add = celery_app.tasks["tests.web.add"]
+    ids = ["a", "b", "c"]
+    kept = dispatch(chain(add.s(1, 1), add.s(1), add.s(2)), canvas_path="c", node_ids=ids, manager=web_manager,
+                    app=celery_app)  # fmt: skip
+    await web_manager.record_node(kept, "a", "completed", result=2)
+    await web_manager.record_node(kept, "b", "failed")
+    lost = dispatch(chain(add.s(1, 1), add.s(1), add.s(2)), canvas_path="c", node_ids=ids, manager=web_manager,
+                    app=celery_app)  # fmt: skip
+    await web_manager.record_node(lost, "a", "completed", reason="result not stored: too large")
+    await web_manager.record_node(lost, "b", "failed")
+    before = await web_manager.get_session_status(lost)
+    async with asgi_client(make_app(token=TOKEN, celery_app=celery_app)) as http:
+        refused = await http.post(f"{BASE}/sessions/{lost}/resume", headers=AUTH)
+        resumed = await http.post(f"{BASE}/sessions/{kept}/resume", headers=AUTH)
+    assert refused.status_code == 409
+    assert "cannot be resumed: the result of node a" in refused.json()["detail"]
+    assert await web_manager.get_session_status(lost) == before
+    # b and the c it skipped are sent again, after a's stored result
+    assert resumed.status_code == 200
+    assert resumed.json()["resent_nodes"] == 2
+    nodes = {n.node_id: n.status for n in (await web_manager.get_nodes(kept)).nodes}
+    assert nodes == {"a": NodeStatus.COMPLETED, "b": NodeStatus.PENDING, "c": NodeStatus.PENDING}
 
 
 async def test_an_unreachable_broker_is_503(

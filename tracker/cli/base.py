@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from tracker.errors import (
     InvalidStateTransitionError,
+    ResumeNotPossibleError,
     SessionNotFoundError,
     StorageUnavailableError,
     TrackerError,
@@ -123,6 +124,12 @@ def translate(exc: BaseException, state: CliState | None) -> click.ClickExceptio
             f"no session {exc.session_id} (never created, expired or removed)",
             ExitCode.NOT_FOUND,
             f"Hint: {_MEMORY_HINT}" if memory else f"Hint: `{prog} list` shows the sessions that exist.",
+        )
+    if isinstance(exc, ResumeNotPossibleError):
+        return CliError(
+            str(exc),
+            ExitCode.USAGE,
+            "Hint: results over TRACKER_MAX_RESULT_BYTES (or not JSON) are not stored; dispatch the batch again.",
         )
     if isinstance(exc, InvalidStateTransitionError):
         return CliError(

@@ -303,7 +303,10 @@ def create_router(
         session_id: SessionIdPath,
         retry_failed: Annotated[bool, Query(description="Also re-send nodes that failed.")] = True,
     ) -> ResumeResult:
-        """Take an ended (not completed) session back to ``running`` and re-send its unfinished nodes."""
+        """Take an ended (not completed) session back to ``running`` and re-send what did not complete,
+        with its structure (a chain link with its parent's result, a chord body with every header
+        result). 409 when the session completed, or when a result the re-sent part needs was not
+        stored (nothing changes then)."""
         from tracker.celery import resume_session
 
         sid = _sid(session_id)
