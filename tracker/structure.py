@@ -162,9 +162,10 @@ def links(tree: Tree) -> Links:
 
 
 def has_links(tree: Tree) -> bool:
-    """True when some node's end decides whether another runs (anything but tasks side by side)."""
-    found = links(tree)
-    return bool(found.after or found.errbacks)
+    """True when some node's end may decide whether another runs: anything but tasks side by side."""
+    if "chain" in tree or "chord" in tree or "e" in tree:
+        return True
+    return any(has_links(member) for member in tree.get("group", ()))
 
 
 def skips(

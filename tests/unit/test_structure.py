@@ -20,6 +20,7 @@ from tracker.structure import (
     Tree,
     check_tree,
     depth,
+    has_links,
     leaf_ids,
     links,
     resume_plan,
@@ -455,3 +456,11 @@ def test_the_lua_skip_reason_is_the_python_one() -> None:
     assert len(found) == 1
     before, between = found[0]  # the reason of the nodes a node's end skips
     assert f"{before}b{between}failed" == skipped_reason("b", N.FAILED)
+
+
+def test_only_tasks_side_by_side_have_no_links() -> None:
+    assert not has_links({"n": "a"})
+    assert not has_links({"group": [{"n": "a"}, {"group": [{"n": "b"}, {"n": "c"}]}]})
+    assert has_links({"group": [{"n": "a"}, {"chain": [{"n": "b"}, {"n": "c"}]}]})
+    assert has_links({"chord": [{"n": "a"}], "body": {"n": "b"}})
+    assert has_links({"group": [{"n": "a", "e": [{"n": "h"}]}]})
