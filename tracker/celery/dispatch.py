@@ -292,7 +292,6 @@ def _create(
         if callback is not None:
             meta[key] = signature_json(callback)
     specs = [node_spec(sig, session_id, nid, tid) for sig, nid, tid in zip(nodes, ids, task_ids, strict=True)]
-    tree = _named(shape, ids)
-    structure = tree if has_links(tree) else None  # tasks side by side: each node is all there is
+    structure = _named(shape, ids) if has_links(shape) else None  # tasks side by side: nothing to follow
     manager.sync.create_session(canvas_path, len(nodes), meta, specs, session_id=session_id, structure=structure)
     return session_id
