@@ -195,3 +195,21 @@ def test_an_error_callback_celery_calls_in_place_is_not_a_node(
     failed_task = _nodes(tracked, sid)["a"].task_id
     client = redis.Redis.from_url(redis_url)
     wait_for(lambda: client.llen(f"inline-errback:{failed_task}") == 1, 30, "the callback's call")
+
+
+def test_only_a_canvas_with_links_keeps_a_structure_and_success_callbacks_are_kept_for_resume(
+    tracked: SessionManager, celery_env: dict[str, str]
+) -> None:
+    from tests.celery.appmod import add, app, total
+
+    flat = dispatch(group(add.s(1, 1), add.s(2, 2)), canvas_path="c.canvas", node_ids=["a", "b"])
+    assert tracked.sync.get_structure(flat) is None
+    linked = add.s(1, 1)
+    linked.link(total.s())  # a success callback: not a node, sent again with its task on resume
+    chained = dispatch(chain(linked, add.s(3)), canvas_path="c.canvas", node_ids=["a", "b"])
+    assert tracked.sync.get_structure(chained) == {"chain": [{"n": "a"}, {"n": "b"}]}
+    tracked.sync.update_status(chained, "cancelled")
+    outcome = tracked.sync.resume_session(chained)
+    signatures = {node.node_id: node.signature for node in outcome.nodes}
+    assert signatures["a"] is not None and signatures["a"]["options"]["link"][0]["task"] == "t.total"
+    app.control.purge()
