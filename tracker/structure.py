@@ -19,7 +19,7 @@ not complete with its structure (:func:`resume_plan`).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,7 +103,8 @@ class Links:
 
     #: node -> the nodes that run only once it completed (next chain link, chord body).
     after: dict[str, list[str]] = field(default_factory=dict)
-    #: node -> the error callbacks its failure calls (their first tasks).
+    #: node -> the error callbacks (their first tasks) to look at when it ends: those of each part
+    #: it is one of the last tasks of (its exits), which end after the rest of the part.
     errbacks: dict[str, list[str]] = field(default_factory=dict)
     #: error callback (its first task) -> every node whose failure calls it.
     handles: dict[str, list[str]] = field(default_factory=dict)
@@ -122,43 +123,45 @@ class Links:
 
 def links(tree: Tree) -> Links:
     """The links of every node of ``tree``."""
-    found = Links()
+    # Ordered sets (dicts): a long chain's error callback handles every one of its tasks.
+    after: dict[str, dict[str, None]] = {}
+    errbacks: dict[str, dict[str, None]] = {}
+    handles: dict[str, dict[str, None]] = {}
 
-    def add(mapping: dict[str, list[str]], source: str, targets: list[str]) -> None:
-        known = mapping.setdefault(source, [])
-        known.extend(t for t in targets if t not in known)
+    def add(mapping: dict[str, dict[str, None]], source: str, targets: Iterable[str]) -> None:
+        mapping.setdefault(source, {}).update(dict.fromkeys(targets))
 
     def walk(part: Tree) -> None:
         children = parts_of(part)
         for child in children:
             walk(child)
         if "chain" in part:
-            for before, after in itertools.pairwise(children):
+            for before, later in itertools.pairwise(children):
                 for node in _exits(before):
-                    add(found.after, node, _entries(after))
+                    add(after, node, _entries(later))
         elif "chord" in part:
             for node in [n for member in part["chord"] for n in _exits(member)]:
-                add(found.after, node, _entries(part["body"]))
+                add(after, node, _entries(part["body"]))
             # A failed header task fails the body without running it, and Celery calls the body's
             # error callbacks then: they handle the header's tasks too.
-            header = [n for member in part["chord"] for n in leaf_ids(member, errbacks=False)]
             for errback in part["body"].get("e", ()):
-                for node in header:
-                    add(found.errbacks, node, _entries(errback))
                 for entry in _entries(errback):
-                    add(found.handles, entry, header)
+                    add(handles, entry, (n for member in part["chord"] for n in leaf_ids(member, errbacks=False)))
         for errback in part.get("e", ()):
             walk(errback)
             # Celery calls a part's error callbacks from any of its tasks that fails (a chain passes
-            # them to every link; a chord's go to its body, which a failed header task fails too).
-            handled = list(leaf_ids(part, errbacks=False))
-            for node in handled:
-                add(found.errbacks, node, _entries(errback))
+            # them to every link). Whether one is still needed is known when the part's last tasks end.
             for entry in _entries(errback):
-                add(found.handles, entry, handled)
+                add(handles, entry, leaf_ids(part, errbacks=False))
+            for node in _exits(part):
+                add(errbacks, node, _entries(errback))
 
     walk(tree)
-    return found
+    return Links(
+        after={node: list(targets) for node, targets in after.items()},
+        errbacks={node: list(targets) for node, targets in errbacks.items()},
+        handles={node: list(targets) for node, targets in handles.items()},
+    )
 
 
 def has_links(tree: Tree) -> bool:
