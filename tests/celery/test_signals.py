@@ -238,6 +238,25 @@ def test_a_message_the_worker_rejects_fails_its_node(tracked: SessionManager, th
     assert node.reason is not None and "message rejected by worker" in node.reason
 
 
+def test_a_message_the_worker_cannot_decode_fails_its_node(tracked: SessionManager, thread_worker: None) -> None:
+    # Given a tracked task message whose body is not the JSON its content type says
+    from kombu import Exchange, Producer
+
+    from tests.celery.appmod import app
+    from tracker.celery import NODE_STAMP, SESSION_STAMP
+
+    sid = tracked.sync.create_session("undecodable.canvas", 1)
+    headers = {"id": "t-garbled", "task": "t.add", "stamps": {SESSION_STAMP: sid, NODE_STAMP: "garbled"}}
+    with app.connection_for_write() as conn:
+        Producer(conn).publish(b"{not json", exchange=Exchange(""), routing_key=app.conf.task_default_queue,
+                               headers=headers, content_type="application/json", content_encoding="utf-8")  # fmt: skip
+    # Then the worker's decode error fails the node (Celery itself only logs it) and the session ends
+    status = wait_status(tracked, sid, {"failed"}, timeout_s=30)
+    assert status["failed_nodes"] == 1
+    node = tracked.sync.get_nodes(sid).nodes[0]
+    assert node.reason is not None and "message could not be decoded by worker" in node.reason
+
+
 def test_a_users_own_task_base_and_request_class_keep_working(
     tracked: SessionManager, worker_process: Any, redis_url: str
 ) -> None:

@@ -16,7 +16,7 @@ from celery import Celery, signals
 
 from tracker.celery.control import cancel_session, resume_session
 from tracker.celery.dispatch import ON_COMPLETE_KEY, ON_FAILURE_KEY, ON_SUCCESS_KEY, dispatch, leaves
-from tracker.celery.handlers import Recorder
+from tracker.celery.handlers import Recorder, UndecodableMessages
 from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP, ids_of
 from tracker.config import TrackerSettings
 from tracker.manager import SessionManager
@@ -89,6 +89,7 @@ def uninstall(app: Celery) -> None:
     for signal, _handler in _connections(recorder):
         signal.disconnect(dispatch_uid=f"{uid}:{signal.name}")
     signals.worker_init.disconnect(dispatch_uid=f"{uid}:check_pool")
+    app.steps["consumer"].discard(UndecodableMessages)
     recorder.stop_writer()
     del app._tracker_recorder
 
@@ -172,6 +173,7 @@ def install(
             raise SystemExit(message)  # a plain exception would only be logged by Celery's signal dispatch
 
     signals.worker_init.connect(check_pool, weak=False, dispatch_uid=f"{uid}:check_pool")
+    app.steps["consumer"].add(UndecodableMessages)
     recorder.worker_name = app.main or "worker"
 
     if not getattr(app, "_tracker_cleanup_registered", False):

@@ -30,7 +30,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from billiard.exceptions import WorkerLostError
-from celery import Celery, Signature
+from celery import Celery, Signature, bootsteps
 from celery.exceptions import Ignore, Reject
 
 from tracker import validation
@@ -672,6 +672,13 @@ class Recorder:
         why = f": {exc}" if exc else ""
         self._refused(sender, message, None, f"message rejected by worker {self._hostname(sender)}{why}")
 
+    def on_undecodable(self, consumer: Any, message: Any, exc: BaseException) -> None:
+        """Main process: a message whose body the worker cannot decode. Celery logs it and drops it
+        (no signal: :class:`UndecodableMessages` calls this), so the node will never run: it failed."""
+        self._refused(
+            consumer, message, None, f"message could not be decoded by worker {self._hostname(consumer)}: {exc}"
+        )
+
     def _refused(self, consumer: Any, message: Any, task_id: str | None, reason: str) -> None:
         if getattr(consumer, "app", self.app) is not self.app:
             return
@@ -707,3 +714,27 @@ class Recorder:
         if writer is not None and writer.pid == _pid:
             self._writer = None
             writer.stop()
+
+
+class UndecodableMessages(bootsteps.Step):  # type: ignore[misc]
+    """A worker consumer step: a tracked message whose body cannot be decoded fails its node.
+
+    Celery has no signal for it: its consumer logs the error and acknowledges the message. This
+    step wraps that callback of each consumer of an app :func:`tracker.celery.install` set up.
+    """
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        recorder: Recorder | None = getattr(parent.app, "_tracker_recorder", None)
+        logged = getattr(parent, "on_decode_error", None)
+        if recorder is None or logged is None:
+            return
+
+        def on_decode_error(message: Any, exc: BaseException) -> None:
+            try:
+                recorder.on_undecodable(parent, message, exc)
+            except Exception:  # tracking never breaks the worker
+                logger.exception("tracker: could not record an undecodable message")
+            logged(message, exc)
+
+        parent.on_decode_error = on_decode_error
