@@ -308,7 +308,7 @@ class _Planner:
         if header == _DONE:
             if not isinstance(body, dict):
                 return body
-            header = {"group": [self.output(member) for member in tree["chord"]]}
+            header = {"group": [self.member_output(member) for member in tree["chord"]]}
         elif body == _BLOCKED:
             return _BLOCKED
         elif body == _DONE:
@@ -326,7 +326,7 @@ class _Planner:
                 return _BLOCKED
             assert isinstance(rest, dict)
             # The link before gives back its result to the first link re-sent, as Celery passed it.
-            parts = [self.output(links[i - 1])] if i > 0 else []
+            parts = [self.link_output(links[i - 1])] if i > 0 else []
             parts.append(rest)
             for later in links[i + 1 :]:
                 after = self.residual(later, True)
@@ -349,7 +349,7 @@ class _Planner:
             if isinstance(rest, dict):
                 kept.append(rest)
             elif consumed:  # a completed member's result, in its place
-                kept.append(self.output(member))
+                kept.append(self.member_output(member))
         return self._with_errbacks(tree, {"group": kept})
 
     def _with_errbacks(self, tree: Tree, rest: Tree) -> Tree:
@@ -361,6 +361,35 @@ class _Planner:
         if errbacks:
             rest["e"] = errbacks
         return rest
+
+    def member_output(self, member: Tree) -> Tree:
+        """:meth:`output` of a completed member of a group whose results feed something (a chord
+        header): Celery merges the results of a member that ends in a group into the list, in an
+        order it does not keep, so that cannot be given back."""
+        if _ends_in_group(member):
+            first = next(leaf_ids(member, errbacks=False))
+            raise ResumeNotPossibleError(
+                self.session,
+                f"the part of node {first} ends in a group whose results Celery merged into its parent's "
+                "in an order that cannot be given back",
+            )
+        return self.output(member)
+
+    def link_output(self, link: Tree) -> Tree:
+        """:meth:`output` of the completed chain link before the first one re-sent. Celery runs what
+        follows a chord whose body is a group once per member of that group, each with one member's
+        result: there is no one result to give back."""
+        last = link
+        while "chain" in last:
+            last = last["chain"][-1]
+        if "chord" in last and _ends_in_group(last["body"]):
+            first = next(leaf_ids(last["body"], errbacks=False))
+            raise ResumeNotPossibleError(
+                self.session,
+                f"what follows the group of node {first} ran once per member of that group: "
+                "there is no one result to give back",
+            )
+        return self.output(link)
 
     def output(self, tree: Tree) -> Tree:
         """What gives back the result of completed ``tree`` as the next chain link receives it: the
@@ -382,6 +411,15 @@ class _Planner:
             raise ResumeNotPossibleError(self.session, reason)
         self.values[node] = result
         return {"v": node}
+
+
+def _ends_in_group(tree: Tree) -> bool:
+    """True when the result of ``tree`` is a group's (a group, or a chain or chord ending in one)."""
+    if "chain" in tree:
+        return _ends_in_group(tree["chain"][-1])
+    if "chord" in tree:
+        return _ends_in_group(tree["body"])
+    return "group" in tree
 
 
 def resume_plan(

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, Phase, assume, given, note, settings
 from hypothesis import strategies as st
 
 from tests.celery.conftest import wait_status
-from tracker import NodeStatus, SessionManager
+from tracker import NodeStatus, ResumeNotPossibleError, SessionManager
 from tracker.celery import dispatch, resume_session
 
 #: A canvas shape: ("task",), ("chain", [shapes]), ("group", [shapes]), ("chord", [shapes], shape).
@@ -136,7 +136,18 @@ def check(manager: SessionManager, broker: str, shape: Shape, failing: set[int])
     # The failures are fixed: a failing task that never ran (skipped) runs fine on resume too.
     for i in failing:
         client.incr(f"{trial.key}:n{i}")
-    resume_session(sid, manager=manager)
+    before = manager.sync.get_session_status(sid)
+    refused = None
+    try:
+        resume_session(sid, manager=manager)
+    except ResumeNotPossibleError as exc:
+        refused = str(exc)
+    if refused is not None:
+        # Celery merged a group's results into its parent's in an order it does not keep, or ran
+        # what follows a group once per member: refused, and nothing changed (see docs/canvas.md).
+        assert "cannot be given back" in refused or "no one result to give back" in refused
+        assert manager.sync.get_session_status(sid) == before
+        return
     try:
         wait_status(manager, sid, {"completed"}, timeout_s=60)
     finally:

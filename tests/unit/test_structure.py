@@ -464,3 +464,23 @@ def test_only_tasks_side_by_side_have_no_links() -> None:
     assert has_links({"group": [{"n": "a"}, {"chain": [{"n": "b"}, {"n": "c"}]}]})
     assert has_links({"chord": [{"n": "a"}], "body": {"n": "b"}})
     assert has_links({"group": [{"n": "a", "e": [{"n": "h"}]}]})
+
+
+def test_resume_refuses_to_give_back_a_header_part_that_ends_in_a_group() -> None:
+    # Celery merges such a part's results into the header's list in an order it does not keep
+    tree = chord([group("a", "b"), "c"], "d")
+    nodes = {"a": done(1), "b": done(2), "c": done(3), "d": ended(F)}
+    with pytest.raises(ResumeNotPossibleError, match="node a ends in a group"):
+        resume_plan(tree, nodes, True, "s1")
+    # re-sent (b failed), that part is Celery's to merge again, as it did the first time
+    plan = resume_plan(tree, {**nodes, "b": ended(F)}, True, "s1")
+    assert plan.reset == ["b", "d"]
+    assert plan.tree == {"chord": [{"group": [{"v": "a"}, {"n": "b"}]}, {"v": "c"}], "body": {"n": "d"}}
+
+
+def test_resume_refuses_to_give_back_what_fed_a_link_once_per_group_member() -> None:
+    # Celery ran e once per member of the chord's body group, each with one member's result
+    tree = chain(chord(["a"], group("b", "c")), "e")
+    nodes = {"a": done(1), "b": done(2), "c": done(3), "e": ended(F)}
+    with pytest.raises(ResumeNotPossibleError, match="no one result to give back"):
+        resume_plan(tree, nodes, True, "s1")
