@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
@@ -833,8 +834,10 @@ class _RedisBase:
         return self._client
 
 
-def _client_options(settings: TrackerSettings) -> dict[str, Any]:
-    retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), settings.redis_retries)
+def _client_options(settings: TrackerSettings, retry_class: type[Retry | AsyncRetry] = Retry) -> dict[str, Any]:
+    """Timeouts, health checks and retries of a client; ``retry_class``: ``redis.asyncio``'s own
+    ``Retry`` for an asyncio client (given the blocking one, redis-py converts it and warns)."""
+    retry = retry_class(ExponentialBackoff(cap=2.0, base=0.05), settings.redis_retries)
     return {
         "socket_timeout": settings.redis_socket_timeout,
         "socket_connect_timeout": settings.redis_socket_timeout,
@@ -1013,7 +1016,7 @@ class RedisStorageAdapter(_RedisBase):
 
     def asynchronous(self) -> AsyncRedisStorageAdapter:
         """An asyncio flavour on the same server, with its own ``redis.asyncio`` connection pool."""
-        options = _client_options(self._settings)
+        options = _client_options(self._settings, AsyncRetry)
         if self.programs.cluster:
             options.pop("health_check_interval")
             if self.url:
