@@ -498,7 +498,7 @@ def test_serve_without_the_web_extra_exits_2(cli: Cli, monkeypatch: pytest.Monke
     monkeypatch.setitem(sys.modules, "tracker.web", None)  # what a missing fastapi looks like
     result = cli("serve")
     assert result.exit_code == ExitCode.USAGE
-    assert "pip install 'tracker[web]'" in result.stderr
+    assert "pip install 'celery-session-tracker[web]'" in result.stderr
 
 
 def test_serve_warns_when_the_default_app_cannot_load(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -567,3 +567,28 @@ def test_celery_sessions_without_an_app_uses_the_default(
 def test_cli_error_exit_code_is_its_own() -> None:
     assert CliError("x", ExitCode.NOT_FOUND).exit_code == 3
     assert CliError("y", ExitCode.UNREACHABLE, "Cause: z").details == ("Cause: z",)
+
+
+def test_a_redis_url_without_a_scheme_is_a_bad_setting_exit_2(cli: Cli) -> None:
+    result = cli("status", "0b0c1a3e-58c3-4cc9-8a4a-3f0e8f6c1d2e", env={"TRACKER_REDIS_URL": "127.0.0.1:6379"})
+    assert result.exit_code == ExitCode.USAGE
+    assert "invalid TRACKER_* setting: TRACKER_REDIS_URL" in result.stderr
+    assert "must start with redis://, rediss:// or unix://" in result.stderr
+    assert "unexpected" not in result.stderr
+
+
+def test_an_app_whose_module_lacks_the_attribute_is_named_so(cli: Cli, canvas_file: Callable[..., Path]) -> None:
+    path = str(canvas_file("one"))
+    result = cli("--app", "tests.celery.appmod:nope", "run", path)
+    assert result.exit_code == ExitCode.USAGE
+    assert "cannot load the Celery app 'tests.celery.appmod:nope': module 'tests.celery.appmod' has no" in result.stderr
+    assert "Hint: name the app object, as in --app tests.celery.appmod:app" in result.stderr
+    missing = cli("--app", "no_such_module_here:app", "run", path)
+    assert missing.exit_code == ExitCode.USAGE
+    assert "cannot import 'no_such_module_here'" in missing.stderr
+
+
+def test_not_found_says_which_store_was_searched(cli: Cli, redis_url: str, key_prefix: str) -> None:
+    result = cli("status", "0b0c1a3e-58c3-4cc9-8a4a-3f0e8f6c1d2e")
+    assert result.exit_code == ExitCode.NOT_FOUND
+    assert f"in Redis at {redis_url}, key prefix '{key_prefix}'" in " ".join(result.stderr.split())

@@ -6,6 +6,7 @@ Errors are turned into one-line messages and documented exit codes here, in one 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import traceback
 from dataclasses import dataclass, field
@@ -120,10 +121,11 @@ def translate(exc: BaseException, state: CliState | None) -> click.ClickExceptio
     memory = state is not None and state.uses_memory_store
     prog = state.prog if state is not None else "tracker"
     if isinstance(exc, SessionNotFoundError):
+        where = state.store_description() if state is not None else None
         return CliError(
-            f"no session {exc.session_id} (never created, expired or removed)",
+            f"no session {exc.session_id} (never created, expired or removed)" + (f" in {where}" if where else ""),
             ExitCode.NOT_FOUND,
-            f"Hint: {_MEMORY_HINT}" if memory else f"Hint: `{prog} list` shows the sessions that exist.",
+            f"Hint: {_MEMORY_HINT}" if memory else f"Hint: `{prog} list` shows the sessions that exist there.",
         )
     if isinstance(exc, ResumeNotPossibleError):
         return CliError(
@@ -198,6 +200,15 @@ class CliState:
         """True when the manager was made and keeps sessions in this process only."""
         return self._manager is not None and isinstance(self._manager.storage, InMemoryStorageAdapter)
 
+    def store_description(self) -> str | None:
+        """Where this command looked for sessions (``Redis at <url>, key prefix <p>``), None before it looked."""
+        if self._manager is None:
+            return None
+        if self.uses_memory_store:
+            return "the in-memory store of this process"
+        url = getattr(self._manager.storage, "url", None)
+        return f"Redis at {masked_url(url)}, key prefix {self._manager.settings.key_prefix!r}"
+
     def require_shared_store(self, command: str) -> SessionManager:
         """The manager, refusing an in-memory store (workers in other processes could not see it).
 
@@ -255,6 +266,25 @@ def load_app(spec: str) -> Celery:
     from celery.app.utils import find_app
 
     hint = "run tracker from your project's directory, or name the app with --app module:attr"
+    module_name, _, attribute = spec.partition(":")
+    if attribute:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:  # any import-time failure of the user's module
+            raise CliError(
+                f"cannot load the Celery app {spec!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc})",
+                ExitCode.USAGE,
+                f"Hint: {hint}",
+            ) from exc
+        found: Any = module
+        for name in attribute.split("."):
+            found = getattr(found, name, None)
+        if found is None:
+            raise CliError(
+                f"cannot load the Celery app {spec!r}: module {module_name!r} has no attribute {attribute!r}",
+                ExitCode.USAGE,
+                f"Hint: name the app object, as in --app {module_name}:app",
+            )
     try:
         app = find_app(spec)
         if not isinstance(app, Celery):

@@ -287,14 +287,14 @@ def serve(state: CliState, host: str, port: int, log_level: str) -> None:
     """Serve the web API and the live dashboard.
 
     Serves the API, live event streams and the dashboard (/dashboard) until Ctrl-C. Needs the web
-    extra: pip install 'tracker[web]'. Set TRACKER_API_TOKEN to allow cancel and
+    extra: pip install 'celery-session-tracker[web]'. Set TRACKER_API_TOKEN to allow cancel and
     resume over HTTP.
     """
     try:
         from tracker.web import serve as serve_web
     except ImportError as exc:
         raise CliError(
-            f"the web extra is not installed ({exc})", ExitCode.USAGE, "Hint: pip install 'tracker[web]'"
+            f"the web extra is not installed ({exc})", ExitCode.USAGE, "Hint: pip install 'celery-session-tracker[web]'"
         ) from exc
     manager = state.manager()
     if state.uses_memory_store:

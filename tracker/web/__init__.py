@@ -1,4 +1,4 @@
-"""The web part (extra ``tracker[web]``): a FastAPI router, an app serving it alone, a dashboard.
+"""The web part (extra ``celery-session-tracker[web]``): a FastAPI router, an app serving it alone, a dashboard.
 
 Mount the API in your own app::
 
@@ -15,7 +15,7 @@ try:
     import fastapi  # noqa: F401
     import sse_starlette  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on what is installed
-    raise ImportError(f"tracker.web needs the web extra: pip install 'tracker[web]' ({exc})") from exc
+    raise ImportError(f"tracker.web needs the web extra: pip install 'celery-session-tracker[web]' ({exc})") from exc
 
 from tracker.web.api import API_PREFIX, create_router
 from tracker.web.app import create_app, serve
