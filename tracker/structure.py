@@ -34,6 +34,7 @@ Tree = dict[str, Any]
 TREE_FIELD = "#tree"
 AFTER_PREFIX = ">"
 HANDLES_PREFIX = "<"
+LAST_PREFIX = "^"
 
 #: How the reason of a completed node whose result could not be kept begins (resume cannot give
 #: that result back to what needs it).
@@ -103,21 +104,25 @@ class Links:
 
     #: node -> the nodes that run only once it completed (next chain link, chord body).
     after: dict[str, list[str]] = field(default_factory=dict)
-    #: node -> the error callbacks (their first tasks) to look at when it ends: those of each part
-    #: it is one of the last tasks of (its exits), which end after the rest of the part.
+    #: node -> the error callbacks (their first tasks) its failure calls, looked at when it ends.
     errbacks: dict[str, list[str]] = field(default_factory=dict)
     #: error callback (its first task) -> every node whose failure calls it.
     handles: dict[str, list[str]] = field(default_factory=dict)
+    #: error callback (its first task) -> the last tasks of the part it serves (its exits): they
+    #: usually end last, so a store looks at them before reading every node handled.
+    last: dict[str, list[str]] = field(default_factory=dict)
 
     def fields(self) -> dict[str, str]:
         """The links as a store keeps them: ``>node`` = ``"after ids|errback ids"``, ``<errback`` =
-        ``"handled ids"`` (ids separated by spaces)."""
+        ``"handled ids"``, ``^errback`` = ``"last ids"`` (ids separated by spaces)."""
         out = {}
         for node in self.after.keys() | self.errbacks.keys():
             after, errbacks = " ".join(self.after.get(node, ())), " ".join(self.errbacks.get(node, ()))
             out[AFTER_PREFIX + node] = f"{after}|{errbacks}"
         for errback, handled in self.handles.items():
             out[HANDLES_PREFIX + errback] = " ".join(handled)
+        for errback, ends in self.last.items():
+            out[LAST_PREFIX + errback] = " ".join(ends)
         return out
 
 
@@ -127,6 +132,7 @@ def links(tree: Tree) -> Links:
     after: dict[str, dict[str, None]] = {}
     errbacks: dict[str, dict[str, None]] = {}
     handles: dict[str, dict[str, None]] = {}
+    last: dict[str, dict[str, None]] = {}
 
     def add(mapping: dict[str, dict[str, None]], source: str, targets: Iterable[str]) -> None:
         mapping.setdefault(source, {}).update(dict.fromkeys(targets))
@@ -144,16 +150,22 @@ def links(tree: Tree) -> Links:
                 add(after, node, _entries(part["body"]))
             # A failed header task fails the body without running it, and Celery calls the body's
             # error callbacks then: they handle the header's tasks too.
+            header = [n for member in part["chord"] for n in leaf_ids(member, errbacks=False)]
             for errback in part["body"].get("e", ()):
                 for entry in _entries(errback):
-                    add(handles, entry, (n for member in part["chord"] for n in leaf_ids(member, errbacks=False)))
+                    add(handles, entry, header)
+                for node in header:
+                    add(errbacks, node, _entries(errback))
         for errback in part.get("e", ()):
             walk(errback)
             # Celery calls a part's error callbacks from any of its tasks that fails (a chain passes
-            # them to every link). Whether one is still needed is known when the part's last tasks end.
+            # them to every link). Each of them may end last: Celery sends a chain's next link
+            # before the link's own outcome is recorded.
+            handled = list(leaf_ids(part, errbacks=False))
             for entry in _entries(errback):
-                add(handles, entry, leaf_ids(part, errbacks=False))
-            for node in _exits(part):
+                add(handles, entry, handled)
+                add(last, entry, _exits(part))
+            for node in handled:
                 add(errbacks, node, _entries(errback))
 
     walk(tree)
@@ -161,6 +173,7 @@ def links(tree: Tree) -> Links:
         after={node: list(targets) for node, targets in after.items()},
         errbacks={node: list(targets) for node, targets in errbacks.items()},
         handles={node: list(targets) for node, targets in handles.items()},
+        last={node: list(targets) for node, targets in last.items()},
     )
 
 

@@ -499,3 +499,15 @@ def test_both_stores_skip_alike_and_only_what_the_links_allow(
     finally:
         for store in stores:
             store.close()
+
+
+async def test_an_error_callback_is_skipped_when_a_link_before_the_last_ends_last(manager: SessionManager) -> None:
+    # Celery sends a chain's next link before the link's own outcome is recorded: the last link
+    # may be recorded before the first one.
+    sid = await structured(manager, with_errbacks(chain("a", "b", "c"), "h"))
+    for node in ("c", "b"):
+        outcome = await manager.record_node(sid, node, "completed", result=node)
+        assert outcome.session.status is S.RUNNING
+    last = await manager.record_node(sid, "a", "completed", result="a")
+    assert (await statuses(manager, sid))["h"] is N.SKIPPED
+    assert (last.session.status, last.finished) == (S.COMPLETED, S.COMPLETED)

@@ -97,13 +97,15 @@ def test_links_of_a_group_of_tasks_are_none() -> None:
 def test_error_callbacks_of_a_chain_handle_every_link() -> None:
     found = links(with_errbacks(chain("a", "b"), "h"))
     assert found.after == {"a": ["b"]}
-    assert found.errbacks == {"b": ["h"]}  # looked at when the chain's last link ends
+    assert found.errbacks == {"a": ["h"], "b": ["h"]}  # each may end last (Celery sends b before a's outcome)
+    assert found.last == {"h": ["b"]}
     assert found.handles == {"h": ["a", "b"]}
 
 
 def test_error_callbacks_of_a_chord_handle_the_header_and_the_body() -> None:
     found = links(with_errbacks(chord(["a", "b"], "c"), "h"))
-    assert found.errbacks == {"c": ["h"]}  # looked at when the body ends (or is skipped)
+    assert found.errbacks == {"a": ["h"], "b": ["h"], "c": ["h"]}
+    assert found.last == {"h": ["c"]}
     assert sorted(found.handles["h"]) == ["a", "b", "c"]
 
 
@@ -113,19 +115,19 @@ def test_error_callbacks_of_a_chord_body_handle_the_header_tasks() -> None:
     found = links(chord(["a", "b"], t("c", t("h"))))
     assert found.after == {"a": ["c"], "b": ["c"]}
     assert sorted(found.handles["h"]) == ["a", "b", "c"]
-    assert found.errbacks == {"c": ["h"]}
+    assert found.errbacks["a"] == ["h"] and found.errbacks["b"] == ["h"] and found.errbacks["c"] == ["h"]
 
 
 def test_an_error_callback_chain_links_its_own_tasks() -> None:
     found = links(with_errbacks(chain("a", "b"), chain("h1", "h2")))
     assert found.after == {"a": ["b"], "h1": ["h2"]}
-    assert found.errbacks == {"b": ["h1"]}  # an error callback's first task is what is skipped
+    assert found.errbacks == {"a": ["h1"], "b": ["h1"]}  # an error callback's first task is called
     assert found.handles == {"h1": ["a", "b"]}
 
 
 def test_links_fields_are_what_a_store_keeps() -> None:
     fields = links(with_errbacks(chain("a", "b"), "h")).fields()
-    assert fields == {">a": "b|", ">b": "|h", "<h": "a b"}
+    assert fields == {">a": "b|h", ">b": "|h", "<h": "a b", "^h": "b"}
 
 
 # -- depth --------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ also on Redis Cluster):
                                              ``result``, ``error``, ``reason``; may be empty)
 ``<prefix>:{<sid>}:sigs``            HASH    node id -> the node's Celery signature (JSON), for resume;
                                              and the session's structure (tracker.structure): ``#tree``,
-                                             ``>node`` (what runs after it), ``<node`` (what an error
-                                             callback handles)
+                                             ``>node`` (what runs after it), ``<node`` / ``^node``
+                                             (what an error callback handles / its part's last tasks)
 ``<prefix>:{<sid>}:events``          STREAM  one entry per change (capped, approximate trim)
 ===================================  ======  ===================================================
 

@@ -113,8 +113,14 @@ local function skip(node_id, reason, at_ms)
   marked[#marked + 1] = node_id
 end
 
--- True when every node whose failure calls the error callback has ended without failing.
+-- True when every node whose failure calls the error callback has ended without failing. The last
+-- tasks of its part (`^` field, a few) are looked at first: every node it handles is read only
+-- once they have ended.
 local function none_failed(errback)
+  for node in string.gmatch(redis.call('HGET', G, '^' .. errback) or '', '%S+') do
+    local status = status_of(node)
+    if not status or not TERMINAL_NODE[status] or status == 'failed' or status == 'lost' then return false end
+  end
   for node in string.gmatch(redis.call('HGET', G, '<' .. errback) or '', '%S+') do
     local status = status_of(node)
     if not status or not TERMINAL_NODE[status] or status == 'failed' or status == 'lost' then return false end
