@@ -26,6 +26,9 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     task_default_queue=os.environ.get("TRACKER_TEST_QUEUE", "tracker-tests"),
     broker_transport_options={"visibility_timeout": int(os.environ.get("TRACKER_TEST_VISIBILITY", "3600"))},
+    # Celery's Redis result backend subscribes the sending process to each task's result; results
+    # dropped after the test's redis-server stopped would each retry for seconds to unsubscribe.
+    result_backend_transport_options={"retry_policy": {"max_retries": 1, "interval_start": 0, "interval_step": 0.1}},
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
 )
