@@ -64,13 +64,19 @@ def _nodes(manager: SessionManager, sid: str) -> dict[str, Any]:
     return {n.node_id: n for n in manager.sync.get_nodes(sid, limit=1000).nodes}
 
 
+_ORACLES: dict[str, dict[str, Any]] = {}
+
+
 def _oracle(broker: str, shape: str, manager: SessionManager) -> dict[str, Any]:
-    """Each node's result when nothing fails (what Celery itself produces)."""
+    """Each node's result when nothing fails (what Celery itself produces), once per shape."""
+    if shape in _ORACLES:
+        return _ORACLES[shape]
     build, ids = SHAPES[shape]
     run = Run(broker, build, ids, None)
     sid = run.dispatch()
     wait_status(manager, sid, {"completed"})
-    return {node_id: node.result for node_id, node in _nodes(manager, sid).items()}
+    _ORACLES[shape] = {node_id: node.result for node_id, node in _nodes(manager, sid).items()}
+    return _ORACLES[shape]
 
 
 POSITIONS = {
