@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from tracker.errors import ResumeNotPossibleError, TrackerValidationError
 from tracker.states import FAILED_NODE_STATUSES, NodeStatus
@@ -380,10 +380,9 @@ class _Planner:
         header): Celery merges the results of a member that ends in a group into the list, in an
         order it does not keep, so that cannot be given back."""
         if _ends_in_group(member):
-            first = next(leaf_ids(member, errbacks=False))
-            raise ResumeNotPossibleError(
-                self.session,
-                f"the part of node {first} ends in a group whose results Celery merged into its parent's "
+            self._refuse(
+                member,
+                "the part of node {node} ends in a group whose results Celery merged into its parent's "
                 "in an order that cannot be given back",
             )
         return self.output(member)
@@ -396,13 +395,16 @@ class _Planner:
         while "chain" in last:
             last = last["chain"][-1]
         if "chord" in last and _ends_in_group(last["body"]):
-            first = next(leaf_ids(last["body"], errbacks=False))
-            raise ResumeNotPossibleError(
-                self.session,
-                f"what follows the group of node {first} ran once per member of that group: "
+            self._refuse(
+                last["body"],
+                "what follows the group of node {node} ran once per member of that group: "
                 "there is no one result to give back",
             )
         return self.output(link)
+
+    def _refuse(self, part: Tree, reason: str) -> NoReturn:
+        """Raise ResumeNotPossibleError, ``reason`` naming the first node of ``part`` (``{node}``)."""
+        raise ResumeNotPossibleError(self.session, reason.format(node=next(leaf_ids(part, errbacks=False))))
 
     def output(self, tree: Tree) -> Tree:
         """What gives back the result of completed ``tree`` as the next chain link receives it: the

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import FakeClock, make_store
+from tests.trees import chain, chord, group, t, with_errbacks
 from tracker import NodeSpec, NodeStatus, SessionManager, SessionStatus, TrackerSettings
 from tracker.manager import SyncSessionManager
 from tracker.models import NodeResult
@@ -27,29 +28,6 @@ from tracker.structure import ERRBACK_NOT_NEEDED, Tree, depth, leaf_ids, links, 
 
 N = NodeStatus
 S = SessionStatus
-
-
-def t(node: str, *errbacks: Tree) -> Tree:
-    return {"n": node, "e": list(errbacks)} if errbacks else {"n": node}
-
-
-def chain(*parts: Tree | str) -> Tree:
-    return {"chain": [t(p) if isinstance(p, str) else p for p in parts]}
-
-
-def chord(header: list[Tree | str], body: Tree | str) -> Tree:
-    return {
-        "chord": [t(p) if isinstance(p, str) else p for p in header],
-        "body": t(body) if isinstance(body, str) else body,
-    }
-
-
-def group(*parts: Tree | str) -> Tree:
-    return {"group": [t(p) if isinstance(p, str) else p for p in parts]}
-
-
-def with_errbacks(tree: Tree, *errbacks: Tree | str) -> Tree:
-    return {**tree, "e": [t(e) if isinstance(e, str) else e for e in errbacks]}
 
 
 async def structured(manager: SessionManager, tree: Tree | None, ids: list[str] | None = None) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.trees import chain, chord, group, t, with_errbacks
 from tracker.errors import ResumeNotPossibleError, TrackerValidationError
 from tracker.states import NodeStatus
 from tracker.structure import (
@@ -30,30 +31,6 @@ from tracker.structure import (
 
 N = NodeStatus
 C, F, L, X, S, P, R = N.COMPLETED, N.FAILED, N.LOST, N.CANCELLED, N.SKIPPED, N.PENDING, N.RUNNING
-
-
-def t(node: str, *errbacks: Tree) -> Tree:
-    """A task (with error callbacks)."""
-    return {"n": node, "e": list(errbacks)} if errbacks else {"n": node}
-
-
-def chain(*parts: Tree | str) -> Tree:
-    return {"chain": [t(p) if isinstance(p, str) else p for p in parts]}
-
-
-def group(*parts: Tree | str) -> Tree:
-    return {"group": [t(p) if isinstance(p, str) else p for p in parts]}
-
-
-def chord(header: list[Tree | str], body: Tree | str) -> Tree:
-    return {
-        "chord": [t(p) if isinstance(p, str) else p for p in header],
-        "body": t(body) if isinstance(body, str) else body,
-    }
-
-
-def with_errbacks(tree: Tree, *errbacks: Tree | str) -> Tree:
-    return {**tree, "e": [t(e) if isinstance(e, str) else e for e in errbacks]}
 
 
 # -- links --------------------------------------------------------------------------------------
