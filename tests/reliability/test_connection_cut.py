@@ -161,6 +161,36 @@ def test_a_finishing_batch_retried_by_the_writer_still_reports_finished_once(
     manager.storage.close()
 
 
+def test_an_outcome_counts_as_held_while_its_write_is_under_way(
+    cut: tuple[SessionManager, Proxy, redis.Redis], key_prefix: str
+) -> None:
+    # Given the handlers' recorder, and a store that stalls every write (CLIENT PAUSE WRITE)
+    _, proxy, direct = cut
+    manager = slow_writer_manager(proxy.url, key_prefix)
+    recorder = CountingRecorder(Celery("cut", set_as_current=False), manager)
+    sid = manager.sync.create_session("cut.canvas", 1)
+    direct.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
+    try:
+        # When a task's success is being written (its script waits on the server)
+        writing = threading.Thread(target=recorder.submit, args=(_Request(sid, "a"), NodeStatus.COMPLETED))
+        writing.start()
+        deadline = time.monotonic() + 30
+        while direct.info("clients")["blocked_clients"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert direct.info("clients")["blocked_clients"] >= 1
+
+        # Then the event counts as held: a caller waiting for held_events to reach 0 (a worker
+        # shutting down, a test) does not go on while the store does not have it
+        assert recorder.held_events == 1
+    finally:
+        direct.execute_command("CLIENT", "UNPAUSE")
+    writing.join(timeout=30)
+    assert recorder.held_events == 0
+    assert manager.sync.get_session_status(sid)["status"] == "completed"
+    recorder.stop_writer()
+    manager.storage.close()
+
+
 def slow_writer_manager(url: str, key_prefix: str, flush_interval: float = 60.0) -> SessionManager:
     settings = TrackerSettings(redis_url=url, key_prefix=key_prefix, flush_interval=flush_interval)
     return SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)

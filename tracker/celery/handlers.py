@@ -154,6 +154,7 @@ class Writer(threading.Thread):
         self._kept = False  # a start came since the last tick
         self._waited: _Raw | None = None  # the oldest start waiting at the last tick
         self._held: list[_Call] = []  # calls the store refused, retried first, as they were
+        self._sending = 0  # events of the flush under way: out of the queue, not in the store yet
         self._flushing = threading.Lock()  # one flush at a time: this thread, a task's outcome, shutdown
         # The nodes running in this process, (session, node), oldest first: the heartbeat keeps
         # their sessions alive, however long they run.
@@ -222,7 +223,7 @@ class Writer(threading.Thread):
     def waiting(self) -> int:
         """Events queued or held, not yet in the store."""
         with self._lock:
-            return len(self._queue) + sum(len(call.events) for call in self._held)
+            return len(self._queue) + self._sending + sum(len(call.events) for call in self._held)
 
     @property
     def store_down(self) -> bool:
@@ -239,19 +240,30 @@ class Writer(threading.Thread):
 
     def _flush_locked(self) -> list[BatchOutcome]:
         # _flushing is held.
+        # Every event stays counted in `waiting` until the store has it (a caller waits on that).
         queue = self._queue
-        queued = [queue.popleft() for _ in range(len(queue))]  # a handler may append meanwhile
+        with self._lock:
+            queued = [queue.popleft() for _ in range(len(queue))]  # a handler may append meanwhile
+            self._sending = len(queued)
         calls = self._held + _calls(self.recorder.events(queued))
+        with self._lock:
+            self._held = []
+            self._sending = sum(len(call.events) for call in calls)
         if not calls:
             return []
-        self._held = []
         outcomes: list[BatchOutcome] = []
-        for index, call in enumerate(calls):
-            try:
-                outcomes += self._send(call)
-            except StorageUnavailableError as exc:
-                self._hold(calls[index:], exc)
-                return outcomes
+        try:
+            for index, call in enumerate(calls):
+                try:
+                    outcomes += self._send(call)
+                except StorageUnavailableError as exc:
+                    self._hold(calls[index:], exc)
+                    return outcomes
+                with self._lock:
+                    self._sending -= len(call.events)
+        finally:
+            with self._lock:
+                self._sending = 0
         if self._warned:
             logger.warning("tracker: the store is back; replayed the held events")
         self._failures, self._retry_at, self._warned, self._dropped = 0, 0.0, False, 0
@@ -286,7 +298,7 @@ class Writer(threading.Thread):
 
     def _hold(self, calls: list[_Call], exc: StorageUnavailableError) -> None:
         with self._wake:
-            self._held = calls
+            self._held, self._sending = calls, 0
             excess = sum(len(call.events) for call in calls) + len(self._queue) - BACKLOG_SIZE
             while excess > 0 and self._held:
                 call = self._held[0]
