@@ -3,17 +3,23 @@
 Each operation is written once, as a *program*: a generator that yields batches of Redis
 commands and receives their replies. :class:`RedisStorageAdapter` drives programs with a
 blocking redis-py client (Celery workers), :class:`AsyncRedisStorageAdapter` with
-``redis.asyncio`` (web apps). The scripts live in ``lua/`` (see :mod:`tracker.storage.keys` for
-the key layout) and are registered once per client with ``register_script``, which falls back
-from EVALSHA to loading the script when the server answers NOSCRIPT.
+``redis.asyncio`` clients, one per event loop (web apps, scripts, tests). The scripts live in
+``lua/`` (see :mod:`tracker.storage.keys` for the key layout) and are registered once per client
+with ``register_script``, which falls back from EVALSHA to loading the script when the server
+answers NOSCRIPT.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import json
 import math
-from collections.abc import Generator, Sequence
+import sys
+import threading
+import weakref
+from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -809,29 +815,26 @@ def _translate(exc: redis.RedisError, url: str | None) -> StorageUnavailableErro
     return StorageUnavailableError(f"Redis refused the command ({exc})", url)
 
 
+def _register_scripts(client: Any) -> dict[str, Any]:
+    """Every script, registered on ``client`` (its SHA computed once, loaded on the first NOSCRIPT)."""
+    return {name: client.register_script(script_source(name)) for name in SCRIPTS}
+
+
 class _RedisBase:
     def __init__(
         self,
-        client: Any,
         *,
-        key_prefix: str = "tracker",
-        ttl_s: float = 1800.0,
-        events_maxlen: int = 1000,
-        url: str | None = None,
-        settings: TrackerSettings | None = None,
+        cluster: bool,
+        key_prefix: str,
+        ttl_s: float,
+        events_maxlen: int,
+        url: str | None,
+        settings: TrackerSettings | None,
     ) -> None:
-        self._client = client
         self.url = url
         self._settings = settings or TrackerSettings()
-        cluster = isinstance(client, RedisCluster | aioredis.RedisCluster)
         # Rounded up: a key's TTL must never end a session before its timeout (2.4 s -> 3 s, not 2 s).
         self.programs = RedisPrograms(KeySpace(key_prefix), max(1, math.ceil(ttl_s)), events_maxlen, cluster)
-        self._scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
-
-    @property
-    def client(self) -> Any:
-        """The redis-py client in use."""
-        return self._client
 
 
 def _client_options(settings: TrackerSettings, retry_class: type[Retry | AsyncRetry] = Retry) -> dict[str, Any]:
@@ -857,6 +860,32 @@ class RedisStorageAdapter(_RedisBase):
         ttl_s: TTL of a session's keys, refreshed on every write (use the session timeout).
         events_maxlen: Approximate cap of each session's event stream.
     """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        key_prefix: str = "tracker",
+        ttl_s: float = 1800.0,
+        events_maxlen: int = 1000,
+        url: str | None = None,
+        settings: TrackerSettings | None = None,
+    ) -> None:
+        super().__init__(
+            cluster=isinstance(client, RedisCluster),
+            key_prefix=key_prefix,
+            ttl_s=ttl_s,
+            events_maxlen=events_maxlen,
+            url=url,
+            settings=settings,
+        )
+        self._client = client
+        self._scripts = _register_scripts(client)
+
+    @property
+    def client(self) -> Any:
+        """The redis-py client in use."""
+        return self._client
 
     @classmethod
     def from_url(cls, url: str, settings: TrackerSettings | None = None) -> RedisStorageAdapter:
@@ -1015,7 +1044,19 @@ class RedisStorageAdapter(_RedisBase):
         return self._drive(self.programs.read_events(session_id, after, limit, block_ms))
 
     def asynchronous(self) -> AsyncRedisStorageAdapter:
-        """An asyncio flavour on the same server, with its own ``redis.asyncio`` connection pool."""
+        """An asyncio flavour on the same server: a ``redis.asyncio`` client (and pool) per event loop."""
+        return AsyncRedisStorageAdapter(
+            self._new_async_client,
+            cluster=self.programs.cluster,
+            key_prefix=self.programs.keys.prefix,
+            ttl_s=self.programs.ttl_s,
+            events_maxlen=self.programs.events_maxlen,
+            url=self.url,
+            settings=self._settings,
+        )
+
+    def _new_async_client(self) -> Any:
+        """A new ``redis.asyncio`` client on this one's server, with its options; closing it closes its pool."""
         options = _client_options(self._settings, AsyncRetry)
         if self.programs.cluster:
             options.pop("health_check_interval")
@@ -1032,7 +1073,9 @@ class RedisStorageAdapter(_RedisBase):
                 timeout=self._settings.redis_socket_timeout,
                 **options,
             )
-            client = aioredis.Redis(connection_pool=pool)
+            # from_pool: the client owns the pool, and aclose() disconnects it (a client given
+            # connection_pool= leaves the pool's connections open).
+            client = aioredis.Redis.from_pool(pool)
         else:
             conn = self._client.connection_pool.connection_kwargs
             keep = ("host", "port", "db", "username", "password", "path")
@@ -1046,37 +1089,134 @@ class RedisStorageAdapter(_RedisBase):
                 **{k: conn[k] for k in keep if k in conn},
                 **options,
             )
-            client = aioredis.Redis(connection_pool=pool)
-        return AsyncRedisStorageAdapter(
-            client,
-            key_prefix=self.programs.keys.prefix,
-            ttl_s=self.programs.ttl_s,
-            events_maxlen=self.programs.events_maxlen,
-            url=self.url,
-            settings=self._settings,
-        )
+            client = aioredis.Redis.from_pool(pool)
+        return client
 
     def close(self) -> None:
         self._client.close()
 
 
-class AsyncRedisStorageAdapter(_RedisBase):
-    """The asyncio flavour of :class:`RedisStorageAdapter`: same programs, ``redis.asyncio`` client."""
+def _start(generator: AsyncGenerator[None, None]) -> None:
+    """Run ``generator`` to its first ``yield`` now, in the running loop, without a task.
 
-    async def _execute(self, batch: list[Command]) -> list[Any]:
+    The first step is what registers an async generator with the running loop (its ``firstiter``
+    hook), so that the loop's ``shutdown_asyncgens()`` closes it. Stepped by a task instead, a loop
+    ending before the task ran would leave it never started, its ``finally`` never run. The
+    generators given here await nothing before their ``yield``: the step ends at once.
+    """
+    with contextlib.suppress(StopIteration):  # StopIteration: it reached its yield
+        generator.asend(None).send(None)
+
+
+@dataclass(eq=False)
+class _LoopClient:
+    """The ``redis.asyncio`` client of one event loop, its scripts, and what closes it with the loop."""
+
+    client: Any
+    scripts: dict[str, Any]
+    closer: AsyncGenerator[None, None] | None = None
+
+
+class AsyncRedisStorageAdapter(_RedisBase):
+    """The asyncio flavour of :class:`RedisStorageAdapter`: same programs, ``redis.asyncio`` clients.
+
+    A ``redis.asyncio`` client (its pool, its connections) belongs to the event loop it first ran
+    in; from any other it fails ("attached to a different loop", "Event loop is closed"). So the
+    adapter keeps a client per event loop, made by ``connect`` on the loop's first call: one adapter
+    serves repeated ``asyncio.run`` calls, a loop per thread, and a loop per test.
+
+    A loop's client is closed with its loop: it is tied to an async generator of that loop, which
+    ``loop.shutdown_asyncgens()`` closes while the loop can still await the close (``asyncio.run``,
+    ``asyncio.Runner``, pytest-asyncio, anyio and uvicorn call it before closing their loop). The
+    client of a loop closed without it (a bare ``loop.close()``) is dropped when another loop makes
+    its client: nothing in redis-py can close a connection of a closed loop (the transport's
+    close needs the loop), so the garbage collector closes its sockets.
+
+    Args:
+        connect: Makes a new client (on a loop's first call, in that loop).
+        cluster: The clients are ``redis.asyncio.RedisCluster``.
+        key_prefix: First part of every key.
+        ttl_s: TTL of a session's keys, refreshed on every write.
+        events_maxlen: Approximate cap of each session's event stream.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        *,
+        cluster: bool,
+        key_prefix: str = "tracker",
+        ttl_s: float = 1800.0,
+        events_maxlen: int = 1000,
+        url: str | None = None,
+        settings: TrackerSettings | None = None,
+    ) -> None:
+        super().__init__(
+            cluster=cluster, key_prefix=key_prefix, ttl_s=ttl_s, events_maxlen=events_maxlen, url=url, settings=settings
+        )
+        self._connect = connect
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = weakref.WeakKeyDictionary()
+        # Loops whose shutdown closed their client. A client made there after that (a call from
+        # another async generator's cleanup) is not tied to the loop again: a generator first
+        # run after shutdown_asyncgens() would never be closed, and asyncio warns about it.
+        self._shut_down: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+        # Each loop runs in one thread, but the loops of several threads add and drop their
+        # clients in the same mappings.
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        """The running loop's ``redis.asyncio`` client (made on the loop's first use)."""
+        return self._here().client
+
+    def _here(self) -> _LoopClient:
+        loop = asyncio.get_running_loop()
+        found = self._clients.get(loop)  # every call but a loop's first: no lock
+        return found if found is not None else self._open(loop)
+
+    def _open(self, loop: asyncio.AbstractEventLoop) -> _LoopClient:
+        client = self._connect()
+        here = _LoopClient(client, _register_scripts(client))
+        with self._lock:
+            # The clients of loops closed without shutting down their async generators (see the
+            # class): no call can reach them any more.
+            for closed in [other for other in self._clients if other.is_closed()]:
+                del self._clients[closed]
+            self._clients[loop] = here
+            # Without asyncgen hooks (a loop that does not run them) nothing would ever close the
+            # generator, and the garbage collector would close it without a loop to await in.
+            tie = loop not in self._shut_down and sys.get_asyncgen_hooks().firstiter is not None
+        if tie:
+            here.closer = self._close_with_loop(loop, here)
+            _start(here.closer)
+        return here
+
+    async def _close_with_loop(self, loop: asyncio.AbstractEventLoop, here: _LoopClient) -> AsyncGenerator[None, None]:
+        """Waits at its ``yield`` until closed (the loop's shutdown, or :meth:`close`), then closes the client."""
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._clients.get(loop) is here:  # still held: not close() (it lets go first), the loop ends
+                    del self._clients[loop]
+                    self._shut_down.add(loop)
+            await here.client.aclose()
+
+    async def _execute(self, batch: list[Command], here: _LoopClient) -> list[Any]:
+        client = here.client
         if self.programs.cluster:
             # redis.asyncio's RedisCluster picks a command's node before it loads the slot map: a
             # command sent while the map is empty (first use, or after the client reset it on
             # MOVED) goes to a random node, and the MOVED storm that follows makes it close
             # connections other callers are using. Loading the map first (a no-op once loaded)
             # keeps every command on its slot's node.
-            await self._client.initialize()
+            await client.initialize()
         if len(batch) == 1 or (self.programs.cluster and _has_script(batch)):
-            return [await self._one(command, self._client) for command in batch]
-        pipe = self._client.pipeline(transaction=False)
+            return [await self._one(command, client, here.scripts) for command in batch]
+        pipe = client.pipeline(transaction=False)
         for command in batch:
             if isinstance(command, Script):
-                await self._scripts[command.name](keys=command.keys, args=command.args, client=pipe)
+                await here.scripts[command.name](keys=command.keys, args=command.args, client=pipe)
             else:
                 self._queue(command, pipe)
         return list(await pipe.execute())
@@ -1088,16 +1228,17 @@ class AsyncRedisStorageAdapter(_RedisBase):
             return target.zadd(args[0], args[1])
         return target.execute_command(name, *args)
 
-    async def _one(self, command: Command, target: Any) -> Any:
+    async def _one(self, command: Command, target: Any, scripts: dict[str, Any]) -> Any:
         if isinstance(command, Script):
-            return await self._scripts[command.name](keys=command.keys, args=command.args, client=target)
+            return await scripts[command.name](keys=command.keys, args=command.args, client=target)
         return await self._queue(command, target)
 
     async def _drive(self, program: Program[T]) -> T:
+        here = self._here()
         try:
             batch = next(program)
             while True:
-                batch = program.send(await self._execute(batch))
+                batch = program.send(await self._execute(batch, here))
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
         except redis.RedisError as exc:
@@ -1182,4 +1323,15 @@ class AsyncRedisStorageAdapter(_RedisBase):
         return await self._drive(self.programs.read_events(session_id, after, limit, block_ms))
 
     async def close(self) -> None:
-        await self._client.aclose()
+        """Close the running loop's client; the loop's next call makes a new one.
+
+        The clients of other loops are closed with their loops.
+        """
+        with self._lock:
+            here = self._clients.pop(asyncio.get_running_loop(), None)
+        if here is None:
+            return
+        if here.closer is not None:
+            await here.closer.aclose()  # its finally closes the client
+        else:
+            await here.client.aclose()
