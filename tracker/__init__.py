@@ -9,7 +9,9 @@ from tracker.errors import (
     SessionNotFoundError,
     StorageUnavailableError,
     TrackerError,
+    TrackerNotInstalledError,
     TrackerValidationError,
+    WrongCeleryAppError,
 )
 from tracker.manager import SessionManager, SyncSessionManager
 from tracker.models import (
@@ -61,6 +63,8 @@ __all__ = [
     # Errors
     "InvalidStateTransitionError",
     "ResumeNotPossibleError",
+    "TrackerNotInstalledError",
+    "WrongCeleryAppError",
     "NodeLimitError",
     "SessionExistsError",
     "SessionNotFoundError",

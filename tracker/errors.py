@@ -44,6 +44,35 @@ class ResumeNotPossibleError(InvalidStateTransitionError):
         self.args = (f"session {session_id!r} cannot be resumed: {reason}",)
 
 
+class TrackerNotInstalledError(TrackerError):
+    """``dispatch`` through a Celery app the tracker is not installed in: its workers would run the
+    tasks and record nothing. Nothing was sent."""
+
+    def __init__(self, app_name: str) -> None:
+        self.app_name = app_name
+        super().__init__(
+            f"the tracker is not installed in the Celery app {app_name!r}: call tracker.celery.install(app) "
+            "where the app is defined (the workers and the dispatching process both import it)"
+        )
+
+
+class WrongCeleryAppError(TrackerError):
+    """Cancel or resume was asked through a Celery app whose broker did not dispatch the session
+    (its revokes and tasks would reach none of the session's workers). Nothing changed.
+
+    Attributes:
+        app_path: The import path of the app that dispatched the session, when it has one.
+    """
+
+    def __init__(self, session_id: str, app_path: str | None, used: str | None, detail: str = "") -> None:
+        self.session_id = session_id
+        self.app_path = app_path
+        dispatched = f"by the Celery app {app_path}" if app_path else "by a Celery app with no import path"
+        through = f"; the app here publishes to {used}" if used else ""
+        more = f" ({detail})" if detail else ""
+        super().__init__(f"session {session_id!r} was dispatched {dispatched}, through another broker{through}{more}")
+
+
 class TrackerValidationError(TrackerError, ValueError):
     """Input was refused before it touched the store; nothing changed.
 

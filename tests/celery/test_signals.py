@@ -14,7 +14,7 @@ from celery import Celery, chain, chord, group
 from tests.celery.appmod import add, deep, done, flaky, total, unjsonable, work
 from tests.celery.conftest import wait_for, wait_status
 from tracker import InMemoryStorageAdapter, NodeStatus, SessionManager, TrackerValidationError
-from tracker.celery import dispatch, ids_of, leaves
+from tracker.celery import dispatch, ids_of, install, leaves
 from tracker.celery.dispatch import new_task_ids, node_spec
 
 
@@ -89,6 +89,7 @@ def test_new_task_ids_are_distinct_uuid4_strings() -> None:
 
 def test_dispatch_holds_the_collector_off_only_while_it_creates_the_session() -> None:
     app = Celery("gc_check", broker="memory://")  # sent into an in-process queue: nothing runs them
+    install(app, beat=False)
     enabled_in_create: list[bool] = []
 
     class Watched(InMemoryStorageAdapter):
@@ -153,6 +154,7 @@ def test_a_failed_send_marks_the_session_failed(tracked: SessionManager, redis_u
     # Given an app whose broker cannot be reached
     broken = Celery("broken", broker="redis://127.0.0.1:1/0")
     broken.conf.update(broker_connection_retry=False, broker_connection_max_retries=0, task_publish_retry=False)
+    install(broken, tracked, beat=False)
 
     @broken.task(name="t.never")
     def never() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from tests.servers import free_port
+from tracker.celery import install
 
 #: The app the CLI tests' thread worker runs. Its broker and queue are set, and the tracker's
 #: handlers installed, by a package fixture (tests/cli/conftest.py) before anything sends with it.
@@ -31,6 +32,13 @@ unreachable.conf.update(
     broker_connection_retry_on_startup=False,
     broker_connection_timeout=1,
 )
+install(unreachable, beat=False)
+
+#: An app of the same project on another broker (its URL set by the test that uses it): where no
+#: worker of the tests' sessions listens.
+other_broker = Celery("other_broker", set_as_current=False)
+other_broker.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry_on_startup=False)
+install(other_broker, beat=False)
 
 #: Not a Celery app: ``--app tests.cli.apps:not_an_app`` is refused.
 not_an_app = object()

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from celery import Celery, group
 
+from tests.cli.apps import other_broker, worker_app
 from tests.cli.conftest import TEST_APP, Cli, wait_for
+from tests.servers import redis_process
 from tracker import SessionManager
+from tracker.celery import dispatch, install, uninstall
 from tracker.cli import ExitCode
 
 
@@ -84,3 +89,98 @@ def test_cancel_a_running_batch_then_resume_it_to_completion(
     resumed = worker_cli("--app", TEST_APP, "resume", sid, "--wait")
     assert resumed.exit_code == ExitCode.OK, resumed.stdout + resumed.stderr
     assert f"Session {sid} ended completed: 12 completed, 0 failed of 12" in resumed.stdout
+
+
+@pytest.fixture
+def second_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A second broker (a redis-server of its own) that no worker listens to, and the CLI's default
+    app pointed at it: the app a user without -A gets."""
+    with redis_process(tmp_path / "other-broker") as server:
+        monkeypatch.setitem(other_broker.conf, "broker_url", server.url)
+        monkeypatch.setattr("tracker.cli.base.DEFAULT_APP", "tests.cli.apps:other_broker")
+        yield server.url
+
+
+def queued_on(url: str) -> int:
+    """Messages waiting on a Redis broker, in any queue (and revokes broadcast there)."""
+    client = redis.Redis.from_url(url)
+    try:
+        return sum(client.llen(key) for key in client.scan_iter(type="list")) + len(list(client.scan_iter("_kombu*")))
+    finally:
+        client.close()
+
+
+def test_cancel_without_app_goes_through_the_broker_that_dispatched_the_session(
+    worker_cli: Cli, tracked: SessionManager, canvas_file: Callable[..., Path], second_broker: str
+) -> None:
+    # Given a batch of 16 slow nodes sent through the test app's broker (its worker runs 4 at a
+    # time), and a default app whose broker is another one, where no worker listens
+    path = canvas_file(*[f"step {i} #sleep=0.4" for i in range(16)])
+    sid = worker_cli("--app", TEST_APP, "run", str(path)).stdout.strip()
+    assert tracked.sync.get_session(sid).metadata["dispatched_by"]["app"] == TEST_APP
+    wait_for(lambda: tracked.sync.get_session_status(sid)["running_nodes"] >= 1, 30, "a first node")
+
+    # When it is cancelled without naming an app
+    cancelled = worker_cli("cancel", sid)
+
+    # Then the revokes went through the app that dispatched it (its import path was recorded): the
+    # queued tasks never run, and nothing was published on the other broker
+    assert cancelled.exit_code == ExitCode.OK, cancelled.stderr
+    wait_for(lambda: tracked.sync.get_session_status(sid)["running_nodes"] == 0, 30, "running nodes to finish")
+    time.sleep(1.0)  # what a revoke failed to stop would have started by now
+    status = tracked.sync.get_session_status(sid)
+    assert status["status"] == "cancelled"
+    assert status["cancelled_nodes"] >= 8 and status["completed_nodes"] + status["cancelled_nodes"] == 16
+    assert queued_on(second_broker) == 0
+
+
+def test_cancel_and_resume_through_another_broker_are_refused_and_change_nothing(
+    cli_env: dict[str, str | None], tracked: SessionManager, canvas_file: Callable[..., Path], second_broker: str
+) -> None:
+    # Given a session the test app dispatched (no worker runs it)
+    cli = Cli(cli_env, fresh=False)
+    path = canvas_file("one", "two")
+    sid = cli("--app", TEST_APP, "run", str(path)).stdout.strip()
+    before = tracked.sync.get_session_status(sid)
+
+    # When it is cancelled, then resumed, through an app whose broker is another one
+    cancel = cli("--app", "tests.cli.apps:other_broker", "cancel", sid)
+    resume = cli("resume", sid, env={"TRACKER_CELERY_APP": "tests.cli.apps:other_broker"})
+
+    # Then both are refused (exit 2), naming the app to pass, and nothing changed
+    for refused in (cancel, resume):
+        assert refused.exit_code == ExitCode.USAGE, refused.stdout + refused.stderr
+        assert f"was dispatched by the Celery app {TEST_APP}, through another broker" in refused.stderr
+        assert f"Hint: name the app that dispatched it: tracker -A {TEST_APP}" in refused.stderr
+    after = tracked.sync.get_session_status(sid)
+    assert (after["status"], after["cancelled_nodes"], after["run"]) == (before["status"], 0, before["run"])
+    assert queued_on(second_broker) == 0
+
+
+def test_a_session_dispatched_by_an_app_without_import_path_needs_the_app_named(
+    cli_env: dict[str, str | None], tracked: SessionManager, redis_url: str, second_broker: str, worker_app_queue: str
+) -> None:
+    cli = Cli(cli_env, fresh=False)
+    # Given a session dispatched by an app made inside a function (no module holds it), on the
+    # test app's broker, while the default app publishes elsewhere
+    local = Celery(f"local-{uuid.uuid4().hex[:6]}", broker=redis_url, set_as_current=False)
+    local.conf.update(task_default_queue=worker_app_queue, task_serializer="json")
+    install(local, tracked, beat=False)
+    try:
+        sid = dispatch(group(local.signature("t.never") for _ in range(2)), canvas_path="local.canvas", app=local)
+    finally:
+        uninstall(local)
+    assert tracked.sync.get_session(sid).metadata["dispatched_by"]["app"] is None
+
+    # When it is cancelled without naming an app, it is refused (the default app has another broker)
+    refused = cli("cancel", sid)
+    assert refused.exit_code == ExitCode.USAGE
+    assert "was dispatched by a Celery app with no import path, through another broker" in refused.stderr
+    assert "tracker -A module:attr" in refused.stderr
+    assert tracked.sync.get_session_status(sid)["status"] == "pending"
+
+    # and naming an app on its broker cancels it
+    done = cli("--app", TEST_APP, "cancel", sid)
+    assert done.exit_code == ExitCode.OK, done.stderr
+    assert tracked.sync.get_session_status(sid)["status"] == "cancelled"
+    worker_app.control.purge()

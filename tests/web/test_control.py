@@ -12,7 +12,7 @@ from celery import Celery, chain, group
 from tests.servers import free_port
 from tests.web.conftest import TOKEN, AppFactory, asgi_client
 from tracker import NodeStatus, SessionManager, SessionStatus
-from tracker.celery import dispatch
+from tracker.celery import dispatch, install, uninstall
 
 BASE = "/api/v1/parallel"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -27,7 +27,9 @@ def celery_app() -> Iterator[Celery]:
     def add(x: int, y: int) -> int:
         return x + y
 
+    install(app, beat=False)
     yield app
+    uninstall(app)
     app.close()
 
 
@@ -108,16 +110,44 @@ async def test_resume_keeps_the_structure_and_refuses_what_it_cannot_build(
     assert nodes == {"a": NodeStatus.COMPLETED, "b": NodeStatus.PENDING, "c": NodeStatus.PENDING}
 
 
-async def test_an_unreachable_broker_is_503(
-    make_app: AppFactory, web_manager: SessionManager, celery_app: Celery
-) -> None:
-    # Given a cancelled session whose nodes are to be re-sent to a broker nobody listens to
-    sid = dispatch_batch(celery_app, web_manager, 2)
-    await web_manager.update_status(sid, SessionStatus.CANCELLED)
+async def test_an_unreachable_broker_is_503(make_app: AppFactory, web_manager: SessionManager) -> None:
+    # Given a session dispatched through a broker nobody listens to (its send failed: it is failed)
     dead = Celery("dead-broker", broker=f"redis://127.0.0.1:{free_port()}/0", set_as_current=False)
     dead.conf.update(task_publish_retry=False, broker_transport_options={"max_retries": 0})
+    install(dead, beat=False)
+    with pytest.raises(Exception, match=r"(?i)connect|refused"):
+        dispatch(group(dead.signature("t.x"), dead.signature("t.y")), canvas_path="dead.canvas", manager=web_manager)
+    (session,) = (await web_manager.list_sessions()).sessions
+    assert session.status is SessionStatus.FAILED
+
+    # When it is resumed over HTTP through that same app, still unreachable
     async with asgi_client(make_app(token=TOKEN, celery_app=dead)) as http:
-        response = await http.post(f"{BASE}/sessions/{sid}/resume", headers=AUTH)
+        response = await http.post(f"{BASE}/sessions/{session.session_id}/resume", headers=AUTH)
+
+    # Then the answer says the broker is unavailable
     assert response.status_code == 503
     assert "broker" in response.json()["detail"]
+    uninstall(dead)
     dead.close()
+
+
+async def test_cancel_through_another_broker_is_refused_and_changes_nothing(
+    make_app: AppFactory, web_manager: SessionManager, celery_app: Celery
+) -> None:
+    # Given a session dispatched through one broker, and a web app whose Celery app has another
+    sid = dispatch_batch(celery_app, web_manager, 2)
+    other = Celery("other-broker", broker=f"redis://127.0.0.1:{free_port()}/0", set_as_current=False)
+
+    # When it is cancelled and resumed over HTTP
+    async with asgi_client(make_app(token=TOKEN, celery_app=other)) as http:
+        cancel = await http.post(f"{BASE}/sessions/{sid}/cancel", headers=AUTH)
+        resume = await http.post(f"{BASE}/sessions/{sid}/resume", headers=AUTH)
+
+    # Then both are refused (409), naming the broker the app uses, and nothing changed
+    for response in (cancel, resume):
+        assert response.status_code == 409
+        assert "through another broker" in response.json()["detail"]
+        assert f"redis://localhost:{other.conf.broker_url.rsplit(':', 1)[1].split('/')[0]}" in response.json()["detail"]
+    status = await web_manager.get_session_status(sid)
+    assert (status["status"], status["cancelled_nodes"]) == ("pending", 0)
+    other.close()

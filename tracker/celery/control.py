@@ -6,10 +6,10 @@ import logging
 from typing import Any
 
 from celery import Celery, Signature, chain, chord, group
-from celery import current_app as default_app
 
 from tracker.celery.dispatch import tag
 from tracker.celery.handlers import Recorder
+from tracker.celery.origin import dispatching_app
 from tracker.errors import ResumeNotPossibleError
 from tracker.manager import SessionManager
 from tracker.models import NodeSpec, SessionInfo
@@ -32,11 +32,17 @@ def cancel_session(
     The status moves first (one atomic step), so a result arriving meanwhile is recorded without
     moving the status. Tasks already running keep running unless ``terminate`` is True.
 
+    Args:
+        app: The Celery app to revoke through; default the one that dispatched the session
+            (imported by the path it recorded), else Celery's current app. Either must publish to
+            the broker the session was dispatched through.
+
     Raises:
         SessionNotFoundError, InvalidStateTransitionError, TrackerValidationError.
+        WrongCeleryAppError: the app publishes to another broker (nothing changed).
     """
     manager = manager or SessionManager.get_instance()
-    app = app or default_app
+    app = dispatching_app(session_id, manager.sync.get_session(session_id).metadata, app)
     outcome = manager.sync.transition(session_id, SessionStatus.CANCELLED)
     task_ids: list[str] = []
     cursor: str | None = None
@@ -69,6 +75,8 @@ def resume_session(
     node gets a fresh task id and the session's stamps, so it is counted against the same node.
 
     Args:
+        app: The Celery app to send through; default the one that dispatched the session, as for
+            :func:`cancel_session`.
         retry_failed: Re-send failed nodes too (otherwise only the unfinished ones, and nothing
             that needs a failed node's result).
 
@@ -80,9 +88,10 @@ def resume_session(
         SessionNotFoundError, InvalidStateTransitionError (a completed session), TrackerValidationError.
         ResumeNotPossibleError: a re-sent part needs a completed node's result that was not stored
             (nothing changed).
+        WrongCeleryAppError: the app publishes to another broker (nothing changed).
     """
     manager = manager or SessionManager.get_instance()
-    app = app or default_app
+    app = dispatching_app(session_id, manager.sync.get_session(session_id).metadata, app)
     for _ in range(_PLAN_ATTEMPTS):
         tree = manager.sync.get_structure(session_id)
         if tree is None:

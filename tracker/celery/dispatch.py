@@ -15,8 +15,9 @@ from celery.canvas import _chain, maybe_signature
 from celery.exceptions import NotRegistered
 from celery.utils.functional import arity_greater, maybe_list
 
+from tracker.celery.origin import ORIGIN_KEY, origin, real_app
 from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP
-from tracker.errors import TrackerError, TrackerValidationError
+from tracker.errors import TrackerError, TrackerNotInstalledError, TrackerValidationError
 from tracker.manager import SessionManager
 from tracker.models import NodeSpec
 from tracker.states import SessionStatus
@@ -245,15 +246,22 @@ def dispatch(
     Returns:
         The session id.
 
+    The session's metadata records the app (:data:`tracker.celery.origin.ORIGIN_KEY`): its import
+    path and its broker, which cancel and resume go through.
+
     Raises:
         TrackerValidationError: bad ids, too few/many node ids, non-JSON arguments or metadata.
+        TrackerNotInstalledError: ``install(app)`` was not called for the app (its workers would
+            run the tasks and nothing would be recorded).
     """
     if not isinstance(canvas, Signature):
         raise TrackerValidationError(
             "canvas", canvas, "expected a Celery signature, group, chain or chord (task.s(...))"
         )
     manager = manager or SessionManager.get_instance()
-    app = app or canvas.app
+    app = real_app(app or canvas.app)
+    if getattr(app, "_tracker_recorder", None) is None:
+        raise TrackerNotInstalledError(app.main or repr(app))
     with _collector_held():
         callbacks = {ON_COMPLETE_KEY: on_complete, ON_SUCCESS_KEY: on_success, ON_FAILURE_KEY: on_failure}
         session_id = _create(canvas, canvas_path, node_ids, metadata, callbacks, manager, app)
@@ -274,7 +282,7 @@ def _create(
     metadata: Mapping[str, Any] | None,
     callbacks: Mapping[str, Signature | None],
     manager: SessionManager,
-    app: Celery | None,
+    app: Celery,
 ) -> str:
     """:func:`dispatch` up to the send: tag every leaf and create the session; returns its id."""
     walk = _Walk(app, manager.settings.max_canvas_depth)
@@ -288,6 +296,7 @@ def _create(
     task_ids = [sig.options.get("task_id") or new for sig, new in zip(nodes, new_task_ids(len(nodes)), strict=True)]
     ids = list(node_ids) if node_ids is not None else task_ids
     meta = dict(metadata or {})
+    meta[ORIGIN_KEY] = origin(app)
     for key, callback in callbacks.items():
         if callback is not None:
             meta[key] = signature_json(callback)

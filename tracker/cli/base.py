@@ -25,7 +25,9 @@ from tracker.errors import (
     SessionNotFoundError,
     StorageUnavailableError,
     TrackerError,
+    TrackerNotInstalledError,
     TrackerValidationError,
+    WrongCeleryAppError,
 )
 from tracker.manager import SessionManager
 from tracker.states import SessionStatus
@@ -139,6 +141,20 @@ def translate(exc: BaseException, state: CliState | None) -> click.ClickExceptio
         )
     if isinstance(exc, TrackerValidationError):
         return CliError(str(exc), ExitCode.USAGE)
+    if isinstance(exc, WrongCeleryAppError):
+        named = exc.app_path or "module:attr"
+        return CliError(
+            f"{exc}: nothing was changed",
+            ExitCode.USAGE,
+            f"Hint: name the app that dispatched it: tracker -A {named} ... (or TRACKER_CELERY_APP={named}), "
+            "run from a directory it can be imported from",
+        )
+    if isinstance(exc, TrackerNotInstalledError):
+        return CliError(
+            str(exc),
+            ExitCode.USAGE,
+            "Hint: add `install(app)` (from tracker.celery import install) below app = Celery(...)",
+        )
     if isinstance(exc, StorageUnavailableError):
         cause = f"Cause: {exc.__cause__}" if exc.__cause__ is not None else f"Cause: {exc}"
         if "unreachable" in str(exc) or exc.url is None:
@@ -233,6 +249,32 @@ class CliState:
         if self.celery_app is None:
             self.celery_app = load_app(self.app_spec or DEFAULT_APP)
         return self.celery_app
+
+    def named_app(self) -> Celery | None:
+        """The app the user named (``celery -A``, ``--app``, ``TRACKER_CELERY_APP``), None when none was."""
+        return self.app() if self.celery_app is not None or self.app_spec else None
+
+    def default_app(self) -> Celery | None:
+        """:data:`DEFAULT_APP` when it can be loaded here, else None."""
+        try:
+            return self.app()
+        except CliError:
+            return None
+
+    def session_app(self, session_id: str) -> Celery:
+        """The app to cancel or resume ``session_id`` with: the one named, else the one that
+        dispatched it (by its recorded import path), else the default; always one whose broker
+        dispatched the session.
+
+        Raises:
+            WrongCeleryAppError: none publishes to that broker.
+        """
+        from tracker.celery.origin import dispatching_app
+
+        metadata = self.manager().sync.get_session(session_id).metadata
+        app = dispatching_app(session_id, metadata, self.named_app(), fallback=self.default_app)
+        self.celery_app = app  # what broker_uri() names if sending through it fails
+        return app
 
     def app_if_available(self) -> Celery | None:
         """Like :meth:`app`, but None (with a warning) when the default app cannot be loaded."""

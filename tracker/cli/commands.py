@@ -210,7 +210,7 @@ def cancel(state: CliState, session_id: str, terminate: bool) -> None:
 
     manager = state.manager()
     manager.sync.get_session(session_id)  # unknown id: exit 3 before loading the Celery app
-    info = cancel_session(session_id, app=state.app(), manager=manager, terminate=terminate)
+    info = cancel_session(session_id, app=state.session_app(session_id), manager=manager, terminate=terminate)
     _out().print(f"Session {session_id} cancelled: {info.cancelled_nodes} unfinished node(s) revoked.")
 
 
@@ -236,7 +236,7 @@ def resume(ctx: click.Context, state: CliState, session_id: str, retry_failed: b
 
     manager = state.manager()
     manager.sync.get_session(session_id)  # unknown id: exit 3 before loading the Celery app
-    sent = resume_session(session_id, app=state.app(), manager=manager, retry_failed=retry_failed)
+    sent = resume_session(session_id, app=state.session_app(session_id), manager=manager, retry_failed=retry_failed)
     console = _out()
     console.print(f"Session {session_id} resumed: {sent} node(s) sent again.")
     if wait:
@@ -299,7 +299,12 @@ def serve(state: CliState, host: str, port: int, log_level: str) -> None:
     manager = state.manager()
     if state.uses_memory_store:
         _err().print("Warning: TRACKER_REDIS_URL is not set: serving an empty in-memory store.")
-    serve_web(host, port, manager=manager, celery_app=state.app_if_available(), log_level=log_level)
+    # Cancel and resume go through the app named here, else each session's own (its recorded
+    # import path), else the default app, loaded now so that it is Celery's current app.
+    named = state.named_app()
+    if named is None:
+        state.app_if_available()
+    serve_web(host, port, manager=manager, celery_app=named, log_level=log_level)
 
 
 #: Every command, in the order ``--help`` lists them.

@@ -8,6 +8,7 @@ itself (:class:`TrackerRoute`), so they do so in the user's app too, without app
 ``TrackerValidationError``         422
 ``InvalidStateTransitionError``    409
 ``SessionExistsError``             409
+``WrongCeleryAppError``            409
 ``StorageUnavailableError``        503
 =================================  ====
 """
@@ -36,6 +37,7 @@ from tracker.errors import (
     StorageUnavailableError,
     TrackerError,
     TrackerValidationError,
+    WrongCeleryAppError,
 )
 from tracker.manager import SessionManager
 from tracker.models import NodePage, ParallelTaskStatus
@@ -57,6 +59,7 @@ _ERROR_STATUS: tuple[tuple[type[TrackerError], int], ...] = (
     (TrackerValidationError, status.HTTP_422_UNPROCESSABLE_CONTENT),
     (InvalidStateTransitionError, status.HTTP_409_CONFLICT),
     (SessionExistsError, status.HTTP_409_CONFLICT),
+    (WrongCeleryAppError, status.HTTP_409_CONFLICT),
     (StorageUnavailableError, status.HTTP_503_SERVICE_UNAVAILABLE),
 )
 
@@ -159,7 +162,9 @@ def create_router(
     Args:
         manager: The session manager; default :meth:`SessionManager.get_instance`.
         settings: Tracker settings (the API token); default the manager's.
-        celery_app: The Celery app cancel and resume publish with; default Celery's current app.
+        celery_app: The Celery app cancel and resume publish with; default the app that dispatched
+            the session (by its recorded import path), else Celery's current app. Either must
+            publish to the session's broker, or the request is answered 409.
         web_settings: Stream limits and CORS; default read from the environment.
 
     Returns:

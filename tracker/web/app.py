@@ -28,7 +28,9 @@ def create_app(
         manager: The session manager; default :meth:`SessionManager.get_instance` (Redis when
             ``TRACKER_REDIS_URL`` is set).
         settings: Tracker settings (the API token); default the manager's.
-        celery_app: The Celery app cancel and resume publish with; default Celery's current app.
+        celery_app: The Celery app cancel and resume publish with; default the app that dispatched
+            the session (by its recorded import path), else Celery's current app. Either must
+            publish to the session's broker, or the request is answered 409.
         web_settings: Stream limits, CORS, dashboard; default read from the environment.
 
     Returns:
