@@ -40,5 +40,8 @@ other_broker = Celery("other_broker", set_as_current=False)
 other_broker.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry_on_startup=False)
 install(other_broker, beat=False)
 
+#: A Celery app the tracker is not installed in (``dispatch`` refuses it).
+not_installed = Celery("not_installed", broker="memory://", set_as_current=False)
+
 #: Not a Celery app: ``--app tests.cli.apps:not_an_app`` is refused.
 not_an_app = object()

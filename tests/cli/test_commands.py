@@ -592,3 +592,13 @@ def test_not_found_says_which_store_was_searched(cli: Cli, redis_url: str, key_p
     result = cli("status", "0b0c1a3e-58c3-4cc9-8a4a-3f0e8f6c1d2e")
     assert result.exit_code == ExitCode.NOT_FOUND
     assert f"in Redis at {redis_url}, key prefix '{key_prefix}'" in " ".join(result.stderr.split())
+
+
+def test_run_through_an_app_without_the_tracker_installed_exits_2_and_sends_nothing(
+    cli: Cli, canvas_file: Callable[..., Path], store_manager: SessionManager
+) -> None:
+    result = cli("--app", "tests.cli.apps:not_installed", "run", str(canvas_file("x")))
+    assert result.exit_code == ExitCode.USAGE
+    assert "the tracker is not installed in the Celery app 'not_installed'" in result.stderr
+    assert "Hint: from tracker.celery import install; install(app) right after app = Celery(...)" in result.stderr
+    assert store_manager.sync.list_sessions().sessions == []

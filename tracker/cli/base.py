@@ -153,7 +153,7 @@ def translate(exc: BaseException, state: CliState | None) -> click.ClickExceptio
         return CliError(
             str(exc),
             ExitCode.USAGE,
-            "Hint: add `install(app)` (from tracker.celery import install) below app = Celery(...)",
+            "Hint: from tracker.celery import install; install(app) right after app = Celery(...)",
         )
     if isinstance(exc, StorageUnavailableError):
         cause = f"Cause: {exc.__cause__}" if exc.__cause__ is not None else f"Cause: {exc}"
