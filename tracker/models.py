@@ -89,8 +89,10 @@ class SessionInfo(_Model):
     completed_nodes: int = 0
     #: Nodes whose latest result is ``failed`` or ``lost``.
     failed_nodes: int = 0
-    #: Nodes running or waiting for a retry now.
+    #: Nodes running now.
     running_nodes: int = 0
+    #: Nodes that failed an attempt and wait for Celery's retry (``task.retry``; not in ``running_nodes``).
+    retrying_nodes: int = 0
     #: Of ``failed_nodes``, how many were lost (their worker vanished).
     lost_nodes: int = 0
     #: Nodes revoked, or outstanding when the session was cancelled (not in ``failed_nodes``).
@@ -110,7 +112,7 @@ class SessionInfo(_Model):
     def pending_nodes(self) -> int:
         """Nodes with no terminal result that are not running."""
         finished = self.completed_nodes + self.failed_nodes + self.cancelled_nodes + self.skipped_nodes
-        return max(0, self.node_count - finished - self.running_nodes)
+        return max(0, self.node_count - finished - self.running_nodes - self.retrying_nodes)
 
     def to_dict(self) -> dict[str, Any]:
         """What ``model_dump(mode="json")`` returns, built directly: every write returns it (the
@@ -150,6 +152,7 @@ class ParallelTaskStatus(BaseModel):
     completed_nodes: int
     failed_nodes: int
     running_nodes: int = 0
+    retrying_nodes: int = 0
     pending_nodes: int = 0
     lost_nodes: int = 0
     cancelled_nodes: int = 0

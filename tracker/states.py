@@ -98,7 +98,7 @@ TERMINAL_NODE_STATUSES: frozenset[NodeStatus] = frozenset(
 #: Node statuses counted in ``failed_nodes``: the node ran (or was meant to) and did not complete.
 FAILED_NODE_STATUSES: frozenset[NodeStatus] = frozenset({NodeStatus.FAILED, NodeStatus.LOST})
 
-#: Node statuses counted in ``running_nodes``.
+#: Node statuses of nodes in flight (``running_nodes`` and ``retrying_nodes``).
 ACTIVE_NODE_STATUSES: frozenset[NodeStatus] = frozenset({NodeStatus.RUNNING, NodeStatus.RETRYING})
 
 

@@ -41,11 +41,13 @@ def test_counters_follow_the_model(
             failed = sum(s in {NodeStatus.FAILED, NodeStatus.LOST} for s in model.values())
             cancelled = sum(s is NodeStatus.CANCELLED for s in model.values())
             skipped = sum(s is NodeStatus.SKIPPED for s in model.values())
-            running = sum(s in {NodeStatus.RUNNING, NodeStatus.RETRYING} for s in model.values())
+            running = sum(s is NodeStatus.RUNNING for s in model.values())
+            retrying = sum(s is NodeStatus.RETRYING for s in model.values())
             info = outcome.session
             assert (
-                info.completed_nodes, info.failed_nodes, info.cancelled_nodes, info.skipped_nodes, info.running_nodes
-            ) == (completed, failed, cancelled, skipped, running)  # fmt: skip
+                info.completed_nodes, info.failed_nodes, info.cancelled_nodes, info.skipped_nodes, info.running_nodes,
+                info.retrying_nodes,
+            ) == (completed, failed, cancelled, skipped, running, retrying)  # fmt: skip
             assert info.completed_nodes + info.failed_nodes <= info.node_count
             if status is SessionStatus.PENDING:
                 status = SessionStatus.RUNNING

@@ -255,8 +255,13 @@ async def test_running_then_result_records_times_and_attempts(manager: SessionMa
     assert started.session.running_nodes == 1
     assert started.node.attempts == 1
     clock.advance(2)
-    await manager.record_node(sid, "a", "retrying", attempt=1, error=RuntimeError("flaky"))
-    await manager.record_node(sid, "a", "running", attempt=2)
+    retrying = await manager.record_node(sid, "a", "retrying", attempt=1, error=RuntimeError("flaky"))
+    # A node waiting for its retry is counted apart from those running (as Flower and GroupResult do)
+    assert (retrying.session.running_nodes, retrying.session.retrying_nodes) == (0, 1)
+    status = await manager.get_session_status(sid)
+    assert (status["running_nodes"], status["retrying_nodes"], status["pending_nodes"]) == (0, 1, 0)
+    again = await manager.record_node(sid, "a", "running", attempt=2)
+    assert (again.session.running_nodes, again.session.retrying_nodes) == (1, 0)
     clock.advance(3)
     done = await manager.record_node(sid, "a", "completed", result={"ok": True}, attempt=2)
     assert done.finished is S.COMPLETED

@@ -55,11 +55,12 @@ def recount(direct: redis.Redis, key_prefix: str, sid: str) -> tuple[dict[str, i
     keys = KeySpace(key_prefix).session(sid)
     session = {text(k): text(v) for k, v in direct.hgetall(keys.session).items()}
     statuses = Counter(text(raw).split("|", 1)[0] for raw in direct.hvals(keys.nodes))
-    stored = {name: int(session[name]) for name in ("completed", "failed", "running", "lost", "cancelled")}
+    stored = {name: int(session[name]) for name in ("completed", "failed", "running", "retrying", "lost", "cancelled")}
     derived = {
         "completed": statuses["completed"],
         "failed": statuses["failed"] + statuses["lost"],
-        "running": statuses["running"] + statuses["retrying"],
+        "running": statuses["running"],
+        "retrying": statuses["retrying"],
         "lost": statuses["lost"],
         "cancelled": statuses["cancelled"],
     }

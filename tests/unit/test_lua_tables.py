@@ -91,11 +91,12 @@ def test_counter_matches_the_node_status_sets(tables: dict[str, dict[str, str | 
         by_counter.setdefault(name, set()).add(status)
     assert set(counter) <= {s.value for s in NodeStatus}
     assert by_counter["failed"] == {s.value for s in FAILED_NODE_STATUSES}
-    assert by_counter["running"] == {s.value for s in ACTIVE_NODE_STATUSES}
+    assert by_counter["running"] | by_counter["retrying"] == {s.value for s in ACTIVE_NODE_STATUSES}
+    assert by_counter["retrying"] == {NodeStatus.RETRYING.value}
     assert by_counter["completed"] == {NodeStatus.COMPLETED.value}
     assert by_counter["cancelled"] == {NodeStatus.CANCELLED.value}
     assert by_counter["skipped"] == {NodeStatus.SKIPPED.value}
-    assert set(by_counter) == {"completed", "failed", "running", "cancelled", "skipped"}
+    assert set(by_counter) == {"completed", "failed", "running", "retrying", "cancelled", "skipped"}
     # Every result counts somewhere (the finish rule adds the counters up); pending counts nowhere.
     assert {s.value for s in TERMINAL_NODE_STATUSES} <= set(counter)
     assert NodeStatus.PENDING.value not in counter

@@ -42,7 +42,7 @@ moments = st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(9999, 
 def sessions(draw: st.DrawFn, stored: bool) -> SessionInfo:
     """Any session model; ``stored``: one as a store holds it (aware datetimes, progress to 2
     decimals, metadata that passed the JSON checks)."""
-    counts = draw(st.lists(st.integers(0, 10**6), min_size=7, max_size=7))
+    counts = draw(st.lists(st.integers(0, 10**6), min_size=8, max_size=8))
     some_moment = moments if stored else moments | st.datetimes(min_value=datetime(1970, 1, 2))  # naive too
     return SessionInfo(
         session_id=SID,
@@ -56,6 +56,7 @@ def sessions(draw: st.DrawFn, stored: bool) -> SessionInfo:
         lost_nodes=counts[4],
         cancelled_nodes=counts[5],
         skipped_nodes=counts[6],
+        retrying_nodes=counts[7],
         created_at=draw(moments),
         updated_at=draw(moments),
         started_at=draw(st.none() | moments),
@@ -83,9 +84,10 @@ def test_status_from_a_reply_is_the_models_dict(info: SessionInfo) -> None:
     # A record_nodes reply's session values: numbers as integers, the rest as bytes.
     values = [
         info.status.value.encode(), info.node_count, info.completed_nodes, info.failed_nodes, info.running_nodes,
-        info.lost_nodes, info.cancelled_nodes, info.skipped_nodes, str(info.progress_percent).encode(),
-        _ms(info.started_at), _ms(info.finished_at), _ms(info.updated_at), info.canvas_path.encode(),
-        _ms(info.created_at), json.dumps(info.metadata, separators=(",", ":")).encode(), info.run,
+        info.lost_nodes, info.cancelled_nodes, info.skipped_nodes, info.retrying_nodes,
+        str(info.progress_percent).encode(), _ms(info.started_at), _ms(info.finished_at), _ms(info.updated_at),
+        info.canvas_path.encode(), _ms(info.created_at), json.dumps(info.metadata, separators=(",", ":")).encode(),
+        info.run,
     ]  # fmt: skip
     for reply in (values, [v.decode() if isinstance(v, bytes) else v for v in values]):  # decode_responses clients
         expected = _session_values(SID, reply).to_dict()
@@ -95,7 +97,7 @@ def test_status_from_a_reply_is_the_models_dict(info: SessionInfo) -> None:
 
 
 def test_a_status_this_version_does_not_know_is_an_error_not_a_dict() -> None:
-    values = [b"paused", 3, 0, 0, 0, 0, 0, 0, b"0", b"", b"", b"1767225600000", b"c", b"1767225600000", b"{}", 1]
+    values = [b"paused", 3, 0, 0, 0, 0, 0, 0, 0, b"0", b"", b"", b"1767225600000", b"c", b"1767225600000", b"{}", 1]
     with pytest.raises(StorageUnavailableError, match="paused"):
         _status_values(SID, values)
 

@@ -141,7 +141,8 @@ class InMemoryStorageAdapter:
             update={
                 "completed_nodes": counts[NodeStatus.COMPLETED],
                 "failed_nodes": failed,
-                "running_nodes": counts[NodeStatus.RUNNING] + counts[NodeStatus.RETRYING],
+                "running_nodes": counts[NodeStatus.RUNNING],
+                "retrying_nodes": counts[NodeStatus.RETRYING],
                 "lost_nodes": counts[NodeStatus.LOST],
                 "cancelled_nodes": counts[NodeStatus.CANCELLED],
                 "skipped_nodes": counts[NodeStatus.SKIPPED],
@@ -490,7 +491,7 @@ class InMemoryStorageAdapter:
                 last = max(info.updated_at, entry.alive_at or info.updated_at)
                 if (
                     info.status.is_terminal
-                    or info.running_nodes
+                    or info.running_nodes + info.retrying_nodes
                     or info.created_at >= reaped_at
                     or (now - last).total_seconds() <= stalled_after_s
                 ):

@@ -81,7 +81,7 @@ SCRIPTS = (
 #: The session fields ``record_nodes`` replies, in order (``session_values`` in ``common.lua``; its
 #: ``load_session`` reads them in the same order).
 SESSION_FIELDS = (
-    "status", "node_count", "completed", "failed", "running", "lost", "cancelled", "skipped", "progress",
+    "status", "node_count", "completed", "failed", "running", "lost", "cancelled", "skipped", "retrying", "progress",
     "started_ms", "finished_ms", "updated_ms", "canvas_path", "created_ms", "metadata", "run",
 )  # fmt: skip
 
@@ -149,6 +149,7 @@ def _session(session_id: str, fields: dict[str, str]) -> SessionInfo:
         completed_nodes=int(fields["completed"]),
         failed_nodes=int(fields["failed"]),
         running_nodes=int(fields["running"]),
+        retrying_nodes=int(fields.get("retrying") or 0),
         lost_nodes=int(fields["lost"]),
         cancelled_nodes=int(fields["cancelled"]),
         skipped_nodes=int(fields.get("skipped") or 0),
@@ -164,7 +165,7 @@ def _session(session_id: str, fields: dict[str, str]) -> SessionInfo:
 def _session_values(session_id: str, values: Sequence[Any]) -> SessionInfo:
     # record_nodes replies the session's fields as values in SESSION_FIELDS order: numbers as
     # integers, the rest as bytes (read on every write: decoded in line).
-    (status, node_count, completed, failed, running, lost, cancelled, skipped, progress,
+    (status, node_count, completed, failed, running, lost, cancelled, skipped, retrying, progress,
      started_ms, finished_ms, updated_ms, canvas_path, created_ms, metadata, run) = values  # fmt: skip
     return SessionInfo(
         session_id=session_id,
@@ -175,6 +176,7 @@ def _session_values(session_id: str, values: Sequence[Any]) -> SessionInfo:
         completed_nodes=completed,
         failed_nodes=failed,
         running_nodes=running,
+        retrying_nodes=retrying,
         lost_nodes=lost,
         cancelled_nodes=cancelled,
         skipped_nodes=skipped,
@@ -208,7 +210,7 @@ def _json_ms(ms: int) -> str:
 def _status_values(session_id: str, values: Sequence[Any]) -> dict[str, Any]:
     # What _session_values(...).to_dict() gives, without the model: the status dict every
     # add_node_result returns (tests/unit/test_status_dict.py checks the two agree).
-    (status, node_count, completed, failed, running, lost, cancelled, skipped, progress,
+    (status, node_count, completed, failed, running, lost, cancelled, skipped, retrying, progress,
      started_ms, finished_ms, updated_ms, canvas_path, created_ms, metadata, run) = values  # fmt: skip
     status = _text(status)
     if status not in _SESSION_STATUS:
@@ -222,6 +224,7 @@ def _status_values(session_id: str, values: Sequence[Any]) -> dict[str, Any]:
         "completed_nodes": completed,
         "failed_nodes": failed,
         "running_nodes": running,
+        "retrying_nodes": retrying,
         "lost_nodes": lost,
         "cancelled_nodes": cancelled,
         "skipped_nodes": skipped,
@@ -231,7 +234,7 @@ def _status_values(session_id: str, values: Sequence[Any]) -> dict[str, Any]:
         "finished_at": _json_ms(int(finished_ms)) if finished_ms else None,
         "metadata": json.loads(metadata) if metadata and metadata != b"{}" else {},
         "run": run,
-        "pending_nodes": max(0, node_count - completed - failed - cancelled - skipped - running),
+        "pending_nodes": max(0, node_count - completed - failed - cancelled - skipped - running - retrying),
     }
 
 

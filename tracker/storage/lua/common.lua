@@ -5,7 +5,7 @@ local S, N, G, E = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
 -- node status -> the session counter it counts in
 local COUNTER = {completed = 'completed', failed = 'failed', lost = 'failed', cancelled = 'cancelled',
-                 skipped = 'skipped', running = 'running', retrying = 'running'}
+                 skipped = 'skipped', running = 'running', retrying = 'retrying'}
 -- node statuses that are a result (count towards the finish rule)
 local TERMINAL_NODE = {completed = true, failed = true, lost = true, cancelled = true, skipped = true}
 -- session statuses that end a session
@@ -15,24 +15,25 @@ local TERMINAL_SESSION = {completed = true, partial_failure = true, failed = tru
 -- them and replies them, unrolled, in the order of redis.py SESSION_FIELDS (tests/unit/test_lua_tables.py).
 local function load_session()
   local v = redis.call('HMGET', S, 'status', 'node_count', 'completed', 'failed', 'running', 'lost', 'cancelled',
-                       'skipped', 'progress', 'started_ms', 'finished_ms', 'updated_ms', 'canvas_path', 'created_ms',
-                       'metadata', 'run', 'linked', 'unneeded')
+                       'skipped', 'retrying', 'progress', 'started_ms', 'finished_ms', 'updated_ms', 'canvas_path',
+                       'created_ms', 'metadata', 'run', 'linked', 'unneeded')
   if not v[1] then return nil end
   local s = {status = v[1], node_count = tonumber(v[2]) or 0, completed = tonumber(v[3]) or 0,
              failed = tonumber(v[4]) or 0, running = tonumber(v[5]) or 0, lost = tonumber(v[6]) or 0,
-             cancelled = tonumber(v[7]) or 0, skipped = tonumber(v[8]) or 0, progress = v[9] or '',
-             started_ms = v[10] or '', finished_ms = v[11] or '', updated_ms = v[12] or '', canvas_path = v[13] or '',
-             created_ms = v[14] or '', metadata = v[15] or '', run = tonumber(v[16]) or 1, linked = v[17] == '1',
-             unneeded = tonumber(v[18]) or 0}
+             cancelled = tonumber(v[7]) or 0, skipped = tonumber(v[8]) or 0, retrying = tonumber(v[9]) or 0,
+             progress = v[10] or '', started_ms = v[11] or '', finished_ms = v[12] or '', updated_ms = v[13] or '',
+             canvas_path = v[14] or '', created_ms = v[15] or '', metadata = v[16] or '', run = tonumber(v[17]) or 1,
+             linked = v[18] == '1', unneeded = tonumber(v[19]) or 0}
   -- What the hash holds now (false: missing), in save_session's order: it writes what differs.
   s.stored = {v[1], v[3] and s.completed, v[4] and s.failed, v[5] and s.running, v[6] and s.lost,
-              v[7] and s.cancelled, v[8] and s.skipped, v[9], v[10], v[11], v[18] and s.unneeded}
+              v[7] and s.cancelled, v[8] and s.skipped, v[10], v[11], v[12], v[19] and s.unneeded,
+              v[9] and s.retrying}
   return s
 end
 
 -- The session's fields as a list, in SESSION_FIELDS order (what record_nodes replies).
 local function session_values(s)
-  return {s.status, s.node_count, s.completed, s.failed, s.running, s.lost, s.cancelled, s.skipped, s.progress,
+  return {s.status, s.node_count, s.completed, s.failed, s.running, s.lost, s.cancelled, s.skipped, s.retrying, s.progress,
           s.started_ms, s.finished_ms, s.updated_ms, s.canvas_path, s.created_ms, s.metadata, s.run}
 end
 
@@ -45,7 +46,7 @@ local function save_session(s, now_ms)
   if s.updated_ms ~= '' and tonumber(s.updated_ms) > tonumber(now_ms) then updated = s.updated_ms end
   local was = s.stored
   local a = {'updated_ms', updated, false, false, false, false, false, false, false, false, false, false, false, false,
-             false, false, false, false, false, false, false, false, false, false}
+             false, false, false, false, false, false, false, false, false, false, false, false}
   local n = 2
   if s.status ~= was[1] then a[n + 1] = 'status'; a[n + 2] = s.status; n = n + 2 end
   if s.completed ~= was[2] then a[n + 1] = 'completed'; a[n + 2] = s.completed; n = n + 2 end
@@ -58,9 +59,10 @@ local function save_session(s, now_ms)
   if s.started_ms ~= was[9] then a[n + 1] = 'started_ms'; a[n + 2] = s.started_ms; n = n + 2 end
   if s.finished_ms ~= was[10] then a[n + 1] = 'finished_ms'; a[n + 2] = s.finished_ms; n = n + 2 end
   if s.unneeded ~= was[11] then a[n + 1] = 'unneeded'; a[n + 2] = s.unneeded; n = n + 2 end
+  if s.retrying ~= was[12] then a[n + 1] = 'retrying'; a[n + 2] = s.retrying; n = n + 2 end
   redis.call('HSET', S, unpack(a, 1, n))
   s.stored = {s.status, s.completed, s.failed, s.running, s.lost, s.cancelled, s.skipped, s.progress, s.started_ms,
-              s.finished_ms, s.unneeded}
+              s.finished_ms, s.unneeded, s.retrying}
   return updated
 end
 

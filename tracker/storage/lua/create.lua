@@ -13,7 +13,7 @@ if redis.call('EXISTS', S) == 1 then
   return {'exists'}
 end
 redis.call('HSET', S, 'canvas_path', canvas_path, 'node_count', node_count, 'status', 'pending', 'progress', '0',
-           'completed', 0, 'failed', 0, 'running', 0, 'lost', 0, 'cancelled', 0, 'skipped', 0, 'created_ms', now_ms,
+           'completed', 0, 'failed', 0, 'running', 0, 'lost', 0, 'cancelled', 0, 'skipped', 0, 'retrying', 0, 'created_ms', now_ms,
            'updated_ms', now_ms, 'started_ms', '', 'finished_ms', '', 'metadata', metadata, 'finish_request', '')
 remember_request(request_id, '')
 -- HSET in chunks: unpack() of a very long list overflows Lua's C stack.

@@ -13,7 +13,7 @@ local s = load_session()
 if not s then return {'gone'} end
 if TERMINAL_SESSION[s.status] then return {'ended'} end
 local last = math.max(tonumber(s.updated_ms), tonumber(redis.call('HGET', S, 'alive_ms') or '0') or 0)
-if last >= tonumber(cutoff) or s.running > 0 or tonumber(s.created_ms) >= tonumber(reaped) then
+if last >= tonumber(cutoff) or s.running + s.retrying > 0 or tonumber(s.created_ms) >= tonumber(reaped) then
   return {'active', string.format('%d', last)}
 end
 local all = redis.call('HGETALL', N)
