@@ -26,6 +26,7 @@ from benchmarks.report import Section, markdown, print_table
 BENCHMARKS = {
     "overhead": "benchmarks.overhead",
     "reads": "benchmarks.reads",
+    "pages": "benchmarks.pages",
     "writes": "benchmarks.writes",
     "memory": "benchmarks.memory",
     "cleanup": "benchmarks.cleanup",

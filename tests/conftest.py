@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from tests.servers import redis_process
-from tracker import InMemoryStorageAdapter, SessionManager, TrackerSettings
+from tracker import InMemoryStorageAdapter, NodeStatus, SessionManager, TrackerSettings
 from tracker.storage.base import SessionStorageAdapter
 from tracker.storage.redis import RedisStorageAdapter
 
@@ -82,3 +82,17 @@ def manager(store: SessionStorageAdapter, clock: FakeClock) -> SessionManager:
 @pytest.fixture
 def tmp_dir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+def by_status(manager: SessionManager, sid: str, status: NodeStatus, limit: int) -> list[str]:
+    """Every node id of ``status``, page after page, checking that only the last page is short."""
+    found: list[str] = []
+    cursor: str | None = None
+    while True:
+        page = manager.sync.get_nodes(sid, status, cursor=cursor, limit=limit)
+        assert all(node.status is status for node in page.nodes)
+        found += [node.node_id for node in page.nodes]
+        cursor = page.next_cursor
+        if cursor is None:
+            return found
+        assert len(page.nodes) == limit

@@ -309,6 +309,8 @@ def test_a_session_left_waiting_by_a_message_lost_with_a_dead_worker_ends(
     assert (ended.finished, ended.first_failure) == (SessionStatus.PARTIAL_FAILURE, "b")
     b = next(n for n in manager.sync.get_nodes(waiting).nodes if n.node_id == "b")
     assert b.status is NodeStatus.LOST and b.reason is not None and "never ran" in b.reason
+    assert [n.node_id for n in manager.sync.get_nodes(waiting, "lost").nodes] == ["b"]
+    assert manager.sync.get_nodes(waiting, "pending").nodes == []
     # and neither the session whose node runs on a live worker, nor one created after the death
     assert manager.sync.get_session_status(busy)["status"] == "running"
     assert manager.sync.get_session_status(later)["status"] == "pending"

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import make_store
+from tests.conftest import by_status, make_store
 from tracker import NodeStatus, SessionManager, SessionStatus, TrackerSettings, finish_status
 from tracker.states import merge_node_status, rederived_status
 
@@ -60,5 +60,8 @@ def test_counters_follow_the_model(
             assert outcome.node.status is model[node]
         assert finishes == (1 if status.is_terminal else 0)
         assert manager.sync.get_session_status(sid)["status"] == status.value
+        # and the nodes listed by status, two at a time, are exactly the model's, each page full
+        for wanted in NodeStatus:
+            assert by_status(manager, sid, wanted, 2) == sorted(f"n{n}" for n, s in model.items() if s is wanted)
     finally:
         store.close()

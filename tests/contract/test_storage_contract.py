@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, by_status
 from tracker import (
     VALID_TRANSITIONS,
     InvalidStateTransitionError,
@@ -620,3 +620,39 @@ async def test_a_stale_report_of_a_replaced_task_changes_nothing(manager: Sessio
     await manager.record_node(sid, "n0", "completed", task_id="old-0", result=1)
     final = await manager.record_node(sid, "n1", "completed", task_id=fresh["n1"], result=2)
     assert final.finished is S.COMPLETED
+
+
+def test_nodes_by_status_come_in_full_pages_through_results_cancel_and_resume(manager: SessionManager) -> None:
+    # Given a dispatched batch of 300 nodes: 8 failed (spread out), 272 completed, 20 not started
+    ids = [f"n{i:03d}" for i in range(300)]
+    sid = manager.sync.create_session("pages.canvas", 300, nodes=[NodeSpec(node_id=n, task_id=f"t-{n}") for n in ids])
+    failed = ids[5::37][:8]
+    waiting = ids[-20:]
+    for n in ids:
+        if n in failed:
+            manager.sync.record_node(sid, n, "failed", error=RuntimeError("boom"))
+        elif n not in waiting:
+            manager.sync.record_node(sid, n, "completed", result=1)
+
+    # Then a page of 2 failed nodes holds 2 each time, the cursor going on from the last one
+    first = manager.sync.get_nodes(sid, "failed", limit=2)
+    assert [n.node_id for n in first.nodes] == sorted(failed)[:2] and first.next_cursor == sorted(failed)[1]
+    assert by_status(manager, sid, NodeStatus.FAILED, 2) == sorted(failed)
+    assert by_status(manager, sid, NodeStatus.PENDING, 7) == waiting
+    assert len(by_status(manager, sid, NodeStatus.COMPLETED, 100)) == 272
+
+    # When the session is cancelled, the waiting nodes are listed as cancelled
+    manager.sync.update_status(sid, "cancelled")
+    assert by_status(manager, sid, NodeStatus.PENDING, 7) == []
+    assert by_status(manager, sid, NodeStatus.CANCELLED, 7) == waiting
+
+    # and when it is resumed, failed and cancelled nodes are pending again
+    manager.sync.resume_session(sid)
+    assert by_status(manager, sid, NodeStatus.PENDING, 5) == sorted(failed + waiting)
+    assert by_status(manager, sid, NodeStatus.FAILED, 5) == by_status(manager, sid, NodeStatus.CANCELLED, 5) == []
+
+
+def test_a_cursor_no_page_handed_out_is_refused(manager: SessionManager) -> None:
+    sid = manager.sync.create_session("pages.canvas", 2)
+    with pytest.raises(TrackerValidationError, match="cursor"):
+        manager.sync.get_nodes(sid, "failed", cursor="not a node id!")

@@ -427,6 +427,9 @@ def test_both_stores_skip_alike_and_only_what_the_links_allow(
             for manager, outcome in zip(managers, outcomes, strict=True):
                 assert counters(outcome.session) == counted(after)
                 assert counters(manager.get_session(sid)) == counted(after)
+                for listed in (N.SKIPPED, N.PENDING):  # and the status index moved with them
+                    page = manager.get_nodes(sid, listed, limit=len(ids))
+                    assert [n.node_id for n in page.nodes] == sorted(n for n, v in after.items() if v is listed)
             completed, failed, cancelled, skipped, *_ = counted(after)
             unneeded = sum(v.status is N.SKIPPED and v.reason == ERRBACK_NOT_NEEDED for v in nodes[0].values())
             if status is S.PENDING:

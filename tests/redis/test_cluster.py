@@ -131,10 +131,10 @@ def test_sessions_spread_over_masters_with_each_session_in_one_slot(
         slots = {key_slot(key.encode()) for key in keys}
         node = client.get_node_from_key(keys[0])  # type: ignore[no-untyped-call]
         owners.add(node.name)
-        # Then all four keys exist together on the node that owns their one slot
+        # Then all five keys exist together on the node that owns their one slot
         assert len(slots) == 1
-        assert client.exists(*keys) == 4
-        assert client.cluster_countkeysinslot(slots.pop()) >= 4
+        assert client.exists(*keys) == 5
+        assert client.cluster_countkeysinslot(slots.pop()) >= 5
 
     # And the sessions are not all on one master (the tag spreads them)
     assert len(owners) >= 2

@@ -133,7 +133,7 @@ def test_writes_within_a_step_leave_the_ttls_alone_and_keep_at_least_the_timeout
     # And once the session hash has less than the timeout left, the next write refreshes every key
     redis_client.pexpire(keys[0], TIMEOUT_S * 1000 - 1)
     manager.sync.update_progress(sid, 10)
-    assert int(redis_client.info("commandstats")["cmdstat_pexpire"]["calls"]) == 1 + 4
+    assert int(redis_client.info("commandstats")["cmdstat_pexpire"]["calls"]) == 1 + 5
     assert_full_ttl(redis_client, key_prefix, sid)
 
 
@@ -161,7 +161,7 @@ def test_cleanup_removes_expired_sessions_and_keeps_refreshed_ones(
     assert redis_client.zscore(space.created_index, stale) is None
     assert redis_client.zscore(space.expiry_index, stale) is None
     # And the refreshed one is whole; its expiry index entry now holds its real last write
-    assert redis_client.exists(*space.session(refreshed).all()) == 4
+    assert redis_client.exists(*space.session(refreshed).all()) == 5
     assert manager.sync.get_session_status(refreshed)["completed_nodes"] == 1
     assert redis_client.zscore(space.expiry_index, refreshed) == refreshed_ms
     assert redis_client.zscore(space.created_index, refreshed) is not None

@@ -24,7 +24,8 @@ def test_exact_key_strings() -> None:
     assert keys.nodes == "tracker:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:nodes"
     assert keys.sigs == "tracker:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:sigs"
     assert keys.events == "tracker:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:events"
-    assert keys.all() == [keys.session, keys.nodes, keys.sigs, keys.events]
+    assert keys.by_status == "tracker:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:by_status"
+    assert keys.all() == [keys.session, keys.nodes, keys.sigs, keys.events, keys.by_status]
     assert KeySpace().created_index == "tracker:index:created"
     assert KeySpace().expiry_index == "tracker:index:expiry"
     assert KeySpace("acme.prod").session(SID).session == "acme.prod:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:session"
@@ -48,7 +49,7 @@ def test_the_adapter_writes_exactly_these_keys(
     # When we list every key under the test's prefix
     found = {key.decode() for key in redis_client.scan_iter(match=f"{key_prefix}:*", count=1000)}
 
-    # Then they are the four session keys and the two indexes, named as pinned above
+    # Then they are the five session keys and the two indexes, named as pinned above
     space = KeySpace(key_prefix)
     assert found == {*space.session(sid).all(), space.created_index, space.expiry_index}
     assert found == {
@@ -56,6 +57,7 @@ def test_the_adapter_writes_exactly_these_keys(
         f"{key_prefix}:{{{sid}}}:nodes",
         f"{key_prefix}:{{{sid}}}:sigs",
         f"{key_prefix}:{{{sid}}}:events",
+        f"{key_prefix}:{{{sid}}}:by_status",
         f"{key_prefix}:index:created",
         f"{key_prefix}:index:expiry",
     }
@@ -65,6 +67,7 @@ def test_the_adapter_writes_exactly_these_keys(
         f"{key_prefix}:{{{sid}}}:nodes": b"hash",
         f"{key_prefix}:{{{sid}}}:sigs": b"hash",
         f"{key_prefix}:{{{sid}}}:events": b"stream",
+        f"{key_prefix}:{{{sid}}}:by_status": b"zset",
         f"{key_prefix}:index:created": b"zset",
         f"{key_prefix}:index:expiry": b"zset",
     }

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from tracker.errors import TrackerError
+from tracker import validation
+from tracker.errors import TrackerError, TrackerValidationError
 from tracker.models import (
     BatchOutcome,
     NodeError,
@@ -130,6 +131,20 @@ def silent_workers(
 def requeued_reason(worker: str, last_seen: datetime, now: datetime) -> str:
     """The reason recorded on a node sent back to ``pending`` because its worker died (late acks)."""
     return f"{lost_reason(worker, last_seen, now)}; waiting for the broker to redeliver its task"
+
+
+def status_cursor(cursor: str | None) -> str:
+    """The node id after which a page of nodes by status starts ('' for the first page).
+
+    Raises:
+        TrackerValidationError: not a node id (so not a cursor a page handed out).
+    """
+    if not cursor:
+        return ""
+    try:
+        return validation.node_id(cursor)
+    except TrackerValidationError:
+        raise TrackerValidationError("cursor", cursor, "expected the next_cursor of a previous page") from None
 
 
 def lost_reason(worker: str, last_seen: datetime, now: datetime) -> str:
@@ -270,8 +285,13 @@ class SessionStorageAdapter(Protocol):
     ) -> NodePage:
         """A page of the session's nodes, optionally only those in ``status``.
 
+        With a status, the page holds ``limit`` nodes whenever that many are in it after the
+        cursor (node id order; the cursor is the last node id of the page before), and costs the
+        page, not the session's size. Without one, nodes come in the store's order.
+
         Raises:
             SessionNotFoundError: no such session.
+            TrackerValidationError: a cursor no page handed out.
         """
 
     def list_sessions(

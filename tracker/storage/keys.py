@@ -26,6 +26,9 @@ also on Redis Cluster):
                                              ``>node`` (what runs after it), ``<node`` / ``^node``
                                              (what an error callback handles / its part's last tasks)
 ``<prefix>:{<sid>}:events``          STREAM  one entry per change (capped, approximate trim)
+``<prefix>:{<sid>}:by_status``       ZSET    ``<status>|<node id>`` per node record, all scored 0:
+                                             the nodes of one status as a lexicographic range
+                                             (pages of ``get_nodes`` by status)
 ===================================  ======  ===================================================
 
 Global (not atomic with session writes; they only help to find sessions):
@@ -55,16 +58,17 @@ from tracker import validation
 
 @dataclass(frozen=True)
 class SessionKeys:
-    """The keys of one session, in the order every script takes them (``KEYS[1..4]``)."""
+    """The keys of one session, in the order every script takes them (``KEYS[1..5]``)."""
 
     session: str
     nodes: str
     sigs: str
     events: str
+    by_status: str
 
     def all(self) -> list[str]:
-        """``[session, nodes, sigs, events]``."""
-        return [self.session, self.nodes, self.sigs, self.events]
+        """``[session, nodes, sigs, events, by_status]``."""
+        return [self.session, self.nodes, self.sigs, self.events, self.by_status]
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,7 @@ class KeySpace:
         """The keys of ``session_id`` (validated first: only a UUID becomes part of a key)."""
         sid = validation.session_id(session_id)
         base = f"{self.prefix}:{{{sid}}}"
-        return SessionKeys(f"{base}:session", f"{base}:nodes", f"{base}:sigs", f"{base}:events")
+        return SessionKeys(f"{base}:session", f"{base}:nodes", f"{base}:sigs", f"{base}:events", f"{base}:by_status")
 
     @property
     def created_index(self) -> str:

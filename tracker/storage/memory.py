@@ -40,6 +40,7 @@ from tracker.storage.base import (
     lost_reason,
     requeued_reason,
     silent_workers,
+    status_cursor,
 )
 from tracker.structure import ERRBACK_NOT_NEEDED, Links, Tree, links, skips
 from tracker.validation import is_worker_id, worker_id
@@ -444,13 +445,18 @@ class InMemoryStorageAdapter:
     def get_nodes(
         self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100
     ) -> NodePage:
+        if status is not None:
+            after = status_cursor(cursor)
+            with self._lock:
+                every = self._entry(session_id).nodes
+                found = sorted(n for n, node in every.items() if node.status is status and n > after)
+                page = [every[n] for n in found[:limit]]
+            return NodePage(nodes=page, next_cursor=found[limit - 1] if len(found) > limit else None)
         with self._lock:
             nodes = list(self._entry(session_id).nodes.values())
-        # The cursor is a position in insertion order, so a page of a filtered view may be short.
         start = _position(cursor)
         end = start + limit
-        page = [n for n in nodes[start:end] if status is None or n.status is status]
-        return NodePage(nodes=page, next_cursor=str(end) if end < len(nodes) else None)
+        return NodePage(nodes=nodes[start:end], next_cursor=str(end) if end < len(nodes) else None)
 
     def list_sessions(
         self, status: SessionStatus | None = None, cursor: str | None = None, limit: int = 50

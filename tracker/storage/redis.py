@@ -66,6 +66,7 @@ from tracker.storage.base import (
     new_request_id,
     requeued_reason,
     silent_workers,
+    status_cursor,
 )
 from tracker.storage.keys import KeySpace, SessionKeys
 from tracker.structure import TREE_FIELD, Tree, links
@@ -76,6 +77,7 @@ T = TypeVar("T")
 #: The scripts, by file name (without ``.lua``); each is loaded with ``common.lua`` before it.
 SCRIPTS = (
     "create", "record_nodes", "transition", "resume", "set_progress", "remove_if_expired", "keep_alive", "end_stalled",
+    "nodes_by_status",
 )  # fmt: skip
 
 #: The session fields ``record_nodes`` replies, in order (``session_values`` in ``common.lua``; its
@@ -704,6 +706,8 @@ class RedisPrograms:
         self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100
     ) -> Program[NodePage]:
         sk = self.keys.session(session_id)
+        if status is not None:
+            return (yield from self._nodes_by_status(session_id, sk, status, cursor, limit))
         position = _scan_cursor(cursor)
         exists, (next_position, items) = yield [
             ("EXISTS", sk.session),
@@ -712,12 +716,23 @@ class RedisPrograms:
         if not exists:
             raise SessionNotFoundError(session_id)
         fields = items if isinstance(items, dict) else _flat_dict(items)
-        nodes = [_node(_text(k), _text(v)) for k, v in fields.items()]
         next_cursor = _text(next_position)
         return NodePage(
-            nodes=[n for n in nodes if status is None or n.status is status],
+            nodes=[_node(_text(k), _text(v)) for k, v in fields.items()],
             next_cursor=None if next_cursor == "0" else next_cursor,
         )
+
+    def _nodes_by_status(
+        self, session_id: str, sk: SessionKeys, status: NodeStatus, cursor: str | None, limit: int
+    ) -> Program[NodePage]:
+        # From the status index: a full page whenever that many nodes are in the status; the cursor
+        # is the last node id of the page before.
+        (reply,) = yield [self._script("nodes_by_status", sk, status.value, status_cursor(cursor), limit)]
+        if _text(reply[0]) == "not_found":
+            raise SessionNotFoundError(session_id)
+        flat = [_text(v) for v in reply[1]]
+        nodes = [_node(nid, record) for nid, record in zip(flat[0::2], flat[1::2], strict=True) if record]
+        return NodePage(nodes=nodes, next_cursor=flat[-2] if reply[2] and flat else None)
 
     def list_sessions(
         self, status: SessionStatus | None = None, cursor: str | None = None, limit: int = 50

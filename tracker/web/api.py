@@ -121,6 +121,14 @@ Cursor = Annotated[
     str | None,
     Query(pattern=r"^[0-9]{1,18}$", description="The `next_cursor` of the previous page; omit for the first page."),
 ]
+#: A page of nodes by status continues after a node id; without a status, at a scan position.
+NodeCursor = Annotated[
+    str | None,
+    Query(
+        pattern=r"^[A-Za-z0-9._:@/+=-]{1,200}$",
+        description="The `next_cursor` of the previous page (same status filter); omit for the first page.",
+    ),
+]
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -214,10 +222,14 @@ def create_router(
     async def get_nodes(
         session_id: SessionIdPath,
         status_filter: Annotated[NodeStatus | None, Query(alias="status", description="Only this node status.")] = None,
-        cursor: Cursor = None,
+        cursor: NodeCursor = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> NodePage:
-        """A page of the session's node results (status, result, error, attempts, worker, timings)."""
+        """A page of the session's node results (status, result, error, attempts, worker, timings).
+
+        With `status`, a page holds `limit` nodes whenever that many are in that status (node id
+        order), read from the store's status index: its cost is the page's, not the session's.
+        """
         return await ctx.manager.get_nodes(_sid(session_id), status_filter, cursor, limit)
 
     @router.get(

@@ -1,7 +1,8 @@
 -- common: prepended to every script at load time. Not a script of its own.
--- KEYS[1..4] are always one session's keys: session (HASH), nodes (HASH), sigs (HASH), events (STREAM).
+-- KEYS[1..5] are always one session's keys: session (HASH), nodes (HASH), sigs (HASH), events (STREAM),
+-- by_status (ZSET).
 -- The tables below mirror tracker/states.py; tests/unit/test_lua_tables.py checks they agree.
-local S, N, G, E = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local S, N, G, E, X = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 
 -- node status -> the session counter it counts in
 local COUNTER = {completed = 'completed', failed = 'failed', lost = 'failed', cancelled = 'cancelled',
@@ -146,7 +147,17 @@ local function touch(ttl_s, force)
   local ttl_ms = tonumber(ttl_s) * 1000
   if not force and redis.call('PTTL', S) >= ttl_ms then return end
   local life_ms = ttl_ms + math.min(math.floor(ttl_ms / 10), 60000)
-  for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], life_ms) end
+  for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], life_ms) end
+end
+
+-- The status index (X): one member '<status>|<node_id>' per node record, all scored 0, so the nodes
+-- of one status are a lexicographic range, read a page at a time (get_nodes). Moved in the same
+-- script run as the record and the counters. Added before the old member is removed: removing a
+-- key's last member deletes the key, and its TTL with it.
+local function index(node_id, old_status, new_status)
+  if old_status == new_status then return end
+  redis.call('ZADD', X, 0, new_status .. '|' .. node_id)
+  if old_status ~= '' then redis.call('ZREM', X, old_status .. '|' .. node_id) end
 end
 
 -- create, transition and resume are not idempotent by themselves, so they carry a request id and

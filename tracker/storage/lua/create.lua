@@ -1,4 +1,4 @@
--- create(KEYS=[session, nodes, sigs, events, (created_index, expiry_index)],
+-- create(KEYS=[session, nodes, sigs, events, by_status, (created_index, expiry_index)],
 --        ARGV=[session_id, canvas_path, node_count, now_ms, metadata_json, ttl_s, events_maxlen, n_nodes,
 --              request_id, (node_id, task_id, signature_json) * n_nodes, (field, value) * m])
 -- Creates a pending session with its known nodes. The index keys are passed only outside Cluster.
@@ -17,19 +17,22 @@ redis.call('HSET', S, 'canvas_path', canvas_path, 'node_count', node_count, 'sta
            'updated_ms', now_ms, 'started_ms', '', 'finished_ms', '', 'metadata', metadata, 'finish_request', '')
 remember_request(request_id, '')
 -- HSET in chunks: unpack() of a very long list overflows Lua's C stack.
-local nodes, sigs = {}, {}
+local nodes, sigs, pending = {}, {}, {}
 for i = 0, n_nodes - 1 do
   local base = 10 + i * 3
   local node_id, task_id, sig = ARGV[base], ARGV[base + 1], ARGV[base + 2]
   nodes[#nodes + 1] = node_id
   nodes[#nodes + 1] = 'pending|0|||' .. task_id .. '||'
+  pending[#pending + 1] = 0
+  pending[#pending + 1] = 'pending|' .. node_id
   if sig ~= '' then
     sigs[#sigs + 1] = node_id
     sigs[#sigs + 1] = sig
   end
   if #nodes >= 1000 or i == n_nodes - 1 then
     redis.call('HSET', N, unpack(nodes))
-    nodes = {}
+    redis.call('ZADD', X, unpack(pending))
+    nodes, pending = {}, {}
     if #sigs > 0 then redis.call('HSET', G, unpack(sigs)) end
     sigs = {}
   end
@@ -44,8 +47,8 @@ end
 local s = load_session()
 emit(s, 'created', now_ms, maxlen)
 touch(ttl_s, true)
-if KEYS[5] then
-  redis.call('ZADD', KEYS[5], now_ms, sid)
+if KEYS[6] then
   redis.call('ZADD', KEYS[6], now_ms, sid)
+  redis.call('ZADD', KEYS[7], now_ms, sid)
 end
 return {'ok'}

@@ -1,4 +1,4 @@
--- end_stalled(KEYS=[session, nodes, sigs, events], ARGV=[cutoff_ms, reaped_ms, now_ms, ttl_s, events_maxlen, payload])
+-- end_stalled(KEYS=[session, nodes, sigs, events, by_status], ARGV=[cutoff_ms, reaped_ms, now_ms, ttl_s, events_maxlen, payload])
 -- A session left waiting for a message that no broker will deliver (kombu's Redis transport loses
 -- a message it popped when its worker is killed before recording it as unacknowledged): it has not
 -- ended, it existed when a dead worker was reaped (reaped_ms), nothing of it runs, and nothing
@@ -21,10 +21,12 @@ local first = nil
 for i = 1, #all, 2 do
   local f = parse_node(all[i + 1])
   if not TERMINAL_NODE[f[1]] then
+    local status = f[1]
     count(s, f[1], -1)
     count(s, 'lost', 1)
     f[1], f[4], f[7] = 'lost', now_ms, payload
     redis.call('HSET', N, all[i], node_text(f))
+    index(all[i], status, 'lost')
     first = first or all[i]
   end
 end

@@ -1,4 +1,4 @@
--- record_nodes(KEYS=[session, nodes, sigs, events, (workers, held_1, held_2, ...)],
+-- record_nodes(KEYS=[session, nodes, sigs, events, by_status, (workers, held_1, held_2, ...)],
 --              ARGV=[ttl_s, events_maxlen, request_id, details, session_id, event * n])
 --   event: 'node_id|status|attempt|task_id|worker|at_ms|started_ms|expect_holder|started_before_ms|held|payload'
 --   (one argument per event: only the payload, last, may hold a '|')
@@ -109,6 +109,7 @@ local function skip(node_id, reason, at_ms)
   f[1], f[3], f[4], f[6], f[7] = 'skipped', '', at_ms, '', '{"reason":"' .. reason .. '"}'
   records[node_id] = node_text(f)
   redis.call('HSET', N, node_id, records[node_id])
+  index(node_id, 'pending', 'skipped')
   count(s, 'skipped', 1, f[7]) -- from pending, which counts nowhere
   marked[#marked + 1] = node_id
 end
@@ -193,6 +194,7 @@ for _, e in ipairs(events) do
     if record ~= raw then
       redis.call('HSET', N, node_id, record)
       records[node_id] = record
+      index(node_id, old_status, new[1])
     end
     if held > 0 then
       if new[1] == 'running' and new[6] == worker then
@@ -235,12 +237,12 @@ for held, members in pairs(registry) do
   for member, present in pairs(members) do
     if present then add[#add + 1] = member else rem[#rem + 1] = member end
   end
-  for_chunks(add, function(part) redis.call('SADD', KEYS[5 + held], unpack(part)) end)
-  for_chunks(rem, function(part) redis.call('SREM', KEYS[5 + held], unpack(part)) end)
+  for_chunks(add, function(part) redis.call('SADD', KEYS[6 + held], unpack(part)) end)
+  for_chunks(rem, function(part) redis.call('SREM', KEYS[6 + held], unpack(part)) end)
 end
 local alive = {}
 for worker, at_ms in pairs(seen) do alive[#alive + 1] = at_ms; alive[#alive + 1] = worker end
-if #alive > 0 then redis.call('ZADD', KEYS[5], unpack(alive)) end
+if #alive > 0 then redis.call('ZADD', KEYS[6], unpack(alive)) end
 if finished ~= '' and request_id ~= '' then
   redis.call('HSET', S, 'finish_request', request_id)
 elseif request_id ~= '' and TERMINAL_SESSION[s.status] and redis.call('HGET', S, 'finish_request') == request_id then

@@ -1,4 +1,4 @@
--- resume(KEYS=[session, nodes, sigs, events],
+-- resume(KEYS=[session, nodes, sigs, events, by_status],
 --        ARGV=[retry_failed, task_id_base, now_ms, ttl_s, events_maxlen, request_id, n_chosen, chosen...,
 --              allowed_from...])
 -- Takes the session back to running (its next run: the `run` field counts them) and resets to
@@ -59,6 +59,7 @@ for _, node in ipairs(candidates) do
   count(s, f[1], -1, f[7])
   local task_id = string.format('%s%012x', task_id_base, #reset / 3 + 1)
   redis.call('HSET', N, node[1], node_text({'pending', f[2], '', '', task_id, '', ''}))
+  index(node[1], f[1], 'pending')
   reset[#reset + 1] = node[1]
   reset[#reset + 1] = task_id
   reset[#reset + 1] = redis.call('HGET', G, node[1]) or ''

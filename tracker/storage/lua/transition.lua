@@ -1,4 +1,4 @@
--- transition(KEYS=[session, nodes, sigs, events],
+-- transition(KEYS=[session, nodes, sigs, events, by_status],
 --            ARGV=[target, now_ms, ttl_s, events_maxlen, request_id, allowed_from...])
 -- Compare-and-set of the session status; the allowed from-states come from states.VALID_TRANSITIONS.
 -- Cancelling marks every node without a result `cancelled`. A retry of the same request (same
@@ -17,6 +17,7 @@ if target == 'cancelled' then
   for i = 1, #all, 2 do
     local f = parse_node(all[i + 1])
     if not TERMINAL_NODE[f[1]] then
+      index(all[i], f[1], 'cancelled')
       count(s, f[1], -1)
       count(s, 'cancelled', 1)
       f[1], f[4], f[7] = 'cancelled', now_ms, '{"reason":"session cancelled"}'
