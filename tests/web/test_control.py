@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 
+import celery._state
 import pytest
 from celery import Celery, chain, group
 
@@ -16,6 +17,12 @@ from tracker.celery import dispatch, install, uninstall
 
 BASE = "/api/v1/parallel"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+#: An app a module holds, as a project's is: the web app imports it by the path its sessions
+#: record. Its broker (the tests' Redis) is set by the test that uses it.
+project_app = Celery("web-project", set_as_current=False)
+project_app.conf.update(task_serializer="json", accept_content=["json"], result_backend=None)
 
 
 @pytest.fixture
@@ -151,3 +158,28 @@ async def test_cancel_through_another_broker_is_refused_and_changes_nothing(
     status = await web_manager.get_session_status(sid)
     assert (status["status"], status["cancelled_nodes"]) == ("pending", 0)
     other.close()
+
+
+async def test_without_an_app_the_web_app_cancels_through_the_one_that_dispatched_the_session(
+    make_app: AppFactory, web_manager: SessionManager, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a session dispatched by an app a module holds, and Celery's current app on another broker
+    monkeypatch.setitem(project_app.conf, "broker_url", redis_url)
+    elsewhere = Celery("elsewhere", broker="memory://", set_as_current=False)
+    monkeypatch.setattr(celery._state, "default_app", elsewhere)
+    monkeypatch.setattr(celery._state._tls, "current_app", elsewhere)
+    install(project_app, beat=False)
+    try:
+        sid = dispatch(group(project_app.signature("t.x") for _ in range(2)), canvas_path="p.canvas",
+                       manager=web_manager)  # fmt: skip
+    finally:
+        uninstall(project_app)
+    assert (await web_manager.get_session(sid)).metadata["dispatched_by"]["app"] == f"{__name__}:project_app"
+
+    # When the web app, given no Celery app, cancels it
+    async with asgi_client(make_app(token=TOKEN)) as http:
+        response = await http.post(f"{BASE}/sessions/{sid}/cancel", headers=AUTH)
+
+    # Then it went through the app that dispatched it (Celery's current app has another broker)
+    assert response.status_code == 200, response.text
+    assert (await web_manager.get_session_status(sid))["status"] == "cancelled"
