@@ -1,9 +1,9 @@
 """The Celery app of the reliability scenarios, configured from the environment.
 
 Workers run it as ``celery -A tests.reliability.appmod worker`` in subprocesses (real prefork
-pools, SIGKILL-able). The signal handlers are installed only in those worker processes
-(``TRACKER_REL_WORKER=1``): the test process only publishes, and an in-process worker of another
-suite must not be recorded twice by this app's handlers.
+pools, SIGKILL-able), where the module installs the tracker (``TRACKER_REL_WORKER=1``); the test
+process, which only publishes, installs it with a fixture of its own (tests/reliability/conftest.py)
+for as long as the reliability tests run.
 
 Broker settings follow the redelivery scenario: ``task_acks_late``, a ``visibility_timeout`` from
 ``TRACKER_REL_VISIBILITY`` and restore sweeps every second (kombu's default sweep runs every

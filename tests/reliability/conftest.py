@@ -20,6 +20,7 @@ import pytest
 from tests.reliability.helpers import Worker
 from tests.servers import RedisProcess, rabbitmq_process, redis_process
 from tests.workers import ROOT
+from tracker.celery import install, uninstall
 
 StartRedis = Callable[..., RedisProcess]
 """``start_redis(*extra_args, password=None)``: a started redis-server of this test's own."""
@@ -30,6 +31,18 @@ worker (on ``rel_broker`` unless ``broker_url`` is given)."""
 
 BROKERS = ["redis", "rabbitmq"]
 """The brokers ``rel_broker_url`` can give, for ``parametrize("rel_broker_url", BROKERS, indirect=True)``."""
+
+
+@pytest.fixture(scope="package", autouse=True)
+def rel_app_installed() -> Iterator[None]:
+    """The tracker installed in :mod:`~tests.reliability.appmod`'s app in this process too, as in any
+    process that dispatches (``dispatch`` refuses an app without it). No task of it runs here: its
+    handlers only ever see other apps' tasks, which they leave alone."""
+    from tests.reliability import appmod
+
+    install(appmod.app, beat=False)
+    yield
+    uninstall(appmod.app)
 
 
 @pytest.fixture(scope="session")
