@@ -28,7 +28,9 @@ WORKER = "celery@bench-host:12345"
 def _usage(store: RedisStorageAdapter, session_id: str) -> dict[str, int]:
     keys = store.programs.keys.session(session_id)
     sizes = {}
-    for part, key in (("session", keys.session), ("nodes", keys.nodes), ("sigs", keys.sigs), ("events", keys.events)):
+    parts = (("session", keys.session), ("nodes", keys.nodes), ("sigs", keys.sigs), ("events", keys.events),
+             ("by_status", keys.by_status))  # fmt: skip
+    for part, key in parts:
         sizes[part] = int(store.client.memory_usage(key, samples=0) or 0)
     return sizes
 
@@ -62,13 +64,14 @@ def run(quick: bool) -> Section:
         with_sigs = _usage(store, dispatched)
         store.close()
 
-    per_node = (plain["session"] + plain["nodes"]) / n
+    per_node = (plain["session"] + plain["nodes"] + plain["by_status"]) / n
     section.rows += [
-        Row(f"bytes per node, small result ({n:,} nodes; session + node hashes)", "B", per_node,
+        Row(f"bytes per node, small result ({n:,} nodes; session + node hashes + status index)", "B", per_node,
             target=Target("ours", "<=", 300)),
+        Row("of which the status index (pages of nodes by status)", "B", plain["by_status"] / n),
         Row("event stream (capped, whole session)", "B", float(plain["events"]),
             note=f"per node at this size: {plain['events'] / n:.0f} B"),
-        Row("bytes per node incl. the event stream", "B", (plain["session"] + plain["nodes"] + plain["events"]) / n),
+        Row("bytes per node incl. the event stream", "B", per_node + plain["events"] / n),
         Row("signature kept per dispatched node (for resume)", "B", with_sigs["sigs"] / n),
     ]  # fmt: skip
     section.details = {"nodes": n, "bytes": plain, "dispatched_bytes": with_sigs, "worker": WORKER}

@@ -35,7 +35,9 @@ def memory(manager: SessionManager, client: redis.Redis, prefix: str, nodes: int
         manager.sync.add_node_result(sid, f"node-{i}", {"ok": 1})
     keys = KeySpace(prefix).session(sid)
     usage = {}
-    for name, key in (("session", keys.session), ("nodes", keys.nodes), ("sigs", keys.sigs), ("events", keys.events)):
+    parts = (("session", keys.session), ("nodes", keys.nodes), ("sigs", keys.sigs), ("events", keys.events),
+             ("by_status", keys.by_status))  # fmt: skip
+    for name, key in parts:
         usage[name] = int(client.memory_usage(key, samples=0) or 0)
     usage["events_entries"] = int(client.xlen(keys.events))
     return usage
@@ -73,9 +75,10 @@ def main() -> None:
         print(f"redis-server {info['redis_version']}, redis-py {redis.__version__}, {options.nodes} nodes")
 
         usage = memory(manager, client, prefix, options.nodes)
-        without_events = usage["session"] + usage["nodes"] + usage["sigs"]
+        without_events = usage["session"] + usage["nodes"] + usage["sigs"] + usage["by_status"]
         print(
             f"memory: session {usage['session']} B, nodes {usage['nodes']} B, sigs {usage['sigs']} B, "
+            f"by_status {usage['by_status']} B, "
             f"events {usage['events']} B ({usage['events_entries']} entries)"
         )
         print(f"bytes per node without events: {without_events / options.nodes:.1f}")
