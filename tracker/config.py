@@ -53,6 +53,9 @@ class TrackerSettings(BaseSettings):
     #: worker). Unset: derived from the app's broker (its redelivery delay plus twice
     #: ``worker_stale_after``; see ``tracker.celery.stalled_after_s``).
     stalled_after: float | None = Field(default=None, gt=0)
+    #: Seconds a session may stay ``pending`` (no worker has recorded any of its nodes) before
+    #: ``tracker status``, ``watch`` and the web API and dashboard show a hint about the workers.
+    pickup_hint_after: float = Field(default=30.0, gt=0)
     #: Optional per-node run limit in seconds; a node running longer is marked ``lost``.
     node_max_runtime: float | None = Field(default=None, gt=0)
     #: Bearer token the web API requires; unset: reads are open, mutations refused.

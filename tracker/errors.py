@@ -88,8 +88,9 @@ class TrackerValidationError(TrackerError, ValueError):
         shown = _SHORT.repr(value)
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        where = f" (session {session_id!r})" if session_id else ""
-        super().__init__(f"invalid {field} {shown}{where}: {reason}")
+        # Input is checked before the store is asked anything, so the message does not name the
+        # session (it may never have been created); ``session_id`` keeps it for the caller.
+        super().__init__(f"invalid {field} {shown}: {reason}")
 
 
 class NodeLimitError(TrackerValidationError):
@@ -98,6 +99,11 @@ class NodeLimitError(TrackerValidationError):
     def __init__(self, session_id: str, node_id: str, node_count: int) -> None:
         super().__init__(
             "node_id", node_id, f"the session already has {node_count} distinct nodes (its node_count)", session_id
+        )
+        # The store refused it, so this session does exist: say so, unlike other validation errors.
+        self.args = (
+            f"session {session_id!r} already has {node_count} distinct nodes (its node_count): "
+            f"node_id {_SHORT.repr(node_id)} would be one more",
         )
 
 

@@ -164,13 +164,17 @@ class ParallelTaskStatus(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
+    hint: str | None = Field(
+        default=None,
+        description="Advice for a session that looks stuck, e.g. pending while no worker has picked up any node.",
+    )
 
     @classmethod
-    def from_session(cls, info: SessionInfo) -> ParallelTaskStatus:
-        """The API view of a session."""
+    def from_session(cls, info: SessionInfo, hint: str | None = None) -> ParallelTaskStatus:
+        """The API view of a session, with ``hint`` (see :mod:`tracker.hints`) when there is one."""
         data = info.model_dump()
         data["task_id"] = data.pop("session_id")
-        return cls(**data)
+        return cls(**data, hint=hint)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 from celery import Celery
 
 from tests.servers import free_port
@@ -20,6 +23,24 @@ worker_app.conf.update(
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
 )
+
+#: Texts of the nodes whose first run :func:`fail_once` failed (the thread worker runs in this process).
+_failed_once: set[str] = set()
+_failed_once_lock = threading.Lock()
+
+
+@worker_app.task(name="tests.fail_once", shared=False)  # type: ignore[untyped-decorator]
+def fail_once(node: dict[str, Any]) -> str:
+    """A node whose text holds ``#flaky`` fails its first run and completes the next (a resume's);
+    other nodes complete. Make each flaky text unique per test."""
+    text = str(node.get("text", ""))
+    with _failed_once_lock:
+        first = "#flaky" in text and text not in _failed_once
+        _failed_once.add(text)
+    if first:
+        raise RuntimeError(f"node {node.get('id')}: first run fails")
+    return text
+
 
 #: Nothing listens on its broker port: publishing fails after kombu's short retry policy.
 UNREACHABLE_BROKER = f"redis://127.0.0.1:{free_port()}/0"

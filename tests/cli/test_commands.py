@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -138,6 +139,71 @@ def test_skipped_has_a_colour_of_its_own() -> None:
     assert "\x1b[" in captured.get() and "skipped" in captured.get()
 
 
+def test_status_counts_retrying_nodes_apart_from_running(cli: Cli, store_manager: SessionManager) -> None:
+    # Given a session of 3: n1 runs, n2 failed an attempt and waits for Celery's retry, n3 waits
+    sid = store_manager.sync.create_session("retry.canvas", 3)
+    store_manager.sync.record_node(sid, "n1", "running", attempt=1)
+    store_manager.sync.record_node(sid, "n2", "running", attempt=1)
+    store_manager.sync.record_node(sid, "n2", "retrying", attempt=1, error=ValueError("flaky upstream"))
+
+    # When its status is shown (in colour, as a terminal gets it)
+    result = cli("status", sid)
+    coloured = cli("status", sid, env={"FORCE_COLOR": "1"})
+
+    # Then the retrying node is named apart from the running one, in the retrying colour
+    assert result.exit_code == ExitCode.OK
+    assert "0 completed, 0 failed, 1 running, 1 retrying, 1 pending (of 3)" in result.stdout
+    assert "\x1b[93m1 retrying\x1b[0m" in coloured.stdout  # bright yellow
+    assert "retrying" not in cli("status", partial_session(store_manager)).stdout  # none: not named
+
+
+def test_retrying_has_a_colour_of_its_own() -> None:
+    from tracker.cli.render import styled
+
+    others = {styled(s.value).style for s in NodeStatus if s is not NodeStatus.RETRYING}
+    others |= {styled(s.value).style for s in SessionStatus}
+    assert styled("retrying").style not in others | {""}
+
+
+def pickup_hint_text(seconds: str) -> str:
+    return (
+        f"Hint: no worker has picked up any node for {seconds} s: is a worker running, "
+        "with the tracker installed in its app (tracker.celery.install(app))?"
+    )
+
+
+def created_ago(manager: SessionManager, seconds: float, node_count: int = 2) -> str:
+    """A session created ``seconds`` ago (by the manager's clock), then the clock back to now."""
+    then = datetime.now(UTC) - timedelta(seconds=seconds)
+    manager.clock = lambda: then
+    try:
+        return manager.sync.create_session("stuck.canvas", node_count)
+    finally:
+        manager.clock = lambda: datetime.now(UTC)
+
+
+def test_status_of_a_session_no_worker_picked_up_shows_a_hint(cli: Cli, store_manager: SessionManager) -> None:
+    # Given a session created 45 s ago that no worker has reported on, one created now, and one
+    # created 45 s ago whose first node runs
+    stuck = created_ago(store_manager, 45)
+    young = store_manager.sync.create_session("young.canvas", 2)
+    started = created_ago(store_manager, 45)
+    store_manager.sync.record_node(started, "n1", "running")
+
+    # When their status is shown
+    result = cli("status", stuck)
+
+    # Then only the stuck one has the hint (in yellow for a terminal), and the JSON stays the status dict
+    assert result.exit_code == ExitCode.OK
+    assert re.search(re.escape(pickup_hint_text("SECONDS")).replace("SECONDS", "4[5-9]"), result.stdout), result.stdout
+    assert "\x1b[33mHint: no worker has picked up" in cli("status", stuck, env={"FORCE_COLOR": "1"}).stdout
+    for other in (young, started):
+        assert "Hint:" not in cli("status", other).stdout
+    assert cli.json("status", stuck, "--json") == store_manager.sync.get_session_status(stuck)
+    # and TRACKER_PICKUP_HINT_AFTER moves the threshold
+    assert "Hint:" not in cli("status", stuck, env={"TRACKER_PICKUP_HINT_AFTER": "120"}).stdout
+
+
 def test_unknown_session_exits_3_with_one_line(cli: Cli) -> None:
     sid = "0b0c1a3e-58c3-4cc9-8a4a-3f0e8f6c1d2e"
     result = cli("status", sid)
@@ -231,6 +297,27 @@ def test_list_shows_sessions_newest_first_and_filters(cli: Cli, store_manager: S
     assert partial in narrow.stdout and "Created" not in narrow.stdout
 
 
+def test_list_at_80_columns_cuts_long_canvas_names_and_keeps_ids_whole(cli: Cli, store_manager: SessionManager) -> None:
+    # Given sessions whose canvas names are longer than an 80-column listing has room for
+    long_names = ("pipelines/nightly/customer-exports-2026.canvas", "reports/quarterly revenue by region.canvas")
+    sids = [store_manager.sync.create_session(name, 4) for name in long_names]
+    sids.append(store_manager.sync.create_session("a.canvas", 4))
+
+    # When they are listed in an 80-column terminal
+    result = cli("list", env={"COLUMNS": "80"})
+
+    # Then each session is one line with its id whole; a long name is cut with an ellipsis, not folded
+    assert result.exit_code == ExitCode.OK
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 2 + len(sids), result.stdout  # header, rule, one line per session
+    assert all(len(line) <= 80 for line in lines)
+    rows = {sid: next(line for line in lines if sid in line) for sid in sids}
+    assert "customer-exp" in rows[sids[0]] and rows[sids[0]].rstrip().endswith("…")
+    assert "2026.canvas" not in result.stdout
+    assert rows[sids[1]].rstrip().endswith("…") and "region" not in result.stdout
+    assert "a.canvas" in rows[sids[2]] and " 0/4 " in rows[sids[2]]
+
+
 def test_list_counts_skipped_nodes_as_done(cli: Cli, store_manager: SessionManager) -> None:
     sid = skipped_session(store_manager)
     table = cli("list")
@@ -301,6 +388,38 @@ def test_watch_counts_skipped_nodes_in_the_bar(cli: Cli, store_manager: SessionM
     assert "node n1 failed" in result.stdout
     assert "ended failed: 0 completed, 1 failed, 2 skipped of 3" in result.stdout
     assert "3/3" in result.stdout  # the bar is full: skipped nodes count towards progress
+
+
+def test_watch_of_a_session_no_worker_picked_up_prints_the_hint_once(cli: Cli, store_manager: SessionManager) -> None:
+    # Given a session created 45 s ago that no worker has reported on, whose node runs 2.5 s later
+    sid = created_ago(store_manager, 45, node_count=1)
+
+    def work() -> None:
+        time.sleep(2.5)  # a few event reads (1 s each) see it pending
+        store_manager.sync.record_node(sid, "n1", "running")
+        store_manager.sync.add_node_result(sid, "n1", 1)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    # When it is watched
+    result = cli("watch", sid)
+    thread.join()
+
+    # Then the hint is printed once, above the bar and the summary
+    assert result.exit_code == ExitCode.OK
+    assert result.stdout.count("Hint: no worker has picked up any node for") == 1, result.stdout
+    assert result.stdout.index("Hint:") < result.stdout.index("1/1") < result.stdout.index(f"Session {sid} ended")
+    assert "is a worker running, with the tracker installed in its app (tracker.celery.install(app))?" in result.stdout
+
+
+def test_watch_of_a_young_session_has_no_hint(cli: Cli, store_manager: SessionManager) -> None:
+    sid = store_manager.sync.create_session("young.canvas", 1)
+    thread = threading.Thread(target=lambda: (time.sleep(1.2), store_manager.sync.add_node_result(sid, "n1", 1)))
+    thread.start()
+    result = cli("watch", sid)
+    thread.join()
+    assert result.exit_code == ExitCode.OK
+    assert "Hint:" not in result.stdout
 
 
 def test_watch_unknown_session_exits_3(cli: Cli) -> None:

@@ -91,6 +91,26 @@ def test_cancel_a_running_batch_then_resume_it_to_completion(
     assert f"Session {sid} ended completed: 12 completed, 0 failed of 12" in resumed.stdout
 
 
+def test_resume_wait_reports_the_new_run_only(
+    worker_cli: Cli, tracked: SessionManager, canvas_file: Callable[..., Path]
+) -> None:
+    # Given a batch whose node n2 failed in its first run (its task fails once, then succeeds)
+    path = canvas_file("steady", f"flaky #flaky-{uuid.uuid4().hex}", "steady too")
+    first = worker_cli("--app", TEST_APP, "run", str(path), "--task", "tests.fail_once", "--wait")
+    assert first.exit_code == ExitCode.SESSION_FAILED, first.stderr
+    assert "node n2 failed" in first.stderr
+    sid = first.stdout.strip()
+
+    # When it is resumed and followed
+    resumed = worker_cli("--app", TEST_APP, "resume", sid, "--wait")
+
+    # Then the follow shows the new run only: n2 completed in it, so no failure is announced
+    assert resumed.exit_code == ExitCode.OK, resumed.stdout + resumed.stderr
+    assert f"Session {sid} resumed: 1 node(s) sent again." in resumed.stdout
+    assert f"Session {sid} ended completed: 3 completed, 0 failed of 3" in resumed.stdout
+    assert "failed" not in resumed.stdout.replace("0 failed", ""), resumed.stdout
+
+
 @pytest.fixture
 def second_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A second broker (a redis-server of its own) that no worker listens to, and the CLI's default

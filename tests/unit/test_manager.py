@@ -9,14 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, make_store
 from tracker import (
     InMemoryStorageAdapter,
     NodeError,
+    NodeLimitError,
     NodeResult,
     ParallelTaskStatus,
     SessionManager,
+    SessionNotFoundError,
     TrackerSettings,
+    TrackerValidationError,
 )
 from tracker.storage.redis import RedisStorageAdapter
 
@@ -107,6 +110,33 @@ async def test_models_are_json_safe() -> None:
     api = ParallelTaskStatus.from_session(await manager.get_session(sid)).to_dict()
     assert api["task_id"] == sid
     assert (api["completed_nodes"], api["pending_nodes"], api["progress_percent"]) == (1, 1, 50)
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_an_invalid_node_id_does_not_claim_its_session_exists(kind: str, redis_url: str, key_prefix: str) -> None:
+    # Given a session id that was never created, on each store
+    store = make_store(kind, redis_url, key_prefix)
+    manager = SessionManager(storage=store)
+    never = "0b0c1a3e-58c3-4cc9-8a4a-3f0e8f6c1d2e"
+
+    # When a node with an invalid id is recorded for it
+    with pytest.raises(TrackerValidationError) as caught:
+        manager.sync.record_node(never, "bad id!", "running")
+
+    # Then the message is about the node id, and names no session as if it existed
+    assert str(caught.value) == "invalid node_id 'bad id!': only letters, digits and . _ : @ / + = - are allowed"
+    assert caught.value.session_id == never
+    with pytest.raises(SessionNotFoundError):  # a valid node id reaches the store, which says so
+        manager.sync.record_node(never, "good-id", "running")
+    # and a node over the node_count is refused by the store itself: that session does exist
+    sid = manager.sync.create_session("one.canvas", 1)
+    manager.sync.record_node(sid, "n1", "running")
+    with pytest.raises(NodeLimitError) as over:
+        manager.sync.record_node(sid, "n2", "running")
+    assert str(over.value) == (
+        f"session '{sid}' already has 1 distinct nodes (its node_count): node_id 'n2' would be one more"
+    )
+    store.close()
 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

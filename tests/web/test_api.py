@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -11,8 +12,9 @@ from fastapi import FastAPI
 from tests.servers import free_port
 from tests.web.conftest import TOKEN, AppFactory, asgi_client
 from tracker import NodeError, SessionManager, SessionStatus, TrackerSettings
+from tracker.manager import utc_now
 from tracker.storage.redis import RedisStorageAdapter
-from tracker.web import create_app, create_router
+from tracker.web import WebSettings, create_app, create_router
 
 BASE = "/api/v1/parallel"
 
@@ -60,6 +62,46 @@ async def test_status_counts_skipped_nodes(client: httpx.AsyncClient, web_manage
     assert body["status"] == "running"
     listed = (await client.get(f"{BASE}/sessions")).json()["sessions"]
     assert next(s for s in listed if s["task_id"] == sid)["skipped_nodes"] == 2
+
+
+PICKUP_HINT = (
+    "no worker has picked up any node for {} s: is a worker running, "
+    "with the tracker installed in its app (tracker.celery.install(app))?"
+)
+
+
+async def created_ago(manager: SessionManager, seconds: float) -> str:
+    """A session created ``seconds`` ago by the manager's clock (set back to the real one after)."""
+    then = datetime.now(UTC) - timedelta(seconds=seconds)
+    manager.clock = lambda: then
+    try:
+        return await new_session(manager, 2)
+    finally:
+        manager.clock = utc_now
+
+
+async def test_a_session_no_worker_picked_up_has_a_hint(make_app: AppFactory, web_manager: SessionManager) -> None:
+    # Given a session pending for 45 s, one created now, one 45 s old whose first node runs
+    stuck = await created_ago(web_manager, 45)
+    young = await new_session(web_manager)
+    started = await created_ago(web_manager, 45)
+    await web_manager.record_node(started, "n0", "running")
+
+    async with asgi_client(make_app()) as client:
+        # When their status is read, one by one and in the listing
+        bodies = {sid: (await client.get(f"{BASE}/status/{sid}")).json() for sid in (stuck, young, started)}
+        listed = {s["task_id"]: s for s in (await client.get(f"{BASE}/sessions")).json()["sessions"]}
+
+    # Then only the pending one older than TRACKER_PICKUP_HINT_AFTER (30 s) has the hint
+    hint = bodies[stuck]["hint"]
+    assert hint in {PICKUP_HINT.format(seconds) for seconds in range(45, 50)}, hint
+    assert (bodies[young]["hint"], bodies[started]["hint"]) == (None, None)
+    assert listed[stuck]["hint"] == hint
+    assert (listed[young]["hint"], listed[started]["hint"]) == (None, None)
+    # and the server's own setting decides when it shows
+    settings = TrackerSettings(pickup_hint_after=60)
+    async with asgi_client(create_app(web_manager, settings, None, web_settings=WebSettings())) as client:
+        assert (await client.get(f"{BASE}/status/{stuck}")).json()["hint"] is None
 
 
 async def test_status_accepts_any_uuid_spelling(client: httpx.AsyncClient, web_manager: SessionManager) -> None:
@@ -323,6 +365,12 @@ async def test_openapi_knows_skipped_nodes(client: httpx.AsyncClient) -> None:
     nodes = doc["paths"]["/api/v1/parallel/sessions/{session_id}/nodes"]["get"]
     status = next(p for p in nodes["parameters"] if p["name"] == "status")
     assert {"$ref": "#/components/schemas/NodeStatus"} in status["schema"]["anyOf"]
+
+
+async def test_openapi_knows_retrying_nodes_and_the_hint(client: httpx.AsyncClient) -> None:
+    properties = (await client.get("/openapi.json")).json()["components"]["schemas"]["ParallelTaskStatus"]["properties"]
+    assert properties["retrying_nodes"]["type"] == "integer"
+    assert {"type": "string"} in properties["hint"]["anyOf"] and {"type": "null"} in properties["hint"]["anyOf"]
 
 
 async def test_router_mounted_in_a_users_app_maps_errors_itself(web_manager: SessionManager) -> None:

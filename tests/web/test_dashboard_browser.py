@@ -13,6 +13,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ from celery import Celery, group
 from tests.conftest import make_store
 from tests.web.conftest import TOKEN, serve_in_thread
 from tracker import NodeError, SessionManager, TrackerSettings
-from tracker.celery import dispatch
+from tracker.celery import dispatch, install, uninstall
+from tracker.manager import utc_now
 from tracker.web import WebSettings, create_app
 
 pytestmark = pytest.mark.browser
@@ -71,15 +73,17 @@ def redis_manager(redis_url: str, key_prefix: str) -> Iterator[SessionManager]:
 
 
 @pytest.fixture
-def celery_app() -> Iterator[Celery]:
+def celery_app(redis_manager: SessionManager) -> Iterator[Celery]:
     app = Celery("dashboard-test", broker="memory://", set_as_current=False)
     app.conf.update(task_serializer="json", accept_content=["json"])
+    install(app, redis_manager, beat=False)  # dispatch refuses an app without the tracker
 
     @app.task(name="tests.web.dashboard.work", shared=False)  # type: ignore[untyped-decorator]
     def work(n: int) -> int:
         return n * n
 
     yield app
+    uninstall(app)
     app.close()
 
 
@@ -227,6 +231,123 @@ def test_dashboard_shows_skipped_nodes_live(chromium: str, redis_manager: Sessio
             expect(summary.locator('dt:text-is("skipped") + dd')).to_have_text("2")
             expect(summary.locator('dt:text-is("pending") + dd')).to_have_text("0")
             expect(row.locator(".counts")).to_have_text("1 / 1 / 0 / 0 of 4")
+            assert errors == []
+        finally:
+            browser.close()
+
+
+def test_dashboard_counts_retrying_nodes_apart_from_running_live(chromium: str, redis_manager: SessionManager) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    app = create_app(redis_manager, TrackerSettings(api_token=TOKEN), None, web_settings=WebSettings())
+    # Given a session of 3 nodes, on a page that refreshes its list only once a minute
+    sid = redis_manager.sync.create_session("retry.canvas", 3)
+    with serve_in_thread(app) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 800})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            list_reads: list[str] = []
+            page.on("request", lambda request: list_reads.append(request.url) if "/sessions?" in request.url else None)
+            page.goto(f"{server.url}/dashboard?refresh=60")
+            page.fill("#login-token", TOKEN)
+            page.click("#login button[type=submit]")
+            row = page.locator(f'tr[data-session-id="{sid}"]')
+            expect(row).to_be_visible(timeout=10_000)
+            row.click()
+            page.wait_for_function(f"window.trackerDashboard.streams.has('{sid}')", timeout=10_000)
+            reads_before = len(list_reads)
+            summary = page.locator("#detail-summary")
+
+            def counts() -> dict[str, str]:
+                return {
+                    label: summary.locator(f'dt:text-is("{label}") + dd').inner_text()
+                    for label in ("running", "retrying", "pending")
+                }
+
+            # When n0 fails an attempt and waits for Celery's retry while n1 runs
+            redis_manager.sync.record_node(sid, "n0", "running", attempt=1, worker="celery@browser-test")
+            error = NodeError(type="ConnectionError", message="upstream busy")
+            redis_manager.sync.record_node(sid, "n0", "retrying", attempt=1, error=error)
+            redis_manager.sync.record_node(sid, "n1", "running", attempt=1, worker="celery@browser-test")
+
+            # Then the events alone (no list refresh) count n0 as retrying, not running
+            expect(summary.locator('dt:text-is("running") + dd')).to_have_text("1", timeout=10_000)
+            expect(summary.locator('dt:text-is("retrying") + dd')).to_have_text("1")
+            expect(summary.locator('dt:text-is("pending") + dd')).to_have_text("1")
+            retrying_badge = page.locator('#nodes tbody tr[data-node-id="n0"] .status')
+            expect(retrying_badge).to_have_text("retrying", timeout=10_000)
+            colours = page.evaluate(
+                """() => ({
+                  count: getComputedStyle(document.querySelector("#detail-summary dd.count-retrying")).color,
+                  badge: getComputedStyle(document.querySelector('#nodes tr[data-node-id="n0"] .status')).color,
+                  running: getComputedStyle(document.querySelector('#nodes tr[data-node-id="n1"] .status')).color,
+                })"""
+            )
+            assert colours["count"] == colours["badge"] == "rgb(0, 131, 143)", colours  # --retry
+            assert colours["badge"] != colours["running"]
+
+            # When its next attempt starts, it leaves retrying for running; when it completes, running
+            redis_manager.sync.record_node(sid, "n0", "running", attempt=2, worker="celery@browser-test")
+            expect(summary.locator('dt:text-is("running") + dd')).to_have_text("2", timeout=10_000)
+            assert counts() == {"running": "2", "retrying": "0", "pending": "1"}
+            redis_manager.sync.add_node_result(sid, "n0", 1, attempt=2)
+            expect(summary.locator('dt:text-is("running") + dd')).to_have_text("1", timeout=10_000)
+            assert counts() == {"running": "1", "retrying": "0", "pending": "1"}
+            assert len(list_reads) == reads_before, list_reads
+            assert errors == []
+        finally:
+            browser.close()
+
+
+def test_dashboard_shows_the_pickup_hint_while_no_worker_reports(chromium: str, redis_manager: SessionManager) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    app = create_app(redis_manager, TrackerSettings(api_token=TOKEN), None, web_settings=WebSettings())
+    # Given a session created 45 s ago that no worker has reported on, and one created now
+    then = datetime.now(UTC) - timedelta(seconds=45)
+    redis_manager.clock = lambda: then
+    stuck = redis_manager.sync.create_session("stuck.canvas", 2)
+    redis_manager.clock = utc_now
+    young = redis_manager.sync.create_session("young.canvas", 2)
+    with serve_in_thread(app) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 800})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{server.url}/dashboard?refresh=60")
+            page.fill("#login-token", TOKEN)
+            page.click("#login button[type=submit]")
+            hint = page.locator("#detail-hint")
+
+            # When the young one is opened: no hint
+            page.locator(f'tr[data-session-id="{young}"]').click()
+            expect(page.locator("#detail-id")).to_have_text(young, timeout=10_000)
+            expect(hint).to_be_hidden()
+
+            # When the stuck one is opened: the hint, above its counts, also once its stream's snapshot came
+            page.locator(f'tr[data-session-id="{stuck}"]').click()
+            expect(page.locator("#detail-id")).to_have_text(stuck)
+            expect(hint).to_be_visible()
+            expect(hint).to_contain_text("no worker has picked up any node for 4")
+            expect(hint).to_contain_text(
+                "s: is a worker running, with the tracker installed in its app (tracker.celery.install(app))?"
+            )
+            # (the snapshot is remembered with its event id: it has replaced the listing's copy)
+            page.wait_for_function(f"window.trackerDashboard.lastIds.has('{stuck}')", timeout=10_000)
+            expect(hint).to_be_visible()
+            above = page.evaluate(
+                "() => document.querySelector('#detail-hint').compareDocumentPosition("
+                "document.querySelector('#detail-summary')) & Node.DOCUMENT_POSITION_FOLLOWING"
+            )
+            assert above
+
+            # When a worker reports its first node, the hint goes, live
+            redis_manager.sync.record_node(stuck, "n0", "running", attempt=1, worker="celery@browser-test")
+            expect(page.locator(f'tr[data-session-id="{stuck}"] .status')).to_have_text("running", timeout=10_000)
+            expect(hint).to_be_hidden()
             assert errors == []
         finally:
             browser.close()

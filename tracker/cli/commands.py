@@ -9,10 +9,11 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.text import Text
 
 from tracker.cli.base import CliError, CliState, ExitCode, masked_url, outcome_code
 from tracker.cli.batch import dispatch_canvas_file
-from tracker.cli.render import ending_line, follow, print_report, sessions_table
+from tracker.cli.render import ending_line, follow, newest_event_id, print_report, session_hint, sessions_table
 from tracker.models import SessionInfo
 from tracker.states import TERMINAL_STATUSES, SessionStatus
 
@@ -135,7 +136,8 @@ def run(ctx: click.Context, state: CliState, canvas_file: Path, wait: bool, task
 def status(ctx: click.Context, state: CliState, session_id: str, as_json: bool) -> None:
     """Show one session's status, counters and failures.
 
-    Shows status, progress, node counters, times and, when nodes failed, their errors.
+    Shows status, progress, node counters, times and, when nodes failed, their errors; a hint
+    when the session has stayed pending longer than TRACKER_PICKUP_HINT_AFTER seconds.
     Exits 1 when the session ended failed, partial_failure or cancelled, 0 otherwise.
     """
     manager = state.manager()
@@ -143,7 +145,11 @@ def status(ctx: click.Context, state: CliState, session_id: str, as_json: bool) 
     if as_json:
         _echo_json(info)
     else:
-        print_report(_out(), manager, info)
+        console = _out()
+        print_report(console, manager, info)
+        hint = session_hint(manager, info)
+        if hint is not None:
+            console.print(Text(f"Hint: {hint}", style="yellow"))
     ctx.exit(outcome_code(info["status"]))
 
 
@@ -188,8 +194,10 @@ def list_(state: CliState, status_filter: str | None, limit: int, as_json: bool)
 def watch(ctx: click.Context, state: CliState, session_id: str) -> None:
     """Follow a session live until it ends.
 
-    Draws a progress bar fed by the session's event stream, announces failed nodes as they fail,
-    and ends with a summary. Exits 1 when the session ended failed, partial_failure or cancelled, 0 when it completed.
+    Draws a progress bar fed by the session's event stream, announces failed nodes as they fail
+    (and, once, a hint when no worker has picked up any node for TRACKER_PICKUP_HINT_AFTER
+    seconds), and ends with a summary. Exits 1 when the session ended failed, partial_failure or
+    cancelled, 0 when it completed.
     """
     console = _out()
     manager = state.manager()
@@ -236,11 +244,14 @@ def resume(ctx: click.Context, state: CliState, session_id: str, retry_failed: b
 
     manager = state.manager()
     manager.sync.get_session(session_id)  # unknown id: exit 3 before loading the Celery app
+    # --wait follows the new run only: the stream's earlier events announce the failures of the
+    # runs before, of nodes that are now sent again.
+    after = newest_event_id(manager, session_id) if wait else None
     sent = resume_session(session_id, app=state.session_app(session_id), manager=manager, retry_failed=retry_failed)
     console = _out()
     console.print(f"Session {session_id} resumed: {sent} node(s) sent again.")
     if wait:
-        _finish(ctx, console, state, follow(manager, session_id, console))
+        _finish(ctx, console, state, follow(manager, session_id, console, after=after))
 
 
 @click.command()

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 from rich.text import Text
 
+from tracker.hints import pickup_hint
 from tracker.manager import SessionManager
 from tracker.models import NodeResult
 from tracker.states import TERMINAL_STATUSES, NodeStatus
@@ -33,7 +34,8 @@ _STYLES = {
     "partial_failure": "yellow",
     "failed": "red",
     "cancelled": "magenta",
-    "retrying": "yellow",
+    # Not partial_failure's yellow: a node waiting for its retry is in flight, not a result.
+    "retrying": "bright_yellow",
     "lost": "red",
     "skipped": "blue",
 }
@@ -51,12 +53,14 @@ def follow(
     *,
     timeout_s: float | None = None,
     wait_ms: int = EVENT_WAIT_MS,
+    after: str | None = None,
 ) -> dict[str, Any]:
     """Show a progress bar fed by the session's event stream until the session ends.
 
     Each event carries the session's counters, so the bar is exact after every event, and
     replaying old events (when following starts late) is harmless. Failed nodes are announced
-    above the bar as they fail.
+    above the bar as they fail. While the session stays pending longer than
+    ``pickup_hint_after``, the pickup hint (:func:`tracker.hints.pickup_hint`) is printed once.
 
     Args:
         manager: Where the session lives.
@@ -64,6 +68,8 @@ def follow(
         console: Where to draw.
         timeout_s: Stop following after this many seconds even if the session has not ended.
         wait_ms: How long each event read waits for news, in milliseconds.
+        after: Read the event stream after this event id (see :func:`newest_event_id`), not from
+            its start: failures of an earlier run are then not announced again.
 
     Returns:
         The session's status dict when following stopped (ended, or at the timeout).
@@ -74,6 +80,7 @@ def follow(
     status = manager.sync.get_session_status(session_id)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     announced = 0
+    hinted = False
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -86,8 +93,11 @@ def follow(
     ) as progress:
         bar = progress.add_task("", total=max(1, int(status["node_count"])), ok=0, failed=0)
         _show(progress, bar, status)
-        last_id: str | None = None
+        last_id = after
         while status["status"] not in TERMINAL_STATUSES:
+            if not hinted and (hint := session_hint(manager, status)) is not None:
+                progress.console.print(Text(f"Hint: {hint}", style="yellow"))
+                hinted = True
             if deadline is not None and time.monotonic() >= deadline:
                 break
             events = manager.sync.read_events(session_id, after=last_id, limit=1000, block_ms=wait_ms)
@@ -119,6 +129,26 @@ def follow(
         status = manager.sync.get_session_status(session_id)
         _show(progress, bar, status)
     return status
+
+
+def newest_event_id(manager: SessionManager, session_id: str) -> str | None:
+    """The id of the session's newest event, None when its stream is empty (pass it to :func:`follow`'s ``after``).
+
+    Streams are capped (``TRACKER_EVENTS_MAXLEN``), so this reads at most about that many events.
+    """
+    newest: str | None = None
+    while True:
+        batch = manager.sync.read_events(session_id, after=newest, limit=1000)
+        if batch:
+            newest = batch[-1].id
+        if len(batch) < 1000:
+            return newest
+
+
+def session_hint(manager: SessionManager, status: dict[str, Any]) -> str | None:
+    """The pickup hint for a session's status dict, at the manager's time, or None."""
+    created_at = datetime.fromisoformat(status["created_at"])
+    return pickup_hint(status["status"], created_at, manager.clock(), manager.settings.pickup_hint_after)
 
 
 def finished_nodes(status: dict[str, Any]) -> int:
@@ -155,17 +185,26 @@ def duration_s(status: dict[str, Any]) -> float | None:
     return max(0.0, (end - start).total_seconds())
 
 
-def node_counts(status: dict[str, Any]) -> str:
-    """``"38 completed, 4 failed, 0 running, 0 pending (of 42)"`` plus lost/cancelled/skipped when any."""
-    parts = [f"{status['completed_nodes']} completed", f"{status['failed_nodes']} failed"]
+def node_counts(status: dict[str, Any]) -> Text:
+    """``"38 completed, 4 failed, 0 running, 0 pending (of 42)"`` plus lost/retrying/cancelled/skipped when any.
+
+    Retrying nodes (waiting for Celery's retry) are not among the running ones: they are named
+    apart, after them, in their own colour.
+    """
+    parts: list[str | Text] = [f"{status['completed_nodes']} completed", f"{status['failed_nodes']} failed"]
     if status.get("lost_nodes"):
-        parts[-1] += f" ({status['lost_nodes']} lost)"
-    parts += [f"{status.get('running_nodes', 0)} running", f"{status.get('pending_nodes', 0)} pending"]
+        parts[-1] = f"{parts[-1]} ({status['lost_nodes']} lost)"
+    parts.append(f"{status.get('running_nodes', 0)} running")
+    if status.get("retrying_nodes"):
+        parts.append(Text(f"{status['retrying_nodes']} retrying", style=_STYLES["retrying"]))
+    parts.append(f"{status.get('pending_nodes', 0)} pending")
     if status.get("cancelled_nodes"):
         parts.append(f"{status['cancelled_nodes']} cancelled")
     if status.get("skipped_nodes"):
         parts.append(f"{status['skipped_nodes']} skipped")
-    return ", ".join(parts) + f" (of {status['node_count']})"
+    counts = Text(", ").join(Text(part) if isinstance(part, str) else part for part in parts)
+    counts.append(f" (of {status['node_count']})")
+    return counts
 
 
 def status_table(status: dict[str, Any]) -> Table:
@@ -279,14 +318,17 @@ def sessions_table(sessions: list[dict[str, Any]], width: int = 80) -> Table:
     table.add_column("Session", no_wrap=True, min_width=36)
     table.add_column("Status", no_wrap=True, min_width=15)
     table.add_column("Done", justify="right", no_wrap=True)
-    table.add_column("Canvas", overflow="fold", min_width=8)
+    # The only column that may give way (people copy the id whole): its width shrinks to what is
+    # left, and each name (a cell that never wraps) is cut there with an ellipsis. Folded, names
+    # broke mid-word at 80 columns.
+    table.add_column("Canvas", overflow="ellipsis", min_width=8)
     wide = width >= 100
     if wide:
         table.add_column("Created (UTC)", no_wrap=True)
     for s in sessions:
         done = finished_nodes(s)
-        row = [s["session_id"], styled(s["status"]), f"{done}/{s['node_count']}"]
-        row.append(PurePath(s["canvas_path"]).name or s["canvas_path"])
+        row: list[str | Text] = [s["session_id"], styled(s["status"]), f"{done}/{s['node_count']}"]
+        row.append(Text(PurePath(s["canvas_path"]).name or s["canvas_path"], no_wrap=True, overflow="ellipsis"))
         if wide:
             row.append(datetime.fromisoformat(s["created_at"]).astimezone(UTC).strftime("%Y-%m-%d %H:%M"))
         table.add_row(*row)

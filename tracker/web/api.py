@@ -19,6 +19,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -39,8 +40,9 @@ from tracker.errors import (
     TrackerValidationError,
     WrongCeleryAppError,
 )
+from tracker.hints import pickup_hint
 from tracker.manager import SessionManager
-from tracker.models import NodePage, ParallelTaskStatus
+from tracker.models import NodePage, ParallelTaskStatus, SessionInfo
 from tracker.states import NodeStatus, SessionStatus
 from tracker.web.auth import read_access, write_access
 from tracker.web.events import StreamLimiter, plan_start, session_stream
@@ -191,6 +193,13 @@ def create_router(
     )
     mutation = [Depends(write_access(token))]
 
+    def view(info: SessionInfo, now: datetime | None = None) -> ParallelTaskStatus:
+        # The hint is a pure rule on what was read (no store call), so listings show it too.
+        now = now if now is not None else ctx.manager.clock()
+        return ParallelTaskStatus.from_session(
+            info, pickup_hint(info.status, info.created_at, now, ctx.settings.pickup_hint_after)
+        )
+
     @router.get(
         "/status/{task_id}",
         response_model=ParallelTaskStatus,
@@ -199,7 +208,7 @@ def create_router(
     )
     async def get_status(task_id: TaskIdPath) -> ParallelTaskStatus:
         """The session's status and counters: one store read, whatever the node count."""
-        return ParallelTaskStatus.from_session(await ctx.manager.get_session(_sid(task_id)))
+        return view(await ctx.manager.get_session(_sid(task_id)))
 
     @router.get("/sessions", response_model=SessionList, responses=_errors(422, 503), summary="List sessions")
     async def list_sessions(
@@ -209,9 +218,8 @@ def create_router(
     ) -> SessionList:
         """A page of sessions, newest first, optionally only those in one status."""
         page = await ctx.manager.list_sessions(status_filter, cursor, limit)
-        return SessionList(
-            sessions=[ParallelTaskStatus.from_session(info) for info in page.sessions], next_cursor=page.next_cursor
-        )
+        now = ctx.manager.clock()
+        return SessionList(sessions=[view(info, now) for info in page.sessions], next_cursor=page.next_cursor)
 
     @router.get(
         "/sessions/{session_id}/nodes",
@@ -269,7 +277,7 @@ def create_router(
         after = last_event_id or last_event_id_query or None
         if after is not None:
             validation.event_id(after)
-        start = await plan_start(ctx.manager, sid, after)
+        start = await plan_start(ctx.manager, sid, after, hint_after_s=ctx.settings.pickup_hint_after)
         slot = limiter.try_acquire()
         if slot is None:
             raise HTTPException(
@@ -307,7 +315,7 @@ def create_router(
         info = await _broker_call(
             cancel_session, _sid(session_id), app=ctx.celery_app, manager=ctx.manager, terminate=terminate
         )
-        return ParallelTaskStatus.from_session(info)
+        return view(info)
 
     @router.post(
         "/sessions/{session_id}/resume",
@@ -331,7 +339,7 @@ def create_router(
             resume_session, sid, app=ctx.celery_app, manager=ctx.manager, retry_failed=retry_failed
         )
         info = await ctx.manager.get_session(sid)
-        return ResumeResult(resent_nodes=resent, session=ParallelTaskStatus.from_session(info))
+        return ResumeResult(resent_nodes=resent, session=view(info))
 
     return router
 

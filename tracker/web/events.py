@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from sse_starlette.event import ServerSentEvent
 
 from tracker.errors import SessionNotFoundError, StorageUnavailableError
+from tracker.hints import pickup_hint
 from tracker.manager import SessionManager
 from tracker.models import ParallelTaskStatus, SessionEvent
 from tracker.states import SessionStatus
@@ -108,13 +109,17 @@ async def _newest_id(manager: SessionManager, session_id: str) -> str:
             return newest
 
 
-async def plan_start(manager: SessionManager, session_id: str, last_event_id: str | None) -> StreamStart:
+async def plan_start(
+    manager: SessionManager, session_id: str, last_event_id: str | None, *, hint_after_s: float | None = None
+) -> StreamStart:
     """Decide where a new connection's stream starts. Raises before any byte is sent.
 
     Args:
         manager: The session manager.
         session_id: A validated session id.
         last_event_id: The id the client saw last (validated), or None on a first connection.
+        hint_after_s: The snapshot's pickup hint shows after this many seconds pending
+            (:func:`tracker.hints.pickup_hint`); default the manager's ``pickup_hint_after``.
 
     Raises:
         SessionNotFoundError: no such session.
@@ -130,7 +135,9 @@ async def plan_start(manager: SessionManager, session_id: str, last_event_id: st
     # entry up to that id, and entries after it are sent (again, harmlessly: absolute counters).
     newest = await _newest_id(manager, session_id)
     info = await manager.get_session(session_id)
-    return StreamStart(after=newest, status=info.status, snapshot=ParallelTaskStatus.from_session(info))
+    after_s = hint_after_s if hint_after_s is not None else manager.settings.pickup_hint_after
+    hint = pickup_hint(info.status, info.created_at, manager.clock(), after_s)
+    return StreamStart(after=newest, status=info.status, snapshot=ParallelTaskStatus.from_session(info, hint))
 
 
 def _sse(event: SessionEvent) -> ServerSentEvent:

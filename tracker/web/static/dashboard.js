@@ -23,6 +23,7 @@
     rows: new Map(), // task_id -> <tr>
     streams: new Map(), // task_id -> EventSource
     lastIds: new Map(), // task_id -> last event id seen (for a manual reconnect)
+    retrying: new Map(), // task_id -> Set of node ids whose latest event seen here is "retrying"
     selected: null,
     nextCursor: null,
     nodeCursor: null,
@@ -129,18 +130,24 @@
     const session = state.sessions.get(state.selected);
     if (!session) return;
     $("detail-id").textContent = session.task_id;
+    // The server decides when a session looks stuck (GET status and the listing carry its hint);
+    // the first node event makes it running, and the hint is then over whatever it said.
+    const hint = $("detail-hint");
+    hint.textContent = session.hint || "";
+    hint.hidden = !(session.hint && session.status === "pending");
     const summary = $("detail-summary");
     summary.replaceChildren();
     const fields = [
       ["canvas", session.canvas_path], ["status", session.status], ["progress", `${session.progress_percent} %`],
       ["nodes", session.node_count], ["completed", session.completed_nodes], ["failed", session.failed_nodes],
-      ["running", session.running_nodes], ["pending", session.pending_nodes], ["lost", session.lost_nodes],
-      ["cancelled", session.cancelled_nodes], ["skipped", session.skipped_nodes],
+      ["running", session.running_nodes], ["retrying", session.retrying_nodes], ["pending", session.pending_nodes],
+      ["lost", session.lost_nodes], ["cancelled", session.cancelled_nodes], ["skipped", session.skipped_nodes],
       ["created", dateTime(session.created_at)], ["started", dateTime(session.started_at)],
       ["finished", dateTime(session.finished_at)], ["updated", dateTime(session.updated_at)],
     ];
     for (const [label, value] of fields) {
-      summary.append(text("dt", label), label === "status" ? wrap("dd", statusBadge(value)) : text("dd", value ?? "—"));
+      summary.append(text("dt", label), label === "status" ? wrap("dd", statusBadge(value)) :
+        text("dd", value ?? "—", label === "retrying" ? "count-retrying" : ""));
     }
   }
 
@@ -270,18 +277,31 @@
       updated_at: event.at,
     };
     if (event.type === "node" && event.node_status) {
-      // The running and skipped counts are not in the event; they are exact again at the next list
-      // refresh. A skipped node never started: it leaves pending, not running.
-      const running = Math.max(0, session.running_nodes + (event.node_status === "running" ? 1 : 0) -
-        (["completed", "failed", "lost", "cancelled"].includes(event.node_status) ? 1 : 0));
-      merged.running_nodes = Math.min(running, session.node_count);
+      // The running, retrying and skipped counts are not in the event; they are exact again at the
+      // next list refresh. A skipped node never started: it leaves pending, not running. A node
+      // waiting for Celery's retry is counted apart from running until its next attempt starts or
+      // it ends; the nodes seen entering retrying here are remembered, so that their next event
+      // takes them out of retrying rather than out of running.
+      if (!state.retrying.has(id)) state.retrying.set(id, new Set());
+      const waiting = state.retrying.get(id);
+      let running = session.running_nodes;
+      let retrying = session.retrying_nodes || 0;
+      if (waiting.delete(event.node_id)) retrying -= 1;
+      else if (["retrying", "completed", "failed", "lost", "cancelled"].includes(event.node_status)) running -= 1;
+      if (event.node_status === "running") running += 1;
+      if (event.node_status === "retrying") {
+        retrying += 1;
+        waiting.add(event.node_id);
+      }
+      merged.running_nodes = Math.min(Math.max(0, running), session.node_count);
+      merged.retrying_nodes = Math.min(Math.max(0, retrying), session.node_count);
       if (event.node_status === "skipped") {
         merged.skipped_nodes = Math.min((session.skipped_nodes || 0) + 1,
           Math.max(0, session.node_count - merged.completed_nodes - merged.failed_nodes - merged.cancelled_nodes));
       }
     }
     merged.pending_nodes = Math.max(0, merged.node_count - merged.completed_nodes - merged.failed_nodes -
-      merged.cancelled_nodes - (merged.skipped_nodes || 0) - merged.running_nodes);
+      merged.cancelled_nodes - (merged.skipped_nodes || 0) - merged.running_nodes - (merged.retrying_nodes || 0));
     update(merged);
     if (state.selected === id && event.type !== "progress") scheduleNodes();
   }
