@@ -20,7 +20,7 @@ import redis
 import schemathesis
 from celery import Celery
 from hypothesis import HealthCheck, settings
-from schemathesis.checks import response_schema_conformance
+from schemathesis.checks import positive_data_acceptance, response_schema_conformance
 
 from tests.reliability.helpers import redis_dump
 from tests.servers import redis_process
@@ -115,7 +115,14 @@ def test_refused_requests_and_reads_change_nothing(case: schemathesis.Case[Any],
     # Then it conforms to the document and is never a server error (an event stream's events are
     # JSON, which the document describes as plain text: its bodies are checked by tests/web)
     stream = case.path.endswith("/events") and response.status_code == 200
-    case.validate_response(response, excluded_checks=[response_schema_conformance] if stream else None)
+    excluded = [response_schema_conformance] if stream else []
+    # A page of nodes continues at a scan position (digits) without `status`, after a node id with
+    # it: OpenAPI cannot tie one parameter's form to another's, so the document allows a node id
+    # cursor without `status`, which is refused (422) as no page handed it out.
+    query = case.query or {}
+    if case.path.endswith("/nodes") and "status" not in query and not str(query.get("cursor", "0")).isdigit():
+        excluded.append(positive_data_acceptance)
+    case.validate_response(response, excluded_checks=excluded or None)
     assert response.status_code < 500, response.text
     # and a refused request, or any read, changed nothing at all
     if response.status_code >= 400 or case.method.upper() == "GET":

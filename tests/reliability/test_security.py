@@ -149,7 +149,7 @@ def test_node_ids_are_fields_never_keys(start_redis: StartRedis, key_prefix: str
     manager.sync.add_node_result(sid, "stage:1/part@2", {"ok": 1})
     keys = {text(key) for key in redis.Redis(port=server.port).keys("*")}
     assert all("stage" not in key for key in keys)
-    assert {k.rsplit(":", 1)[-1] for k in keys if sid in k} == {"session", "nodes", "events"}
+    assert {k.rsplit(":", 1)[-1] for k in keys if sid in k} == {"session", "nodes", "events", "by_status"}
     manager.storage.close()
 
 
