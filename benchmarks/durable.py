@@ -50,7 +50,7 @@ from benchmarks._redis import RedisServer, redis_server
 from benchmarks.overhead import ROOT, TERMINAL, Worker, _cpu_s
 from benchmarks.report import Row, Section, Target, interval_row, median, median_interval
 from tracker import SessionManager, TrackerSettings
-from tracker.celery import dispatch
+from tracker.celery import dispatch, install
 from tracker.storage.redis import RedisStorageAdapter
 
 #: The modes, in the order of the first round (rotated by one each round).
@@ -84,6 +84,7 @@ class Driver:
         self.app = Celery("tracker_bench_durable_driver")
         self.app.config_from_object("celeryconfig")
         self.app.conf.update(broker_url=broker.url, result_backend=broker.url)
+        install(self.app, beat=False)  # dispatch sends only through an app the tracker is installed in
         self.broker, self.store = broker, store
         self.broker_stats = redis.Redis(port=broker.port)
         self.store_stats = redis.Redis(port=store.port)

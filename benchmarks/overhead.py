@@ -52,7 +52,7 @@ from benchmarks._redis import LoggedCommand, RedisServer, command_log, redis_ser
 from benchmarks.inworker import collect
 from benchmarks.report import Row, Section, Target, interval_row, median
 from tracker import SessionManager, TrackerSettings
-from tracker.celery import dispatch
+from tracker.celery import dispatch, install
 from tracker.storage.keys import KeySpace
 from tracker.storage.redis import RedisStorageAdapter
 
@@ -123,6 +123,7 @@ class Driver:
         self.app = Celery("tracker_bench_driver")
         self.app.config_from_object("celeryconfig")
         self.app.conf.update(broker_url=broker.url, result_backend=broker.url, task_default_queue=queue)
+        install(self.app, beat=False)  # dispatch sends only through an app the tracker is installed in
         self.results = redis.Redis(port=broker.port)
         settings = TrackerSettings(redis_url=store.url)
         client = redis.Redis(port=store.port, client_name=DRIVER_CLIENT)

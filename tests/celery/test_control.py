@@ -9,13 +9,13 @@ from datetime import timedelta
 
 import pytest
 import redis
-from celery import group
+from celery import Celery, group
 from celery.contrib.testing.worker import start_worker
 
 from tests.celery.appmod import app, done, fails_once, work
 from tests.celery.conftest import WorkerProcess, wait_for, wait_status
 from tracker import InMemoryStorageAdapter, NodeStatus, SessionManager
-from tracker.celery import BEAT_ENTRY, CLEANUP_TASK, cancel_session, dispatch, install, resume_session
+from tracker.celery import BEAT_ENTRY, CLEANUP_TASK, cancel_session, dispatch, install, resume_session, uninstall
 
 TERMINAL = {"completed", "failed", "partial_failure", "cancelled"}
 
@@ -86,6 +86,16 @@ def test_beat_cleanup_task_removes_an_expired_session(tracked: SessionManager, t
     assert removed == 1
     assert [s.session_id for s in tracked.sync.list_sessions().sessions] == [keep]
     assert sid not in {s.session_id for s in tracked.sync.list_sessions().sessions}
+
+
+def test_beat_runs_cleanup_every_tracker_cleanup_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRACKER_CLEANUP_INTERVAL", "17")
+    beat_app = Celery("beat-interval", broker="memory://", set_as_current=False)
+    install(beat_app)
+    try:
+        assert beat_app.conf.beat_schedule[BEAT_ENTRY] == {"task": CLEANUP_TASK, "schedule": 17.0}
+    finally:
+        uninstall(beat_app)
 
 
 def test_install_is_idempotent() -> None:

@@ -14,7 +14,7 @@ from celery import Celery, chain, chord, group
 from tests.celery.appmod import add, deep, done, flaky, total, unjsonable, work
 from tests.celery.conftest import wait_for, wait_status
 from tracker import InMemoryStorageAdapter, NodeStatus, SessionManager, TrackerValidationError
-from tracker.celery import dispatch, ids_of, install, leaves
+from tracker.celery import dispatch, ids_of, install, leaves, uninstall
 from tracker.celery.dispatch import new_task_ids, node_spec
 
 
@@ -282,3 +282,29 @@ def test_a_users_own_task_base_and_request_class_keep_working(
     wait_for(lambda: client.lrange(f"custom-request:{nodes['n3'].task_id}", 0, -1) == [b"ValueError"], 10,
              "the Request class's failure hook")  # fmt: skip
     client.close()
+
+
+def test_dispatch_through_an_app_without_the_tracker_refuses_and_sends_nothing() -> None:
+    from tracker import TrackerNotInstalledError
+
+    bare = Celery("bare", broker="memory://", set_as_current=False)
+    manager = SessionManager(storage=InMemoryStorageAdapter())
+    with pytest.raises(TrackerNotInstalledError, match=r"not installed in the Celery app 'bare'.*install\(app\)"):
+        dispatch(group(bare.signature("t.x") for _ in range(2)), canvas_path="bare.canvas", manager=manager)
+    assert manager.sync.list_sessions().sessions == []
+    with bare.connection_for_write() as connection:
+        assert connection.SimpleQueue("celery").qsize() == 0
+
+
+def test_without_node_ids_each_node_is_named_by_its_task_id() -> None:
+    app = Celery("named", broker="memory://", set_as_current=False)
+    install(app, beat=False)
+    manager = SessionManager(storage=InMemoryStorageAdapter())
+    try:
+        canvas = group(app.signature("t.x") for _ in range(3))
+        sid = dispatch(canvas, canvas_path="named.canvas", manager=manager)
+    finally:
+        uninstall(app)
+    nodes = manager.sync.get_nodes(sid).nodes
+    assert sorted(n.node_id for n in nodes) == sorted(sig.id for sig in canvas.tasks)
+    assert all(n.node_id == n.task_id for n in nodes)

@@ -186,7 +186,8 @@ def install(
             return maintain(current)
 
     if beat:
-        interval = cleanup_interval_s or (manager.settings.cleanup_interval if manager else 60.0)
+        # Without a manager, the settings the process-wide one will be made from (the environment).
+        interval = cleanup_interval_s or (manager.settings if manager else TrackerSettings()).cleanup_interval
         schedule = dict(app.conf.beat_schedule or {})
         schedule[BEAT_ENTRY] = {"task": CLEANUP_TASK, "schedule": interval}
         app.conf.beat_schedule = schedule
