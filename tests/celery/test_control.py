@@ -72,6 +72,27 @@ def test_sigkilled_prefork_worker_then_resume_counts_every_node_once(
     assert all(nodes[nid].attempts == 1 for nid in done_before)
 
 
+def test_cancel_with_terminate_stops_the_running_tasks(
+    tracked: SessionManager, worker_process: Callable[..., WorkerProcess]
+) -> None:
+    # Given two nodes of a minute each, running in a prefork worker
+    worker_process(concurrency=2)
+    sid = dispatch(group(work.s(i, sleep=60) for i in range(2)), canvas_path="terminate.canvas", app=app,
+                   node_ids=["a", "b"])  # fmt: skip
+    wait_for(lambda: tracked.sync.get_session_status(sid)["running_nodes"] == 2, what="both nodes running")
+
+    # When the session is cancelled with terminate=True
+    cancel_session(sid, app=app, terminate=True)
+
+    # Then the worker stops running them at once (not a minute later), and neither completes
+    def running() -> int:
+        return sum(len(tasks) for tasks in (app.control.inspect(timeout=1).active() or {}).values())
+
+    wait_for(lambda: running() == 0, 30, "the running tasks to be terminated")
+    status = tracked.sync.get_session_status(sid)
+    assert (status["status"], status["cancelled_nodes"], status["completed_nodes"]) == ("cancelled", 2, 0)
+
+
 def test_beat_cleanup_task_removes_an_expired_session(tracked: SessionManager, thread_worker: None) -> None:
     sid = tracked.sync.create_session("old.canvas", 1)
     keep = tracked.sync.create_session("new.canvas", 1)
