@@ -143,10 +143,11 @@ def translate(exc: BaseException, state: CliState | None) -> click.ClickExceptio
         return CliError(str(exc), ExitCode.USAGE)
     if isinstance(exc, WrongCeleryAppError):
         named = exc.app_path or "module:attr"
+        command = f"celery -A {named} sessions" if prog.startswith("celery") else f"tracker -A {named}"
         return CliError(
             f"{exc}: nothing was changed",
             ExitCode.USAGE,
-            f"Hint: name the app that dispatched it: tracker -A {named} ... (or TRACKER_CELERY_APP={named}), "
+            f"Hint: name the app that dispatched it: {command} ... (or TRACKER_CELERY_APP={named}), "
             "run from a directory it can be imported from",
         )
     if isinstance(exc, TrackerNotInstalledError):
