@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import uuid
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +14,7 @@ from tests.celery.appmod import add, deep, done, flaky, total, unjsonable, work
 from tests.celery.conftest import wait_for, wait_status
 from tracker import InMemoryStorageAdapter, NodeStatus, SessionManager, TrackerValidationError
 from tracker.celery import dispatch, ids_of, install, leaves, uninstall
-from tracker.celery.dispatch import new_task_ids, node_spec
+from tracker.celery.dispatch import node_spec
 
 
 def test_group_with_known_failures_ends_partial(tracked: SessionManager, thread_worker: None, redis_url: str) -> None:
@@ -78,47 +77,20 @@ def test_leaves_of_a_nested_canvas() -> None:
     assert [sig.task for sig in leaves(canvas)] == ["t.add"] * 5 + ["t.total"]
 
 
-def test_new_task_ids_are_distinct_uuid4_strings() -> None:
-    ids = new_task_ids(5000)
-    assert len(set(ids)) == 5000
+def test_each_node_gets_its_own_uuid4_task_id() -> None:
+    app = Celery("ids", broker="memory://", set_as_current=False)
+    install(app, beat=False)
+    manager = SessionManager(storage=InMemoryStorageAdapter())
+    try:
+        sid = dispatch(group(app.signature("t.x") for _ in range(50)), canvas_path="ids.canvas", manager=manager)
+    finally:
+        uninstall(app)
+    ids = [n.task_id for n in manager.sync.get_nodes(sid).nodes]
+    assert len(set(ids)) == 50
     for text in ids:
+        assert text is not None
         parsed = uuid.UUID(text)
         assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
-    assert new_task_ids(0) == []
-
-
-def test_dispatch_holds_the_collector_off_only_while_it_creates_the_session() -> None:
-    app = Celery("gc_check", broker="memory://")  # sent into an in-process queue: nothing runs them
-    install(app, beat=False)
-    enabled_in_create: list[bool] = []
-
-    class Watched(InMemoryStorageAdapter):
-        def create(self, *args: Any, **kwargs: Any) -> None:
-            enabled_in_create.append(gc.isenabled())
-            super().create(*args, **kwargs)
-
-    manager = SessionManager(storage=Watched())
-
-    def send(**kwargs: Any) -> str:
-        return dispatch(
-            group(app.signature("t.x") for _ in range(3)), canvas_path="gc.canvas", manager=manager, **kwargs
-        )
-
-    assert gc.isenabled()
-    send()
-    assert enabled_in_create == [False] and gc.isenabled()
-    # A refused batch turns it back on too
-    with pytest.raises(TrackerValidationError):
-        send(node_ids=["a", "b", "not|an|id"])
-    assert gc.isenabled()
-    # A caller that turned it off keeps it off
-    gc.disable()
-    try:
-        send()
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
-    assert enabled_in_create == [False, False]
 
 
 def test_a_node_is_sent_with_the_stamps_and_kept_without_them() -> None:
@@ -289,11 +261,12 @@ def test_dispatch_through_an_app_without_the_tracker_refuses_and_sends_nothing()
 
     bare = Celery("bare", broker="memory://", set_as_current=False)
     manager = SessionManager(storage=InMemoryStorageAdapter())
+    queue = f"bare-{uuid.uuid4().hex[:8]}"  # the memory transport's queues are the whole process's
     with pytest.raises(TrackerNotInstalledError, match=r"not installed in the Celery app 'bare'.*install\(app\)"):
-        dispatch(group(bare.signature("t.x") for _ in range(2)), canvas_path="bare.canvas", manager=manager)
+        dispatch(group(bare.signature("t.x", queue=queue) for _ in range(2)), canvas_path="b.canvas", manager=manager)
     assert manager.sync.list_sessions().sessions == []
     with bare.connection_for_write() as connection:
-        assert connection.SimpleQueue("celery").qsize() == 0
+        assert connection.SimpleQueue(queue).qsize() == 0
 
 
 def test_without_node_ids_each_node_is_named_by_its_task_id() -> None:

@@ -80,8 +80,8 @@ def test_cancel_a_running_batch_then_resume_it_to_completion(
     status = worker_cli("status", sid)
     assert status.exit_code == ExitCode.SESSION_FAILED
     assert "cancelled" in status.stdout
-    # (The revoked originals still queued must reach the worker and be dropped before the resume:
-    # one dropped after it would mark its re-sent node cancelled again. Reported to the glue's owner.)
+    # The revoked originals still queued reach the worker and are dropped before the resume (a late
+    # revoke of a replaced task changes nothing, tests/contract; this test is about the resume).
     wait_for(lambda: redis_client.llen(worker_app_queue) == 0, 30, "the revoked originals to be dropped")
     wait_for(lambda: tracked.sync.get_session_status(sid)["running_nodes"] == 0, 30, "running nodes to finish")
     time.sleep(0.3)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
-import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from celery import Celery, Signature, chord, group
@@ -177,41 +175,6 @@ def node_spec(sig: Signature, session_id: str, node_id: str, task_id: str) -> No
     return NodeSpec(node_id=node_id, task_id=task_id, signature=signature)
 
 
-@contextlib.contextmanager
-def _collector_held() -> Iterator[None]:
-    """Hold off Python's cyclic garbage collector while a batch's nodes are built and stored.
-
-    A big batch allocates tens of thousands of objects that all live until it is sent (its ids,
-    signatures, node specs): the collector would run over them dozens of times in a row, and over
-    the whole heap every few batches, while the workers wait for the first task. They form no
-    reference cycles, so it would find nothing among them; cycles that other threads leave
-    meanwhile are collected once it is back on. It is only turned back on if it was on.
-    """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
-def new_task_ids(count: int) -> list[str]:
-    """``count`` random task ids, each what ``str(uuid.uuid4())`` gives, from one ``os.urandom`` call.
-
-    ``uuid.uuid4()`` builds a ``UUID`` object per id: for a big batch that was about a fifth of the
-    work done before its first task is sent (while the workers wait), and two and a half times
-    what this takes.
-    """
-    raw = bytearray(os.urandom(16 * count))
-    raw[6::16] = bytes(b & 0x0F | 0x40 for b in raw[6::16])  # version 4
-    raw[8::16] = bytes(b & 0x3F | 0x80 for b in raw[8::16])  # variant RFC 4122
-    h = raw.hex()
-    return [f"{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-{h[i + 20:i + 32]}"
-            for i in range(0, 32 * count, 32)]  # fmt: skip
-
-
 def dispatch(
     canvas: Signature,
     *,
@@ -262,9 +225,8 @@ def dispatch(
     app = real_app(app or canvas.app)
     if getattr(app, "_tracker_recorder", None) is None:
         raise TrackerNotInstalledError(app.main or repr(app))
-    with _collector_held():
-        callbacks = {ON_COMPLETE_KEY: on_complete, ON_SUCCESS_KEY: on_success, ON_FAILURE_KEY: on_failure}
-        session_id = _create(canvas, canvas_path, node_ids, metadata, callbacks, manager, app)
+    callbacks = {ON_COMPLETE_KEY: on_complete, ON_SUCCESS_KEY: on_success, ON_FAILURE_KEY: on_failure}
+    session_id = _create(canvas, canvas_path, node_ids, metadata, callbacks, manager, app)
     try:
         canvas.apply_async()
     except Exception:
@@ -293,7 +255,7 @@ def _create(
             "node_ids", len(node_ids), f"expected one id per task, error callbacks included ({len(nodes)})"
         )
     session_id = str(uuid.uuid4())
-    task_ids = [sig.options.get("task_id") or new for sig, new in zip(nodes, new_task_ids(len(nodes)), strict=True)]
+    task_ids = [sig.options.get("task_id") or str(uuid.uuid4()) for sig in nodes]
     ids = list(node_ids) if node_ids is not None else task_ids
     meta = dict(metadata or {})
     meta[ORIGIN_KEY] = origin(app)
