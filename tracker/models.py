@@ -115,8 +115,8 @@ class SessionInfo(_Model):
         return max(0, self.node_count - finished - self.running_nodes - self.retrying_nodes)
 
     def to_dict(self) -> dict[str, Any]:
-        """What ``model_dump(mode="json")`` returns, built directly: every write returns it (the
-        status dict of ``add_node_result``), and the generic serializer costs three times as much."""
+        """What ``model_dump(mode="json")`` returns, built directly, as every write returns it (the
+        status dict of ``add_node_result``); tests/unit/test_status_dict.py keeps the two equal."""
         data = self.__dict__.copy()
         data["status"] = self.status.value
         data["created_at"] = json_datetime(self.created_at)

@@ -129,7 +129,7 @@ def _flat_dict(flat: Sequence[Any]) -> dict[str, str]:
 @functools.lru_cache(maxsize=1024)
 def _utc(ms: int) -> datetime:
     # Datetimes are immutable, and the same few recur in every reply of a session (created, started,
-    # the current millisecond): converting each once saves a good part of reading a reply.
+    # the current millisecond): each is converted once.
     moment = utc_from_ms(ms)
     assert moment is not None
     return moment
