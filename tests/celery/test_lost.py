@@ -6,14 +6,16 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Callable
 
-from celery import group
+from celery import Celery, group
 
 from tests.celery.appmod import app, limited, slow_ok, work
 from tests.celery.conftest import WorkerProcess, wait_for, wait_status
-from tracker import NodeStatus, SessionManager, TrackerSettings
-from tracker.celery import dispatch, resume_session
+from tests.conftest import FakeClock
+from tracker import NodeSpec, NodeStatus, SessionManager, TrackerSettings
+from tracker.celery import Recorder, dispatch, maintain, resume_session
 from tracker.storage.redis import RedisStorageAdapter
 
 TERMINAL = {"completed", "failed", "partial_failure", "cancelled"}
@@ -136,4 +138,40 @@ def test_a_node_running_twice_the_session_timeout_finishes_into_an_intact_sessio
     # Then the worker's heartbeats kept it: the node finished into it
     status = manager.sync.get_session_status(sid)
     assert (status["status"], status["completed_nodes"]) == ("completed", 1)
+    manager.storage.close()
+
+
+def test_a_success_celery_stored_before_its_pool_child_died_is_recorded_not_lost(
+    redis_url: str, key_prefix: str
+) -> None:
+    # Given a session of two nodes whose app keeps results in Redis: "a" completed on worker W1;
+    # "b"'s task ran and Celery stored its SUCCESS, but its pool child died before the tracker's
+    # task_success handler wrote it (Celery then acknowledges the message, and says nothing)
+    clock = FakeClock()
+    settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix, worker_stale_after=30, stalled_after=60)
+    manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings, clock=clock)  # type: ignore[arg-type]
+    results = Celery("reconcile", broker="memory://", backend=redis_url, set_as_current=False)
+    results.conf.update(result_serializer="json", accept_content=["json"], result_accept_content=["json"])
+    recorder = Recorder(results, manager)
+    tb = f"tb-{uuid.uuid4().hex[:12]}"
+    nodes = [NodeSpec(node_id="a", task_id=f"ta-{uuid.uuid4().hex[:12]}"), NodeSpec(node_id="b", task_id=tb)]
+    sid = manager.sync.create_session("r.canvas", 2, nodes=nodes)
+    manager.sync.record_node(sid, "a", "completed", result=1, worker="celery@w1:1")
+    results.backend.store_result(tb, {"rows": 7}, "SUCCESS")
+
+    # When that worker is reaped as dead (silent past the stale limit and the grace, while another
+    # one beats), and the session, waiting on "b", is ended as stalled
+    manager.sync.heartbeat("celery@w1:1")
+    stalled = 0
+    for _ in range(3):
+        clock.advance(31)
+        manager.sync.heartbeat("celery@w2:2")
+        stalled += maintain(recorder)["stalled"]
+    assert stalled == 1
+
+    # Then "b" is completed with the result Celery stored, and the session completed, not lost
+    b = next(n for n in manager.sync.get_nodes(sid).nodes if n.node_id == "b")
+    assert (b.status, b.result) == (NodeStatus.COMPLETED, {"rows": 7})
+    status = manager.sync.get_session_status(sid)
+    assert (status["status"], status["completed_nodes"], status["lost_nodes"]) == ("completed", 2, 0)
     manager.storage.close()

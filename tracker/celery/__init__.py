@@ -19,8 +19,12 @@ from tracker.celery.dispatch import ON_COMPLETE_KEY, ON_FAILURE_KEY, ON_SUCCESS_
 from tracker.celery.handlers import Recorder, UndecodableMessages
 from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP, ids_of
 from tracker.config import TrackerSettings
+from tracker.errors import TrackerValidationError
 from tracker.manager import SessionManager
+from tracker.models import BatchOutcome
+from tracker.states import NodeStatus
 from tracker.storage.memory import InMemoryStorageAdapter
+from tracker.structure import RESULT_NOT_STORED
 
 __all__ = [
     "CLEANUP_TASK",
@@ -132,8 +136,59 @@ def maintain(recorder: Recorder) -> dict[str, int]:
     for outcome in reaped:
         recorder.callbacks(outcome)
     for ended in stalled:
-        recorder.callbacks(ended)
+        recorder.callbacks(reconcile(recorder, ended))
     return {"lost": len(reaped), "stalled": len(stalled), "removed": sync.cleanup_expired_sessions()}
+
+
+def reconcile(recorder: Recorder, ended: BatchOutcome) -> BatchOutcome:
+    """Record as ``completed`` the nodes of a stalled session presumed lost whose task the app's
+    result backend has as a SUCCESS; returns the outcome to send callbacks for, as things now stand.
+
+    A pool child stores its task's result before Celery sends ``task_success`` (where the tracker
+    writes the outcome). When the child dies between the two, the worker finds the stored success
+    and acknowledges the message without a signal: no one else will report that node. Without a
+    result backend Celery requeues the message instead, and the task runs again.
+    """
+    sync, app = recorder.manager.sync, recorder.app
+    sid = ended.session.session_id
+    recovered: set[str] = set()
+    cursor: str | None = None
+    while True:
+        page = sync.get_nodes(sid, NodeStatus.LOST, cursor=cursor, limit=1000)
+        for node in page.nodes:
+            found = _stored_success(app, node.task_id)
+            if found is None:
+                continue
+            try:
+                late = sync.record_node(sid, node.node_id, NodeStatus.COMPLETED, result=found[0], task_id=node.task_id)
+            except TrackerValidationError as exc:  # not JSON, over the cap: the node completed all the same
+                reason = f"{RESULT_NOT_STORED}: {exc}"
+                late = sync.record_node(sid, node.node_id, NodeStatus.COMPLETED, task_id=node.task_id, reason=reason)
+            recorder.callbacks(late)
+            recovered.add(node.node_id)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    if not recovered:
+        return ended
+    # The end is told once, with the session as it now stands; a failure that turned out a success
+    # is not told at all.
+    first_failure = None if ended.first_failure in recovered else ended.first_failure
+    return ended.model_copy(update={"session": sync.get_session(sid), "first_failure": first_failure})
+
+
+def _stored_success(app: Celery, task_id: str | None) -> tuple[Any] | None:
+    """``(result,)`` when the app's result backend holds a SUCCESS for ``task_id``, else None (no
+    backend, no such result, or the backend cannot be read)."""
+    if not task_id:
+        return None
+    try:
+        result = app.AsyncResult(task_id)
+        if result.state != "SUCCESS":
+            return None
+        return (result.result,)
+    except Exception:  # no result backend (DisabledBackend raises), or it is unreachable
+        return None
 
 
 def install(
