@@ -8,13 +8,16 @@ A screenshot is left in ``artifacts/dashboard.png``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from celery import Celery, group
@@ -169,185 +172,182 @@ def test_dashboard_follows_a_batch_live(chromium: str, redis_manager: SessionMan
             browser.close()
 
 
-def test_dashboard_shows_skipped_nodes_live(chromium: str, redis_manager: SessionManager) -> None:
-    from playwright.sync_api import expect, sync_playwright
+@dataclass
+class Dashboard:
+    """A signed-in dashboard page, the page errors it raised, and the session-list reads it made."""
 
-    app = create_app(redis_manager, TrackerSettings(api_token=TOKEN), None, web_settings=WebSettings())
-    # Given a chain of 4 nodes that has not started, on a page that refreshes its list only once a minute
-    sid = redis_manager.sync.create_session("chain.canvas", 4)
+    page: Any
+    errors: list[str]
+    list_reads: list[str]
+
+
+@contextlib.contextmanager
+def signed_in(chromium: str, manager: SessionManager) -> Iterator[Dashboard]:
+    """The dashboard of an app on ``manager``, in headless Chromium, refreshing its list once a
+    minute (so that what changes on it comes from the event streams), signed in with the token."""
+    from playwright.sync_api import sync_playwright
+
+    app = create_app(manager, TrackerSettings(api_token=TOKEN), None, web_settings=WebSettings())
     with serve_in_thread(app) as server, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 800})
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            list_reads: list[str] = []
-            page.on("request", lambda request: list_reads.append(request.url) if "/sessions?" in request.url else None)
+            dashboard = Dashboard(page, [], [])
+            page.on("pageerror", lambda exc: dashboard.errors.append(str(exc)))
+            page.on("request", lambda r: dashboard.list_reads.append(r.url) if "/sessions?" in r.url else None)
             page.goto(f"{server.url}/dashboard?refresh=60")
             page.fill("#login-token", TOKEN)
             page.click("#login button[type=submit]")
-            row = page.locator(f'tr[data-session-id="{sid}"]')
-            expect(row).to_be_visible(timeout=10_000)
-            row.click()
-            expect(row.locator(".counts")).to_have_text("0 / 0 / 0 / 4 of 4")
-            page.wait_for_function(f"window.trackerDashboard.streams.has('{sid}')", timeout=10_000)
-            reads_before = len(list_reads)
-
-            # When its first link fails and the two links after it are skipped
-            redis_manager.sync.record_node(sid, "n0", "running", attempt=1, worker="celery@browser-test")
-            error = NodeError(type="ValueError", message="first link broke")
-            redis_manager.sync.add_node_result(sid, "n0", status="failed", error=error)
-            for node_id in ("n1", "n2"):
-                redis_manager.sync.record_node(sid, node_id, "skipped", reason="skipped: node n0 failed")
-
-            # Then the events alone (no list refresh) count them: skipped, not pending, not running
-            summary = page.locator("#detail-summary")
-            expect(row.locator(".counts")).to_have_text("0 / 1 / 0 / 1 of 4", timeout=10_000)
-            expect(summary.locator('dt:text-is("skipped") + dd')).to_have_text("2")
-            expect(summary.locator('dt:text-is("pending") + dd')).to_have_text("1")
-            expect(row.locator("[role=progressbar]")).to_have_attribute("aria-valuenow", "75")
-            assert len(list_reads) == reads_before, list_reads
-
-            # And the node table shows each skipped node in the skipped colour, with the node that caused it
-            skipped = page.locator('#nodes tbody tr[data-node-id="n1"]')
-            expect(skipped.locator(".status")).to_have_text("skipped", timeout=10_000)
-            expect(skipped.locator(".status")).to_have_class("status status-skipped")
-            expect(skipped.locator(".error-cell")).to_have_text("skipped: node n0 failed")
-            colours = page.evaluate(
-                """() => Object.fromEntries([...document.querySelectorAll("#nodes tbody tr .status")]
-                  .map((badge) => [badge.textContent, getComputedStyle(badge).color]))"""
-            )
-            assert colours["skipped"] == "rgb(109, 76, 159)", colours  # --skip
-            assert colours["skipped"] != colours["failed"]
-
-            # And the node filter offers skipped nodes alone
-            page.select_option("#node-filter", "skipped")
-            expect(page.locator("#nodes tbody tr")).to_have_count(2)
-            expect(page.locator("#nodes tbody tr .status")).to_have_text(["skipped", "skipped"])
-
-            # When the last node completes, the session ends with exact counters
-            redis_manager.sync.add_node_result(sid, "n3", 3)
-            expect(row.locator(".status")).to_have_text("partial_failure", timeout=10_000)
-            expect(summary.locator('dt:text-is("skipped") + dd')).to_have_text("2")
-            expect(summary.locator('dt:text-is("pending") + dd')).to_have_text("0")
-            expect(row.locator(".counts")).to_have_text("1 / 1 / 0 / 0 of 4")
-            assert errors == []
+            yield dashboard
         finally:
             browser.close()
+
+
+def test_dashboard_shows_skipped_nodes_live(chromium: str, redis_manager: SessionManager) -> None:
+    from playwright.sync_api import expect
+
+    # Given a chain of 4 nodes that has not started, on a page that refreshes its list only once a minute
+    sid = redis_manager.sync.create_session("chain.canvas", 4)
+    with signed_in(chromium, redis_manager) as dashboard:
+        page, errors, list_reads = dashboard.page, dashboard.errors, dashboard.list_reads
+        row = page.locator(f'tr[data-session-id="{sid}"]')
+        expect(row).to_be_visible(timeout=10_000)
+        row.click()
+        expect(row.locator(".counts")).to_have_text("0 / 0 / 0 / 4 of 4")
+        page.wait_for_function(f"window.trackerDashboard.streams.has('{sid}')", timeout=10_000)
+        reads_before = len(list_reads)
+
+        # When its first link fails and the two links after it are skipped
+        redis_manager.sync.record_node(sid, "n0", "running", attempt=1, worker="celery@browser-test")
+        error = NodeError(type="ValueError", message="first link broke")
+        redis_manager.sync.add_node_result(sid, "n0", status="failed", error=error)
+        for node_id in ("n1", "n2"):
+            redis_manager.sync.record_node(sid, node_id, "skipped", reason="skipped: node n0 failed")
+
+        # Then the events alone (no list refresh) count them: skipped, not pending, not running
+        summary = page.locator("#detail-summary")
+        expect(row.locator(".counts")).to_have_text("0 / 1 / 0 / 1 of 4", timeout=10_000)
+        expect(summary.locator('dt:text-is("skipped") + dd')).to_have_text("2")
+        expect(summary.locator('dt:text-is("pending") + dd')).to_have_text("1")
+        expect(row.locator("[role=progressbar]")).to_have_attribute("aria-valuenow", "75")
+        assert len(list_reads) == reads_before, list_reads
+
+        # And the node table shows each skipped node in the skipped colour, with the node that caused it
+        skipped = page.locator('#nodes tbody tr[data-node-id="n1"]')
+        expect(skipped.locator(".status")).to_have_text("skipped", timeout=10_000)
+        expect(skipped.locator(".status")).to_have_class("status status-skipped")
+        expect(skipped.locator(".error-cell")).to_have_text("skipped: node n0 failed")
+        colours = page.evaluate(
+            """() => Object.fromEntries([...document.querySelectorAll("#nodes tbody tr .status")]
+              .map((badge) => [badge.textContent, getComputedStyle(badge).color]))"""
+        )
+        assert colours["skipped"] == "rgb(109, 76, 159)", colours  # --skip
+        assert colours["skipped"] != colours["failed"]
+
+        # And the node filter offers skipped nodes alone
+        page.select_option("#node-filter", "skipped")
+        expect(page.locator("#nodes tbody tr")).to_have_count(2)
+        expect(page.locator("#nodes tbody tr .status")).to_have_text(["skipped", "skipped"])
+
+        # When the last node completes, the session ends with exact counters
+        redis_manager.sync.add_node_result(sid, "n3", 3)
+        expect(row.locator(".status")).to_have_text("partial_failure", timeout=10_000)
+        expect(summary.locator('dt:text-is("skipped") + dd')).to_have_text("2")
+        expect(summary.locator('dt:text-is("pending") + dd')).to_have_text("0")
+        expect(row.locator(".counts")).to_have_text("1 / 1 / 0 / 0 of 4")
+        assert errors == []
 
 
 def test_dashboard_counts_retrying_nodes_apart_from_running_live(chromium: str, redis_manager: SessionManager) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    app = create_app(redis_manager, TrackerSettings(api_token=TOKEN), None, web_settings=WebSettings())
     # Given a session of 3 nodes, on a page that refreshes its list only once a minute
     sid = redis_manager.sync.create_session("retry.canvas", 3)
-    with serve_in_thread(app) as server, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 800})
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            list_reads: list[str] = []
-            page.on("request", lambda request: list_reads.append(request.url) if "/sessions?" in request.url else None)
-            page.goto(f"{server.url}/dashboard?refresh=60")
-            page.fill("#login-token", TOKEN)
-            page.click("#login button[type=submit]")
-            row = page.locator(f'tr[data-session-id="{sid}"]')
-            expect(row).to_be_visible(timeout=10_000)
-            row.click()
-            page.wait_for_function(f"window.trackerDashboard.streams.has('{sid}')", timeout=10_000)
-            reads_before = len(list_reads)
-            summary = page.locator("#detail-summary")
+    with signed_in(chromium, redis_manager) as dashboard:
+        page, errors, list_reads = dashboard.page, dashboard.errors, dashboard.list_reads
+        row = page.locator(f'tr[data-session-id="{sid}"]')
+        expect(row).to_be_visible(timeout=10_000)
+        row.click()
+        page.wait_for_function(f"window.trackerDashboard.streams.has('{sid}')", timeout=10_000)
+        reads_before = len(list_reads)
+        summary = page.locator("#detail-summary")
 
-            def counts() -> dict[str, str]:
-                return {
-                    label: summary.locator(f'dt:text-is("{label}") + dd').inner_text()
-                    for label in ("running", "retrying", "pending")
-                }
+        def counts() -> dict[str, str]:
+            return {
+                label: summary.locator(f'dt:text-is("{label}") + dd').inner_text()
+                for label in ("running", "retrying", "pending")
+            }
 
-            # When n0 fails an attempt and waits for Celery's retry while n1 runs
-            redis_manager.sync.record_node(sid, "n0", "running", attempt=1, worker="celery@browser-test")
-            error = NodeError(type="ConnectionError", message="upstream busy")
-            redis_manager.sync.record_node(sid, "n0", "retrying", attempt=1, error=error)
-            redis_manager.sync.record_node(sid, "n1", "running", attempt=1, worker="celery@browser-test")
+        # When n0 fails an attempt and waits for Celery's retry while n1 runs
+        redis_manager.sync.record_node(sid, "n0", "running", attempt=1, worker="celery@browser-test")
+        error = NodeError(type="ConnectionError", message="upstream busy")
+        redis_manager.sync.record_node(sid, "n0", "retrying", attempt=1, error=error)
+        redis_manager.sync.record_node(sid, "n1", "running", attempt=1, worker="celery@browser-test")
 
-            # Then the events alone (no list refresh) count n0 as retrying, not running
-            expect(summary.locator('dt:text-is("running") + dd')).to_have_text("1", timeout=10_000)
-            expect(summary.locator('dt:text-is("retrying") + dd')).to_have_text("1")
-            expect(summary.locator('dt:text-is("pending") + dd')).to_have_text("1")
-            retrying_badge = page.locator('#nodes tbody tr[data-node-id="n0"] .status')
-            expect(retrying_badge).to_have_text("retrying", timeout=10_000)
-            colours = page.evaluate(
-                """() => ({
-                  count: getComputedStyle(document.querySelector("#detail-summary dd.count-retrying")).color,
-                  badge: getComputedStyle(document.querySelector('#nodes tr[data-node-id="n0"] .status')).color,
-                  running: getComputedStyle(document.querySelector('#nodes tr[data-node-id="n1"] .status')).color,
-                })"""
-            )
-            assert colours["count"] == colours["badge"] == "rgb(0, 131, 143)", colours  # --retry
-            assert colours["badge"] != colours["running"]
+        # Then the events alone (no list refresh) count n0 as retrying, not running
+        expect(summary.locator('dt:text-is("running") + dd')).to_have_text("1", timeout=10_000)
+        expect(summary.locator('dt:text-is("retrying") + dd')).to_have_text("1")
+        expect(summary.locator('dt:text-is("pending") + dd')).to_have_text("1")
+        retrying_badge = page.locator('#nodes tbody tr[data-node-id="n0"] .status')
+        expect(retrying_badge).to_have_text("retrying", timeout=10_000)
+        colours = page.evaluate(
+            """() => ({
+              count: getComputedStyle(document.querySelector("#detail-summary dd.count-retrying")).color,
+              badge: getComputedStyle(document.querySelector('#nodes tr[data-node-id="n0"] .status')).color,
+              running: getComputedStyle(document.querySelector('#nodes tr[data-node-id="n1"] .status')).color,
+            })"""
+        )
+        assert colours["count"] == colours["badge"] == "rgb(0, 131, 143)", colours  # --retry
+        assert colours["badge"] != colours["running"]
 
-            # When its next attempt starts, it leaves retrying for running; when it completes, running
-            redis_manager.sync.record_node(sid, "n0", "running", attempt=2, worker="celery@browser-test")
-            expect(summary.locator('dt:text-is("running") + dd')).to_have_text("2", timeout=10_000)
-            assert counts() == {"running": "2", "retrying": "0", "pending": "1"}
-            redis_manager.sync.add_node_result(sid, "n0", 1, attempt=2)
-            expect(summary.locator('dt:text-is("running") + dd')).to_have_text("1", timeout=10_000)
-            assert counts() == {"running": "1", "retrying": "0", "pending": "1"}
-            assert len(list_reads) == reads_before, list_reads
-            assert errors == []
-        finally:
-            browser.close()
+        # When its next attempt starts, it leaves retrying for running; when it completes, running
+        redis_manager.sync.record_node(sid, "n0", "running", attempt=2, worker="celery@browser-test")
+        expect(summary.locator('dt:text-is("running") + dd')).to_have_text("2", timeout=10_000)
+        assert counts() == {"running": "2", "retrying": "0", "pending": "1"}
+        redis_manager.sync.add_node_result(sid, "n0", 1, attempt=2)
+        expect(summary.locator('dt:text-is("running") + dd')).to_have_text("1", timeout=10_000)
+        assert counts() == {"running": "1", "retrying": "0", "pending": "1"}
+        assert len(list_reads) == reads_before, list_reads
+        assert errors == []
 
 
 def test_dashboard_shows_the_pickup_hint_while_no_worker_reports(chromium: str, redis_manager: SessionManager) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    app = create_app(redis_manager, TrackerSettings(api_token=TOKEN), None, web_settings=WebSettings())
     # Given a session created 45 s ago that no worker has reported on, and one created now
     then = datetime.now(UTC) - timedelta(seconds=45)
     redis_manager.clock = lambda: then
     stuck = redis_manager.sync.create_session("stuck.canvas", 2)
     redis_manager.clock = utc_now
     young = redis_manager.sync.create_session("young.canvas", 2)
-    with serve_in_thread(app) as server, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 800})
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(f"{server.url}/dashboard?refresh=60")
-            page.fill("#login-token", TOKEN)
-            page.click("#login button[type=submit]")
-            hint = page.locator("#detail-hint")
+    with signed_in(chromium, redis_manager) as dashboard:
+        page, errors = dashboard.page, dashboard.errors
+        hint = page.locator("#detail-hint")
 
-            # When the young one is opened: no hint
-            page.locator(f'tr[data-session-id="{young}"]').click()
-            expect(page.locator("#detail-id")).to_have_text(young, timeout=10_000)
-            expect(hint).to_be_hidden()
+        # When the young one is opened: no hint
+        page.locator(f'tr[data-session-id="{young}"]').click()
+        expect(page.locator("#detail-id")).to_have_text(young, timeout=10_000)
+        expect(hint).to_be_hidden()
 
-            # When the stuck one is opened: the hint, above its counts, also once its stream's snapshot came
-            page.locator(f'tr[data-session-id="{stuck}"]').click()
-            expect(page.locator("#detail-id")).to_have_text(stuck)
-            expect(hint).to_be_visible()
-            expect(hint).to_contain_text("no worker has picked up any node for 4")
-            expect(hint).to_contain_text(
-                "s: is a worker running, with the tracker installed in its app (tracker.celery.install(app))?"
-            )
-            # (the snapshot is remembered with its event id: it has replaced the listing's copy)
-            page.wait_for_function(f"window.trackerDashboard.lastIds.has('{stuck}')", timeout=10_000)
-            expect(hint).to_be_visible()
-            above = page.evaluate(
-                "() => document.querySelector('#detail-hint').compareDocumentPosition("
-                "document.querySelector('#detail-summary')) & Node.DOCUMENT_POSITION_FOLLOWING"
-            )
-            assert above
+        # When the stuck one is opened: the hint, above its counts, also once its stream's snapshot came
+        page.locator(f'tr[data-session-id="{stuck}"]').click()
+        expect(page.locator("#detail-id")).to_have_text(stuck)
+        expect(hint).to_be_visible()
+        expect(hint).to_contain_text("no worker has picked up any node for 4")
+        expect(hint).to_contain_text(
+            "s: is a worker running, with the tracker installed in its app (tracker.celery.install(app))?"
+        )
+        # (the snapshot is remembered with its event id: it has replaced the listing's copy)
+        page.wait_for_function(f"window.trackerDashboard.lastIds.has('{stuck}')", timeout=10_000)
+        expect(hint).to_be_visible()
+        above = page.evaluate(
+            "() => document.querySelector('#detail-hint').compareDocumentPosition("
+            "document.querySelector('#detail-summary')) & Node.DOCUMENT_POSITION_FOLLOWING"
+        )
+        assert above
 
-            # When a worker reports its first node, the hint goes, live
-            redis_manager.sync.record_node(stuck, "n0", "running", attempt=1, worker="celery@browser-test")
-            expect(page.locator(f'tr[data-session-id="{stuck}"] .status')).to_have_text("running", timeout=10_000)
-            expect(hint).to_be_hidden()
-            assert errors == []
-        finally:
-            browser.close()
+        # When a worker reports its first node, the hint goes, live
+        redis_manager.sync.record_node(stuck, "n0", "running", attempt=1, worker="celery@browser-test")
+        expect(page.locator(f'tr[data-session-id="{stuck}"] .status')).to_have_text("running", timeout=10_000)
+        expect(hint).to_be_hidden()
+        assert errors == []
