@@ -240,17 +240,13 @@ class Writer(threading.Thread):
 
     def _flush_locked(self) -> list[BatchOutcome]:
         # _flushing is held.
-        # Every event stays counted in `waiting` until the store has it (a caller waits on that).
+        # Every event stays counted in `waiting` until the flush is over (a caller waits on that).
         queue = self._queue
         with self._lock:
+            held, self._held = self._held, []
             queued = [queue.popleft() for _ in range(len(queue))]  # a handler may append meanwhile
-            self._sending = len(queued)
-        calls = self._held + _calls(self.recorder.events(queued))
-        with self._lock:
-            self._held = []
-            self._sending = sum(len(call.events) for call in calls)
-        if not calls:
-            return []
+            self._sending = len(queued) + sum(len(call.events) for call in held)
+        calls = held + _calls(self.recorder.events(queued))
         outcomes: list[BatchOutcome] = []
         try:
             for index, call in enumerate(calls):
@@ -259,11 +255,11 @@ class Writer(threading.Thread):
                 except StorageUnavailableError as exc:
                     self._hold(calls[index:], exc)
                     return outcomes
-                with self._lock:
-                    self._sending -= len(call.events)
         finally:
             with self._lock:
                 self._sending = 0
+        if not calls:
+            return []
         if self._warned:
             logger.warning("tracker: the store is back; replayed the held events")
         self._failures, self._retry_at, self._warned, self._dropped = 0, 0.0, False, 0
