@@ -2,14 +2,16 @@
 
 The handlers run for stand-in tasks (the request Celery gives: id, retries, hostname, stamps)
 against a real Redis store; what reaches the store is read back through the manager and the
-session's event stream.
+session's event stream. The writer's thread is not started unless a test is about it: the test moves
+the writer's clock by hand and runs each round of the thread's loop itself (``at``), so every count
+is exact whatever the machine's speed. Times are picked so that the sums the writer makes of them are
+exact in binary floating point.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import time
 import uuid
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -22,8 +24,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.celery.conftest import wait_for
-from tracker import NodeStatus, SessionManager, TrackerSettings
-from tracker.celery import NODE_STAMP, SESSION_STAMP, Recorder, handlers
+from tracker import NodeStatus, SessionManager, StorageUnavailableError, TrackerSettings
+from tracker.celery import NODE_STAMP, SESSION_STAMP, Recorder, writer
+from tracker.celery.writer import Writer
 from tracker.storage.keys import KeySpace
 from tracker.storage.redis import RedisStorageAdapter
 
@@ -31,31 +34,83 @@ HOST = "celery@writer-test"
 
 
 class Calls:
-    """Counts the store calls a manager makes for node events (wraps the store's own method)."""
+    """Counts the store calls a manager makes for node events (wraps the store's own method); while
+    ``down``, each fails as an unreachable store's would."""
 
     def __init__(self, manager: SessionManager) -> None:
         self.count = 0
+        self.down = False
         store = manager.storage
         real = store.record_nodes
 
         def counted(*args: Any, **kwargs: Any) -> Any:
             self.count += 1
+            if self.down:
+                raise StorageUnavailableError("the store is down (test)")
             return real(*args, **kwargs)
 
         store.record_nodes = counted  # type: ignore[method-assign]
 
 
+class Beats:
+    """Counts the heartbeats a manager writes (wraps the store's own method)."""
+
+    def __init__(self, manager: SessionManager) -> None:
+        self.count = 0
+        store = manager.storage
+        real = store.heartbeat
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return real(*args, **kwargs)
+
+        store.heartbeat = counted  # type: ignore[method-assign]
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class HandDriven(Recorder):
+    """A recorder whose writer runs on the test's clock and never starts its thread: the test runs
+    the thread's rounds itself (see :func:`at`)."""
+
+    def __init__(self, app: Celery, manager: SessionManager) -> None:
+        super().__init__(app, manager)
+        self.clock = Clock()
+
+    def new_writer(self, worker: str) -> Writer:
+        return Writer(self, worker, clock=self.clock)
+
+
+def at(recorder: Any, now: float) -> float:
+    """Move the writer's clock to ``now`` and run the round its thread would run then; returns when
+    the next round is due."""
+    recorder.clock.now = now
+    return float(recorder.writer(HOST).step(now))
+
+
 @pytest.fixture
 def make(redis_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """Recorders on the test store whose writer thread writes a waiting start only after
-    ``flush_interval`` (a minute unless a test says otherwise), so that tests flush by hand."""
+    """Recorders on the test store whose writer ticks every ``flush_interval`` (a minute unless a
+    test says otherwise): driven by hand on the test's clock (:class:`HandDriven`), or with its real
+    thread (``threaded``)."""
     made: list[tuple[Recorder, SessionManager]] = []
 
-    def build(flush_interval: float = 60.0, url: str | None = None) -> tuple[Recorder, SessionManager]:
+    def build(
+        flush_interval: float = 60.0, url: str | None = None, threaded: bool = False
+    ) -> tuple[Any, SessionManager]:
         settings = TrackerSettings(redis_url=url or redis_url, key_prefix=key_prefix, flush_interval=flush_interval,
                                    redis_retries=0, redis_socket_timeout=1)  # fmt: skip
         manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
-        recorder = Recorder(Celery("writer-test", set_as_current=False), manager)
+        app = Celery("writer-test", set_as_current=False)
+        recorder = Recorder(app, manager) if threaded else HandDriven(app, manager)
         made.append((recorder, manager))
         return recorder, manager
 
@@ -101,16 +156,19 @@ def busy_stretch_of(recorder: Recorder, sid: str, count: int) -> int:
 def test_an_outcome_is_in_the_store_when_its_handler_returns_with_its_start(
     make: Any, redis_url: str, key_prefix: str
 ) -> None:
-    # Given a writer whose thread would write a waiting start only a minute later
+    # Given a writer that ticks every minute
     recorder, manager = make()
     calls = Calls(manager)
     sid = manager.sync.create_session("w.canvas", 3)
     t = task(recorder, sid, "a")
 
-    # When a task starts (its start waits) and succeeds
+    # When a task starts (its start waits: the writer's rounds up to its second tick write nothing)
     start(recorder, t)
-    time.sleep(0.01)
-    assert (status_of(manager, sid, "a"), calls.count) == (None, 0)
+    assert at(recorder, 0.0) == 5.0  # the heartbeat (every 5 s) before the first tick (at 60 s)
+    assert at(recorder, 60.0) == 65.0  # the first tick: the start has not waited an interval yet
+    assert at(recorder, 119.5) == 120.0
+    assert (status_of(manager, sid, "a"), calls.count, recorder.held_events) == (None, 0, 1)
+    # and succeeds
     succeed(recorder, t, {"rows": 1})
 
     # Then, as the success handler returns (before Celery would acknowledge the message), one
@@ -244,27 +302,52 @@ def test_with_flush_interval_zero_each_event_is_written_before_the_handler_retur
     assert recorder.held_events == 0
 
 
-def test_the_writer_thread_writes_a_start_within_the_flush_interval(make: Any) -> None:
-    # Given a flush interval of 0.2 s
-    recorder, manager = make(flush_interval=0.2)
+def test_a_start_is_written_at_the_second_tick_after_it(make: Any) -> None:
+    # Given a writer ticking every 0.25 s, idle (nothing woke it yet)
+    recorder, manager = make(flush_interval=0.25)
+    calls = Calls(manager)
     sid = manager.sync.create_session("w.canvas", 2)
-    started = time.monotonic()
-    # When a task starts and runs on, Then its writer thread writes the start (not the next heartbeat)
+    assert at(recorder, 0.0) == 5.0  # only its heartbeat is due
+
+    # When a task starts at 1.0 s and runs on
+    recorder.clock.now = 1.0
     start(recorder, task(recorder, sid, "long"))
-    wait_for(lambda: status_of(manager, sid, "long") is NodeStatus.RUNNING, 5, "the start written")
-    assert time.monotonic() - started >= 0.2
-    assert recorder.held_events == 0
+
+    # Then the writer ticks at 1.25 s (the start has not waited a whole interval: nothing written)
+    assert at(recorder, 1.0) == 1.25
+    assert at(recorder, 1.25) == 1.5
+    assert (status_of(manager, sid, "long"), calls.count) == (None, 0)
+    # and writes the start at the next tick, in one store call, then goes idle (only its heartbeat is due)
+    assert at(recorder, 1.5) == 5.0
+    assert (status_of(manager, sid, "long"), calls.count, recorder.held_events) == (NodeStatus.RUNNING, 1, 0)
+
+
+def test_the_writer_thread_writes_a_long_tasks_start_by_itself(make: Any) -> None:
+    # Given a writer with its real thread, ticking every 0.05 s
+    recorder, manager = make(flush_interval=0.05, threaded=True)
+    sid = manager.sync.create_session("w.canvas", 2)
+    # When a task starts and runs on, Then the thread writes the start (not the task's outcome)
+    start(recorder, task(recorder, sid, "long"))
+    wait_for(lambda: status_of(manager, sid, "long") is NodeStatus.RUNNING, 10, "the start written")
+    wait_for(lambda: recorder.held_events == 0, 10, "nothing left waiting")
 
 
 def test_each_outcome_is_one_store_call_however_busy_the_process(make: Any) -> None:
-    # Given tasks that start and succeed one after the other (each start waits for its outcome)
-    recorder, manager = make()
+    # Given a writer ticking every 0.25 s, and tasks that start and succeed one after the other,
+    # a new one every 0.125 s (each start waits for its outcome, the writer's ticks run between them)
+    recorder, manager = make(flush_interval=0.25)
     calls = Calls(manager)
     sid = manager.sync.create_session("w.canvas", 1000)
-    sent = busy_stretch_of(recorder, sid, 150)
-    # Then every result is in the store already, one store call a task (never one per event)
-    assert manager.sync.get_session_status(sid)["completed_nodes"] == sent
-    assert calls.count == sent and recorder.held_events == 0
+    for i in range(150):
+        t = task(recorder, sid, f"n{i}")
+        recorder.clock.now = i * 0.125
+        start(recorder, t)
+        at(recorder, i * 0.125)
+        succeed(recorder, t, i)
+    # Then every result is in the store already, one store call a task (never one per event: no
+    # tick found a start that had waited a whole interval)
+    assert manager.sync.get_session_status(sid)["completed_nodes"] == 150
+    assert calls.count == 150 and recorder.held_events == 0
 
 
 def test_stopping_the_writer_writes_what_it_holds(make: Any) -> None:
@@ -277,25 +360,82 @@ def test_stopping_the_writer_writes_what_it_holds(make: Any) -> None:
 
 
 def test_a_store_that_stays_down_holds_a_bounded_backlog(
-    make: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Any
+    make: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given a store nobody listens on, and a backlog bound of 20 events
-    monkeypatch.setattr(handlers, "BACKLOG_SIZE", 20)
-    recorder, _ = make(url=f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.setattr(writer, "BACKLOG_SIZE", 20)
+    recorder, manager = make(url=f"redis://127.0.0.1:{free_port()}/0")
+    calls = Calls(manager)
     sid = str(uuid.uuid4())
     caplog.set_level(logging.WARNING, logger="tracker.celery")
 
-    # When 30 tasks end (60 events) and the writer fails to write them
+    # When 30 tasks end (60 events) and the writer fails to write them: the first outcome's write
+    # fails, the others are queued at once (its retry is not due: the clock stands still), and each
+    # flush by hand tries once more
     for i in range(30):
         t = task(recorder, sid, f"n{i}")
         start(recorder, t)
         succeed(recorder, t, i)
         recorder.flush()
 
-    # Then it holds the newest 20, and said once that it is dropping the oldest
+    # Then it holds the newest 20, said once that it is dropping the oldest, and once that it holds
+    # the events; the store was tried once by the first outcome and once by each flush
     assert recorder.held_events == 20
-    drops = [r for r in caplog.records if "dropping the oldest" in r.getMessage()]
-    assert len(drops) == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "dropping the oldest" in m]) == 1
+    assert len([m for m in messages if "holding this process's events" in m]) == 1
+    assert calls.count == 31
+
+
+def test_a_failed_write_is_retried_with_backoff_then_held_until_the_store_is_back(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a writer whose store refuses every node event (its first round ran at 0 s: it beat)
+    recorder, manager = make()
+    calls = Calls(manager)
+    sid = manager.sync.create_session("w.canvas", 2)
+    caplog.set_level(logging.WARNING, logger="tracker.celery")
+    assert at(recorder, 0.0) == 5.0
+    calls.down = True
+
+    # When a task's outcome is written at 0 s (its write fails: the writer holds it)
+    a = task(recorder, sid, "a")
+    start(recorder, a)
+    succeed(recorder, a, 1)
+    assert (calls.count, recorder.held_events) == (1, 1)  # its start and result, as one event
+    # Then until its retry is due the store counts as down: another task's start and outcome are
+    # queued, the task does not wait on the store
+    recorder.clock.now = 0.03125
+    assert recorder.writer(HOST).store_down
+    b = task(recorder, sid, "b")
+    start(recorder, b)
+    succeed(recorder, b, 2)
+    assert (calls.count, recorder.held_events) == (1, 3)
+    assert at(recorder, 0.03125) == 0.05  # no try before the retry is due
+
+    # and the writer tries again 0.05 s, 0.2 s, 0.5 s after each failure, then every 5 s (its
+    # heartbeat goes at its own times in between, without a try)
+    assert at(recorder, 0.05) == 0.25
+    assert at(recorder, 0.25) == 0.75
+    assert at(recorder, 0.75) == 5.0
+    assert calls.count == 4
+    assert at(recorder, 5.0) == 5.75
+    assert calls.count == 4
+    assert at(recorder, 5.75) == 10.0
+    assert at(recorder, 10.0) == 10.75
+    assert (calls.count, recorder.held_events) == (5, 2)  # each task's start and result, as one event
+    # having said once, after the spent retries, that it holds the events
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "holding this process's events" in m]) == 1
+
+    # When the store is back, Then the next retry writes both outcomes, each held call as it was
+    # (a's, then b's: two store calls), says so, and the writer goes idle (only its heartbeat is due)
+    calls.down = False
+    assert at(recorder, 10.75) == 15.0
+    assert (calls.count, recorder.held_events) == (7, 0)
+    assert (status_of(manager, sid, "a"), status_of(manager, sid, "b")) == (NodeStatus.COMPLETED,) * 2
+    assert "tracker: the store is back; replayed the held events" in [r.getMessage() for r in caplog.records]
+    assert not recorder.writer(HOST).store_down
 
 
 def free_port() -> int:
@@ -307,7 +447,7 @@ def free_port() -> int:
 
 
 def test_a_prefork_pool_records_every_node_and_sends_the_completion_callback_once(
-    tracked: SessionManager, worker_process: Any, redis_url: str
+    tracked: SessionManager, worker_process: Any, redis_url: str, celery_env: dict[str, str]
 ) -> None:
     # Given a prefork worker (each pool child has its own writer), and a batch with a callback
     from celery import group
@@ -315,7 +455,7 @@ def test_a_prefork_pool_records_every_node_and_sends_the_completion_callback_onc
     from tests.celery.appmod import done, work
     from tracker.celery import dispatch
 
-    worker_process(concurrency=2)
+    worker = worker_process(concurrency=2)
     sid = dispatch(group(work.s(i) for i in range(40)), canvas_path="pre.canvas", on_complete=done.s())
 
     # Then the session ends with every node counted once, each result having carried its node's
@@ -328,8 +468,11 @@ def test_a_prefork_pool_records_every_node_and_sends_the_completion_callback_onc
     assert all(n.worker and re.fullmatch(r".+@.+:\d+", n.worker) for n in nodes)  # the pool child's host:pid
     client = redis.Redis.from_url(redis_url)
     wait_for(lambda: client.llen(f"done:{sid}") >= 1, 30, "the completion callback")
-    time.sleep(0.5)
+    # once the worker stopped (warm: it finishes what runs and gives back what it had not started),
+    # no second callback waits in the queue either
+    worker.stop()
     assert client.lrange(f"done:{sid}", 0, -1) == [b"completed"]
+    assert client.llen(celery_env["TRACKER_TEST_QUEUE"]) == 0
 
 
 def test_the_heartbeat_names_the_sessions_of_the_nodes_running_in_the_process(make: Any) -> None:
@@ -343,35 +486,68 @@ def test_the_heartbeat_names_the_sessions_of_the_nodes_running_in_the_process(ma
     assert writer.running_sessions == []
 
 
+def test_the_heartbeat_is_written_every_heartbeat_interval(make: Any) -> None:
+    # Given a writer (heartbeat every 5 s) and a task running in its process
+    recorder, manager = make()
+    beats = Beats(manager)
+    sid = manager.sync.create_session("w.canvas", 2)
+    t = task(recorder, sid, "a")
+    start(recorder, t)
+    # When its rounds run, Then it beats at the first, then at the first round 5 s or more after
+    # each beat (the task's outcome does not change when)
+    assert [at(recorder, now) for now in (0.0, 4.5, 5.0, 9.75, 10.5)] == [5.0, 5.0, 10.0, 10.0, 15.5]
+    assert beats.count == 3
+    succeed(recorder, t, 1)
+    assert [at(recorder, now) for now in (15.0, 15.5)] == [15.5, 20.5]
+    assert beats.count == 4
+
+
+def counted_wakes(recorder: Recorder) -> list[int]:
+    """The writer's wake-ups (notifications of its thread), counted in a one-item list."""
+    wake = recorder.writer(HOST)._wake
+    notify = wake.notify
+    wakes = [0]
+
+    def counted(n: int = 1) -> None:
+        wakes[0] += 1
+        notify(n)
+
+    wake.notify = counted  # type: ignore[method-assign]
+    return wakes
+
+
 def test_a_busy_process_wakes_its_writer_thread_once_not_once_per_task(make: Any) -> None:
     # Given a writer whose thread, once woken, ticks only a minute later, and its wake-ups counted
     recorder, manager = make()
     sid = manager.sync.create_session("w.canvas", 1000)
-    writer = recorder.writer(HOST)
-    notify = writer._wake.notify
-    wakes = 0
-
-    def counted(n: int = 1) -> None:
-        nonlocal wakes
-        wakes += 1
-        notify(n)
-
-    writer._wake.notify = counted  # type: ignore[method-assign]
+    wakes = counted_wakes(recorder)
     # When 100 tasks start and succeed
     sent = busy_stretch_of(recorder, sid, 100)
     # Then only the first start woke the thread (it ticks from then on); every result is written
-    assert wakes == 1
+    assert wakes == [1]
     assert manager.sync.get_session_status(sid)["completed_nodes"] == sent
 
 
 def test_an_idle_writer_is_woken_again_by_the_next_start(make: Any) -> None:
-    # Given a writer ticking every 0.1 s, which wrote a long task's start and then went idle
-    recorder, manager = make(flush_interval=0.1)
+    # Given a writer ticking every 0.25 s, which wrote a long task's start and then went idle
+    recorder, manager = make(flush_interval=0.25)
     sid = manager.sync.create_session("w.canvas", 2)
+    wakes = counted_wakes(recorder)
     start(recorder, task(recorder, sid, "first"))
-    wait_for(lambda: status_of(manager, sid, "first") is NodeStatus.RUNNING, 5, "the first start written")
-    writer = recorder.writer(HOST)
-    wait_for(lambda: writer._idle, 5, "the writer thread idle")
-    # When another long task starts, Then the thread wakes and writes it (not at the next heartbeat)
+    assert [at(recorder, now) for now in (0.0, 0.25)] == [0.25, 0.5]
+    # (written at its second tick, which had no start since the tick before: idle, only the
+    # heartbeat is due)
+    assert at(recorder, 0.5) == 5.0
+    assert status_of(manager, sid, "first") is NodeStatus.RUNNING
+    assert at(recorder, 2.0) == 5.0
+    assert wakes == [1]
+
+    # When another long task starts at 3 s, Then it wakes the writer, which ticks again and writes
+    # it at its second tick (not at the next heartbeat)
+    recorder.clock.now = 3.0
     start(recorder, task(recorder, sid, "second"))
-    wait_for(lambda: status_of(manager, sid, "second") is NodeStatus.RUNNING, 2, "the second start written")
+    assert wakes == [2]
+    assert [at(recorder, now) for now in (3.0, 3.25)] == [3.25, 3.5]
+    assert status_of(manager, sid, "second") is None
+    assert at(recorder, 3.5) == 5.0
+    assert status_of(manager, sid, "second") is NodeStatus.RUNNING

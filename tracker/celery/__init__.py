@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from celery import Celery, signals
 
+from tracker.celery.callbacks import send_completion
 from tracker.celery.control import cancel_session, resume_session
 from tracker.celery.dispatch import ON_COMPLETE_KEY, ON_FAILURE_KEY, ON_SUCCESS_KEY, dispatch, leaves
 from tracker.celery.handlers import Recorder, UndecodableMessages
@@ -134,9 +135,9 @@ def maintain(recorder: Recorder) -> dict[str, int]:
     reaped = sync.reap_lost_nodes(requeued=bool(recorder.app.conf.task_acks_late))
     stalled = sync.end_stalled_sessions(stalled_after_s(recorder.app, recorder.manager.settings))
     for outcome in reaped:
-        recorder.callbacks(outcome)
+        send_completion(recorder.app, outcome)
     for ended in stalled:
-        recorder.callbacks(reconcile(recorder, ended))
+        send_completion(recorder.app, reconcile(recorder, ended))
     return {"lost": len(reaped), "stalled": len(stalled), "removed": sync.cleanup_expired_sessions()}
 
 
@@ -164,7 +165,7 @@ def reconcile(recorder: Recorder, ended: BatchOutcome) -> BatchOutcome:
             except TrackerValidationError as exc:  # not JSON, over the cap: the node completed all the same
                 reason = f"{RESULT_NOT_STORED}: {exc}"
                 late = sync.record_node(sid, node.node_id, NodeStatus.COMPLETED, task_id=node.task_id, reason=reason)
-            recorder.callbacks(late)
+            send_completion(app, late)
             recovered.add(node.node_id)
         cursor = page.next_cursor
         if cursor is None:

@@ -7,8 +7,8 @@ from typing import Any
 
 from celery import Celery, Signature, chain, chord, group
 
+from tracker.celery.callbacks import send_completion
 from tracker.celery.dispatch import tag
-from tracker.celery.handlers import Recorder
 from tracker.celery.origin import dispatching_app
 from tracker.errors import ResumeNotPossibleError
 from tracker.manager import SessionManager
@@ -54,7 +54,7 @@ def cancel_session(
             break
     if task_ids:
         app.control.revoke(task_ids, terminate=terminate)
-    Recorder(app, manager).callbacks(outcome)
+    send_completion(app, outcome)
     logger.info("tracker: session %s cancelled; %d task(s) revoked", session_id, len(task_ids))
     return outcome.session
 
