@@ -156,16 +156,16 @@ def test_a_success_celery_stored_before_its_pool_child_died_is_recorded_not_lost
     tb = f"tb-{uuid.uuid4().hex[:12]}"
     nodes = [NodeSpec(node_id="a", task_id=f"ta-{uuid.uuid4().hex[:12]}"), NodeSpec(node_id="b", task_id=tb)]
     sid = manager.sync.create_session("r.canvas", 2, nodes=nodes)
-    manager.sync.record_node(sid, "a", "completed", result=1, worker="celery@w1:1")
+    manager.sync._record_node(sid, "a", "completed", result=1, worker="celery@w1:1")
     results.backend.store_result(tb, {"rows": 7}, "SUCCESS")
 
     # When that worker is reaped as dead (silent past the stale limit and the grace, while another
     # one beats), and the session, waiting on "b", is ended as stalled
-    manager.sync.heartbeat("celery@w1:1")
+    manager.sync._heartbeat("celery@w1:1")
     stalled = 0
     for _ in range(3):
         clock.advance(31)
-        manager.sync.heartbeat("celery@w2:2")
+        manager.sync._heartbeat("celery@w2:2")
         stalled += maintain(recorder)["stalled"]
     assert stalled == 1
 

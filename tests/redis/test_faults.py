@@ -161,7 +161,7 @@ def lossy(server: RedisProcess, key_prefix: str) -> Iterator[tuple[SessionManage
     warm = manager.sync.create_session("warm.canvas", 1)
     manager.sync.update_progress(warm, 10)
     manager.sync.update_status(warm, "cancelled")
-    manager.sync.resume_session(warm)
+    manager.sync._reopen_session(warm)
     manager.sync.add_node_result(warm, "a", 1)
     manager.sync.delete_session(warm)
     yield manager, proxy
@@ -185,13 +185,13 @@ def test_writes_whose_reply_is_lost_act_once_and_answer_as_the_first_attempt(
     proxy.lose_next_reply()
     assert manager.sync.update_status(sid, "running")["status"] == "running"
     proxy.lose_next_reply()
-    moved = manager.sync.transition(sid, "failed")
+    moved = manager.sync._transition(sid, "failed")
     assert (moved.previous_status.value, moved.session.status.value) == ("running", "failed")
     assert proxy.replies_lost == 3
 
     # When the replies to a resume, a node result and a progress update are lost, Then each acts once
     proxy.lose_next_reply()
-    assert manager.sync.resume_session(sid).previous_status.value == "failed"
+    assert manager.sync._reopen_session(sid).previous_status.value == "failed"
     proxy.lose_next_reply()
     assert manager.sync.add_node_result(sid, "a", 1)["completed_nodes"] == 1
     proxy.lose_next_reply()

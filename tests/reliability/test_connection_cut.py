@@ -41,8 +41,8 @@ def cut(start_redis: StartRedis, key_prefix: str) -> Iterator[tuple[SessionManag
         warm = manager.sync.create_session("warm.canvas", 1)
         manager.sync.update_progress(warm, 1)
         manager.sync.update_status(warm, "cancelled")
-        manager.sync.resume_session(warm)
-        manager.sync.record_node(warm, "w", "completed")
+        manager.sync._reopen_session(warm)
+        manager.sync._record_node(warm, "w", "completed")
         direct = redis.Redis(port=server.port)
         direct.config_resetstat()
         yield manager, proxy, direct
@@ -72,12 +72,12 @@ def test_a_lost_reply_is_run_again_and_counts_once(
 ) -> None:
     manager, proxy, direct = cut
     sid = manager.sync.create_session("cut.canvas", 3)
-    manager.sync.record_node(sid, "a", "running", attempt=1)
+    manager.sync._record_node(sid, "a", "running", attempt=1)
 
     # When the reply to a node's success is lost on the way back
     direct.config_resetstat()
     proxy.arm("reply")
-    outcome = manager.sync.record_node(sid, "a", "completed", result={"ok": 1}, attempt=1)
+    outcome = manager.sync._record_node(sid, "a", "completed", result={"ok": 1}, attempt=1)
 
     # Then redis-py ran the script a second time, and the node still counts once
     assert proxy.fired["reply"] == 1
@@ -98,7 +98,7 @@ def test_a_cut_request_runs_nothing_and_the_retry_runs_once(
     # When the connection breaks half-way through sending a script call
     direct.config_resetstat()
     proxy.arm("request")
-    outcome = manager.sync.record_node(sid, "a", "failed", error=RuntimeError("boom"), attempt=1)
+    outcome = manager.sync._record_node(sid, "a", "failed", error=RuntimeError("boom"), attempt=1)
 
     # Then the server never ran the half command: the script ran exactly once, on the retry
     assert proxy.fired["request"] == 1
@@ -113,12 +113,12 @@ def test_the_caller_whose_finishing_reply_was_lost_still_sees_finished(
 ) -> None:
     manager, proxy, direct = cut
     sid = manager.sync.create_session("cut.canvas", 2)
-    manager.sync.record_node(sid, "a", "completed", result=1)
+    manager.sync._record_node(sid, "a", "completed", result=1)
 
     # When the reply to the result that ends the session is lost, and redis-py runs the script again
     direct.config_resetstat()
     proxy.arm("reply")
-    outcome = manager.sync.record_node(sid, "b", "completed", result=2)
+    outcome = manager.sync._record_node(sid, "b", "completed", result=2)
 
     # Then the re-run answers as the first run did: this caller ended the session (it sends the
     # completion callback; nobody else will)
@@ -126,7 +126,7 @@ def test_the_caller_whose_finishing_reply_was_lost_still_sees_finished(
     assert outcome.session.status.value == "completed"
     assert outcome.finished is not None and outcome.finished.value == "completed"
     # and a later duplicate of the same result (a redelivery: a new call) is not told so again
-    again = manager.sync.record_node(sid, "b", "completed", result=2)
+    again = manager.sync._record_node(sid, "b", "completed", result=2)
     assert again.finished is None
     assert again.session.completed_nodes == 2
 

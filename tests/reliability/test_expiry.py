@@ -74,7 +74,7 @@ def test_cleanup_under_concurrent_writes_only_removes_sessions_idle_past_the_tim
             sid = pick.choice(live)
             n += 1
             try:
-                outcome = manager.sync.record_node(sid, f"w{seed}-{n}", "running", attempt=1)
+                outcome = manager.sync._record_node(sid, f"w{seed}-{n}", "running", attempt=1)
             except SessionNotFoundError:
                 continue  # removed before this write: it must then have been idle (checked below)
             with log.lock:

@@ -123,7 +123,7 @@ def hammer(url: str, prefix: str, repeats: list[tuple[str, list[Event]]], start:
                     details["error"] = RuntimeError(f"{nid} failed on attempt {attempt}")
                 else:
                     details["reason"] = "retry"
-                outcome = manager.sync.record_node(sid, nid, status, **details)
+                outcome = manager.sync._record_node(sid, nid, status, **details)
                 if outcome.finished is not None:
                     finished.append(outcome.finished.value)
                 told += ["success"] * outcome.succeeded + ["failure"] * bool(outcome.first_failure)

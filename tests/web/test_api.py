@@ -51,7 +51,7 @@ async def test_status_counts_skipped_nodes(client: httpx.AsyncClient, web_manage
     sid = await new_session(web_manager, 4)
     await web_manager.add_node_result(sid, "n0", status="failed", error=NodeError(type="ValueError", message="x"))
     for node_id in ("n1", "n2"):
-        await web_manager.record_node(sid, node_id, "skipped", reason="skipped: node n0 failed")
+        await web_manager._record_node(sid, node_id, "skipped", reason="skipped: node n0 failed")
 
     # When
     body = (await client.get(f"{BASE}/status/{sid}")).json()
@@ -85,7 +85,7 @@ async def test_a_session_no_worker_picked_up_has_a_hint(make_app: AppFactory, we
     stuck = await created_ago(web_manager, 45)
     young = await new_session(web_manager)
     started = await created_ago(web_manager, 45)
-    await web_manager.record_node(started, "n0", "running")
+    await web_manager._record_node(started, "n0", "running")
 
     async with asgi_client(make_app()) as client:
         # When their status is read, one by one and in the listing
@@ -206,7 +206,7 @@ async def test_nodes_are_paged_and_filtered(client: httpx.AsyncClient, web_manag
 async def test_nodes_filter_skipped(client: httpx.AsyncClient, web_manager: SessionManager) -> None:
     sid = await new_session(web_manager, 3)
     await web_manager.add_node_result(sid, "n0", status="failed", error=NodeError(type="ValueError", message="x"))
-    await web_manager.record_node(sid, "n1", "skipped", reason="skipped: node n0 failed")
+    await web_manager._record_node(sid, "n1", "skipped", reason="skipped: node n0 failed")
 
     response = await client.get(f"{BASE}/sessions/{sid}/nodes", params={"status": "skipped"})
 
