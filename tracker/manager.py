@@ -250,13 +250,13 @@ class Operations:
         return plan(store_call(Store.get, sid), lambda info: _found(sid, info).to_dict())
 
     def is_session_expired(self, session_id: str) -> Plan[bool]:
-        """True when the session was last updated more than ``session_timeout`` seconds ago.
+        """True when the session was last updated more than ``session_timeout_s`` seconds ago.
 
         Raises:
             SessionNotFoundError: the session is gone (already removed or expired in the store).
         """
         sid = validation.session_id(session_id)
-        timeout_s = self.settings.session_timeout
+        timeout_s = self.settings.session_timeout_s
         now = self.clock()
         return plan(
             store_call(Store.get, sid), lambda info: (now - _found(sid, info).updated_at).total_seconds() > timeout_s
@@ -264,7 +264,7 @@ class Operations:
 
     def cleanup_expired_sessions(self) -> Plan[int]:
         """Remove every expired session; return how many were removed."""
-        return plan(store_call(Store.remove_expired, self.clock(), self.settings.session_timeout), _log_removed)
+        return plan(store_call(Store.remove_expired, self.clock(), self.settings.session_timeout_s), _log_removed)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -294,14 +294,14 @@ class Operations:
     ) -> Plan[list[SessionEvent]]:
         """Events of the session after the event id ``after``, waiting up to ``block_ms`` for one.
 
-        The wait is capped 250 ms below ``redis_socket_timeout``, so that the store never cuts it.
+        The wait is capped 250 ms below ``redis_socket_timeout_s``, so that the store never cuts it.
         """
         sid = validation.session_id(session_id)
         if after is not None:
             validation.event_id(after)
         wait_ms = validation.block_ms(block_ms, sid)
         if wait_ms is not None:
-            wait_ms = min(wait_ms, max(0, round(self.settings.redis_socket_timeout * 1000) - 250))
+            wait_ms = min(wait_ms, max(0, round(self.settings.redis_socket_timeout_s * 1000) - 250))
         return answer(store_call(Store.read_events, sid, after, _limit(limit), wait_ms))
 
     def get_structure(self, session_id: str) -> Plan[Tree | None]:
@@ -315,9 +315,9 @@ class Operations:
     # -- maintenance ----------------------------------------------------------------------------
 
     def reap_lost_nodes(self, requeued: bool = False) -> Plan[list[NodeOutcome]]:
-        """Mark ``lost`` the running nodes of worker processes silent for ``worker_stale_after`` s,
+        """Mark ``lost`` the running nodes of worker processes silent for ``worker_stale_after_s`` s,
         once a reaper has seen them silent that long again (a live worker back from a store outage
-        beats meanwhile), and nodes running longer than ``node_max_runtime``, when set.
+        beats meanwhile), and nodes running longer than ``node_max_runtime_s``, when set.
 
         Args:
             requeued: The dead workers' messages come back from the broker (``task_acks_late``):
@@ -327,7 +327,7 @@ class Operations:
             What was marked.
         """
         s = self.settings
-        return answer(store_call(Store.reap_lost, self.clock(), s.worker_stale_after, s.node_max_runtime, requeued))
+        return answer(store_call(Store.reap_lost, self.clock(), s.worker_stale_after_s, s.node_max_runtime_s, requeued))
 
     def end_stalled_sessions(self, stalled_after_s: float) -> Plan[list[BatchOutcome]]:
         """End the sessions a message lost with a dead worker left waiting: see
@@ -722,7 +722,7 @@ class SessionManager(_Verbs):
         """Run :meth:`cleanup_expired_sessions` every ``interval_s`` (default from settings) in this loop."""
         if self._cleanup_task is not None and not self._cleanup_task.done():
             return
-        interval = interval_s if interval_s is not None else self.settings.cleanup_interval
+        interval = interval_s if interval_s is not None else self.settings.cleanup_interval_s
         self._cleanup_task = asyncio.get_running_loop().create_task(self._cleanup_loop(interval))
 
     async def _cleanup_loop(self, interval_s: float) -> None:

@@ -48,12 +48,12 @@ class Calls:
 @pytest.fixture
 def make(redis_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """Recorders on the test store whose writer thread writes a waiting start only after
-    ``flush_interval`` (a minute unless a test says otherwise), so that tests flush by hand."""
+    ``flush_interval_s`` (a minute unless a test says otherwise), so that tests flush by hand."""
     made: list[tuple[Recorder, SessionManager]] = []
 
-    def build(flush_interval: float = 60.0, url: str | None = None) -> tuple[Recorder, SessionManager]:
-        settings = TrackerSettings(redis_url=url or redis_url, key_prefix=key_prefix, flush_interval=flush_interval,
-                                   redis_retries=0, redis_socket_timeout=1)  # fmt: skip
+    def build(flush_interval_s: float = 60.0, url: str | None = None) -> tuple[Recorder, SessionManager]:
+        settings = TrackerSettings(redis_url=url or redis_url, key_prefix=key_prefix, flush_interval_s=flush_interval_s,
+                                   redis_retries=0, redis_socket_timeout_s=1)  # fmt: skip
         manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
         recorder = Recorder(Celery("writer-test", set_as_current=False), manager)
         made.append((recorder, manager))
@@ -199,7 +199,7 @@ def test_batched_events_leave_what_the_same_events_one_by_one_leave(
     make: Any, calls: list[tuple[str, str, int]], flush_after: set[int]
 ) -> None:
     # Given two recorders: one writes each event at once, the other keeps them for its flushes
-    (one_by_one, m1), (batched, m2) = make(flush_interval=0), make()
+    (one_by_one, m1), (batched, m2) = make(flush_interval_s=0), make()
     sessions = {one_by_one: m1.sync.create_session("w.canvas", 2), batched: m2.sync.create_session("w.canvas", 2)}
     ids = {(nid, k): str(uuid.uuid4()) for nid in "ab" for k in (0, 1)}
 
@@ -234,7 +234,7 @@ def test_batched_events_leave_what_the_same_events_one_by_one_leave(
 
 
 def test_with_flush_interval_zero_each_event_is_written_before_the_handler_returns(make: Any) -> None:
-    recorder, manager = make(flush_interval=0)
+    recorder, manager = make(flush_interval_s=0)
     sid = manager.sync.create_session("w.canvas", 2)
     t = task(recorder, sid, "a")
     start(recorder, t)
@@ -246,7 +246,7 @@ def test_with_flush_interval_zero_each_event_is_written_before_the_handler_retur
 
 def test_the_writer_thread_writes_a_start_within_the_flush_interval(make: Any) -> None:
     # Given a flush interval of 0.2 s
-    recorder, manager = make(flush_interval=0.2)
+    recorder, manager = make(flush_interval_s=0.2)
     sid = manager.sync.create_session("w.canvas", 2)
     started = time.monotonic()
     # When a task starts and runs on, Then its writer thread writes the start (not the next heartbeat)
@@ -366,7 +366,7 @@ def test_a_busy_process_wakes_its_writer_thread_once_not_once_per_task(make: Any
 
 def test_an_idle_writer_is_woken_again_by_the_next_start(make: Any) -> None:
     # Given a writer ticking every 0.1 s, which wrote a long task's start and then went idle
-    recorder, manager = make(flush_interval=0.1)
+    recorder, manager = make(flush_interval_s=0.1)
     sid = manager.sync.create_session("w.canvas", 2)
     start(recorder, task(recorder, sid, "first"))
     wait_for(lambda: status_of(manager, sid, "first") is NodeStatus.RUNNING, 5, "the first start written")

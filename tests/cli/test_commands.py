@@ -200,8 +200,8 @@ def test_status_of_a_session_no_worker_picked_up_shows_a_hint(cli: Cli, store_ma
     for other in (young, started):
         assert "Hint:" not in cli("status", other).stdout
     assert cli.json("status", stuck, "--json") == store_manager.sync.get_session_status(stuck)
-    # and TRACKER_PICKUP_HINT_AFTER moves the threshold
-    assert "Hint:" not in cli("status", stuck, env={"TRACKER_PICKUP_HINT_AFTER": "120"}).stdout
+    # and TRACKER_PICKUP_HINT_AFTER_S moves the threshold
+    assert "Hint:" not in cli("status", stuck, env={"TRACKER_PICKUP_HINT_AFTER_S": "120"}).stdout
 
 
 def test_unknown_session_exits_3_with_one_line(cli: Cli) -> None:
@@ -539,7 +539,7 @@ def test_cleanup_removes_expired_sessions(cli: Cli, redis_url: str, key_prefix: 
     old.sync.update_progress(fresh, 1.0)  # touched now: not expired
     old.sync._record_node(fresh, "n1", "running", worker="celery@gone:1")  # its worker is long silent
     old.storage.heartbeat("celery@gone:1", an_hour_ago)
-    env = {"TRACKER_SESSION_TIMEOUT": "60", "TRACKER_WORKER_STALE_AFTER": "1"}
+    env = {"TRACKER_SESSION_TIMEOUT_S": "60", "TRACKER_WORKER_STALE_AFTER_S": "1"}
     result = cli("cleanup", env=env)
     assert result.exit_code == ExitCode.OK
     # The first pass finds the worker silent and gives it a grace to beat again; the next one reaps

@@ -22,7 +22,7 @@ W1, W2 = "celery@host-a:101", "celery@host-b:202"
 
 
 def make(store: SessionStorageAdapter, clock: FakeClock, **settings: float) -> SessionManager:
-    options = {"worker_stale_after": 30.0, **settings}
+    options = {"worker_stale_after_s": 30.0, **settings}
     return SessionManager(storage=store, settings=TrackerSettings(**options), clock=clock)  # type: ignore[arg-type]
 
 
@@ -162,7 +162,7 @@ def test_heartbeats_keep_a_long_running_nodes_session_from_expiring(
     store: SessionStorageAdapter, clock: FakeClock
 ) -> None:
     # Given a 60 s session timeout and a node running on W1
-    manager = make(store, clock, session_timeout=60.0)
+    manager = make(store, clock, session_timeout_s=60.0)
     sid = manager.sync.create_session("long.canvas", 1)
     manager.sync._record_node(sid, "a", "running", worker=W1)
     # When W1 beats for twice the timeout while nothing else writes to the session
@@ -247,7 +247,7 @@ def test_a_node_redelivered_to_another_worker_is_not_reaped(store: SessionStorag
 
 
 def test_node_run_limit(store: SessionStorageAdapter, clock: FakeClock) -> None:
-    manager = make(store, clock, node_max_runtime=100.0)
+    manager = make(store, clock, node_max_runtime_s=100.0)
     sid = manager.sync.create_session("limit.canvas", 2)
     manager.sync._record_node(sid, "old", "running", worker=W1)
     clock.advance(90)

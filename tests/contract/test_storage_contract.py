@@ -438,7 +438,7 @@ async def test_cleanup_keeps_a_session_updated_since_creation(manager: SessionMa
 async def test_timeout_is_configurable(store: SessionStorageAdapter, clock: FakeClock) -> None:
     from tracker import TrackerSettings
 
-    manager = SessionManager(storage=store, settings=TrackerSettings(session_timeout=10), clock=clock)
+    manager = SessionManager(storage=store, settings=TrackerSettings(session_timeout_s=10), clock=clock)
     sid = await new_session(manager)
     clock.advance(11)
     assert await manager.is_session_expired(sid)

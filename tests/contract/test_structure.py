@@ -190,7 +190,7 @@ async def test_a_lost_node_skips_its_successors(manager: SessionManager) -> None
 
 def test_a_reaped_node_skips_its_successors(store: SessionStorageAdapter, clock: FakeClock) -> None:
     worker = "celery@host-a:101"
-    manager = SessionManager(storage=store, settings=TrackerSettings(worker_stale_after=30.0), clock=clock)
+    manager = SessionManager(storage=store, settings=TrackerSettings(worker_stale_after_s=30.0), clock=clock)
     specs = [NodeSpec(node_id=n) for n in "abc"]
     sid = manager.sync.create_session("structure.canvas", 3, nodes=specs, structure=chain("a", "b", "c"))
     manager.sync._record_node(sid, "a", "running", worker=worker)

@@ -33,7 +33,7 @@ def server(tmp_path: Path) -> Iterator[RedisProcess]:
 @pytest.fixture
 def manager(server: RedisProcess, key_prefix: str) -> Iterator[SessionManager]:
     """A manager on that server with small retries: 1 retry, 0.5 s socket timeout."""
-    settings = TrackerSettings(redis_url=server.url, key_prefix=key_prefix, redis_retries=1, redis_socket_timeout=0.5)
+    settings = TrackerSettings(redis_url=server.url, key_prefix=key_prefix, redis_retries=1, redis_socket_timeout_s=0.5)
     manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
     yield manager
     manager.storage.close()
@@ -155,7 +155,7 @@ def test_a_server_that_lost_its_data_reads_as_not_found_never_as_pending(tmp_pat
 def lossy(server: RedisProcess, key_prefix: str) -> Iterator[tuple[SessionManager, LossyProxy]]:
     """A manager that reaches the server through a proxy able to lose one reply; scripts loaded."""
     proxy = LossyProxy(server.port)
-    settings = TrackerSettings(redis_url=proxy.url, key_prefix=key_prefix, redis_retries=1, redis_socket_timeout=2)
+    settings = TrackerSettings(redis_url=proxy.url, key_prefix=key_prefix, redis_retries=1, redis_socket_timeout_s=2)
     manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
     # Every script loaded first, so a lost reply is the reply of a script that ran (not a NOSCRIPT).
     warm = manager.sync.create_session("warm.canvas", 1)

@@ -135,7 +135,7 @@ def test_a_finishing_batch_retried_by_the_writer_still_reports_finished_once(
     cut: tuple[SessionManager, Proxy, redis.Redis], key_prefix: str
 ) -> None:
     # Given a session one result away from its end, and the signal handlers' recorder (its writer
-    # retried by hand here: a long flush_interval keeps its thread out of the way)
+    # retried by hand here: a long flush_interval_s keeps its thread out of the way)
     _, proxy, direct = cut
     manager = slow_writer_manager(proxy.url, key_prefix)
     recorder = CountingRecorder(Celery("cut", set_as_current=False), manager)
@@ -192,8 +192,8 @@ def test_an_outcome_counts_as_held_while_its_write_is_under_way(
     manager.storage.close()
 
 
-def slow_writer_manager(url: str, key_prefix: str, flush_interval: float = 60.0) -> SessionManager:
-    settings = TrackerSettings(redis_url=url, key_prefix=key_prefix, flush_interval=flush_interval)
+def slow_writer_manager(url: str, key_prefix: str, flush_interval_s: float = 60.0) -> SessionManager:
+    settings = TrackerSettings(redis_url=url, key_prefix=key_prefix, flush_interval_s=flush_interval_s)
     return SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
 
 
@@ -222,9 +222,9 @@ def test_connections_dropped_again_and_again_under_concurrent_writes(
 ) -> None:
     # Given 4 threads with 875 events each (starts, duplicate results, failed-then-completed) on one
     # session, sent through the signal handlers' own recorder, writing each event before going on
-    # (flush_interval 0; its writer thread retries, with backoff, what the store refused)
+    # (flush_interval_s 0; its writer thread retries, with backoff, what the store refused)
     _, proxy, direct = cut
-    manager = slow_writer_manager(proxy.url, key_prefix, flush_interval=0)
+    manager = slow_writer_manager(proxy.url, key_prefix, flush_interval_s=0)
     recorder = CountingRecorder(Celery("cut", set_as_current=False), manager)
     nodes = 1000
     events: list[tuple[str, str]] = []

@@ -182,7 +182,7 @@ def fuzzed(
         yield manager, lambda: public_state(manager)
         return
     server = start_redis()
-    settings = TrackerSettings(redis_url=server.url, key_prefix=key_prefix, redis_socket_timeout=1.0)
+    settings = TrackerSettings(redis_url=server.url, key_prefix=key_prefix, redis_socket_timeout_s=1.0)
     manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
     client = redis.Redis(port=server.port)
     yield manager, lambda: redis_dump(client, key_prefix)

@@ -246,7 +246,7 @@ def hammer_through_writers(
     from tracker.celery import NODE_STAMP, SESSION_STAMP, Recorder
 
     try:
-        settings = TrackerSettings(redis_url=url, key_prefix=prefix, flush_interval=0.01)
+        settings = TrackerSettings(redis_url=url, key_prefix=prefix, flush_interval_s=0.01)
         store = RedisStorageAdapter.from_settings(settings)
         manager = SessionManager(storage=store, settings=settings)
         finished: list[tuple[str, str]] = []

@@ -43,10 +43,10 @@ def test_singleton() -> None:
 def test_redis_store_when_the_url_is_set(monkeypatch: pytest.MonkeyPatch, redis_url: str, key_prefix: str) -> None:
     monkeypatch.setenv("TRACKER_REDIS_URL", redis_url)
     monkeypatch.setenv("TRACKER_KEY_PREFIX", key_prefix)
-    monkeypatch.setenv("TRACKER_SESSION_TIMEOUT", "42")
+    monkeypatch.setenv("TRACKER_SESSION_TIMEOUT_S", "42")
     manager = SessionManager.get_instance()
     assert isinstance(manager.storage, RedisStorageAdapter)
-    assert manager.settings.session_timeout == 42
+    assert manager.settings.session_timeout_s == 42
     sid = manager.sync.create_session("env.canvas", 1)
     assert manager.sync.get_session_status(sid)["canvas_path"] == "env.canvas"
 

@@ -7,7 +7,7 @@ reports the task's end to the worker's main process only after them), so a proce
 moment either recorded the outcome or leaves the message unacknowledged for the broker to
 redeliver. A start is not worth a round trip of its own: it waits in the process's :class:`Writer`
 and goes with its outcome (one event, one store call) or, for a task still running after
-``flush_interval``, from the writer's thread. ``docs/reliability.md`` says why this holds.
+``flush_interval_s``, from the writer's thread. ``docs/reliability.md`` says why this holds.
 
 Handlers never raise into the user's task (Celery would only log it anyway). When the store fails,
 the writer keeps the events (bounded) and retries with backoff, then says once that it holds them,
@@ -133,10 +133,10 @@ class Writer(threading.Thread):
     A task's outcome is written by :meth:`write` in the task's own thread, before the handler
     returns (and so before Celery acknowledges the message); a start waits in the queue for its
     outcome or for the thread's tick. While starts keep coming, the thread ticks every
-    ``flush_interval`` and writes the starts that already waited at the tick before (tasks running
+    ``flush_interval_s`` and writes the starts that already waited at the tick before (tasks running
     longer than an interval); after a tick without any start it sleeps until the next start wakes
     it (so a busy process wakes it once per interval, not once per task). The
-    heartbeat (every ``heartbeat_interval`` seconds) tells the reaper the process is alive and
+    heartbeat (every ``heartbeat_interval_s`` seconds) tells the reaper the process is alive and
     keeps the sessions of its running nodes from expiring.
     """
 
@@ -169,7 +169,7 @@ class Writer(threading.Thread):
 
     def keep(self, raw: _Raw) -> None:
         """Queue an event (a start) to be written with its outcome, or by the thread's tick once it
-        has waited a whole ``flush_interval`` (so within two)."""
+        has waited a whole ``flush_interval_s`` (so within two)."""
         queue = self._queue
         queue.append(raw)
         self._kept = True
@@ -177,7 +177,7 @@ class Writer(threading.Thread):
             with self._wake:
                 if self._idle:
                     self._idle = False
-                    self._tick_at = time.monotonic() + self.recorder.manager.settings.flush_interval
+                    self._tick_at = time.monotonic() + self.recorder.manager.settings.flush_interval_s
                     self._wake.notify()  # asleep until its next heartbeat: it ticks from now on
         if len(queue) > BACKLOG_SIZE:
             with self._lock:
@@ -342,7 +342,7 @@ class Writer(threading.Thread):
                 flush_now = self._due() <= now
             if now >= next_beat:
                 self._beat()
-                next_beat = now + self.recorder.manager.settings.heartbeat_interval
+                next_beat = now + self.recorder.manager.settings.heartbeat_interval_s
             if flush_now:
                 self._tick()
 
@@ -363,7 +363,7 @@ class Writer(threading.Thread):
                 self._idle = True
                 # A start queued while this decided saw the thread ticking, and did not wake it.
                 self._idle = not self._queue
-            self._tick_at = time.monotonic() + self.recorder.manager.settings.flush_interval
+            self._tick_at = time.monotonic() + self.recorder.manager.settings.flush_interval_s
 
     def _beat(self) -> None:
         try:
@@ -450,7 +450,7 @@ class Recorder:
     ) -> None:
         """Record one node event of a tracked request (untracked ones are ignored; ``ids``: its
         stamps, when the caller read them already): an outcome before this returns, a start
-        within ``flush_interval`` (at once with ``flush_interval = 0``) or with its outcome."""
+        within ``flush_interval_s`` (at once with ``flush_interval_s = 0``) or with its outcome."""
         ids = ids or ids_of(request)
         if ids is not None:
             self._keep(request, ids, status, result, error, attempt, task_id, worker, reason)
@@ -484,7 +484,7 @@ class Recorder:
         if status is NodeStatus.RUNNING:
             writer.runs(ids)
             writer.keep(raw)
-            if manager.settings.flush_interval == 0 and not writer.store_down:
+            if manager.settings.flush_interval_s == 0 and not writer.store_down:
                 writer.flush()
             return
         writer.ran(ids)

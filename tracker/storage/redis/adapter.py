@@ -119,7 +119,7 @@ class RedisStorageAdapter:
         return cls(
             clients.connect(settings, url=url, cluster=settings.redis_cluster),
             key_prefix=settings.key_prefix,
-            ttl_s=settings.session_timeout,
+            ttl_s=settings.session_timeout_s,
             events_maxlen=settings.events_maxlen,
             url=url,
             settings=settings,

@@ -34,8 +34,8 @@ def connect(
     # converts it and warns).
     retry_class = AsyncRetry if asynchronous else Retry
     options: dict[str, Any] = {
-        "socket_timeout": settings.redis_socket_timeout,
-        "socket_connect_timeout": settings.redis_socket_timeout,
+        "socket_timeout": settings.redis_socket_timeout_s,
+        "socket_connect_timeout": settings.redis_socket_timeout_s,
         "retry": retry_class(ExponentialBackoff(cap=2.0, base=0.05), settings.redis_retries),
         "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
     }
@@ -45,9 +45,9 @@ def connect(
             return lib.RedisCluster.from_url(url, **options)
         nodes = [cluster_lib.ClusterNode(node.host, node.port) for node in like.get_nodes()]
         return lib.RedisCluster(startup_nodes=nodes, **options)
-    options["health_check_interval"] = settings.redis_health_check_interval
+    options["health_check_interval"] = settings.redis_health_check_interval_s
     options["max_connections"] = settings.redis_max_connections
-    options["timeout"] = settings.redis_socket_timeout  # how long to wait for a free connection
+    options["timeout"] = settings.redis_socket_timeout_s  # how long to wait for a free connection
     if url:
         pool = lib.BlockingConnectionPool.from_url(url, **options)
     else:
