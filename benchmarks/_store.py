@@ -17,7 +17,7 @@ from tracker.models import SessionInfo
 from tracker.storage.redis import RedisStorageAdapter, Script
 
 
-def _first_batch(program: Iterator[list[Any]]) -> list[Any]:
+def first_batch(program: Iterator[list[Any]]) -> list[Any]:
     return next(program)
 
 
@@ -49,10 +49,10 @@ def node_events(
     session_id: str,
     events: Iterable[tuple[str, str, dict[str, Any]]],
 ) -> Iterator[Script]:
-    """The ``record_node`` scripts ``manager.sync.record_node(session_id, node_id, status, **details)`` would run."""
+    """The ``record_node`` scripts ``manager.sync._record_node(session_id, node_id, status, **details)`` would run."""
     for node_id, status, details in events:
-        plan = manager._plans.record_node(session_id, node_id, status, **details)
-        (script,) = _first_batch(store.programs.record_node(*plan.args))
+        call = manager.operations.record_node(session_id, node_id, status, **details).call
+        (script,) = first_batch(store.programs.record_node(*call.args, **call.kwargs))
         yield script
 
 
@@ -71,5 +71,5 @@ def sessions(
         info = SessionInfo(
             session_id=sid, canvas_path="bench.canvas", node_count=node_count, created_at=at, updated_at=at
         )
-        (script,) = _first_batch(store.programs.create(info))
+        (script,) = first_batch(store.programs.create(info))
         yield script

@@ -12,7 +12,7 @@ Configured from the environment so that the driver and the worker subprocess
   process and write them there (:mod:`benchmarks.inworker`);
 - ``TRACKER_BENCH_WRITE_BEHIND=1``: emulate the tracker's former write-behind (:mod:`benchmarks.durable`):
   a task's outcome is queued like its start, and the writer thread writes it within
-  ``flush_interval``, instead of being written before the handler returns (before the ack).
+  ``flush_interval_s``, instead of being written before the handler returns (before the ack).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ class Scenario:
             raise RuntimeError(f"{made} of {live} live sessions created")
 
     def expire(self, count: int) -> None:
-        old = _now() - timedelta(seconds=2 * self.settings.session_timeout)
+        old = _now() - timedelta(seconds=2 * self.settings.session_timeout_s)
         made = send_pipelined(self.store, sessions(self.store, (str(uuid.uuid4()) for _ in range(count)), old))
         if made != count:
             raise RuntimeError(f"{made} of {count} expired sessions created")

@@ -11,7 +11,7 @@ what a Celery user pays without the tracker:
 - **D**: tracked (``tracker.celery.dispatch``), today's durable writes, no result stored by Celery;
 - **W**: tracked, the former write-behind, emulated: a worker started with
   ``TRACKER_BENCH_WRITE_BEHIND=1`` queues each outcome like a start (``Writer.write`` is
-  ``Writer.keep``), and the writer thread writes it within ``flush_interval``, after the ack.
+  ``Writer.keep``), and the writer thread writes it within ``flush_interval_s``, after the ack.
 
 Each mode has its own worker (``celery -A benchmarks.app worker --pool prefork -c 2``, the project's
 ``celeryconfig``: JSON, ``acks_late``, prefetch 1), all four started together on their own queues,
@@ -27,7 +27,7 @@ commandstats``: kombu's Redis transport acknowledges a message with one ``HDEL``
 ``unacked`` hash, and nothing else on that server runs ``HDEL``): the same check for the four
 modes, and nothing added to the tasks or the worker. A tracked batch's session is then read until
 it has ended (at once for D, whose last outcome was written before its ack; up to
-``flush_interval`` later for W). Both are looked at every 5 ms. The ratios are taken within each
+``flush_interval_s`` later for W). Both are looked at every 5 ms. The ratios are taken within each
 round; their median over the rounds is reported with the interval that holds it (order
 statistics, as in row 1). Beside wall time, the CPU per task of the mode's worker, the broker and
 the store (from ``/proc``).
@@ -59,7 +59,7 @@ DESCRIPTION = {
     "U": "untracked, no result stored",
     "C": "untracked, Celery's Redis result backend storing each result",
     "D": "tracked, durable (outcome written before the ack)",
-    "W": "tracked, write-behind (emulated: outcome written after the ack, within flush_interval)",
+    "W": "tracked, write-behind (emulated: outcome written after the ack, within flush_interval_s)",
 }
 TRACKED = {"D", "W"}
 #: Seconds each task sleeps.

@@ -89,7 +89,7 @@ def run(quick: bool) -> Section:
     with redis_server() as server:
         # Long intervals keep the writer thread out of the way: each start goes with its outcome, and
         # no heartbeat (a keep-alive script call while a task runs) mixes in with the store calls counted.
-        settings = TrackerSettings(redis_url=server.url, flush_interval=60, heartbeat_interval=3600)
+        settings = TrackerSettings(redis_url=server.url, flush_interval_s=60, heartbeat_interval_s=3600)
         store = RedisStorageAdapter.from_url(server.url, settings)
         manager = SessionManager(storage=store, settings=settings)
         recorder = Recorder(Celery("tracker_bench_hotpath"), manager)

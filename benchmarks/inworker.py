@@ -6,7 +6,7 @@ handlers (``task_received`` in the main process, ``task_prerun`` and ``task_succ
 children) and its writer's ``flush`` so that each call reads its thread's CPU clock before and after.
 A task's outcome is written by ``task_success`` itself, in the task's thread (its start folded in):
 that flush is inside the handler's figure, and is also shown apart. The writer thread's own flushes
-(starts of tasks still running after ``flush_interval``) are counted apart, and its whole CPU time
+(starts of tasks still running after ``flush_interval_s``) are counted apart, and its whole CPU time
 (those flushes, wake-ups, heartbeats) is read when the process stops. Each process writes what it
 measured to ``<directory>/<pid>.json`` when it stops: a pool child on ``worker_process_shutdown``,
 the main process at exit. :func:`collect` sums them up for the driver.

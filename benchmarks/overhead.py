@@ -392,7 +392,7 @@ def run(quick: bool) -> Section:
             "inside the worker: the writer thread per tracked task, pool child",
             "µs CPU",
             inworker["writer_thread_us_per_task"],
-            note=f"heartbeats, wake-ups; starts written alone (task past flush_interval): "
+            note=f"heartbeats, wake-ups; starts written alone (task past flush_interval_s): "
             f"{inworker['writer_flushes_per_100_tasks']:.1f} store calls per 100 tasks, "
             f"{inworker['writer_flush_us_per_task']:.1f} µs per task",
         ),

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from benchmarks._redis import redis_server
+from benchmarks._store import first_batch
 from benchmarks.report import Row, Section, Target, interval_row, median
 from tracker import SessionManager, TrackerSettings
 from tracker.states import NodeStatus
@@ -50,7 +51,7 @@ def run(quick: bool) -> Section:
             calls = []
             for i in range(block):
                 event = NodeEvent(f"{prefix}-{i}", NodeStatus.COMPLETED, result_json)
-                call = store.programs.status_script(sid, [event], manager.clock())
+                (call,) = first_batch(store.programs.record_nodes(sid, [event], manager.clock()))
                 calls.append(["EVALSHA", sha, len(call.keys), *call.keys, *call.args])
             return calls
 

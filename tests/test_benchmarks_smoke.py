@@ -92,7 +92,7 @@ def _check_durability_rows(bench: dict[str, Any]) -> None:
         assert all(_finite(summary[key]) for key in ("median", "low", "high")), (name, summary)
         assert len(summary["values"]) == details["rounds"]
     # Not a timing: D writes every outcome before its ack, so each session had ended at its last
-    # ack; W (outcomes after the ack, within flush_interval) made fewer store calls than tasks.
+    # ack; W (outcomes after the ack, within flush_interval_s) made fewer store calls than tasks.
     assert details["session_ended_at_last_ack_pct"]["D"] == 100
     assert details["store_script_calls_per_task"]["W"] < details["store_script_calls_per_task"]["D"]
 

@@ -28,14 +28,9 @@ from tracker.states import (
     VALID_TRANSITIONS,
     NodeStatus,
     SessionStatus,
-    finish_status,
     is_valid_transition,
 )
-from tracker.storage import (
-    AsyncSessionStorageAdapter,
-    InMemoryStorageAdapter,
-    SessionStorageAdapter,
-)
+from tracker.storage import InMemoryStorageAdapter, SessionStorageAdapter
 
 __version__ = "0.1.0"
 
@@ -44,7 +39,6 @@ __all__ = [
     "VALID_TRANSITIONS",
     "NodeStatus",
     "SessionStatus",
-    "finish_status",
     "is_valid_transition",
     # Models
     "NodeError",
@@ -56,7 +50,6 @@ __all__ = [
     "SessionInfo",
     "SessionPage",
     # Storage
-    "AsyncSessionStorageAdapter",
     "InMemoryStorageAdapter",
     "RedisStorageAdapter",
     "SessionStorageAdapter",

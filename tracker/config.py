@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+import os
+import warnings
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Settings renamed to carry their unit: old name -> new name. The old names still work, as
+#: keywords and as ``TRACKER_<OLD NAME>`` environment variables, with a ``DeprecationWarning``.
+RENAMED = {
+    old: f"{old}_s"
+    for old in (
+        "session_timeout", "cleanup_interval", "redis_socket_timeout", "redis_health_check_interval",
+        "flush_interval", "heartbeat_interval", "worker_stale_after", "stalled_after", "pickup_hint_after",
+        "node_max_runtime",
+    )
+}  # fmt: skip
 
 
 class TrackerSettings(BaseSettings):
@@ -18,9 +33,9 @@ class TrackerSettings(BaseSettings):
     #: Prefix of every Redis key.
     key_prefix: str = Field(default="tracker", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     #: A session expires this long after its last change.
-    session_timeout: float = Field(default=1800.0, gt=0)
+    session_timeout_s: float = Field(default=1800.0, gt=0)
     #: How often the in-process cleanup scheduler runs.
-    cleanup_interval: float = Field(default=60.0, gt=0)
+    cleanup_interval_s: float = Field(default=60.0, gt=0)
     #: Most nodes one session may have (a bound on what one dispatch may ask the store to hold).
     max_node_count: int = Field(default=10_000_000, ge=1)
     #: Deepest nesting of groups, chains and chords a dispatched canvas may have.
@@ -32,34 +47,51 @@ class TrackerSettings(BaseSettings):
     #: Events kept per session stream (approximate trim); older ones are replayed as a snapshot.
     events_maxlen: int = Field(default=1000, ge=10)
     #: Socket timeout of Redis calls.
-    redis_socket_timeout: float = Field(default=5.0, gt=0)
+    redis_socket_timeout_s: float = Field(default=5.0, gt=0)
     #: Retries of a Redis call on connection errors and timeouts (exponential backoff).
     redis_retries: int = Field(default=3, ge=0)
     #: Most connections one process opens to Redis (per client flavour); more callers wait.
     redis_max_connections: int = Field(default=50, ge=1)
     #: Seconds between connection health checks (0 disables).
-    redis_health_check_interval: int = Field(default=30, ge=0)
+    redis_health_check_interval_s: int = Field(default=30, ge=0)
     #: Seconds a task's start waits in its process before it is written on its own (between one and
     #: two of them): most tasks end sooner, and their start is written with their outcome (one store
     #: call). Outcomes are always written before their handler returns. 0: every start is written
     #: before the task goes on too.
-    flush_interval: float = Field(default=0.05, ge=0, le=60)
+    flush_interval_s: float = Field(default=0.05, ge=0, le=60)
     #: Seconds between heartbeats of each worker process that runs tracked nodes.
-    heartbeat_interval: float = Field(default=5.0, gt=0)
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
     #: A worker process silent this long is presumed dead: its running nodes become ``lost``.
-    worker_stale_after: float = Field(default=30.0, gt=0)
+    worker_stale_after_s: float = Field(default=30.0, gt=0)
     #: After a worker died, a session of that time with nothing running and nothing changed for
     #: this long has its unfinished nodes marked ``lost`` (a broker lost their messages with the
     #: worker). Unset: derived from the app's broker (its redelivery delay plus twice
-    #: ``worker_stale_after``; see ``tracker.celery.stalled_after_s``).
-    stalled_after: float | None = Field(default=None, gt=0)
+    #: ``worker_stale_after_s``; see ``tracker.celery.stalled_after_s``).
+    stalled_after_s: float | None = Field(default=None, gt=0)
     #: Seconds a session may stay ``pending`` (no worker has recorded any of its nodes) before
     #: ``tracker status``, ``watch`` and the web API and dashboard show a hint about the workers.
-    pickup_hint_after: float = Field(default=30.0, gt=0)
+    pickup_hint_after_s: float = Field(default=30.0, gt=0)
     #: Optional per-node run limit in seconds; a node running longer is marked ``lost``.
-    node_max_runtime: float | None = Field(default=None, gt=0)
+    node_max_runtime_s: float | None = Field(default=None, gt=0)
     #: Bearer token the web API requires; unset: reads are open, mutations refused.
     api_token: SecretStr | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for old, new in RENAMED.items():
+            variable = f"TRACKER_{old.upper()}"
+            if old in data:
+                value, where = data.pop(old), f"{old}="
+            elif variable in os.environ:
+                value, where = os.environ[variable], variable
+            else:
+                continue
+            warnings.warn(f"{where} is deprecated: use {new} (TRACKER_{new.upper()})", DeprecationWarning, stacklevel=2)
+            data.setdefault(new, value)  # the new name wins when both are given
+        return data
 
     @field_validator("redis_url")
     @classmethod

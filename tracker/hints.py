@@ -30,7 +30,7 @@ def pickup_hint(status: str, created_at: datetime, now: datetime, after_s: float
         created_at: When the session was created (aware).
         now: The current time (aware), from the manager's clock.
         after_s: How long a session may stay pending before the hint shows, in seconds
-            (``TRACKER_PICKUP_HINT_AFTER``).
+            (``TRACKER_PICKUP_HINT_AFTER_S``).
 
     Returns:
         The hint text, or None when the session is not pending or is younger than ``after_s``.

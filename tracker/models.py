@@ -250,6 +250,14 @@ class BatchOutcome(_Model):
     first_failure: str | None = None
 
 
+class ResumeOutcome(_Model):
+    """What a resume did: the session after it, and the nodes reset to ``pending`` to re-send."""
+
+    session: SessionInfo
+    previous_status: SessionStatus
+    nodes: list[NodeSpec]
+
+
 class TransitionOutcome(_Model):
     """What a session transition did."""
 

@@ -215,7 +215,7 @@ def test_only_a_canvas_with_links_keeps_a_structure_and_success_callbacks_are_ke
     chained = dispatch(chain(linked, add.s(3)), canvas_path="c.canvas", node_ids=["a", "b"])
     assert tracked.sync.get_structure(chained) == {"chain": [{"n": "a"}, {"n": "b"}]}
     tracked.sync.update_status(chained, "cancelled")
-    outcome = tracked.sync.resume_session(chained)
+    outcome = tracked.sync._reopen_session(chained)
     signatures = {node.node_id: node.signature for node in outcome.nodes}
     assert signatures["a"] is not None and signatures["a"]["options"]["link"][0]["task"] == "t.total"
     app.control.purge()

@@ -97,7 +97,7 @@ def test_beat_cleanup_task_removes_an_expired_session(tracked: SessionManager, t
     sid = tracked.sync.create_session("old.canvas", 1)
     keep = tracked.sync.create_session("new.canvas", 1)
     real_clock = tracked.clock
-    tracked.clock = lambda: real_clock() + timedelta(seconds=tracked.settings.session_timeout + 5)
+    tracked.clock = lambda: real_clock() + timedelta(seconds=tracked.settings.session_timeout_s + 5)
     try:
         tracked.sync.add_node_result(keep, "n", 1)  # written "later": not expired
         assert app.conf.beat_schedule[BEAT_ENTRY]["task"] == CLEANUP_TASK
@@ -110,7 +110,7 @@ def test_beat_cleanup_task_removes_an_expired_session(tracked: SessionManager, t
 
 
 def test_beat_runs_cleanup_every_tracker_cleanup_interval(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRACKER_CLEANUP_INTERVAL", "17")
+    monkeypatch.setenv("TRACKER_CLEANUP_INTERVAL_S", "17")
     beat_app = Celery("beat-interval", broker="memory://", set_as_current=False)
     install(beat_app)
     try:

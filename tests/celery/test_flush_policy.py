@@ -23,11 +23,11 @@ from tracker.celery.flush_policy import (
 )
 
 INF = math.inf
-POLICY = FlushPolicy(flush_interval=0.25, heartbeat_interval=5.0, retry_backoff=(0.125, 0.25, 0.5), hold_s=4.0)
+POLICY = FlushPolicy(flush_interval_s=0.25, heartbeat_interval_s=5.0, retry_backoff=(0.125, 0.25, 0.5), hold_s=4.0)
 
 
 def test_the_defaults_are_the_documented_ones() -> None:
-    policy = FlushPolicy(flush_interval=0.05, heartbeat_interval=5.0)
+    policy = FlushPolicy(flush_interval_s=0.05, heartbeat_interval_s=5.0)
     assert (policy.retry_backoff, policy.hold_s) == (RETRY_BACKOFF_S, STORE_DOWN_HOLD_S) == ((0.05, 0.2, 0.5), 5.0)
     assert Ticks(idle=True, at=0.0) == IDLE
     assert Backoff(failures=0, retry_at=0.0) == UP
@@ -46,7 +46,7 @@ def test_every_state_is_immutable(state: object) -> None:
 
 @pytest.mark.parametrize(("interval", "now", "expected"), [(0.25, 0.0, 0.25), (0.25, 3.5, 3.75), (0.0, 3.5, 3.5)])
 def test_a_start_wakes_an_idle_writer_to_tick_an_interval_later(interval: float, now: float, expected: float) -> None:
-    policy = dataclasses.replace(POLICY, flush_interval=interval)
+    policy = dataclasses.replace(POLICY, flush_interval_s=interval)
     assert policy.woken(now) == Ticks(idle=False, at=expected)
 
 

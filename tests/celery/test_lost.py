@@ -19,7 +19,7 @@ from tracker.celery import Recorder, dispatch, maintain, resume_session
 from tracker.storage.redis import RedisStorageAdapter
 
 TERMINAL = {"completed", "failed", "partial_failure", "cancelled"}
-FAST_BEAT = {"TRACKER_HEARTBEAT_INTERVAL": "0.3", "TRACKER_WORKER_STALE_AFTER": "2"}
+FAST_BEAT = {"TRACKER_HEARTBEAT_INTERVAL_S": "0.3", "TRACKER_WORKER_STALE_AFTER_S": "2"}
 
 
 def running_node(manager: SessionManager, sid: str, node_id: str) -> str:
@@ -65,7 +65,7 @@ def test_dead_worker_is_reaped_and_resume_completes(
                    node_ids=["slow", "quick"])  # fmt: skip
     running_node(tracked, sid, "slow")
     worker.kill()
-    settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix, worker_stale_after=2)
+    settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix, worker_stale_after_s=2)
     reaper = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
     # When the reaper runs after the heartbeat window
     assert reaper.sync.reap_lost_nodes() == []  # the worker was seen less than 2 s ago
@@ -100,7 +100,7 @@ def test_slow_but_alive_node_is_never_reaped(
     worker_process(concurrency=1, env_extra=FAST_BEAT)
     sid = dispatch(group([work.s(1, sleep=4)]), canvas_path="alive.canvas", app=app, node_ids=["slow"])
     running_node(tracked, sid, "slow")
-    settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix, worker_stale_after=2)
+    settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix, worker_stale_after_s=2)
     reaper = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
     while tracked.sync.get_session_status(sid)["status"] == "running":
         assert reaper.sync.reap_lost_nodes() == []
@@ -125,9 +125,9 @@ def test_a_node_running_twice_the_session_timeout_finishes_into_an_intact_sessio
     redis_url: str, key_prefix: str, tracked: SessionManager, worker_process: Callable[..., WorkerProcess]
 ) -> None:
     # Given a 2 s session timeout (the store's TTLs and cleanup alike) and a node that runs 4.5 s
-    short = {"TRACKER_SESSION_TIMEOUT": "2", **FAST_BEAT}
+    short = {"TRACKER_SESSION_TIMEOUT_S": "2", **FAST_BEAT}
     worker_process(concurrency=1, env_extra=short)
-    settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix, session_timeout=2)
+    settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix, session_timeout_s=2)
     manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
     sid = dispatch(group([slow_ok.s(4.5)]), canvas_path="long.canvas", app=app, manager=manager, node_ids=["long"])
     running_node(manager, sid, "long")
@@ -148,7 +148,7 @@ def test_a_success_celery_stored_before_its_pool_child_died_is_recorded_not_lost
     # "b"'s task ran and Celery stored its SUCCESS, but its pool child died before the tracker's
     # task_success handler wrote it (Celery then acknowledges the message, and says nothing)
     clock = FakeClock()
-    settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix, worker_stale_after=30, stalled_after=60)
+    settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix, worker_stale_after_s=30, stalled_after_s=60)
     manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings, clock=clock)  # type: ignore[arg-type]
     results = Celery("reconcile", broker="memory://", backend=redis_url, set_as_current=False)
     results.conf.update(result_serializer="json", accept_content=["json"], result_accept_content=["json"])
@@ -156,16 +156,16 @@ def test_a_success_celery_stored_before_its_pool_child_died_is_recorded_not_lost
     tb = f"tb-{uuid.uuid4().hex[:12]}"
     nodes = [NodeSpec(node_id="a", task_id=f"ta-{uuid.uuid4().hex[:12]}"), NodeSpec(node_id="b", task_id=tb)]
     sid = manager.sync.create_session("r.canvas", 2, nodes=nodes)
-    manager.sync.record_node(sid, "a", "completed", result=1, worker="celery@w1:1")
+    manager.sync._record_node(sid, "a", "completed", result=1, worker="celery@w1:1")
     results.backend.store_result(tb, {"rows": 7}, "SUCCESS")
 
     # When that worker is reaped as dead (silent past the stale limit and the grace, while another
     # one beats), and the session, waiting on "b", is ended as stalled
-    manager.sync.heartbeat("celery@w1:1")
+    manager.sync._heartbeat("celery@w1:1")
     stalled = 0
     for _ in range(3):
         clock.advance(31)
-        manager.sync.heartbeat("celery@w2:2")
+        manager.sync._heartbeat("celery@w2:2")
         stalled += maintain(recorder)["stalled"]
     assert stalled == 1
 

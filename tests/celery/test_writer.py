@@ -98,16 +98,16 @@ def at(recorder: Any, now: float) -> float:
 
 @pytest.fixture
 def make(redis_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """Recorders on the test store whose writer ticks every ``flush_interval`` (a minute unless a
+    """Recorders on the test store whose writer ticks every ``flush_interval_s`` (a minute unless a
     test says otherwise): driven by hand on the test's clock (:class:`HandDriven`), or with its real
     thread (``threaded``)."""
     made: list[tuple[Recorder, SessionManager]] = []
 
     def build(
-        flush_interval: float = 60.0, url: str | None = None, threaded: bool = False
+        flush_interval_s: float = 60.0, url: str | None = None, threaded: bool = False
     ) -> tuple[Any, SessionManager]:
-        settings = TrackerSettings(redis_url=url or redis_url, key_prefix=key_prefix, flush_interval=flush_interval,
-                                   redis_retries=0, redis_socket_timeout=1)  # fmt: skip
+        settings = TrackerSettings(redis_url=url or redis_url, key_prefix=key_prefix, flush_interval_s=flush_interval_s,
+                                   redis_retries=0, redis_socket_timeout_s=1)  # fmt: skip
         manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
         app = Celery("writer-test", set_as_current=False)
         recorder = Recorder(app, manager) if threaded else HandDriven(app, manager)
@@ -257,7 +257,7 @@ def test_batched_events_leave_what_the_same_events_one_by_one_leave(
     make: Any, calls: list[tuple[str, str, int]], flush_after: set[int]
 ) -> None:
     # Given two recorders: one writes each event at once, the other keeps them for its flushes
-    (one_by_one, m1), (batched, m2) = make(flush_interval=0), make()
+    (one_by_one, m1), (batched, m2) = make(flush_interval_s=0), make()
     sessions = {one_by_one: m1.sync.create_session("w.canvas", 2), batched: m2.sync.create_session("w.canvas", 2)}
     ids = {(nid, k): str(uuid.uuid4()) for nid in "ab" for k in (0, 1)}
 
@@ -292,7 +292,7 @@ def test_batched_events_leave_what_the_same_events_one_by_one_leave(
 
 
 def test_with_flush_interval_zero_each_event_is_written_before_the_handler_returns(make: Any) -> None:
-    recorder, manager = make(flush_interval=0)
+    recorder, manager = make(flush_interval_s=0)
     sid = manager.sync.create_session("w.canvas", 2)
     t = task(recorder, sid, "a")
     start(recorder, t)
@@ -304,7 +304,7 @@ def test_with_flush_interval_zero_each_event_is_written_before_the_handler_retur
 
 def test_a_start_is_written_at_the_second_tick_after_it(make: Any) -> None:
     # Given a writer ticking every 0.25 s, idle (nothing woke it yet)
-    recorder, manager = make(flush_interval=0.25)
+    recorder, manager = make(flush_interval_s=0.25)
     calls = Calls(manager)
     sid = manager.sync.create_session("w.canvas", 2)
     assert at(recorder, 0.0) == 5.0  # only its heartbeat is due
@@ -324,7 +324,7 @@ def test_a_start_is_written_at_the_second_tick_after_it(make: Any) -> None:
 
 def test_the_writer_thread_writes_a_long_tasks_start_by_itself(make: Any) -> None:
     # Given a writer with its real thread, ticking every 0.05 s
-    recorder, manager = make(flush_interval=0.05, threaded=True)
+    recorder, manager = make(flush_interval_s=0.05, threaded=True)
     sid = manager.sync.create_session("w.canvas", 2)
     # When a task starts and runs on, Then the thread writes the start (not the task's outcome)
     start(recorder, task(recorder, sid, "long"))
@@ -335,7 +335,7 @@ def test_the_writer_thread_writes_a_long_tasks_start_by_itself(make: Any) -> Non
 def test_each_outcome_is_one_store_call_however_busy_the_process(make: Any) -> None:
     # Given a writer ticking every 0.25 s, and tasks that start and succeed one after the other,
     # a new one every 0.125 s (each start waits for its outcome, the writer's ticks run between them)
-    recorder, manager = make(flush_interval=0.25)
+    recorder, manager = make(flush_interval_s=0.25)
     calls = Calls(manager)
     sid = manager.sync.create_session("w.canvas", 1000)
     for i in range(150):
@@ -530,7 +530,7 @@ def test_a_busy_process_wakes_its_writer_thread_once_not_once_per_task(make: Any
 
 def test_an_idle_writer_is_woken_again_by_the_next_start(make: Any) -> None:
     # Given a writer ticking every 0.25 s, which wrote a long task's start and then went idle
-    recorder, manager = make(flush_interval=0.25)
+    recorder, manager = make(flush_interval_s=0.25)
     sid = manager.sync.create_session("w.canvas", 2)
     wakes = counted_wakes(recorder)
     start(recorder, task(recorder, sid, "first"))

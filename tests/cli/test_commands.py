@@ -42,7 +42,7 @@ def skipped_session(manager: SessionManager) -> str:
     sid = manager.sync.create_session("chain.canvas", 3)
     manager.sync.add_node_result(sid, "n1", {"ok": 1})
     manager.sync.add_node_result(sid, "n2", status="failed", error=ValueError("disk on fire"))
-    manager.sync.record_node(sid, "n3", "skipped", reason="skipped: node n2 failed")
+    manager.sync._record_node(sid, "n3", "skipped", reason="skipped: node n2 failed")
     return sid
 
 
@@ -142,9 +142,9 @@ def test_skipped_has_a_colour_of_its_own() -> None:
 def test_status_counts_retrying_nodes_apart_from_running(cli: Cli, store_manager: SessionManager) -> None:
     # Given a session of 3: n1 runs, n2 failed an attempt and waits for Celery's retry, n3 waits
     sid = store_manager.sync.create_session("retry.canvas", 3)
-    store_manager.sync.record_node(sid, "n1", "running", attempt=1)
-    store_manager.sync.record_node(sid, "n2", "running", attempt=1)
-    store_manager.sync.record_node(sid, "n2", "retrying", attempt=1, error=ValueError("flaky upstream"))
+    store_manager.sync._record_node(sid, "n1", "running", attempt=1)
+    store_manager.sync._record_node(sid, "n2", "running", attempt=1)
+    store_manager.sync._record_node(sid, "n2", "retrying", attempt=1, error=ValueError("flaky upstream"))
 
     # When its status is shown (in colour, as a terminal gets it)
     result = cli("status", sid)
@@ -188,7 +188,7 @@ def test_status_of_a_session_no_worker_picked_up_shows_a_hint(cli: Cli, store_ma
     stuck = created_ago(store_manager, 45)
     young = store_manager.sync.create_session("young.canvas", 2)
     started = created_ago(store_manager, 45)
-    store_manager.sync.record_node(started, "n1", "running")
+    store_manager.sync._record_node(started, "n1", "running")
 
     # When their status is shown
     result = cli("status", stuck)
@@ -200,8 +200,8 @@ def test_status_of_a_session_no_worker_picked_up_shows_a_hint(cli: Cli, store_ma
     for other in (young, started):
         assert "Hint:" not in cli("status", other).stdout
     assert cli.json("status", stuck, "--json") == store_manager.sync.get_session_status(stuck)
-    # and TRACKER_PICKUP_HINT_AFTER moves the threshold
-    assert "Hint:" not in cli("status", stuck, env={"TRACKER_PICKUP_HINT_AFTER": "120"}).stdout
+    # and TRACKER_PICKUP_HINT_AFTER_S moves the threshold
+    assert "Hint:" not in cli("status", stuck, env={"TRACKER_PICKUP_HINT_AFTER_S": "120"}).stdout
 
 
 def test_unknown_session_exits_3_with_one_line(cli: Cli) -> None:
@@ -349,7 +349,7 @@ def test_watch_follows_events_until_the_end(cli: Cli, store_manager: SessionMana
     def work() -> None:
         for i in range(4):
             time.sleep(0.15)
-            store_manager.sync.record_node(sid, f"n{i}", "running")
+            store_manager.sync._record_node(sid, f"n{i}", "running")
             store_manager.sync.add_node_result(sid, f"n{i}", i, status="failed" if i == 2 else "completed")
 
     thread = threading.Thread(target=work)
@@ -374,11 +374,11 @@ def test_watch_counts_skipped_nodes_in_the_bar(cli: Cli, store_manager: SessionM
 
     def work() -> None:
         time.sleep(0.3)
-        store_manager.sync.record_node(sid, "n1", "running")
+        store_manager.sync._record_node(sid, "n1", "running")
         store_manager.sync.add_node_result(sid, "n1", status="failed", error=ValueError("first link broke"))
         for node_id in ("n2", "n3"):
             time.sleep(0.15)
-            store_manager.sync.record_node(sid, node_id, "skipped", reason="skipped: node n1 failed")
+            store_manager.sync._record_node(sid, node_id, "skipped", reason="skipped: node n1 failed")
 
     thread = threading.Thread(target=work)
     thread.start()
@@ -396,7 +396,7 @@ def test_watch_of_a_session_no_worker_picked_up_prints_the_hint_once(cli: Cli, s
 
     def work() -> None:
         time.sleep(2.5)  # a few event reads (1 s each) see it pending
-        store_manager.sync.record_node(sid, "n1", "running")
+        store_manager.sync._record_node(sid, "n1", "running")
         store_manager.sync.add_node_result(sid, "n1", 1)
 
     thread = threading.Thread(target=work)
@@ -432,7 +432,7 @@ def test_follow_stops_at_its_timeout(store_manager: SessionManager) -> None:
     from tracker.cli.render import follow
 
     sid = store_manager.sync.create_session("stuck.canvas", 2)
-    store_manager.sync.record_node(sid, "n1", "running")
+    store_manager.sync._record_node(sid, "n1", "running")
     status = follow(store_manager, sid, Console(file=open("/dev/null", "w")), timeout_s=0.3, wait_ms=100)  # noqa: SIM115
     assert status["status"] == "running"
 
@@ -459,7 +459,7 @@ def test_follow_counts_skipped_nodes_while_the_session_runs(
         for node_id, status in (("n1", "failed"), ("n2", "skipped"), ("n3", "completed"), ("n4", "completed")):
             time.sleep(0.4)
             if status == "skipped":
-                store_manager.sync.record_node(sid, node_id, status, reason="skipped: node n1 failed")
+                store_manager.sync._record_node(sid, node_id, status, reason="skipped: node n1 failed")
             else:
                 store_manager.sync.add_node_result(sid, node_id, 1, status=status)
 
@@ -519,8 +519,8 @@ def test_a_resume_that_needs_a_result_not_stored_is_refused_and_changes_nothing(
     nodes = [NodeSpec(node_id=n, signature={"task": "t.add", "args": [1], "kwargs": {}}) for n in ("a", "b")]
     structure = {"chain": [{"n": "a"}, {"n": "b"}]}
     sid = store_manager.sync.create_session("chain.canvas", 2, nodes=nodes, structure=structure)
-    store_manager.sync.record_node(sid, "a", "completed", reason="result not stored: too large")
-    store_manager.sync.record_node(sid, "b", "failed")
+    store_manager.sync._record_node(sid, "a", "completed", reason="result not stored: too large")
+    store_manager.sync._record_node(sid, "b", "failed")
     before = store_manager.sync.get_session_status(sid)
     result = cli("--app", TEST_APP, "resume", sid)
     assert result.exit_code == ExitCode.USAGE
@@ -537,9 +537,9 @@ def test_cleanup_removes_expired_sessions(cli: Cli, redis_url: str, key_prefix: 
     fresh = old.sync.create_session("fresh.canvas", 1)
     old.clock = lambda: datetime.now(UTC)
     old.sync.update_progress(fresh, 1.0)  # touched now: not expired
-    old.sync.record_node(fresh, "n1", "running", worker="celery@gone:1")  # its worker is long silent
+    old.sync._record_node(fresh, "n1", "running", worker="celery@gone:1")  # its worker is long silent
     old.storage.heartbeat("celery@gone:1", an_hour_ago)
-    env = {"TRACKER_SESSION_TIMEOUT": "60", "TRACKER_WORKER_STALE_AFTER": "1"}
+    env = {"TRACKER_SESSION_TIMEOUT_S": "60", "TRACKER_WORKER_STALE_AFTER_S": "1"}
     result = cli("cleanup", env=env)
     assert result.exit_code == ExitCode.OK
     # The first pass finds the worker silent and gives it a grace to beat again; the next one reaps

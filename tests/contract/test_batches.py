@@ -61,9 +61,9 @@ async def test_a_batch_leaves_what_the_same_events_one_by_one_leave(manager: Ses
 
     # When one session gets them one call each and the other in one call
     for node_id, status, details in events:
-        await manager.record_node(one_by_one, node_id, status, **details)
-    batch = [manager.node_event(batched, node_id, status, **details) for node_id, status, details in events]
-    outcome = await manager.record_nodes(batched, batch)
+        await manager._record_node(one_by_one, node_id, status, **details)
+    batch = [manager.operations.node_event(batched, node_id, status, **details) for node_id, status, details in events]
+    outcome = await manager._record_nodes(batched, batch)
 
     # Then both sessions hold the same, and the batch's answer is the session after it
     assert await state(manager, batched) == await state(manager, one_by_one)
@@ -74,8 +74,10 @@ async def test_a_folded_start_counts_as_the_start_then_the_result(manager: Sessi
     sid = await new_session(manager, 2)
     started = clock.now
     clock.advance(3)
-    folded = manager.node_event(sid, "a", "completed", 7, attempt=2, task_id="t", worker="w:1", started_at=started)
-    outcome = await manager.record_nodes(sid, [folded])
+    folded = manager.operations.node_event(
+        sid, "a", "completed", 7, attempt=2, task_id="t", worker="w:1", started_at=started
+    )
+    outcome = await manager._record_nodes(sid, [folded])
     node = (await manager.get_nodes(sid)).nodes[0]
     assert (node.status, node.attempts, node.task_id, node.worker, node.result) == (
         NodeStatus.COMPLETED,
@@ -92,7 +94,7 @@ async def test_a_folded_start_counts_as_the_start_then_the_result(manager: Sessi
 async def test_events_carry_their_own_time(manager: SessionManager, clock: FakeClock) -> None:
     sid = await new_session(manager, 1)
     at = clock.now - timedelta(seconds=5)
-    await manager.record_nodes(sid, [manager.node_event(sid, "a", "running", at=at)])
+    await manager._record_nodes(sid, [manager.operations.node_event(sid, "a", "running", at=at)])
     assert (await manager.get_nodes(sid)).nodes[0].started_at == at
 
 
@@ -100,9 +102,9 @@ async def test_a_batch_over_the_node_limit_changes_nothing(manager: SessionManag
     sid = await new_session(manager, 3)
     await manager.add_node_result(sid, "a", 1)
     before = await state(manager, sid)
-    events = [manager.node_event(sid, nid, "completed", 1) for nid in ("b", "a", "c", "d")]
+    events = [manager.operations.node_event(sid, nid, "completed", 1) for nid in ("b", "a", "c", "d")]
     with pytest.raises(NodeLimitError):
-        await manager.record_nodes(sid, events)
+        await manager._record_nodes(sid, events)
     assert await state(manager, sid) == before
     # the same node twice is one node: this batch fits
     status = await manager.add_node_results(sid, {"b": 2, "c": 3})
@@ -147,11 +149,11 @@ async def test_bad_batch_input_is_refused_and_changes_nothing(manager: SessionMa
 async def test_record_nodes_takes_node_events_only(manager: SessionManager) -> None:
     sid = await new_session(manager, 3)
     with pytest.raises(TrackerValidationError):
-        await manager.record_nodes(sid, [("a", "completed")])  # type: ignore[list-item]
+        await manager._record_nodes(sid, [("a", "completed")])  # type: ignore[list-item]
     with pytest.raises(TrackerValidationError):
-        await manager.record_nodes(sid, [NodeEvent(node_id="a b", status=NodeStatus.COMPLETED)])
+        await manager._record_nodes(sid, [NodeEvent(node_id="a b", status=NodeStatus.COMPLETED)])
     with pytest.raises(TrackerValidationError):
-        manager.node_event(sid, "a", "completed", at="yesterday")
+        manager.operations.node_event(sid, "a", "completed", at="yesterday")
 
 
 def test_concurrent_batches_finish_the_session_exactly_once(manager: SessionManager) -> None:
@@ -164,8 +166,8 @@ def test_concurrent_batches_finish_the_session_exactly_once(manager: SessionMana
     def send(hand: int) -> None:
         ids = [f"n{hand * 50 + i}" for i in range(50)] + [f"n{(hand * 50 + 77) % 400}"]
         for first in range(0, len(ids), 10):
-            events = [manager.node_event(sid, nid, "completed", 1) for nid in ids[first : first + 10]]
-            outcome = manager.sync.record_nodes(sid, events)
+            events = [manager.operations.node_event(sid, nid, "completed", 1) for nid in ids[first : first + 10]]
+            outcome = manager.sync._record_nodes(sid, events)
             if outcome.finished is not None:
                 with lock:
                     finishes.append(outcome.finished.value)

@@ -22,7 +22,7 @@ W1, W2 = "celery@host-a:101", "celery@host-b:202"
 
 
 def make(store: SessionStorageAdapter, clock: FakeClock, **settings: float) -> SessionManager:
-    options = {"worker_stale_after": 30.0, **settings}
+    options = {"worker_stale_after_s": 30.0, **settings}
     return SessionManager(storage=store, settings=TrackerSettings(**options), clock=clock)  # type: ignore[arg-type]
 
 
@@ -30,22 +30,22 @@ def test_nodes_of_a_silent_worker_become_lost(store: SessionStorageAdapter, cloc
     # Given two nodes running on W1 and one completed, W2 alive
     manager = make(store, clock)
     sid = manager.sync.create_session("lost.canvas", 3)
-    manager.sync.record_node(sid, "a", "running", worker=W1)
-    manager.sync.record_node(sid, "b", "running", worker=W1)
-    manager.sync.record_node(sid, "c", "running", worker=W2)
-    manager.sync.record_node(sid, "c", "completed", worker=W2, result=1)
+    manager.sync._record_node(sid, "a", "running", worker=W1)
+    manager.sync._record_node(sid, "b", "running", worker=W1)
+    manager.sync._record_node(sid, "c", "running", worker=W2)
+    manager.sync._record_node(sid, "c", "completed", worker=W2, result=1)
     # When W1 stays silent past the window while W2 keeps beating
     clock.advance(20)
-    manager.sync.heartbeat(W2)
+    manager.sync._heartbeat(W2)
     assert manager.sync.reap_lost_nodes() == []  # not yet
     clock.advance(15)
-    manager.sync.heartbeat(W2)
+    manager.sync._heartbeat(W2)
     assert manager.sync.reap_lost_nodes() == []  # silent 35 s: a suspect, its grace starts
     clock.advance(29)
-    manager.sync.heartbeat(W2)
+    manager.sync._heartbeat(W2)
     assert manager.sync.reap_lost_nodes() == []  # still within the grace
     clock.advance(1)
-    manager.sync.heartbeat(W2)
+    manager.sync._heartbeat(W2)
     lost = manager.sync.reap_lost_nodes()
     # Then exactly W1's running nodes are lost, the session finishes and can say why
     assert sorted(o.node.node_id for o in lost) == ["a", "b"]
@@ -65,7 +65,7 @@ def reap_past_the_grace(manager: SessionManager, clock: FakeClock, *alive: str) 
     assert manager.sync.reap_lost_nodes() == []
     clock.advance(30)
     for worker in alive:
-        manager.sync.heartbeat(worker)
+        manager.sync._heartbeat(worker)
     return manager.sync.reap_lost_nodes()
 
 
@@ -75,8 +75,8 @@ def test_a_store_outage_of_any_length_never_makes_a_live_worker_lost(
     # Given W1 and W2 running nodes, and a reaper pass that saw them alive
     manager = make(store, clock)
     sid = manager.sync.create_session("outage.canvas", 2)
-    manager.sync.record_node(sid, "a", "running", worker=W1)
-    manager.sync.record_node(sid, "b", "running", worker=W2)
+    manager.sync._record_node(sid, "a", "running", worker=W1)
+    manager.sync._record_node(sid, "b", "running", worker=W2)
     assert manager.sync.reap_lost_nodes() == []
     for outage_s in (40, 100, 1000):  # past the stale limit, and far past it
         # When no heartbeat reaches the store for the outage, and a reaper runs first when it is back
@@ -84,31 +84,31 @@ def test_a_store_outage_of_any_length_never_makes_a_live_worker_lost(
         assert manager.sync.reap_lost_nodes() == []
         # and the workers beat within the grace
         clock.advance(5)
-        manager.sync.heartbeat(W1)
-        manager.sync.heartbeat(W2)
+        manager.sync._heartbeat(W1)
+        manager.sync._heartbeat(W2)
         clock.advance(26)
         # Then no pass makes their nodes lost
         assert manager.sync.reap_lost_nodes() == []
         assert manager.sync.get_session_status(sid)["running_nodes"] == 2
     # and nodes finish into the running session
-    manager.sync.record_node(sid, "a", "completed", result=1, worker=W1)
-    assert manager.sync.record_node(sid, "b", "completed", result=2, worker=W2).finished is SessionStatus.COMPLETED
+    manager.sync._record_node(sid, "a", "completed", result=1, worker=W1)
+    assert manager.sync._record_node(sid, "b", "completed", result=2, worker=W2).finished is SessionStatus.COMPLETED
 
 
 def test_a_suspect_marked_before_an_outage_gets_its_grace_again(store: SessionStorageAdapter, clock: FakeClock) -> None:
     # Given W1 found silent (a suspect) by a pass just before the store went down, W2 alive then
     manager = make(store, clock)
     sid = manager.sync.create_session("outage.canvas", 1)
-    manager.sync.record_node(sid, "a", "running", worker=W1)
+    manager.sync._record_node(sid, "a", "running", worker=W1)
     clock.advance(35)
-    manager.sync.heartbeat(W2)
+    manager.sync._heartbeat(W2)
     assert manager.sync.reap_lost_nodes() == []
     # When the outage outlasts the grace and a pass runs first when the store is back
     clock.advance(120)
     assert manager.sync.reap_lost_nodes() == []  # nobody seen alive since: the grace starts again
-    manager.sync.heartbeat(W1)  # W1 was alive all along
+    manager.sync._heartbeat(W1)  # W1 was alive all along
     clock.advance(40)
-    manager.sync.heartbeat(W1)
+    manager.sync._heartbeat(W1)
     # Then it keeps its node
     assert manager.sync.reap_lost_nodes() == []
     assert manager.sync.get_nodes(sid).nodes[0].status is NodeStatus.RUNNING
@@ -118,7 +118,7 @@ def test_every_worker_dead_is_still_reaped(store: SessionStorageAdapter, clock: 
     # Given the only worker dies (nobody beats any more: it looks like an outage at first)
     manager = make(store, clock)
     sid = manager.sync.create_session("dead.canvas", 1)
-    manager.sync.record_node(sid, "a", "running", worker=W1)
+    manager.sync._record_node(sid, "a", "running", worker=W1)
     assert manager.sync.reap_lost_nodes() == []
     clock.advance(40)
     # Then the grace runs out on the passes after, and the session ends
@@ -132,13 +132,13 @@ def test_with_late_acks_a_dead_workers_nodes_wait_for_redelivery(
     # Given W1 running two nodes, dead; its messages were not acknowledged (task_acks_late)
     manager = make(store, clock)
     sid = manager.sync.create_session("requeued.canvas", 2)
-    manager.sync.record_node(sid, "a", "running", worker=W1, task_id="t-a")
-    manager.sync.record_node(sid, "b", "running", worker=W1, task_id="t-b")
+    manager.sync._record_node(sid, "a", "running", worker=W1, task_id="t-a")
+    manager.sync._record_node(sid, "b", "running", worker=W1, task_id="t-b")
     clock.advance(35)
-    manager.sync.heartbeat(W2)
+    manager.sync._heartbeat(W2)
     assert manager.sync.reap_lost_nodes(requeued=True) == []
     clock.advance(30)
-    manager.sync.heartbeat(W2)
+    manager.sync._heartbeat(W2)
     # When the reaper knows the broker gives them back
     reaped = manager.sync.reap_lost_nodes(requeued=True)
     # Then they go back to pending (not lost, not failed): the session waits for them
@@ -151,9 +151,9 @@ def test_with_late_acks_a_dead_workers_nodes_wait_for_redelivery(
     assert "redeliver" in (reaped[0].node.reason or "")
     # and the redelivered tasks count once each on the worker that runs them
     for nid in ("a", "b"):
-        manager.sync.record_node(sid, nid, "running", worker=W2, task_id=f"t-{nid}")
-    manager.sync.record_node(sid, "a", "completed", result=1, worker=W2, task_id="t-a")
-    done = manager.sync.record_node(sid, "b", "completed", result=2, worker=W2, task_id="t-b")
+        manager.sync._record_node(sid, nid, "running", worker=W2, task_id=f"t-{nid}")
+    manager.sync._record_node(sid, "a", "completed", result=1, worker=W2, task_id="t-a")
+    done = manager.sync._record_node(sid, "b", "completed", result=2, worker=W2, task_id="t-b")
     assert (done.finished, done.succeeded) == (SessionStatus.COMPLETED, True)
     assert manager.sync.get_session_status(sid)["completed_nodes"] == 2
 
@@ -162,20 +162,20 @@ def test_heartbeats_keep_a_long_running_nodes_session_from_expiring(
     store: SessionStorageAdapter, clock: FakeClock
 ) -> None:
     # Given a 60 s session timeout and a node running on W1
-    manager = make(store, clock, session_timeout=60.0)
+    manager = make(store, clock, session_timeout_s=60.0)
     sid = manager.sync.create_session("long.canvas", 1)
-    manager.sync.record_node(sid, "a", "running", worker=W1)
+    manager.sync._record_node(sid, "a", "running", worker=W1)
     # When W1 beats for twice the timeout while nothing else writes to the session
     for _ in range(12):
         clock.advance(10)
-        manager.sync.heartbeat(W1, sessions=[sid])
+        manager.sync._heartbeat(W1, sessions=[sid])
         # Then cleanup keeps it
         assert manager.sync.cleanup_expired_sessions() == 0
     # and the node finishes into it
-    assert manager.sync.record_node(sid, "a", "completed", worker=W1).finished is SessionStatus.COMPLETED
+    assert manager.sync._record_node(sid, "a", "completed", worker=W1).finished is SessionStatus.COMPLETED
     # and an ended session is not kept alive by heartbeats: it expires as any other
     clock.advance(30)
-    manager.sync.heartbeat(W1, sessions=[sid])
+    manager.sync._heartbeat(W1, sessions=[sid])
     clock.advance(31)
     assert manager.sync.cleanup_expired_sessions() == 1
 
@@ -183,12 +183,12 @@ def test_heartbeats_keep_a_long_running_nodes_session_from_expiring(
 def test_a_slow_but_alive_worker_is_never_reaped(store: SessionStorageAdapter, clock: FakeClock) -> None:
     manager = make(store, clock)
     sid = manager.sync.create_session("slow.canvas", 1)
-    manager.sync.record_node(sid, "a", "running", worker=W1)
+    manager.sync._record_node(sid, "a", "running", worker=W1)
     for _ in range(10):  # ten windows long, beating every 10 s
         clock.advance(10)
-        manager.sync.heartbeat(W1)
+        manager.sync._heartbeat(W1)
         assert manager.sync.reap_lost_nodes() == []
-    assert manager.sync.record_node(sid, "a", "completed", worker=W1).finished is SessionStatus.COMPLETED
+    assert manager.sync._record_node(sid, "a", "completed", worker=W1).finished is SessionStatus.COMPLETED
 
 
 def test_a_late_result_after_lost_counts_once_and_rederives_the_ended_status(
@@ -197,13 +197,13 @@ def test_a_late_result_after_lost_counts_once_and_rederives_the_ended_status(
     # Given a session that ended partial_failure because its running node was reaped
     manager = make(store, clock)
     sid = manager.sync.create_session("late.canvas", 2)
-    manager.sync.record_node(sid, "a", "running", worker=W1)
+    manager.sync._record_node(sid, "a", "running", worker=W1)
     manager.sync.add_node_result(sid, "b", 2)
     clock.advance(60)
     assert len(reap_past_the_grace(manager, clock)) == 1
     assert manager.sync.get_session_status(sid)["status"] == "partial_failure"
     # When the node's success arrives after all (twice: a redelivery)
-    outcomes = [manager.sync.record_node(sid, "a", "completed", result=1, worker=W1) for _ in range(2)]
+    outcomes = [manager.sync._record_node(sid, "a", "completed", result=1, worker=W1) for _ in range(2)]
     # Then it counts once, and the ended status follows the counts, told as a status event
     status = manager.sync.get_session_status(sid)
     assert (status["completed_nodes"], status["failed_nodes"], status["lost_nodes"]) == (2, 0, 0)
@@ -215,7 +215,7 @@ def test_a_late_result_after_lost_counts_once_and_rederives_the_ended_status(
     assert events.index(("node", SessionStatus.COMPLETED)) < events.index(("status", SessionStatus.COMPLETED))
     # and a resume finds a completed session: nothing to do, refused
     with pytest.raises(InvalidStateTransitionError):
-        manager.sync.resume_session(sid)
+        manager.sync._reopen_session(sid)
 
 
 def test_a_resume_with_nothing_to_resend_ends_at_once(store: SessionStorageAdapter, clock: FakeClock) -> None:
@@ -223,37 +223,37 @@ def test_a_resume_with_nothing_to_resend_ends_at_once(store: SessionStorageAdapt
     manager = make(store, clock)
     sid = manager.sync.create_session("nothing.canvas", 2)
     manager.sync.add_node_result(sid, "a", 1)
-    manager.sync.record_node(sid, "b", "failed", error=ValueError("no"))
+    manager.sync._record_node(sid, "b", "failed", error=ValueError("no"))
     # When it is resumed without retrying failed nodes (nothing to re-send)
-    outcome = manager.sync.resume_session(sid, retry_failed=False)
+    outcome = manager.sync._reopen_session(sid, retry_failed=False)
     # Then it ends at once with the status its counts give, never running, and its run is the same
     assert outcome.nodes == []
     assert outcome.session.status is SessionStatus.PARTIAL_FAILURE
     assert manager.sync.get_session_status(sid)["status"] == "partial_failure"
     assert outcome.session.run == 1
     # and a resume that re-sends starts the next run
-    assert manager.sync.resume_session(sid).session.run == 2
+    assert manager.sync._reopen_session(sid).session.run == 2
 
 
 def test_a_node_redelivered_to_another_worker_is_not_reaped(store: SessionStorageAdapter, clock: FakeClock) -> None:
     manager = make(store, clock)
     sid = manager.sync.create_session("moved.canvas", 1)
-    manager.sync.record_node(sid, "a", "running", worker=W1)
+    manager.sync._record_node(sid, "a", "running", worker=W1)
     clock.advance(10)
-    manager.sync.record_node(sid, "a", "running", worker=W2, attempt=1)  # W2 took the redelivered task
+    manager.sync._record_node(sid, "a", "running", worker=W2, attempt=1)  # W2 took the redelivered task
     clock.advance(25)  # W1 silent for 35 s, W2 seen 25 s ago
     assert manager.sync.reap_lost_nodes() == []
     assert manager.sync.get_nodes(sid).nodes[0].status is NodeStatus.RUNNING
 
 
 def test_node_run_limit(store: SessionStorageAdapter, clock: FakeClock) -> None:
-    manager = make(store, clock, node_max_runtime=100.0)
+    manager = make(store, clock, node_max_runtime_s=100.0)
     sid = manager.sync.create_session("limit.canvas", 2)
-    manager.sync.record_node(sid, "old", "running", worker=W1)
+    manager.sync._record_node(sid, "old", "running", worker=W1)
     clock.advance(90)
-    manager.sync.record_node(sid, "new", "running", worker=W1)
+    manager.sync._record_node(sid, "new", "running", worker=W1)
     clock.advance(20)
-    manager.sync.heartbeat(W1)
+    manager.sync._heartbeat(W1)
     lost = manager.sync.reap_lost_nodes()
     assert [o.node.node_id for o in lost] == ["old"]
     assert lost[0].node.reason is not None and "100 s limit" in lost[0].node.reason
@@ -263,7 +263,7 @@ def test_two_reapers_at_once_mark_each_node_once(store: SessionStorageAdapter, c
     manager = make(store, clock)
     sid = manager.sync.create_session("race.canvas", 60)
     for i in range(60):
-        manager.sync.record_node(sid, f"n{i}", "running", worker=W1 if i % 2 else W2)
+        manager.sync._record_node(sid, f"n{i}", "running", worker=W1 if i % 2 else W2)
     clock.advance(31)
     manager.sync.reap_lost_nodes()  # they become suspects
     clock.advance(30)
@@ -287,22 +287,22 @@ def test_a_session_left_waiting_by_a_message_lost_with_a_dead_worker_ends(
     # one with a node running on live W2, and an idle one while no worker has died
     manager = make(store, clock)
     waiting = manager.sync.create_session("waiting.canvas", 2, nodes=[NodeSpec(node_id="a"), NodeSpec(node_id="b")])
-    manager.sync.record_node(waiting, "a", "completed", result=1, worker=W1)
+    manager.sync._record_node(waiting, "a", "completed", result=1, worker=W1)
     busy = manager.sync.create_session("busy.canvas", 1, nodes=[NodeSpec(node_id="c")])
-    manager.sync.record_node(busy, "c", "running", worker=W2)
+    manager.sync._record_node(busy, "c", "running", worker=W2)
     clock.advance(120)
-    manager.sync.heartbeat(W2, sessions=[busy])
+    manager.sync._heartbeat(W2, sessions=[busy])
     assert manager.sync.end_stalled_sessions(60) == []  # no worker died: nothing is presumed lost
     # When W1 is reaped as dead (silent past the stale limit and the grace)
-    manager.sync.record_node(busy, "c", "running", worker=W2)  # W2 still beats
-    manager.sync.heartbeat(W1)
+    manager.sync._record_node(busy, "c", "running", worker=W2)  # W2 still beats
+    manager.sync._heartbeat(W1)
     clock.advance(31)
-    manager.sync.heartbeat(W2, sessions=[busy])
+    manager.sync._heartbeat(W2, sessions=[busy])
     reap_past_the_grace(manager, clock, W2)
-    manager.sync.heartbeat(W2, sessions=[busy])
+    manager.sync._heartbeat(W2, sessions=[busy])
     later = manager.sync.create_session("later.canvas", 1, nodes=[NodeSpec(node_id="d")])
     clock.advance(61)
-    manager.sync.heartbeat(W2, sessions=[busy])
+    manager.sync._heartbeat(W2, sessions=[busy])
     # Then the waiting session ends: its unfinished node lost with a reason, its first failure told
     (ended,) = manager.sync.end_stalled_sessions(60)
     assert ended.session.session_id == waiting
@@ -316,5 +316,5 @@ def test_a_session_left_waiting_by_a_message_lost_with_a_dead_worker_ends(
     assert manager.sync.get_session_status(later)["status"] == "pending"
     assert manager.sync.end_stalled_sessions(60) == []  # once
     # and if the message was only late after all, its result counts and the status follows
-    manager.sync.record_node(waiting, "b", "completed", result=2, worker=W2)
+    manager.sync._record_node(waiting, "b", "completed", result=2, worker=W2)
     assert manager.sync.get_session_status(waiting)["status"] == "completed"

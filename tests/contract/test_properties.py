@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import by_status, make_store
-from tracker import NodeStatus, SessionManager, SessionStatus, TrackerSettings, finish_status
+from tracker import NodeStatus, SessionManager, SessionStatus, TrackerSettings
+from tracker.states import finish_status
 from tracker.states import merge_node_status, rederived_status
 
 EVENTS = st.lists(st.tuples(st.integers(0, 7), st.sampled_from(list(NodeStatus))), min_size=1, max_size=40)
@@ -35,7 +36,7 @@ def test_counters_follow_the_model(
         for node, event in events:
             if node >= node_count:
                 continue
-            outcome = manager.sync.record_node(sid, f"n{node}", event)
+            outcome = manager.sync._record_node(sid, f"n{node}", event)
             model[node] = merge_node_status(model.get(node), event)
             completed = sum(s is NodeStatus.COMPLETED for s in model.values())
             failed = sum(s in {NodeStatus.FAILED, NodeStatus.LOST} for s in model.values())

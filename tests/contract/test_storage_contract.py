@@ -233,7 +233,7 @@ async def test_completed_is_final_for_a_node(manager: SessionManager) -> None:
     sid = await new_session(manager, 2)
     await manager.add_node_result(sid, "a", "first")
     for late in ("failed", "lost", "cancelled", "running", "retrying"):
-        status = await manager.record_node(sid, "a", late)
+        status = await manager._record_node(sid, "a", late)
         assert status.node.status is NodeStatus.COMPLETED
     node = (await manager.get_nodes(sid)).nodes[0]
     assert node.result == "first"
@@ -243,7 +243,7 @@ async def test_completed_is_final_for_a_node(manager: SessionManager) -> None:
 async def test_start_events_do_not_reopen_a_result(manager: SessionManager) -> None:
     sid = await new_session(manager, 2)
     await manager.add_node_result(sid, "a", None, status="failed")
-    outcome = await manager.record_node(sid, "a", "running", attempt=2)
+    outcome = await manager._record_node(sid, "a", "running", attempt=2)
     assert outcome.node.status is NodeStatus.FAILED
     assert outcome.node.attempts == 2
     assert outcome.session.failed_nodes == 1
@@ -251,19 +251,19 @@ async def test_start_events_do_not_reopen_a_result(manager: SessionManager) -> N
 
 async def test_running_then_result_records_times_and_attempts(manager: SessionManager, clock: FakeClock) -> None:
     sid = await new_session(manager, 1)
-    started = await manager.record_node(sid, "a", "running", task_id="t-1", worker="w@h:1")
+    started = await manager._record_node(sid, "a", "running", task_id="t-1", worker="w@h:1")
     assert started.session.running_nodes == 1
     assert started.node.attempts == 1
     clock.advance(2)
-    retrying = await manager.record_node(sid, "a", "retrying", attempt=1, error=RuntimeError("flaky"))
+    retrying = await manager._record_node(sid, "a", "retrying", attempt=1, error=RuntimeError("flaky"))
     # A node waiting for its retry is counted apart from those running (as Flower and GroupResult do)
     assert (retrying.session.running_nodes, retrying.session.retrying_nodes) == (0, 1)
     status = await manager.get_session_status(sid)
     assert (status["running_nodes"], status["retrying_nodes"], status["pending_nodes"]) == (0, 1, 0)
-    again = await manager.record_node(sid, "a", "running", attempt=2)
+    again = await manager._record_node(sid, "a", "running", attempt=2)
     assert (again.session.running_nodes, again.session.retrying_nodes) == (1, 0)
     clock.advance(3)
-    done = await manager.record_node(sid, "a", "completed", result={"ok": True}, attempt=2)
+    done = await manager._record_node(sid, "a", "completed", result={"ok": True}, attempt=2)
     assert done.finished is S.COMPLETED
     assert done.node.attempts == 2
     assert done.node.task_id == "t-1"
@@ -330,7 +330,7 @@ async def test_a_node_signature_that_is_not_json_or_over_the_cap_creates_nothing
     fine = [NodeSpec(node_id="a", signature={"task": "t"}), NodeSpec(node_id="b", signature={"task": "u", "args": [1]})]
     await manager.create_session("fine.canvas", 2, nodes=fine, session_id=sid)
     await manager.update_status(sid, S.CANCELLED)
-    outcome = await manager.resume_session(sid)
+    outcome = await manager._reopen_session(sid)
     assert {n.node_id: n.signature for n in outcome.nodes} == {"a": {"task": "t"}, "b": {"task": "u", "args": [1]}}
 
 
@@ -349,7 +349,7 @@ async def test_cancel_marks_unfinished_nodes(manager: SessionManager) -> None:
     specs = [NodeSpec(node_id=f"n{i}", task_id=f"task-{i}") for i in range(4)]
     sid = await new_session(manager, 4, nodes=specs)
     await manager.add_node_result(sid, "n0", 1)
-    await manager.record_node(sid, "n1", "running")
+    await manager._record_node(sid, "n1", "running")
     status = await manager.update_status(sid, S.CANCELLED)
     assert (status["completed_nodes"], status["cancelled_nodes"], status["running_nodes"]) == (1, 3, 0)
     nodes = {n.node_id: n for n in (await manager.get_nodes(sid)).nodes}
@@ -360,7 +360,7 @@ async def test_cancel_marks_unfinished_nodes(manager: SessionManager) -> None:
 
 async def test_exactly_one_caller_sees_the_finish(manager: SessionManager) -> None:
     sid = await new_session(manager, 20)
-    events = [manager.record_node(sid, f"n{i % 20}", "completed") for i in range(60)]
+    events = [manager._record_node(sid, f"n{i % 20}", "completed") for i in range(60)]
     outcomes = await asyncio.gather(*events)
     assert [o.finished for o in outcomes if o.finished] == [S.COMPLETED]
 
@@ -374,11 +374,11 @@ async def test_resume_resets_only_unfinished_nodes(manager: SessionManager) -> N
     sid = await new_session(manager, 4, nodes=specs)
     await manager.add_node_result(sid, "n0", 1)
     await manager.add_node_result(sid, "n1", None, status="failed")
-    await manager.record_node(sid, "n2", "lost", reason="worker gone")
+    await manager._record_node(sid, "n2", "lost", reason="worker gone")
     await manager.add_node_result(sid, "n3", 3)
     assert (await manager.get_session_status(sid))["status"] == "partial_failure"
 
-    outcome = await manager.resume_session(sid)
+    outcome = await manager._reopen_session(sid)
     assert outcome.previous_status is S.PARTIAL_FAILURE
     assert sorted(n.node_id for n in outcome.nodes) == ["n1", "n2"]
     assert next(n for n in outcome.nodes if n.node_id == "n1").signature == sig
@@ -395,7 +395,7 @@ async def test_resume_without_retry_failed_keeps_failures(manager: SessionManage
     sid = await new_session(manager, 3, nodes=[NodeSpec(node_id=f"n{i}") for i in range(3)])
     await manager.add_node_result(sid, "n0", None, status="failed")
     await manager.update_status(sid, S.CANCELLED)
-    outcome = await manager.resume_session(sid, retry_failed=False)
+    outcome = await manager._reopen_session(sid, retry_failed=False)
     assert sorted(n.node_id for n in outcome.nodes) == ["n1", "n2"]
     assert outcome.session.failed_nodes == 1
 
@@ -403,7 +403,7 @@ async def test_resume_without_retry_failed_keeps_failures(manager: SessionManage
 async def test_completed_session_cannot_resume(manager: SessionManager) -> None:
     sid = await drive_to(manager, S.COMPLETED)
     with pytest.raises(InvalidStateTransitionError):
-        await manager.resume_session(sid)
+        await manager._reopen_session(sid)
 
 
 # -- expiry and cleanup ---------------------------------------------------------------------
@@ -438,7 +438,7 @@ async def test_cleanup_keeps_a_session_updated_since_creation(manager: SessionMa
 async def test_timeout_is_configurable(store: SessionStorageAdapter, clock: FakeClock) -> None:
     from tracker import TrackerSettings
 
-    manager = SessionManager(storage=store, settings=TrackerSettings(session_timeout=10), clock=clock)
+    manager = SessionManager(storage=store, settings=TrackerSettings(session_timeout_s=10), clock=clock)
     sid = await new_session(manager)
     clock.advance(11)
     assert await manager.is_session_expired(sid)
@@ -450,7 +450,7 @@ async def test_timeout_is_configurable(store: SessionStorageAdapter, clock: Fake
 @pytest.mark.parametrize(
     "call",
     ["get_session_status", "is_session_expired", "update_progress", "update_status", "add_node_result",
-     "get_nodes", "read_events", "resume_session"],
+     "get_nodes", "read_events", "_reopen_session"],
 )  # fmt: skip
 async def test_unknown_and_malformed_ids(manager: SessionManager, call: str) -> None:
     extra: dict[str, tuple[object, ...]] = {
@@ -572,7 +572,7 @@ def test_concurrent_access_with_threads(manager: SessionManager) -> None:
     def worker(offset: int) -> None:
         for i in range(offset, 400, 8):
             for status in ("running", "completed", "completed"):  # a duplicate delivery too
-                outcome = manager.sync.record_node(sid, f"n{i}", status)
+                outcome = manager.sync._record_node(sid, f"n{i}", status)
                 if outcome.finished:
                     finishes.append(outcome.finished)
 
@@ -594,7 +594,7 @@ def test_sync_and_async_forms_agree(manager: SessionManager) -> None:
     assert from_sync == from_async
     assert manager.sync.update_progress(sid, 80)["progress_percent"] == 80
     assert manager.sync.update_status(sid, "cancelled")["status"] == "cancelled"
-    assert manager.sync.resume_session(sid).session.status is S.RUNNING
+    assert manager.sync._reopen_session(sid).session.status is S.RUNNING
     assert manager.sync.get_nodes(sid).nodes[0].node_id == "a"
     assert manager.sync.list_sessions().sessions[0].session_id == sid
     assert [e.type for e in manager.sync.read_events(sid)][-1] == "status"
@@ -608,17 +608,17 @@ async def test_a_stale_report_of_a_replaced_task_changes_nothing(manager: Sessio
     # Given a cancelled session resumed: its nodes have fresh task ids
     sid = await new_session(manager, 2, nodes=[NodeSpec(node_id=f"n{i}", task_id=f"old-{i}") for i in range(2)])
     await manager.update_status(sid, S.CANCELLED)
-    outcome = await manager.resume_session(sid)
+    outcome = await manager._reopen_session(sid)
     fresh = {n.node_id: n.task_id for n in outcome.nodes}
     assert all(t and not t.startswith("old-") for t in fresh.values())
     # When the old tasks' revokes and failures arrive late
-    await manager.record_node(sid, "n0", "cancelled", task_id="old-0", reason="revoked")
-    await manager.record_node(sid, "n1", "failed", task_id="old-1", error=RuntimeError("old run"))
+    await manager._record_node(sid, "n0", "cancelled", task_id="old-0", reason="revoked")
+    await manager._record_node(sid, "n1", "failed", task_id="old-1", error=RuntimeError("old run"))
     # Then nothing moved; the re-run decides, and a success counts whichever task sends it
     status = await manager.get_session_status(sid)
     assert (status["status"], status["cancelled_nodes"], status["failed_nodes"]) == ("running", 0, 0)
-    await manager.record_node(sid, "n0", "completed", task_id="old-0", result=1)
-    final = await manager.record_node(sid, "n1", "completed", task_id=fresh["n1"], result=2)
+    await manager._record_node(sid, "n0", "completed", task_id="old-0", result=1)
+    final = await manager._record_node(sid, "n1", "completed", task_id=fresh["n1"], result=2)
     assert final.finished is S.COMPLETED
 
 
@@ -630,9 +630,9 @@ def test_nodes_by_status_come_in_full_pages_through_results_cancel_and_resume(ma
     waiting = ids[-20:]
     for n in ids:
         if n in failed:
-            manager.sync.record_node(sid, n, "failed", error=RuntimeError("boom"))
+            manager.sync._record_node(sid, n, "failed", error=RuntimeError("boom"))
         elif n not in waiting:
-            manager.sync.record_node(sid, n, "completed", result=1)
+            manager.sync._record_node(sid, n, "completed", result=1)
 
     # Then a page of 2 failed nodes holds 2 each time, the cursor going on from the last one
     first = manager.sync.get_nodes(sid, "failed", limit=2)
@@ -647,7 +647,7 @@ def test_nodes_by_status_come_in_full_pages_through_results_cancel_and_resume(ma
     assert by_status(manager, sid, NodeStatus.CANCELLED, 7) == waiting
 
     # and when it is resumed, failed and cancelled nodes are pending again
-    manager.sync.resume_session(sid)
+    manager.sync._reopen_session(sid)
     assert by_status(manager, sid, NodeStatus.PENDING, 5) == sorted(failed + waiting)
     assert by_status(manager, sid, NodeStatus.FAILED, 5) == by_status(manager, sid, NodeStatus.CANCELLED, 5) == []
 

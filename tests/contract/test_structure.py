@@ -68,8 +68,8 @@ async def test_a_failed_chain_link_skips_the_rest_in_the_same_call(manager: Sess
     tree = chain("a", "b", "c")
     sid = await structured(manager, tree)
     assert await manager.get_structure(sid) == tree
-    await manager.record_node(sid, "a", "completed", result=1)
-    outcome = await manager.record_node(sid, "b", "failed")
+    await manager._record_node(sid, "a", "completed", result=1)
+    outcome = await manager._record_node(sid, "b", "failed")
     # The outcome of b's own call already counts c and ends the session
     info = outcome.session
     assert (info.completed_nodes, info.failed_nodes, info.skipped_nodes) == (1, 1, 1)
@@ -90,7 +90,7 @@ async def test_a_failed_chain_link_skips_the_rest_in_the_same_call(manager: Sess
 
 async def test_skipping_is_transitive_and_names_the_node_that_ended(manager: SessionManager) -> None:
     sid = await structured(manager, chain("a", "b", "c", "d"))
-    outcome = await manager.record_node(sid, "a", "failed")
+    outcome = await manager._record_node(sid, "a", "failed")
     assert outcome.session.skipped_nodes == 3
     assert outcome.session.status is S.FAILED  # nothing completed
     nodes = await nodes_of(manager, sid)
@@ -101,7 +101,7 @@ async def test_skipping_is_transitive_and_names_the_node_that_ended(manager: Ses
 async def test_a_batch_call_skips_in_that_call(manager: SessionManager) -> None:
     sid = await structured(manager, chain("a", "b", "c"))
     events = [NodeEvent("a", N.COMPLETED, "1"), NodeEvent("b", N.FAILED)]
-    outcome = await manager.record_nodes(sid, events)
+    outcome = await manager._record_nodes(sid, events)
     assert outcome.session.skipped_nodes == 1
     assert outcome.finished is S.PARTIAL_FAILURE
     assert await node_events(manager, sid) == [("a", N.COMPLETED), ("b", N.FAILED), ("c", N.SKIPPED)]
@@ -109,8 +109,8 @@ async def test_a_batch_call_skips_in_that_call(manager: SessionManager) -> None:
 
 async def test_a_running_successor_is_not_skipped(manager: SessionManager) -> None:
     sid = await structured(manager, chain("a", "b", "c"))
-    await manager.record_node(sid, "b", "running")  # out of order: b started already
-    outcome = await manager.record_node(sid, "a", "failed")
+    await manager._record_node(sid, "b", "running")  # out of order: b started already
+    outcome = await manager._record_node(sid, "a", "failed")
     assert outcome.session.skipped_nodes == 0
     assert await statuses(manager, sid) == {"a": N.FAILED, "b": N.RUNNING, "c": N.PENDING}
 
@@ -120,9 +120,9 @@ async def test_a_running_successor_is_not_skipped(manager: SessionManager) -> No
 
 async def test_a_failed_chord_header_task_skips_the_body_and_what_follows(manager: SessionManager) -> None:
     sid = await structured(manager, chain("x", chord(["a", "b", "c"], "d"), "y"))
-    await manager.record_node(sid, "x", "completed", result=0)
-    await manager.record_node(sid, "a", "running")
-    outcome = await manager.record_node(sid, "b", "failed")
+    await manager._record_node(sid, "x", "completed", result=0)
+    await manager._record_node(sid, "a", "running")
+    outcome = await manager._record_node(sid, "b", "failed")
     assert outcome.session.skipped_nodes == 2
     assert outcome.session.status is S.RUNNING and outcome.finished is None  # a and c still to come
     nodes = await nodes_of(manager, sid)
@@ -131,8 +131,8 @@ async def test_a_failed_chord_header_task_skips_the_body_and_what_follows(manage
     }  # fmt: skip
     assert nodes["d"].reason == nodes["y"].reason == "skipped: node b failed"
     # The other header tasks still run and end the session
-    await manager.record_node(sid, "a", "completed", result=1)
-    last = await manager.record_node(sid, "c", "completed", result=2)
+    await manager._record_node(sid, "a", "completed", result=1)
+    last = await manager._record_node(sid, "c", "completed", result=2)
     assert last.finished is S.PARTIAL_FAILURE
     assert counters(last.session) == (3, 1, 0, 2, 0, 0, 0)
 
@@ -142,9 +142,9 @@ async def test_a_failed_chord_header_task_skips_the_body_and_what_follows(manage
 
 async def test_an_error_callback_is_skipped_when_everything_it_handles_completed(manager: SessionManager) -> None:
     sid = await structured(manager, with_errbacks(chain("a", "b"), "h"))
-    first = await manager.record_node(sid, "a", "completed", result=1)
+    first = await manager._record_node(sid, "a", "completed", result=1)
     assert first.session.skipped_nodes == 0  # b may still fail
-    outcome = await manager.record_node(sid, "b", "completed", result=2)
+    outcome = await manager._record_node(sid, "b", "completed", result=2)
     assert outcome.session.skipped_nodes == 1
     assert outcome.finished is S.COMPLETED and outcome.succeeded
     nodes = await nodes_of(manager, sid)
@@ -158,20 +158,20 @@ async def test_an_error_callback_is_not_skipped_when_a_node_it_handles_fails(
     manager: SessionManager, status: str
 ) -> None:
     sid = await structured(manager, with_errbacks(chain("a", "b"), "h"))
-    await manager.record_node(sid, "a", "completed", result=1)
-    outcome = await manager.record_node(sid, "b", status)
+    await manager._record_node(sid, "a", "completed", result=1)
+    outcome = await manager._record_node(sid, "b", status)
     assert outcome.session.skipped_nodes == 0
     assert outcome.session.status is S.RUNNING and outcome.finished is None  # Celery runs h
     assert (await statuses(manager, sid))["h"] is N.PENDING
-    last = await manager.record_node(sid, "h", "completed")
+    last = await manager._record_node(sid, "h", "completed")
     assert last.finished is S.PARTIAL_FAILURE
 
 
 async def test_a_chord_body_error_callback_waits_for_a_failed_header_task(manager: SessionManager) -> None:
     # Celery calls the body's error callbacks when a header task fails: h will run.
     sid = await structured(manager, chord(["a", "b"], t("c", t("h"))))
-    await manager.record_node(sid, "b", "completed", result=2)
-    outcome = await manager.record_node(sid, "a", "failed")
+    await manager._record_node(sid, "b", "completed", result=2)
+    outcome = await manager._record_node(sid, "a", "failed")
     assert await statuses(manager, sid) == {"a": N.FAILED, "b": N.COMPLETED, "c": N.SKIPPED, "h": N.PENDING}
     assert outcome.session.status is S.RUNNING
 
@@ -181,7 +181,7 @@ async def test_a_chord_body_error_callback_waits_for_a_failed_header_task(manage
 
 async def test_a_lost_node_skips_its_successors(manager: SessionManager) -> None:
     sid = await structured(manager, chain("a", "b", "c"))
-    outcome = await manager.record_node(sid, "a", "lost", reason="worker vanished")
+    outcome = await manager._record_node(sid, "a", "lost", reason="worker vanished")
     assert (outcome.session.failed_nodes, outcome.session.lost_nodes, outcome.session.skipped_nodes) == (1, 1, 2)
     assert outcome.finished is S.FAILED
     nodes = await nodes_of(manager, sid)
@@ -190,10 +190,10 @@ async def test_a_lost_node_skips_its_successors(manager: SessionManager) -> None
 
 def test_a_reaped_node_skips_its_successors(store: SessionStorageAdapter, clock: FakeClock) -> None:
     worker = "celery@host-a:101"
-    manager = SessionManager(storage=store, settings=TrackerSettings(worker_stale_after=30.0), clock=clock)
+    manager = SessionManager(storage=store, settings=TrackerSettings(worker_stale_after_s=30.0), clock=clock)
     specs = [NodeSpec(node_id=n) for n in "abc"]
     sid = manager.sync.create_session("structure.canvas", 3, nodes=specs, structure=chain("a", "b", "c"))
-    manager.sync.record_node(sid, "a", "running", worker=worker)
+    manager.sync._record_node(sid, "a", "running", worker=worker)
     lost = []
     for _ in range(5):  # silent past the window, then past the grace
         clock.advance(31)
@@ -208,7 +208,7 @@ def test_a_reaped_node_skips_its_successors(store: SessionStorageAdapter, clock:
 
 async def test_a_cancelled_node_skips_the_rest_and_the_session_ends_cancelled(manager: SessionManager) -> None:
     sid = await structured(manager, chain("a", "b", "c"))
-    outcome = await manager.record_node(sid, "a", "cancelled")
+    outcome = await manager._record_node(sid, "a", "cancelled")
     assert (outcome.session.cancelled_nodes, outcome.session.skipped_nodes) == (1, 2)
     assert outcome.finished is S.CANCELLED
     assert outcome.session.status is S.CANCELLED
@@ -218,8 +218,8 @@ async def test_a_cancelled_node_skips_the_rest_and_the_session_ends_cancelled(ma
 
 async def test_a_cancelled_node_after_a_completed_one_is_a_partial_failure(manager: SessionManager) -> None:
     sid = await structured(manager, chain("a", "b", "c"))
-    await manager.record_node(sid, "a", "completed", result=1)
-    outcome = await manager.record_node(sid, "b", "cancelled")
+    await manager._record_node(sid, "a", "completed", result=1)
+    outcome = await manager._record_node(sid, "b", "cancelled")
     assert counters(outcome.session) == (1, 0, 1, 1, 0, 0, 0)
     assert outcome.finished is S.PARTIAL_FAILURE
 
@@ -230,10 +230,10 @@ async def test_a_cancelled_node_after_a_completed_one_is_a_partial_failure(manag
 async def test_a_session_without_structure_never_skips(manager: SessionManager) -> None:
     sid = await structured(manager, None, ids=["a", "b", "c"])
     assert await manager.get_structure(sid) is None
-    await manager.record_node(sid, "a", "completed", result=1)
-    outcome = await manager.record_node(sid, "b", "failed")
-    await manager.record_node(sid, "b", "lost")
-    await manager.record_node(sid, "b", "cancelled")
+    await manager._record_node(sid, "a", "completed", result=1)
+    outcome = await manager._record_node(sid, "b", "failed")
+    await manager._record_node(sid, "b", "lost")
+    await manager._record_node(sid, "b", "cancelled")
     assert outcome.session.skipped_nodes == 0
     assert (await statuses(manager, sid))["c"] is N.PENDING
     assert (await manager.get_session(sid)).status is S.RUNNING
@@ -242,7 +242,7 @@ async def test_a_session_without_structure_never_skips(manager: SessionManager) 
 
 async def test_a_group_of_tasks_never_skips(manager: SessionManager) -> None:
     sid = await structured(manager, group("a", "b", "c"))
-    outcome = await manager.record_node(sid, "a", "failed")
+    outcome = await manager._record_node(sid, "a", "failed")
     assert outcome.session.skipped_nodes == 0
     assert await statuses(manager, sid) == {"a": N.FAILED, "b": N.PENDING, "c": N.PENDING}
 
@@ -252,12 +252,12 @@ async def test_a_group_of_tasks_never_skips(manager: SessionManager) -> None:
 
 async def test_a_late_success_after_a_skip_keeps_the_counts_and_rederives_the_status(manager: SessionManager) -> None:
     sid = await structured(manager, chain("a", "b", "c"))
-    await manager.record_node(sid, "a", "completed", result=1)
-    failed = await manager.record_node(sid, "b", "failed")
+    await manager._record_node(sid, "a", "completed", result=1)
+    failed = await manager._record_node(sid, "b", "failed")
     assert failed.session.status is S.PARTIAL_FAILURE
     assert (await statuses(manager, sid))["c"] is N.SKIPPED
     # b succeeds after all (a redelivery): it is completed; c stays skipped until it runs
-    late = await manager.record_node(sid, "b", "completed", result=2)
+    late = await manager._record_node(sid, "b", "completed", result=2)
     assert late.finished is None  # not a new end
     found = await statuses(manager, sid)
     assert found == {"a": N.COMPLETED, "b": N.COMPLETED, "c": N.SKIPPED}
@@ -268,9 +268,9 @@ async def test_a_late_success_after_a_skip_keeps_the_counts_and_rederives_the_st
     last_event = (await manager.read_events(sid))[-1]
     assert (last_event.type, last_event.status) == ("node", S.PARTIAL_FAILURE)
     # c runs after all
-    running = await manager.record_node(sid, "c", "running")
+    running = await manager._record_node(sid, "c", "running")
     assert running.node.status is N.SKIPPED  # a start never reopens a terminal node
-    done = await manager.record_node(sid, "c", "completed", result=3)
+    done = await manager._record_node(sid, "c", "completed", result=3)
     found = await statuses(manager, sid)
     assert found == {"a": N.COMPLETED, "b": N.COMPLETED, "c": N.COMPLETED}
     assert counters(done.session) == counted(found) == (3, 0, 0, 0, 0, 0, 0)
@@ -281,12 +281,12 @@ async def test_a_link_skipped_after_a_lost_parent_that_succeeds_late_then_fails_
     manager: SessionManager,
 ) -> None:
     sid = await structured(manager, chain("a", "b"))
-    lost = await manager.record_node(sid, "a", "lost", reason="worker gone")
+    lost = await manager._record_node(sid, "a", "lost", reason="worker gone")
     assert (lost.session.status, lost.session.skipped_nodes) == (S.FAILED, 1)
-    late = await manager.record_node(sid, "a", "completed", result=1)
+    late = await manager._record_node(sid, "a", "completed", result=1)
     assert late.session.status is S.PARTIAL_FAILURE  # b is skipped, and may run yet
     assert not late.succeeded
-    failed = await manager.record_node(sid, "b", "failed")  # it ran after all, and failed
+    failed = await manager._record_node(sid, "b", "failed")  # it ran after all, and failed
     assert (failed.session.status, failed.session.completed_nodes, failed.session.failed_nodes) == (
         S.PARTIAL_FAILURE, 1, 1)  # fmt: skip
     assert failed.session.skipped_nodes == 0
@@ -298,13 +298,13 @@ async def test_a_link_skipped_after_a_lost_parent_that_succeeds_late_then_fails_
 
 async def test_resume_resets_exactly_the_nodes_named(manager: SessionManager) -> None:
     sid = await structured(manager, group(chain("a", "b", "c"), "d"))
-    await manager.record_node(sid, "a", "completed", result=1)
-    await manager.record_node(sid, "b", "failed")
-    await manager.record_node(sid, "d", "failed")
+    await manager._record_node(sid, "a", "completed", result=1)
+    await manager._record_node(sid, "b", "failed")
+    await manager._record_node(sid, "d", "failed")
     assert (await manager.get_session(sid)).status is S.PARTIAL_FAILURE
     before = await nodes_of(manager, sid)
     # retry_failed is not consulted: the nodes named are reset, failed or not; d is not named
-    outcome = await manager.resume_session(sid, retry_failed=False, nodes=["b", "c"])
+    outcome = await manager._reopen_session(sid, retry_failed=False, nodes=["b", "c"])
     assert sorted(n.node_id for n in outcome.nodes) == ["b", "c"]
     assert all(n.task_id and n.task_id not in (before[n.node_id].task_id,) for n in outcome.nodes)
     assert {n.node_id: n.signature for n in outcome.nodes} == {"b": {"task": "t.b"}, "c": {"task": "t.c"}}
@@ -315,26 +315,26 @@ async def test_resume_resets_exactly_the_nodes_named(manager: SessionManager) ->
     assert counters(info) == (1, 1, 0, 0, 0, 0, 0)
     assert counters(await manager.get_session(sid)) == counters(info)
     # and the structure still holds for the new run
-    again = await manager.record_node(sid, "b", "failed")
+    again = await manager._record_node(sid, "b", "failed")
     assert again.session.skipped_nodes == 1 and again.finished is S.PARTIAL_FAILURE
 
 
 async def test_resume_with_a_completed_node_named_changes_nothing(manager: SessionManager) -> None:
     sid = await structured(manager, chain("a", "b", "c"))
-    await manager.record_node(sid, "a", "completed", result=1)
-    await manager.record_node(sid, "b", "failed")
+    await manager._record_node(sid, "a", "completed", result=1)
+    await manager._record_node(sid, "b", "failed")
     before = (await manager.get_session(sid), await nodes_of(manager, sid), await manager.read_events(sid))
     with pytest.raises(ResumePlanChanged):
-        await manager.resume_session(sid, nodes=["a", "b", "c"])
+        await manager._reopen_session(sid, nodes=["a", "b", "c"])
     after = (await manager.get_session(sid), await nodes_of(manager, sid), await manager.read_events(sid))
     assert after == before
 
 
 async def test_resume_naming_a_node_twice_resets_it_once(manager: SessionManager) -> None:
     sid = await structured(manager, chain("a", "b", "c"))
-    await manager.record_node(sid, "a", "completed", result=1)
-    await manager.record_node(sid, "b", "failed")
-    outcome = await manager.resume_session(sid, nodes=["b", "c", "c"])
+    await manager._record_node(sid, "a", "completed", result=1)
+    await manager._record_node(sid, "b", "failed")
+    outcome = await manager._reopen_session(sid, nodes=["b", "c", "c"])
     assert sorted(n.node_id for n in outcome.nodes) == ["b", "c"]
     found = await statuses(manager, sid)
     assert counters(outcome.session) == counted(found) == (1, 0, 0, 0, 0, 0, 0)
@@ -345,8 +345,8 @@ async def test_a_node_named_like_a_structure_field_keeps_its_signature(manager: 
     tree = chain("@tree", "b")
     sid = await structured(manager, tree)
     assert await manager.get_structure(sid) == tree
-    await manager.record_node(sid, "@tree", "failed")
-    outcome = await manager.resume_session(sid)
+    await manager._record_node(sid, "@tree", "failed")
+    outcome = await manager._reopen_session(sid)
     assert {n.node_id: n.signature for n in outcome.nodes} == {"@tree": {"task": "t.@tree"}, "b": {"task": "t.b"}}
 
 
@@ -419,7 +419,7 @@ def test_both_stores_skip_alike_and_only_what_the_links_allow(
         before = {n: N.PENDING for n in ids}
         for index, incoming in events:
             node = ids[index % len(ids)]
-            outcomes = [manager.record_node(sid, node, incoming) for manager in managers]
+            outcomes = [manager._record_node(sid, node, incoming) for manager in managers]
             nodes = [_sync_statuses(manager, sid) for manager in managers]
             after = {n: v.status for n, v in nodes[0].items()}
             # The same statuses in both stores, and counters that agree with them
@@ -487,8 +487,8 @@ async def test_an_error_callback_is_skipped_when_a_link_before_the_last_ends_las
     # may be recorded before the first one.
     sid = await structured(manager, with_errbacks(chain("a", "b", "c"), "h"))
     for node in ("c", "b"):
-        outcome = await manager.record_node(sid, node, "completed", result=node)
+        outcome = await manager._record_node(sid, node, "completed", result=node)
         assert outcome.session.status is S.RUNNING
-    last = await manager.record_node(sid, "a", "completed", result="a")
+    last = await manager._record_node(sid, "a", "completed", result="a")
     assert (await statuses(manager, sid))["h"] is N.SKIPPED
     assert (last.session.status, last.finished) == (S.COMPLETED, S.COMPLETED)

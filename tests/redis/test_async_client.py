@@ -26,6 +26,7 @@ import redis
 from tests.servers import RedisClusterProcesses, RedisProcess, redis_process
 from tests.web.conftest import serve_in_thread
 from tracker import NodeStatus, SessionManager, TrackerSettings
+from tracker.storage.base import SessionStorageAdapter, store_call
 from tracker.storage.redis import RedisStorageAdapter
 from tracker.web import WebSettings, create_app
 
@@ -72,7 +73,7 @@ async def create_record_get(manager: SessionManager, nodes: int = 3) -> None:
     """One round of the async API: create, record every node (one by one, and at once), read back."""
     sid = await manager.create_session("loops.canvas", nodes)
     await manager.add_node_result(sid, "n0", {"loop": id(asyncio.get_running_loop())})
-    await manager.record_node(sid, "n1", NodeStatus.RUNNING, task_id="t1")
+    await manager._record_node(sid, "n1", NodeStatus.RUNNING, task_id="t1")
     await asyncio.gather(*(manager.add_node_result(sid, f"n{i}", i) for i in range(1, nodes)))
     info = await manager.get_session(sid)
     assert (info.completed_nodes, info.status) == (nodes, "completed")
@@ -95,7 +96,7 @@ def test_the_asyncio_flavour_makes_no_warning(redis_url: str) -> None:
     async def read() -> None:
         flavour = store.asynchronous()
         try:
-            assert await flavour.get(str(uuid.uuid4())) is None
+            assert await flavour.run(store_call(SessionStorageAdapter.get, str(uuid.uuid4()))) is None
         finally:
             await flavour.close()
 

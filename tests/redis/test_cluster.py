@@ -67,7 +67,7 @@ from tests.contract.test_storage_contract import (
 from tests.servers import RedisClusterProcesses
 from tracker import NodeSpec, SessionManager, TrackerSettings
 from tracker.storage.keys import KeySpace
-from tracker.storage.redis import AsyncRedisStorageAdapter, RedisStorageAdapter
+from tracker.storage.redis import AsyncRedisStore, RedisStorageAdapter
 
 
 def cluster_settings(cluster: RedisClusterProcesses, key_prefix: str) -> TrackerSettings:
@@ -91,7 +91,7 @@ async def manager(store: RedisStorageAdapter, clock: FakeClock) -> AsyncIterator
     yield manager
     astorage = manager._astorage
     if astorage is not None:
-        assert isinstance(astorage, AsyncRedisStorageAdapter)
+        assert isinstance(astorage, AsyncRedisStore)
         assert isinstance(astorage.client, redis.asyncio.RedisCluster)
         # A sync test that ran its async part under asyncio.run() left a client of a closed loop.
         with contextlib.suppress(RuntimeError):
@@ -146,7 +146,7 @@ async def test_async_flavour_uses_an_asyncio_cluster_client(manager: SessionMana
     results = await asyncio.gather(*(manager.add_node_result(sid, f"n{i}", i) for i in range(3)))
     assert max(r["completed_nodes"] for r in results) == 3
     assert (await manager.get_session_status(sid))["status"] == "completed"
-    assert isinstance(manager.astorage, AsyncRedisStorageAdapter)
+    assert isinstance(manager.astorage, AsyncRedisStore)
     assert isinstance(manager.astorage.client, redis.asyncio.RedisCluster)
 
 

@@ -29,7 +29,7 @@ Write = Callable[[SessionManager, str], object]
 #: One call of each kind of write, on a session made by :func:`session_with_every_key`.
 WRITES: dict[str, Write] = {
     "add_node_result": lambda m, sid: m.sync.add_node_result(sid, "a", {"ok": 1}),
-    "record_node": lambda m, sid: m.sync.record_node(sid, "b", "running", task_id="t-b"),
+    "record_node": lambda m, sid: m.sync._record_node(sid, "b", "running", task_id="t-b"),
     "update_progress": lambda m, sid: m.sync.update_progress(sid, 30),
     "update_status": lambda m, sid: m.sync.update_status(sid, "failed"),
     "cancel": lambda m, sid: m.sync.update_status(sid, "cancelled"),
@@ -63,10 +63,10 @@ def test_every_key_has_the_session_timeout_after_each_kind_of_write(
     make_manager: ManagerFactory, redis_client: redis.Redis, key_prefix: str, write: str
 ) -> None:
     # Given a new session: its keys expire in the session timeout
-    manager = make_manager(session_timeout=TIMEOUT_S)
+    manager = make_manager(session_timeout_s=TIMEOUT_S)
     sid = session_with_every_key(manager)
     assert_full_ttl(redis_client, key_prefix, sid)
-    manager.sync.record_node(sid, "b", "running")  # so that every write below is allowed
+    manager.sync._record_node(sid, "b", "running")  # so that every write below is allowed
 
     # When the keys are close to expiring and a write comes
     keys = KeySpace(key_prefix).session(sid).all()
@@ -79,20 +79,20 @@ def test_every_key_has_the_session_timeout_after_each_kind_of_write(
 
 
 def test_resume_refreshes_every_ttl(make_manager: ManagerFactory, redis_client: redis.Redis, key_prefix: str) -> None:
-    manager = make_manager(session_timeout=TIMEOUT_S)
+    manager = make_manager(session_timeout_s=TIMEOUT_S)
     sid = session_with_every_key(manager)
     manager.sync.add_node_result(sid, "a", None, status="failed")
     manager.sync.update_status(sid, "cancelled")
     for key in KeySpace(key_prefix).session(sid).all():
         redis_client.expire(key, 5)
-    manager.sync.resume_session(sid)
+    manager.sync._reopen_session(sid)
     assert_full_ttl(redis_client, key_prefix, sid)
 
 
 def test_a_session_without_nodes_or_signatures_has_ttls_on_the_keys_it_has(
     make_manager: ManagerFactory, redis_client: redis.Redis, key_prefix: str
 ) -> None:
-    manager = make_manager(session_timeout=TIMEOUT_S)
+    manager = make_manager(session_timeout_s=TIMEOUT_S)
     sid = manager.sync.create_session("bare.canvas", 2)
     keys = KeySpace(key_prefix).session(sid)
     assert ttls_ms(redis_client, [keys.nodes, keys.sigs]) == {keys.nodes: -2, keys.sigs: -2}
@@ -105,7 +105,7 @@ def test_a_session_without_nodes_or_signatures_has_ttls_on_the_keys_it_has(
 def test_the_ttl_follows_the_configured_timeout(
     make_manager: ManagerFactory, redis_client: redis.Redis, key_prefix: str
 ) -> None:
-    manager = make_manager(session_timeout=42)
+    manager = make_manager(session_timeout_s=42)
     sid = session_with_every_key(manager)
     ttl = ttls_ms(redis_client, KeySpace(key_prefix).session(sid).all())
     assert all(40_000 < ms <= 46_200 for ms in ttl.values()), ttl  # 42 s plus a step of 4.2 s
@@ -115,14 +115,14 @@ def test_writes_within_a_step_leave_the_ttls_alone_and_keep_at_least_the_timeout
     make_manager: ManagerFactory, redis_client: redis.Redis, key_prefix: str
 ) -> None:
     # Given a session whose keys were just given their TTL (timeout plus a step)
-    manager = make_manager(session_timeout=TIMEOUT_S)
+    manager = make_manager(session_timeout_s=TIMEOUT_S)
     sid = session_with_every_key(manager)
     keys = KeySpace(key_prefix).session(sid).all()
     redis_client.config_resetstat()
 
     # When 50 writes come within the step
     for i in range(50):
-        manager.sync.record_node(sid, "a" if i % 2 else "b", "running", attempt=i + 1)
+        manager.sync._record_node(sid, "a" if i % 2 else "b", "running", attempt=i + 1)
 
     # Then no write ran an EXPIRE, and every key still has at least the timeout left
     stats = redis_client.info("commandstats")
@@ -142,7 +142,7 @@ def test_cleanup_removes_expired_sessions_and_keeps_refreshed_ones(
 ) -> None:
     # Given two sessions created together, one written to 1000 s later
     clock = FakeClock()
-    manager = make_manager(clock=clock, session_timeout=1800)
+    manager = make_manager(clock=clock, session_timeout_s=1800)
     space = KeySpace(key_prefix)
     stale, refreshed = session_with_every_key(manager), session_with_every_key(manager)
     clock.advance(1000)
@@ -178,7 +178,7 @@ def test_cleanup_drops_index_entries_of_sessions_redis_expired(
     make_manager: ManagerFactory, redis_client: redis.Redis, key_prefix: str
 ) -> None:
     # Given a session with a 1 s timeout, expired by Redis (its keys are gone, the index remembers it)
-    manager = make_manager(session_timeout=1)
+    manager = make_manager(session_timeout_s=1)
     space = KeySpace(key_prefix)
     sid = session_with_every_key(manager)
     assert redis_client.zscore(space.created_index, sid) is not None
@@ -203,17 +203,17 @@ def test_heartbeats_keep_the_keys_of_a_session_with_a_running_node(
     make_manager: ManagerFactory, redis_client: redis.Redis, key_prefix: str
 ) -> None:
     # Given a 2 s session timeout and a node running on a live worker process
-    manager = make_manager(session_timeout=2)
+    manager = make_manager(session_timeout_s=2)
     sid = session_with_every_key(manager)
-    manager.sync.record_node(sid, "a", "running", worker="celery@h:1")
+    manager.sync._record_node(sid, "a", "running", worker="celery@h:1")
     keys = KeySpace(key_prefix).session(sid).all()
     # When its worker beats every 0.5 s for twice the timeout, nothing else writing
     until = time.monotonic() + 4
     while time.monotonic() < until:
-        manager.sync.heartbeat("celery@h:1", sessions=[sid])
+        manager.sync._heartbeat("celery@h:1", sessions=[sid])
         assert min(ttls_ms(redis_client, keys).values()) > 1000  # never let near its end
         assert manager.sync.cleanup_expired_sessions() == 0
         time.sleep(0.5)
     # Then the node finishes into the intact session
-    assert manager.sync.record_node(sid, "a", "completed", result=1, worker="celery@h:1").node.status == "completed"
+    assert manager.sync._record_node(sid, "a", "completed", result=1, worker="celery@h:1").node.status == "completed"
     assert manager.sync.get_session_status(sid)["completed_nodes"] == 1

@@ -33,7 +33,7 @@ def server(tmp_path: Path) -> Iterator[RedisProcess]:
 @pytest.fixture
 def manager(server: RedisProcess, key_prefix: str) -> Iterator[SessionManager]:
     """A manager on that server with small retries: 1 retry, 0.5 s socket timeout."""
-    settings = TrackerSettings(redis_url=server.url, key_prefix=key_prefix, redis_retries=1, redis_socket_timeout=0.5)
+    settings = TrackerSettings(redis_url=server.url, key_prefix=key_prefix, redis_retries=1, redis_socket_timeout_s=0.5)
     manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
     yield manager
     manager.storage.close()
@@ -155,13 +155,13 @@ def test_a_server_that_lost_its_data_reads_as_not_found_never_as_pending(tmp_pat
 def lossy(server: RedisProcess, key_prefix: str) -> Iterator[tuple[SessionManager, LossyProxy]]:
     """A manager that reaches the server through a proxy able to lose one reply; scripts loaded."""
     proxy = LossyProxy(server.port)
-    settings = TrackerSettings(redis_url=proxy.url, key_prefix=key_prefix, redis_retries=1, redis_socket_timeout=2)
+    settings = TrackerSettings(redis_url=proxy.url, key_prefix=key_prefix, redis_retries=1, redis_socket_timeout_s=2)
     manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
     # Every script loaded first, so a lost reply is the reply of a script that ran (not a NOSCRIPT).
     warm = manager.sync.create_session("warm.canvas", 1)
     manager.sync.update_progress(warm, 10)
     manager.sync.update_status(warm, "cancelled")
-    manager.sync.resume_session(warm)
+    manager.sync._reopen_session(warm)
     manager.sync.add_node_result(warm, "a", 1)
     manager.sync.delete_session(warm)
     yield manager, proxy
@@ -185,13 +185,13 @@ def test_writes_whose_reply_is_lost_act_once_and_answer_as_the_first_attempt(
     proxy.lose_next_reply()
     assert manager.sync.update_status(sid, "running")["status"] == "running"
     proxy.lose_next_reply()
-    moved = manager.sync.transition(sid, "failed")
+    moved = manager.sync._transition(sid, "failed")
     assert (moved.previous_status.value, moved.session.status.value) == ("running", "failed")
     assert proxy.replies_lost == 3
 
     # When the replies to a resume, a node result and a progress update are lost, Then each acts once
     proxy.lose_next_reply()
-    assert manager.sync.resume_session(sid).previous_status.value == "failed"
+    assert manager.sync._reopen_session(sid).previous_status.value == "failed"
     proxy.lose_next_reply()
     assert manager.sync.add_node_result(sid, "a", 1)["completed_nodes"] == 1
     proxy.lose_next_reply()

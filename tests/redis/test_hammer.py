@@ -102,11 +102,11 @@ def hammer_worker(url: str, key_prefix: str, rounds: list[tuple[str, list[Event]
             start.wait(timeout=60)
             for nid, status in events:
                 if status == "completed":
-                    outcome = manager.sync.record_node(sid, nid, status, result={"ok": 1}, worker=f"w{os.getpid()}")
+                    outcome = manager.sync._record_node(sid, nid, status, result={"ok": 1}, worker=f"w{os.getpid()}")
                 elif status == "failed":
-                    outcome = manager.sync.record_node(sid, nid, status, error=RuntimeError("boom"))
+                    outcome = manager.sync._record_node(sid, nid, status, error=RuntimeError("boom"))
                 else:
-                    outcome = manager.sync.record_node(sid, nid, status)
+                    outcome = manager.sync._record_node(sid, nid, status)
                 if outcome.finished is not None:
                     finished.append(outcome.finished.value)
             out.put((os.getpid(), sid, len(events), finished))

@@ -83,7 +83,7 @@ def test_the_session_hash_holds_every_state_field_after_each_write(
     key = KeySpace(key_prefix).session(sid).session
     redis_client.hdel(key, "lost", "finished_ms")  # as a hash written without them would be
 
-    manager.sync.record_node(sid, "a", "running")
+    manager.sync._record_node(sid, "a", "running")
     manager.sync.add_node_result(sid, "b", {"ok": 1})
     manager.sync.add_node_result(sid, "a", status="failed", error=RuntimeError("boom"))
     held = {k.decode(): v.decode() for k, v in redis_client.hgetall(key).items()}

@@ -113,7 +113,7 @@ def warm_up(manager: SessionManager) -> None:
     manager.sync.add_node_result(sid, "a", 1)
     manager.sync.update_progress(sid, 60)
     manager.sync.update_status(sid, "cancelled")
-    manager.sync.resume_session(sid)
+    manager.sync._reopen_session(sid)
     manager.sync.get_session_status(sid)
     manager.sync.cleanup_expired_sessions()
 
@@ -162,11 +162,11 @@ def test_each_write_is_one_evalsha_and_the_status_read_one_hgetall(
 
     # When each kind of write runs, Then each is one EVALSHA
     one_write(observer.during(lambda: manager.sync.add_node_result(sid, "n0", {"ok": 1})))
-    one_write(observer.during(lambda: manager.sync.record_node(sid, "n1", "running", task_id="t1")))
+    one_write(observer.during(lambda: manager.sync._record_node(sid, "n1", "running", task_id="t1")))
     one_write(observer.during(lambda: manager.sync.add_node_result(sid, "n0", {"ok": 1})))  # duplicate
     one_write(observer.during(lambda: manager.sync.update_progress(sid, 42.5)))
     one_write(observer.during(lambda: manager.sync.update_status(sid, "cancelled")))
-    one_write(observer.during(lambda: manager.sync.resume_session(sid)))
+    one_write(observer.during(lambda: manager.sync._reopen_session(sid)))
 
     # And the status read is one HGETALL, whatever the node count
     status: list[dict[str, Any]] = []
@@ -213,7 +213,7 @@ async def test_the_async_flavour_makes_the_same_round_trips(
     one_write(await observed(manager.add_node_result(sid, "b", {"ok": 1})))
     one_write(await observed(manager.update_progress(sid, 70)))
     one_write(await observed(manager.update_status(sid, "cancelled")))
-    one_write(await observed(manager.resume_session(sid)))
+    one_write(await observed(manager._reopen_session(sid)))
     one_read(await observed(manager.get_session_status(sid)))
     await manager.cleanup()
 

@@ -41,8 +41,8 @@ def cut(start_redis: StartRedis, key_prefix: str) -> Iterator[tuple[SessionManag
         warm = manager.sync.create_session("warm.canvas", 1)
         manager.sync.update_progress(warm, 1)
         manager.sync.update_status(warm, "cancelled")
-        manager.sync.resume_session(warm)
-        manager.sync.record_node(warm, "w", "completed")
+        manager.sync._reopen_session(warm)
+        manager.sync._record_node(warm, "w", "completed")
         direct = redis.Redis(port=server.port)
         direct.config_resetstat()
         yield manager, proxy, direct
@@ -72,12 +72,12 @@ def test_a_lost_reply_is_run_again_and_counts_once(
 ) -> None:
     manager, proxy, direct = cut
     sid = manager.sync.create_session("cut.canvas", 3)
-    manager.sync.record_node(sid, "a", "running", attempt=1)
+    manager.sync._record_node(sid, "a", "running", attempt=1)
 
     # When the reply to a node's success is lost on the way back
     direct.config_resetstat()
     proxy.arm("reply")
-    outcome = manager.sync.record_node(sid, "a", "completed", result={"ok": 1}, attempt=1)
+    outcome = manager.sync._record_node(sid, "a", "completed", result={"ok": 1}, attempt=1)
 
     # Then redis-py ran the script a second time, and the node still counts once
     assert proxy.fired["reply"] == 1
@@ -98,7 +98,7 @@ def test_a_cut_request_runs_nothing_and_the_retry_runs_once(
     # When the connection breaks half-way through sending a script call
     direct.config_resetstat()
     proxy.arm("request")
-    outcome = manager.sync.record_node(sid, "a", "failed", error=RuntimeError("boom"), attempt=1)
+    outcome = manager.sync._record_node(sid, "a", "failed", error=RuntimeError("boom"), attempt=1)
 
     # Then the server never ran the half command: the script ran exactly once, on the retry
     assert proxy.fired["request"] == 1
@@ -113,12 +113,12 @@ def test_the_caller_whose_finishing_reply_was_lost_still_sees_finished(
 ) -> None:
     manager, proxy, direct = cut
     sid = manager.sync.create_session("cut.canvas", 2)
-    manager.sync.record_node(sid, "a", "completed", result=1)
+    manager.sync._record_node(sid, "a", "completed", result=1)
 
     # When the reply to the result that ends the session is lost, and redis-py runs the script again
     direct.config_resetstat()
     proxy.arm("reply")
-    outcome = manager.sync.record_node(sid, "b", "completed", result=2)
+    outcome = manager.sync._record_node(sid, "b", "completed", result=2)
 
     # Then the re-run answers as the first run did: this caller ended the session (it sends the
     # completion callback; nobody else will)
@@ -126,7 +126,7 @@ def test_the_caller_whose_finishing_reply_was_lost_still_sees_finished(
     assert outcome.session.status.value == "completed"
     assert outcome.finished is not None and outcome.finished.value == "completed"
     # and a later duplicate of the same result (a redelivery: a new call) is not told so again
-    again = manager.sync.record_node(sid, "b", "completed", result=2)
+    again = manager.sync._record_node(sid, "b", "completed", result=2)
     assert again.finished is None
     assert again.session.completed_nodes == 2
 
@@ -135,7 +135,7 @@ def test_a_finishing_batch_retried_by_the_writer_still_reports_finished_once(
     cut: tuple[SessionManager, Proxy, redis.Redis], key_prefix: str
 ) -> None:
     # Given a session one result away from its end, and the signal handlers' recorder (its writer
-    # retried by hand here: a long flush_interval keeps its thread out of the way)
+    # retried by hand here: a long flush_interval_s keeps its thread out of the way)
     _, proxy, direct = cut
     manager = slow_writer_manager(proxy.url, key_prefix)
     recorder = CountingRecorder(Celery("cut", set_as_current=False), manager)
@@ -192,8 +192,8 @@ def test_an_outcome_counts_as_held_while_its_write_is_under_way(
     manager.storage.close()
 
 
-def slow_writer_manager(url: str, key_prefix: str, flush_interval: float = 60.0) -> SessionManager:
-    settings = TrackerSettings(redis_url=url, key_prefix=key_prefix, flush_interval=flush_interval)
+def slow_writer_manager(url: str, key_prefix: str, flush_interval_s: float = 60.0) -> SessionManager:
+    settings = TrackerSettings(redis_url=url, key_prefix=key_prefix, flush_interval_s=flush_interval_s)
     return SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
 
 
@@ -222,9 +222,9 @@ def test_connections_dropped_again_and_again_under_concurrent_writes(
 ) -> None:
     # Given 4 threads with 875 events each (starts, duplicate results, failed-then-completed) on one
     # session, sent through the signal handlers' own recorder, writing each event before going on
-    # (flush_interval 0; its writer thread retries, with backoff, what the store refused)
+    # (flush_interval_s 0; its writer thread retries, with backoff, what the store refused)
     _, proxy, direct = cut
-    manager = slow_writer_manager(proxy.url, key_prefix, flush_interval=0)
+    manager = slow_writer_manager(proxy.url, key_prefix, flush_interval_s=0)
     recorder = CountingRecorder(Celery("cut", set_as_current=False), manager)
     nodes = 1000
     events: list[tuple[str, str]] = []

@@ -73,7 +73,7 @@ END_DEADLINE_S = 90.0
 CALLBACK_WINDOW_S = 2.0
 REAP_EVERY_S = 0.5
 HEARTBEAT_S, STALE_AFTER_S = 0.5, 3.0
-WORKER_ENV = {"TRACKER_HEARTBEAT_INTERVAL": str(HEARTBEAT_S), "TRACKER_WORKER_STALE_AFTER": str(STALE_AFTER_S)}
+WORKER_ENV = {"TRACKER_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S), "TRACKER_WORKER_STALE_AFTER_S": str(STALE_AFTER_S)}
 MODES = ["worker", "child"]
 #: The Redis broker's visibility_timeout (s): a dead worker's messages come back after it.
 VISIBILITY_S = 2
@@ -362,7 +362,7 @@ def crash(
 ) -> Iterator[Crash]:  # fmt: skip
     """A :class:`Crash` on this test's broker, with the reaper running in a thread."""
     settings = TrackerSettings(
-        redis_url=redis_url, key_prefix=key_prefix, heartbeat_interval=HEARTBEAT_S, worker_stale_after=STALE_AFTER_S
+        redis_url=redis_url, key_prefix=key_prefix, heartbeat_interval_s=HEARTBEAT_S, worker_stale_after_s=STALE_AFTER_S
     )
     manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
     store = redis.Redis.from_url(redis_url)

@@ -1,6 +1,6 @@
 """Scenario 6, clock and expiry: cleanup never removes a session active within the timeout.
 
-A session expires when ``now - updated_at > session_timeout``. Two things delete sessions: the
+A session expires when ``now - updated_at > session_timeout_s``. Two things delete sessions: the
 cleanup (beat, or the asyncio scheduler) and, in Redis, the keys' own TTL. The first test runs
 cleanup over and over while threads keep writing, on a shared fake clock, and checks every
 deletion against the writes that succeeded before it. The second checks that Redis's TTL never
@@ -53,7 +53,7 @@ def test_cleanup_under_concurrent_writes_only_removes_sessions_idle_past_the_tim
 ) -> None:
     # Given 60 sessions on a fake clock, each written until a random moment of its own (some to the end)
     clock = FakeClock()
-    manager = SessionManager(storage=store, settings=TrackerSettings(session_timeout=TIMEOUT_S), clock=clock)
+    manager = SessionManager(storage=store, settings=TrackerSettings(session_timeout_s=TIMEOUT_S), clock=clock)
     start = clock.now
     rng = random.Random(8)
     last_write_at = {
@@ -74,7 +74,7 @@ def test_cleanup_under_concurrent_writes_only_removes_sessions_idle_past_the_tim
             sid = pick.choice(live)
             n += 1
             try:
-                outcome = manager.sync.record_node(sid, f"w{seed}-{n}", "running", attempt=1)
+                outcome = manager.sync._record_node(sid, f"w{seed}-{n}", "running", attempt=1)
             except SessionNotFoundError:
                 continue  # removed before this write: it must then have been idle (checked below)
             with log.lock:
@@ -126,7 +126,7 @@ def test_redis_ttls_never_end_a_session_before_its_timeout(
 ) -> None:
     # Given a store whose session timeout is not a whole number of seconds
     server = start_redis()
-    settings = TrackerSettings(redis_url=server.url, key_prefix=key_prefix, session_timeout=timeout_s)
+    settings = TrackerSettings(redis_url=server.url, key_prefix=key_prefix, session_timeout_s=timeout_s)
     manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
     client = redis.Redis(port=server.port)
 

@@ -134,7 +134,7 @@ def calls(sid: str) -> st.SearchStrategy[tuple[str, tuple[Any, ...], dict[str, A
         st.tuples(st.just("add_node_result"), st.tuples(ids, node_ids, json_values),
                   kw({}, optional={"status": statuses, "error": errors, "task_id": mostly(text),
                                    "worker": mostly(text), "attempt": attempt})),
-        st.tuples(st.just("record_node"), st.tuples(ids, node_ids, statuses),
+        st.tuples(st.just("_record_node"), st.tuples(ids, node_ids, statuses),
                   kw({}, optional={"result": json_values, "error": errors, "task_id": mostly(text),
                                    "worker": mostly(text.map(lambda t: f"celery@{t}:1")), "attempt": attempt,
                                    "reason": mostly(text)})),
@@ -147,10 +147,10 @@ def calls(sid: str) -> st.SearchStrategy[tuple[str, tuple[Any, ...], dict[str, A
         st.tuples(st.just("read_events"), st.tuples(ids),
                   kw({}, optional={"after": json_values | st.just("99999999999999-0"), "limit": limit,
                                    "block_ms": block_ms})),
-        st.tuples(st.just("resume_session"), st.tuples(ids), kw({}, optional={"retry_failed": json_values})),
+        st.tuples(st.just("_reopen_session"), st.tuples(ids), kw({}, optional={"retry_failed": json_values})),
         st.tuples(st.just("add_node_results"), st.tuples(ids, results), st.just({})),
-        st.tuples(st.just("record_nodes"), st.tuples(ids, node_events), kw({}, optional={"request_id": mostly(text)})),
-        st.tuples(st.just("heartbeat"), st.tuples(mostly(text.map(lambda t: f"celery@{t}:1"))), st.just({})),
+        st.tuples(st.just("_record_nodes"), st.tuples(ids, node_events), kw({}, optional={"request_id": mostly(text)})),
+        st.tuples(st.just("_heartbeat"), st.tuples(mostly(text.map(lambda t: f"celery@{t}:1"))), st.just({})),
     )  # fmt: skip
 
 
@@ -158,12 +158,12 @@ def seed_session(manager: SessionManager, state: str) -> str:
     """A session of three nodes (a, b, c) in ``state``."""
     sid = manager.sync.create_session("fuzz.canvas", 3, nodes=[NodeSpec(node_id=n) for n in "abc"])
     if state in {"running", "completed", "partial_failure", "cancelled"}:
-        manager.sync.record_node(sid, "a", "running", attempt=1, worker="celery@fuzz:1")
+        manager.sync._record_node(sid, "a", "running", attempt=1, worker="celery@fuzz:1")
     if state in {"completed", "partial_failure"}:
-        manager.sync.record_node(sid, "a", "completed", result={"x": 1})
-        manager.sync.record_node(sid, "b", "completed", result=[1])
+        manager.sync._record_node(sid, "a", "completed", result={"x": 1})
+        manager.sync._record_node(sid, "b", "completed", result=[1])
         last = "completed" if state == "completed" else "failed"
-        manager.sync.record_node(sid, "c", last, error=NodeError(type="E", message="m"))
+        manager.sync._record_node(sid, "c", last, error=NodeError(type="E", message="m"))
     if state == "cancelled":
         manager.sync.update_status(sid, "cancelled")
     return sid
@@ -182,7 +182,7 @@ def fuzzed(
         yield manager, lambda: public_state(manager)
         return
     server = start_redis()
-    settings = TrackerSettings(redis_url=server.url, key_prefix=key_prefix, redis_socket_timeout=1.0)
+    settings = TrackerSettings(redis_url=server.url, key_prefix=key_prefix, redis_socket_timeout_s=1.0)
     manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
     client = redis.Redis(port=server.port)
     yield manager, lambda: redis_dump(client, key_prefix)

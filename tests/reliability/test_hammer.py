@@ -123,7 +123,7 @@ def hammer(url: str, prefix: str, repeats: list[tuple[str, list[Event]]], start:
                     details["error"] = RuntimeError(f"{nid} failed on attempt {attempt}")
                 else:
                     details["reason"] = "retry"
-                outcome = manager.sync.record_node(sid, nid, status, **details)
+                outcome = manager.sync._record_node(sid, nid, status, **details)
                 if outcome.finished is not None:
                     finished.append(outcome.finished.value)
                 told += ["success"] * outcome.succeeded + ["failure"] * bool(outcome.first_failure)
@@ -246,7 +246,7 @@ def hammer_through_writers(
     from tracker.celery import NODE_STAMP, SESSION_STAMP, Recorder
 
     try:
-        settings = TrackerSettings(redis_url=url, key_prefix=prefix, flush_interval=0.01)
+        settings = TrackerSettings(redis_url=url, key_prefix=prefix, flush_interval_s=0.01)
         store = RedisStorageAdapter.from_settings(settings)
         manager = SessionManager(storage=store, settings=settings)
         finished: list[tuple[str, str]] = []

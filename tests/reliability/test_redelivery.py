@@ -77,8 +77,8 @@ def test_a_message_lost_with_a_dead_worker_does_not_leave_its_session_waiting(
     # Given a worker that dies (SIGKILL), and a batch of 8 whose message for n3 died with it: kombu's
     # Redis transport pops a message before it records it as unacknowledged, so a worker killed in
     # between takes it along (done here by taking it out of the queue, deterministically)
-    fast = {"TRACKER_HEARTBEAT_INTERVAL": "0.5", "TRACKER_WORKER_STALE_AFTER": "2"}
-    settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix, worker_stale_after=2)
+    fast = {"TRACKER_HEARTBEAT_INTERVAL_S": "0.5", "TRACKER_WORKER_STALE_AFTER_S": "2"}
+    settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix, worker_stale_after_s=2)
     manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
     first = make_worker(redis_url, concurrency=2, visibility_s=2, env_extra=fast)
     first.wait_ready()

@@ -136,8 +136,8 @@ def test_an_outage_twice_the_stale_limit_never_makes_a_live_workers_nodes_lost(
     # running every 0.2 s from beat's task, as beat would, the whole time
     store = start_redis("--appendonly", "yes")
     manager = store_manager(store.url, key_prefix)
-    manager.settings.worker_stale_after = 2.0
-    fast = {"TRACKER_HEARTBEAT_INTERVAL": "0.3", "TRACKER_WORKER_STALE_AFTER": "2"}
+    manager.settings.worker_stale_after_s = 2.0
+    fast = {"TRACKER_HEARTBEAT_INTERVAL_S": "0.3", "TRACKER_WORKER_STALE_AFTER_S": "2"}
     worker = make_worker(store.url, concurrency=4, env_extra=fast)
     worker.wait_ready()
     calls = [appmod.step.s(i, sleep_s=3.0 if i < 4 else 0.05).set(queue=rel_queue) for i in range(12)]

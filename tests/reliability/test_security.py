@@ -102,7 +102,7 @@ def test_ids_with_key_characters_are_refused_before_any_redis_command(
             ("get_nodes", (bad,), {}),
             ("read_events", (bad,), {}),
             ("read_events", (good,), {"after": bad}),
-            ("resume_session", (bad,), {}),
+            ("_reopen_session", (bad,), {}),
             ("delete_session", (bad,), {}),
             ("is_session_expired", (bad,), {}),
         ]
@@ -111,8 +111,8 @@ def test_ids_with_key_characters_are_refused_before_any_redis_command(
             # ("<host>:<pid>", part of a key but under a fixed prefix); every other bad id is refused.
             made += [
                 ("add_node_result", (good, bad, 1), {}),
-                ("record_node", (good, bad, "running"), {}),
-                ("heartbeat", (bad,), {}),
+                ("_record_node", (good, bad, "running"), {}),
+                ("_heartbeat", (bad,), {}),
             ]
         return made
 
@@ -166,7 +166,7 @@ def test_the_size_caps_hold_and_a_refused_result_changes_nothing(start_redis: St
         lambda: manager.sync.add_node_result(sid, "a", "x" * 2000),
         lambda: manager.sync.add_node_result(sid, "a", {"k": ["é" * 600]}),  # 1200 bytes in UTF-8
         lambda: manager.sync.create_session("c.canvas", 1, metadata={"k": "x" * 17000}),
-        lambda: manager.sync.record_node(sid, "a", "running", task_id="t" * 256),
+        lambda: manager.sync._record_node(sid, "a", "running", task_id="t" * 256),
         lambda: manager.sync.create_session("c" * 1025, 1),
     ):
         with pytest.raises(TrackerValidationError):
@@ -174,8 +174,8 @@ def test_the_size_caps_hold_and_a_refused_result_changes_nothing(start_redis: St
     assert redis_dump(client, key_prefix) == before
 
     # When an error and a reason are far over their cap, Then they are cut, not stored whole
-    manager.sync.record_node(sid, "b", "failed", error=NodeError(type="E" * 1000, message="m" * 100_000))
-    manager.sync.record_node(sid, "c", "cancelled", reason="r" * 100_000)
+    manager.sync._record_node(sid, "b", "failed", error=NodeError(type="E" * 1000, message="m" * 100_000))
+    manager.sync._record_node(sid, "c", "cancelled", reason="r" * 100_000)
     nodes = all_nodes(manager, sid)
     assert nodes["b"].error is not None and len(nodes["b"].error.message) == 100
     assert len(nodes["b"].error.type) <= 255

@@ -43,10 +43,10 @@ def test_singleton() -> None:
 def test_redis_store_when_the_url_is_set(monkeypatch: pytest.MonkeyPatch, redis_url: str, key_prefix: str) -> None:
     monkeypatch.setenv("TRACKER_REDIS_URL", redis_url)
     monkeypatch.setenv("TRACKER_KEY_PREFIX", key_prefix)
-    monkeypatch.setenv("TRACKER_SESSION_TIMEOUT", "42")
+    monkeypatch.setenv("TRACKER_SESSION_TIMEOUT_S", "42")
     manager = SessionManager.get_instance()
     assert isinstance(manager.storage, RedisStorageAdapter)
-    assert manager.settings.session_timeout == 42
+    assert manager.settings.session_timeout_s == 42
     sid = manager.sync.create_session("env.canvas", 1)
     assert manager.sync.get_session_status(sid)["canvas_path"] == "env.canvas"
 
@@ -121,18 +121,18 @@ def test_an_invalid_node_id_does_not_claim_its_session_exists(kind: str, redis_u
 
     # When a node with an invalid id is recorded for it
     with pytest.raises(TrackerValidationError) as caught:
-        manager.sync.record_node(never, "bad id!", "running")
+        manager.sync._record_node(never, "bad id!", "running")
 
     # Then the message is about the node id, and names no session as if it existed
     assert str(caught.value) == "invalid node_id 'bad id!': only letters, digits and . _ : @ / + = - are allowed"
     assert caught.value.session_id == never
     with pytest.raises(SessionNotFoundError):  # a valid node id reaches the store, which says so
-        manager.sync.record_node(never, "good-id", "running")
+        manager.sync._record_node(never, "good-id", "running")
     # and a node over the node_count is refused by the store itself: that session does exist
     sid = manager.sync.create_session("one.canvas", 1)
-    manager.sync.record_node(sid, "n1", "running")
+    manager.sync._record_node(sid, "n1", "running")
     with pytest.raises(NodeLimitError) as over:
-        manager.sync.record_node(sid, "n2", "running")
+        manager.sync._record_node(sid, "n2", "running")
     assert str(over.value) == (
         f"session '{sid}' already has 1 distinct nodes (its node_count): node_id 'n2' would be one more"
     )

@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tracker import VALID_TRANSITIONS, NodeStatus, SessionStatus, finish_status, is_valid_transition
+from tracker import VALID_TRANSITIONS, NodeStatus, SessionStatus, is_valid_transition
+from tracker.states import finish_status
 from tracker.states import (
     RESUMABLE_STATUSES,
     TERMINAL_STATUSES,

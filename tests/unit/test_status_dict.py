@@ -1,8 +1,8 @@
-"""The status dict is built without pydantic's serializer on the hot path; it must be the same dict.
+"""The status dict is the model's JSON dump, and a write's reply reads back as the session.
 
-``SessionInfo.to_dict()`` is hand-written (every write returns it) and the Redis adapter builds
-``add_node_result``'s dict straight from its script's reply: both are checked here against what
-pydantic itself produces, keys and order included.
+``SessionInfo.to_dict()`` is hand-written (every write returns it): it is checked here against
+what pydantic itself produces, keys and order included. The Redis adapter reads a session from
+each ``record_nodes`` reply with one decoder, checked here to give back the session written.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from tracker.errors import StorageUnavailableError
 from tracker.models import SessionInfo, json_datetime, ms_from_utc, utc_from_ms
 from tracker.states import SessionStatus
-from tracker.storage.redis import _json_ms, _session_values, _status_values
+from tracker.storage.redis.codec import session_from_values
 
 SID = "a301b679-db8d-4ca7-8cdc-dbd6f986a5a4"
 
@@ -79,35 +79,41 @@ def _ms(moment: datetime | None) -> bytes:
     return b"" if moment is None else str(round(moment.timestamp() * 1000)).encode()
 
 
-@given(sessions(stored=True))
-def test_status_from_a_reply_is_the_models_dict(info: SessionInfo) -> None:
-    # A record_nodes reply's session values: numbers as integers, the rest as bytes.
-    values = [
+TIMES = {"created_at", "updated_at", "started_at", "finished_at"}
+
+
+def _values(info: SessionInfo) -> list[object]:
+    """A record_nodes reply's session values: numbers as integers, the rest as bytes."""
+    return [
         info.status.value.encode(), info.node_count, info.completed_nodes, info.failed_nodes, info.running_nodes,
         info.lost_nodes, info.cancelled_nodes, info.skipped_nodes, info.retrying_nodes,
         str(info.progress_percent).encode(), _ms(info.started_at), _ms(info.finished_at), _ms(info.updated_at),
         info.canvas_path.encode(), _ms(info.created_at), json.dumps(info.metadata, separators=(",", ":")).encode(),
         info.run,
     ]  # fmt: skip
+
+
+@given(sessions(stored=True))
+def test_a_record_reply_reads_back_as_the_session_written(info: SessionInfo) -> None:
+    values = _values(info)
     for reply in (values, [v.decode() if isinstance(v, bytes) else v for v in values]):  # decode_responses clients
-        expected = _session_values(SID, reply).to_dict()
-        got = _status_values(SID, reply)
-        assert got == expected
-        assert list(got) == list(expected)
+        got = session_from_values(SID, reply)
+        assert got.model_dump(exclude=TIMES) == info.model_dump(exclude=TIMES)
+        for name in TIMES:  # the store keeps milliseconds
+            assert _ms(getattr(got, name)) == _ms(getattr(info, name)), name
 
 
-def test_a_status_this_version_does_not_know_is_an_error_not_a_dict() -> None:
+def test_a_status_this_version_does_not_know_is_an_error_not_a_session() -> None:
     values = [b"paused", 3, 0, 0, 0, 0, 0, 0, 0, b"0", b"", b"", b"1767225600000", b"c", b"1767225600000", b"{}", 1]
     with pytest.raises(StorageUnavailableError, match="paused"):
-        _status_values(SID, values)
+        session_from_values(SID, values)
 
 
 @given(st.integers(0, round(datetime(9999, 1, 1, tzinfo=UTC).timestamp() * 1000)))
 def test_a_stored_millisecond_reads_back_exactly(ms: int) -> None:
-    # The reply's moments are formatted from a cached second (_json_ms); both paths must give the
-    # stored millisecond itself, with no float rounding (which strays after about the year 2300).
+    # No float rounding (which strays after about the year 2300): the stored millisecond itself.
     moment = utc_from_ms(ms)
     assert moment is not None
     assert ms_from_utc(moment) == ms
     assert moment.microsecond == ms % 1000 * 1000
-    assert _json_ms(ms) == json_datetime(moment)
+    assert json_datetime(moment).endswith(f".{ms % 1000:03d}000Z" if ms % 1000 else ":%02dZ" % (ms // 1000 % 60))

@@ -51,7 +51,7 @@ async def test_status_counts_skipped_nodes(client: httpx.AsyncClient, web_manage
     sid = await new_session(web_manager, 4)
     await web_manager.add_node_result(sid, "n0", status="failed", error=NodeError(type="ValueError", message="x"))
     for node_id in ("n1", "n2"):
-        await web_manager.record_node(sid, node_id, "skipped", reason="skipped: node n0 failed")
+        await web_manager._record_node(sid, node_id, "skipped", reason="skipped: node n0 failed")
 
     # When
     body = (await client.get(f"{BASE}/status/{sid}")).json()
@@ -85,21 +85,21 @@ async def test_a_session_no_worker_picked_up_has_a_hint(make_app: AppFactory, we
     stuck = await created_ago(web_manager, 45)
     young = await new_session(web_manager)
     started = await created_ago(web_manager, 45)
-    await web_manager.record_node(started, "n0", "running")
+    await web_manager._record_node(started, "n0", "running")
 
     async with asgi_client(make_app()) as client:
         # When their status is read, one by one and in the listing
         bodies = {sid: (await client.get(f"{BASE}/status/{sid}")).json() for sid in (stuck, young, started)}
         listed = {s["task_id"]: s for s in (await client.get(f"{BASE}/sessions")).json()["sessions"]}
 
-    # Then only the pending one older than TRACKER_PICKUP_HINT_AFTER (30 s) has the hint
+    # Then only the pending one older than TRACKER_PICKUP_HINT_AFTER_S (30 s) has the hint
     hint = bodies[stuck]["hint"]
     assert hint in {PICKUP_HINT.format(seconds) for seconds in range(45, 50)}, hint
     assert (bodies[young]["hint"], bodies[started]["hint"]) == (None, None)
     assert listed[stuck]["hint"] == hint
     assert (listed[young]["hint"], listed[started]["hint"]) == (None, None)
     # and the server's own setting decides when it shows
-    settings = TrackerSettings(pickup_hint_after=60)
+    settings = TrackerSettings(pickup_hint_after_s=60)
     async with asgi_client(create_app(web_manager, settings, None, web_settings=WebSettings())) as client:
         assert (await client.get(f"{BASE}/status/{stuck}")).json()["hint"] is None
 
@@ -206,7 +206,7 @@ async def test_nodes_are_paged_and_filtered(client: httpx.AsyncClient, web_manag
 async def test_nodes_filter_skipped(client: httpx.AsyncClient, web_manager: SessionManager) -> None:
     sid = await new_session(web_manager, 3)
     await web_manager.add_node_result(sid, "n0", status="failed", error=NodeError(type="ValueError", message="x"))
-    await web_manager.record_node(sid, "n1", "skipped", reason="skipped: node n0 failed")
+    await web_manager._record_node(sid, "n1", "skipped", reason="skipped: node n0 failed")
 
     response = await client.get(f"{BASE}/sessions/{sid}/nodes", params={"status": "skipped"})
 
@@ -228,7 +228,7 @@ async def test_nodes_errors(client: httpx.AsyncClient, web_manager: SessionManag
 async def test_store_outage_is_503_not_a_traceback() -> None:
     # Given an app on a Redis nobody listens to
     settings = TrackerSettings(
-        redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_retries=0, redis_socket_timeout=0.5
+        redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_retries=0, redis_socket_timeout_s=0.5
     )
     manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
     async with asgi_client(create_app(manager)) as http:

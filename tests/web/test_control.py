@@ -97,12 +97,12 @@ async def test_resume_keeps_the_structure_and_refuses_what_it_cannot_build(
     ids = ["a", "b", "c"]
     kept = dispatch(chain(add.s(1, 1), add.s(1), add.s(2)), canvas_path="c", node_ids=ids, manager=web_manager,
                     app=celery_app)  # fmt: skip
-    await web_manager.record_node(kept, "a", "completed", result=2)
-    await web_manager.record_node(kept, "b", "failed")
+    await web_manager._record_node(kept, "a", "completed", result=2)
+    await web_manager._record_node(kept, "b", "failed")
     lost = dispatch(chain(add.s(1, 1), add.s(1), add.s(2)), canvas_path="c", node_ids=ids, manager=web_manager,
                     app=celery_app)  # fmt: skip
-    await web_manager.record_node(lost, "a", "completed", reason="result not stored: too large")
-    await web_manager.record_node(lost, "b", "failed")
+    await web_manager._record_node(lost, "a", "completed", reason="result not stored: too large")
+    await web_manager._record_node(lost, "b", "failed")
     before = await web_manager.get_session_status(lost)
     async with asgi_client(make_app(token=TOKEN, celery_app=celery_app)) as http:
         refused = await http.post(f"{BASE}/sessions/{lost}/resume", headers=AUTH)

@@ -93,7 +93,7 @@ def celery_app(redis_manager: SessionManager) -> Iterator[Celery]:
 def finish_nodes(manager: SessionManager, session_id: str, node_ids: list[str], pause_s: float) -> None:
     """What the worker's signal handlers would record: each node starts, then completes (one fails)."""
     for i, node_id in enumerate(node_ids):
-        manager.sync.record_node(session_id, node_id, "running", attempt=1, worker="celery@browser-test")
+        manager.sync._record_node(session_id, node_id, "running", attempt=1, worker="celery@browser-test")
         time.sleep(pause_s)
         if node_id == "n3":
             error = NodeError(type="ValueError", message="row 42: price is negative")
@@ -218,11 +218,11 @@ def test_dashboard_shows_skipped_nodes_live(chromium: str, redis_manager: Sessio
         reads_before = len(list_reads)
 
         # When its first link fails and the two links after it are skipped
-        redis_manager.sync.record_node(sid, "n0", "running", attempt=1, worker="celery@browser-test")
+        redis_manager.sync._record_node(sid, "n0", "running", attempt=1, worker="celery@browser-test")
         error = NodeError(type="ValueError", message="first link broke")
         redis_manager.sync.add_node_result(sid, "n0", status="failed", error=error)
         for node_id in ("n1", "n2"):
-            redis_manager.sync.record_node(sid, node_id, "skipped", reason="skipped: node n0 failed")
+            redis_manager.sync._record_node(sid, node_id, "skipped", reason="skipped: node n0 failed")
 
         # Then the events alone (no list refresh) count them: skipped, not pending, not running
         summary = page.locator("#detail-summary")
@@ -279,10 +279,10 @@ def test_dashboard_counts_retrying_nodes_apart_from_running_live(chromium: str, 
             }
 
         # When n0 fails an attempt and waits for Celery's retry while n1 runs
-        redis_manager.sync.record_node(sid, "n0", "running", attempt=1, worker="celery@browser-test")
+        redis_manager.sync._record_node(sid, "n0", "running", attempt=1, worker="celery@browser-test")
         error = NodeError(type="ConnectionError", message="upstream busy")
-        redis_manager.sync.record_node(sid, "n0", "retrying", attempt=1, error=error)
-        redis_manager.sync.record_node(sid, "n1", "running", attempt=1, worker="celery@browser-test")
+        redis_manager.sync._record_node(sid, "n0", "retrying", attempt=1, error=error)
+        redis_manager.sync._record_node(sid, "n1", "running", attempt=1, worker="celery@browser-test")
 
         # Then the events alone (no list refresh) count n0 as retrying, not running
         expect(summary.locator('dt:text-is("running") + dd')).to_have_text("1", timeout=10_000)
@@ -301,7 +301,7 @@ def test_dashboard_counts_retrying_nodes_apart_from_running_live(chromium: str, 
         assert colours["badge"] != colours["running"]
 
         # When its next attempt starts, it leaves retrying for running; when it completes, running
-        redis_manager.sync.record_node(sid, "n0", "running", attempt=2, worker="celery@browser-test")
+        redis_manager.sync._record_node(sid, "n0", "running", attempt=2, worker="celery@browser-test")
         expect(summary.locator('dt:text-is("running") + dd')).to_have_text("2", timeout=10_000)
         assert counts() == {"running": "2", "retrying": "0", "pending": "1"}
         redis_manager.sync.add_node_result(sid, "n0", 1, attempt=2)
@@ -347,7 +347,7 @@ def test_dashboard_shows_the_pickup_hint_while_no_worker_reports(chromium: str, 
         assert above
 
         # When a worker reports its first node, the hint goes, live
-        redis_manager.sync.record_node(stuck, "n0", "running", attempt=1, worker="celery@browser-test")
+        redis_manager.sync._record_node(stuck, "n0", "running", attempt=1, worker="celery@browser-test")
         expect(page.locator(f'tr[data-session-id="{stuck}"] .status')).to_have_text("running", timeout=10_000)
         expect(hint).to_be_hidden()
         assert errors == []

@@ -17,7 +17,7 @@ async def test_pages_of_failed_nodes_are_full_among_many_others(
     sid = await web_manager.create_session("pages.canvas", 300, nodes=[NodeSpec(node_id=n) for n in ids])
     failed = ids[7::37][:8]
     for n in ids:
-        await web_manager.record_node(sid, n, "failed" if n in failed else "completed")
+        await web_manager._record_node(sid, n, "failed" if n in failed else "completed")
 
     # When a client collects them two at a time
     pages, cursor = [], None

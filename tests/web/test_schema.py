@@ -27,7 +27,7 @@ def build_app() -> FastAPI:
         manager.sync.add_node_result(sid, "b", status=status, error=NodeError(type="ValueError", message="x"))
     chain = manager.sync.create_session("schema.canvas", 3)
     manager.sync.add_node_result(chain, "a", status="failed", error=NodeError(type="ValueError", message="x"))
-    manager.sync.record_node(chain, "b", "skipped", reason="skipped: node a failed")
+    manager.sync._record_node(chain, "b", "skipped", reason="skipped: node a failed")
     manager.sync.create_session("schema.canvas", 1)
     celery_app = Celery("schema-tests", broker="memory://", set_as_current=False)
     web = WebSettings(sse_block_ms=50, sse_ping_s=1)

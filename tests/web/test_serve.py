@@ -50,7 +50,7 @@ def test_serve_runs_uvicorn_until_terminated() -> None:
 async def test_a_store_outage_mid_stream_ends_the_response_cleanly(tmp_path: Path) -> None:
     # Given a stream open on a Redis of our own
     with redis_process(tmp_path / "redis") as redis_server:
-        settings = TrackerSettings(redis_url=redis_server.url, redis_retries=0, redis_socket_timeout=1)
+        settings = TrackerSettings(redis_url=redis_server.url, redis_retries=0, redis_socket_timeout_s=1)
         manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
         sid = manager.sync.create_session("batch.canvas", 2)
         app = create_app(manager, TrackerSettings(), web_settings=WebSettings(sse_block_ms=200))

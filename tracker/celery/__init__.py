@@ -106,11 +106,11 @@ _VISIBILITY_BROKERS = {"redis", "rediss", "sentinel", "sqs"}
 
 def stalled_after_s(app: Celery, settings: TrackerSettings) -> float:
     """How long a session may wait, after a worker died, before its unfinished nodes are presumed
-    lost with it: ``TRACKER_STALLED_AFTER`` when set, else the longest the app's broker takes to
+    lost with it: ``TRACKER_STALLED_AFTER_S`` when set, else the longest the app's broker takes to
     redeliver a dead worker's messages (its visibility timeout and restore sweep), plus twice
-    ``worker_stale_after`` (the reaper's own delay)."""
-    if settings.stalled_after is not None:
-        return settings.stalled_after
+    ``worker_stale_after_s`` (the reaper's own delay)."""
+    if settings.stalled_after_s is not None:
+        return settings.stalled_after_s
     scheme = urlsplit(str(app.conf.broker_url or "")).scheme.split("+")[0]
     wait_s = 0.0
     if scheme in _VISIBILITY_BROKERS:
@@ -119,7 +119,7 @@ def stalled_after_s(app: Celery, settings: TrackerSettings) -> float:
         interval, throttle = options.get("unacked_restore_interval", 10), options.get("unacked_restore_throttle", 10)
         sweep_s = float(interval) * float(throttle)
         wait_s = float(options.get("visibility_timeout", 3600)) + (sweep_s if scheme != "sqs" else 0.0)
-    return wait_s + 2 * settings.worker_stale_after
+    return wait_s + 2 * settings.worker_stale_after_s
 
 
 def maintain(recorder: Recorder) -> dict[str, int]:
@@ -161,10 +161,10 @@ def reconcile(recorder: Recorder, ended: BatchOutcome) -> BatchOutcome:
             if found is None:
                 continue
             try:
-                late = sync.record_node(sid, node.node_id, NodeStatus.COMPLETED, result=found[0], task_id=node.task_id)
+                late = sync._record_node(sid, node.node_id, NodeStatus.COMPLETED, result=found[0], task_id=node.task_id)
             except TrackerValidationError as exc:  # not JSON, over the cap: the node completed all the same
                 reason = f"{RESULT_NOT_STORED}: {exc}"
-                late = sync.record_node(sid, node.node_id, NodeStatus.COMPLETED, task_id=node.task_id, reason=reason)
+                late = sync._record_node(sid, node.node_id, NodeStatus.COMPLETED, task_id=node.task_id, reason=reason)
             send_completion(app, late)
             recovered.add(node.node_id)
         cursor = page.next_cursor
@@ -205,7 +205,7 @@ def install(
         app: The Celery app.
         manager: The manager to record into; None: ``SessionManager.get_instance()`` in each process.
         beat: Register the cleanup task in ``app.conf.beat_schedule``.
-        cleanup_interval_s: How often beat runs cleanup; default the manager's ``cleanup_interval``.
+        cleanup_interval_s: How often beat runs cleanup; default the manager's ``cleanup_interval_s``.
 
     Returns:
         The recorder whose methods are connected (a second call returns the first one unchanged).
@@ -243,7 +243,7 @@ def install(
 
     if beat:
         # Without a manager, the settings the process-wide one will be made from (the environment).
-        interval = cleanup_interval_s or (manager.settings if manager else TrackerSettings()).cleanup_interval
+        interval = cleanup_interval_s or (manager.settings if manager else TrackerSettings()).cleanup_interval_s
         schedule = dict(app.conf.beat_schedule or {})
         schedule[BEAT_ENTRY] = {"task": CLEANUP_TASK, "schedule": interval}
         app.conf.beat_schedule = schedule

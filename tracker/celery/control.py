@@ -43,7 +43,7 @@ def cancel_session(
     """
     manager = manager or SessionManager.get_instance()
     app = dispatching_app(session_id, manager.sync.get_session(session_id).metadata, app)
-    outcome = manager.sync.transition(session_id, SessionStatus.CANCELLED)
+    outcome = manager.sync._transition(session_id, SessionStatus.CANCELLED)
     task_ids: list[str] = []
     cursor: str | None = None
     while True:
@@ -95,12 +95,12 @@ def resume_session(
     for _ in range(_PLAN_ATTEMPTS):
         tree = manager.sync.get_structure(session_id)
         if tree is None:
-            outcome = manager.sync.resume_session(session_id, retry_failed=retry_failed)
+            outcome = manager.sync._reopen_session(session_id, retry_failed=retry_failed)
             sent = sum(_send(_task(app, session_id, node)) for node in outcome.nodes)
             break
         plan = resume_plan(tree, _node_states(manager, session_id), retry_failed, session_id)
         try:
-            outcome = manager.sync.resume_session(session_id, retry_failed=retry_failed, nodes=plan.reset)
+            outcome = manager.sync._reopen_session(session_id, retry_failed=retry_failed, nodes=plan.reset)
         except ResumePlanChanged:
             continue  # a node it meant to re-send completed meanwhile: plan again
         if plan.tree is not None:

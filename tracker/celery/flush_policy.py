@@ -5,7 +5,7 @@ Nothing here has a thread, a lock, a clock or a store. Each decision takes the t
 state; :class:`tracker.celery.writer.Writer` applies them. The rules:
 
 - **Ticks.** A writer is idle (asleep until its next heartbeat) until a start is queued; from then
-  on it ticks every ``flush_interval``. A tick writes what waits when the oldest waiting start was
+  on it ticks every ``flush_interval_s``. A tick writes what waits when the oldest waiting start was
   waiting at the tick before already (a younger one most likely goes with its outcome) or when calls
   the store refused are held. After a tick with no start since the one before and nothing queued or
   held, the writer goes idle again: a busy process wakes it once, not once per task.
@@ -14,7 +14,7 @@ state; :class:`tracker.celery.writer.Writer` applies them. The rules:
   the events). Until that try is due the store counts as down: an outcome is queued rather than make
   its task wait on a store that just failed. Held calls are retried when their try is due, whether
   the writer ticks or not; a tick that is due waits for it too.
-- **Heartbeat.** At the writer's first round, then every ``heartbeat_interval``.
+- **Heartbeat.** At the writer's first round, then every ``heartbeat_interval_s``.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ UP = Backoff()
 class FlushPolicy:
     """The timing rules of one writer (see the module's docstring), for its settings."""
 
-    flush_interval: float
-    heartbeat_interval: float
+    flush_interval_s: float
+    heartbeat_interval_s: float
     retry_backoff: tuple[float, ...] = RETRY_BACKOFF_S
     hold_s: float = STORE_DOWN_HOLD_S
 
@@ -74,7 +74,7 @@ class FlushPolicy:
 
     def woken(self, now: float) -> Ticks:
         """A start queued at ``now`` while the writer was idle: it ticks an interval later."""
-        return Ticks(idle=False, at=now + self.flush_interval)
+        return Ticks(idle=False, at=now + self.flush_interval_s)
 
     @staticmethod
     def tick_flushes(*, held: bool, oldest_waited: bool) -> bool:
@@ -92,7 +92,7 @@ class FlushPolicy:
         """The ticks after one that ended at ``now``: idle when it goes idle (see :meth:`goes_idle`),
         else idle as they were (held calls retried while the writer is idle leave it idle: their
         retry, not a tick, is what wakes it); the next tick, while not idle, an interval later."""
-        return Ticks(idle=goes_idle or ticks.idle, at=now + self.flush_interval)
+        return Ticks(idle=goes_idle or ticks.idle, at=now + self.flush_interval_s)
 
     # -- retries --------------------------------------------------------------------------------
 
@@ -130,7 +130,7 @@ class FlushPolicy:
 
     def next_beat(self, now: float) -> float:
         """When the heartbeat after one at ``now`` is due."""
-        return now + self.heartbeat_interval
+        return now + self.heartbeat_interval_s
 
     @classmethod
     def next_round(cls, ticks: Ticks, backoff: Backoff, next_beat: float, *, held: bool) -> float:

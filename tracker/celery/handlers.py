@@ -7,7 +7,7 @@ reports the task's end to the worker's main process only after them), so a proce
 moment either recorded the outcome or leaves the message unacknowledged for the broker to
 redeliver. A start is not worth a round trip of its own: it waits in the process's :class:`Writer`
 and goes with its outcome (one event, one store call) or, for a task still running after
-``flush_interval``, from the writer's thread. ``docs/reliability.md`` says why this holds.
+``flush_interval_s``, from the writer's thread. ``docs/reliability.md`` says why this holds.
 
 Handlers never raise into the user's task (Celery would only log it anyway). When the store fails,
 the writer keeps the events (bounded) and retries with backoff, then says once that it holds them,
@@ -131,7 +131,7 @@ class Recorder:
     ) -> None:
         """Record one node event of a tracked request (untracked ones are ignored; ``ids``: its
         stamps, when the caller read them already): an outcome before this returns, a start
-        within ``flush_interval`` (at once with ``flush_interval = 0``) or with its outcome."""
+        within ``flush_interval_s`` (at once with ``flush_interval_s = 0``) or with its outcome."""
         ids = ids or ids_of(request)
         if ids is not None:
             self._keep(request, ids, status, result, error, attempt, task_id, worker, reason)
@@ -165,7 +165,7 @@ class Recorder:
         if status is NodeStatus.RUNNING:
             writer.runs(ids)
             writer.keep(raw)
-            if manager.settings.flush_interval == 0 and not writer.store_down:
+            if manager.settings.flush_interval_s == 0 and not writer.store_down:
                 writer.flush()
             return
         writer.ran(ids)
@@ -212,7 +212,7 @@ class Recorder:
         session_id, node_id, status, result_json, error, attempt, task_id, worker, reason, at = raw
         try:
             # The result was checked when it was encoded (see submit): it is taken as it is.
-            return manager._plans.event(
+            return manager.operations.event(
                 validation.session_id(session_id), node_id, status, result_json, error, attempt, task_id, worker,
                 reason, None, at, started_at,
             )  # fmt: skip

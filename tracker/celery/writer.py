@@ -2,7 +2,7 @@
 
 A task's outcome is written by :meth:`Writer.write` in the task's own thread, before its handler
 returns (and so before Celery acknowledges the message); a start waits in the writer's queue for its
-outcome, or for the writer's thread to write it once it has waited a whole ``flush_interval``. When
+outcome, or for the writer's thread to write it once it has waited a whole ``flush_interval_s``. When
 the store fails, the writer keeps the events (bounded by ``BACKLOG_SIZE``) and retries them, as they
 were, before anything else. When the thread wakes, writes and beats is decided by
 :mod:`tracker.celery.flush_policy` on the time of the writer's clock: the thread only applies it.
@@ -123,10 +123,10 @@ class Writer(threading.Thread):
     A task's outcome is written by :meth:`write` in the task's own thread, before the handler
     returns (and so before Celery acknowledges the message); a start waits in the queue for its
     outcome or for the thread's tick. While starts keep coming, the thread ticks every
-    ``flush_interval`` and writes the starts that already waited at the tick before (tasks running
+    ``flush_interval_s`` and writes the starts that already waited at the tick before (tasks running
     longer than an interval); after a tick without any start it sleeps until the next start wakes
     it (so a busy process wakes it once per interval, not once per task). The
-    heartbeat (every ``heartbeat_interval`` seconds) tells the reaper the process is alive and
+    heartbeat (every ``heartbeat_interval_s`` seconds) tells the reaper the process is alive and
     keeps the sessions of its running nodes from expiring.
 
     Args:
@@ -168,13 +168,13 @@ class Writer(threading.Thread):
     def _policy(self) -> FlushPolicy:
         """The rules for the manager's settings as they are now."""
         settings = self.recorder.manager.settings
-        return FlushPolicy(settings.flush_interval, settings.heartbeat_interval)
+        return FlushPolicy(settings.flush_interval_s, settings.heartbeat_interval_s)
 
     # -- queueing (any thread) ------------------------------------------------------------------
 
     def keep(self, raw: RawEvent) -> None:
         """Queue an event (a start) to be written with its outcome, or by the thread's tick once it
-        has waited a whole ``flush_interval`` (so within two)."""
+        has waited a whole ``flush_interval_s`` (so within two)."""
         queue = self._queue
         queue.append(raw)
         self._kept = True
@@ -272,7 +272,7 @@ class Writer(threading.Thread):
     def _send(self, call: _Call) -> list[BatchOutcome]:
         sync = self.recorder.manager.sync
         try:
-            outcomes = [sync.record_nodes(call.session_id, call.events, request_id=call.request_id, trusted=True)]
+            outcomes = [sync._record_nodes(call.session_id, call.events, request_id=call.request_id, trusted=True)]
         except StorageUnavailableError:
             raise
         except NodeLimitError:
@@ -280,7 +280,7 @@ class Writer(threading.Thread):
             outcomes = []
             for event in call.events:
                 try:
-                    outcomes.append(sync.record_nodes(call.session_id, [event], trusted=True))
+                    outcomes.append(sync._record_nodes(call.session_id, [event], trusted=True))
                 except NodeLimitError as exc:
                     logger.warning("tracker: node %s not recorded: %s", event.node_id, exc)
         except TrackerError as exc:
@@ -384,7 +384,7 @@ class Writer(threading.Thread):
 
     def _beat(self) -> None:
         try:
-            self.recorder.manager.sync.heartbeat(self.worker, sessions=self.running_sessions)
+            self.recorder.manager.sync._heartbeat(self.worker, sessions=self.running_sessions)
         except TrackerError as exc:
             logger.warning("tracker: heartbeat of %s not written: %s", self.worker, exc)
         except Exception:

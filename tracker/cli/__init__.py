@@ -19,7 +19,7 @@ Settings (environment):
   TRACKER_REDIS_URL       the Redis that holds sessions; workers and this CLI must share it
                           (unset: an in-memory store, useful only for `tracker demo`)
   TRACKER_KEY_PREFIX      prefix of every Redis key (default: tracker)
-  TRACKER_SESSION_TIMEOUT seconds without change after which a session expires (default: 1800)"""
+  TRACKER_SESSION_TIMEOUT_S seconds without change after which a session expires (default: 1800)"""
 
 _debug_option = click.option(
     "--debug", is_flag=True, envvar="TRACKER_DEBUG", help="Show tracebacks and debug logs (also TRACKER_DEBUG=1)."

@@ -137,7 +137,7 @@ def status(ctx: click.Context, state: CliState, session_id: str, as_json: bool) 
     """Show one session's status, counters and failures.
 
     Shows status, progress, node counters, times and, when nodes failed, their errors; a hint
-    when the session has stayed pending longer than TRACKER_PICKUP_HINT_AFTER seconds.
+    when the session has stayed pending longer than TRACKER_PICKUP_HINT_AFTER_S seconds.
     Exits 1 when the session ended failed, partial_failure or cancelled, 0 otherwise.
     """
     manager = state.manager()
@@ -195,7 +195,7 @@ def watch(ctx: click.Context, state: CliState, session_id: str) -> None:
     """Follow a session live until it ends.
 
     Draws a progress bar fed by the session's event stream, announces failed nodes as they fail
-    (and, once, a hint when no worker has picked up any node for TRACKER_PICKUP_HINT_AFTER
+    (and, once, a hint when no worker has picked up any node for TRACKER_PICKUP_HINT_AFTER_S
     seconds), and ends with a summary. Exits 1 when the session ended failed, partial_failure or
     cancelled, 0 when it completed.
     """
@@ -259,10 +259,10 @@ def resume(ctx: click.Context, state: CliState, session_id: str, retry_failed: b
 def cleanup(state: CliState) -> None:
     """Reap the nodes of dead workers, then remove expired sessions, now.
 
-    A worker process silent for TRACKER_WORKER_STALE_AFTER seconds is reaped by the first pass
+    A worker process silent for TRACKER_WORKER_STALE_AFTER_S seconds is reaped by the first pass
     that finds it silent that long again (a live one beats meanwhile). Its running nodes become
     lost, or pending again when the app acknowledges late (its messages come back from the
-    broker). A session expires after TRACKER_SESSION_TIMEOUT seconds without change. Beat does
+    broker). A session expires after TRACKER_SESSION_TIMEOUT_S seconds without change. Beat does
     both every minute when workers.app runs with -B; this is one pass, by hand (the callbacks it
     causes are sent when the app loads).
     """

@@ -60,7 +60,7 @@ def follow(
     Each event carries the session's counters, so the bar is exact after every event, and
     replaying old events (when following starts late) is harmless. Failed nodes are announced
     above the bar as they fail. While the session stays pending longer than
-    ``pickup_hint_after``, the pickup hint (:func:`tracker.hints.pickup_hint`) is printed once.
+    ``pickup_hint_after_s``, the pickup hint (:func:`tracker.hints.pickup_hint`) is printed once.
 
     Args:
         manager: Where the session lives.
@@ -148,7 +148,7 @@ def newest_event_id(manager: SessionManager, session_id: str) -> str | None:
 def session_hint(manager: SessionManager, status: dict[str, Any]) -> str | None:
     """The pickup hint for a session's status dict, at the manager's time, or None."""
     created_at = datetime.fromisoformat(status["created_at"])
-    return pickup_hint(status["status"], created_at, manager.clock(), manager.settings.pickup_hint_after)
+    return pickup_hint(status["status"], created_at, manager.clock(), manager.settings.pickup_hint_after_s)
 
 
 def finished_nodes(status: dict[str, Any]) -> int:

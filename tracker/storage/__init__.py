@@ -1,15 +1,16 @@
 """Storage adapters: the seam between the manager and where sessions live."""
 
-from tracker.storage.base import AsyncSessionStorageAdapter, NodeEvent, ResumeOutcome, SessionStorageAdapter
+from tracker.storage.base import AsyncStore, NodeEvent, SessionStorageAdapter, StoreCall, store_call
 from tracker.storage.memory import InMemoryStorageAdapter
 
 __all__ = [
-    "AsyncSessionStorageAdapter",
+    "AsyncStore",
     "InMemoryStorageAdapter",
     "NodeEvent",
     "RedisStorageAdapter",
-    "ResumeOutcome",
     "SessionStorageAdapter",
+    "StoreCall",
+    "store_call",
 ]
 
 

@@ -1,44 +1,35 @@
-"""An awaitable view of a blocking adapter, for stores without a native asyncio client."""
+"""The awaitable flavour of a blocking adapter, for stores without a native asyncio client."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import TypeVar
 
-from tracker.storage.base import AsyncSessionStorageAdapter, SessionStorageAdapter
+from tracker.storage.base import SessionStorageAdapter, StoreCall
 
-#: Methods that may wait (a blocking event read); they always run in a worker thread.
+T = TypeVar("T")
+
+#: Verbs that may wait (a blocking event read); they always run in a worker thread.
 _MAY_BLOCK = frozenset({"read_events"})
 
 
-class ThreadedAsyncAdapter:
-    """Awaitable methods over a :class:`SessionStorageAdapter`.
+class ThreadedAsyncStore:
+    """Runs the verbs of a :class:`SessionStorageAdapter` for asyncio callers.
 
     Args:
         store: The blocking adapter.
-        inline: Call quick methods directly on the event loop (right for an in-memory store,
-            whose calls hold a lock for microseconds); otherwise every call runs in a thread.
+        inline: Call quick verbs directly on the event loop (right for an in-memory store, whose
+            calls hold a lock briefly); otherwise every call runs in a thread.
     """
 
     def __init__(self, store: SessionStorageAdapter, inline: bool = False) -> None:
         self._store = store
         self._inline = inline
 
-    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
-        method = getattr(self._store, name)
-        run_inline = self._inline and name not in _MAY_BLOCK
+    async def run(self, call: StoreCall[T]) -> T:
+        if self._inline and call.verb not in _MAY_BLOCK:
+            return call.run(self._store)
+        return await asyncio.to_thread(call.run, self._store)
 
-        @functools.wraps(method)
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            if run_inline:
-                return method(*args, **kwargs)
-            return await asyncio.to_thread(method, *args, **kwargs)
-
-        return call
-
-
-def as_async(store: SessionStorageAdapter, inline: bool = False) -> AsyncSessionStorageAdapter:
-    """Typed constructor of :class:`ThreadedAsyncAdapter`."""
-    return cast(AsyncSessionStorageAdapter, ThreadedAsyncAdapter(store, inline=inline))
+    async def close(self) -> None:
+        """Nothing to release: the blocking store owns the connections."""

@@ -4,18 +4,18 @@ Each method is one atomic step where the data lives (one lock in memory, one Lua
 Redis). Check-and-set is always one method, never a get followed by a set. The manager holds no
 state of its own, so any number of processes sharing a store see the same sessions.
 
-Two flavours carry the same verbs: :class:`SessionStorageAdapter` (blocking, for Celery signal
-handlers and scripts) and :class:`AsyncSessionStorageAdapter` (for asyncio callers). An adapter
-hands out its asynchronous flavour through :meth:`SessionStorageAdapter.asynchronous`.
+One Protocol, :class:`SessionStorageAdapter`, carries the verbs (blocking, for Celery signal
+handlers and scripts). Its awaitable flavour (:meth:`SessionStorageAdapter.asynchronous`, for
+asyncio callers) runs the same verbs as :class:`StoreCall` values, so each verb is declared once.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Concatenate, Generic, NamedTuple, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 from tracker import validation
 from tracker.errors import TrackerError, TrackerValidationError
@@ -25,14 +25,17 @@ from tracker.models import (
     NodeOutcome,
     NodePage,
     NodeSpec,
+    ResumeOutcome,
     SessionEvent,
     SessionInfo,
     SessionPage,
     TransitionOutcome,
-    _Model,
 )
 from tracker.states import NodeStatus, SessionStatus
 from tracker.structure import Tree
+
+T = TypeVar("T")
+P = ParamSpec("P")
 
 _request_prefix = os.urandom(8).hex()
 _request_numbers = itertools.count()
@@ -81,14 +84,6 @@ class NodeEvent(NamedTuple):
 
 class ResumePlanChanged(TrackerError):
     """A node a resume plan meant to re-send completed meanwhile: nothing changed; plan again."""
-
-
-class ResumeOutcome(_Model):
-    """What a resume did: the session after it, and the nodes reset to ``pending`` to re-send."""
-
-    session: SessionInfo
-    previous_status: SessionStatus
-    nodes: list[NodeSpec]
 
 
 class SilentWorkers(NamedTuple):
@@ -247,15 +242,6 @@ class SessionStorageAdapter(Protocol):
             NodeLimitError: the events bring more distinct nodes than ``node_count``; nothing changed.
         """
 
-    def record_status(self, session_id: str, events: Sequence[NodeEvent], now: datetime) -> dict[str, Any]:
-        """:meth:`record_nodes`, answering the session's status dict after the events
-        (``SessionInfo.to_dict()``): what ``add_node_result`` returns, which a store may build
-        straight from its reply.
-
-        Raises:
-            As :meth:`record_nodes`.
-        """
-
     def heartbeat(self, worker: str, now: datetime, sessions: Sequence[str] = ()) -> None:
         """Note that worker process ``worker`` is alive at ``now`` (called every few seconds), and
         keep ``sessions`` (those it runs nodes of) from expiring while they have not ended."""
@@ -322,75 +308,43 @@ class SessionStorageAdapter(Protocol):
     ) -> list[SessionEvent]:
         """Events after id ``after`` (from the start when None), waiting up to ``block_ms`` for one."""
 
-    def asynchronous(self) -> AsyncSessionStorageAdapter:
+    def asynchronous(self) -> AsyncStore:
         """The same store with awaitable methods."""
 
     def close(self) -> None:
         """Release connections."""
 
 
+class StoreCall(NamedTuple, Generic[T]):
+    """One verb of :class:`SessionStorageAdapter` with its arguments, as the manager's operations
+    build it: the blocking flavour runs it with :meth:`run`, the awaitable one with
+    :meth:`AsyncStore.run`. Built by :func:`store_call`, which mypy checks against the verb."""
+
+    verb: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    def run(self, store: SessionStorageAdapter) -> T:
+        """Call the verb on a blocking store."""
+        result: T = getattr(store, self.verb)(*self.args, **self.kwargs)
+        return result
+
+
+def store_call(
+    verb: Callable[Concatenate[SessionStorageAdapter, P], T], /, *args: P.args, **kwargs: P.kwargs
+) -> StoreCall[T]:
+    """``verb`` (a method of :class:`SessionStorageAdapter`, e.g. ``SessionStorageAdapter.get``)
+    applied to ``args``: its arguments and result are typed by the Protocol's signature."""
+    return StoreCall(verb.__name__, args, kwargs)
+
+
 @runtime_checkable
-class AsyncSessionStorageAdapter(Protocol):
-    """The awaitable flavour of :class:`SessionStorageAdapter`: same verbs, same semantics."""
+class AsyncStore(Protocol):
+    """The awaitable flavour of a store (:meth:`SessionStorageAdapter.asynchronous`): the same
+    verbs, run as :class:`StoreCall` values, without waiting in the event loop."""
 
-    async def create(
-        self,
-        session: SessionInfo,
-        nodes: Sequence[NodeSpec] = (),
-        signatures: Sequence[str | None] | None = None,
-        structure: Tree | None = None,
-    ) -> None: ...
+    async def run(self, call: StoreCall[T]) -> T:
+        """Run one verb of the store."""
 
-    async def get(self, session_id: str) -> SessionInfo | None: ...
-
-    async def get_structure(self, session_id: str) -> Tree | None: ...
-
-    async def transition(
-        self, session_id: str, target: SessionStatus, allowed_from: frozenset[SessionStatus], now: datetime
-    ) -> TransitionOutcome: ...
-
-    async def resume(
-        self,
-        session_id: str,
-        allowed_from: frozenset[SessionStatus],
-        retry_failed: bool,
-        task_id_base: str,
-        now: datetime,
-        nodes: Sequence[str] | None = None,
-    ) -> ResumeOutcome: ...
-
-    async def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> SessionInfo: ...
-
-    async def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> NodeOutcome: ...
-
-    async def record_nodes(
-        self, session_id: str, events: Sequence[NodeEvent], now: datetime, request_id: str | None = None
-    ) -> BatchOutcome: ...
-
-    async def record_status(self, session_id: str, events: Sequence[NodeEvent], now: datetime) -> dict[str, Any]: ...
-
-    async def heartbeat(self, worker: str, now: datetime, sessions: Sequence[str] = ()) -> None: ...
-
-    async def reap_lost(
-        self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None, requeued: bool = False
-    ) -> list[NodeOutcome]: ...
-
-    async def get_nodes(
-        self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100
-    ) -> NodePage: ...
-
-    async def list_sessions(
-        self, status: SessionStatus | None = None, cursor: str | None = None, limit: int = 50
-    ) -> SessionPage: ...
-
-    async def delete(self, session_id: str) -> bool: ...
-
-    async def remove_expired(self, now: datetime, timeout_s: float) -> int: ...
-
-    async def end_stalled(self, now: datetime, stalled_after_s: float, reason: str) -> list[BatchOutcome]: ...
-
-    async def read_events(
-        self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
-    ) -> list[SessionEvent]: ...
-
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release the running loop's connections."""

@@ -27,15 +27,14 @@ from tracker.models import (
     NodeSpec,
     SessionEvent,
     SessionInfo,
+    ResumeOutcome,
     SessionPage,
     TransitionOutcome,
 )
 from tracker.states import NodeStatus, SessionStatus
-from tracker.storage.aio import as_async
+from tracker.storage.aio import ThreadedAsyncStore
 from tracker.storage.base import (
-    AsyncSessionStorageAdapter,
     NodeEvent,
-    ResumeOutcome,
     ResumePlanChanged,
     lost_reason,
     requeued_reason,
@@ -293,9 +292,6 @@ class InMemoryStorageAdapter:
                 first_failure = first_failure or outcome.first_failure
             return BatchOutcome(session=entry.info, finished=finished, succeeded=succeeded, first_failure=first_failure)
 
-    def record_status(self, session_id: str, events: Sequence[NodeEvent], now: datetime) -> dict[str, Any]:
-        return self.record_nodes(session_id, events, now).session.to_dict()
-
     @staticmethod
     def _check_limit(session_id: str, entry: _Entry, events: Sequence[NodeEvent]) -> None:
         # All or nothing: a call with more distinct nodes than the session has room for changes nothing.
@@ -533,8 +529,8 @@ class InMemoryStorageAdapter:
                     return events
                 self._changed.wait(remaining)
 
-    def asynchronous(self) -> AsyncSessionStorageAdapter:
-        return as_async(self, inline=True)
+    def asynchronous(self) -> ThreadedAsyncStore:
+        return ThreadedAsyncStore(self, inline=True)
 
     def close(self) -> None:
         with self._lock:

@@ -197,7 +197,7 @@ def create_router(
         # The hint is a pure rule on what was read (no store call), so listings show it too.
         now = now if now is not None else ctx.manager.clock()
         return ParallelTaskStatus.from_session(
-            info, pickup_hint(info.status, info.created_at, now, ctx.settings.pickup_hint_after)
+            info, pickup_hint(info.status, info.created_at, now, ctx.settings.pickup_hint_after_s)
         )
 
     @router.get(
@@ -277,7 +277,7 @@ def create_router(
         after = last_event_id or last_event_id_query or None
         if after is not None:
             validation.event_id(after)
-        start = await plan_start(ctx.manager, sid, after, hint_after_s=ctx.settings.pickup_hint_after)
+        start = await plan_start(ctx.manager, sid, after, hint_after_s=ctx.settings.pickup_hint_after_s)
         slot = limiter.try_acquire()
         if slot is None:
             raise HTTPException(

@@ -119,7 +119,7 @@ async def plan_start(
         session_id: A validated session id.
         last_event_id: The id the client saw last (validated), or None on a first connection.
         hint_after_s: The snapshot's pickup hint shows after this many seconds pending
-            (:func:`tracker.hints.pickup_hint`); default the manager's ``pickup_hint_after``.
+            (:func:`tracker.hints.pickup_hint`); default the manager's ``pickup_hint_after_s``.
 
     Raises:
         SessionNotFoundError: no such session.
@@ -135,7 +135,7 @@ async def plan_start(
     # entry up to that id, and entries after it are sent (again, harmlessly: absolute counters).
     newest = await _newest_id(manager, session_id)
     info = await manager.get_session(session_id)
-    after_s = hint_after_s if hint_after_s is not None else manager.settings.pickup_hint_after
+    after_s = hint_after_s if hint_after_s is not None else manager.settings.pickup_hint_after_s
     hint = pickup_hint(info.status, info.created_at, manager.clock(), after_s)
     return StreamStart(after=newest, status=info.status, snapshot=ParallelTaskStatus.from_session(info, hint))
 

@@ -25,7 +25,7 @@ class WebSettings(BaseSettings):
     #: Seconds between keep-alive comments on an idle event stream (proxies drop silent connections).
     sse_ping_s: float = Field(default=15.0, gt=0)
     #: How long one read of a session's stream waits for a new event, in milliseconds. Must stay below
-    #: the Redis socket timeout (``TRACKER_REDIS_SOCKET_TIMEOUT``, 5 s by default).
+    #: the Redis socket timeout (``TRACKER_REDIS_SOCKET_TIMEOUT_S``, 5 s by default).
     sse_block_ms: int = Field(default=1000, ge=10, le=4000)
     #: Events sent per read of the stream.
     sse_batch: int = Field(default=100, ge=1, le=1000)

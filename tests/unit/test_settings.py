@@ -1,0 +1,41 @@
+"""Settings carry their unit in their name; the old names still work, with a deprecation warning."""
+
+from __future__ import annotations
+
+import pytest
+
+from tracker import TrackerSettings
+from tracker.config import RENAMED
+
+
+def test_every_duration_names_its_unit() -> None:
+    durations = [
+        name for name, field in TrackerSettings.model_fields.items() if field.annotation in (float, float | None)
+    ]
+    assert durations and all(name.endswith("_s") for name in durations), durations
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(RENAMED.items()))
+def test_an_old_keyword_is_taken_with_a_warning(old: str, new: str) -> None:
+    with pytest.warns(DeprecationWarning, match=f"{old}= is deprecated: use {new}"):
+        settings = TrackerSettings(**{old: 7})
+    assert getattr(settings, new) == 7
+
+
+def test_an_old_environment_variable_is_taken_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRACKER_WORKER_STALE_AFTER", "12")
+    with pytest.warns(DeprecationWarning, match="TRACKER_WORKER_STALE_AFTER is deprecated: use worker_stale_after_s"):
+        assert TrackerSettings().worker_stale_after_s == 12
+
+
+def test_the_new_name_wins_over_the_old(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRACKER_SESSION_TIMEOUT", "12")
+    monkeypatch.setenv("TRACKER_SESSION_TIMEOUT_S", "34")
+    with pytest.warns(DeprecationWarning):
+        assert TrackerSettings().session_timeout_s == 34
+
+
+def test_the_new_names_make_no_warning(monkeypatch: pytest.MonkeyPatch, recwarn: pytest.WarningsRecorder) -> None:
+    monkeypatch.setenv("TRACKER_FLUSH_INTERVAL_S", "0.5")
+    assert TrackerSettings(heartbeat_interval_s=2).flush_interval_s == 0.5
+    assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]

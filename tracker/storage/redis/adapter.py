@@ -1,0 +1,388 @@
+"""The Redis adapter: drives the programs of :mod:`tracker.storage.redis.programs` with a
+blocking redis-py client (:class:`RedisStorageAdapter`, Celery workers) or with ``redis.asyncio``
+clients, one per event loop (:class:`AsyncRedisStore`: web apps, scripts, tests).
+
+The scripts are registered once per client with ``register_script``, which falls back from
+EVALSHA to loading the script when the server answers NOSCRIPT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import math
+import sys
+import threading
+import weakref
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+import redis
+from redis.cluster import RedisCluster
+
+from tracker.config import TrackerSettings
+from tracker.errors import StorageUnavailableError
+from tracker.models import (
+    BatchOutcome,
+    NodeOutcome,
+    NodePage,
+    NodeSpec,
+    ResumeOutcome,
+    SessionEvent,
+    SessionInfo,
+    SessionPage,
+    TransitionOutcome,
+)
+from tracker.states import NodeStatus, SessionStatus
+from tracker.storage.base import NodeEvent, StoreCall
+from tracker.storage.keys import KeySpace
+from tracker.storage.redis import clients
+from tracker.storage.redis.programs import SCRIPTS, Command, Program, RedisPrograms, Script, script_source
+from tracker.structure import Tree
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def _reachable(url: str | None) -> Iterator[None]:
+    """Turns redis-py's errors into :class:`StorageUnavailableError`."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise StorageUnavailableError(f"Redis is unreachable ({exc}); is redis-server running?", url) from exc
+    except redis.RedisError as exc:
+        raise StorageUnavailableError(f"Redis refused the command ({exc})", url) from exc
+
+
+def _register_scripts(client: Any) -> dict[str, Any]:
+    """Every script, registered on ``client`` (its SHA computed once, loaded on the first NOSCRIPT)."""
+    return {name: client.register_script(script_source(name)) for name in SCRIPTS}
+
+
+def _has_script(batch: list[Command]) -> bool:
+    return any(isinstance(command, Script) for command in batch)
+
+
+def _queue(command: Command, target: Any, scripts: dict[str, Any]) -> Any:
+    """Send ``command`` through ``target`` (a client, or a pipeline that queues it)."""
+    if isinstance(command, Script):
+        return scripts[command.name](keys=command.keys, args=command.args, client=target)
+    name, *args = command
+    if name == "ZADD":
+        return target.zadd(args[0], args[1])
+    return target.execute_command(name, *args)
+
+
+class RedisStorageAdapter:
+    """Sessions in Redis, shared by every worker, beat and web app. Blocking flavour.
+
+    Args:
+        client: A ``redis.Redis`` or ``redis.cluster.RedisCluster``. Safe to share between
+            threads; create one per process (after fork).
+        key_prefix: First part of every key.
+        ttl_s: TTL of a session's keys, refreshed on every write (use the session timeout).
+        events_maxlen: Approximate cap of each session's event stream.
+        url: The server's URL (for error messages, and the asyncio flavour's clients).
+        settings: Timeouts and retries of the asyncio flavour's clients.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        key_prefix: str = "tracker",
+        ttl_s: float = 1800.0,
+        events_maxlen: int = 1000,
+        url: str | None = None,
+        settings: TrackerSettings | None = None,
+    ) -> None:
+        self.url = url
+        self._settings = settings or TrackerSettings()
+        # Rounded up: a key's TTL must never end a session before its timeout (2.4 s -> 3 s, not 2 s).
+        ttl = max(1, math.ceil(ttl_s))
+        self.programs = RedisPrograms(KeySpace(key_prefix), ttl, events_maxlen, isinstance(client, RedisCluster))
+        self._client = client
+        self._scripts = _register_scripts(client)
+
+    @property
+    def client(self) -> Any:
+        """The redis-py client in use."""
+        return self._client
+
+    @classmethod
+    def from_url(cls, url: str, settings: TrackerSettings | None = None) -> RedisStorageAdapter:
+        """Connect to ``url`` with retries, timeouts and health checks from ``settings``."""
+        settings = settings or TrackerSettings()
+        return cls(
+            clients.connect(settings, url=url, cluster=settings.redis_cluster),
+            key_prefix=settings.key_prefix,
+            ttl_s=settings.session_timeout_s,
+            events_maxlen=settings.events_maxlen,
+            url=url,
+            settings=settings,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: TrackerSettings) -> RedisStorageAdapter:
+        """Connect to ``settings.redis_url``."""
+        if not settings.redis_url:
+            raise StorageUnavailableError("TRACKER_REDIS_URL is not set")
+        return cls.from_url(settings.redis_url, settings)
+
+    def _execute(self, batch: list[Command]) -> list[Any]:
+        client, scripts = self._client, self._scripts
+        if len(batch) == 1:
+            return [_queue(batch[0], client, scripts)]
+        if self.programs.cluster and _has_script(batch):
+            # A cluster pipeline does not load a script the server lacks (NOSCRIPT): scripts go one by one.
+            return [_queue(command, client, scripts) for command in batch]
+        # Outside Cluster one round trip; on a Cluster one per node (redis-py splits by slot).
+        pipe = client.pipeline(transaction=False)
+        for command in batch:
+            _queue(command, pipe, scripts)
+        return list(pipe.execute())
+
+    def run(self, program: Program[T]) -> T:
+        """Drive one program to its end, one round trip per batch it yields."""
+        replies: list[Any] | None = None
+        with _reachable(self.url):
+            try:
+                while True:
+                    replies = self._execute(program.send(replies))  # type: ignore[arg-type]
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+
+    # -- the verbs of SessionStorageAdapter ---------------------------------------------------
+
+    def create(
+        self,
+        session: SessionInfo,
+        nodes: Sequence[NodeSpec] = (),
+        signatures: Sequence[str | None] | None = None,
+        structure: Tree | None = None,
+    ) -> None:
+        self.run(self.programs.create(session, nodes, signatures, structure))
+
+    def get(self, session_id: str) -> SessionInfo | None:
+        return self.run(self.programs.get(session_id))
+
+    def get_structure(self, session_id: str) -> Tree | None:
+        return self.run(self.programs.get_structure(session_id))
+
+    def transition(
+        self, session_id: str, target: SessionStatus, allowed_from: frozenset[SessionStatus], now: datetime
+    ) -> TransitionOutcome:
+        return self.run(self.programs.transition(session_id, target, allowed_from, now))
+
+    def resume(
+        self,
+        session_id: str,
+        allowed_from: frozenset[SessionStatus],
+        retry_failed: bool,
+        task_id_base: str,
+        now: datetime,
+        nodes: Sequence[str] | None = None,
+    ) -> ResumeOutcome:
+        return self.run(self.programs.resume(session_id, allowed_from, retry_failed, task_id_base, now, nodes))
+
+    def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> SessionInfo:
+        return self.run(self.programs.set_progress(session_id, progress_percent, now))
+
+    def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> NodeOutcome:
+        return self.run(self.programs.record_node(session_id, event, now))
+
+    def record_nodes(
+        self, session_id: str, events: Sequence[NodeEvent], now: datetime, request_id: str | None = None
+    ) -> BatchOutcome:
+        return self.run(self.programs.record_nodes(session_id, events, now, request_id))
+
+    def heartbeat(self, worker: str, now: datetime, sessions: Sequence[str] = ()) -> None:
+        self.run(self.programs.heartbeat(worker, now, sessions))
+
+    def reap_lost(
+        self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None, requeued: bool = False
+    ) -> list[NodeOutcome]:
+        return self.run(self.programs.reap_lost(now, stale_after_s, max_runtime_s, requeued))
+
+    def get_nodes(
+        self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100
+    ) -> NodePage:
+        return self.run(self.programs.get_nodes(session_id, status, cursor, limit))
+
+    def list_sessions(
+        self, status: SessionStatus | None = None, cursor: str | None = None, limit: int = 50
+    ) -> SessionPage:
+        return self.run(self.programs.list_sessions(status, cursor, limit))
+
+    def delete(self, session_id: str) -> bool:
+        return self.run(self.programs.delete(session_id))
+
+    def remove_expired(self, now: datetime, timeout_s: float) -> int:
+        return self.run(self.programs.remove_expired(now, timeout_s))
+
+    def end_stalled(self, now: datetime, stalled_after_s: float, reason: str) -> list[BatchOutcome]:
+        return self.run(self.programs.end_stalled(now, stalled_after_s, reason))
+
+    def read_events(
+        self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
+    ) -> list[SessionEvent]:
+        return self.run(self.programs.read_events(session_id, after, limit, block_ms))
+
+    def asynchronous(self) -> AsyncRedisStore:
+        """An asyncio flavour on the same server: a ``redis.asyncio`` client (and pool) per event loop."""
+        connect = functools.partial(
+            clients.connect,
+            self._settings,
+            url=self.url,
+            like=self._client,
+            cluster=self.programs.cluster,
+            asynchronous=True,
+        )
+        return AsyncRedisStore(self.programs, connect, self.url)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _start(generator: AsyncGenerator[None, None]) -> None:
+    """Run ``generator`` to its first ``yield`` now, in the running loop, without a task.
+
+    The first step is what registers an async generator with the running loop (its ``firstiter``
+    hook), so that the loop's ``shutdown_asyncgens()`` closes it. Stepped by a task instead, a loop
+    ending before the task ran would leave it never started, its ``finally`` never run. The
+    generators given here await nothing before their ``yield``: the step ends at once.
+    """
+    with contextlib.suppress(StopIteration):  # StopIteration: it reached its yield
+        generator.asend(None).send(None)
+
+
+@dataclass(eq=False)
+class _LoopClient:
+    """The ``redis.asyncio`` client of one event loop, its scripts, and what closes it with the loop."""
+
+    client: Any
+    scripts: dict[str, Any]
+    closer: AsyncGenerator[None, None] | None = None
+
+
+class AsyncRedisStore:
+    """The asyncio flavour of :class:`RedisStorageAdapter`: the same programs, driven with
+    ``redis.asyncio`` clients.
+
+    A ``redis.asyncio`` client (its pool, its connections) belongs to the event loop it first ran
+    in; from any other it fails ("attached to a different loop", "Event loop is closed"). So the
+    adapter keeps a client per event loop, made by ``connect`` on the loop's first call: one adapter
+    serves repeated ``asyncio.run`` calls, a loop per thread, and a loop per test.
+
+    A loop's client is closed with its loop: it is tied to an async generator of that loop, which
+    ``loop.shutdown_asyncgens()`` closes while the loop can still await the close (``asyncio.run``,
+    ``asyncio.Runner``, pytest-asyncio, anyio and uvicorn call it before closing their loop). The
+    client of a loop closed without it (a bare ``loop.close()``) is dropped when another loop makes
+    its client: nothing in redis-py can close a connection of a closed loop (the transport's
+    close needs the loop), so the garbage collector closes its sockets.
+
+    Args:
+        programs: The operations (those of the blocking adapter it comes from).
+        connect: Makes a new client (on a loop's first call, in that loop).
+        url: The server, for error messages.
+    """
+
+    def __init__(self, programs: RedisPrograms, connect: Callable[[], Any], url: str | None = None) -> None:
+        self.programs = programs
+        self.url = url
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = weakref.WeakKeyDictionary()
+        # Loops whose shutdown closed their client. A client made there after that (a call from
+        # another async generator's cleanup) is not tied to the loop again: a generator first
+        # run after shutdown_asyncgens() would never be closed, and asyncio warns about it.
+        self._shut_down: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+        # Each loop runs in one thread, but the loops of several threads add and drop their
+        # clients in the same mappings.
+        self._lock = threading.Lock()
+
+        self._connect = connect
+
+    @property
+    def client(self) -> Any:
+        """The running loop's ``redis.asyncio`` client (made on the loop's first use)."""
+        return self._here().client
+
+    def _here(self) -> _LoopClient:
+        loop = asyncio.get_running_loop()
+        found = self._clients.get(loop)  # every call but a loop's first: no lock
+        return found if found is not None else self._open(loop)
+
+    def _open(self, loop: asyncio.AbstractEventLoop) -> _LoopClient:
+        client = self._connect()
+        here = _LoopClient(client, _register_scripts(client))
+        with self._lock:
+            # The clients of loops closed without shutting down their async generators (see the
+            # class): no call can reach them any more.
+            for closed in [other for other in self._clients if other.is_closed()]:
+                del self._clients[closed]
+            self._clients[loop] = here
+            # Without asyncgen hooks (a loop that does not run them) nothing would ever close the
+            # generator, and the garbage collector would close it without a loop to await in.
+            tie = loop not in self._shut_down and sys.get_asyncgen_hooks().firstiter is not None
+        if tie:
+            here.closer = self._close_with_loop(loop, here)
+            _start(here.closer)
+        return here
+
+    async def _close_with_loop(self, loop: asyncio.AbstractEventLoop, here: _LoopClient) -> AsyncGenerator[None, None]:
+        """Waits at its ``yield`` until closed (the loop's shutdown, or :meth:`close`), then closes the client."""
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._clients.get(loop) is here:  # still held: not close() (it lets go first), the loop ends
+                    del self._clients[loop]
+                    self._shut_down.add(loop)
+            await here.client.aclose()
+
+    async def _execute(self, batch: list[Command], here: _LoopClient) -> list[Any]:
+        client, scripts = here.client, here.scripts
+        if self.programs.cluster:
+            # redis.asyncio's RedisCluster picks a command's node before it loads the slot map: a
+            # command sent while the map is empty (first use, or after the client reset it on
+            # MOVED) goes to a random node, and the MOVED storm that follows makes it close
+            # connections other callers are using. Loading the map first (a no-op once loaded)
+            # keeps every command on its slot's node.
+            await client.initialize()
+        if len(batch) == 1 or (self.programs.cluster and _has_script(batch)):
+            return [await _queue(command, client, scripts) for command in batch]
+        pipe = client.pipeline(transaction=False)
+        for command in batch:
+            if isinstance(command, Script):
+                await _queue(command, pipe, scripts)  # a script queues itself by awaiting
+            else:
+                _queue(command, pipe, scripts)
+        return list(await pipe.execute())
+
+    async def run(self, call: StoreCall[T]) -> T:
+        """Run one verb of :class:`tracker.storage.base.SessionStorageAdapter`."""
+        program: Program[T] = getattr(self.programs, call.verb)(*call.args, **call.kwargs)
+        here = self._here()
+        replies: list[Any] | None = None
+        with _reachable(self.url):
+            try:
+                while True:
+                    replies = await self._execute(program.send(replies), here)  # type: ignore[arg-type]
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        """Close the running loop's client; the loop's next call makes a new one.
+
+        The clients of other loops are closed with their loops.
+        """
+        with self._lock:
+            here = self._clients.pop(asyncio.get_running_loop(), None)
+        if here is None:
+            return
+        if here.closer is not None:
+            await here.closer.aclose()  # its finally closes the client
+        else:
+            await here.client.aclose()

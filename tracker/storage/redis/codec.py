@@ -1,0 +1,185 @@
+"""Reading Redis replies into the tracker's models, and the text a script call sends.
+
+One decoder per reply: the session hash (``HGETALL``) and the session values every
+``record_nodes`` call answers (in ``SESSION_FIELDS`` order), a node's record, an event entry.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from tracker.errors import StorageUnavailableError, TrackerValidationError
+from tracker.models import NodeError, NodeResult, SessionEvent, SessionInfo, ms_from_utc, utc_from_ms
+from tracker.states import NodeStatus, SessionStatus
+from tracker.storage.base import NodeEvent
+
+
+def text(value: Any) -> str:
+    """A reply item as text (redis-py answers bytes unless told to decode)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def flat_dict(flat: Sequence[Any]) -> dict[str, str]:
+    # Every write's reply carries the session hash: decode in line rather than one call per item.
+    items = [v.decode() if type(v) is bytes else text(v) for v in flat]
+    return dict(zip(items[0::2], items[1::2], strict=True))
+
+
+@functools.lru_cache(maxsize=1024)
+def utc(ms: int) -> datetime:
+    # Datetimes are immutable, and the same few recur in every reply of a session (created, started,
+    # the current millisecond): each is converted once.
+    value = utc_from_ms(ms)
+    assert value is not None
+    return value
+
+
+def moment(value: str) -> datetime | None:
+    """A stored millisecond timestamp ('' for none) as a datetime."""
+    return utc(int(value)) if value else None
+
+
+def session_from_hash(session_id: str, fields: dict[str, str]) -> SessionInfo:
+    """A session from its hash (``HGETALL``, or a script's reply of it)."""
+    created = utc(int(fields["created_ms"]))
+    updated = utc(int(fields["updated_ms"]))
+    return SessionInfo(
+        session_id=session_id,
+        canvas_path=fields["canvas_path"],
+        node_count=int(fields["node_count"]),
+        status=session_status(fields["status"]),
+        progress_percent=float(fields["progress"]),
+        completed_nodes=int(fields["completed"]),
+        failed_nodes=int(fields["failed"]),
+        running_nodes=int(fields["running"]),
+        retrying_nodes=int(fields.get("retrying") or 0),
+        lost_nodes=int(fields["lost"]),
+        cancelled_nodes=int(fields["cancelled"]),
+        skipped_nodes=int(fields.get("skipped") or 0),
+        created_at=created,
+        updated_at=updated,
+        started_at=moment(fields.get("started_ms", "")),
+        finished_at=moment(fields.get("finished_ms", "")),
+        metadata=json.loads(fields.get("metadata") or "{}"),
+        run=int(fields.get("run") or 1),
+    )
+
+
+def session_status(value: Any) -> SessionStatus:
+    """A stored session status; one this version does not know is the store's error, not ours."""
+    try:
+        return SessionStatus(text(value))
+    except ValueError:
+        raise StorageUnavailableError(f"unexpected session status {text(value)!r} in the store") from None
+
+
+def session_from_values(session_id: str, values: Sequence[Any]) -> SessionInfo:
+    """A session from the values every ``record_nodes`` reply carries, in ``SESSION_FIELDS``
+    order: numbers as integers, the rest as bytes."""
+    (status, node_count, completed, failed, running, lost, cancelled, skipped, retrying, progress,
+     started_ms, finished_ms, updated_ms, canvas_path, created_ms, metadata, run) = values  # fmt: skip
+    return SessionInfo(
+        session_id=session_id,
+        canvas_path=text(canvas_path),
+        node_count=node_count,
+        status=session_status(status),
+        progress_percent=float(progress),
+        completed_nodes=completed,
+        failed_nodes=failed,
+        running_nodes=running,
+        retrying_nodes=retrying,
+        lost_nodes=lost,
+        cancelled_nodes=cancelled,
+        skipped_nodes=skipped,
+        created_at=utc(int(created_ms)),
+        updated_at=utc(int(updated_ms)),
+        started_at=utc(int(started_ms)) if started_ms else None,
+        finished_at=utc(int(finished_ms)) if finished_ms else None,
+        metadata=json.loads(metadata) if metadata and metadata != b"{}" else {},
+        run=run,
+    )
+
+
+def callbacks(reply: list[Any]) -> dict[str, Any]:
+    """The callbacks a ``record_nodes`` reply tells its caller to send (see the script's contract)."""
+    failed_node = text(reply[6])
+    return {"succeeded": text(reply[5]) == "1", "first_failure": failed_node or None}
+
+
+def node_from_record(node_id: str, record: str) -> NodeResult:
+    """A node from its stored record: ``status|attempts|started|finished|task|worker|payload``."""
+    status, attempts, started, finished, task_id, worker, payload = record.split("|", 6)
+    details = json.loads(payload) if payload else {}
+    error = details.get("error")
+    return NodeResult(
+        node_id=node_id,
+        status=NodeStatus(status),
+        result=details.get("result"),
+        error=NodeError(type=error[0], message=error[1]) if error else None,
+        attempts=int(attempts),
+        task_id=task_id or None,
+        worker=worker or None,
+        started_at=moment(started),
+        finished_at=moment(finished),
+        reason=details.get("reason"),
+    )
+
+
+def record_payload(event: NodeEvent) -> str:
+    """The JSON payload of a node's record (result, error, reason), '' when it has none."""
+    # The result is already JSON text (validated and size-capped by the manager): splice it in
+    # rather than decode and re-encode it.
+    parts = []
+    if event.result_json is not None:
+        parts.append(f'"result":{event.result_json}')
+    if event.error is not None:
+        parts.append('"error":' + json.dumps([event.error.type, event.error.message], ensure_ascii=False))
+    if event.reason is not None:
+        parts.append('"reason":' + json.dumps(event.reason, ensure_ascii=False))
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def record_field(value: str | None, name: str) -> str:
+    """A label as a field of a node's record, which separates its fields with '|'."""
+    if value is None:
+        return ""
+    if "|" in value or len(value) > 255:
+        raise TrackerValidationError(name, value, "must be at most 255 characters without '|'")
+    return value
+
+
+def event_from_entry(entry_id: Any, fields: dict[Any, Any]) -> SessionEvent:
+    """An entry of a session's event stream."""
+    f = {text(k): text(v) for k, v in fields.items()}
+    at = utc_from_ms(int(f["at"]))
+    assert at is not None
+    return SessionEvent(
+        id=text(entry_id),
+        type=f["t"],
+        status=SessionStatus(f["s"]),
+        progress_percent=float(f["p"]),
+        completed_nodes=int(f["c"]),
+        failed_nodes=int(f["f"]),
+        node_id=f.get("n"),
+        node_status=NodeStatus(f["ns"]) if "ns" in f else None,
+        at=at,
+    )
+
+
+def ms_int(moment: datetime) -> int:
+    """A datetime as the milliseconds the store keeps."""
+    value = ms_from_utc(moment)
+    assert value is not None
+    return value
+
+
+def scan_cursor(cursor: str | None) -> int:
+    if not cursor:
+        return 0
+    if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 18:
+        raise TrackerValidationError("cursor", cursor, "expected the next_cursor of a previous page")
+    return int(cursor)

@@ -1,0 +1,583 @@
+"""The Redis operations, free of I/O: each a *program*, a generator that yields batches of
+commands (one round trip each) and receives their replies. Both flavours of the adapter drive
+the same programs (:mod:`tracker.storage.redis.adapter`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any, TypeVar
+
+from tracker import validation
+from tracker.errors import (
+    InvalidStateTransitionError,
+    NodeLimitError,
+    SessionExistsError,
+    SessionNotFoundError,
+    StorageUnavailableError,
+)
+from tracker.models import (
+    BatchOutcome,
+    NodeOutcome,
+    NodePage,
+    NodeResult,
+    NodeSpec,
+    ResumeOutcome,
+    SessionEvent,
+    SessionInfo,
+    SessionPage,
+    TransitionOutcome,
+    ms_from_utc,
+    utc_from_ms,
+)
+from tracker.states import NodeStatus, SessionStatus
+from tracker.storage.base import (
+    NodeEvent,
+    ResumePlanChanged,
+    lost_reason,
+    new_request_id,
+    requeued_reason,
+    silent_workers,
+    status_cursor,
+)
+from tracker.storage.keys import KeySpace, SessionKeys
+from tracker.storage.redis import codec
+from tracker.structure import TREE_FIELD, Tree, links
+from tracker.validation import is_worker_id
+
+T = TypeVar("T")
+
+
+#: The scripts, by file name (without ``.lua``); each is loaded with ``common.lua`` before it.
+SCRIPTS = (
+    "create", "record_nodes", "transition", "resume", "set_progress", "remove_if_expired", "keep_alive", "end_stalled",
+    "nodes_by_status",
+)  # fmt: skip
+
+#: The session fields ``record_nodes`` replies, in order (``session_values`` in ``common.lua``; its
+#: ``load_session`` reads them in the same order).
+SESSION_FIELDS = (
+    "status", "node_count", "completed", "failed", "running", "lost", "cancelled", "skipped", "retrying", "progress",
+    "started_ms", "finished_ms", "updated_ms", "canvas_path", "created_ms", "metadata", "run",
+)  # fmt: skip
+
+#: Sessions whose key names each program object remembers (see ``RedisPrograms._session_keys``).
+SESSION_KEYS_CACHE_SIZE = 1024
+
+#: How many cleanup candidates one pass takes from the index at a time.
+CLEANUP_BATCH = 500
+
+
+def script_source(name: str) -> str:
+    """The full text of script ``name`` as loaded: ``common.lua`` followed by ``<name>.lua``."""
+    lua = resources.files("tracker.storage") / "lua"
+    return (lua / "common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+@dataclass(frozen=True)
+class Script:
+    """A script call to make: its name, keys and arguments."""
+
+    name: str
+    keys: list[str]
+    args: list[Any]
+
+
+Command = Script | tuple[Any, ...]
+"""One Redis call: a script, or a raw command as ``("HGETALL", key)``."""
+
+Program = Generator[list[Command], list[Any], T]
+"""An operation: yields batches of commands (one round trip each), receives their replies."""
+
+
+class RedisPrograms:
+    """The operations, free of I/O. Shared by the blocking and the asyncio adapter.
+
+    Args:
+        keys: Builds the key names.
+        ttl_s: TTL given to a session's keys on every write.
+        events_maxlen: Approximate cap of each session's event stream.
+        cluster: Keep the global index out of session scripts (it lives in another slot).
+    """
+
+    def __init__(self, keys: KeySpace, ttl_s: int, events_maxlen: int, cluster: bool) -> None:
+        self.keys = keys
+        self.ttl_s = ttl_s
+        self.events_maxlen = events_maxlen
+        self.cluster = cluster
+        self._session_keys_cache: dict[str, SessionKeys] = {}
+
+    def _session_keys(self, session_id: str) -> SessionKeys:
+        """``self.keys.session(session_id)``, built (and the id validated) once per session.
+
+        Every signal handler write and every status read needs them; a session's calls come in runs.
+        """
+        found = self._session_keys_cache.get(session_id)
+        if found is None:
+            found = self.keys.session(session_id)
+            if len(self._session_keys_cache) >= SESSION_KEYS_CACHE_SIZE:
+                self._session_keys_cache.clear()
+            self._session_keys_cache[session_id] = found
+        return found
+
+    def _script(self, name: str, sk: SessionKeys, *args: Any) -> Script:
+        return Script(name, sk.all(), list(args))
+
+    @staticmethod
+    def _check(session_id: str, reply: list[Any], target: str = "") -> list[Any]:
+        code = codec.text(reply[0])
+        if code == "ok":
+            return reply
+        if code == "not_found":
+            raise SessionNotFoundError(session_id)
+        if code == "invalid":
+            current = codec.text(reply[1])
+            reason = "the session has ended" if not target else ""
+            raise InvalidStateTransitionError(session_id, current, target or current, reason)
+        if code == "exists":
+            raise SessionExistsError(session_id)
+        raise StorageUnavailableError(f"unexpected script reply {code!r}")
+
+    def create(
+        self,
+        session: SessionInfo,
+        nodes: Sequence[NodeSpec] = (),
+        signatures: Sequence[str | None] | None = None,
+        structure: Tree | None = None,
+    ) -> Program[None]:
+        sid = session.session_id
+        sk = self.keys.session(sid)
+        now_ms = ms_from_utc(session.created_at)
+        args: list[Any] = [
+            sid,
+            session.canvas_path,
+            session.node_count,
+            now_ms,
+            json.dumps(session.metadata, separators=(",", ":")),
+            self.ttl_s,
+            self.events_maxlen,
+            len(nodes),
+            new_request_id(),
+        ]
+        if signatures is None:
+            signatures = [None if spec.signature is None else validation.compact_json(spec.signature) for spec in nodes]
+        for spec, sig in zip(nodes, signatures, strict=True):
+            args += [spec.node_id, codec.record_field(spec.task_id, "task_id"), sig or ""]
+        if structure is not None:
+            # Kept beside the signatures: the links, read by record_nodes when a node ends, and the
+            # tree, read by resume.
+            fields = links(structure).fields()
+            fields[TREE_FIELD] = validation.compact_json(structure)
+            for name, value in fields.items():
+                args += [name, value]
+        script = self._script("create", sk, *args)
+        if not self.cluster:
+            script.keys.extend([self.keys.created_index, self.keys.expiry_index])
+            self._check(sid, (yield [script])[0])
+            return
+        self._check(sid, (yield [script])[0])
+        yield [
+            ("ZADD", self.keys.created_index, {sid: now_ms}),
+            ("ZADD", self.keys.expiry_index, {sid: now_ms}),
+        ]
+
+    def get_structure(self, session_id: str) -> Program[Tree | None]:
+        found = (yield [("HGET", self._session_keys(session_id).sigs, TREE_FIELD)])[0]
+        return None if found is None else json.loads(found)
+
+    def get(self, session_id: str) -> Program[SessionInfo | None]:
+        flat = (yield [("HGETALL", self._session_keys(session_id).session)])[0]
+        if not flat:
+            return None
+        fields = flat if isinstance(flat, dict) else codec.flat_dict(flat)
+        return codec.session_from_hash(session_id, {codec.text(k): codec.text(v) for k, v in fields.items()})
+
+    def transition(
+        self, session_id: str, target: SessionStatus, allowed_from: frozenset[SessionStatus], now: datetime
+    ) -> Program[TransitionOutcome]:
+        sk = self.keys.session(session_id)
+        script = self._script(
+            "transition",
+            sk,
+            target.value,
+            ms_from_utc(now),
+            self.ttl_s,
+            self.events_maxlen,
+            new_request_id(),
+            *sorted(allowed_from),
+        )
+        reply = self._check(session_id, (yield [script])[0], target.value)
+        return TransitionOutcome(
+            session=codec.session_from_hash(session_id, codec.flat_dict(reply[1])),
+            previous_status=SessionStatus(codec.text(reply[2])),
+        )
+
+    def resume(
+        self,
+        session_id: str,
+        allowed_from: frozenset[SessionStatus],
+        retry_failed: bool,
+        task_id_base: str,
+        now: datetime,
+        nodes: Sequence[str] | None = None,
+    ) -> Program[ResumeOutcome]:
+        sk = self.keys.session(session_id)
+        chosen = [] if nodes is None else [validation.node_id(node, session_id) for node in nodes]
+        script = self._script(
+            "resume",
+            sk,
+            "1" if retry_failed else "0",
+            task_id_base,
+            ms_from_utc(now),
+            self.ttl_s,
+            self.events_maxlen,
+            new_request_id(),
+            "-1" if nodes is None else len(chosen),
+            *chosen,
+            *sorted(allowed_from),
+        )
+        reply = (yield [script])[0]
+        if codec.text(reply[0]) == "changed":
+            raise ResumePlanChanged(session_id)
+        reply = self._check(session_id, reply, SessionStatus.RUNNING.value)
+        flat = [codec.text(v) for v in reply[3]]
+        reset = [
+            NodeSpec(node_id=nid, task_id=task or None, signature=json.loads(sig) if sig else None)
+            for nid, task, sig in zip(flat[0::3], flat[1::3], flat[2::3], strict=True)
+        ]
+        return ResumeOutcome(
+            session=codec.session_from_hash(session_id, codec.flat_dict(reply[1])),
+            previous_status=SessionStatus(codec.text(reply[2])),
+            nodes=reset,
+        )
+
+    def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> Program[SessionInfo]:
+        sk = self.keys.session(session_id)
+        script = self._script(
+            "set_progress", sk, repr(float(progress_percent)), ms_from_utc(now), self.ttl_s, self.events_maxlen
+        )
+        reply = self._check(session_id, (yield [script])[0])
+        return codec.session_from_hash(session_id, codec.flat_dict(reply[1]))
+
+    def _record_script(
+        self,
+        session_id: str,
+        events: Sequence[NodeEvent],
+        now_ms: int,
+        details: bool,
+        request_id: str,
+        expect_holder: str = "",
+        started_before_ms: int | str = "",
+    ) -> Script:
+        keys = self._session_keys(session_id).all()
+        args: list[Any] = [self.ttl_s, self.events_maxlen, request_id, "1" if details else "0", session_id]
+        # Outside Cluster the holder registry is kept by the same script (no extra round trip):
+        # each worker process named by an event gets a number, 0 for none (asked once per name).
+        holders: dict[str, int] = {}
+        numbers: dict[str | None, int] = {None: 0, "": 0}
+        for event in events:
+            holder = expect_holder or event.worker
+            held = numbers.get(holder)
+            if held is None:
+                held = 0
+                if not self.cluster and is_worker_id(holder):
+                    held = holders[holder] = len(holders) + 1  # type: ignore[index]
+                numbers[holder] = held
+            at, started, task_id, worker, result_json = (
+                event.at, event.started_at, event.task_id, event.worker, event.result_json
+            )  # fmt: skip
+            if task_id is not None:
+                task_id = codec.record_field(task_id, "task_id")
+            if worker is not None:
+                worker = codec.record_field(worker, "worker")
+            if event.error is None and event.reason is None:  # the common case, without a call
+                payload = "" if result_json is None else '{"result":' + result_json + "}"
+            else:
+                payload = codec.record_payload(event)
+            # One argument per event, its fields joined by '|' (none but the payload, last, may
+            # hold one): far cheaper to send and to read than eleven arguments.
+            args.append(
+                f"{event.node_id}|{event.status}|{'' if event.attempt is None else event.attempt}|{task_id or ''}|"
+                f"{worker or ''}|{now_ms if at is None else round(at.timestamp() * 1000)}|"
+                f"{'' if started is None else round(started.timestamp() * 1000)}|{expect_holder}|{started_before_ms}|"
+                f"{held}|{payload}"
+            )
+        if holders:
+            keys += [self.keys.workers, *(self.keys.held(h) for h in holders)]
+        return Script("record_nodes", keys, args)
+
+    def _registry_update(self, session_id: str, holder: str, node: NodeResult, now_ms: int) -> list[Command]:
+        # On Cluster the registry lives in other slots: one more round trip, on starts and results.
+        member = f"{session_id} {node.node_id}"
+        if node.status is NodeStatus.RUNNING and node.worker == holder:
+            return [("SADD", self.keys.held(holder), member), ("ZADD", self.keys.workers, {holder: now_ms})]
+        return [("SREM", self.keys.held(holder), member)]
+
+    def _reply(self, session_id: str, reply: list[Any]) -> tuple[SessionInfo, SessionStatus | None, list[Any]]:
+        """An ``ok`` (or ``not_found``) ``record_nodes`` reply: the session, what the call finished, the details."""
+        self._check(session_id, reply)
+        finished = codec.text(reply[1])
+        return codec.session_from_values(session_id, reply[2]), SessionStatus(finished) if finished else None, reply[4]
+
+    def _node_outcome(self, session_id: str, node_id: str, reply: list[Any]) -> NodeOutcome:
+        """A one-event ``record_nodes`` reply (with details) as what happened to that node."""
+        session, finished, details = self._reply(session_id, reply)
+        old = codec.text(details[0])
+        return NodeOutcome(
+            node=codec.node_from_record(node_id, codec.text(details[1])),
+            session=session,
+            previous_node_status=NodeStatus(old) if old else None,
+            finished=finished,
+            **codec.callbacks(reply),
+        )
+
+    def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> Program[NodeOutcome]:
+        now_ms = codec.ms_int(now)
+        script = self._record_script(session_id, [event], now_ms, True, event.request_id or new_request_id())
+        reply = (yield [script])[0]
+        if codec.text(reply[0]) == "limit":
+            info = yield from self.get(session_id)
+            raise NodeLimitError(session_id, event.node_id, info.node_count if info else 0)
+        outcome = self._node_outcome(session_id, event.node_id, reply)
+        if self.cluster and event.worker and is_worker_id(event.worker):
+            yield self._registry_update(session_id, event.worker, outcome.node, now_ms)
+        return outcome
+
+    def record_nodes(
+        self, session_id: str, events: Sequence[NodeEvent], now: datetime, request_id: str | None = None
+    ) -> Program[BatchOutcome]:
+        now_ms = codec.ms_int(now)
+        details = self.cluster  # on Cluster the registry is updated from each node's final record
+        script = self._record_script(session_id, events, now_ms, details, request_id or new_request_id())
+        reply = (yield [script])[0]
+        if codec.text(reply[0]) == "limit":
+            info = yield from self.get(session_id)
+            raise NodeLimitError(session_id, codec.text(reply[1]), info.node_count if info else 0)
+        session, finished, records = self._reply(session_id, reply)
+        if details:
+            registry: list[Command] = []
+            for event, record in zip(events, records[1::2], strict=True):
+                if event.worker and is_worker_id(event.worker):
+                    node = codec.node_from_record(event.node_id, codec.text(record))
+                    registry += self._registry_update(session_id, event.worker, node, now_ms)
+            if registry:
+                yield registry
+        return BatchOutcome(session=session, finished=finished, **codec.callbacks(reply))
+
+    def heartbeat(self, worker: str, now: datetime, sessions: Sequence[str] = ()) -> Program[None]:
+        now_ms = codec.ms_int(now)
+        keep_alive = [Script("keep_alive", self.keys.session(sid).all(), [now_ms, self.ttl_s]) for sid in sessions]
+        yield [("ZADD", self.keys.workers, {validation.worker_id(worker): now_ms}), *keep_alive]
+
+    def reap_lost(
+        self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None, requeued: bool = False
+    ) -> Program[list[NodeOutcome]]:
+        now_ms = codec.ms_int(now)
+        seen, suspected, state = yield [
+            ("ZRANGE", self.keys.workers, 0, -1, "WITHSCORES"),
+            ("ZRANGE", self.keys.suspects, 0, -1, "WITHSCORES"),
+            ("GET", self.keys.reaper),
+        ]
+        workers = {codec.text(w): int(float(score)) for w, score in seen}
+        suspects = {codec.text(w): int(float(score)) for w, score in suspected}
+        silent = silent_workers(workers, suspects, state is None or codec.text(state) == "1", now_ms,
+                                round(stale_after_s * 1000))  # fmt: skip
+        upkeep: list[Command] = [("DEL", self.keys.suspects), ("SET", self.keys.reaper, "1" if silent.alive else "0")]
+        if silent.suspects:
+            upkeep.append(("ZADD", self.keys.suspects, silent.suspects))
+        if silent.due:
+            upkeep.append(("SET", self.keys.reaped, now_ms))
+        due = silent.due
+        check = list(workers) if max_runtime_s is not None else list(due)
+        held = (yield [*upkeep, *[("SMEMBERS", self.keys.held(w)) for w in check]])[len(upkeep) :]
+        calls: list[tuple[str, str, str, Script]] = []
+        for worker, members in zip(check, held, strict=True):
+            status = NodeStatus.LOST
+            if worker in due:
+                last_seen = utc_from_ms(due[worker]) or now
+                reason, started_before = lost_reason(worker, last_seen, now), ""
+                if requeued:
+                    status, reason = NodeStatus.PENDING, requeued_reason(worker, last_seen, now)
+            else:
+                assert max_runtime_s is not None
+                reason = f"ran longer than the {max_runtime_s:g} s limit on {worker}"
+                started_before = str(now_ms - round(max_runtime_s * 1000))
+            for member in sorted(codec.text(m) for m in members):
+                session_id, _, node_id = member.partition(" ")
+                event = NodeEvent(node_id=node_id, status=status, reason=reason)
+                request_id = new_request_id()
+                script = self._record_script(session_id, [event], now_ms, True, request_id, worker, started_before)
+                calls.append((worker, session_id, node_id, script))
+        replies = (yield [call[3] for call in calls]) if calls else []
+        outcomes: list[NodeOutcome] = []
+        done: list[Command] = []
+        for (worker, session_id, node_id, _), reply in zip(calls, replies, strict=True):
+            code = codec.text(reply[0])
+            if code == "ok" and reply[3]:  # skipped: the node no longer runs there
+                code = "skip"
+            if code == "ok":
+                outcomes.append(self._node_outcome(session_id, node_id, reply))
+            if code == "not_found" or (self.cluster and (code == "ok" or worker in due)):
+                done.append(("SREM", self.keys.held(worker), f"{session_id} {node_id}"))
+        if due:
+            sizes = yield [*done, *[("SCARD", self.keys.held(w)) for w in due]]
+            idle = [w for w, size in zip(due, sizes[len(done) :], strict=True) if not size]
+            if idle:
+                yield [("ZREM", self.keys.workers, *idle), ("ZREM", self.keys.suspects, *idle)]
+        elif done:
+            yield done
+        return outcomes
+
+    def _idle_candidates(self, cutoff_ms: int, offset: int) -> Program[list[str]]:
+        """A page (from ``offset``) of the sessions whose last *known* change, as the expiry index has
+        it, is older than ``cutoff_ms``: candidates only, each re-checked by a script of its own."""
+        (ids,) = yield [
+            ("ZRANGEBYSCORE", self.keys.expiry_index, "-inf", f"({cutoff_ms}", "LIMIT", offset, CLEANUP_BATCH)
+        ]
+        return [codec.text(i) for i in ids]
+
+    def end_stalled(self, now: datetime, stalled_after_s: float, reason: str) -> Program[list[BatchOutcome]]:
+        now_ms = codec.ms_int(now)
+        (reaped,) = yield [("GET", self.keys.reaped)]
+        if reaped is None or now_ms - int(codec.text(reaped)) > round((stalled_after_s + self.ttl_s) * 1000):
+            return []  # no worker died within the window: nothing can have been left waiting
+        cutoff_ms = now_ms - round(stalled_after_s * 1000)
+        payload = json.dumps({"reason": reason}, separators=(",", ":"))
+        outcomes: list[BatchOutcome] = []
+        offset = 0
+        while True:
+            ids = yield from self._idle_candidates(cutoff_ms, offset)
+            if not ids:
+                return outcomes
+            args = [cutoff_ms, codec.text(reaped), now_ms, self.ttl_s, self.events_maxlen, payload]
+            replies = yield [Script("end_stalled", self.keys.session(sid).all(), args) for sid in ids]
+            active: dict[str, int] = {}
+            for sid, reply in zip(ids, replies, strict=True):
+                code = codec.text(reply[0])
+                if code == "active":
+                    active[sid] = int(codec.text(reply[1]))
+                elif code == "stalled":
+                    finished = codec.text(reply[1])
+                    outcomes.append(
+                        BatchOutcome(
+                            session=codec.session_from_values(sid, reply[2]),
+                            finished=SessionStatus(finished) if finished else None,
+                            first_failure=codec.text(reply[3]) or None,
+                        )
+                    )
+            if active:  # their real last change: those younger than the cutoff leave the range
+                yield [("ZADD", self.keys.expiry_index, active)]
+            if len(ids) < CLEANUP_BATCH:
+                return outcomes
+            offset += len(ids) - sum(ms >= cutoff_ms for ms in active.values())
+
+    def get_nodes(
+        self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100
+    ) -> Program[NodePage]:
+        sk = self.keys.session(session_id)
+        if status is not None:
+            return (yield from self._nodes_by_status(session_id, sk, status, cursor, limit))
+        position = codec.scan_cursor(cursor)
+        exists, (next_position, items) = yield [
+            ("EXISTS", sk.session),
+            ("HSCAN", sk.nodes, position, "COUNT", limit),
+        ]
+        if not exists:
+            raise SessionNotFoundError(session_id)
+        fields = items if isinstance(items, dict) else codec.flat_dict(items)
+        next_cursor = codec.text(next_position)
+        return NodePage(
+            nodes=[codec.node_from_record(codec.text(k), codec.text(v)) for k, v in fields.items()],
+            next_cursor=None if next_cursor == "0" else next_cursor,
+        )
+
+    def _nodes_by_status(
+        self, session_id: str, sk: SessionKeys, status: NodeStatus, cursor: str | None, limit: int
+    ) -> Program[NodePage]:
+        # From the status index: a full page whenever that many nodes are in the status; the cursor
+        # is the last node id of the page before.
+        (reply,) = yield [self._script("nodes_by_status", sk, status.value, status_cursor(cursor), limit)]
+        if codec.text(reply[0]) == "not_found":
+            raise SessionNotFoundError(session_id)
+        flat = [codec.text(v) for v in reply[1]]
+        nodes = [
+            codec.node_from_record(nid, record) for nid, record in zip(flat[0::2], flat[1::2], strict=True) if record
+        ]
+        return NodePage(nodes=nodes, next_cursor=flat[-2] if reply[2] and flat else None)
+
+    def list_sessions(
+        self, status: SessionStatus | None = None, cursor: str | None = None, limit: int = 50
+    ) -> Program[SessionPage]:
+        start = codec.scan_cursor(cursor)
+        (ids,) = yield [("ZREVRANGE", self.keys.created_index, start, start + limit - 1)]
+        ids = [codec.text(i) for i in ids]
+        replies = (yield [("HGETALL", self.keys.session(sid).session) for sid in ids]) if ids else []
+        sessions, stale = [], []
+        for sid, flat in zip(ids, replies, strict=True):
+            if not flat:
+                stale.append(sid)
+                continue
+            fields = flat if isinstance(flat, dict) else codec.flat_dict(flat)
+            info = codec.session_from_hash(sid, {codec.text(k): codec.text(v) for k, v in fields.items()})
+            if status is None or info.status is status:
+                sessions.append(info)
+        if stale:
+            # Expired by TTL: drop from the index as we pass by (cleanup does the rest).
+            yield [("ZREM", self.keys.created_index, *stale), ("ZREM", self.keys.expiry_index, *stale)]
+        return SessionPage(sessions=sessions, next_cursor=str(start + limit) if len(ids) == limit else None)
+
+    def delete(self, session_id: str) -> Program[bool]:
+        sk = self.keys.session(session_id)
+        deleted, _, _ = yield [
+            ("DEL", *sk.all()),
+            ("ZREM", self.keys.created_index, session_id),
+            ("ZREM", self.keys.expiry_index, session_id),
+        ]
+        return bool(deleted)
+
+    def remove_expired(self, now: datetime, timeout_s: float) -> Program[int]:
+        now_ms = ms_from_utc(now)
+        assert now_ms is not None
+        cutoff_ms = now_ms - round(timeout_s * 1000)
+        removed = 0
+        offset = 0
+        while True:
+            # Each candidate is re-checked atomically against its real updated_ms before it is deleted.
+            ids = yield from self._idle_candidates(cutoff_ms, offset)
+            if not ids:
+                return removed
+            replies = yield [Script("remove_if_expired", self.keys.session(sid).all(), [cutoff_ms]) for sid in ids]
+            gone, active = [], {}
+            for sid, reply in zip(ids, replies, strict=True):
+                code = codec.text(reply[0])
+                if code == "active":
+                    active[sid] = int(codec.text(reply[1]))
+                else:
+                    removed += code == "deleted"
+                    gone.append(sid)
+            index_updates: list[Command] = []
+            if gone:
+                index_updates += [("ZREM", self.keys.created_index, *gone), ("ZREM", self.keys.expiry_index, *gone)]
+            if active:
+                index_updates.append(("ZADD", self.keys.expiry_index, active))
+            yield index_updates
+            if len(ids) < CLEANUP_BATCH:
+                return removed
+
+    def read_events(
+        self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
+    ) -> Program[list[SessionEvent]]:
+        sk = self.keys.session(session_id)
+        start = f"({after}" if after else "-"
+        exists, entries = yield [("EXISTS", sk.session), ("XRANGE", sk.events, start, "+", "COUNT", limit)]
+        if not exists:
+            raise SessionNotFoundError(session_id)
+        if not entries and block_ms:
+            (streams,) = yield [("XREAD", "COUNT", limit, "BLOCK", block_ms, "STREAMS", sk.events, after or "0-0")]
+            entries = streams[0][1] if streams else []
+            if isinstance(streams, dict):
+                entries = next(iter(streams.values()), [[]])[0]
+        return [codec.event_from_entry(entry_id, fields) for entry_id, fields in entries]
