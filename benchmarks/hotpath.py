@@ -29,7 +29,8 @@ from pyinstrument.frame import Frame
 from benchmarks._redis import redis_server
 from benchmarks.report import Row, Section, median
 from tracker import SessionManager, TrackerSettings
-from tracker.celery import NODE_STAMP, SESSION_STAMP, Recorder
+from tracker.celery.handlers import Recorder
+from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP
 from tracker.storage.base import new_request_id
 from tracker.storage.redis import RedisStorageAdapter
 

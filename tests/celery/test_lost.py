@@ -15,7 +15,8 @@ from tests.celery.appmod import app, limited, slow_ok, work
 from tests.celery.conftest import WorkerProcess, wait_for, wait_status
 from tests.conftest import FakeClock
 from tracker import NodeSpec, NodeStatus, SessionManager, TrackerSettings
-from tracker.celery import Recorder, dispatch, maintain, resume_session
+from tracker.celery import dispatch, maintain, resume_session
+from tracker.celery.handlers import Recorder
 from tracker.storage.redis import RedisStorageAdapter
 
 TERMINAL = {"completed", "failed", "partial_failure", "cancelled"}
@@ -166,7 +167,7 @@ def test_a_success_celery_stored_before_its_pool_child_died_is_recorded_not_lost
     for _ in range(3):
         clock.advance(31)
         manager.sync._heartbeat("celery@w2:2")
-        stalled += maintain(recorder)["stalled"]
+        stalled += maintain(recorder.app, recorder.manager)["stalled"]
     assert stalled == 1
 
     # Then "b" is completed with the result Celery stored, and the session completed, not lost

@@ -13,8 +13,9 @@ from celery import Celery, chain, chord, group
 from tests.celery.appmod import add, deep, done, flaky, total, unjsonable, work
 from tests.celery.conftest import wait_for, wait_status
 from tracker import InMemoryStorageAdapter, NodeStatus, SessionManager, TrackerValidationError
-from tracker.celery import dispatch, ids_of, install, leaves, uninstall
-from tracker.celery.dispatch import node_spec
+from tracker.celery import dispatch, install, uninstall
+from tracker.celery.dispatch import leaves, node_spec
+from tracker.celery.stamps import ids_of
 
 
 def test_group_with_known_failures_ends_partial(tracked: SessionManager, thread_worker: None, redis_url: str) -> None:
@@ -198,7 +199,7 @@ def test_a_message_the_worker_rejects_fails_its_node(tracked: SessionManager, th
     from kombu import Exchange, Producer
 
     from tests.celery.appmod import app
-    from tracker.celery import NODE_STAMP, SESSION_STAMP
+    from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP
 
     sid = tracked.sync.create_session("rejected.canvas", 1)
     headers = {"id": "t-odd", "stamps": {SESSION_STAMP: sid, NODE_STAMP: "odd"}}
@@ -217,7 +218,7 @@ def test_a_message_the_worker_cannot_decode_fails_its_node(tracked: SessionManag
     from kombu import Exchange, Producer
 
     from tests.celery.appmod import app
-    from tracker.celery import NODE_STAMP, SESSION_STAMP
+    from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP
 
     sid = tracked.sync.create_session("undecodable.canvas", 1)
     headers = {"id": "t-garbled", "task": "t.add", "stamps": {SESSION_STAMP: sid, NODE_STAMP: "garbled"}}

@@ -25,7 +25,9 @@ from hypothesis import strategies as st
 
 from tests.celery.conftest import wait_for
 from tracker import NodeStatus, SessionManager, StorageUnavailableError, TrackerSettings
-from tracker.celery import NODE_STAMP, SESSION_STAMP, Recorder, writer
+from tracker.celery import writer
+from tracker.celery.handlers import Recorder
+from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP
 from tracker.celery.writer import Writer
 from tracker.storage.keys import KeySpace
 from tracker.storage.redis import RedisStorageAdapter

@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import by_status, make_store
 from tracker import NodeStatus, SessionManager, SessionStatus, TrackerSettings
-from tracker.states import finish_status
-from tracker.states import merge_node_status, rederived_status
+from tracker.states import finish_status, merge_node_status, rederived_status
 
 EVENTS = st.lists(st.tuples(st.integers(0, 7), st.sampled_from(list(NodeStatus))), min_size=1, max_size=40)
 

@@ -13,7 +13,8 @@ import redis
 
 from tests.workers import CeleryWorker
 from tracker import NodeResult, SessionManager, SessionNotFoundError
-from tracker.celery import Recorder, maintain
+from tracker.celery import maintain
+from tracker.celery.handlers import Recorder
 
 TERMINAL = {"completed", "failed", "partial_failure", "cancelled"}
 
@@ -93,7 +94,7 @@ def command_calls(client: redis.Redis) -> dict[str, int]:
 
 
 class Reaper(threading.Thread):
-    """``maintain(recorder)`` every ``every_s`` seconds until stopped (beat's job, sped up); its
+    """``maintain(app, manager)`` every ``every_s`` seconds until stopped (beat's job, sped up); its
     errors (a store outage) are kept and it goes on."""
 
     def __init__(self, recorder: Recorder, every_s: float) -> None:
@@ -107,7 +108,7 @@ class Reaper(threading.Thread):
     def run(self) -> None:
         while not self.halt.is_set():
             try:
-                self.lost += maintain(self.recorder)["lost"]
+                self.lost += maintain(self.recorder.app, self.recorder.manager)["lost"]
             except Exception as exc:
                 self.errors.append(repr(exc))
             self.halt.wait(self.every_s)

@@ -23,7 +23,8 @@ from tests.reliability.conftest import StartRedis
 from tests.reliability.helpers import all_nodes, command_calls, text
 from tests.reliability.proxy import Proxy, tcp_proxy
 from tracker import NodeStatus, SessionManager, TrackerSettings
-from tracker.celery import NODE_STAMP, SESSION_STAMP, Recorder
+from tracker.celery.handlers import Recorder
+from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP
 from tracker.models import BatchOutcome, NodeOutcome, TransitionOutcome
 from tracker.states import merge_node_status
 from tracker.storage.keys import KeySpace

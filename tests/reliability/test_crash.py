@@ -59,7 +59,8 @@ from tests.reliability import appmod
 from tests.reliability.conftest import BROKERS, MakeWorker
 from tests.reliability.helpers import TERMINAL, Reaper, Worker, all_nodes, text, wait_for
 from tracker import NodeResult, NodeStatus, SessionManager, TrackerSettings
-from tracker.celery import Recorder, dispatch
+from tracker.celery import dispatch
+from tracker.celery.handlers import Recorder
 from tracker.storage.redis import RedisStorageAdapter
 
 NODES = 300

@@ -243,7 +243,8 @@ def hammer_through_writers(
 
     from celery import Celery
 
-    from tracker.celery import NODE_STAMP, SESSION_STAMP, Recorder
+    from tracker.celery.handlers import Recorder
+    from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP
 
     try:
         settings = TrackerSettings(redis_url=url, key_prefix=prefix, flush_interval_s=0.01)

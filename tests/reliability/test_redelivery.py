@@ -19,7 +19,8 @@ from tests.reliability import appmod
 from tests.reliability.conftest import MakeWorker
 from tests.reliability.helpers import TERMINAL, Reaper, all_nodes, wait_for
 from tracker import NodeStatus, SessionManager, TrackerSettings
-from tracker.celery import Recorder, dispatch
+from tracker.celery import dispatch
+from tracker.celery.handlers import Recorder
 from tracker.storage.redis import RedisStorageAdapter
 
 NODES = 30

@@ -18,7 +18,8 @@ from tests.reliability import appmod
 from tests.reliability.conftest import MakeWorker, StartRedis
 from tests.reliability.helpers import TERMINAL, Reaper, all_nodes, wait_for
 from tracker import SessionManager, StorageUnavailableError, TrackerSettings
-from tracker.celery import Recorder, dispatch
+from tracker.celery import dispatch
+from tracker.celery.handlers import Recorder
 from tracker.storage.redis import RedisStorageAdapter
 
 GIVE_UP = "tracker: could not record node"

@@ -31,7 +31,7 @@ def test_an_old_environment_variable_is_taken_with_a_warning(monkeypatch: pytest
 def test_the_new_name_wins_over_the_old(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRACKER_SESSION_TIMEOUT", "12")
     monkeypatch.setenv("TRACKER_SESSION_TIMEOUT_S", "34")
-    with pytest.warns(DeprecationWarning):
+    with pytest.warns(DeprecationWarning, match="TRACKER_SESSION_TIMEOUT is deprecated"):
         assert TrackerSettings().session_timeout_s == 34
 
 

@@ -6,11 +6,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tracker import VALID_TRANSITIONS, NodeStatus, SessionStatus, is_valid_transition
-from tracker.states import finish_status
 from tracker.states import (
     RESUMABLE_STATUSES,
     TERMINAL_STATUSES,
     allowed_from,
+    finish_status,
     merge_node_status,
     progress_from_counts,
     rederived_status,

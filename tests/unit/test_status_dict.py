@@ -116,4 +116,4 @@ def test_a_stored_millisecond_reads_back_exactly(ms: int) -> None:
     assert moment is not None
     assert ms_from_utc(moment) == ms
     assert moment.microsecond == ms % 1000 * 1000
-    assert json_datetime(moment).endswith(f".{ms % 1000:03d}000Z" if ms % 1000 else ":%02dZ" % (ms // 1000 % 60))
+    assert json_datetime(moment).endswith(f".{ms % 1000:03d}000Z" if ms % 1000 else f":{ms // 1000 % 60:02d}Z")

@@ -16,9 +16,8 @@ from celery import Celery, signals
 
 from tracker.celery.callbacks import send_completion
 from tracker.celery.control import cancel_session, resume_session
-from tracker.celery.dispatch import ON_COMPLETE_KEY, ON_FAILURE_KEY, ON_SUCCESS_KEY, dispatch, leaves
+from tracker.celery.dispatch import dispatch
 from tracker.celery.handlers import Recorder, UndecodableMessages
-from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP, ids_of
 from tracker.config import TrackerSettings
 from tracker.errors import TrackerValidationError
 from tracker.manager import SessionManager
@@ -29,20 +28,11 @@ from tracker.structure import RESULT_NOT_STORED
 
 __all__ = [
     "CLEANUP_TASK",
-    "NODE_STAMP",
-    "ON_COMPLETE_KEY",
-    "ON_FAILURE_KEY",
-    "ON_SUCCESS_KEY",
-    "SESSION_STAMP",
-    "Recorder",
     "cancel_session",
     "dispatch",
-    "ids_of",
     "install",
-    "leaves",
     "maintain",
     "resume_session",
-    "stalled_after_s",
     "uninstall",
 ]
 
@@ -122,7 +112,7 @@ def stalled_after_s(app: Celery, settings: TrackerSettings) -> float:
     return wait_s + 2 * settings.worker_stale_after_s
 
 
-def maintain(recorder: Recorder) -> dict[str, int]:
+def maintain(app: Celery, manager: SessionManager | None = None) -> dict[str, int]:
     """One round of upkeep, what beat runs every minute: reap the nodes of dead worker processes,
     end the sessions a message lost with a dead worker left waiting, then remove expired sessions.
     The callbacks this causes are sent. Returns ``{"lost": n, "stalled": s, "removed": m}``
@@ -130,18 +120,26 @@ def maintain(recorder: Recorder) -> dict[str, int]:
 
     With ``task_acks_late`` a dead worker's messages come back from the broker, so its nodes go
     back to ``pending`` rather than ``lost``: they are counted when the redelivered tasks run.
+
+    Args:
+        app: The app whose sessions these are (its broker settings and result backend are read,
+            callbacks are sent through it).
+        manager: Default: the one ``install(app)`` was given, else the process-wide one.
     """
-    sync = recorder.manager.sync
-    reaped = sync.reap_lost_nodes(requeued=bool(recorder.app.conf.task_acks_late))
-    stalled = sync.end_stalled_sessions(stalled_after_s(recorder.app, recorder.manager.settings))
+    if manager is None:
+        installed: Recorder | None = getattr(app, "_tracker_recorder", None)
+        manager = installed.manager if installed is not None else SessionManager.get_instance()
+    sync = manager.sync
+    reaped = sync.reap_lost_nodes(requeued=bool(app.conf.task_acks_late))
+    stalled = sync.end_stalled_sessions(stalled_after_s(app, manager.settings))
     for outcome in reaped:
-        send_completion(recorder.app, outcome)
+        send_completion(app, outcome)
     for ended in stalled:
-        send_completion(recorder.app, reconcile(recorder, ended))
+        send_completion(app, reconcile(app, manager, ended))
     return {"lost": len(reaped), "stalled": len(stalled), "removed": sync.cleanup_expired_sessions()}
 
 
-def reconcile(recorder: Recorder, ended: BatchOutcome) -> BatchOutcome:
+def reconcile(app: Celery, manager: SessionManager, ended: BatchOutcome) -> BatchOutcome:
     """Record as ``completed`` the nodes of a stalled session presumed lost whose task the app's
     result backend has as a SUCCESS; returns the outcome to send callbacks for, as things now stand.
 
@@ -150,7 +148,7 @@ def reconcile(recorder: Recorder, ended: BatchOutcome) -> BatchOutcome:
     and acknowledges the message without a signal: no one else will report that node. Without a
     result backend Celery requeues the message instead, and the task runs again.
     """
-    sync, app = recorder.manager.sync, recorder.app
+    sync = manager.sync
     sid = ended.session.session_id
     recovered: set[str] = set()
     cursor: str | None = None
@@ -239,7 +237,7 @@ def install(
         def cleanup_expired_sessions() -> dict[str, int]:
             """Mark the nodes of dead workers lost, then remove expired sessions (run by beat)."""
             current: Recorder = app._tracker_recorder
-            return maintain(current)
+            return maintain(app, current.manager)
 
     if beat:
         # Without a manager, the settings the process-wide one will be made from (the environment).

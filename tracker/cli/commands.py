@@ -266,13 +266,13 @@ def cleanup(state: CliState) -> None:
     both every minute when workers.app runs with -B; this is one pass, by hand (the callbacks it
     causes are sent when the app loads).
     """
-    from tracker.celery import Recorder, maintain
+    from tracker.celery import maintain
 
     started = time.monotonic()
     manager = state.manager()
     app = state.app_if_available()
     if app is not None:
-        done = maintain(Recorder(app, manager))
+        done = maintain(app, manager)
         lost, stalled, removed = done["lost"], done["stalled"], done["removed"]
     else:
         lost, stalled, removed = len(manager.sync.reap_lost_nodes()), 0, manager.sync.cleanup_expired_sessions()

@@ -25,9 +25,9 @@ from tracker.models import (
     NodePage,
     NodeResult,
     NodeSpec,
+    ResumeOutcome,
     SessionEvent,
     SessionInfo,
-    ResumeOutcome,
     SessionPage,
     TransitionOutcome,
 )
