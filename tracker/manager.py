@@ -21,7 +21,19 @@ import threading
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Concatenate, Generic, NamedTuple, ParamSpec, Self, TypeVar, overload
+from typing import (
+    Any,
+    ClassVar,
+    Concatenate,
+    Generic,
+    NamedTuple,
+    ParamSpec,
+    Self,
+    TypedDict,
+    TypeVar,
+    Unpack,
+    overload,
+)
 
 from tracker import states, validation
 from tracker.config import TrackerSettings
@@ -79,6 +91,25 @@ def answer(call: StoreCall[T]) -> Plan[T]:
 
 def _same(value: T) -> T:
     return value
+
+
+class NodeDetails(TypedDict, total=False):
+    """What a node event may say besides its node, status and result."""
+
+    error: NodeError | BaseException | None
+    #: The attempt this event belongs to (1 = first run); None: the store counts starts.
+    attempt: int | None
+    task_id: str | None
+    #: The worker process, ``hostname:pid``.
+    worker: str | None
+    #: Why a node is ``lost``, ``cancelled`` or ``skipped``.
+    reason: str | None
+    #: The same id on every retry of one call (see :meth:`Operations.record_node`).
+    request_id: str | None
+    #: When it happened (default: when it is recorded).
+    at: datetime | None
+    #: With a result: the node's start, recorded with it.
+    started_at: datetime | None
 
 
 class Operations:
@@ -384,23 +415,14 @@ class Operations:
         node_id: str,
         status: NodeStatus | str,
         result: Any = None,
-        *,
-        error: NodeError | BaseException | None = None,
-        attempt: int | None = None,
-        task_id: str | None = None,
-        worker: str | None = None,
-        reason: str | None = None,
-        request_id: str | None = None,
+        **details: Unpack[NodeDetails],
     ) -> Plan[NodeOutcome]:
         """Record any node event (running, retrying, completed, failed, cancelled, lost) in full.
 
         ``request_id``: the same id on every retry of one event tells the store it is that call
         again (so the retry that ends the session still gets ``finished``, exactly once).
         """
-        event = self.node_event(
-            session_id, node_id, status, result, error=error, attempt=attempt, task_id=task_id, worker=worker,
-            reason=reason, request_id=request_id,
-        )  # fmt: skip
+        event = self.node_event(session_id, node_id, status, result, **details)
         return answer(store_call(Store.record_node, validation.session_id(session_id), event, self.clock()))
 
     def record_nodes(
@@ -433,20 +455,9 @@ class Operations:
         node_id: str,
         status: NodeStatus | str,
         result: Any = None,
-        *,
-        error: NodeError | BaseException | None = None,
-        attempt: int | None = None,
-        task_id: str | None = None,
-        worker: str | None = None,
-        reason: str | None = None,
-        request_id: str | None = None,
-        at: datetime | None = None,
-        started_at: datetime | None = None,
+        **details: Unpack[NodeDetails],
     ) -> NodeEvent:
         """A validated node event for :meth:`record_nodes` (no I/O).
-
-        Details as :meth:`record_node`, plus ``at`` (when it happened; default: when it is
-        recorded) and ``started_at`` (with a result: the node's start, recorded with it).
 
         Raises:
             TrackerValidationError: a bad id, status, detail, or a result that is not JSON or too big.
@@ -456,32 +467,17 @@ class Operations:
         result_json = None
         if result is not None and node_status in TERMINAL_NODE_STATUSES:
             result_json = validation.json_text(result, "result", self.settings.max_result_bytes, sid)
-        return self.event(sid, node_id, node_status, result_json, error, attempt, task_id, worker, reason,
-                          request_id, at, started_at)  # fmt: skip
+        return self.event(sid, node_id, node_status, result_json, **details)
 
     def event(
-        self,
-        sid: str,
-        node_id: str,
-        status: NodeStatus,
-        result_json: str | None,
-        error: NodeError | BaseException | None,
-        attempt: int | None,
-        task_id: str | None,
-        worker: str | None,
-        reason: str | None,
-        request_id: str | None,
-        at: datetime | None,
-        started_at: datetime | None,
+        self, sid: str, node_id: str, status: NodeStatus, result_json: str | None, **details: Unpack[NodeDetails]
     ) -> NodeEvent:
         """:meth:`node_event` once the session id and the status are checked and the result is
         encoded (``result_json``, from :func:`validation.json_text`, is taken as it is): the
         signal handlers encode a result in the task's thread, and build the event later."""
-        if (
-            error is None and attempt is None and task_id is None and worker is None and reason is None
-            and request_id is None and at is None and started_at is None
-        ):  # fmt: skip
+        if not any(value is not None for value in details.values()):
             return NodeEvent(validation.node_id(node_id, sid), status, result_json)  # nothing else to check
+        error, reason = details.get("error"), details.get("reason")
         if reason is not None:
             reason = validation.optional_text(reason, "reason", self.settings.max_error_chars, sid) or None
         return NodeEvent(
@@ -489,13 +485,13 @@ class Operations:
             status,
             result_json,
             None if error is None else self._error(error, sid),
-            validation.attempt(attempt, sid),
-            validation.label(task_id, "task_id", sid),
-            validation.label(worker, "worker", sid),
+            validation.attempt(details.get("attempt"), sid),
+            validation.label(details.get("task_id"), "task_id", sid),
+            validation.label(details.get("worker"), "worker", sid),
             reason,
-            validation.label(request_id, "request_id", sid),
-            validation.moment(at, "at", sid),
-            validation.moment(started_at, "started_at", sid),
+            validation.label(details.get("request_id"), "request_id", sid),
+            validation.moment(details.get("at"), "at", sid),
+            validation.moment(details.get("started_at"), "started_at", sid),
         )
 
     def check_event(self, event: object, sid: str) -> None:

@@ -213,8 +213,8 @@ class Recorder:
         try:
             # The result was checked when it was encoded (see submit): it is taken as it is.
             return manager.operations.event(
-                validation.session_id(session_id), node_id, status, result_json, error, attempt, task_id, worker,
-                reason, None, at, started_at,
+                validation.session_id(session_id), node_id, status, result_json, error=error, attempt=attempt,
+                task_id=task_id, worker=worker, reason=reason, at=at, started_at=started_at,
             )  # fmt: skip
         except TrackerError as exc:
             logger.warning("tracker: node %s of session %s not recorded: %s", node_id, session_id, exc)

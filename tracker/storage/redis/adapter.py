@@ -15,35 +15,22 @@ import math
 import sys
 import threading
 import weakref
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
 
 import redis
 from redis.cluster import RedisCluster
 
 from tracker.config import TrackerSettings
 from tracker.errors import StorageUnavailableError
-from tracker.models import (
-    BatchOutcome,
-    NodeOutcome,
-    NodePage,
-    NodeSpec,
-    ResumeOutcome,
-    SessionEvent,
-    SessionInfo,
-    SessionPage,
-    TransitionOutcome,
-)
-from tracker.states import NodeStatus, SessionStatus
-from tracker.storage.base import NodeEvent, StoreCall
+from tracker.storage.base import StoreCall
 from tracker.storage.keys import KeySpace
 from tracker.storage.redis import clients
 from tracker.storage.redis.programs import SCRIPTS, Command, Program, RedisPrograms, Script, script_source
-from tracker.structure import Tree
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 @contextlib.contextmanager
@@ -74,6 +61,36 @@ def _queue(command: Command, target: Any, scripts: dict[str, Any]) -> Any:
     if name == "ZADD":
         return target.zadd(args[0], args[1])
     return target.execute_command(name, *args)
+
+
+class _Driven(Generic[P, T]):
+    """A verb of the blocking adapter: the program of the same name, driven to its end. The
+    method is made once per adapter, on first use, and kept in its ``__dict__``."""
+
+    def __init__(self, program: Callable[Concatenate[RedisPrograms, P], Program[T]]) -> None:
+        self.program = program
+        self.__doc__ = program.__doc__
+
+    def __set_name__(self, owner: type[Any], name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, adapter: None, owner: type[Any]) -> Self: ...
+
+    @overload
+    def __get__(self, adapter: RedisStorageAdapter, owner: type[Any]) -> Callable[P, T]: ...
+
+    def __get__(self, adapter: RedisStorageAdapter | None, owner: type[Any]) -> Any:
+        if adapter is None:
+            return self
+        program = self.program
+
+        def verb(*args: P.args, **kwargs: P.kwargs) -> T:
+            return adapter.run(program(adapter.programs, *args, **kwargs))
+
+        verb.__name__ = verb.__qualname__ = self.name
+        adapter.__dict__[self.name] = verb
+        return verb
 
 
 class RedisStorageAdapter:
@@ -155,81 +172,24 @@ class RedisStorageAdapter:
             except StopIteration as stop:
                 return stop.value  # type: ignore[no-any-return]
 
-    # -- the verbs of SessionStorageAdapter ---------------------------------------------------
+    # -- the verbs of SessionStorageAdapter, each the program of its name, driven -----------------
 
-    def create(
-        self,
-        session: SessionInfo,
-        nodes: Sequence[NodeSpec] = (),
-        signatures: Sequence[str | None] | None = None,
-        structure: Tree | None = None,
-    ) -> None:
-        self.run(self.programs.create(session, nodes, signatures, structure))
-
-    def get(self, session_id: str) -> SessionInfo | None:
-        return self.run(self.programs.get(session_id))
-
-    def get_structure(self, session_id: str) -> Tree | None:
-        return self.run(self.programs.get_structure(session_id))
-
-    def transition(
-        self, session_id: str, target: SessionStatus, allowed_from: frozenset[SessionStatus], now: datetime
-    ) -> TransitionOutcome:
-        return self.run(self.programs.transition(session_id, target, allowed_from, now))
-
-    def resume(
-        self,
-        session_id: str,
-        allowed_from: frozenset[SessionStatus],
-        retry_failed: bool,
-        task_id_base: str,
-        now: datetime,
-        nodes: Sequence[str] | None = None,
-    ) -> ResumeOutcome:
-        return self.run(self.programs.resume(session_id, allowed_from, retry_failed, task_id_base, now, nodes))
-
-    def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> SessionInfo:
-        return self.run(self.programs.set_progress(session_id, progress_percent, now))
-
-    def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> NodeOutcome:
-        return self.run(self.programs.record_node(session_id, event, now))
-
-    def record_nodes(
-        self, session_id: str, events: Sequence[NodeEvent], now: datetime, request_id: str | None = None
-    ) -> BatchOutcome:
-        return self.run(self.programs.record_nodes(session_id, events, now, request_id))
-
-    def heartbeat(self, worker: str, now: datetime, sessions: Sequence[str] = ()) -> None:
-        self.run(self.programs.heartbeat(worker, now, sessions))
-
-    def reap_lost(
-        self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None, requeued: bool = False
-    ) -> list[NodeOutcome]:
-        return self.run(self.programs.reap_lost(now, stale_after_s, max_runtime_s, requeued))
-
-    def get_nodes(
-        self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100
-    ) -> NodePage:
-        return self.run(self.programs.get_nodes(session_id, status, cursor, limit))
-
-    def list_sessions(
-        self, status: SessionStatus | None = None, cursor: str | None = None, limit: int = 50
-    ) -> SessionPage:
-        return self.run(self.programs.list_sessions(status, cursor, limit))
-
-    def delete(self, session_id: str) -> bool:
-        return self.run(self.programs.delete(session_id))
-
-    def remove_expired(self, now: datetime, timeout_s: float) -> int:
-        return self.run(self.programs.remove_expired(now, timeout_s))
-
-    def end_stalled(self, now: datetime, stalled_after_s: float, reason: str) -> list[BatchOutcome]:
-        return self.run(self.programs.end_stalled(now, stalled_after_s, reason))
-
-    def read_events(
-        self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
-    ) -> list[SessionEvent]:
-        return self.run(self.programs.read_events(session_id, after, limit, block_ms))
+    create = _Driven(RedisPrograms.create)
+    get = _Driven(RedisPrograms.get)
+    get_structure = _Driven(RedisPrograms.get_structure)
+    transition = _Driven(RedisPrograms.transition)
+    resume = _Driven(RedisPrograms.resume)
+    set_progress = _Driven(RedisPrograms.set_progress)
+    record_node = _Driven(RedisPrograms.record_node)
+    record_nodes = _Driven(RedisPrograms.record_nodes)
+    heartbeat = _Driven(RedisPrograms.heartbeat)
+    reap_lost = _Driven(RedisPrograms.reap_lost)
+    get_nodes = _Driven(RedisPrograms.get_nodes)
+    list_sessions = _Driven(RedisPrograms.list_sessions)
+    delete = _Driven(RedisPrograms.delete)
+    remove_expired = _Driven(RedisPrograms.remove_expired)
+    end_stalled = _Driven(RedisPrograms.end_stalled)
+    read_events = _Driven(RedisPrograms.read_events)
 
     def asynchronous(self) -> AsyncRedisStore:
         """An asyncio flavour on the same server: a ``redis.asyncio`` client (and pool) per event loop."""
