@@ -575,22 +575,19 @@ def _limit(limit: int) -> int:
 # -- the managers' verbs --------------------------------------------------------------------------
 
 
-def _as_verb(run: Callable[..., Any], operation: Callable[..., Any]) -> Any:
-    """``run`` named and documented as ``operation``, with its signature less ``self``."""
-    functools.update_wrapper(run, operation, updated=())
-    del run.__wrapped__  # type: ignore[attr-defined]  # the signature below is the verb's own
-    signature = inspect.signature(operation)
-    run.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])  # type: ignore[attr-defined]
-    return run
-
-
 class _Verb(Generic[P, T]):
     """An operation as a method of both managers: awaited on :class:`SessionManager` (run on the
-    store's awaitable flavour), blocking on :class:`SyncSessionManager`."""
+    store's awaitable flavour), blocking on :class:`SyncSessionManager`. The method is made once
+    per manager, on first use, and kept in the manager's ``__dict__`` (as ``cached_property`` does)."""
 
     def __init__(self, operation: Callable[Concatenate[Operations, P], Plan[T]]) -> None:
         self.operation = operation
         self.__doc__ = operation.__doc__
+        signature = inspect.signature(operation)
+        self.signature = signature.replace(parameters=list(signature.parameters.values())[1:])  # less `self`
+
+    def __set_name__(self, owner: type[Any], name: str) -> None:
+        self.name = name
 
     @overload
     def __get__(self, manager: None, owner: type[Any]) -> Self: ...
@@ -605,6 +602,7 @@ class _Verb(Generic[P, T]):
         if manager is None:
             return self
         operation = self.operation
+        verb: Any
         if isinstance(manager, SyncSessionManager):
             sessions = manager.manager
 
@@ -612,13 +610,20 @@ class _Verb(Generic[P, T]):
                 step = operation(sessions.operations, *args, **kwargs)
                 return step.then(step.call.run(sessions.storage))
 
-            return _as_verb(blocking, operation)
+            verb = blocking
+        else:
 
-        async def awaitable(*args: P.args, **kwargs: P.kwargs) -> T:
-            step = operation(manager.operations, *args, **kwargs)
-            return step.then(await manager.astorage.run(step.call))
+            async def awaitable(*args: P.args, **kwargs: P.kwargs) -> T:
+                step = operation(manager.operations, *args, **kwargs)
+                return step.then(await manager.astorage.run(step.call))
 
-        return _as_verb(awaitable, operation)
+            verb = awaitable
+        functools.update_wrapper(verb, operation, updated=())
+        del verb.__wrapped__  # its signature is the one below
+        verb.__signature__ = self.signature
+        verb.__name__ = verb.__qualname__ = self.name
+        manager.__dict__[self.name] = verb
+        return verb
 
 
 class _Verbs:
