@@ -15,7 +15,7 @@ import math
 import sys
 import threading
 import weakref
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
 
@@ -33,15 +33,11 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
-@contextlib.contextmanager
-def _reachable(url: str | None) -> Iterator[None]:
-    """Turns redis-py's errors into :class:`StorageUnavailableError`."""
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise StorageUnavailableError(f"Redis is unreachable ({exc}); is redis-server running?", url) from exc
-    except redis.RedisError as exc:
-        raise StorageUnavailableError(f"Redis refused the command ({exc})", url) from exc
+def _unavailable(exc: redis.RedisError, url: str | None) -> StorageUnavailableError:
+    """The tracker's error for one of redis-py's."""
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return StorageUnavailableError(f"Redis is unreachable ({exc}); is redis-server running?", url)
+    return StorageUnavailableError(f"Redis refused the command ({exc})", url)
 
 
 def _register_scripts(client: Any) -> dict[str, Any]:
@@ -165,12 +161,13 @@ class RedisStorageAdapter:
     def run(self, program: Program[T]) -> T:
         """Drive one program to its end, one round trip per batch it yields."""
         replies: list[Any] | None = None
-        with _reachable(self.url):
-            try:
-                while True:
-                    replies = self._execute(program.send(replies))  # type: ignore[arg-type]
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
+        try:
+            while True:
+                replies = self._execute(program.send(replies))  # type: ignore[arg-type]
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        except redis.RedisError as exc:
+            raise _unavailable(exc, self.url) from exc
 
     # -- the verbs of SessionStorageAdapter, each the program of its name, driven -----------------
 
@@ -326,12 +323,13 @@ class AsyncRedisStore:
         program: Program[T] = getattr(self.programs, call.verb)(*call.args, **call.kwargs)
         here = self._here()
         replies: list[Any] | None = None
-        with _reachable(self.url):
-            try:
-                while True:
-                    replies = await self._execute(program.send(replies), here)  # type: ignore[arg-type]
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
+        try:
+            while True:
+                replies = await self._execute(program.send(replies), here)  # type: ignore[arg-type]
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        except redis.RedisError as exc:
+            raise _unavailable(exc, self.url) from exc
 
     async def close(self) -> None:
         """Close the running loop's client; the loop's next call makes a new one.
