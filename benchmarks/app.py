@@ -23,7 +23,7 @@ import time
 from celery import Celery
 
 from tracker.celery import install
-from tracker.celery.handlers import Writer
+from tracker.celery.writer import Writer
 
 app = Celery("tracker_bench")
 # The settings the project recommends (JSON only, acks_late, prefetch 1): what users run.

@@ -37,10 +37,6 @@ from tracker import validation
 from tracker.celery import process
 from tracker.celery.callbacks import send_completion
 from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP, ids_of, ids_of_headers
-from tracker.celery.writer import BACKLOG_SIZE as BACKLOG_SIZE  # the writer's limits, still importable here
-from tracker.celery.writer import MAX_BATCH as MAX_BATCH
-from tracker.celery.writer import RETRY_BACKOFF_S as RETRY_BACKOFF_S
-from tracker.celery.writer import STORE_DOWN_HOLD_S as STORE_DOWN_HOLD_S
 from tracker.celery.writer import RawEvent, Writer
 from tracker.errors import TrackerError
 from tracker.manager import SessionManager

@@ -309,7 +309,8 @@ class SessionStorageAdapter(Protocol):
         """Events after id ``after`` (from the start when None), waiting up to ``block_ms`` for one."""
 
     def asynchronous(self) -> AsyncStore:
-        """The same store with awaitable methods."""
+        """The same store for asyncio callers: it runs these verbs as :class:`StoreCall` values
+        (a store without an asyncio client returns ``tracker.storage.aio.ThreadedAsyncStore(self)``)."""
 
     def close(self) -> None:
         """Release connections."""
