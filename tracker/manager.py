@@ -222,13 +222,13 @@ class Operations:
             NodeLimitError: more distinct nodes than ``node_count``.
             SessionNotFoundError: no such session.
         """
-        if isinstance(result, NodeResult):
-            event = self.node_event(session_id, **_details(result))
-        else:
-            event = self.node_event(
-                session_id, node_id, status, result, error=error, task_id=task_id, worker=worker, attempt=attempt
-            )
         sid = validation.session_id(session_id)
+        if isinstance(result, NodeResult):
+            event = self.valid_event(sid, **_details(result))
+        else:
+            event = self.valid_event(
+                sid, node_id, status, result, error=error, task_id=task_id, worker=worker, attempt=attempt
+            )
         return plan(store_call(Store.record_nodes, sid, [event], self.clock()), _status_after)
 
     def add_node_results(
@@ -248,17 +248,17 @@ class Operations:
             NodeLimitError: more distinct nodes than ``node_count`` (nothing is recorded).
             SessionNotFoundError: no such session.
         """
+        sid = validation.session_id(session_id)
         if isinstance(results, Mapping):
-            events = [self.node_event(session_id, nid, NodeStatus.COMPLETED, result) for nid, result in results.items()]
+            events = [self.valid_event(sid, nid, NodeStatus.COMPLETED, result) for nid, result in results.items()]
         elif isinstance(results, str | bytes) or not isinstance(results, Iterable):
             raise TrackerValidationError("results", results, "expected {node_id: result} or NodeResult items")
         else:
             events = []
             for node in results:
                 if not isinstance(node, NodeResult):
-                    raise TrackerValidationError("results", node, "expected NodeResult items", session_id)
-                events.append(self.node_event(session_id, **_details(node)))
-        sid = validation.session_id(session_id)
+                    raise TrackerValidationError("results", node, "expected NodeResult items", sid)
+                events.append(self.valid_event(sid, **_details(node)))
         return plan(store_call(Store.record_nodes, sid, events, self.clock()), _status_after)
 
     def get_session(self, session_id: str) -> Plan[SessionInfo]:
@@ -422,8 +422,9 @@ class Operations:
         ``request_id``: the same id on every retry of one event tells the store it is that call
         again (so the retry that ends the session still gets ``finished``, exactly once).
         """
-        event = self.node_event(session_id, node_id, status, result, **details)
-        return answer(store_call(Store.record_node, validation.session_id(session_id), event, self.clock()))
+        sid = validation.session_id(session_id)
+        event = self.valid_event(sid, node_id, status, result, **details)
+        return answer(store_call(Store.record_node, sid, event, self.clock()))
 
     def record_nodes(
         self, session_id: str, events: Sequence[NodeEvent], *, request_id: str | None = None, trusted: bool = False
@@ -462,7 +463,12 @@ class Operations:
         Raises:
             TrackerValidationError: a bad id, status, detail, or a result that is not JSON or too big.
         """
-        sid = validation.session_id(session_id)
+        return self.valid_event(validation.session_id(session_id), node_id, status, result, **details)
+
+    def valid_event(
+        self, sid: str, node_id: str, status: NodeStatus | str, result: Any = None, **details: Unpack[NodeDetails]
+    ) -> NodeEvent:
+        """:meth:`node_event` in a session whose id ``sid`` is checked already."""
         node_status = validation.member(NodeStatus, status, "status", sid)
         result_json = None
         if result is not None and node_status in TERMINAL_NODE_STATUSES:
