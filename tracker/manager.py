@@ -110,6 +110,8 @@ class NodeDetails(TypedDict, total=False):
     at: datetime | None
     #: With a result: the node's start, recorded with it.
     started_at: datetime | None
+    #: With status ``running``: how far the running task is (0..1); the event changes nothing else.
+    progress: float | None
 
 
 class Operations:
@@ -498,7 +500,16 @@ class Operations:
             validation.label(details.get("request_id"), "request_id", sid),
             validation.moment(details.get("at"), "at", sid),
             validation.moment(details.get("started_at"), "started_at", sid),
+            self._progress(details.get("progress"), status, sid),
         )
+
+    @staticmethod
+    def _progress(value: object, status: NodeStatus, sid: str) -> float | None:
+        if value is None:
+            return None
+        if status is not NodeStatus.RUNNING:
+            raise TrackerValidationError("progress", value, "only a running node reports progress", sid)
+        return validation.fraction(value, sid=sid)
 
     def check_event(self, event: object, sid: str) -> None:
         """Refuse an event :meth:`node_event` would not have built (a NodeEvent made by hand)."""
@@ -513,6 +524,8 @@ class Operations:
         validation.label(event.request_id, "request_id", sid)
         validation.moment(event.at, "at", sid)
         validation.moment(event.started_at, "started_at", sid)
+        if event.progress is not None and self._progress(event.progress, event.status, sid) != event.progress:
+            raise TrackerValidationError("progress", event.progress, "expected a fraction with at most 4 decimals", sid)
         cap = self.settings.max_error_chars
         if event.reason is not None and (not isinstance(event.reason, str) or len(event.reason) > cap):
             raise TrackerValidationError("reason", event.reason, f"expected a string of at most {cap} characters", sid)

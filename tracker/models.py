@@ -67,6 +67,9 @@ class NodeResult(_Model):
     finished_at: datetime | None = None
     #: Why a node is ``lost``, ``cancelled`` or ``skipped`` (for ``skipped``: the node whose end caused it).
     reason: str | None = None
+    #: How far a running node's task says it is (0..1, ``tracker.celery.report_progress``); None
+    #: when it reported nothing, or once the node stopped running.
+    progress: float | None = None
 
     @computed_field  # type: ignore[prop-decorator]
     @property

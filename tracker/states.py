@@ -226,11 +226,26 @@ def is_stale_report(incoming: NodeStatus, task_id: str | None, current_task_id: 
     )
 
 
-def progress_from_counts(finished: int, node_count: int) -> float:
-    """``100 * finished / node_count`` (finished: nodes with a result), rounded half up to 2 decimals.
+#: A running node's reported progress is counted in these units (a node done is ``PROGRESS_UNITS``):
+#: sums of whole numbers stay exact however many reports come. Equal to the 10000 of a percentage
+#: with two decimals, which :func:`progress_from_counts` relies on.
+PROGRESS_UNITS = 10_000
+
+
+def progress_units(fraction: float | None) -> int:
+    """A running node's reported fraction done (0..1) in :data:`PROGRESS_UNITS`, rounded half up
+    (``common.lua``: progress_units)."""
+    return 0 if fraction is None else math.floor(fraction * PROGRESS_UNITS + 0.5)
+
+
+def progress_from_counts(finished: int, node_count: int, running_units: int = 0) -> float:
+    """``100 * (finished + the running nodes' fractions) / node_count`` (finished: nodes with a
+    result; ``running_units``: the running nodes' reported progress summed in
+    :data:`PROGRESS_UNITS`), rounded half up to 2 decimals.
 
     The Redis scripts compute the same expression (``common.lua``: derived_progress).
     """
     if node_count <= 0:
         return 0.0
-    return math.floor(10000.0 * finished / node_count + 0.5) / 100
+    # A node is PROGRESS_UNITS = 10000 units: 10000 * (finished + running_units / 10000) / node_count.
+    return math.floor((10000.0 * finished + running_units) / node_count + 0.5) / 100

@@ -97,6 +97,35 @@ def progress(value: object, sid: str | None = None) -> float:
     return number
 
 
+def fraction(done: object, total: object = None, sid: str | None = None) -> float:
+    """How far a task is, as a fraction within 0..1, rounded to 4 decimals: ``done / total``, or
+    ``done`` itself when ``total`` is None.
+
+    Raises:
+        TrackerValidationError: not finite numbers, ``total`` not above 0, ``done`` outside 0..total.
+    """
+    limit = 1.0 if total is None else _finite(total, "total", sid)
+    if limit <= 0:
+        raise TrackerValidationError("total", total, "must be above 0", sid)
+    value = _finite(done, "done", sid)
+    if not 0.0 <= value <= limit:
+        within = "0..1 (a fraction), or give total" if total is None else f"0..total ({total})"
+        raise TrackerValidationError("done", done, f"must be within {within}", sid)
+    return round(value / limit, 4)
+
+
+def _finite(value: object, field: str, sid: str | None) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TrackerValidationError(field, value, "expected a number", sid)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise TrackerValidationError(field, value, "must be a finite number", sid) from None
+    if not math.isfinite(number):
+        raise TrackerValidationError(field, value, "must be a finite number", sid)
+    return number
+
+
 #: The options of every JSON text stored, in one encoder (``json.dumps`` builds one per call).
 _JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
 _encode = _JSON.encode

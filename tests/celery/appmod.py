@@ -12,7 +12,7 @@ import redis
 from celery import Celery, Task
 from celery.worker.request import Request
 
-from tracker.celery import install
+from tracker.celery import install, report_progress
 
 app = Celery("tracker_tests")
 app.conf.update(
@@ -88,6 +88,19 @@ def deep(depth: int) -> dict[str, Any]:
 def slow_ok(sleep: float) -> str:
     time.sleep(sleep)
     return "ok"
+
+
+@app.task(name="t.steps")
+def steps(count: int, gate: str) -> int:
+    """Report progress after each of ``count`` steps; step ``i`` waits until the broker's Redis
+    counter ``gate`` reaches ``i`` (the test moves it), so the test knows where the task is."""
+    client = redis.Redis.from_url(os.environ["TRACKER_TEST_BROKER"])
+    for step in range(1, count + 1):
+        while int(client.get(gate) or 0) < step:
+            time.sleep(0.01)
+        report_progress(step, count)
+    client.close()
+    return count
 
 
 @app.task(name="t.fails_once")

@@ -553,3 +553,58 @@ def test_an_idle_writer_is_woken_again_by_the_next_start(make: Any) -> None:
     assert status_of(manager, sid, "second") is None
     assert at(recorder, 3.5) == 5.0
     assert status_of(manager, sid, "second") is NodeStatus.RUNNING
+
+
+# -- progress reports (tracker.celery.report_progress) ----------------------------------------
+
+
+def report(recorder: Any, t: Any, fraction: float) -> None:
+    recorder.report(t.request, (t.request.stamps["tracker_session_id"], t.request.stamps["tracker_node_id"]), fraction)
+
+
+def test_reports_are_written_behind_once_per_node_per_flush(make: Any) -> None:
+    # Given a writer that ticks every minute and a task that started (its start waits)
+    recorder, manager = make()
+    calls = Calls(manager)
+    sid = manager.sync.create_session("p.canvas", 2)
+    t = task(recorder, sid, "a")
+    start(recorder, t)
+    at(recorder, 0.0)
+
+    # When the task reports five times before the writer writes
+    for done in (0.1, 0.2, 0.3, 0.4, 0.5):
+        report(recorder, t, done)
+
+    # Then nothing was written from the task's thread; the writer holds the start and one report
+    assert (calls.count, recorder.held_events) == (0, 2)
+    # and its thread writes both, in one store call, once they have waited a whole interval
+    at(recorder, 60.0)
+    at(recorder, 120.0)
+    assert (calls.count, recorder.held_events) == (1, 0)
+    a = node(manager, sid, "a")
+    assert (a.status, a.progress) == (NodeStatus.RUNNING, 0.5)
+    assert manager.sync.get_session_status(sid)["progress_percent"] == 25.0
+    events = [(e.node_id, e.node_status) for e in manager.sync.read_events(sid) if e.type == "node"]
+    assert events == [("a", NodeStatus.RUNNING), ("a", NodeStatus.RUNNING)]  # the start, one report
+
+    # When it reports again and ends before the next flush
+    report(recorder, t, 0.9)
+    succeed(recorder, t, "ok")
+    # Then its outcome went at once, without the report the store would have ignored
+    assert (calls.count, recorder.held_events) == (2, 0)
+    a = node(manager, sid, "a")
+    assert (a.status, a.progress) == (NodeStatus.COMPLETED, None)
+    assert manager.sync.get_session_status(sid)["progress_percent"] == 50.0
+    assert len([e for e in manager.sync.read_events(sid) if e.type == "node"]) == 3
+
+
+def test_a_report_of_zero_is_written(make: Any) -> None:
+    recorder, manager = make()
+    sid = manager.sync.create_session("p.canvas", 1)
+    t = task(recorder, sid, "a")
+    start(recorder, t)
+    report(recorder, t, 0.6)
+    recorder.flush()
+    report(recorder, t, 0.0)  # back to the start of a second pass, say
+    recorder.flush()
+    assert node(manager, sid, "a").progress == 0.0

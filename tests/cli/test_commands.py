@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 from celery.bin.celery import celery as celery_cli
 from click.testing import CliRunner
+from rich.console import Console
 
 from tests.cli.apps import UNREACHABLE_BROKER
 from tests.cli.conftest import TEST_APP, Cli
@@ -23,6 +25,7 @@ from tests.servers import free_port
 from tracker import NodeError, NodeSpec, NodeStatus, SessionManager, SessionStatus, TrackerSettings
 from tracker.cli import ExitCode
 from tracker.cli.base import CliError, masked_url
+from tracker.cli.render import follow
 from tracker.storage.redis import RedisStorageAdapter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -388,6 +391,21 @@ def test_watch_counts_skipped_nodes_in_the_bar(cli: Cli, store_manager: SessionM
     assert "node n1 failed" in result.stdout
     assert "ended failed: 0 completed, 1 failed, 2 skipped of 3" in result.stdout
     assert "3/3" in result.stdout  # the bar is full: skipped nodes count towards progress
+
+
+def test_watch_counts_the_running_nodes_reported_progress(store_manager: SessionManager) -> None:
+    # Given a session of 4 nodes: one completed, one running that reported half its work
+    sid = store_manager.sync.create_session("long.canvas", 4)
+    store_manager.sync.add_node_result(sid, "done", 1)
+    store_manager.sync._record_node(sid, "long", "running", task_id="t-long", attempt=1)
+    half = store_manager.operations.node_event(sid, "long", "running", task_id="t-long", attempt=1, progress=0.5)
+    store_manager.sync._record_nodes(sid, [half])
+    # When it is watched (for a moment: it does not end)
+    console = Console(file=io.StringIO(), width=120, force_terminal=False)
+    status = follow(store_manager, sid, console, timeout_s=0.2, wait_ms=50)
+    # Then the bar stands at one and a half nodes of four, and one has a result
+    assert status["progress_percent"] == 37.5
+    assert re.search(r"1/4\s+37\.5 %", console.file.getvalue())  # type: ignore[attr-defined]
 
 
 def test_watch_of_a_session_no_worker_picked_up_prints_the_hint_once(cli: Cli, store_manager: SessionManager) -> None:

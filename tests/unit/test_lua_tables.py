@@ -14,6 +14,7 @@ import pytest
 from tracker.states import (
     ACTIVE_NODE_STATUSES,
     FAILED_NODE_STATUSES,
+    PROGRESS_UNITS,
     TERMINAL_NODE_STATUSES,
     TERMINAL_STATUSES,
     VALID_TRANSITIONS,
@@ -117,11 +118,12 @@ def test_the_session_fields_record_nodes_replies_are_in_the_order_python_reads()
 
 def test_load_session_reads_the_same_fields_in_the_same_order() -> None:
     # load_session names the fields itself (unrolled, it runs on every write): the same list, the
-    # same positions as its table's keys, then `linked` and `unneeded` (read by the scripts, not replied).
+    # same positions as its table's keys, then `linked`, `unneeded` and `partial` (read by the
+    # scripts, not replied).
     body = _lua_function("load_session")
     hmget = re.search(r"redis\.call\('HMGET', S,([^)]*)\)", body)
     assert hmget is not None
-    read = (*SESSION_FIELDS, "linked", "unneeded")
+    read = (*SESSION_FIELDS, "linked", "unneeded", "partial")
     assert tuple(re.findall(r"'([a-z_]+)'", hmget.group(1))) == read
     positions = dict(re.findall(r"([a-z_]+) = (?:tonumber\()?v\[(\d+)\]", body))
     assert {name: int(i) for name, i in positions.items()} == {name: i + 1 for i, name in enumerate(read)}
@@ -142,3 +144,9 @@ def test_rederive_edges_are_the_edges_between_ended_statuses() -> None:
         if source.is_terminal and any(t.is_terminal for t in targets)
     }
     assert lua == python
+
+
+def test_a_running_nodes_progress_is_counted_in_the_same_units() -> None:
+    # common.lua's progress_units rounds a reported fraction as states.progress_units does.
+    assert f"* {PROGRESS_UNITS} + 0.5" in _lua_function("progress_units")
+    assert "10000 * finished + s.partial" in _lua_function("derived_progress")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 
+from tests.web.sse import parse_all
 from tracker import NodeSpec, SessionManager
 
 BASE = "/api/v1/parallel"
@@ -36,3 +37,27 @@ async def test_pages_of_failed_nodes_are_full_among_many_others(
     # and a cursor no page handed out is a 422
     bad = await client.get(f"{BASE}/sessions/{sid}/nodes", params={"status": "failed", "cursor": "no such!"})
     assert bad.status_code == 422
+
+
+async def test_a_running_nodes_reported_progress_shows_in_its_node_the_status_and_the_stream(
+    client: httpx.AsyncClient, web_manager: SessionManager
+) -> None:
+    # Given 2 nodes running, one of which reported a quarter of its work
+    sid = await web_manager.create_session("long.canvas", 2, nodes=[NodeSpec(node_id=n) for n in ("a", "b")])
+    for node_id in ("a", "b"):
+        await web_manager._record_node(sid, node_id, "running", task_id=f"t-{node_id}", attempt=1)
+    report = web_manager.operations.node_event(sid, "a", "running", task_id="t-a", attempt=1, progress=0.25)
+    await web_manager._record_nodes(sid, [report])
+
+    # Then the node, the status and the session's event stream say so
+    nodes = (await client.get(f"{BASE}/sessions/{sid}/nodes", params={"status": "running"})).json()["nodes"]
+    assert {node["node_id"]: node["progress"] for node in nodes} == {"a": 0.25, "b": None}
+    assert (await client.get(f"{BASE}/status/{sid}")).json()["progress_percent"] == 12.5
+    # (read once the session ended: a stream of a running session does not end, and this transport
+    # hands over whole responses)
+    for node_id in ("a", "b"):
+        await web_manager.add_node_result(sid, node_id, 1)
+    stream = await client.get(f"{BASE}/sessions/{sid}/events", headers={"Last-Event-ID": "0-1"})
+    changes = [(m.data["node_id"], m.data["node_status"], m.data["progress_percent"]) for m in parse_all(stream.text)
+               if m.event == "node"]  # fmt: skip
+    assert changes[2:] == [("a", "running", 12.5), ("a", "completed", 50.0), ("b", "completed", 100.0)]

@@ -18,6 +18,7 @@ from tracker.celery.callbacks import send_completion
 from tracker.celery.control import cancel_session, resume_session
 from tracker.celery.dispatch import dispatch
 from tracker.celery.handlers import Recorder, UndecodableMessages
+from tracker.celery.progress import report_progress
 from tracker.config import TrackerSettings
 from tracker.errors import TrackerValidationError
 from tracker.manager import SessionManager
@@ -32,6 +33,7 @@ __all__ = [
     "dispatch",
     "install",
     "maintain",
+    "report_progress",
     "resume_session",
     "uninstall",
 ]

@@ -157,7 +157,7 @@ class Recorder:
             except Exception as exc:  # not JSON, over the cap, too deep: the node still completed
                 logger.warning("tracker: result of node %s (session %s) not stored: %s", ids[1], ids[0], exc)
                 reason = f"{RESULT_NOT_STORED}: {exc}"
-        raw = _new_raw((*ids, status, result_json, error, attempt, task_id, worker, reason, manager.clock()))
+        raw = _new_raw((*ids, status, result_json, error, attempt, task_id, worker, reason, manager.clock(), None))
         if status is NodeStatus.RUNNING:
             writer.runs(ids)
             writer.keep(raw)
@@ -167,16 +167,32 @@ class Recorder:
         writer.ran(ids)
         writer.write(raw)  # before the handler returns: before Celery acknowledges the message
 
+    def report(self, request: Any, ids: tuple[str, str], fraction: float) -> None:
+        """Queue how far the running task of ``request`` (node ``ids``) is: written behind, by the
+        writer's thread, with the next flush (see :meth:`Writer.report`)."""
+        writer = self._writer
+        if writer is None or writer.pid != process.pid:
+            writer = self.writer(getattr(request, "hostname", None))
+        attempt = int(getattr(request, "retries", 0) or 0) + 1
+        task_id = getattr(request, "id", None)
+        writer.report(
+            RawEvent(*ids, NodeStatus.RUNNING, None, None, attempt, task_id, None, None, self.manager.clock(), fraction)
+        )
+
     def events(self, queued: Sequence[RawEvent]) -> list[tuple[str, NodeEvent]]:
         """The queued events validated and built, in order (a bad one is logged and dropped).
 
         A start followed by its task's result, with no other event of that node between them, is
         written with the result as one event (what the two leave, without the ``running`` state in
-        between). Each node's events keep their order.
+        between). A progress report is left out when its node's task ended in the same batch (the
+        store would ignore it). Each node's events keep their order.
         """
         manager = self.manager
         starts: dict[tuple[str, str], RawEvent] = {}  # node -> its latest event, a start, held back
         events: list[tuple[str, NodeEvent]] = []
+        if any(raw.progress is not None for raw in queued):
+            ended = {(raw.session_id, raw.node_id) for raw in queued if raw.status is not NodeStatus.RUNNING}
+            queued = [raw for raw in queued if raw.progress is None or (raw.session_id, raw.node_id) not in ended]
 
         def add(raw: RawEvent, started_at: datetime | None = None) -> None:
             event = self._event(manager, raw, started_at)
@@ -193,7 +209,7 @@ class Recorder:
                 continue
             if start is not None:  # anything else comes after the start, as it came
                 add(start)
-            if raw.status is NodeStatus.RUNNING and raw.task_id:
+            if raw.status is NodeStatus.RUNNING and raw.task_id and raw.progress is None:
                 starts[node] = raw
             else:
                 add(raw)
@@ -205,12 +221,12 @@ class Recorder:
     @staticmethod
     def _event(manager: SessionManager, raw: RawEvent, started_at: datetime | None) -> NodeEvent | None:
         """The validated event, or None (logged) when its ids are bad."""
-        session_id, node_id, status, result_json, error, attempt, task_id, worker, reason, at = raw
+        session_id, node_id, status, result_json, error, attempt, task_id, worker, reason, at, progress = raw
         try:
             # The result was checked when it was encoded (see submit): it is taken as it is.
             return manager.operations.event(
                 validation.session_id(session_id), node_id, status, result_json, error=error, attempt=attempt,
-                task_id=task_id, worker=worker, reason=reason, at=at, started_at=started_at,
+                task_id=task_id, worker=worker, reason=reason, at=at, started_at=started_at, progress=progress,
             )  # fmt: skip
         except TrackerError as exc:
             logger.warning("tracker: node %s of session %s not recorded: %s", node_id, session_id, exc)

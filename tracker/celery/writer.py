@@ -76,6 +76,9 @@ class RawEvent(NamedTuple):
     worker: str | None
     reason: str | None
     at: datetime
+    #: A running task's fraction done (``report_progress``); kept once per node until the next
+    #: flush, the latest replacing the one before.
+    progress: float | None = None
 
 
 class WriterOwner(Protocol):
@@ -161,6 +164,8 @@ class Writer(threading.Thread):
         # The nodes running in this process, (session, node), oldest first: the heartbeat keeps
         # their sessions alive, however long they run.
         self._running: dict[tuple[str, str], None] = {}
+        # The latest progress report of each node with one in the queue (see report).
+        self._reports: dict[tuple[str, str], RawEvent] = {}
         self._warned = False
         self._dropped = 0
         self._stopped = False
@@ -175,8 +180,23 @@ class Writer(threading.Thread):
     def keep(self, raw: RawEvent) -> None:
         """Queue an event (a start) to be written with its outcome, or by the thread's tick once it
         has waited a whole ``flush_interval_s`` (so within two)."""
+        self._queue.append(raw)
+        self._queued()
+
+    def report(self, raw: RawEvent) -> None:
+        """Queue a running task's progress (``raw.progress``) as :meth:`keep` does, once per node
+        until the next flush: a later report of the same node replaces the one waiting."""
+        node = (raw.session_id, raw.node_id)
+        with self._lock:
+            fresh = node not in self._reports
+            self._reports[node] = raw
+            if fresh:
+                self._queue.append(raw)  # where it goes in order; the flush takes the latest report
+        if fresh:
+            self._queued()
+
+    def _queued(self) -> None:
         queue = self._queue
-        queue.append(raw)
         self._kept = True
         if self._ticks.idle:
             with self._wake:
@@ -249,6 +269,12 @@ class Writer(threading.Thread):
         with self._lock:
             held, self._held = self._held, []
             queued = [queue.popleft() for _ in range(len(queue))]  # a handler may append meanwhile
+            if self._reports:
+                reports, self._reports = self._reports, {}
+                queued = [
+                    reports.get((raw.session_id, raw.node_id), raw) if raw.progress is not None else raw
+                    for raw in queued
+                ]
             self._sending = len(queued) + sum(len(call.events) for call in held)
         calls = held + _calls(self.recorder.events(queued))
         outcomes: list[BatchOutcome] = []

@@ -9,7 +9,7 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -85,13 +85,13 @@ def follow(
         SpinnerColumn(),
         TextColumn("{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
+        TextColumn("{task.fields[finished]}/{task.fields[nodes]} {task.percentage:5.1f} %"),
         TextColumn("[green]{task.fields[ok]} ok[/] [red]{task.fields[failed]} failed[/]"),
         TimeElapsedColumn(),
         console=console,
         transient=False,
     ) as progress:
-        bar = progress.add_task("", total=max(1, int(status["node_count"])), ok=0, failed=0)
+        bar = progress.add_task("", total=100, ok=0, failed=0, finished=0, nodes=status["node_count"])
         _show(progress, bar, status)
         last_id = after
         while status["status"] not in TERMINAL_STATUSES:
@@ -159,12 +159,14 @@ def finished_nodes(status: dict[str, Any]) -> int:
 
 
 def _show(progress: Progress, bar: Any, status: dict[str, Any]) -> None:
-    finished = finished_nodes(status)
+    # The bar is the session's progress: the nodes with a result and the running nodes' reported fractions.
     total = int(status["node_count"])
     progress.update(
         bar,
         description=f"[{_STYLES.get(status['status'], '')}]{status['status']}[/]",
-        completed=finished if total else 1,
+        completed=float(status["progress_percent"]) if total else 100,
+        finished=finished_nodes(status),
+        nodes=total,
         ok=status["completed_nodes"],
         failed=status["failed_nodes"],
     )

@@ -80,6 +80,9 @@ class NodeEvent(NamedTuple):
     #: With a result: when the node started, for a start and its result recorded as one event (a
     #: handlers' writer folds a waiting start into its task's outcome).
     started_at: datetime | None = None
+    #: A running node's progress (0..1) as its task reports it (``status`` is ``running``): the
+    #: event changes nothing else, and counts only while that attempt of that task runs.
+    progress: float | None = None
 
 
 class ResumePlanChanged(TrackerError):

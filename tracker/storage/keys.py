@@ -17,10 +17,13 @@ also on Redis Cluster):
                                              to send on_success / on_failure), ``run`` (1, then
                                              one more per resume), ``alive_ms`` (last heartbeat
                                              of a worker running one of its nodes), ``linked``
-                                             (1: it has a structure to follow)
+                                             (1: it has a structure to follow), ``partial`` (the
+                                             running nodes' reported progress, summed in
+                                             ``states.PROGRESS_UNITS``)
 ``<prefix>:{<sid>}:nodes``           HASH    node id -> ``status|attempts|started_ms|finished_ms|
                                              task_id|worker|payload`` (payload: JSON object with
-                                             ``result``, ``error``, ``reason``; may be empty)
+                                             ``result``, ``error``, ``reason``, or a running
+                                             node's ``progress``; may be empty)
 ``<prefix>:{<sid>}:sigs``            HASH    node id -> the node's Celery signature (JSON), for resume;
                                              and the session's structure (tracker.structure): ``#tree``,
                                              ``>node`` (what runs after it), ``<node`` / ``^node``

@@ -67,6 +67,8 @@ class _Entry:
     links: Links | None = None
     #: The skipped error callbacks nothing needed (they do not keep a session from completing).
     unneeded: set[str] = field(default_factory=set)
+    #: The running nodes' reported progress, summed in ``states.PROGRESS_UNITS``.
+    partial: int = 0
 
 
 class InMemoryStorageAdapter:
@@ -124,7 +126,11 @@ class InMemoryStorageAdapter:
         old = entry.nodes.get(node.node_id)
         if old is not None:
             entry.counts[old.status] -= 1
+            if old.status is NodeStatus.RUNNING:
+                entry.partial -= states.progress_units(old.progress)
         entry.counts[node.status] += 1
+        if node.status is NodeStatus.RUNNING:
+            entry.partial += states.progress_units(node.progress)
         entry.nodes[node.node_id] = node
         if node.status is NodeStatus.SKIPPED and node.reason == ERRBACK_NOT_NEEDED:
             entry.unneeded.add(node.node_id)
@@ -146,7 +152,7 @@ class InMemoryStorageAdapter:
                 "lost_nodes": counts[NodeStatus.LOST],
                 "cancelled_nodes": counts[NodeStatus.CANCELLED],
                 "skipped_nodes": counts[NodeStatus.SKIPPED],
-                "progress_percent": states.progress_from_counts(finished, entry.info.node_count),
+                "progress_percent": states.progress_from_counts(finished, entry.info.node_count, entry.partial),
                 "updated_at": max(now, entry.info.updated_at),
             }
         )
@@ -305,6 +311,8 @@ class InMemoryStorageAdapter:
     def _apply(self, session_id: str, entry: _Entry, event: NodeEvent, now: datetime) -> NodeOutcome:
         at = event.at or now
         old = entry.nodes.get(event.node_id)
+        if event.progress is not None:
+            return self._progress(entry, old, event, at)
         node = old
         if event.started_at is not None and event.status.is_terminal:
             # A start and its result folded into one event: the start first, as two calls would.
@@ -354,6 +362,25 @@ class InMemoryStorageAdapter:
             succeeded=succeeded,
             first_failure=first_failure,
         )
+
+    def _progress(self, entry: _Entry, old: NodeResult | None, event: NodeEvent, at: datetime) -> NodeOutcome:
+        """A running node's progress report: counted only while that attempt of that task runs
+        (``record_nodes.lua``: progress_applies); it changes nothing else."""
+        applies = (
+            old is not None
+            and old.status is NodeStatus.RUNNING
+            and not (event.task_id and old.task_id and event.task_id != old.task_id)
+            and (event.attempt is None or event.attempt >= old.attempts)
+        )
+        if old is None or not applies:
+            return NodeOutcome(
+                node=old or NodeResult(node_id=event.node_id, status=NodeStatus.PENDING), session=entry.info
+            )
+        node = old.model_copy(update={"progress": event.progress})
+        self._set_node(entry, node)
+        entry.info = self._recount(entry, at)
+        self._emit(entry, "node", at, node)
+        return NodeOutcome(node=node, session=entry.info, previous_node_status=old.status)
 
     def _skip_after(self, entry: _Entry, node: NodeResult, old: NodeResult | None, at: datetime) -> list[NodeResult]:
         """Mark ``skipped`` what will never run now that ``node`` ended (see tracker.structure.skips)."""
@@ -576,7 +603,9 @@ def _merge_node(old: NodeResult | None, event: NodeEvent, now: datetime) -> Node
     if status is not event.status or base.status is NodeStatus.COMPLETED:
         # A start after a terminal result, or a duplicate success: only the attempt count moves.
         return base.model_copy(update={"attempts": attempts})
-    update: dict[str, Any] = {"status": status, "attempts": attempts, "error": event.error, "reason": event.reason}
+    update: dict[str, Any] = {
+        "status": status, "attempts": attempts, "error": event.error, "reason": event.reason, "progress": None
+    }  # fmt: skip
     if event.task_id is not None:
         update["task_id"] = event.task_id
     if event.worker is not None:

@@ -17,18 +17,18 @@ local TERMINAL_SESSION = {completed = true, partial_failure = true, failed = tru
 local function load_session()
   local v = redis.call('HMGET', S, 'status', 'node_count', 'completed', 'failed', 'running', 'lost', 'cancelled',
                        'skipped', 'retrying', 'progress', 'started_ms', 'finished_ms', 'updated_ms', 'canvas_path',
-                       'created_ms', 'metadata', 'run', 'linked', 'unneeded')
+                       'created_ms', 'metadata', 'run', 'linked', 'unneeded', 'partial')
   if not v[1] then return nil end
   local s = {status = v[1], node_count = tonumber(v[2]) or 0, completed = tonumber(v[3]) or 0,
              failed = tonumber(v[4]) or 0, running = tonumber(v[5]) or 0, lost = tonumber(v[6]) or 0,
              cancelled = tonumber(v[7]) or 0, skipped = tonumber(v[8]) or 0, retrying = tonumber(v[9]) or 0,
              progress = v[10] or '', started_ms = v[11] or '', finished_ms = v[12] or '', updated_ms = v[13] or '',
              canvas_path = v[14] or '', created_ms = v[15] or '', metadata = v[16] or '', run = tonumber(v[17]) or 1,
-             linked = v[18] == '1', unneeded = tonumber(v[19]) or 0}
+             linked = v[18] == '1', unneeded = tonumber(v[19]) or 0, partial = tonumber(v[20]) or 0}
   -- What the hash holds now (false: missing), in save_session's order: it writes what differs.
   s.stored = {v[1], v[3] and s.completed, v[4] and s.failed, v[5] and s.running, v[6] and s.lost,
               v[7] and s.cancelled, v[8] and s.skipped, v[10], v[11], v[12], v[19] and s.unneeded,
-              v[9] and s.retrying}
+              v[9] and s.retrying, v[20] and s.partial}
   return s
 end
 
@@ -47,7 +47,7 @@ local function save_session(s, now_ms)
   if s.updated_ms ~= '' and tonumber(s.updated_ms) > tonumber(now_ms) then updated = s.updated_ms end
   local was = s.stored
   local a = {'updated_ms', updated, false, false, false, false, false, false, false, false, false, false, false, false,
-             false, false, false, false, false, false, false, false, false, false, false, false}
+             false, false, false, false, false, false, false, false, false, false, false, false, false, false}
   local n = 2
   if s.status ~= was[1] then a[n + 1] = 'status'; a[n + 2] = s.status; n = n + 2 end
   if s.completed ~= was[2] then a[n + 1] = 'completed'; a[n + 2] = s.completed; n = n + 2 end
@@ -61,9 +61,10 @@ local function save_session(s, now_ms)
   if s.finished_ms ~= was[10] then a[n + 1] = 'finished_ms'; a[n + 2] = s.finished_ms; n = n + 2 end
   if s.unneeded ~= was[11] then a[n + 1] = 'unneeded'; a[n + 2] = s.unneeded; n = n + 2 end
   if s.retrying ~= was[12] then a[n + 1] = 'retrying'; a[n + 2] = s.retrying; n = n + 2 end
+  if s.partial ~= was[13] then a[n + 1] = 'partial'; a[n + 2] = s.partial; n = n + 2 end
   redis.call('HSET', S, unpack(a, 1, n))
   s.stored = {s.status, s.completed, s.failed, s.running, s.lost, s.cancelled, s.skipped, s.progress, s.started_ms,
-              s.finished_ms, s.unneeded, s.retrying}
+              s.finished_ms, s.unneeded, s.retrying, s.partial}
   return updated
 end
 
@@ -73,19 +74,30 @@ end
 local ERRBACK_NOT_NEEDED = 'skipped: an error callback, and no task it handles failed'
 local UNNEEDED = '{"reason":"' .. ERRBACK_NOT_NEEDED .. '"}'
 
+-- A running node's progress as reported by its task (payload '{"progress":<fraction>}'), in
+-- states.PROGRESS_UNITS (10000) per node, rounded half up as states.progress_units does; 0 for none.
+local function progress_units(payload)
+  local fraction = payload and string.match(payload, '^{"progress":([0-9.eE+-]+)}$')
+  if not fraction then return 0 end
+  return math.floor(tonumber(fraction) * 10000 + 0.5)
+end
+
 -- Move one node's weight in the counters (delta = 1 when it enters status, -1 when it leaves);
--- payload: the node's payload in that status.
+-- payload: the node's payload in that status. `partial` sums the progress of the running nodes.
 local function count(s, status, delta, payload)
   local counter = COUNTER[status]
   if counter then s[counter] = s[counter] + delta end
   if status == 'lost' then s.lost = s.lost + delta end
   if status == 'skipped' and payload == UNNEEDED then s.unneeded = s.unneeded + delta end
+  if status == 'running' then s.partial = s.partial + delta * progress_units(payload) end
 end
 
--- 100 * finished / node_count, rounded half up to 2 decimals (same formula as states.progress_from_counts).
+-- 100 * (finished + the running nodes' fractions) / node_count, rounded half up to 2 decimals
+-- (same formula as states.progress_from_counts).
 local function derived_progress(s)
   if s.node_count <= 0 then return '0' end
-  return tostring(math.floor(10000 * (s.completed + s.failed + s.cancelled + s.skipped) / s.node_count + 0.5) / 100)
+  local finished = s.completed + s.failed + s.cancelled + s.skipped
+  return tostring(math.floor((10000 * finished + s.partial) / s.node_count + 0.5) / 100)
 end
 
 -- states.finish_status

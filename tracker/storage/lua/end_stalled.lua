@@ -22,7 +22,7 @@ for i = 1, #all, 2 do
   local f = parse_node(all[i + 1])
   if not TERMINAL_NODE[f[1]] then
     local status = f[1]
-    count(s, f[1], -1)
+    count(s, f[1], -1, f[7])
     count(s, 'lost', 1)
     f[1], f[4], f[7] = 'lost', now_ms, payload
     redis.call('HSET', N, all[i], node_text(f))

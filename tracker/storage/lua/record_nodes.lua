@@ -1,7 +1,8 @@
 -- record_nodes(KEYS=[session, nodes, sigs, events, by_status, (workers, held_1, held_2, ...)],
 --              ARGV=[ttl_s, events_maxlen, request_id, details, session_id, event * n])
 --   event: 'node_id|status|attempt|task_id|worker|at_ms|started_ms|expect_holder|started_before_ms|held|payload'
---   (one argument per event: only the payload, last, may hold a '|')
+--   (one argument per event: only the payload, last, may hold a '|'); status 'progress': a running
+--   node's task reports its fraction done (see progress_applies)
 -- Applies n node events of one session in order, as n single calls would, in one script run: the
 -- session hash is read once and written once, the TTLs refreshed once. Each event is an upsert
 -- (the same event twice changes nothing the second time) that moves the counters when the node's
@@ -43,9 +44,23 @@ local EVENT = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|
 local events = {}
 for i = FIRST, #ARGV do events[#events + 1] = {string.match(ARGV[i], EVENT)} end
 
+-- A progress report (status 'progress', payload '{"progress":<fraction>}') counts only while the
+-- node runs that very attempt of that task: a late report after its result, or from an attempt that
+-- a retry or a resume replaced, changes nothing.
+local function progress_applies(f, task_id, attempt)
+  if f[1] ~= 'running' or (task_id ~= '' and f[5] ~= '' and f[5] ~= task_id) then return false end
+  return attempt == '' or tonumber(attempt) >= tonumber(f[2])
+end
+
 -- One status change of a node: f (its fields, parse_node order) is updated in place.
 local function step(f, incoming, attempt, task_id, worker, payload, at_ms)
   local old_status, old_payload = f[1], f[7]
+  if incoming == 'progress' then -- (progress_applies holds) only its payload, and `partial`, move
+    f[7] = payload
+    count(s, 'running', -1, old_payload)
+    count(s, 'running', 1, payload)
+    return
+  end
   local status = incoming
   if old_status == 'completed' or (TERMINAL_NODE[old_status] and not TERMINAL_NODE[incoming]) then
     status = old_status
@@ -179,7 +194,10 @@ for _, e in ipairs(events) do
       skip = true
     end
   end
-  if skip then
+  if incoming == 'progress' and not progress_applies(old, task_id, attempt) then
+    -- ignored, and not a conditional event: not listed in `skipped`
+    if want_details then details[#details + 1] = old[1]; details[#details + 1] = raw or '' end
+  elseif skip then
     skipped[#skipped + 1] = node_id
     if want_details then details[#details + 1] = old[1]; details[#details + 1] = raw or '' end
   else

@@ -18,7 +18,7 @@ if target == 'cancelled' then
     local f = parse_node(all[i + 1])
     if not TERMINAL_NODE[f[1]] then
       index(all[i], f[1], 'cancelled')
-      count(s, f[1], -1)
+      count(s, f[1], -1, f[7])
       count(s, 'cancelled', 1)
       f[1], f[4], f[7] = 'cancelled', now_ms, '{"reason":"session cancelled"}'
       redis.call('HSET', N, all[i], node_text(f))

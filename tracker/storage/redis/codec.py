@@ -126,6 +126,7 @@ def node_from_record(node_id: str, record: str) -> NodeResult:
         started_at=moment(started),
         finished_at=moment(finished),
         reason=details.get("reason"),
+        progress=details.get("progress") if status == NodeStatus.RUNNING else None,
     )
 
 
@@ -141,6 +142,11 @@ def record_payload(event: NodeEvent) -> str:
     if event.reason is not None:
         parts.append('"reason":' + json.dumps(event.reason, ensure_ascii=False))
     return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def progress_payload(fraction: float) -> str:
+    """The payload of a running node that reported how far it is (what ``common.lua`` reads back)."""
+    return '{"progress":' + repr(float(fraction)) + "}"
 
 
 def record_field(value: str | None, name: str) -> str:

@@ -293,14 +293,17 @@ class RedisPrograms:
                 task_id = codec.record_field(task_id, "task_id")
             if worker is not None:
                 worker = codec.record_field(worker, "worker")
-            if event.error is None and event.reason is None:  # the common case, without a call
+            status: str = event.status
+            if event.progress is not None:  # a progress report (record_nodes.lua: progress_applies)
+                status, payload = "progress", codec.progress_payload(event.progress)
+            elif event.error is None and event.reason is None:  # the common case, without a call
                 payload = "" if result_json is None else '{"result":' + result_json + "}"
             else:
                 payload = codec.record_payload(event)
             # One argument per event, its fields joined by '|' (none but the payload, last, may
             # hold one): far cheaper to send and to read than eleven arguments.
             args.append(
-                f"{event.node_id}|{event.status}|{'' if event.attempt is None else event.attempt}|{task_id or ''}|"
+                f"{event.node_id}|{status}|{'' if event.attempt is None else event.attempt}|{task_id or ''}|"
                 f"{worker or ''}|{now_ms if at is None else round(at.timestamp() * 1000)}|"
                 f"{'' if started is None else round(started.timestamp() * 1000)}|{expect_holder}|{started_before_ms}|"
                 f"{held}|{payload}"
@@ -325,9 +328,12 @@ class RedisPrograms:
     def _node_outcome(self, session_id: str, node_id: str, reply: list[Any]) -> NodeOutcome:
         """A one-event ``record_nodes`` reply (with details) as what happened to that node."""
         session, finished, details = self._reply(session_id, reply)
-        old = codec.text(details[0])
+        old, record = codec.text(details[0]), codec.text(details[1])
         return NodeOutcome(
-            node=codec.node_from_record(node_id, codec.text(details[1])),
+            # No record: an event that did not apply to a node never recorded (a progress report).
+            node=codec.node_from_record(node_id, record)
+            if record
+            else NodeResult(node_id=node_id, status=NodeStatus.PENDING),
             session=session,
             previous_node_status=NodeStatus(old) if old else None,
             finished=finished,

@@ -1,0 +1,40 @@
+"""Progress from inside a long task: ``report_progress(done, total)``."""
+
+from __future__ import annotations
+
+from celery import current_task
+
+from tracker import validation
+from tracker.celery.handlers import Recorder
+from tracker.celery.origin import real_app
+from tracker.celery.stamps import ids_of
+
+
+def report_progress(done: float, total: float | None = None) -> bool:
+    """Say how far the running tracked task is: ``done`` of ``total`` (``report_progress(40, 200)``),
+    or ``done`` as a fraction within 0..1 when ``total`` is None (``report_progress(0.2)``).
+
+    The node's progress, and the session's ``progress_percent`` (which counts each running node's
+    fraction), follow within ``flush_interval_s``: the report waits in the worker process's writer
+    and its thread writes it, so calling this costs the task no round trip. Reports of one node
+    between two writes are written once, the latest. Call it as often as is convenient.
+
+    Returns:
+        True when the report was queued; False outside a task, or in a task that is not a node of
+        a tracked session (so the same task code runs untracked).
+
+    Raises:
+        TrackerValidationError: ``done`` or ``total`` not finite numbers, ``total`` not above 0,
+            ``done`` outside ``0..total`` (``0..1`` without ``total``).
+    """
+    fraction = validation.fraction(done, total)
+    task = current_task
+    request = getattr(task, "request", None) if task else None
+    ids = ids_of(request)
+    if ids is None:
+        return False
+    recorder: Recorder | None = getattr(real_app(task.app), "_tracker_recorder", None)
+    if recorder is None or not recorder.mine(task):
+        return False
+    recorder.report(request, ids, fraction)
+    return True
