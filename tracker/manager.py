@@ -39,6 +39,7 @@ from tracker import states, validation
 from tracker.config import TrackerSettings
 from tracker.errors import SessionNotFoundError, TrackerValidationError
 from tracker.models import (
+    AddOutcome,
     BatchOutcome,
     NodeError,
     NodeOutcome,
@@ -53,7 +54,7 @@ from tracker.models import (
 )
 from tracker.states import TERMINAL_NODE_STATUSES, NodeStatus, SessionStatus
 from tracker.storage.base import AsyncStore, NodeEvent, SessionStorageAdapter, StoreCall, store_call
-from tracker.structure import Tree, check_tree
+from tracker.structure import Tree, check_tree, has_links
 
 logger = logging.getLogger(__name__)
 
@@ -155,18 +156,8 @@ class Operations:
         count = validation.node_count(node_count, self.settings.max_node_count)
         meta = validation.metadata(metadata)
         sid = validation.session_id(session_id) if session_id is not None else str(uuid.uuid4())
-        signatures: list[str | None] = []  # encoded once: checked here, stored as they are
-        for spec in nodes:
-            if not isinstance(spec, NodeSpec):
-                raise TrackerValidationError("nodes", spec, "expected NodeSpec items", sid)
-            validation.label(spec.task_id, "task_id", sid)
-            signatures.append(
-                None
-                if spec.signature is None
-                else validation.json_text(spec.signature, "signature", self.settings.max_result_bytes, sid)
-            )
-        node_ids = [validation.node_id(spec.node_id, sid) for spec in nodes]
-        if len(set(node_ids)) != len(node_ids) or len(node_ids) > count:
+        node_ids, signatures = self._specs(nodes, sid)
+        if len(node_ids) > count:
             raise TrackerValidationError(
                 "nodes", len(node_ids), f"node ids must be distinct and at most node_count ({count})", sid
             )
@@ -179,6 +170,56 @@ class Operations:
             session_id=sid, canvas_path=path, node_count=count, created_at=now, updated_at=now, metadata=meta
         )
         return plan(store_call(Store.create, info, tuple(nodes), signatures, structure), lambda _: sid)
+
+    def _specs(self, nodes: Sequence[NodeSpec], sid: str) -> tuple[list[str], list[str | None]]:
+        """The node ids (distinct) and the signatures (each encoded once: checked here, stored as
+        they are) of ``nodes``."""
+        signatures: list[str | None] = []
+        for spec in nodes:
+            if not isinstance(spec, NodeSpec):
+                raise TrackerValidationError("nodes", spec, "expected NodeSpec items", sid)
+            validation.label(spec.task_id, "task_id", sid)
+            signatures.append(
+                None
+                if spec.signature is None
+                else validation.json_text(spec.signature, "signature", self.settings.max_result_bytes, sid)
+            )
+        node_ids = [validation.node_id(spec.node_id, sid) for spec in nodes]
+        if len(set(node_ids)) != len(node_ids):
+            raise TrackerValidationError("nodes", len(node_ids), "node ids must be distinct", sid)
+        return node_ids, signatures
+
+    def add_nodes(self, session_id: str, nodes: Sequence[NodeSpec], structure: Tree | None = None) -> Plan[AddOutcome]:
+        """Add ``nodes`` to a session that has not ended, as ``pending``; ``node_count`` grows with
+        them in one atomic step, so the session cannot end in between (it waits for them too).
+
+        The same call again (every node in the session already) changes nothing and says which of
+        them are still pending: a caller that died before sending them sends those.
+
+        Args:
+            nodes: The new nodes (ids, task ids, signatures for resume).
+            structure: Which of them feeds which (a canvas tree of exactly these nodes, see
+                :mod:`tracker.structure`): the session's structure grows with it.
+
+        Returns:
+            The session after it, whether the nodes were added now, and which are pending.
+
+        Raises:
+            TrackerValidationError: bad input, some (not all) of the nodes in the session already,
+                or more than ``TRACKER_MAX_NODE_COUNT`` nodes in all; nothing changed.
+            SessionNotFoundError: no such session.
+            InvalidStateTransitionError: the session has ended.
+        """
+        sid = validation.session_id(session_id)
+        node_ids, signatures = self._specs(nodes, sid)
+        if not node_ids:
+            raise TrackerValidationError("nodes", 0, "expected at least one NodeSpec", sid)
+        if structure is not None:
+            structure = check_tree(structure, node_ids, self.settings.max_canvas_depth)
+        part = structure if structure is not None and has_links(structure) else None
+        return answer(
+            store_call(Store.add_nodes, sid, tuple(nodes), signatures, part, self.settings.max_node_count, self.clock())
+        )
 
     def update_status(self, session_id: str, status: SessionStatus | str) -> Plan[dict[str, Any]]:
         """Move the session to ``status`` if the state machine allows it; return the new status dict.
@@ -651,6 +692,7 @@ class _Verbs:
     create_session = _Verb(Operations.create_session)
     update_status = _Verb(Operations.update_status)
     update_progress = _Verb(Operations.update_progress)
+    add_nodes = _Verb(Operations.add_nodes)
     add_node_result = _Verb(Operations.add_node_result)
     add_node_results = _Verb(Operations.add_node_results)
     get_session = _Verb(Operations.get_session)

@@ -189,7 +189,8 @@ class SessionEvent(_Model):
 
     #: Stream entry id (``<ms>-<seq>``), monotonic per session; the SSE ``id``.
     id: str
-    #: ``created``, ``status``, ``progress``, ``node`` or ``reset``.
+    #: ``created``, ``status``, ``progress`` (an explicit progress, or a running node's report:
+    #: with its node), ``node``, ``reset`` or ``added`` (nodes added while it runs).
     type: str
     status: SessionStatus
     progress_percent: float
@@ -259,6 +260,16 @@ class ResumeOutcome(_Model):
     session: SessionInfo
     previous_status: SessionStatus
     nodes: list[NodeSpec]
+
+
+class AddOutcome(_Model):
+    """What adding nodes to a running session did (``add_nodes``)."""
+
+    session: SessionInfo
+    #: False when every node was in the session already (the same call made again): nothing changed.
+    added: bool
+    #: Of the nodes asked for, those not started yet: all of them when ``added``.
+    pending: list[str]
 
 
 class TransitionOutcome(_Model):

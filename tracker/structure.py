@@ -177,6 +177,27 @@ def links(tree: Tree) -> Links:
     )
 
 
+def grown(tree: Tree | None, part: Tree | None, known: Iterable[str], added: Iterable[str]) -> Tree | None:
+    """A session's tree once the nodes ``added`` (with ``part``, their tree when it has links) joined
+    the nodes ``known`` (with ``tree``, the session's tree, when it has one): both run side by side.
+    None while neither has links. ``add_nodes.lua`` applies the same rule.
+
+    A tree that is a plain group takes the added part's members (or the part) as more members, so
+    adding many times does not nest the tree deeper.
+    """
+    if tree is None and part is None:
+        return None
+    joining = part if part is not None else {"group": [{"n": node} for node in added]}
+    if tree is None:
+        members = [{"n": node} for node in known]
+        if not members:
+            return joining
+        tree = {"group": members}
+    grown_tree = tree if set(tree) == {"group"} else {"group": [tree]}
+    more = joining["group"] if set(joining) == {"group"} else [joining]
+    return {"group": [*grown_tree["group"], *more]}
+
+
 def has_links(tree: Tree) -> bool:
     """True when some node's end may decide whether another runs: anything but tasks side by side."""
     if "chain" in tree or "chord" in tree or "e" in tree:

@@ -9,10 +9,10 @@ import time
 from typing import Any
 
 import redis
-from celery import Celery, Task
+from celery import Celery, Task, group
 from celery.worker.request import Request
 
-from tracker.celery import install, report_progress
+from tracker.celery import add_nodes, install, report_progress
 
 app = Celery("tracker_tests")
 app.conf.update(
@@ -101,6 +101,13 @@ def steps(count: int, gate: str) -> int:
         report_progress(step, count)
     client.close()
     return count
+
+
+@app.task(name="t.crawl")
+def crawl(found: int) -> int:
+    """Add ``found`` ``t.work`` nodes to its own session (a crawler finding more pages), then return."""
+    add_nodes(group(work.s(i) for i in range(found)))
+    return found
 
 
 @app.task(name="t.fails_once")

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, group
 
-from tracker.celery import install
+from tracker.celery import add_nodes, install
 
 BROKER = os.environ.get("TRACKER_REL_BROKER", "memory://")
 
@@ -82,3 +83,19 @@ def completion(status: dict[str, Any]) -> None:
         client.rpush(CALLBACKS_KEY.format(status["session_id"]), json.dumps(status))
     finally:
         client.close()
+
+
+@app.task(name="rel.fan")  # type: ignore[untyped-decorator]
+def fan(count: int, runs_key: str, die_on_first_run: bool = False) -> int:
+    """Add ``count`` ``rel.step`` nodes to its own session (a crawler finding more work); counts its
+    runs in ``runs_key`` (the store's redis-server); on its first run, then SIGKILLs its own
+    process after the nodes were added and sent, before it returns."""
+    add_nodes(group(step.s(i) for i in range(count)))
+    client = redis.Redis.from_url(os.environ["TRACKER_REDIS_URL"])
+    try:
+        runs = int(client.incr(runs_key))
+    finally:
+        client.close()
+    if die_on_first_run and runs == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return count

@@ -16,7 +16,7 @@ from celery import Celery, signals
 
 from tracker.celery.callbacks import send_completion
 from tracker.celery.control import cancel_session, resume_session
-from tracker.celery.dispatch import dispatch
+from tracker.celery.dispatch import add_nodes, dispatch
 from tracker.celery.handlers import Recorder, UndecodableMessages
 from tracker.celery.progress import report_progress
 from tracker.config import TrackerSettings
@@ -29,6 +29,7 @@ from tracker.structure import RESULT_NOT_STORED
 
 __all__ = [
     "CLEANUP_TASK",
+    "add_nodes",
     "cancel_session",
     "dispatch",
     "install",

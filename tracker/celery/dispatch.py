@@ -6,19 +6,20 @@ import contextlib
 import functools
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, overload
 
 from celery import Celery, Signature, chord, group
 from celery.canvas import _chain, maybe_signature
 from celery.exceptions import NotRegistered
 from celery.utils.functional import arity_greater, maybe_list
 
+from tracker.celery.current import running_node
 from tracker.celery.origin import ORIGIN_KEY, origin, real_app
 from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP
 from tracker.errors import TrackerError, TrackerNotInstalledError, TrackerValidationError
 from tracker.manager import SessionManager
 from tracker.models import NodeSpec
-from tracker.states import SessionStatus
+from tracker.states import NodeStatus, SessionStatus
 from tracker.structure import Tree, has_links
 
 #: Metadata keys under which the callbacks' signatures are kept.
@@ -266,3 +267,128 @@ def _create(
     structure = _named(shape, ids) if has_links(shape) else None  # tasks side by side: nothing to follow
     manager.sync.create_session(canvas_path, len(nodes), meta, specs, session_id=session_id, structure=structure)
     return session_id
+
+
+#: The namespace of the ids a task derives for what it adds (``uuid5``): the same on every delivery.
+DERIVED_IDS = uuid.UUID("5d2f8a2e-7c1b-4d0e-9a57-3f4b6c8e1d20")
+
+
+@overload
+def add_nodes(
+    canvas: Signature,
+    /,
+    *,
+    node_ids: Sequence[str] | None = None,
+    manager: SessionManager | None = None,
+    app: Celery | None = None,
+) -> list[str]: ...
+
+
+@overload
+def add_nodes(
+    session_id: str,
+    canvas: Signature,
+    /,
+    *,
+    node_ids: Sequence[str] | None = None,
+    manager: SessionManager | None = None,
+    app: Celery | None = None,
+) -> list[str]: ...
+
+
+def add_nodes(
+    first: str | Signature,
+    canvas: Signature | None = None,
+    /,
+    *,
+    node_ids: Sequence[str] | None = None,
+    manager: SessionManager | None = None,
+    app: Celery | None = None,
+) -> list[str]:
+    """Add the tasks of ``canvas`` (a signature, group, chain or chord) to a session that has not
+    ended, and send them: ``add_nodes(session_id, canvas)``, or from inside a tracked task
+    ``add_nodes(canvas)`` to add to that task's own session.
+
+    The nodes and the larger ``node_count`` are stored in one step before anything is sent, so
+    the session cannot end in between: it ends when they have results too. Inside a tracked task,
+    the new nodes' ids are derived from the session, the node and the call's place in the task
+    (the first ``add_nodes`` of the task, the second...): a task delivered again adds nothing twice,
+    and sends again only what it added and nothing has started yet.
+
+    Args:
+        node_ids: One id per leaf, in :func:`leaves` order; default: each leaf's task id (derived,
+            inside a tracked task).
+        manager: Default: ``SessionManager.get_instance()``.
+        app: The Celery app; default: the canvas's own.
+
+    Returns:
+        The new nodes' ids.
+
+    Raises:
+        TrackerValidationError: bad input, ids already in the session, no session named outside a
+            tracked task; nothing changed.
+        SessionNotFoundError: no such session.
+        InvalidStateTransitionError: the session has ended (nothing was added or sent).
+        TrackerNotInstalledError: ``install(app)`` was not called for the app.
+    """
+    here = running_node()
+    if canvas is None:
+        canvas, session_id = first, None
+    else:
+        session_id = first
+    if not isinstance(canvas, Signature):
+        raise TrackerValidationError(
+            "canvas", canvas, "expected a Celery signature, group, chain or chord (task.s(...))"
+        )
+    if session_id is None:
+        if here is None:
+            raise TrackerValidationError(
+                "session_id", None, "outside a tracked task, name the session: add_nodes(session_id, canvas)"
+            )
+        session_id = here.session_id
+    manager = manager or SessionManager.get_instance()
+    app = real_app(app or canvas.app)
+    if getattr(app, "_tracker_recorder", None) is None:
+        raise TrackerNotInstalledError(app.main or repr(app))
+    walk = _Walk(app, manager.settings.max_canvas_depth)
+    shape = walk.tree(canvas, 0)
+    nodes = walk.tasks
+    if node_ids is not None and len(node_ids) != len(nodes):
+        raise TrackerValidationError(
+            "node_ids", len(node_ids), f"expected one id per task, error callbacks included ({len(nodes)})"
+        )
+    if here is not None and here.session_id == session_id:
+        # Derived: the same ids on every delivery of the task (the call's place in it counts).
+        place = getattr(here.request, "_tracker_adds", 0) + 1
+        here.request._tracker_adds = place
+        base = f"{session_id}/{here.node_id}/add/{place}"
+        task_ids = [
+            sig.options.get("task_id") or str(uuid.uuid5(DERIVED_IDS, f"{base}/{i}")) for i, sig in enumerate(nodes)
+        ]
+    else:
+        task_ids = [sig.options.get("task_id") or str(uuid.uuid4()) for sig in nodes]
+    ids = list(node_ids) if node_ids is not None else task_ids
+    specs = [node_spec(sig, session_id, nid, tid) for sig, nid, tid in zip(nodes, ids, task_ids, strict=True)]
+    outcome = manager.sync.add_nodes(session_id, specs, _named(shape, ids))
+    linked = has_links(shape)
+    if outcome.added or (linked and len(outcome.pending) == len(ids)):
+        sends = [canvas]
+    elif linked:
+        sends = []  # part of it ran already: its messages went, and Celery runs the rest
+    else:  # tasks side by side: send again each one not started (a duplicate counts once)
+        pending = set(outcome.pending)
+        sends = [sig for sig, nid in zip(nodes, ids, strict=True) if nid in pending]
+    try:
+        for sig in sends:
+            sig.apply_async()
+    except Exception as exc:
+        # Not (all) sent: the added nodes fail, so that the session still ends; a task sent after
+        # all counts when its result comes.
+        failed = [
+            manager.operations.node_event(session_id, nid, NodeStatus.FAILED, reason=f"could not be sent: {exc}")
+            for nid in ids
+        ]
+        with contextlib.suppress(TrackerError):
+            manager.sync._record_nodes(session_id, failed)
+        raise
+    return ids

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from celery import current_task
-
 from tracker import validation
+from tracker.celery.current import running_node
 from tracker.celery.handlers import Recorder
 from tracker.celery.origin import real_app
-from tracker.celery.stamps import ids_of
 
 
 def report_progress(done: float, total: float | None = None) -> bool:
@@ -28,13 +26,11 @@ def report_progress(done: float, total: float | None = None) -> bool:
             ``done`` outside ``0..total`` (``0..1`` without ``total``).
     """
     fraction = validation.fraction(done, total)
-    task = current_task
-    request = getattr(task, "request", None) if task else None
-    ids = ids_of(request)
-    if ids is None:
+    node = running_node()
+    if node is None:
         return False
-    recorder: Recorder | None = getattr(real_app(task.app), "_tracker_recorder", None)
-    if recorder is None or not recorder.mine(task):
+    recorder: Recorder | None = getattr(real_app(node.task.app), "_tracker_recorder", None)
+    if recorder is None or not recorder.mine(node.task):
         return False
-    recorder.report(request, ids, fraction)
+    recorder.report(node.request, (node.session_id, node.node_id), fraction)
     return True

@@ -111,8 +111,9 @@ def follow(
                         )
                     elif announced == MAX_FAILURE_LINES + 1:
                         progress.console.print("  … more failures: see the summary")
-            if any(event.node_status in _UNCOUNTED_IN_EVENTS for event in events):
-                # Events carry the completed and failed counters only: read the others once.
+            if any(event.node_status in _UNCOUNTED_IN_EVENTS or event.type == "added" for event in events):
+                # Events carry the completed and failed counters only: read the others (and a
+                # node_count that grew) once.
                 status = manager.sync.get_session_status(session_id)
             elif events:
                 latest = events[-1]

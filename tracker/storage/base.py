@@ -20,6 +20,7 @@ from typing import Any, Concatenate, Generic, NamedTuple, ParamSpec, Protocol, T
 from tracker import validation
 from tracker.errors import TrackerError, TrackerValidationError
 from tracker.models import (
+    AddOutcome,
     BatchOutcome,
     NodeError,
     NodeOutcome,
@@ -170,6 +171,27 @@ class SessionStorageAdapter(Protocol):
 
         Raises:
             SessionExistsError: the id is taken.
+        """
+
+    def add_nodes(
+        self,
+        session_id: str,
+        nodes: Sequence[NodeSpec],
+        signatures: Sequence[str | None],
+        part: Tree | None,
+        max_node_count: int,
+        now: datetime,
+    ) -> AddOutcome:
+        """Grow a session that has not ended by ``nodes`` (new, ``pending``), in one atomic step:
+        ``node_count`` grows with them, so no result can end the session in between. ``part`` is
+        their tree when it has links; the session's tree grows as :func:`tracker.structure.grown`
+        says. When every node is in the session already, nothing changes (``added`` False).
+
+        Raises:
+            SessionNotFoundError: no such session.
+            InvalidStateTransitionError: the session has ended.
+            TrackerValidationError: some of the nodes (not all) are in the session already, or it
+                would have more than ``max_node_count`` nodes.
         """
 
     def get(self, session_id: str) -> SessionInfo | None:

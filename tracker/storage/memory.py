@@ -20,6 +20,7 @@ from tracker.errors import (
     TrackerValidationError,
 )
 from tracker.models import (
+    AddOutcome,
     BatchOutcome,
     NodeOutcome,
     NodePage,
@@ -41,7 +42,7 @@ from tracker.storage.base import (
     silent_workers,
     status_cursor,
 )
-from tracker.structure import ERRBACK_NOT_NEEDED, Links, Tree, links, skips
+from tracker.structure import ERRBACK_NOT_NEEDED, Links, Tree, grown, links, skips
 from tracker.validation import is_worker_id, worker_id
 
 #: Events kept per session when no cap is given.
@@ -188,6 +189,44 @@ class InMemoryStorageAdapter:
                     entry.signatures[spec.node_id] = spec.signature
             self._sessions[session.session_id] = entry
             self._emit(entry, "created", session.created_at)
+
+    def add_nodes(
+        self,
+        session_id: str,
+        nodes: Sequence[NodeSpec],
+        signatures: Sequence[str | None],
+        part: Tree | None,
+        max_node_count: int,
+        now: datetime,
+    ) -> AddOutcome:
+        with self._lock:
+            entry = self._entry(session_id)
+            known = [spec.node_id for spec in nodes if spec.node_id in entry.nodes]
+            if len(known) == len(nodes):
+                pending = [n for n in known if entry.nodes[n].status is NodeStatus.PENDING]
+                return AddOutcome(session=entry.info, added=False, pending=pending)
+            if known:
+                raise TrackerValidationError("nodes", known[0], "already a node of the session", session_id)
+            info = entry.info
+            if info.status.is_terminal:
+                raise InvalidStateTransitionError(
+                    session_id, info.status, "running", "the session has ended: nodes can no longer be added"
+                )
+            if info.node_count + len(nodes) > max_node_count:
+                raise TrackerValidationError(
+                    "nodes", len(nodes), f"more than {max_node_count} nodes in all (TRACKER_MAX_NODE_COUNT)", session_id
+                )
+            tree = grown(entry.structure, part, list(entry.nodes), [spec.node_id for spec in nodes])
+            if tree is not None:
+                entry.structure, entry.links = tree, links(tree)
+            for spec in nodes:
+                self._set_node(entry, NodeResult(node_id=spec.node_id, status=NodeStatus.PENDING, task_id=spec.task_id))
+                if spec.signature is not None:
+                    entry.signatures[spec.node_id] = spec.signature
+            entry.info = info.model_copy(update={"node_count": info.node_count + len(nodes)})
+            entry.info = self._recount(entry, now)
+            self._emit(entry, "added", now)
+            return AddOutcome(session=entry.info, added=True, pending=[spec.node_id for spec in nodes])
 
     def get(self, session_id: str) -> SessionInfo | None:
         with self._lock:
@@ -379,7 +418,7 @@ class InMemoryStorageAdapter:
         node = old.model_copy(update={"progress": event.progress})
         self._set_node(entry, node)
         entry.info = self._recount(entry, at)
-        self._emit(entry, "node", at, node)
+        self._emit(entry, "progress", at, node)
         return NodeOutcome(node=node, session=entry.info, previous_node_status=old.status)
 
     def _skip_after(self, entry: _Entry, node: NodeResult, old: NodeResult | None, at: datetime) -> list[NodeResult]:

@@ -241,7 +241,7 @@ for _, e in ipairs(events) do
       end
     end
     s.progress = derived_progress(s)
-    emit(s, 'node', at_ms, maxlen, node_id, new[1])
+    emit(s, incoming == 'progress' and 'progress' or 'node', at_ms, maxlen, node_id, new[1])
     for _, other in ipairs(marked) do emit(s, 'node', at_ms, maxlen, other, 'skipped') end
     marked = {}
     if rederived then emit(s, 'status', at_ms, maxlen) end

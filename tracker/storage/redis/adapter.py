@@ -172,6 +172,7 @@ class RedisStorageAdapter:
     # -- the verbs of SessionStorageAdapter, each the program of its name, driven -----------------
 
     create = _Driven(RedisPrograms.create)
+    add_nodes = _Driven(RedisPrograms.add_nodes)
     get = _Driven(RedisPrograms.get)
     get_structure = _Driven(RedisPrograms.get_structure)
     transition = _Driven(RedisPrograms.transition)

@@ -18,8 +18,10 @@ from tracker.errors import (
     SessionExistsError,
     SessionNotFoundError,
     StorageUnavailableError,
+    TrackerValidationError,
 )
 from tracker.models import (
+    AddOutcome,
     BatchOutcome,
     NodeOutcome,
     NodePage,
@@ -54,7 +56,7 @@ T = TypeVar("T")
 #: The scripts, by file name (without ``.lua``); each is loaded with ``common.lua`` before it.
 SCRIPTS = (
     "create", "record_nodes", "transition", "resume", "set_progress", "remove_if_expired", "keep_alive", "end_stalled",
-    "nodes_by_status",
+    "nodes_by_status", "add_nodes",
 )  # fmt: skip
 
 #: The session fields ``record_nodes`` replies, in order (``session_values`` in ``common.lua``; its
@@ -183,6 +185,42 @@ class RedisPrograms:
             ("ZADD", self.keys.created_index, {sid: now_ms}),
             ("ZADD", self.keys.expiry_index, {sid: now_ms}),
         ]
+
+    def add_nodes(
+        self,
+        session_id: str,
+        nodes: Sequence[NodeSpec],
+        signatures: Sequence[str | None],
+        part: Tree | None,
+        max_node_count: int,
+        now: datetime,
+    ) -> Program[AddOutcome]:
+        args: list[Any] = [
+            ms_from_utc(now), self.ttl_s, self.events_maxlen, max_node_count, len(nodes),
+            "" if part is None else validation.compact_json(part),
+        ]  # fmt: skip
+        for spec, sig in zip(nodes, signatures, strict=True):
+            args += [spec.node_id, codec.record_field(spec.task_id, "task_id"), sig or ""]
+        if part is not None:
+            args += [item for pair in links(part).fields().items() for item in pair]
+        reply = (yield [self._script("add_nodes", self._session_keys(session_id), *args)])[0]
+        code = codec.text(reply[0])
+        if code == "again":
+            pending = [codec.text(node) for node in reply[2]]
+            return AddOutcome(session=codec.session_from_values(session_id, reply[1]), added=False, pending=pending)
+        if code == "ended":
+            raise InvalidStateTransitionError(
+                session_id, codec.text(reply[1]), "running", "the session has ended: nodes can no longer be added"
+            )
+        if code == "exists":
+            raise TrackerValidationError("nodes", codec.text(reply[1]), "already a node of the session", session_id)
+        if code == "limit":
+            raise TrackerValidationError(
+                "nodes", len(nodes), f"more than {max_node_count} nodes in all (TRACKER_MAX_NODE_COUNT)", session_id
+            )
+        reply = self._check(session_id, reply)
+        session = codec.session_from_values(session_id, reply[1])
+        return AddOutcome(session=session, added=True, pending=[spec.node_id for spec in nodes])
 
     def get_structure(self, session_id: str) -> Program[Tree | None]:
         found = (yield [("HGET", self._session_keys(session_id).sigs, TREE_FIELD)])[0]
