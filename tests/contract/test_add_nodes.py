@@ -124,11 +124,16 @@ def test_an_addition_racing_the_last_result_either_grows_the_session_or_is_refus
         barrier = threading.Barrier(2)
         errors: list[BaseException] = []
 
-        def finish(session: str = sid) -> None:
+        def finish(session: str = sid, barrier: threading.Barrier = barrier) -> None:
             barrier.wait()
             manager.sync.add_node_result(session, "a", 1)
 
-        def grow(session: str = sid, name: str = f"x{round_}") -> None:
+        def grow(
+            session: str = sid,
+            name: str = f"x{round_}",
+            barrier: threading.Barrier = barrier,
+            errors: list[BaseException] = errors,
+        ) -> None:
             barrier.wait()
             try:
                 manager.sync.add_nodes(session, specs(name))

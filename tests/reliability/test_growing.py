@@ -27,8 +27,8 @@ def test_a_task_redelivered_after_sigkill_adds_its_nodes_once(
     # Given a prefork worker, and a batch of one task that adds 5 nodes to its own session, then
     # dies by SIGKILL on its first run (after adding and sending them, before returning)
     make_worker(redis_url, concurrency=2, broker_url=rel_broker_url).wait_ready()
-    sid = dispatch(group([appmod.fan.s(5, runs_key, die_on_first_run=True).set(queue=rel_queue)]), canvas_path="fan.canvas",
-                   app=appmod.app, manager=manager, node_ids=["fan"])  # fmt: skip
+    fan = appmod.fan.s(5, runs_key, die_on_first_run=True).set(queue=rel_queue)
+    sid = dispatch(group([fan]), canvas_path="fan.canvas", app=appmod.app, manager=manager, node_ids=["fan"])
 
     # When the broker delivers it again and it runs to its end
     wait_for(lambda: int(store.get(runs_key) or 0) >= 2, 120, "the task's second run")
