@@ -10,11 +10,15 @@ from typing import Any
 
 from celery import shared_task
 
+from tracker.celery import report_progress
+
 #: ``#sleep=0.5`` in a node's text: take that many seconds (to show progress in demos).
 _SLEEP = re.compile(r"#sleep=(\d+(?:\.\d+)?)")
 #: ``#fail`` (optionally ``#fail=reason``) in a node's text: fail on purpose.
 _FAIL = re.compile(r"#fail(?:=(\S+))?")
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
+#: Steps of a ``#sleep`` node's work, each reported with ``report_progress``.
+STEPS = 4
 
 
 class NodeContentError(ValueError):
@@ -29,7 +33,10 @@ def analyse(node: dict[str, Any]) -> dict[str, Any]:
         raise NodeContentError(f"node {node.get('id')}: {failing.group(1) or 'failed on purpose'}")
     sleep = _SLEEP.search(content)
     if sleep:
-        time.sleep(min(float(sleep.group(1)), 30.0))
+        # The "work" in steps, each reported: the session's progress moves while the node runs.
+        for step in range(1, STEPS + 1):
+            time.sleep(min(float(sleep.group(1)), 30.0) / STEPS)
+            report_progress(step, STEPS)
     words = [w.lower() for w in _WORD.findall(_SLEEP.sub("", content))]
     return {
         "node_id": node.get("id"),

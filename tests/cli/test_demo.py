@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.cli.conftest import Cli
+from tracker import SessionManager
 from tracker.canvas import load_canvas
 from tracker.cli import ExitCode
 from tracker.demo import sample_canvas
@@ -36,7 +37,9 @@ def test_demo_in_memory(cli: Cli, canvas_file: Callable[..., Path]) -> None:
     assert "NodeContentError: node n3: on-purpose" in result.stdout
 
 
-def test_demo_on_redis_leaves_its_session_for_list(cli: Cli, canvas_file: Callable[..., Path], redis_url: str) -> None:
+def test_demo_on_redis_leaves_its_session_for_list(
+    cli: Cli, canvas_file: Callable[..., Path], redis_url: str, store_manager: SessionManager
+) -> None:
     path = canvas_file("one #sleep=0.1", "two")
     result = cli("demo", "--canvas", str(path))
     assert result.exit_code == ExitCode.OK, result.stdout + result.stderr
@@ -44,6 +47,9 @@ def test_demo_on_redis_leaves_its_session_for_list(cli: Cli, canvas_file: Callab
     assert "ended completed: 2 completed, 0 failed of 2" in result.stdout
     listed = cli.json("list", "--json")
     assert [(s["status"], s["node_count"]) for s in listed] == [("completed", 2)]
+    # and its sleeping node reported its progress as it ran (its steps, written behind)
+    reports = [e for e in store_manager.sync.read_events(listed[0]["session_id"], limit=1000) if e.type == "progress"]
+    assert reports and {e.node_id for e in reports} == {"n1"}
 
 
 def test_demo_with_a_bad_canvas_exits_2(cli: Cli, tmp_path: Path) -> None:

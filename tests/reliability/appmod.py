@@ -86,11 +86,12 @@ def completion(status: dict[str, Any]) -> None:
 
 
 @app.task(name="rel.fan")  # type: ignore[untyped-decorator]
-def fan(count: int, runs_key: str, die_on_first_run: bool = False) -> int:
-    """Add ``count`` ``rel.step`` nodes to its own session (a crawler finding more work); counts its
-    runs in ``runs_key`` (the store's redis-server); on its first run, then SIGKILLs its own
-    process after the nodes were added and sent, before it returns."""
-    add_nodes(group(step.s(i) for i in range(count)))
+def fan(count: int, runs_key: str, die_on_first_run: bool = False, sleep_s: float = 0.0) -> int:
+    """Add ``count`` ``rel.step`` nodes (each sleeping ``sleep_s``) to its own session (a crawler
+    finding more work); counts its runs in ``runs_key`` (the store's redis-server); on its first
+    run, then SIGKILLs its own process after the nodes were added and sent, before it returns."""
+    time.sleep(sleep_s)
+    add_nodes(group(step.s(i, sleep_s) for i in range(count)))
     client = redis.Redis.from_url(os.environ["TRACKER_REDIS_URL"])
     try:
         runs = int(client.incr(runs_key))

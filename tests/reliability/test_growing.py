@@ -3,15 +3,20 @@ to its own session (``add_nodes``), and its process is SIGKILLed after it added 
 
 from __future__ import annotations
 
+import os
+import random
+import time
+
 import pytest
 import redis
 from celery import group
 
 from tests.reliability import appmod
 from tests.reliability.conftest import BROKERS, MakeWorker
-from tests.reliability.helpers import TERMINAL, all_nodes, wait_for
+from tests.reliability.helpers import TERMINAL, Reaper, all_nodes, wait_for
 from tracker import NodeStatus, SessionManager, TrackerSettings
 from tracker.celery import dispatch
+from tracker.celery.handlers import Recorder
 from tracker.storage.redis import RedisStorageAdapter
 
 
@@ -52,3 +57,78 @@ def test_a_task_redelivered_after_sigkill_adds_its_nodes_once(
     assert [e.type for e in manager.sync.read_events(sid, limit=1000)].count("added") == 1
     store.close()
     manager.storage.close()
+
+
+#: Rounds of the random-kill test per broker (seeds 1, 2...). CI runs the default.
+GROW_RUNS = int(os.environ.get("TRACKER_GROW_RUNS", "2"))
+FANS, ADDS = 6, 5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60 + GROW_RUNS * 150)
+@pytest.mark.parametrize("rel_broker_url", BROKERS, indirect=True)
+def test_growing_sessions_end_exact_when_their_worker_is_killed_at_random_moments(
+    rel_broker_url: str, make_worker: MakeWorker, redis_url: str, key_prefix: str, rel_queue: str
+) -> None:
+    # Each round: 6 tasks that each add 5 nodes to their session, a whole worker SIGKILLed at a
+    # random moment (seeded), a fresh one started; the reaper runs as beat would.
+    settings = TrackerSettings(
+        redis_url=redis_url, key_prefix=key_prefix, heartbeat_interval_s=0.5, worker_stale_after_s=3.0
+    )
+    manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
+    store = redis.Redis.from_url(redis_url)
+    transport = dict(appmod.app.conf.broker_transport_options)
+    appmod.app.conf.broker_transport_options = {**transport, "visibility_timeout": 2}
+    reaper = Reaper(Recorder(appmod.app, manager), 0.5)
+    reaper.start()
+    env = {"TRACKER_HEARTBEAT_INTERVAL_S": "0.5", "TRACKER_WORKER_STALE_AFTER_S": "3.0"}
+    problems: list[str] = []
+    try:
+        for seed in range(1, GROW_RUNS + 1):
+            rng = random.Random(seed)
+            worker = make_worker(redis_url, concurrency=2, visibility_s=2, env_extra=env, broker_url=rel_broker_url)
+            worker.wait_ready()
+            fans = [appmod.fan.s(ADDS, f"{key_prefix}:{seed}:{i}", sleep_s=rng.uniform(0.02, 0.2)).set(queue=rel_queue)
+                    for i in range(FANS)]  # fmt: skip
+            sid = dispatch(group(fans), canvas_path="grow.canvas", app=appmod.app, manager=manager,
+                           node_ids=[f"fan{i}" for i in range(FANS)])  # fmt: skip
+            time.sleep(rng.uniform(0.1, 1.5))
+            worker.kill()
+            make_worker(redis_url, concurrency=2, visibility_s=2, env_extra=env, broker_url=rel_broker_url)
+            wait_for(lambda sid=sid: manager.sync.get_session_status(sid)["status"] in TERMINAL, 120, "the end")
+            time.sleep(1.0)  # a late result would move the counts: they must still agree after it
+            problems += [f"seed {seed}: {p}" for p in _growth_problems(manager, sid)]
+    finally:
+        reaper.stop()
+        appmod.app.conf.broker_transport_options = transport
+        store.close()
+        manager.storage.close()
+    assert not problems, "\n".join(problems)
+
+
+def _growth_problems(manager: SessionManager, sid: str) -> list[str]:
+    """What is wrong with a growing session that ended: a fan's nodes added twice or partly, counts
+    that disagree with the nodes, a status that disagrees with the counts."""
+    status = manager.sync.get_session_status(sid)
+    nodes = all_nodes(manager, sid)
+    problems = []
+    fans = [nid for nid in nodes if nid.startswith("fan")]
+    added = [node for nid, node in nodes.items() if not nid.startswith("fan")]
+    if len(fans) != FANS or len(added) % ADDS or len(added) > FANS * ADDS:
+        problems.append(f"{len(fans)} fans and {len(added)} added nodes (each fan adds {ADDS}, once)")
+    if status["node_count"] != len(nodes):
+        problems.append(f"node_count {status['node_count']} for {len(nodes)} nodes")
+    counted = {s: sum(n.status is s for n in nodes.values()) for s in NodeStatus}
+    failed = counted[NodeStatus.FAILED] + counted[NodeStatus.LOST]
+    if (status["completed_nodes"], status["failed_nodes"]) != (counted[NodeStatus.COMPLETED], failed):
+        problems.append(f"counters {status['completed_nodes']}/{status['failed_nodes']} vs nodes {counted}")
+    expected = "completed" if failed == 0 and counted[NodeStatus.COMPLETED] == len(nodes) else "partial_failure"
+    if status["status"] != expected or status["running_nodes"] or status["pending_nodes"]:
+        problems.append(f"ended {status['status']} with {status['running_nodes']} running, "
+                        f"{status['pending_nodes']} pending: {counted}")  # fmt: skip
+    for node in added:
+        if node.status is NodeStatus.COMPLETED and node.result["doubled"] != 2 * node.result["i"]:
+            problems.append(f"node {node.node_id} holds {node.result}")
+    print(f"\ngrow {sid[:8]}: {status['status']} {status['completed_nodes']}/{status['node_count']}, "
+          f"{failed} lost or failed")  # fmt: skip
+    return problems
