@@ -53,7 +53,15 @@ from tracker.models import (
     TransitionOutcome,
 )
 from tracker.states import TERMINAL_NODE_STATUSES, NodeStatus, SessionStatus
-from tracker.storage.base import AsyncStore, NodeEvent, SessionStorageAdapter, StoreCall, store_call
+from tracker.storage.base import (
+    CHILD_POLICIES,
+    AsyncStore,
+    ChildLink,
+    NodeEvent,
+    SessionStorageAdapter,
+    StoreCall,
+    store_call,
+)
 from tracker.structure import Tree, check_tree, has_links
 
 logger = logging.getLogger(__name__)
@@ -544,6 +552,23 @@ class Operations:
             self._progress(details.get("progress"), status, sid),
         )
 
+    def child_event(self, sid: str, node_id: str, link: ChildLink) -> NodeEvent:
+        """The event that tells node ``node_id`` of session ``sid`` (checked already) that a child
+        session its task opened was opened, or ended (:class:`ChildLink`)."""
+        self._child(link, sid)
+        return NodeEvent(validation.node_id(node_id, sid), NodeStatus.RUNNING, child=link)
+
+    @staticmethod
+    def _child(link: object, sid: str) -> None:
+        if not isinstance(link, ChildLink):
+            raise TrackerValidationError("child", link, "expected a ChildLink", sid)
+        validation.session_id(link.child_id)
+        validation.attempt(link.attempt, sid)
+        if link.policy not in CHILD_POLICIES:
+            raise TrackerValidationError("child_failure", link.policy, f"expected one of {CHILD_POLICIES}", sid)
+        if link.ended is not None and not validation.member(SessionStatus, link.ended, "ended", sid).is_terminal:
+            raise TrackerValidationError("ended", link.ended, "expected the status a session ended with", sid)
+
     @staticmethod
     def _progress(value: object, status: NodeStatus, sid: str) -> float | None:
         if value is None:
@@ -565,6 +590,8 @@ class Operations:
         validation.label(event.request_id, "request_id", sid)
         validation.moment(event.at, "at", sid)
         validation.moment(event.started_at, "started_at", sid)
+        if event.child is not None:
+            self._child(event.child, sid)
         if event.progress is not None and self._progress(event.progress, event.status, sid) != event.progress:
             raise TrackerValidationError("progress", event.progress, "expected a fraction with at most 4 decimals", sid)
         cap = self.settings.max_error_chars

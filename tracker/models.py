@@ -70,6 +70,9 @@ class NodeResult(_Model):
     #: How far a running node's task says it is (0..1, ``tracker.celery.report_progress``); None
     #: when it reported nothing, or once the node stopped running.
     progress: float | None = None
+    #: Its task succeeded (``result`` holds what it returned) and it waits, ``running``, for the
+    #: child sessions the task opened.
+    waiting: bool = False
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -109,6 +112,13 @@ class SessionInfo(_Model):
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
     #: Which run of the session this is: 1 from dispatch, one more for each resume that re-sent nodes.
     run: int = Field(default=1, ge=1)
+    #: Child sessions its nodes' tasks opened (``dispatch`` inside a tracked task), and how many of
+    #: them have not ended.
+    children: int = 0
+    children_open: int = 0
+    #: For a child session: the session and node whose task opened it (that node ends with it).
+    parent_session_id: str | None = None
+    parent_node_id: str | None = None
 
     @computed_field  # type: ignore[prop-decorator]
     @property

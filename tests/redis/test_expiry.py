@@ -10,6 +10,7 @@ written since; it also drops the index entries of sessions Redis already expired
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 
 import pytest
@@ -18,6 +19,7 @@ import redis
 from tests.conftest import FakeClock
 from tests.redis.conftest import ManagerFactory
 from tracker import NodeSpec, SessionManager, SessionNotFoundError
+from tracker.storage.base import ChildLink
 from tracker.storage.keys import KeySpace
 
 TIMEOUT_S = 900
@@ -38,9 +40,12 @@ WRITES: dict[str, Write] = {
 
 
 def session_with_every_key(manager: SessionManager) -> str:
-    """A session whose four keys all exist: known nodes, one with a signature."""
+    """A session whose keys all exist: known nodes, one with a signature, and a child session that
+    the task of a third node (not recorded yet) opened."""
     nodes = [NodeSpec(node_id="a", task_id="t-a", signature={"task": "w.t", "args": [1]}), NodeSpec(node_id="b")]
-    return manager.sync.create_session("ttl.canvas", 3, nodes=nodes)
+    sid = manager.sync.create_session("ttl.canvas", 3, nodes=nodes)
+    manager.sync._record_nodes(sid, [manager.operations.child_event(sid, "c", ChildLink(str(uuid.uuid4())))])
+    return sid
 
 
 def ttls_ms(client: redis.Redis, keys: list[str]) -> dict[str, int]:
@@ -133,7 +138,7 @@ def test_writes_within_a_step_leave_the_ttls_alone_and_keep_at_least_the_timeout
     # And once the session hash has less than the timeout left, the next write refreshes every key
     redis_client.pexpire(keys[0], TIMEOUT_S * 1000 - 1)
     manager.sync.update_progress(sid, 10)
-    assert int(redis_client.info("commandstats")["cmdstat_pexpire"]["calls"]) == 1 + 5
+    assert int(redis_client.info("commandstats")["cmdstat_pexpire"]["calls"]) == 1 + 6
     assert_full_ttl(redis_client, key_prefix, sid)
 
 
@@ -161,7 +166,7 @@ def test_cleanup_removes_expired_sessions_and_keeps_refreshed_ones(
     assert redis_client.zscore(space.created_index, stale) is None
     assert redis_client.zscore(space.expiry_index, stale) is None
     # And the refreshed one is whole; its expiry index entry now holds its real last write
-    assert redis_client.exists(*space.session(refreshed).all()) == 5
+    assert redis_client.exists(*space.session(refreshed).all()) == 6
     assert manager.sync.get_session_status(refreshed)["completed_nodes"] == 1
     assert redis_client.zscore(space.expiry_index, refreshed) == refreshed_ms
     assert redis_client.zscore(space.created_index, refreshed) is not None

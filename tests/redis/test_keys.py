@@ -13,6 +13,7 @@ from redis.crc import key_slot
 
 from tests.redis.conftest import ManagerFactory
 from tracker import NodeSpec, SessionInfo
+from tracker.storage.base import ChildLink
 from tracker.storage.keys import KeySpace
 
 SID = "0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10"
@@ -25,7 +26,8 @@ def test_exact_key_strings() -> None:
     assert keys.sigs == "tracker:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:sigs"
     assert keys.events == "tracker:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:events"
     assert keys.by_status == "tracker:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:by_status"
-    assert keys.all() == [keys.session, keys.nodes, keys.sigs, keys.events, keys.by_status]
+    assert keys.children == "tracker:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:children"
+    assert keys.all() == [keys.session, keys.nodes, keys.sigs, keys.events, keys.by_status, keys.children]
     assert KeySpace().created_index == "tracker:index:created"
     assert KeySpace().expiry_index == "tracker:index:expiry"
     assert KeySpace("acme.prod").session(SID).session == "acme.prod:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:session"
@@ -39,9 +41,11 @@ def test_all_keys_of_a_session_share_one_hash_slot() -> None:
 def test_the_adapter_writes_exactly_these_keys(
     make_manager: ManagerFactory, key_prefix: str, redis_client: redis.Redis
 ) -> None:
-    # Given a session with a signature, a node result, a progress update and a transition
+    # Given a session with a signature, a child session, a node result, a progress update and a transition
     manager = make_manager()
     sid = manager.sync.create_session("k.canvas", 2, nodes=[NodeSpec(node_id="a", signature={"task": "t"})])
+    child = ChildLink("5d2f8a2e-7c1b-4d0e-9a57-3f4b6c8e1d20")
+    manager.sync._record_nodes(sid, [manager.operations.child_event(sid, "b", child)])
     manager.sync.add_node_result(sid, "a", {"ok": 1})
     manager.sync.update_progress(sid, 60)
     manager.sync.update_status(sid, "cancelled")
@@ -49,7 +53,7 @@ def test_the_adapter_writes_exactly_these_keys(
     # When we list every key under the test's prefix
     found = {key.decode() for key in redis_client.scan_iter(match=f"{key_prefix}:*", count=1000)}
 
-    # Then they are the five session keys and the two indexes, named as pinned above
+    # Then they are the six session keys and the two indexes, named as pinned above
     space = KeySpace(key_prefix)
     assert found == {*space.session(sid).all(), space.created_index, space.expiry_index}
     assert found == {
@@ -58,6 +62,7 @@ def test_the_adapter_writes_exactly_these_keys(
         f"{key_prefix}:{{{sid}}}:sigs",
         f"{key_prefix}:{{{sid}}}:events",
         f"{key_prefix}:{{{sid}}}:by_status",
+        f"{key_prefix}:{{{sid}}}:children",
         f"{key_prefix}:index:created",
         f"{key_prefix}:index:expiry",
     }
@@ -68,6 +73,7 @@ def test_the_adapter_writes_exactly_these_keys(
         f"{key_prefix}:{{{sid}}}:sigs": b"hash",
         f"{key_prefix}:{{{sid}}}:events": b"stream",
         f"{key_prefix}:{{{sid}}}:by_status": b"zset",
+        f"{key_prefix}:{{{sid}}}:children": b"hash",
         f"{key_prefix}:index:created": b"zset",
         f"{key_prefix}:index:expiry": b"zset",
     }

@@ -123,7 +123,7 @@ def test_load_session_reads_the_same_fields_in_the_same_order() -> None:
     body = _lua_function("load_session")
     hmget = re.search(r"redis\.call\('HMGET', S,([^)]*)\)", body)
     assert hmget is not None
-    read = (*SESSION_FIELDS, "linked", "unneeded", "partial")
+    read = (*SESSION_FIELDS, "linked", "unneeded", "partial")  # then what the scripts read, not replied
     assert tuple(re.findall(r"'([a-z_]+)'", hmget.group(1))) == read
     positions = dict(re.findall(r"([a-z_]+) = (?:tonumber\()?v\[(\d+)\]", body))
     assert {name: int(i) for name, i in positions.items()} == {name: i + 1 for i, name in enumerate(read)}

@@ -43,6 +43,9 @@ def sessions(draw: st.DrawFn, stored: bool) -> SessionInfo:
     """Any session model; ``stored``: one as a store holds it (aware datetimes, progress to 2
     decimals, metadata that passed the JSON checks)."""
     counts = draw(st.lists(st.integers(0, 10**6), min_size=8, max_size=8))
+    parent = draw(
+        st.none() | st.tuples(st.just("0b0c1a3e-58c3-4cc9-8a4a-3f0e8f6c1d2e"), st.sampled_from(["n1", "a:b"]))
+    )
     some_moment = moments if stored else moments | st.datetimes(min_value=datetime(1970, 1, 2))  # naive too
     return SessionInfo(
         session_id=SID,
@@ -63,6 +66,10 @@ def sessions(draw: st.DrawFn, stored: bool) -> SessionInfo:
         finished_at=draw(st.none() | some_moment),
         metadata=draw(st.dictionaries(st.text(max_size=6), stored_json if stored else json_values, max_size=4)),
         run=draw(st.integers(1, 1000)),
+        children=counts[1] % 50,
+        children_open=counts[2] % 50,
+        parent_session_id=parent[0] if parent else None,
+        parent_node_id=parent[1] if parent else None,
     )
 
 
@@ -89,7 +96,8 @@ def _values(info: SessionInfo) -> list[object]:
         info.lost_nodes, info.cancelled_nodes, info.skipped_nodes, info.retrying_nodes,
         str(info.progress_percent).encode(), _ms(info.started_at), _ms(info.finished_at), _ms(info.updated_at),
         info.canvas_path.encode(), _ms(info.created_at), json.dumps(info.metadata, separators=(",", ":")).encode(),
-        info.run,
+        info.run, info.children, info.children_open,
+        f"{info.parent_session_id}|{info.parent_node_id}".encode() if info.parent_session_id else b"",
     ]  # fmt: skip
 
 
@@ -104,7 +112,8 @@ def test_a_record_reply_reads_back_as_the_session_written(info: SessionInfo) -> 
 
 
 def test_a_status_this_version_does_not_know_is_an_error_not_a_session() -> None:
-    values = [b"paused", 3, 0, 0, 0, 0, 0, 0, 0, b"0", b"", b"", b"1767225600000", b"c", b"1767225600000", b"{}", 1]
+    values = [b"paused", 3, 0, 0, 0, 0, 0, 0, 0, b"0", b"", b"", b"1767225600000", b"c", b"1767225600000", b"{}", 1,
+              0, 0, b""]  # fmt: skip
     with pytest.raises(StorageUnavailableError, match="paused"):
         session_from_values(SID, values)
 

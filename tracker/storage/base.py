@@ -56,6 +56,22 @@ def new_request_id() -> str:
     return f"{_request_prefix}{next(_request_numbers):x}"
 
 
+#: What a child session that did not complete does to its parent node: fail it, or nothing.
+CHILD_POLICIES = ("fail", "ignore")
+
+
+class ChildLink(NamedTuple):
+    """A child session, as its parent's node event tells it (:attr:`NodeEvent.child`)."""
+
+    child_id: str
+    #: None: the node's task opened it (told before the child is created); else how it ended.
+    ended: SessionStatus | None = None
+    #: The attempt of the node's task that opened it: only the latest attempt's children count.
+    attempt: int = 1
+    #: ``fail``: the node fails when the child did not complete; ``ignore``: it completes anyway.
+    policy: str = "fail"
+
+
 class NodeEvent(NamedTuple):
     """One thing that happened to a node, as a store records it.
 
@@ -84,6 +100,9 @@ class NodeEvent(NamedTuple):
     #: A running node's progress (0..1) as its task reports it (``status`` is ``running``): the
     #: event changes nothing else, and counts only while that attempt of that task runs.
     progress: float | None = None
+    #: A child session of the node opened or ended (``status`` is ``running``, and ignored): the
+    #: node waits for its open children; the end of the last one ends a node whose task succeeded.
+    child: ChildLink | None = None
 
 
 class ResumePlanChanged(TrackerError):

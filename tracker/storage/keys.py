@@ -32,6 +32,12 @@ also on Redis Cluster):
 ``<prefix>:{<sid>}:by_status``       ZSET    ``<status>|<node id>`` per node record, all scored 0:
                                              the nodes of one status as a lexicographic range
                                              (pages of ``get_nodes`` by status)
+``<prefix>:{<sid>}:children``        HASH    the child sessions its nodes' tasks opened: child id ->
+                                             ``node_id|attempt|policy|state`` (``open`` or the
+                                             child's end status); ``#<node id>`` ->
+                                             ``attempt|open|failed_child`` (that node's latest
+                                             attempt's children: how many are open, the first
+                                             that failed); absent while it has none
 ===================================  ======  ===================================================
 
 Global (not atomic with session writes; they only help to find sessions):
@@ -61,17 +67,18 @@ from tracker import validation
 
 @dataclass(frozen=True)
 class SessionKeys:
-    """The keys of one session, in the order every script takes them (``KEYS[1..5]``)."""
+    """The keys of one session, in the order every script takes them (``KEYS[1..6]``)."""
 
     session: str
     nodes: str
     sigs: str
     events: str
     by_status: str
+    children: str
 
     def all(self) -> list[str]:
-        """``[session, nodes, sigs, events, by_status]``."""
-        return [self.session, self.nodes, self.sigs, self.events, self.by_status]
+        """``[session, nodes, sigs, events, by_status, children]``."""
+        return [self.session, self.nodes, self.sigs, self.events, self.by_status, self.children]
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,14 @@ class KeySpace:
         """The keys of ``session_id`` (validated first: only a UUID becomes part of a key)."""
         sid = validation.session_id(session_id)
         base = f"{self.prefix}:{{{sid}}}"
-        return SessionKeys(f"{base}:session", f"{base}:nodes", f"{base}:sigs", f"{base}:events", f"{base}:by_status")
+        return SessionKeys(
+            f"{base}:session",
+            f"{base}:nodes",
+            f"{base}:sigs",
+            f"{base}:events",
+            f"{base}:by_status",
+            f"{base}:children",
+        )
 
     @property
     def created_index(self) -> str:

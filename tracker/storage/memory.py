@@ -70,6 +70,10 @@ class _Entry:
     unneeded: set[str] = field(default_factory=set)
     #: The running nodes' reported progress, summed in ``states.PROGRESS_UNITS``.
     partial: int = 0
+    #: Child sessions (as ``record_nodes.lua`` keeps them): child id -> [node, attempt, policy,
+    #: state], and node -> [attempt, open, failed child] of that node's latest attempt.
+    children: dict[str, list[Any]] = field(default_factory=dict)
+    node_children: dict[str, list[Any]] = field(default_factory=dict)
 
 
 class InMemoryStorageAdapter:
@@ -350,6 +354,11 @@ class InMemoryStorageAdapter:
     def _apply(self, session_id: str, entry: _Entry, event: NodeEvent, now: datetime) -> NodeOutcome:
         at = event.at or now
         old = entry.nodes.get(event.node_id)
+        if event.child is not None or event.status is NodeStatus.COMPLETED:
+            what, changed = self._with_children(entry, old, event)
+            if what != "event":
+                return self._child_step(session_id, entry, old, changed, what, at)
+            event = changed
         if event.progress is not None:
             return self._progress(entry, old, event, at)
         node = old
@@ -401,6 +410,81 @@ class InMemoryStorageAdapter:
             succeeded=succeeded,
             first_failure=first_failure,
         )
+
+    @staticmethod
+    def _with_children(entry: _Entry, old: NodeResult | None, event: NodeEvent) -> tuple[str, NodeEvent]:
+        """What ``event`` means once the node's child sessions are taken into account
+        (``record_nodes.lua``: with_children): ``("event", e)`` apply ``e``; ``("wait", e)`` a
+        success that waits, running, for open children; ``("bookkeeping", e)`` only the children's
+        counters moved."""
+        link, node_id = event.child, event.node_id
+        info = entry.info
+        if link is not None and link.ended is None:
+            if link.child_id in entry.children:
+                return "bookkeeping", event
+            entry.children[link.child_id] = [node_id, link.attempt, link.policy, "open"]
+            entry.info = info.model_copy(
+                update={"children": info.children + 1, "children_open": info.children_open + 1}
+            )
+            mine = entry.node_children.get(node_id)
+            if mine is None or mine[0] < link.attempt:
+                mine = entry.node_children[node_id] = [link.attempt, 0, ""]
+            if mine[0] == link.attempt:
+                mine[1] += 1
+            return "bookkeeping", event
+        if link is not None and link.ended is not None:
+            entry_ = entry.children.get(link.child_id)
+            if entry_ is None or entry_[3] != "open":
+                return "bookkeeping", event
+            node_id, attempt, policy, _ = entry_
+            entry_[3] = SessionStatus(link.ended).value
+
+            entry.info = info.model_copy(update={"children_open": info.children_open - 1})
+            mine = entry.node_children.get(node_id)
+            if mine is None or mine[0] != attempt:
+                return "bookkeeping", event
+            mine[1] -= 1
+            if entry_[3] != "completed" and policy != "ignore" and not mine[2]:
+                mine[2] = f"{link.child_id} {entry_[3]}"
+            if mine[1] > 0 or old is None or not old.waiting:
+                return "bookkeeping", event
+            if mine[2]:  # the node's task succeeded before: it ends now
+                return "event", NodeEvent(
+                    node_id, NodeStatus.FAILED, None, attempt=attempt, reason=_child_failed(mine[2])
+                )
+            result = None if old.result is None else json.dumps(old.result, separators=(",", ":"))
+            return "event", NodeEvent(node_id, NodeStatus.COMPLETED, result, attempt=attempt)
+        mine = entry.node_children.get(node_id)
+        if mine is not None and mine[0] == (event.attempt or (old.attempts if old else 0)):
+            if mine[1] > 0:
+                return "wait", event
+            if mine[2]:
+                return "event", event._replace(
+                    status=NodeStatus.FAILED, result_json=None, task_id=None, worker=None, reason=_child_failed(mine[2])
+                )
+        return "event", event
+
+    def _child_step(
+        self, session_id: str, entry: _Entry, old: NodeResult | None, event: NodeEvent, what: str, at: datetime
+    ) -> NodeOutcome:
+        """A child event that changed no node's status, or a success that waits for children."""
+        node = old or NodeResult(node_id=event.node_id, status=NodeStatus.PENDING)
+        if what == "wait":
+            if event.started_at is not None or node.status is NodeStatus.PENDING:
+                start = NodeEvent(event.node_id, NodeStatus.RUNNING, attempt=event.attempt, task_id=event.task_id)
+                node = _merge_node(old, start, event.started_at or at)
+            if node.status is NodeStatus.RUNNING:
+                result = None if event.result_json is None else json.loads(event.result_json)
+                node = node.model_copy(update={"waiting": True, "result": result, "progress": None, "worker": None})
+                self._set_node(entry, node)
+                self._register(session_id, node, event.worker, at)
+                entry.info = self._recount(entry, at)
+                if entry.info.status is SessionStatus.PENDING:
+                    entry.info = self._move(entry.info, SessionStatus.RUNNING, at)
+        else:
+            entry.info = entry.info.model_copy(update={"updated_at": max(at, entry.info.updated_at)})
+        self._emit(entry, "child", at, node)
+        return NodeOutcome(node=node, session=entry.info, previous_node_status=old.status if old else None)
 
     def _progress(self, entry: _Entry, old: NodeResult | None, event: NodeEvent, at: datetime) -> NodeOutcome:
         """A running node's progress report: counted only while that attempt of that task runs
@@ -626,6 +710,11 @@ def _event_key(event_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def _child_failed(failed: str) -> str:
+    """The reason of a node whose child session did not complete (``failed``: its id and end)."""
+    return f"child session {failed}"
+
+
 def _merge_node(old: NodeResult | None, event: NodeEvent, now: datetime) -> NodeResult:
     """The node after ``event``: the rule of :func:`tracker.states.merge_node_status`, plus details."""
     status = states.merge_node_status(old.status if old else None, event.status)
@@ -643,7 +732,8 @@ def _merge_node(old: NodeResult | None, event: NodeEvent, now: datetime) -> Node
         # A start after a terminal result, or a duplicate success: only the attempt count moves.
         return base.model_copy(update={"attempts": attempts})
     update: dict[str, Any] = {
-        "status": status, "attempts": attempts, "error": event.error, "reason": event.reason, "progress": None
+        "status": status, "attempts": attempts, "error": event.error, "reason": event.reason, "progress": None,
+        "waiting": False,
     }  # fmt: skip
     if event.task_id is not None:
         update["task_id"] = event.task_id

@@ -1,4 +1,4 @@
--- add_nodes(KEYS=[session, nodes, sigs, events, by_status],
+-- add_nodes(KEYS=[session, nodes, sigs, events, by_status, children],
 --           ARGV=[now_ms, ttl_s, events_maxlen, max_node_count, n_nodes, part_json,
 --                 (node_id, task_id, signature_json) * n_nodes, (field, value) * m])
 -- Grows a session that has not ended by n new pending nodes, in one step: node_count and the nodes

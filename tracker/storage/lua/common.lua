@@ -1,8 +1,8 @@
 -- common: prepended to every script at load time. Not a script of its own.
--- KEYS[1..5] are always one session's keys: session (HASH), nodes (HASH), sigs (HASH), events (STREAM),
--- by_status (ZSET).
+-- KEYS[1..6] are always one session's keys: session (HASH), nodes (HASH), sigs (HASH), events (STREAM),
+-- by_status (ZSET), children (HASH).
 -- The tables below mirror tracker/states.py; tests/unit/test_lua_tables.py checks they agree.
-local S, N, G, E, X = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local S, N, G, E, X, C = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 
 -- node status -> the session counter it counts in
 local COUNTER = {completed = 'completed', failed = 'failed', lost = 'failed', cancelled = 'cancelled',
@@ -17,25 +17,28 @@ local TERMINAL_SESSION = {completed = true, partial_failure = true, failed = tru
 local function load_session()
   local v = redis.call('HMGET', S, 'status', 'node_count', 'completed', 'failed', 'running', 'lost', 'cancelled',
                        'skipped', 'retrying', 'progress', 'started_ms', 'finished_ms', 'updated_ms', 'canvas_path',
-                       'created_ms', 'metadata', 'run', 'linked', 'unneeded', 'partial')
+                       'created_ms', 'metadata', 'run', 'children', 'children_open', 'parent', 'linked', 'unneeded',
+                       'partial')
   if not v[1] then return nil end
   local s = {status = v[1], node_count = tonumber(v[2]) or 0, completed = tonumber(v[3]) or 0,
              failed = tonumber(v[4]) or 0, running = tonumber(v[5]) or 0, lost = tonumber(v[6]) or 0,
              cancelled = tonumber(v[7]) or 0, skipped = tonumber(v[8]) or 0, retrying = tonumber(v[9]) or 0,
              progress = v[10] or '', started_ms = v[11] or '', finished_ms = v[12] or '', updated_ms = v[13] or '',
              canvas_path = v[14] or '', created_ms = v[15] or '', metadata = v[16] or '', run = tonumber(v[17]) or 1,
-             linked = v[18] == '1', unneeded = tonumber(v[19]) or 0, partial = tonumber(v[20]) or 0}
+             children = tonumber(v[18]) or 0, children_open = tonumber(v[19]) or 0, parent = v[20] or '',
+             linked = v[21] == '1', unneeded = tonumber(v[22]) or 0, partial = tonumber(v[23]) or 0}
   -- What the hash holds now (false: missing), in save_session's order: it writes what differs.
   s.stored = {v[1], v[3] and s.completed, v[4] and s.failed, v[5] and s.running, v[6] and s.lost,
-              v[7] and s.cancelled, v[8] and s.skipped, v[10], v[11], v[12], v[19] and s.unneeded,
-              v[9] and s.retrying, v[20] and s.partial}
+              v[7] and s.cancelled, v[8] and s.skipped, v[10], v[11], v[12], v[22] and s.unneeded,
+              v[9] and s.retrying, v[23] and s.partial, v[18] and s.children, v[19] and s.children_open}
   return s
 end
 
 -- The session's fields as a list, in SESSION_FIELDS order (what record_nodes replies).
 local function session_values(s)
   return {s.status, s.node_count, s.completed, s.failed, s.running, s.lost, s.cancelled, s.skipped, s.retrying, s.progress,
-          s.started_ms, s.finished_ms, s.updated_ms, s.canvas_path, s.created_ms, s.metadata, s.run}
+          s.started_ms, s.finished_ms, s.updated_ms, s.canvas_path, s.created_ms, s.metadata, s.run, s.children,
+          s.children_open, s.parent}
 end
 
 -- Writes updated_ms and the state fields that differ from what load_session read: the session hash
@@ -47,7 +50,8 @@ local function save_session(s, now_ms)
   if s.updated_ms ~= '' and tonumber(s.updated_ms) > tonumber(now_ms) then updated = s.updated_ms end
   local was = s.stored
   local a = {'updated_ms', updated, false, false, false, false, false, false, false, false, false, false, false, false,
-             false, false, false, false, false, false, false, false, false, false, false, false, false, false}
+             false, false, false, false, false, false, false, false, false, false, false, false, false, false, false,
+             false, false, false}
   local n = 2
   if s.status ~= was[1] then a[n + 1] = 'status'; a[n + 2] = s.status; n = n + 2 end
   if s.completed ~= was[2] then a[n + 1] = 'completed'; a[n + 2] = s.completed; n = n + 2 end
@@ -62,9 +66,11 @@ local function save_session(s, now_ms)
   if s.unneeded ~= was[11] then a[n + 1] = 'unneeded'; a[n + 2] = s.unneeded; n = n + 2 end
   if s.retrying ~= was[12] then a[n + 1] = 'retrying'; a[n + 2] = s.retrying; n = n + 2 end
   if s.partial ~= was[13] then a[n + 1] = 'partial'; a[n + 2] = s.partial; n = n + 2 end
+  if s.children ~= was[14] then a[n + 1] = 'children'; a[n + 2] = s.children; n = n + 2 end
+  if s.children_open ~= was[15] then a[n + 1] = 'children_open'; a[n + 2] = s.children_open; n = n + 2 end
   redis.call('HSET', S, unpack(a, 1, n))
   s.stored = {s.status, s.completed, s.failed, s.running, s.lost, s.cancelled, s.skipped, s.progress, s.started_ms,
-              s.finished_ms, s.unneeded, s.retrying, s.partial}
+              s.finished_ms, s.unneeded, s.retrying, s.partial, s.children, s.children_open}
   return updated
 end
 
@@ -159,7 +165,7 @@ local function touch(ttl_s, force)
   local ttl_ms = tonumber(ttl_s) * 1000
   if not force and redis.call('PTTL', S) >= ttl_ms then return end
   local life_ms = ttl_ms + math.min(math.floor(ttl_ms / 10), 60000)
-  for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], life_ms) end
+  for i = 1, 6 do redis.call('PEXPIRE', KEYS[i], life_ms) end
 end
 
 -- The status index (X): one member '<status>|<node_id>' per node record, all scored 0, so the nodes

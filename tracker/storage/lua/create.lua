@@ -1,4 +1,4 @@
--- create(KEYS=[session, nodes, sigs, events, by_status, (created_index, expiry_index)],
+-- create(KEYS=[session, nodes, sigs, events, by_status, children, (created_index, expiry_index)],
 --        ARGV=[session_id, canvas_path, node_count, now_ms, metadata_json, ttl_s, events_maxlen, n_nodes,
 --              request_id, (node_id, task_id, signature_json) * n_nodes, (field, value) * m])
 -- Creates a pending session with its known nodes. The index keys are passed only outside Cluster.
@@ -47,8 +47,8 @@ end
 local s = load_session()
 emit(s, 'created', now_ms, maxlen)
 touch(ttl_s, true)
-if KEYS[6] then
-  redis.call('ZADD', KEYS[6], now_ms, sid)
+if KEYS[7] then
   redis.call('ZADD', KEYS[7], now_ms, sid)
+  redis.call('ZADD', KEYS[8], now_ms, sid)
 end
 return {'ok'}

@@ -1,4 +1,4 @@
--- end_stalled(KEYS=[session, nodes, sigs, events, by_status], ARGV=[cutoff_ms, reaped_ms, now_ms, ttl_s, events_maxlen, payload])
+-- end_stalled(KEYS=[session, nodes, sigs, events, by_status, children], ARGV=[cutoff_ms, reaped_ms, now_ms, ttl_s, events_maxlen, payload])
 -- A session left waiting for a message that no broker will deliver (kombu's Redis transport loses
 -- a message it popped when its worker is killed before recording it as unacknowledged): it has not
 -- ended, it existed when a dead worker was reaped (reaped_ms), nothing of it runs, and nothing

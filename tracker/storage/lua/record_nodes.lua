@@ -1,4 +1,4 @@
--- record_nodes(KEYS=[session, nodes, sigs, events, by_status, (workers, held_1, held_2, ...)],
+-- record_nodes(KEYS=[session, nodes, sigs, events, by_status, children, (workers, held_1, held_2, ...)],
 --              ARGV=[ttl_s, events_maxlen, request_id, details, session_id, event * n])
 --   event: 'node_id|status|attempt|task_id|worker|at_ms|started_ms|expect_holder|started_before_ms|held|payload'
 --   (one argument per event: only the payload, last, may hold a '|'); status 'progress': a running
@@ -173,6 +173,70 @@ local function skip_after(node_id, status, at_ms)
   end
 end
 
+-- Child sessions (the children hash C, tracker.storage.keys): a node's task that dispatched child
+-- sessions ends with them. Each child is told to its parent in two events of the parent's own:
+-- 'child_open' (payload 'child_id|attempt|policy'), before the child is created, and 'child_end'
+-- (payload 'child_id|end status'), by whoever ended the child. Both are idempotent (a child is
+-- opened once, and ends once). Only the latest attempt's children count for the node.
+local function node_children(node_id)
+  local raw = redis.call('HGET', C, '#' .. node_id)
+  if not raw then return nil end
+  local at, open, failed = string.match(raw, '^([^|]*)|([^|]*)|(.*)$')
+  return {attempt = tonumber(at), open = tonumber(open), failed = failed}
+end
+
+local function save_children(node_id, c)
+  redis.call('HSET', C, '#' .. node_id, c.attempt .. '|' .. c.open .. '|' .. c.failed)
+end
+
+local WAITING = '{"waiting":true'
+local children_created = false -- this call made the children hash (its TTL is set below)
+
+-- What a node event means once the node's children are taken into account: the event's own
+-- (status, payload, attempt), another (a success that waits for open children stays `running`
+-- with its result kept, status 'wait'; one whose child failed fails), or nil when it only moved
+-- the children's bookkeeping (nothing happens to the node).
+local function with_children(node_id, f, incoming, payload, attempt)
+  if incoming == 'child_open' then
+    local child, at, policy = string.match(payload, '^([^|]*)|([^|]*)|(.*)$')
+    children_created = children_created or redis.call('EXISTS', C) == 0
+    if redis.call('HSETNX', C, child, node_id .. '|' .. at .. '|' .. policy .. '|open') == 0 then return nil end
+    s.children, s.children_open = s.children + 1, s.children_open + 1
+    local c = node_children(node_id)
+    if not c or c.attempt < tonumber(at) then c = {attempt = tonumber(at), open = 0, failed = ''} end
+    if c.attempt == tonumber(at) then
+      c.open = c.open + 1
+      save_children(node_id, c)
+    end
+    return nil
+  elseif incoming == 'child_end' then
+    local child, ended = string.match(payload, '^([^|]*)|(.*)$')
+    local entry = redis.call('HGET', C, child)
+    if not entry then return nil end
+    local node, at, policy, state = string.match(entry, '^([^|]*)|([^|]*)|([^|]*)|(.*)$')
+    if state ~= 'open' then return nil end
+    redis.call('HSET', C, child, node .. '|' .. at .. '|' .. policy .. '|' .. ended)
+    s.children_open = s.children_open - 1
+    local c = node_children(node)
+    if not c or c.attempt ~= tonumber(at) then return nil end
+    c.open = c.open - 1
+    if ended ~= 'completed' and policy ~= 'ignore' and c.failed == '' then c.failed = child .. ' ' .. ended end
+    save_children(node, c)
+    if c.open > 0 or f[1] ~= 'running' or string.sub(f[7], 1, #WAITING) ~= WAITING then return nil end
+    -- The node's task succeeded before: it ends now, with its result or with its child's failure.
+    if c.failed ~= '' then return 'failed', '{"reason":"child session ' .. c.failed .. '"}', at end
+    local rest = string.sub(f[7], #WAITING + 1)
+    return 'completed', rest == '}' and '' or '{' .. string.sub(rest, 2), at
+  elseif incoming == 'completed' then
+    local c = node_children(node_id)
+    if c and c.attempt == tonumber(attempt ~= '' and attempt or f[2]) then
+      if c.open > 0 then return 'wait', payload == '' and WAITING .. '}' or WAITING .. ',' .. string.sub(payload, 2), attempt end
+      if c.failed ~= '' then return 'failed', '{"reason":"child session ' .. c.failed .. '"}', attempt end
+    end
+  end
+  return incoming, payload, attempt
+end
+
 local finished, skipped, details = '', {}, {}
 local first_failed = nil -- the first node of this call that failed for good
 local registry, seen = {}, {} -- registry[held] = {member = true (add) | false (remove)}
@@ -194,7 +258,24 @@ for _, e in ipairs(events) do
       skip = true
     end
   end
-  if incoming == 'progress' and not progress_applies(old, task_id, attempt) then
+  local kind = 'node'
+  if not skip and (incoming == 'child_open' or incoming == 'child_end' or incoming == 'completed') then
+    local effective, effective_payload, effective_attempt = with_children(node_id, old, incoming, payload, attempt)
+    if effective and effective ~= incoming then
+      kind = effective == 'wait' and 'child' or 'node' -- a node event when the node ends
+      incoming, payload, attempt = effective, effective_payload, effective_attempt
+      if incoming ~= 'wait' then task_id, worker = '', '' end
+    elseif not effective then
+      incoming, kind = 'bookkeeping', 'child'
+    end
+  end
+  if incoming == 'bookkeeping' then
+    -- a child opened or ended, nothing happened to the node: the counters move, a `child` event
+    applied = applied + 1
+    emit(s, 'child', at_ms, maxlen, node_id, old[1] ~= '' and old[1] or 'pending')
+    if want_details then details[#details + 1] = old[1]; details[#details + 1] = raw or '' end
+    if tonumber(at_ms) > tonumber(last_ms) then last_ms = at_ms end
+  elseif incoming == 'progress' and not progress_applies(old, task_id, attempt) then
     -- ignored, and not a conditional event: not listed in `skipped`
     if want_details then details[#details + 1] = old[1]; details[#details + 1] = raw or '' end
   elseif skip then
@@ -204,10 +285,18 @@ for _, e in ipairs(events) do
     applied = applied + 1
     local old_status = old[1]
     local new = old -- updated in place
-    if started_ms ~= '' and TERMINAL_NODE[incoming] then
+    if started_ms ~= '' and (TERMINAL_NODE[incoming] or incoming == 'wait') then
       step(new, 'running', attempt, task_id, worker, '', started_ms)
     end
-    step(new, incoming, attempt, task_id, worker, payload, at_ms)
+    if incoming == 'wait' then
+      -- Its task succeeded while children it opened run: it stays running, its result kept, and
+      -- no worker holds it any more (the reaper must not take it for lost).
+      if new[1] == '' or new[1] == 'pending' then step(new, 'running', attempt, task_id, '', '', at_ms) end
+      if new[1] == 'running' then step(new, 'progress', attempt, task_id, worker, payload, at_ms) end
+      new[6] = ''
+    else
+      step(new, incoming, attempt, task_id, worker, payload, at_ms)
+    end
     local record = node_text(new)
     if record ~= raw then
       redis.call('HSET', N, node_id, record)
@@ -215,10 +304,10 @@ for _, e in ipairs(events) do
       index(node_id, old_status, new[1])
     end
     if held > 0 then
-      if new[1] == 'running' and new[6] == worker then
+      if new[1] == 'running' and new[6] == worker and worker ~= '' then
         registry[held][member] = true
         seen[worker] = at_ms
-      elseif new[1] ~= 'running' and (old_status == 'running' or registry[held][member] ~= nil) then
+      elseif (new[1] ~= 'running' or incoming == 'wait') and (old_status == 'running' or registry[held][member] ~= nil) then
         registry[held][member] = false -- it may be in the set: a node never seen running is not
       end
     end
@@ -241,7 +330,7 @@ for _, e in ipairs(events) do
       end
     end
     s.progress = derived_progress(s)
-    emit(s, incoming == 'progress' and 'progress' or 'node', at_ms, maxlen, node_id, new[1])
+    emit(s, incoming == 'progress' and 'progress' or kind, at_ms, maxlen, node_id, new[1])
     for _, other in ipairs(marked) do emit(s, 'node', at_ms, maxlen, other, 'skipped') end
     marked = {}
     if rederived then emit(s, 'status', at_ms, maxlen) end
@@ -255,12 +344,12 @@ for held, members in pairs(registry) do
   for member, present in pairs(members) do
     if present then add[#add + 1] = member else rem[#rem + 1] = member end
   end
-  for_chunks(add, function(part) redis.call('SADD', KEYS[6 + held], unpack(part)) end)
-  for_chunks(rem, function(part) redis.call('SREM', KEYS[6 + held], unpack(part)) end)
+  for_chunks(add, function(part) redis.call('SADD', KEYS[7 + held], unpack(part)) end)
+  for_chunks(rem, function(part) redis.call('SREM', KEYS[7 + held], unpack(part)) end)
 end
 local alive = {}
 for worker, at_ms in pairs(seen) do alive[#alive + 1] = at_ms; alive[#alive + 1] = worker end
-if #alive > 0 then redis.call('ZADD', KEYS[6], unpack(alive)) end
+if #alive > 0 then redis.call('ZADD', KEYS[7], unpack(alive)) end
 if finished ~= '' and request_id ~= '' then
   redis.call('HSET', S, 'finish_request', request_id)
 elseif request_id ~= '' and TERMINAL_SESSION[s.status] and redis.call('HGET', S, 'finish_request') == request_id then
@@ -268,7 +357,7 @@ elseif request_id ~= '' and TERMINAL_SESSION[s.status] and redis.call('HGET', S,
 end
 if applied > 0 then
   s.updated_ms = save_session(s, last_ms)
-  touch(ttl_s, known == 0) -- known == 0: this call created the nodes hash
+  touch(ttl_s, known == 0 or children_created) -- known == 0: this call created the nodes hash
 end
 local mark = request_id ~= '' and request_id or '-'
 local succeeded, failed_node = '', ''

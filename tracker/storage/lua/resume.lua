@@ -1,4 +1,4 @@
--- resume(KEYS=[session, nodes, sigs, events, by_status],
+-- resume(KEYS=[session, nodes, sigs, events, by_status, children],
 --        ARGV=[retry_failed, task_id_base, now_ms, ttl_s, events_maxlen, request_id, n_chosen, chosen...,
 --              allowed_from...])
 -- Takes the session back to running (its next run: the `run` field counts them) and resets to

@@ -1,4 +1,4 @@
--- transition(KEYS=[session, nodes, sigs, events, by_status],
+-- transition(KEYS=[session, nodes, sigs, events, by_status, children],
 --            ARGV=[target, now_ms, ttl_s, events_maxlen, request_id, allowed_from...])
 -- Compare-and-set of the session status; the allowed from-states come from states.VALID_TRANSITIONS.
 -- Cancelling marks every node without a result `cancelled`. A retry of the same request (same

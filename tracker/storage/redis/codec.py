@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from tracker import validation
 from tracker.errors import StorageUnavailableError, TrackerValidationError
 from tracker.models import NodeError, NodeResult, SessionEvent, SessionInfo, ms_from_utc, utc_from_ms
 from tracker.states import NodeStatus, SessionStatus
-from tracker.storage.base import NodeEvent
+from tracker.storage.base import ChildLink, NodeEvent
 
 
 def text(value: Any) -> str:
@@ -47,6 +48,7 @@ def session_from_hash(session_id: str, fields: dict[str, str]) -> SessionInfo:
     """A session from its hash (``HGETALL``, or a script's reply of it)."""
     created = utc(int(fields["created_ms"]))
     updated = utc(int(fields["updated_ms"]))
+    parent_sid, _, parent_node = fields.get("parent", "").partition("|")
     return SessionInfo(
         session_id=session_id,
         canvas_path=fields["canvas_path"],
@@ -66,6 +68,10 @@ def session_from_hash(session_id: str, fields: dict[str, str]) -> SessionInfo:
         finished_at=moment(fields.get("finished_ms", "")),
         metadata=json.loads(fields.get("metadata") or "{}"),
         run=int(fields.get("run") or 1),
+        children=int(fields.get("children") or 0),
+        children_open=int(fields.get("children_open") or 0),
+        parent_session_id=parent_sid or None,
+        parent_node_id=parent_node or None,
     )
 
 
@@ -81,7 +87,9 @@ def session_from_values(session_id: str, values: Sequence[Any]) -> SessionInfo:
     """A session from the values every ``record_nodes`` reply carries, in ``SESSION_FIELDS``
     order: numbers as integers, the rest as bytes."""
     (status, node_count, completed, failed, running, lost, cancelled, skipped, retrying, progress,
-     started_ms, finished_ms, updated_ms, canvas_path, created_ms, metadata, run) = values  # fmt: skip
+     started_ms, finished_ms, updated_ms, canvas_path, created_ms, metadata, run, children, children_open,
+     parent) = values  # fmt: skip
+    parent_sid, _, parent_node = text(parent).partition("|") if parent else ("", "", "")
     return SessionInfo(
         session_id=session_id,
         canvas_path=text(canvas_path),
@@ -101,6 +109,10 @@ def session_from_values(session_id: str, values: Sequence[Any]) -> SessionInfo:
         finished_at=utc(int(finished_ms)) if finished_ms else None,
         metadata=json.loads(metadata) if metadata and metadata != b"{}" else {},
         run=run,
+        children=children,
+        children_open=children_open,
+        parent_session_id=parent_sid or None,
+        parent_node_id=parent_node or None,
     )
 
 
@@ -127,6 +139,7 @@ def node_from_record(node_id: str, record: str) -> NodeResult:
         finished_at=moment(finished),
         reason=details.get("reason"),
         progress=details.get("progress") if status == NodeStatus.RUNNING else None,
+        waiting=bool(details.get("waiting")) and status == NodeStatus.RUNNING,
     )
 
 
@@ -142,6 +155,14 @@ def record_payload(event: NodeEvent) -> str:
     if event.reason is not None:
         parts.append('"reason":' + json.dumps(event.reason, ensure_ascii=False))
     return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def child_payload(link: ChildLink) -> tuple[str, str]:
+    """The wire status and payload of a child session's event (``record_nodes.lua``: with_children)."""
+    validation.session_id(link.child_id)
+    if link.ended is None:
+        return "child_open", f"{link.child_id}|{link.attempt}|{link.policy}"
+    return "child_end", f"{link.child_id}|{SessionStatus(link.ended).value}"
 
 
 def progress_payload(fraction: float) -> str:

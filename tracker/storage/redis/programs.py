@@ -63,7 +63,8 @@ SCRIPTS = (
 #: ``load_session`` reads them in the same order).
 SESSION_FIELDS = (
     "status", "node_count", "completed", "failed", "running", "lost", "cancelled", "skipped", "retrying", "progress",
-    "started_ms", "finished_ms", "updated_ms", "canvas_path", "created_ms", "metadata", "run",
+    "started_ms", "finished_ms", "updated_ms", "canvas_path", "created_ms", "metadata", "run", "children",
+    "children_open", "parent",
 )  # fmt: skip
 
 #: Sessions whose key names each program object remembers (see ``RedisPrograms._session_keys``).
@@ -332,7 +333,9 @@ class RedisPrograms:
             if worker is not None:
                 worker = codec.record_field(worker, "worker")
             status: str = event.status
-            if event.progress is not None:  # a progress report (record_nodes.lua: progress_applies)
+            if event.child is not None:  # a child session opened or ended (record_nodes.lua: with_children)
+                status, payload = codec.child_payload(event.child)
+            elif event.progress is not None:  # a progress report (record_nodes.lua: progress_applies)
                 status, payload = "progress", codec.progress_payload(event.progress)
             elif event.error is None and event.reason is None:  # the common case, without a call
                 payload = "" if result_json is None else '{"result":' + result_json + "}"
