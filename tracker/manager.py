@@ -41,6 +41,7 @@ from tracker.errors import SessionNotFoundError, TrackerValidationError
 from tracker.models import (
     AddOutcome,
     BatchOutcome,
+    ChildSession,
     NodeError,
     NodeOutcome,
     NodePage,
@@ -57,6 +58,7 @@ from tracker.storage.base import (
     CHILD_POLICIES,
     AsyncStore,
     ChildLink,
+    ChildWatch,
     NodeEvent,
     SessionStorageAdapter,
     StoreCall,
@@ -143,6 +145,7 @@ class Operations:
         nodes: Sequence[NodeSpec] = (),
         session_id: str | None = None,
         structure: Tree | None = None,
+        parent: tuple[str, str] | None = None,
     ) -> Plan[str]:
         """Create a ``pending`` session and return its id (a UUID4 string, 36 characters).
 
@@ -155,6 +158,8 @@ class Operations:
             structure: Which node feeds which (a canvas tree, see :mod:`tracker.structure`; every
                 node listed in ``nodes``): nodes that will never run are marked ``skipped`` as soon
                 as that is known, and resume re-sends with it.
+            parent: ``(session_id, node_id)`` of the node whose task opens this session: a child
+                session, watched until its end is told to that node (``tracker.celery`` does).
 
         Raises:
             TrackerValidationError: bad input; nothing was stored.
@@ -173,10 +178,16 @@ class Operations:
             structure = check_tree(structure, node_ids, self.settings.max_canvas_depth)
             if len(node_ids) != count:
                 raise TrackerValidationError("nodes", len(node_ids), f"a structure needs all {count} nodes", sid)
+        parent_sid = parent_node = None
+        if parent is not None:
+            if not isinstance(parent, tuple) or len(parent) != 2:
+                raise TrackerValidationError("parent", parent, "expected (session_id, node_id)", sid)
+            parent_sid, parent_node = validation.session_id(parent[0]), validation.node_id(parent[1], sid)
         now = self.clock()
         info = SessionInfo(
-            session_id=sid, canvas_path=path, node_count=count, created_at=now, updated_at=now, metadata=meta
-        )
+            session_id=sid, canvas_path=path, node_count=count, created_at=now, updated_at=now, metadata=meta,
+            parent_session_id=parent_sid, parent_node_id=parent_node,
+        )  # fmt: skip
         return plan(store_call(Store.create, info, tuple(nodes), signatures, structure), lambda _: sid)
 
     def _specs(self, nodes: Sequence[NodeSpec], sid: str) -> tuple[list[str], list[str | None]]:
@@ -495,11 +506,35 @@ class Operations:
                 self.check_event(event, sid)
         return answer(store_call(Store.record_nodes, sid, list(events), self.clock(), request_id))
 
-    def heartbeat(self, worker: str, sessions: Sequence[str] = ()) -> Plan[None]:
+    def heartbeat(self, worker: str | None, sessions: Sequence[str] = ()) -> Plan[None]:
         """Note that worker process ``worker`` (``hostname:pid``) is alive now, and keep the
-        ``sessions`` it runs nodes of from expiring (however long their nodes run)."""
+        ``sessions`` it runs nodes of from expiring (however long their nodes run). ``worker``
+        None: only keep the sessions alive (parents waiting for their child sessions)."""
         sids = [validation.session_id(sid) for sid in sessions]
-        return answer(store_call(Store.heartbeat, validation.worker_id(worker), self.clock(), sids))
+        who = None if worker is None else validation.worker_id(worker)
+        return answer(store_call(Store.heartbeat, who, self.clock(), sids))
+
+    def get_children(self, session_id: str) -> Plan[list[ChildSession]]:
+        """The child sessions the session's nodes' tasks opened (``dispatch`` inside a tracked
+        task), by node: each one's id, node, and status (``open`` until it ended).
+
+        Raises:
+            TrackerValidationError: a bad id.
+        """
+        return answer(store_call(Store.get_children, validation.session_id(session_id)))
+
+    def watched_children(self, limit: int = 1000) -> Plan[list[ChildWatch]]:
+        """Child sessions whose end was not told to their parent yet, oldest first (for ``maintain``)."""
+        return answer(store_call(Store.watched_children, _limit(limit)))
+
+    def unwatch_child(self, watch: ChildWatch) -> Plan[None]:
+        """Stop watching a child whose end was told to its parent."""
+        if not isinstance(watch, ChildWatch):
+            raise TrackerValidationError("watch", watch, "expected a ChildWatch")
+        validation.session_id(watch.child_id)
+        validation.session_id(watch.parent_session_id)
+        validation.node_id(watch.parent_node_id)
+        return answer(store_call(Store.unwatch_child, watch))
 
     def node_event(
         self,
@@ -730,6 +765,7 @@ class _Verbs:
     list_sessions = _Verb(Operations.list_sessions)
     read_events = _Verb(Operations.read_events)
     get_structure = _Verb(Operations.get_structure)
+    get_children = _Verb(Operations.get_children)
     delete_session = _Verb(Operations.delete_session)
     reap_lost_nodes = _Verb(Operations.reap_lost_nodes)
     end_stalled_sessions = _Verb(Operations.end_stalled_sessions)
@@ -739,6 +775,8 @@ class _Verbs:
     _record_node = _Verb(Operations.record_node)
     _record_nodes = _Verb(Operations.record_nodes)
     _heartbeat = _Verb(Operations.heartbeat)
+    _watched_children = _Verb(Operations.watched_children)
+    _unwatch_child = _Verb(Operations.unwatch_child)
 
 
 def default_storage(settings: TrackerSettings) -> SessionStorageAdapter:

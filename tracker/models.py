@@ -272,6 +272,22 @@ class ResumeOutcome(_Model):
     nodes: list[NodeSpec]
 
 
+class ChildSession(_Model):
+    """A child session a node's task opened (``dispatch`` inside a tracked task), as its parent keeps it."""
+
+    session_id: str
+    #: The parent's node whose task opened it, and that task's attempt.
+    node_id: str
+    attempt: int = 1
+    #: ``fail`` (the node fails when the child does not complete) or ``ignore``.
+    child_failure: str = "fail"
+    #: ``open`` until it ended, then the status it ended with.
+    status: str = "open"
+
+    def __lt__(self, other: ChildSession) -> bool:
+        return (self.node_id, self.session_id) < (other.node_id, other.session_id)
+
+
 class AddOutcome(_Model):
     """What adding nodes to a running session did (``add_nodes``)."""
 

@@ -128,3 +128,32 @@ async def test_bad_child_links_are_refused(manager: SessionManager, link: ChildL
     sid = await running_parent(manager)
     with pytest.raises(TrackerValidationError):
         manager.operations.child_event(sid, "p0", link)
+
+
+async def test_a_child_is_listed_by_its_parent_and_watched_until_told(manager: SessionManager) -> None:
+    # Given a parent node whose task opens a child session
+    sid = await running_parent(manager)
+    child = child_id()
+    await tell(manager, sid, "p0", ChildLink(child, policy="ignore"))
+    created = await manager.create_session("child.canvas", 1, session_id=child, parent=(sid, "p0"))
+    # Then the parent lists it, the child names its parent, and it is watched
+    (listed,) = await manager.get_children(sid)
+    assert (listed.session_id, listed.node_id, listed.child_failure, listed.status) == (child, "p0", "ignore", "open")
+    status = await manager.get_session_status(created)
+    assert (status["parent_session_id"], status["parent_node_id"]) == (sid, "p0")
+    (watch,) = await manager._watched_children()
+    assert watch == (child, sid, "p0")
+    # When its end is told, it is listed so, and no longer watched once unwatched
+    await tell(manager, sid, "p0", ChildLink(child, S.FAILED))
+    assert [c.status for c in await manager.get_children(sid)] == ["failed"]
+    await manager._unwatch_child(watch)
+    assert await manager._watched_children() == []
+    assert await manager.get_children(child) == []
+
+
+async def test_a_bad_parent_is_refused(manager: SessionManager) -> None:
+    with pytest.raises(TrackerValidationError):
+        await manager.create_session("child.canvas", 1, parent=("not-a-session", "p0"))
+    with pytest.raises(TrackerValidationError):
+        await manager.create_session("child.canvas", 1, parent=(child_id(), "bad node"))
+    assert await manager._watched_children() == []

@@ -22,6 +22,7 @@ from tracker.errors import TrackerError, TrackerValidationError
 from tracker.models import (
     AddOutcome,
     BatchOutcome,
+    ChildSession,
     NodeError,
     NodeOutcome,
     NodePage,
@@ -54,6 +55,14 @@ def new_request_id() -> str:
     """A fresh id for one store call (kept across its retries): a random prefix per process and a
     counter, so that no system call is made per call."""
     return f"{_request_prefix}{next(_request_numbers):x}"
+
+
+class ChildWatch(NamedTuple):
+    """A child session whose end has not been told to its parent yet (see :meth:`SessionStorageAdapter.watched_children`)."""
+
+    child_id: str
+    parent_session_id: str
+    parent_node_id: str
 
 
 #: What a child session that did not complete does to its parent node: fail it, or nothing.
@@ -286,9 +295,20 @@ class SessionStorageAdapter(Protocol):
             NodeLimitError: the events bring more distinct nodes than ``node_count``; nothing changed.
         """
 
-    def heartbeat(self, worker: str, now: datetime, sessions: Sequence[str] = ()) -> None:
+    def heartbeat(self, worker: str | None, now: datetime, sessions: Sequence[str] = ()) -> None:
         """Note that worker process ``worker`` is alive at ``now`` (called every few seconds), and
-        keep ``sessions`` (those it runs nodes of) from expiring while they have not ended."""
+        keep ``sessions`` (those it runs nodes of) from expiring while they have not ended.
+        ``worker`` None: only keep the sessions alive (parents waiting for their children)."""
+
+    def get_children(self, session_id: str) -> list[ChildSession]:
+        """The child sessions the session's nodes' tasks opened, by node (empty: none, or no such session)."""
+
+    def watched_children(self, limit: int) -> list[ChildWatch]:
+        """At most ``limit`` child sessions whose end was not told to their parent yet, oldest first:
+        every session created with a parent is watched until :meth:`unwatch_child`."""
+
+    def unwatch_child(self, watch: ChildWatch) -> None:
+        """Stop watching a child whose end was told to its parent."""
 
     def reap_lost(
         self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None, requeued: bool = False

@@ -46,6 +46,9 @@ Global (not atomic with session writes; they only help to find sessions):
 ``<prefix>:index:created``           ZSET    session id scored by creation time (ms): listing
 ``<prefix>:index:expiry``            ZSET    session id scored by the last known update (ms):
                                              cleanup candidates; re-checked before deleting
+``<prefix>:index:children``          ZSET    ``<child id> <parent id> <parent node>`` scored by the
+                                             child's creation (ms): children whose end was not
+                                             told to their parent yet (``maintain`` tells it)
 ``<prefix>:workers``                 ZSET    worker process id -> last heartbeat (ms)
 ``<prefix>:held:<worker>``           SET     ``"<session_id> <node_id>"`` the worker process runs
 ``<prefix>:suspects``                ZSET    silent worker process id -> when a reaper first saw it
@@ -113,6 +116,11 @@ class KeySpace:
     def expiry_index(self) -> str:
         """Sessions by last known update time."""
         return f"{self.prefix}:index:expiry"
+
+    @property
+    def children_index(self) -> str:
+        """Child sessions whose end has not been told to their parent yet (``<child> <parent> <node>``)."""
+        return f"{self.prefix}:index:children"
 
     @property
     def workers(self) -> str:

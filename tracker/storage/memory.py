@@ -22,6 +22,7 @@ from tracker.errors import (
 from tracker.models import (
     AddOutcome,
     BatchOutcome,
+    ChildSession,
     NodeOutcome,
     NodePage,
     NodeResult,
@@ -35,6 +36,7 @@ from tracker.models import (
 from tracker.states import NodeStatus, SessionStatus
 from tracker.storage.aio import ThreadedAsyncStore
 from tracker.storage.base import (
+    ChildWatch,
     NodeEvent,
     ResumePlanChanged,
     lost_reason,
@@ -94,6 +96,8 @@ class InMemoryStorageAdapter:
         self._suspects: dict[str, int] = {}
         self._alive = True
         self._reaped_at: datetime | None = None
+        # Child sessions whose end was not told to their parent yet, oldest first.
+        self._watched: dict[ChildWatch, None] = {}
 
     # -- helpers (call with the lock held) ---------------------------------------------------
 
@@ -192,6 +196,8 @@ class InMemoryStorageAdapter:
                 if spec.signature is not None:
                     entry.signatures[spec.node_id] = spec.signature
             self._sessions[session.session_id] = entry
+            if session.parent_session_id and session.parent_node_id:
+                self._watched[ChildWatch(session.session_id, session.parent_session_id, session.parent_node_id)] = None
             self._emit(entry, "created", session.created_at)
 
     def add_nodes(
@@ -542,13 +548,31 @@ class InMemoryStorageAdapter:
         else:
             held.discard((session_id, node.node_id))
 
-    def heartbeat(self, worker: str, now: datetime, sessions: Sequence[str] = ()) -> None:
+    def heartbeat(self, worker: str | None, now: datetime, sessions: Sequence[str] = ()) -> None:
         with self._lock:
-            self._workers[worker_id(worker)] = now
+            if worker is not None:
+                self._workers[worker_id(worker)] = now
             for session_id in sessions:
                 entry = self._sessions.get(session_id)
                 if entry is not None and not entry.info.status.is_terminal:
                     entry.alive_at = now
+
+    def get_children(self, session_id: str) -> list[ChildSession]:
+        with self._lock:
+            entry = self._sessions.get(session_id)
+            children = entry.children.items() if entry is not None else []
+            return sorted(
+                ChildSession(session_id=child, node_id=node, attempt=attempt, child_failure=policy, status=state)
+                for child, (node, attempt, policy, state) in children
+            )
+
+    def watched_children(self, limit: int) -> list[ChildWatch]:
+        with self._lock:
+            return list(self._watched)[:limit]
+
+    def unwatch_child(self, watch: ChildWatch) -> None:
+        with self._lock:
+            self._watched.pop(watch, None)
 
     def reap_lost(
         self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None, requeued: bool = False

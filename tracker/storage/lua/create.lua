@@ -1,25 +1,29 @@
 -- create(KEYS=[session, nodes, sigs, events, by_status, children, (created_index, expiry_index)],
 --        ARGV=[session_id, canvas_path, node_count, now_ms, metadata_json, ttl_s, events_maxlen, n_nodes,
---              request_id, (node_id, task_id, signature_json) * n_nodes, (field, value) * m])
--- Creates a pending session with its known nodes. The index keys are passed only outside Cluster.
+--              request_id, parent, (node_id, task_id, signature_json) * n_nodes, (field, value) * m])
+-- Creates a pending session with its known nodes. The index keys are passed only outside Cluster,
+-- and the children index (KEYS[9]) only for a child session. parent: 'session_id|node_id' of the
+-- node whose task opened it, '' for none; a child is watched in the children index until its end
+-- was told to its parent (tracker.celery.children).
 -- The (field, value) pairs after the nodes are the session's structure (tracker.structure), kept in
 -- the sigs hash; with them the session is `linked`: record_nodes follows its links.
 -- A retry of the same request (same request_id) answers 'ok' again and changes nothing.
 -- Returns {'ok'} | {'exists'}
 local sid, canvas_path, node_count, now_ms, metadata = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local ttl_s, maxlen, n_nodes, request_id = ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
+local ttl_s, maxlen, n_nodes, request_id, parent = ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10]
 if redis.call('EXISTS', S) == 1 then
   if replay_of(request_id) then return {'ok'} end
   return {'exists'}
 end
 redis.call('HSET', S, 'canvas_path', canvas_path, 'node_count', node_count, 'status', 'pending', 'progress', '0',
            'completed', 0, 'failed', 0, 'running', 0, 'lost', 0, 'cancelled', 0, 'skipped', 0, 'retrying', 0, 'created_ms', now_ms,
-           'updated_ms', now_ms, 'started_ms', '', 'finished_ms', '', 'metadata', metadata, 'finish_request', '')
+           'updated_ms', now_ms, 'started_ms', '', 'finished_ms', '', 'metadata', metadata, 'finish_request', '',
+           'parent', parent)
 remember_request(request_id, '')
 -- HSET in chunks: unpack() of a very long list overflows Lua's C stack.
 local nodes, sigs, pending = {}, {}, {}
 for i = 0, n_nodes - 1 do
-  local base = 10 + i * 3
+  local base = 11 + i * 3
   local node_id, task_id, sig = ARGV[base], ARGV[base + 1], ARGV[base + 2]
   nodes[#nodes + 1] = node_id
   nodes[#nodes + 1] = 'pending|0|||' .. task_id .. '||'
@@ -37,7 +41,7 @@ for i = 0, n_nodes - 1 do
     sigs = {}
   end
 end
-local first_field = 10 + n_nodes * 3
+local first_field = 11 + n_nodes * 3
 if #ARGV >= first_field then
   for first = first_field, #ARGV, 1000 do -- pairs stay whole: 1000 is even
     redis.call('HSET', G, unpack(ARGV, first, math.min(first + 999, #ARGV)))
@@ -50,5 +54,9 @@ touch(ttl_s, true)
 if KEYS[7] then
   redis.call('ZADD', KEYS[7], now_ms, sid)
   redis.call('ZADD', KEYS[8], now_ms, sid)
+end
+if KEYS[9] then
+  local bar = string.find(parent, '|', 1, true)
+  redis.call('ZADD', KEYS[9], now_ms, sid .. ' ' .. string.sub(parent, 1, bar - 1) .. ' ' .. string.sub(parent, bar + 1))
 end
 return {'ok'}

@@ -14,7 +14,7 @@ from typing import Any
 
 from tracker import validation
 from tracker.errors import StorageUnavailableError, TrackerValidationError
-from tracker.models import NodeError, NodeResult, SessionEvent, SessionInfo, ms_from_utc, utc_from_ms
+from tracker.models import ChildSession, NodeError, NodeResult, SessionEvent, SessionInfo, ms_from_utc, utc_from_ms
 from tracker.states import NodeStatus, SessionStatus
 from tracker.storage.base import ChildLink, NodeEvent
 
@@ -155,6 +155,12 @@ def record_payload(event: NodeEvent) -> str:
     if event.reason is not None:
         parts.append('"reason":' + json.dumps(event.reason, ensure_ascii=False))
     return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def child_from_entry(child_id: str, entry: str) -> ChildSession:
+    """A child session as its parent's children hash keeps it: ``node|attempt|policy|state``."""
+    node_id, attempt, policy, state = entry.split("|")
+    return ChildSession(session_id=child_id, node_id=node_id, attempt=int(attempt), child_failure=policy, status=state)
 
 
 def child_payload(link: ChildLink) -> tuple[str, str]:

@@ -23,6 +23,7 @@ from tracker.errors import (
 from tracker.models import (
     AddOutcome,
     BatchOutcome,
+    ChildSession,
     NodeOutcome,
     NodePage,
     NodeResult,
@@ -37,6 +38,7 @@ from tracker.models import (
 )
 from tracker.states import NodeStatus, SessionStatus
 from tracker.storage.base import (
+    ChildWatch,
     NodeEvent,
     ResumePlanChanged,
     lost_reason,
@@ -164,6 +166,7 @@ class RedisPrograms:
             self.events_maxlen,
             len(nodes),
             new_request_id(),
+            f"{session.parent_session_id}|{session.parent_node_id}" if session.parent_session_id else "",
         ]
         if signatures is None:
             signatures = [None if spec.signature is None else validation.compact_json(spec.signature) for spec in nodes]
@@ -177,15 +180,21 @@ class RedisPrograms:
             for name, value in fields.items():
                 args += [name, value]
         script = self._script("create", sk, *args)
+        watched = f"{sid} {session.parent_session_id} {session.parent_node_id}"
         if not self.cluster:
             script.keys.extend([self.keys.created_index, self.keys.expiry_index])
+            if session.parent_session_id:
+                script.keys.append(self.keys.children_index)
             self._check(sid, (yield [script])[0])
             return
         self._check(sid, (yield [script])[0])
-        yield [
+        indexes: list[Command] = [
             ("ZADD", self.keys.created_index, {sid: now_ms}),
             ("ZADD", self.keys.expiry_index, {sid: now_ms}),
         ]
+        if session.parent_session_id:
+            indexes.append(("ZADD", self.keys.children_index, {watched: now_ms}))
+        yield indexes
 
     def add_nodes(
         self,
@@ -414,10 +423,28 @@ class RedisPrograms:
                 yield registry
         return BatchOutcome(session=session, finished=finished, **codec.callbacks(reply))
 
-    def heartbeat(self, worker: str, now: datetime, sessions: Sequence[str] = ()) -> Program[None]:
+    def heartbeat(self, worker: str | None, now: datetime, sessions: Sequence[str] = ()) -> Program[None]:
         now_ms = codec.ms_int(now)
-        keep_alive = [Script("keep_alive", self.keys.session(sid).all(), [now_ms, self.ttl_s]) for sid in sessions]
-        yield [("ZADD", self.keys.workers, {validation.worker_id(worker): now_ms}), *keep_alive]
+        keep_alive: list[Command] = [
+            Script("keep_alive", self.keys.session(sid).all(), [now_ms, self.ttl_s]) for sid in sessions
+        ]
+        if worker is not None:
+            keep_alive.insert(0, ("ZADD", self.keys.workers, {validation.worker_id(worker): now_ms}))
+        if keep_alive:
+            yield keep_alive
+
+    def get_children(self, session_id: str) -> Program[list[ChildSession]]:
+        found = (yield [("HGETALL", self._session_keys(session_id).children)])[0] or {}
+        fields = found if isinstance(found, dict) else codec.flat_dict(found)
+        entries = {codec.text(k): codec.text(v) for k, v in fields.items()}
+        return sorted(codec.child_from_entry(child, entry) for child, entry in entries.items() if child[0] != "#")
+
+    def watched_children(self, limit: int) -> Program[list[ChildWatch]]:
+        found = (yield [("ZRANGE", self.keys.children_index, 0, limit - 1)])[0]
+        return [ChildWatch(*codec.text(member).split(" ")) for member in found]
+
+    def unwatch_child(self, watch: ChildWatch) -> Program[None]:
+        yield [("ZREM", self.keys.children_index, " ".join(watch))]
 
     def reap_lost(
         self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None, requeued: bool = False
