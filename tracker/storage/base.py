@@ -58,7 +58,8 @@ def new_request_id() -> str:
 
 
 class ChildWatch(NamedTuple):
-    """A child session whose end has not been told to its parent yet (see :meth:`SessionStorageAdapter.watched_children`)."""
+    """A child session whose end has not been told to its parent yet
+    (:meth:`SessionStorageAdapter.watched_children`)."""
 
     child_id: str
     parent_session_id: str
