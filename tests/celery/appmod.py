@@ -12,7 +12,7 @@ import redis
 from celery import Celery, Task, group
 from celery.worker.request import Request
 
-from tracker.celery import add_nodes, install, report_progress
+from tracker.celery import add_nodes, dispatch, install, report_progress
 
 app = Celery("tracker_tests")
 app.conf.update(
@@ -108,6 +108,25 @@ def crawl(found: int) -> int:
     """Add ``found`` ``t.work`` nodes to its own session (a crawler finding more pages), then return."""
     add_nodes(group(work.s(i) for i in range(found)))
     return found
+
+
+@app.task(name="t.parent")
+def parent(count: int, fail_child: bool = False, child_failure: str = "fail", sleep: float = 0.0) -> str:
+    """Dispatch a child session of ``count`` ``t.work`` tasks (the last failing when asked), then return."""
+    dispatch(
+        group(work.s(i, fail=fail_child and i == count - 1, sleep=sleep) for i in range(count)),
+        canvas_path="child.canvas",
+        child_failure=child_failure,
+    )
+    return "parent done"
+
+
+@app.task(name="t.nest")
+def nest(depth: int) -> int:
+    """A session of one task that, ``depth`` times down, dispatches a child session of the same."""
+    if depth > 0:
+        dispatch(group([nest.s(depth - 1)]), canvas_path=f"level-{depth - 1}.canvas")
+    return depth
 
 
 @app.task(name="t.fails_once")

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from celery import Celery, signals
 
 from tracker.celery.callbacks import send_completion
+from tracker.celery.children import settle_children, tell_parent
 from tracker.celery.control import cancel_session, resume_session
 from tracker.celery.dispatch import add_nodes, dispatch
 from tracker.celery.handlers import Recorder, UndecodableMessages
@@ -117,9 +118,11 @@ def stalled_after_s(app: Celery, settings: TrackerSettings) -> float:
 
 def maintain(app: Celery, manager: SessionManager | None = None) -> dict[str, int]:
     """One round of upkeep, what beat runs every minute: reap the nodes of dead worker processes,
-    end the sessions a message lost with a dead worker left waiting, then remove expired sessions.
-    The callbacks this causes are sent. Returns ``{"lost": n, "stalled": s, "removed": m}``
-    (``lost``: nodes reaped, whether marked ``lost`` or sent back to ``pending``).
+    end the sessions a message lost with a dead worker left waiting, tell parents the ends of child
+    sessions not told yet (and keep alive those still waiting), then remove expired sessions. The
+    callbacks this causes are sent. Returns ``{"lost": n, "stalled": s, "children": c, "removed":
+    m}`` (``lost``: nodes reaped, whether marked ``lost`` or sent back to ``pending``;
+    ``children``: child ends told).
 
     With ``task_acks_late`` a dead worker's messages come back from the broker, so its nodes go
     back to ``pending`` rather than ``lost``: they are counted when the redelivered tasks run.
@@ -137,9 +140,15 @@ def maintain(app: Celery, manager: SessionManager | None = None) -> dict[str, in
     stalled = sync.end_stalled_sessions(stalled_after_s(app, manager.settings))
     for outcome in reaped:
         send_completion(app, outcome)
+        if outcome.finished is not None:
+            tell_parent(app, manager, outcome.session)
     for ended in stalled:
-        send_completion(app, reconcile(app, manager, ended))
-    return {"lost": len(reaped), "stalled": len(stalled), "removed": sync.cleanup_expired_sessions()}
+        settled = reconcile(app, manager, ended)
+        send_completion(app, settled)
+        tell_parent(app, manager, settled.session)
+    children = settle_children(app, manager)
+    removed = sync.cleanup_expired_sessions()
+    return {"lost": len(reaped), "stalled": len(stalled), "children": children, "removed": removed}
 
 
 def reconcile(app: Celery, manager: SessionManager, ended: BatchOutcome) -> BatchOutcome:

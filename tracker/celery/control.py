@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
 from celery import Celery, Signature, chain, chord, group
 
 from tracker.celery.callbacks import send_completion
+from tracker.celery.children import tell_parent
 from tracker.celery.dispatch import tag
 from tracker.celery.origin import dispatching_app
-from tracker.errors import ResumeNotPossibleError
+from tracker.errors import InvalidStateTransitionError, ResumeNotPossibleError, SessionNotFoundError
 from tracker.manager import SessionManager
 from tracker.models import NodeSpec, SessionInfo
 from tracker.states import NodeStatus, SessionStatus
@@ -27,7 +29,8 @@ def cancel_session(
     manager: SessionManager | None = None,
     terminate: bool = False,
 ) -> SessionInfo:
-    """Cancel a session: status ``cancelled``, unfinished nodes ``cancelled``, their tasks revoked.
+    """Cancel a session: status ``cancelled``, unfinished nodes ``cancelled``, their tasks revoked,
+    and so for each of its child sessions still open, down the tree.
 
     The status moves first (one atomic step), so a result arriving meanwhile is recorded without
     moving the status. Tasks already running keep running unless ``terminate`` is True.
@@ -56,6 +59,13 @@ def cancel_session(
         app.control.revoke(task_ids, terminate=terminate)
     send_completion(app, outcome)
     logger.info("tracker: session %s cancelled; %d task(s) revoked", session_id, len(task_ids))
+    # The whole tree: each child session still open is cancelled too (and so on down); then a
+    # cancelled child's end is told to its parent's node.
+    for child in manager.sync.get_children(session_id):
+        if child.status == "open":
+            with contextlib.suppress(InvalidStateTransitionError, SessionNotFoundError):
+                cancel_session(child.session_id, app=app, manager=manager, terminate=terminate)
+    tell_parent(app, manager, outcome.session)
     return outcome.session
 
 

@@ -6,20 +6,22 @@ import contextlib
 import functools
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, overload
+from typing import Any, NamedTuple, overload
 
 from celery import Celery, Signature, chord, group
 from celery.canvas import _chain, maybe_signature
 from celery.exceptions import NotRegistered
 from celery.utils.functional import arity_greater, maybe_list
 
+from tracker import validation
 from tracker.celery.current import running_node
 from tracker.celery.origin import ORIGIN_KEY, origin, real_app
 from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP
-from tracker.errors import TrackerError, TrackerNotInstalledError, TrackerValidationError
+from tracker.errors import SessionExistsError, TrackerError, TrackerNotInstalledError, TrackerValidationError
 from tracker.manager import SessionManager
 from tracker.models import NodeSpec
 from tracker.states import NodeStatus, SessionStatus
+from tracker.storage.base import CHILD_POLICIES, ChildLink
 from tracker.structure import Tree, has_links
 
 #: Metadata keys under which the callbacks' signatures are kept.
@@ -176,6 +178,20 @@ def node_spec(sig: Signature, session_id: str, node_id: str, task_id: str) -> No
     return NodeSpec(node_id=node_id, task_id=task_id, signature=signature)
 
 
+#: The namespace of the ids a task derives for what it adds (``uuid5``): the same on every delivery.
+DERIVED_IDS = uuid.UUID("5d2f8a2e-7c1b-4d0e-9a57-3f4b6c8e1d20")
+
+
+class _Inherit:
+    """The default ``parent`` of :func:`dispatch`: the tracked task running in this thread, if any."""
+
+    def __repr__(self) -> str:
+        return "INHERIT"
+
+
+INHERIT = _Inherit()
+
+
 def dispatch(
     canvas: Signature,
     *,
@@ -187,11 +203,20 @@ def dispatch(
     app: Celery | None = None,
     on_success: Signature | None = None,
     on_failure: Signature | None = None,
+    parent: tuple[str, str] | _Inherit | None = INHERIT,
+    child_failure: str = "fail",
 ) -> str:
     """Send ``canvas`` (a signature, group, chord or chain) as one tracked session.
 
     Every leaf task is a node. The session is created (``pending``, with each node's task id and
     signature, for resume) before anything is sent, so no event can arrive for an unknown session.
+
+    Dispatched from inside a tracked task, the session is a *child* of that task's node: the node
+    stays ``running`` until the child has ended, then takes its outcome (``completed``, or
+    ``failed`` with a reason naming the child, unless ``child_failure="ignore"``). Its id is derived
+    from the parent's session, node, task and attempt (and the call's place in the task), so a task
+    delivered again opens no second child (:mod:`tracker.celery.children` says how the link stays
+    exact when a process dies midway).
 
     Args:
         canvas: What to run.
@@ -206,6 +231,11 @@ def dispatch(
             a resume or a late result too), with the status dict.
         on_failure: Sent exactly once, at the first node that fails for good (``failed`` or
             ``lost``), with the status dict and that node's id: to alert early.
+        parent: ``(session_id, node_id)`` of the node this session is a child of; default: the
+            tracked task running in this thread, if any; None: an unrelated session.
+        child_failure: ``fail`` (a child that did not complete fails its parent node) or
+            ``ignore`` (the node completes whatever its child did, as BullMQ's
+            ``ignoreDependencyOnFailure``).
 
     Returns:
         The session id.
@@ -227,15 +257,51 @@ def dispatch(
     if getattr(app, "_tracker_recorder", None) is None:
         raise TrackerNotInstalledError(app.main or repr(app))
     callbacks = {ON_COMPLETE_KEY: on_complete, ON_SUCCESS_KEY: on_success, ON_FAILURE_KEY: on_failure}
-    session_id = _create(canvas, canvas_path, node_ids, metadata, callbacks, manager, app)
+    link = _parent_link(parent, child_failure)
+    session_id, sends = _create(canvas, canvas_path, node_ids, metadata, callbacks, manager, app, link)
     try:
-        canvas.apply_async()
+        for sig in sends:
+            sig.apply_async()
     except Exception:
         # Nothing (or not everything) was sent: say so rather than leave a pending session forever.
         with contextlib.suppress(TrackerError):
             manager.sync.update_status(session_id, SessionStatus.FAILED)
         raise
     return session_id
+
+
+class _ParentLink(NamedTuple):
+    """A child session's parent node, and how the child's id is made."""
+
+    session_id: str
+    node_id: str
+    attempt: int
+    child_failure: str
+    #: The child's id, derived when the parent is the task running here (the same on every delivery).
+    child_id: str | None
+
+
+def _parent_link(parent: tuple[str, str] | _Inherit | None, child_failure: str) -> _ParentLink | None:
+    if child_failure not in CHILD_POLICIES:
+        raise TrackerValidationError("child_failure", child_failure, f"expected one of {CHILD_POLICIES}")
+    here = running_node()
+    if isinstance(parent, _Inherit):
+        if here is None:
+            return None
+        parent = (here.session_id, here.node_id)
+    if parent is None:
+        return None
+    if not isinstance(parent, tuple) or len(parent) != 2:
+        raise TrackerValidationError("parent", parent, "expected (session_id, node_id), or None")
+    psid, pnode = validation.session_id(parent[0]), validation.node_id(parent[1])
+    if here is None or (here.session_id, here.node_id) != (psid, pnode):
+        return _ParentLink(psid, pnode, 1, child_failure, None)
+    attempt = int(getattr(here.request, "retries", 0) or 0) + 1
+    place = getattr(here.request, "_tracker_children", 0) + 1
+    here.request._tracker_children = place
+    task_id = getattr(here.request, "id", "")
+    child_id = str(uuid.uuid5(DERIVED_IDS, f"{psid}/{pnode}/child/{task_id}/{attempt}/{place}"))
+    return _ParentLink(psid, pnode, attempt, child_failure, child_id)
 
 
 def _create(
@@ -246,8 +312,10 @@ def _create(
     callbacks: Mapping[str, Signature | None],
     manager: SessionManager,
     app: Celery,
-) -> str:
-    """:func:`dispatch` up to the send: tag every leaf and create the session; returns its id."""
+    link: _ParentLink | None = None,
+) -> tuple[str, list[Signature]]:
+    """:func:`dispatch` up to the send: tag every leaf and create the session (a child: opened on
+    its parent's node first); returns its id and what to send."""
     walk = _Walk(app, manager.settings.max_canvas_depth)
     shape = walk.tree(canvas, 0)
     nodes = walk.tasks
@@ -255,8 +323,12 @@ def _create(
         raise TrackerValidationError(
             "node_ids", len(node_ids), f"expected one id per task, error callbacks included ({len(nodes)})"
         )
-    session_id = str(uuid.uuid4())
-    task_ids = [sig.options.get("task_id") or str(uuid.uuid4()) for sig in nodes]
+    session_id = link.child_id if link is not None and link.child_id else str(uuid.uuid4())
+    if link is not None and link.child_id:  # derived: a task delivered again sends the same tasks
+        task_ids = [sig.options.get("task_id") or str(uuid.uuid5(DERIVED_IDS, f"{session_id}/{i}"))
+                    for i, sig in enumerate(nodes)]  # fmt: skip
+    else:
+        task_ids = [sig.options.get("task_id") or str(uuid.uuid4()) for sig in nodes]
     ids = list(node_ids) if node_ids is not None else task_ids
     meta = dict(metadata or {})
     meta[ORIGIN_KEY] = origin(app)
@@ -265,12 +337,49 @@ def _create(
             meta[key] = signature_json(callback)
     specs = [node_spec(sig, session_id, nid, tid) for sig, nid, tid in zip(nodes, ids, task_ids, strict=True)]
     structure = _named(shape, ids) if has_links(shape) else None  # tasks side by side: nothing to follow
-    manager.sync.create_session(canvas_path, len(nodes), meta, specs, session_id=session_id, structure=structure)
-    return session_id
+    parent = None
+    if link is not None:
+        # Opened on the parent's node before the child exists (see tracker.celery.children).
+        opened = ChildLink(session_id, None, link.attempt, link.child_failure)
+        manager.sync._record_nodes(
+            link.session_id, [manager.operations.child_event(link.session_id, link.node_id, opened)]
+        )
+        parent = (link.session_id, link.node_id)
+    try:
+        manager.sync.create_session(
+            canvas_path, len(nodes), meta, specs, session_id=session_id, structure=structure, parent=parent
+        )
+    except SessionExistsError:
+        if link is None or not link.child_id:
+            raise
+        # The same task delivered again: the child exists; send again what has not started.
+        pending = {node.node_id for node in _pending_nodes(manager, session_id)}
+        return session_id, _sends_again(canvas, nodes, ids, pending, has_links(shape))
+    return session_id, [canvas]
 
 
-#: The namespace of the ids a task derives for what it adds (``uuid5``): the same on every delivery.
-DERIVED_IDS = uuid.UUID("5d2f8a2e-7c1b-4d0e-9a57-3f4b6c8e1d20")
+def _pending_nodes(manager: SessionManager, session_id: str) -> list[Any]:
+    found: list[Any] = []
+    cursor: str | None = None
+    while True:
+        page = manager.sync.get_nodes(session_id, NodeStatus.PENDING, cursor=cursor, limit=1000)
+        found += page.nodes
+        cursor = page.next_cursor
+        if cursor is None:
+            return found
+
+
+def _sends_again(
+    canvas: Signature, nodes: Sequence[Signature], ids: Sequence[str], pending: set[str], linked: bool
+) -> list[Signature]:
+    """What to send again of a canvas a task delivered again had added or dispatched already:
+    all of it while nothing has started; else, for tasks side by side, each one not started (a
+    duplicate counts once); else nothing (its messages went, and Celery runs the rest)."""
+    if len(pending) == len(ids):
+        return [canvas]
+    if linked:
+        return []
+    return [sig for sig, nid in zip(nodes, ids, strict=True) if nid in pending]
 
 
 @overload
@@ -370,14 +479,7 @@ def add_nodes(
     ids = list(node_ids) if node_ids is not None else task_ids
     specs = [node_spec(sig, session_id, nid, tid) for sig, nid, tid in zip(nodes, ids, task_ids, strict=True)]
     outcome = manager.sync.add_nodes(session_id, specs, _named(shape, ids))
-    linked = has_links(shape)
-    if outcome.added or (linked and len(outcome.pending) == len(ids)):
-        sends = [canvas]
-    elif linked:
-        sends = []  # part of it ran already: its messages went, and Celery runs the rest
-    else:  # tasks side by side: send again each one not started (a duplicate counts once)
-        pending = set(outcome.pending)
-        sends = [sig for sig, nid in zip(nodes, ids, strict=True) if nid in pending]
+    sends = [canvas] if outcome.added else _sends_again(canvas, nodes, ids, set(outcome.pending), has_links(shape))
     try:
         for sig in sends:
             sig.apply_async()

@@ -36,6 +36,7 @@ from celery.exceptions import Ignore, Reject
 from tracker import validation
 from tracker.celery import process
 from tracker.celery.callbacks import send_completion
+from tracker.celery.children import tell_parent
 from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP, ids_of, ids_of_headers
 from tracker.celery.writer import RawEvent, Writer
 from tracker.errors import TrackerError
@@ -244,9 +245,12 @@ class Recorder:
 
     def callbacks(self, outcome: BatchOutcome | NodeOutcome | TransitionOutcome) -> None:
         """What the writer does with each outcome of its store calls: send the session's callbacks
-        it tells of (see :func:`~tracker.celery.callbacks.send_completion`). A subclass may note
-        the outcomes as well (the reliability tests count the session ends the writer saw)."""
+        it tells of (see :func:`~tracker.celery.callbacks.send_completion`), and tell a child
+        session's end to its parent (:func:`~tracker.celery.children.tell_parent`). A subclass may
+        note the outcomes as well (the reliability tests count the session ends the writer saw)."""
         send_completion(self.app, outcome)
+        if not isinstance(outcome, TransitionOutcome) and outcome.finished is not None:
+            tell_parent(self.app, self.manager, outcome.session)
 
     # -- the signals ------------------------------------------------------------------------
 
