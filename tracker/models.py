@@ -177,6 +177,10 @@ class ParallelTaskStatus(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
+    children: int = Field(default=0, description="Child sessions its nodes' tasks opened.")
+    children_open: int = Field(default=0, description="Of those, the ones that have not ended.")
+    parent_session_id: str | None = Field(default=None, description="For a child session: its parent session.")
+    parent_node_id: str | None = Field(default=None, description="For a child session: the node that opened it.")
     hint: str | None = Field(
         default=None,
         description="Advice for a session that looks stuck, e.g. pending while no worker has picked up any node.",

@@ -121,6 +121,13 @@ def parent(count: int, fail_child: bool = False, child_failure: str = "fail", sl
     return "parent done"
 
 
+@app.task(name="t.parent_of_flaky")
+def parent_of_flaky(key: str) -> str:
+    """Dispatch a child session of one ``t.fails_once`` task for ``key`` (it fails its first run)."""
+    dispatch(group([fails_once.s(key)]), canvas_path="flaky-child.canvas")
+    return "parent done"
+
+
 @app.task(name="t.nest")
 def nest(depth: int) -> int:
     """A session of one task that, ``depth`` times down, dispatches a child session of the same."""

@@ -3,15 +3,19 @@ takes its outcome; three levels deep; cancelled as a tree."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
+import redis
 from celery import group
 
 from tests.celery.appmod import nest, parent
 from tests.celery.conftest import wait_for, wait_status
-from tracker import NodeStatus, SessionManager, TrackerValidationError
-from tracker.celery import cancel_session, dispatch
+from tracker import NodeSpec, NodeStatus, SessionManager, TrackerValidationError
+from tracker.celery import cancel_session, dispatch, maintain, resume_session
+from tracker.storage.base import ChildLink
+from tracker.storage.keys import KeySpace
 
 ENDED = {"completed", "partial_failure", "failed", "cancelled"}
 
@@ -99,3 +103,75 @@ def test_a_bad_parent_or_policy_is_refused_before_anything_is_sent(tracked: Sess
     with pytest.raises(TrackerValidationError):
         dispatch(group([work.s(1)]), canvas_path="c.canvas", child_failure="maybe")
     assert tracked.sync.list_sessions().sessions == []
+
+
+def _waiting_parent(manager: SessionManager) -> tuple[str, str]:
+    """A parent session whose node p's task succeeded after opening a child session (created, one
+    node), as a worker leaves them; returns (parent, child)."""
+    sid = manager.sync.create_session("p.canvas", 1, nodes=[NodeSpec(node_id="p")])
+    manager.sync._record_node(sid, "p", "running", task_id="t-p", attempt=1)
+    child = str(uuid.uuid4())
+    manager.sync._record_nodes(sid, [manager.operations.child_event(sid, "p", ChildLink(child))])
+    manager.sync.create_session("c.canvas", 1, session_id=child, parent=(sid, "p"))
+    manager.sync.add_node_result(sid, "p", "mine", task_id="t-p", attempt=1)
+    return sid, child
+
+
+def test_maintain_tells_a_parent_the_end_nobody_told(tracked: SessionManager) -> None:
+    # Given a child that ended by a call that did not tell its parent (the process died right after)
+    from tests.celery.appmod import app
+
+    sid, child = _waiting_parent(tracked)
+    tracked.sync.add_node_result(child, "c0", 1)
+    assert tracked.sync.get_session_status(child)["status"] == "completed"
+    assert tracked.sync.get_session_status(sid)["status"] == "running"
+    # When beat's upkeep runs
+    counts = maintain(app, tracked)
+    # Then the parent's node took the child's end, and the child is no longer watched
+    assert counts["children"] == 1
+    assert tracked.sync.get_session_status(sid)["status"] == "completed"
+    assert tracked.sync.get_nodes(sid).nodes[0].result == "mine"
+    assert tracked.sync._watched_children() == []
+    assert maintain(app, tracked)["children"] == 0  # told once
+
+
+def test_maintain_fails_the_node_of_a_child_that_is_gone_and_keeps_waiting_parents_alive(
+    tracked: SessionManager, redis_url: str
+) -> None:
+    from tests.celery.appmod import app
+
+    # Given two waiting parents: one whose child is still running, one whose child was removed
+    running_parent, running_child = _waiting_parent(tracked)
+    gone_parent, gone_child = _waiting_parent(tracked)
+    tracked.sync.delete_session(gone_child)
+    # When beat's upkeep runs
+    maintain(app, tracked)
+    # Then the node of the removed child failed, naming it
+    (node,) = tracked.sync.get_nodes(gone_parent).nodes
+    assert (node.status, node.reason) == (NodeStatus.FAILED, f"child session {gone_child} failed")
+    # and the parent still waiting was kept alive (as a heartbeat keeps a running node's session)
+    alive = redis.Redis.from_url(redis_url).hget(
+        KeySpace(tracked.settings.key_prefix).session(running_parent).session, "alive_ms"
+    )
+    assert alive is not None
+    assert [w.child_id for w in tracked.sync._watched_children()] == [running_child]
+
+
+def test_resuming_a_parent_runs_its_failed_node_again_with_a_new_child(
+    tracked: SessionManager, worker_process: Any
+) -> None:
+    # Given a parent node failed because its child's only task failed (on its first run only)
+    from tests.celery.appmod import parent_of_flaky
+
+    worker_process(concurrency=2)
+    key = f"flaky-{uuid.uuid4().hex[:8]}"
+    sid = dispatch(group([parent_of_flaky.s(key)]), canvas_path="p.canvas", node_ids=["p"])
+    assert wait_status(tracked, sid, ENDED, timeout_s=60)["status"] == "failed"
+    first = only_child(tracked, sid)
+    # When the parent is resumed
+    assert resume_session(sid) == 1
+    # Then its task runs again and opens a new child (its task id is new), which completes, and so does the parent
+    status = wait_status(tracked, sid, ENDED, timeout_s=60)
+    children = {c.session_id: c.status for c in tracked.sync.get_children(sid)}
+    assert status["status"] == "completed" and len(children) == 2
+    assert children.pop(first) == "failed" and list(children.values()) == ["completed"]

@@ -157,3 +157,22 @@ async def test_a_bad_parent_is_refused(manager: SessionManager) -> None:
     with pytest.raises(TrackerValidationError):
         await manager.create_session("child.canvas", 1, parent=(child_id(), "bad node"))
     assert await manager._watched_children() == []
+
+
+async def test_a_resumed_node_waits_only_for_the_children_its_new_run_opens(manager: SessionManager) -> None:
+    # Given a node failed by its child, then resumed (its task runs again, at attempt 1 again)
+    sid = await running_parent(manager)
+    first, second = child_id(), child_id()
+    await tell(manager, sid, "p0", ChildLink(first))
+    await manager.add_node_result(sid, "p0", 1, task_id="t-p0", attempt=1)
+    await tell(manager, sid, "p0", ChildLink(first, S.FAILED))
+    assert (await manager.get_session_status(sid))["status"] == "failed"
+    (reset,) = (await manager._reopen_session(sid)).nodes
+    await manager._record_node(sid, "p0", "running", task_id=reset.task_id, attempt=1)
+    # When the new run opens a child that completes
+    await tell(manager, sid, "p0", ChildLink(second))
+    await manager.add_node_result(sid, "p0", 2, task_id=reset.task_id, attempt=1)
+    await tell(manager, sid, "p0", ChildLink(second, S.COMPLETED))
+    # Then the node completes: the first run's failed child no longer counts
+    status = await manager.get_session_status(sid)
+    assert (status["status"], status["children"], status["children_open"]) == ("completed", 2, 0)

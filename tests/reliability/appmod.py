@@ -22,7 +22,7 @@ from typing import Any
 import redis
 from celery import Celery, group
 
-from tracker.celery import add_nodes, install
+from tracker.celery import add_nodes, dispatch, install
 
 BROKER = os.environ.get("TRACKER_REL_BROKER", "memory://")
 
@@ -92,6 +92,22 @@ def fan(count: int, runs_key: str, die_on_first_run: bool = False, sleep_s: floa
     run, then SIGKILLs its own process after the nodes were added and sent, before it returns."""
     time.sleep(sleep_s)
     add_nodes(group(step.s(i, sleep_s) for i in range(count)))
+    client = redis.Redis.from_url(os.environ["TRACKER_REDIS_URL"])
+    try:
+        runs = int(client.incr(runs_key))
+    finally:
+        client.close()
+    if die_on_first_run and runs == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return count
+
+
+@app.task(name="rel.parent")  # type: ignore[untyped-decorator]
+def parent(count: int, runs_key: str, die_on_first_run: bool = False) -> int:
+    """Dispatch a child session of ``count`` ``rel.step`` tasks; counts its runs in ``runs_key``;
+    on its first run, then SIGKILLs its own process after the child was dispatched, before it
+    returns."""
+    dispatch(group(step.s(i, 0.05) for i in range(count)), canvas_path="child.canvas")
     client = redis.Redis.from_url(os.environ["TRACKER_REDIS_URL"])
     try:
         runs = int(client.incr(runs_key))

@@ -59,6 +59,41 @@ def test_a_task_redelivered_after_sigkill_adds_its_nodes_once(
     manager.storage.close()
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("rel_broker_url", BROKERS, indirect=True)
+def test_a_parent_task_redelivered_after_sigkill_opens_one_child_and_ends_after_it(
+    rel_broker_url: str, make_worker: MakeWorker, redis_url: str, key_prefix: str, rel_queue: str
+) -> None:
+    settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix)
+    manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
+    store = redis.Redis.from_url(redis_url)
+    runs_key = f"{key_prefix}:parent-runs"
+    # Given a batch of one task that dispatches a child batch of 4, then dies by SIGKILL on its
+    # first run (after the child was opened, created and sent, before returning)
+    make_worker(redis_url, concurrency=2, broker_url=rel_broker_url).wait_ready()
+    task = appmod.parent.s(4, runs_key, die_on_first_run=True).set(queue=rel_queue)
+    sid = dispatch(group([task]), canvas_path="parent.canvas", app=appmod.app, manager=manager, node_ids=["p"])
+
+    # When the broker delivers it again and it runs to its end
+    wait_for(lambda: int(store.get(runs_key) or 0) >= 2, 120, "the task's second run")
+    wait_for(lambda: manager.sync.get_session_status(sid)["status"] in TERMINAL, 120, "the parent to end")
+
+    # Then it opened one child, which completed once with 4 nodes, and the parent completed after it
+    (child,) = manager.sync.get_children(sid)
+    child_status = manager.sync.get_session_status(child.session_id)
+    assert (child_status["status"], child_status["node_count"], child_status["completed_nodes"]) == ("completed", 4, 4)
+    status = manager.sync.get_session_status(sid)
+    assert (status["status"], status["completed_nodes"], status["children"], status["children_open"]) == (
+        "completed", 1, 1, 0,
+    )  # fmt: skip
+    (p,) = manager.sync.get_nodes(sid).nodes
+    assert (p.result, p.waiting) == (4, False)
+    assert [s.session_id for s in manager.sync.list_sessions().sessions if s.parent_session_id] == [child.session_id]
+    assert manager.sync._watched_children() == []  # its end was told
+    store.close()
+    manager.storage.close()
+
+
 #: Rounds of the random-kill test per broker (seeds 1, 2...). CI runs the default.
 GROW_RUNS = int(os.environ.get("TRACKER_GROW_RUNS", "2"))
 FANS, ADDS = 6, 5

@@ -6,6 +6,7 @@ import httpx
 
 from tests.web.sse import parse_all
 from tracker import NodeSpec, SessionManager
+from tracker.storage.base import ChildLink
 
 BASE = "/api/v1/parallel"
 
@@ -65,3 +66,27 @@ async def test_a_running_nodes_reported_progress_shows_in_its_node_the_status_an
         ("node", "a", "completed", 50.0),
         ("node", "b", "completed", 100.0),
     ]
+
+
+async def test_a_sessions_children_and_a_childs_parent_are_shown(
+    client: httpx.AsyncClient, web_manager: SessionManager
+) -> None:
+    # Given a parent whose node p opened a child session
+    sid = await web_manager.create_session("p.canvas", 1, nodes=[NodeSpec(node_id="p")])
+    await web_manager._record_node(sid, "p", "running", task_id="t-p", attempt=1)
+    child = "5d2f8a2e-7c1b-4d0e-9a57-3f4b6c8e1d20"
+    await web_manager._record_nodes(sid, [web_manager.operations.child_event(sid, "p", ChildLink(child))])
+    await web_manager.create_session("c.canvas", 1, session_id=child, parent=(sid, "p"))
+
+    # Then the parent lists it, and both statuses say how they are linked
+    listed = await client.get(f"{BASE}/sessions/{sid}/children")
+    assert listed.status_code == 200
+    assert listed.json() == [
+        {"session_id": child, "node_id": "p", "attempt": 1, "child_failure": "fail", "status": "open"}
+    ]
+    parent_status = (await client.get(f"{BASE}/status/{sid}")).json()
+    assert (parent_status["children"], parent_status["children_open"]) == (1, 1)
+    child_status = (await client.get(f"{BASE}/status/{child}")).json()
+    assert (child_status["parent_session_id"], child_status["parent_node_id"]) == (sid, "p")
+    missing = await client.get(f"{BASE}/sessions/0b0c1a3e-58c3-4cc9-8a4a-3f0e8f6c1d2e/children")
+    assert missing.status_code == 404

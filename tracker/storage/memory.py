@@ -302,6 +302,7 @@ class InMemoryStorageAdapter:
                     entry,
                     NodeResult(node_id=node_id, status=NodeStatus.PENDING, attempts=node.attempts, task_id=task_id),
                 )
+                entry.node_children.pop(node_id, None)  # its run again waits only for the children it opens
                 reset.append(NodeSpec(node_id=node_id, task_id=task_id, signature=entry.signatures.get(node_id)))
             info = self._recount(entry, now)
             counts = _counts(entry, info)

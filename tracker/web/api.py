@@ -42,7 +42,7 @@ from tracker.errors import (
 )
 from tracker.hints import pickup_hint
 from tracker.manager import SessionManager
-from tracker.models import NodePage, ParallelTaskStatus, SessionInfo
+from tracker.models import ChildSession, NodePage, ParallelTaskStatus, SessionInfo
 from tracker.states import NodeStatus, SessionStatus
 from tracker.web.auth import read_access, write_access
 from tracker.web.events import StreamLimiter, plan_start, session_stream
@@ -239,6 +239,19 @@ def create_router(
         order), read from the store's status index: its cost is the page's, not the session's.
         """
         return await ctx.manager.get_nodes(_sid(session_id), status_filter, cursor, limit)
+
+    @router.get(
+        "/sessions/{session_id}/children",
+        response_model=list[ChildSession],
+        responses=_errors(404, 422, 503),
+        summary="Child sessions of a session",
+    )
+    async def get_children(session_id: SessionIdPath) -> list[ChildSession]:
+        """The child sessions its nodes' tasks opened (a batch dispatched from inside a tracked
+        task), by node: each one's id, its node, and its status (`open` until it ended)."""
+        sid = _sid(session_id)
+        await ctx.manager.get_session(sid)  # 404 for an unknown session
+        return await ctx.manager.get_children(sid)
 
     @router.get(
         "/sessions/{session_id}/events",

@@ -59,6 +59,7 @@ for _, node in ipairs(candidates) do
   count(s, f[1], -1, f[7])
   local task_id = string.format('%s%012x', task_id_base, #reset / 3 + 1)
   redis.call('HSET', N, node[1], node_text({'pending', f[2], '', '', task_id, '', ''}))
+  redis.call('HDEL', C, '#' .. node[1]) -- its run again waits only for the children it opens
   index(node[1], f[1], 'pending')
   reset[#reset + 1] = node[1]
   reset[#reset + 1] = task_id
