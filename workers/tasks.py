@@ -8,9 +8,9 @@ import time
 from collections import Counter
 from typing import Any
 
-from celery import shared_task
+from celery import current_task, group, shared_task
 
-from tracker.celery import report_progress
+from tracker.celery import dispatch, report_progress
 
 #: ``#sleep=0.5`` in a node's text: take that many seconds (to show progress in demos).
 _SLEEP = re.compile(r"#sleep=(\d+(?:\.\d+)?)")
@@ -19,6 +19,9 @@ _FAIL = re.compile(r"#fail(?:=(\S+))?")
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 #: Steps of a ``#sleep`` node's work, each reported with ``report_progress``.
 STEPS = 4
+#: ``#parts=3`` in a node's text: its work goes on in a child batch of that many parts (a child
+#: session), which the node waits for.
+_PARTS = re.compile(r"#parts=(\d+)")
 
 
 class NodeContentError(ValueError):
@@ -50,8 +53,19 @@ def analyse(node: dict[str, Any]) -> dict[str, Any]:
 
 @shared_task(name="workers.process_node")
 def process_node(node: dict[str, Any]) -> dict[str, Any]:
-    """Process one canvas node (a JSON dict); returns its summary."""
-    return analyse(node)
+    """Process one canvas node (a JSON dict); returns its summary. A ``#parts=n`` node sends its
+    parts as a child batch: dispatched from inside a tracked task, it is that node's child session."""
+    summary = analyse(node)
+    parts = _PARTS.search(node.get("text") or "")
+    if parts:
+        app = current_task.app
+        pieces = [
+            {"id": f"{node.get('id')}.part{i}", "type": "text", "text": f"Part {i} of {node.get('id')} #sleep=0.3"}
+            for i in range(1, int(parts.group(1)) + 1)
+        ]
+        batch = group([app.signature("workers.process_node", args=(piece,)) for piece in pieces], app=app)
+        dispatch(batch, canvas_path=f"{node.get('id')}.parts", node_ids=[p["id"] for p in pieces], app=app)
+    return summary
 
 
 @shared_task(name="workers.batch_done")

@@ -111,12 +111,16 @@ def crawl(found: int) -> int:
 
 
 @app.task(name="t.parent")
-def parent(count: int, fail_child: bool = False, child_failure: str = "fail", sleep: float = 0.0) -> str:
-    """Dispatch a child session of ``count`` ``t.work`` tasks (the last failing when asked), then return."""
+def parent(
+    count: int, fail_child: bool = False, child_failure: str = "fail", sleep: float = 0.0, unrelated: bool = False
+) -> str:
+    """Dispatch a child session of ``count`` ``t.work`` tasks (the last failing when asked), then
+    return; ``unrelated``: an unrelated session instead (``parent=None``)."""
     dispatch(
         group(work.s(i, fail=fail_child and i == count - 1, sleep=sleep) for i in range(count)),
         canvas_path="child.canvas",
         child_failure=child_failure,
+        **({"parent": None} if unrelated else {}),  # type: ignore[arg-type]
     )
     return "parent done"
 

@@ -175,3 +175,22 @@ def test_resuming_a_parent_runs_its_failed_node_again_with_a_new_child(
     children = {c.session_id: c.status for c in tracked.sync.get_children(sid)}
     assert status["status"] == "completed" and len(children) == 2
     assert children.pop(first) == "failed" and list(children.values()) == ["completed"]
+
+
+def test_parent_none_opts_out_and_an_explicit_parent_links_a_batch_sent_from_elsewhere(
+    tracked: SessionManager, worker_process: Any
+) -> None:
+    from tests.celery.appmod import work
+
+    worker_process(concurrency=2)
+    # A task that dispatches with parent=None: its batch is unrelated, its node completes at once
+    sid = dispatch(group([parent.s(2, unrelated=True)]), canvas_path="p.canvas", node_ids=["p"])
+    assert wait_status(tracked, sid, ENDED, timeout_s=30)["children"] == 0
+    assert tracked.sync.get_children(sid) == []
+    # A batch sent from here with parent=(session, node): that node waits for it
+    other = tracked.sync.create_session("o.canvas", 1, nodes=[NodeSpec(node_id="n")])
+    tracked.sync._record_node(other, "n", "running", task_id="t-n", attempt=1)
+    child = dispatch(group([work.s(1)]), canvas_path="c.canvas", parent=(other, "n"))
+    wait_status(tracked, child, ENDED, timeout_s=30)
+    wait_for(lambda: tracked.sync.get_children(other)[0].status == "completed", 30, "the end told")
+    assert tracked.sync.add_node_result(other, "n", "done", task_id="t-n", attempt=1)["status"] == "completed"

@@ -26,6 +26,7 @@ from tracker import NodeError, NodeSpec, NodeStatus, SessionManager, SessionStat
 from tracker.cli import ExitCode
 from tracker.cli.base import CliError, masked_url
 from tracker.cli.render import follow
+from tracker.storage.base import ChildLink
 from tracker.storage.redis import RedisStorageAdapter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,6 +81,15 @@ def test_status_of_a_pending_session_exits_0(cli: Cli, store_manager: SessionMan
     assert sid in result.stdout
     assert "pending" in result.stdout
     assert "0 completed, 0 failed, 0 running, 5 pending (of 5)" in result.stdout
+
+
+def test_status_shows_a_sessions_children_and_a_childs_parent(cli: Cli, store_manager: SessionManager) -> None:
+    sid = store_manager.sync.create_session("p.canvas", 1, nodes=[NodeSpec(node_id="p")])
+    child = "5d2f8a2e-7c1b-4d0e-9a57-3f4b6c8e1d20"
+    store_manager.sync._record_nodes(sid, [store_manager.operations.child_event(sid, "p", ChildLink(child))])
+    store_manager.sync.create_session("c.canvas", 1, session_id=child, parent=(sid, "p"))
+    assert "1 child session(s), 1 open" in cli("status", sid).stdout
+    assert f"{sid} (node p)" in cli("status", child).stdout
 
 
 def test_status_json_is_the_status_dict(cli: Cli, store_manager: SessionManager) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -21,6 +22,17 @@ from redis.crc import key_slot
 from redis.retry import Retry
 
 from tests.conftest import FakeClock
+from tests.contract.test_add_nodes import (
+    test_a_chain_added_to_a_group_is_followed_and_the_tree_grows,
+    test_added_nodes_are_pending_and_the_session_waits_for_them,
+    test_the_same_call_again_changes_nothing_and_tells_what_is_pending,
+)
+from tests.contract.test_children import (
+    test_a_child_is_listed_by_its_parent_and_watched_until_told,
+    test_a_child_that_did_not_complete_fails_its_node_unless_ignored,
+    test_a_node_waits_for_its_child_and_takes_its_success,
+    test_a_resumed_node_waits_only_for_the_children_its_new_run_opens,
+)
 from tests.contract.test_lost_nodes import (
     test_a_late_result_after_lost_counts_once_and_rederives_the_ended_status,
     test_a_resume_with_nothing_to_resend_ends_at_once,
@@ -31,6 +43,7 @@ from tests.contract.test_lost_nodes import (
     test_two_reapers_at_once_mark_each_node_once,
     test_with_late_acks_a_dead_workers_nodes_wait_for_redelivery,
 )
+from tests.contract.test_node_progress import test_running_nodes_fractions_count_in_the_session_progress
 from tests.contract.test_storage_contract import (
     test_blocking_event_read_wakes_on_a_write,
     test_cancel_marks_unfinished_nodes,
@@ -65,7 +78,8 @@ from tests.contract.test_storage_contract import (
     test_update_status_follows_the_table,
 )
 from tests.servers import RedisClusterProcesses
-from tracker import NodeSpec, SessionManager, TrackerSettings
+from tracker import NodeSpec, SessionManager, SessionStatus, TrackerSettings
+from tracker.storage.base import ChildLink
 from tracker.storage.keys import KeySpace
 from tracker.storage.redis import AsyncRedisStore, RedisStorageAdapter
 
@@ -172,3 +186,31 @@ def test_cleanup_on_the_cluster_deletes_keys_and_index_entries(
     assert all(client.exists(*space.session(sid).all()) == 0 for sid in old)
     assert client.zrange(space.created_index, 0, -1) == [fresh.encode()]
     assert client.zrange(space.expiry_index, 0, -1) == [fresh.encode()]
+
+
+async def test_a_parent_and_its_child_in_other_slots_are_linked_by_steps_of_their_own(
+    manager: SessionManager, key_prefix: str
+) -> None:
+    # Given a parent and a child session whose keys hash to other slots (other masters, likely)
+    space = KeySpace(key_prefix)
+    parent = await manager.create_session("p.canvas", 1, nodes=[NodeSpec(node_id="p")])
+    await manager._record_node(parent, "p", "running", task_id="t-p", attempt=1)
+    child = next(
+        sid for sid in (str(uuid.uuid4()) for _ in range(100))
+        if key_slot(space.session(sid).session.encode()) != key_slot(space.session(parent).session.encode())
+    )  # fmt: skip
+    # When the child is opened on the parent, created, ends, and its end is told (each its own step)
+    await manager._record_nodes(parent, [manager.operations.child_event(parent, "p", ChildLink(child))])
+    await manager.create_session("c.canvas", 1, session_id=child, parent=(parent, "p"))
+    await manager.add_node_result(parent, "p", "mine", task_id="t-p", attempt=1)
+    await manager.add_node_result(child, "c0", 1)
+    (watch,) = await manager._watched_children()
+    await manager._record_nodes(
+        parent, [manager.operations.child_event(parent, "p", ChildLink(child, SessionStatus.COMPLETED))]
+    )
+    await manager._unwatch_child(watch)
+    # Then the parent completed with its node's own result, and nothing is left watched
+    status = await manager.get_session_status(parent)
+    assert (status["status"], status["children"], status["children_open"]) == ("completed", 1, 0)
+    assert (await manager.get_nodes(parent)).nodes[0].result == "mine"
+    assert await manager._watched_children() == []

@@ -182,6 +182,20 @@ def node_spec(sig: Signature, session_id: str, node_id: str, task_id: str) -> No
 DERIVED_IDS = uuid.UUID("5d2f8a2e-7c1b-4d0e-9a57-3f4b6c8e1d20")
 
 
+def _installed(app: Celery, manager: SessionManager | None) -> tuple[Celery, SessionManager]:
+    """The app (``current_app`` resolved) and the manager to use: ``manager``, else the one
+    ``install(app)`` was given, else the process-wide one.
+
+    Raises:
+        TrackerNotInstalledError: ``install(app)`` was not called for the app.
+    """
+    app = real_app(app)
+    recorder = getattr(app, "_tracker_recorder", None)
+    if recorder is None:
+        raise TrackerNotInstalledError(app.main or repr(app))
+    return app, manager or recorder.manager
+
+
 class _Inherit:
     """The default ``parent`` of :func:`dispatch`: the tracked task running in this thread, if any."""
 
@@ -225,7 +239,7 @@ def dispatch(
         metadata: A JSON object kept with the session.
         on_complete: Sent once per end of a run (dispatch, then each resume), with the status dict
             as its argument (its ``run`` says which).
-        manager: Default: ``SessionManager.get_instance()``.
+        manager: Default: the one ``install(app)`` was given, else ``SessionManager.get_instance()``.
         app: The Celery app; default: the canvas's own.
         on_success: Sent exactly once in the session's life, when every node has completed (after
             a resume or a late result too), with the status dict.
@@ -252,10 +266,7 @@ def dispatch(
         raise TrackerValidationError(
             "canvas", canvas, "expected a Celery signature, group, chain or chord (task.s(...))"
         )
-    manager = manager or SessionManager.get_instance()
-    app = real_app(app or canvas.app)
-    if getattr(app, "_tracker_recorder", None) is None:
-        raise TrackerNotInstalledError(app.main or repr(app))
+    app, manager = _installed(app or canvas.app, manager)
     callbacks = {ON_COMPLETE_KEY: on_complete, ON_SUCCESS_KEY: on_success, ON_FAILURE_KEY: on_failure}
     link = _parent_link(parent, child_failure)
     session_id, sends = _create(canvas, canvas_path, node_ids, metadata, callbacks, manager, app, link)
@@ -427,7 +438,7 @@ def add_nodes(
     Args:
         node_ids: One id per leaf, in :func:`leaves` order; default: each leaf's task id (derived,
             inside a tracked task).
-        manager: Default: ``SessionManager.get_instance()``.
+        manager: Default: the one ``install(app)`` was given, else ``SessionManager.get_instance()``.
         app: The Celery app; default: the canvas's own.
 
     Returns:
@@ -455,10 +466,7 @@ def add_nodes(
                 "session_id", None, "outside a tracked task, name the session: add_nodes(session_id, canvas)"
             )
         session_id = here.session_id
-    manager = manager or SessionManager.get_instance()
-    app = real_app(app or canvas.app)
-    if getattr(app, "_tracker_recorder", None) is None:
-        raise TrackerNotInstalledError(app.main or repr(app))
+    app, manager = _installed(app or canvas.app, manager)
     walk = _Walk(app, manager.settings.max_canvas_depth)
     shape = walk.tree(canvas, 0)
     nodes = walk.tasks

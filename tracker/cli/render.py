@@ -13,6 +13,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 from rich.text import Text
 
+from tracker.errors import SessionNotFoundError
 from tracker.hints import pickup_hint
 from tracker.manager import SessionManager
 from tracker.models import NodeResult
@@ -221,6 +222,10 @@ def status_table(status: dict[str, Any]) -> Table:
     table.add_row("Status", styled(status["status"]))
     table.add_row("Progress", f"{float(status['progress_percent']):.1f} %")
     table.add_row("Nodes", node_counts(status))
+    if status.get("children"):
+        table.add_row("Children", f"{status['children']} child session(s), {status['children_open']} open")
+    if status.get("parent_session_id"):
+        table.add_row("Parent", f"{status['parent_session_id']} (node {status['parent_node_id']})")
     table.add_row("Created", _moment(status.get("created_at")))
     table.add_row("Started", _moment(status.get("started_at")))
     table.add_row("Finished", _moment(status.get("finished_at")))
@@ -291,6 +296,27 @@ def print_report(
         if table is not None:
             console.print()
             console.print(table)
+    if status.get("children"):
+        console.print()
+        console.print(children_table(manager, status["session_id"]))
+
+
+def children_table(manager: SessionManager, session_id: str) -> Table:
+    """The child sessions the session's nodes' tasks opened: each one's node, status and counts."""
+    children = manager.sync.get_children(session_id)
+    table = Table(title=f"Child sessions ({len(children)})", title_justify="left")
+    table.add_column("Node")
+    table.add_column("Status")
+    table.add_column("Finished", justify="right")
+    table.add_column("Child session", overflow="fold")
+    for child in children:
+        try:
+            status = manager.sync.get_session_status(child.session_id)
+            finished = f"{finished_nodes(status)}/{status['node_count']}"
+        except SessionNotFoundError:
+            finished = "removed"
+        table.add_row(child.node_id, styled(child.status), finished, child.session_id)
+    return table
 
 
 def ending_line(status: dict[str, Any]) -> Text:
