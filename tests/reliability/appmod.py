@@ -103,11 +103,12 @@ def fan(count: int, runs_key: str, die_on_first_run: bool = False, sleep_s: floa
 
 
 @app.task(name="rel.parent")  # type: ignore[untyped-decorator]
-def parent(count: int, runs_key: str, die_on_first_run: bool = False) -> int:
-    """Dispatch a child session of ``count`` ``rel.step`` tasks; counts its runs in ``runs_key``;
-    on its first run, then SIGKILLs its own process after the child was dispatched, before it
-    returns."""
-    dispatch(group(step.s(i, 0.05) for i in range(count)), canvas_path="child.canvas")
+def parent(count: int, runs_key: str, die_on_first_run: bool = False, sleep_s: float = 0.05) -> int:
+    """Dispatch a child session of ``count`` ``rel.step`` tasks (each sleeping ``sleep_s``); counts
+    its runs in ``runs_key``; on its first run, then SIGKILLs its own process after the child was
+    dispatched, before it returns."""
+    time.sleep(sleep_s)
+    dispatch(group(step.s(i, sleep_s) for i in range(count)), canvas_path="child.canvas")
     client = redis.Redis.from_url(os.environ["TRACKER_REDIS_URL"])
     try:
         runs = int(client.incr(runs_key))

@@ -94,19 +94,22 @@ def test_a_parent_task_redelivered_after_sigkill_opens_one_child_and_ends_after_
     manager.storage.close()
 
 
-#: Rounds of the random-kill test per broker (seeds 1, 2...). CI runs the default.
-GROW_RUNS = int(os.environ.get("TRACKER_GROW_RUNS", "2"))
+#: Rounds of the random-kill test per broker and kind (seeds 1, 2...): CI runs one; run more with
+#: TRACKER_GROW_RUNS=20 python -m pytest -m slow -s tests/reliability/test_growing.py
+GROW_RUNS = int(os.environ.get("TRACKER_GROW_RUNS", "1"))
 FANS, ADDS = 6, 5
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(60 + GROW_RUNS * 150)
+@pytest.mark.parametrize("kind", ["add", "child"])
 @pytest.mark.parametrize("rel_broker_url", BROKERS, indirect=True)
 def test_growing_sessions_end_exact_when_their_worker_is_killed_at_random_moments(
-    rel_broker_url: str, make_worker: MakeWorker, redis_url: str, key_prefix: str, rel_queue: str
+    rel_broker_url: str, make_worker: MakeWorker, redis_url: str, key_prefix: str, rel_queue: str, kind: str
 ) -> None:
-    # Each round: 6 tasks that each add 5 nodes to their session, a whole worker SIGKILLed at a
-    # random moment (seeded), a fresh one started; the reaper runs as beat would.
+    # Each round: 6 tasks that each add 5 nodes to their session (kind "add") or dispatch a child
+    # session of 5 (kind "child"), a whole worker SIGKILLed at a random moment (seeded), a fresh
+    # one started; the reaper runs as beat would.
     settings = TrackerSettings(
         redis_url=redis_url, key_prefix=key_prefix, heartbeat_interval_s=0.5, worker_stale_after_s=3.0
     )
@@ -123,7 +126,8 @@ def test_growing_sessions_end_exact_when_their_worker_is_killed_at_random_moment
             rng = random.Random(seed)
             worker = make_worker(redis_url, concurrency=2, visibility_s=2, env_extra=env, broker_url=rel_broker_url)
             worker.wait_ready()
-            fans = [appmod.fan.s(ADDS, f"{key_prefix}:{seed}:{i}", sleep_s=rng.uniform(0.02, 0.2)).set(queue=rel_queue)
+            task = appmod.fan if kind == "add" else appmod.parent
+            fans = [task.s(ADDS, f"{key_prefix}:{seed}:{i}", sleep_s=rng.uniform(0.02, 0.2)).set(queue=rel_queue)
                     for i in range(FANS)]  # fmt: skip
             sid = dispatch(group(fans), canvas_path="grow.canvas", app=appmod.app, manager=manager,
                            node_ids=[f"fan{i}" for i in range(FANS)])  # fmt: skip
@@ -132,7 +136,8 @@ def test_growing_sessions_end_exact_when_their_worker_is_killed_at_random_moment
             make_worker(redis_url, concurrency=2, visibility_s=2, env_extra=env, broker_url=rel_broker_url)
             wait_for(lambda sid=sid: manager.sync.get_session_status(sid)["status"] in TERMINAL, 120, "the end")
             time.sleep(1.0)  # a late result would move the counts: they must still agree after it
-            problems += [f"seed {seed}: {p}" for p in _growth_problems(manager, sid)]
+            found = _growth_problems(manager, sid) if kind == "add" else _children_problems(manager, sid)
+            problems += [f"seed {seed}: {p}" for p in found]
     finally:
         reaper.stop()
         appmod.app.conf.broker_transport_options = transport
@@ -166,4 +171,40 @@ def _growth_problems(manager: SessionManager, sid: str) -> list[str]:
             problems.append(f"node {node.node_id} holds {node.result}")
     print(f"\ngrow {sid[:8]}: {status['status']} {status['completed_nodes']}/{status['node_count']}, "
           f"{failed} lost or failed")  # fmt: skip
+    return problems
+
+
+def _children_problems(manager: SessionManager, sid: str) -> list[str]:
+    """What is wrong with a parent session that ended: a node with more than one child, a child
+    that did not end or whose counts disagree, a node whose status disagrees with its child's."""
+    status = manager.sync.get_session_status(sid)
+    nodes = all_nodes(manager, sid)
+    children = manager.sync.get_children(sid)
+    problems = []
+    by_node: dict[str, list[str]] = {}
+    for child in children:
+        by_node.setdefault(child.node_id, []).append(child.session_id)
+    for nid, node in nodes.items():
+        mine = by_node.get(nid, [])
+        if len(mine) > 1:
+            problems.append(f"node {nid} opened {len(mine)} children")
+        if node.status is NodeStatus.COMPLETED and len(mine) != 1:
+            problems.append(f"node {nid} completed with {len(mine)} children")
+        for child_id in mine:
+            child = manager.sync.get_session_status(child_id)
+            if child["status"] not in TERMINAL or child["node_count"] != ADDS:
+                problems.append(f"child {child_id} of {nid}: {child['status']}, {child['node_count']} nodes")
+            if node.status is NodeStatus.COMPLETED and child["status"] != "completed":
+                problems.append(f"node {nid} completed, its child {child['status']}")
+    if status["children"] != len(children) or status["children_open"] != sum(c.status == "open" for c in children):
+        problems.append(f"children {status['children']}/{status['children_open']} vs {children}")
+    counted = {s: sum(n.status is s for n in nodes.values()) for s in NodeStatus}
+    if (status["completed_nodes"], status["running_nodes"], status["pending_nodes"]) != (
+        counted[NodeStatus.COMPLETED],
+        0,
+        0,
+    ):
+        problems.append(f"counters {status} vs nodes {counted}")
+    print(f"\nparent {sid[:8]}: {status['status']} {status['completed_nodes']}/{status['node_count']}, "
+          f"{len(children)} children")  # fmt: skip
     return problems
