@@ -204,7 +204,8 @@ class SessionEvent(_Model):
     #: Stream entry id (``<ms>-<seq>``), monotonic per session; the SSE ``id``.
     id: str
     #: ``created``, ``status``, ``progress`` (an explicit progress, or a running node's report:
-    #: with its node), ``node``, ``reset`` or ``added`` (nodes added while it runs).
+    #: with its node), ``node``, ``reset``, ``added`` (nodes added while it runs) or ``child`` (a
+    #: child session of the node opened or ended, or its task succeeded and it waits for them).
     type: str
     status: SessionStatus
     progress_percent: float

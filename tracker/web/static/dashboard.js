@@ -16,7 +16,7 @@
   const MAX_STREAMS = 4;
   const PAGE = 50;
   const TERMINAL = new Set(["completed", "partial_failure", "failed", "cancelled"]);
-  const EVENT_TYPES = ["created", "status", "progress", "node", "reset", "added"];
+  const EVENT_TYPES = ["created", "status", "progress", "node", "reset", "added", "child"];
 
   const state = {
     sessions: new Map(), // task_id -> ParallelTaskStatus (merged with live events)
