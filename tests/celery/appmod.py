@@ -12,6 +12,7 @@ import redis
 from celery import Celery, Task, group
 from celery.worker.request import Request
 
+from tracker import TrackerValidationError
 from tracker.celery import add_nodes, dispatch, install, report_progress
 
 app = Celery("tracker_tests")
@@ -130,6 +131,16 @@ def parent_of_flaky(key: str) -> str:
     """Dispatch a child session of one ``t.fails_once`` task for ``key`` (it fails its first run)."""
     dispatch(group([fails_once.s(key)]), canvas_path="flaky-child.canvas")
     return "parent done"
+
+
+@app.task(name="t.bad_child")
+def bad_child() -> str:
+    """Dispatch a child batch the tracker refuses (an empty canvas path), catch the error, return."""
+    try:
+        dispatch(group([work.s(1)]), canvas_path="")
+    except TrackerValidationError:
+        return "refused"
+    return "sent"
 
 
 @app.task(name="t.nest")

@@ -194,3 +194,16 @@ def test_parent_none_opts_out_and_an_explicit_parent_links_a_batch_sent_from_els
     wait_status(tracked, child, ENDED, timeout_s=30)
     wait_for(lambda: tracked.sync.get_children(other)[0].status == "completed", 30, "the end told")
     assert tracked.sync.add_node_result(other, "n", "done", task_id="t-n", attempt=1)["status"] == "completed"
+
+
+def test_a_child_the_tracker_refuses_is_never_opened_on_its_parent(
+    tracked: SessionManager, worker_process: Any
+) -> None:
+    # A task whose child batch is refused (bad input) and goes on: its node must not wait for it
+    from tests.celery.appmod import bad_child
+
+    worker_process(concurrency=2)
+    sid = dispatch(group([bad_child.s()]), canvas_path="p.canvas", node_ids=["p"])
+    status = wait_status(tracked, sid, ENDED, timeout_s=30)
+    assert (status["status"], status["children"]) == ("completed", 0)
+    assert tracked.sync.get_nodes(sid).nodes[0].result == "refused"

@@ -348,18 +348,19 @@ def _create(
             meta[key] = signature_json(callback)
     specs = [node_spec(sig, session_id, nid, tid) for sig, nid, tid in zip(nodes, ids, task_ids, strict=True)]
     structure = _named(shape, ids) if has_links(shape) else None  # tasks side by side: nothing to follow
-    parent = None
+    parent = None if link is None else (link.session_id, link.node_id)
+    # Every check first (nothing stored yet): a parent is never told of a child that cannot be created.
+    create = manager.operations.create_session(
+        canvas_path, len(nodes), meta, specs, session_id=session_id, structure=structure, parent=parent
+    )
     if link is not None:
         # Opened on the parent's node before the child exists (see tracker.celery.children).
         opened = ChildLink(session_id, None, link.attempt, link.child_failure)
         manager.sync._record_nodes(
             link.session_id, [manager.operations.child_event(link.session_id, link.node_id, opened)]
         )
-        parent = (link.session_id, link.node_id)
     try:
-        manager.sync.create_session(
-            canvas_path, len(nodes), meta, specs, session_id=session_id, structure=structure, parent=parent
-        )
+        create.then(create.call.run(manager.storage))
     except SessionExistsError:
         if link is None or not link.child_id:
             raise

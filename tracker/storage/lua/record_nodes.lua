@@ -227,7 +227,7 @@ local function with_children(node_id, f, incoming, payload, attempt)
     if c.failed ~= '' then return 'failed', '{"reason":"child session ' .. c.failed .. '"}', at end
     local rest = string.sub(f[7], #WAITING + 1)
     return 'completed', rest == '}' and '' or '{' .. string.sub(rest, 2), at
-  elseif incoming == 'completed' then
+  elseif incoming == 'completed' and s.children > 0 then -- (a session without children reads nothing more)
     local c = node_children(node_id)
     if c and c.attempt == tonumber(attempt ~= '' and attempt or f[2]) then
       if c.open > 0 then return 'wait', payload == '' and WAITING .. '}' or WAITING .. ',' .. string.sub(payload, 2), attempt end
