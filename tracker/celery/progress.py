@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from tracker import validation
 from tracker.celery.current import running_node
 from tracker.celery.handlers import Recorder
 from tracker.celery.origin import real_app
+
+logger = logging.getLogger("tracker.celery")
 
 
 def report_progress(done: float, total: float | None = None) -> bool:
@@ -32,5 +36,9 @@ def report_progress(done: float, total: float | None = None) -> bool:
     recorder: Recorder | None = getattr(real_app(node.task.app), "_tracker_recorder", None)
     if recorder is None or not recorder.mine(node.task):
         return False
-    recorder.report(node.request, (node.session_id, node.node_id), fraction)
+    try:
+        recorder.report(node.request, (node.session_id, node.node_id), fraction)
+    except Exception:  # tracking never breaks the user's task
+        logger.exception("tracker: progress of node %s (session %s) not kept", node.node_id, node.session_id)
+        return False
     return True
