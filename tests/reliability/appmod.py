@@ -92,13 +92,7 @@ def fan(count: int, runs_key: str, die_on_first_run: bool = False, sleep_s: floa
     run, then SIGKILLs its own process after the nodes were added and sent, before it returns."""
     time.sleep(sleep_s)
     add_nodes(group(step.s(i, sleep_s) for i in range(count)))
-    client = redis.Redis.from_url(os.environ["TRACKER_REDIS_URL"])
-    try:
-        runs = int(client.incr(runs_key))
-    finally:
-        client.close()
-    if die_on_first_run and runs == 1:
-        os.kill(os.getpid(), signal.SIGKILL)
+    _count_run(runs_key, die_on_first_run)
     return count
 
 
@@ -109,6 +103,13 @@ def parent(count: int, runs_key: str, die_on_first_run: bool = False, sleep_s: f
     dispatched, before it returns."""
     time.sleep(sleep_s)
     dispatch(group(step.s(i, sleep_s) for i in range(count)), canvas_path="child.canvas")
+    _count_run(runs_key, die_on_first_run)
+    return count
+
+
+def _count_run(runs_key: str, die_on_first_run: bool) -> None:
+    """Count a run in ``runs_key`` (the store's redis-server); on the first, when asked, SIGKILL
+    this very process (after what the task did so far, before it returns)."""
     client = redis.Redis.from_url(os.environ["TRACKER_REDIS_URL"])
     try:
         runs = int(client.incr(runs_key))
@@ -116,4 +117,3 @@ def parent(count: int, runs_key: str, die_on_first_run: bool = False, sleep_s: f
         client.close()
     if die_on_first_run and runs == 1:
         os.kill(os.getpid(), signal.SIGKILL)
-    return count

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -20,14 +21,24 @@ from tracker.celery.handlers import Recorder
 from tracker.storage.redis import RedisStorageAdapter
 
 
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("rel_broker_url", BROKERS, indirect=True)
-def test_a_task_redelivered_after_sigkill_adds_its_nodes_once(
-    rel_broker_url: str, make_worker: MakeWorker, redis_url: str, key_prefix: str, rel_queue: str
-) -> None:
+@pytest.fixture
+def stores(redis_url: str, key_prefix: str) -> Iterator[tuple[SessionManager, redis.Redis]]:
+    """A manager on the test's store, and a plain client of that redis-server."""
     settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix)
     manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
     store = redis.Redis.from_url(redis_url)
+    yield manager, store
+    store.close()
+    manager.storage.close()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("rel_broker_url", BROKERS, indirect=True)
+def test_a_task_redelivered_after_sigkill_adds_its_nodes_once(
+    rel_broker_url: str, make_worker: MakeWorker, redis_url: str, key_prefix: str, rel_queue: str,
+    stores: tuple[SessionManager, redis.Redis],
+) -> None:  # fmt: skip
+    manager, store = stores
     runs_key = f"{key_prefix}:fan-runs"
     # Given a prefork worker, and a batch of one task that adds 5 nodes to its own session, then
     # dies by SIGKILL on its first run (after adding and sending them, before returning)
@@ -55,18 +66,15 @@ def test_a_task_redelivered_after_sigkill_adds_its_nodes_once(
     added = sorted((node.result["i"], node.status) for nid, node in nodes.items() if nid != "fan")
     assert added == [(i, NodeStatus.COMPLETED) for i in range(5)]
     assert [e.type for e in manager.sync.read_events(sid, limit=1000)].count("added") == 1
-    store.close()
-    manager.storage.close()
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("rel_broker_url", BROKERS, indirect=True)
 def test_a_parent_task_redelivered_after_sigkill_opens_one_child_and_ends_after_it(
-    rel_broker_url: str, make_worker: MakeWorker, redis_url: str, key_prefix: str, rel_queue: str
-) -> None:
-    settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix)
-    manager = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
-    store = redis.Redis.from_url(redis_url)
+    rel_broker_url: str, make_worker: MakeWorker, redis_url: str, key_prefix: str, rel_queue: str,
+    stores: tuple[SessionManager, redis.Redis],
+) -> None:  # fmt: skip
+    manager, store = stores
     runs_key = f"{key_prefix}:parent-runs"
     # Given a batch of one task that dispatches a child batch of 4, then dies by SIGKILL on its
     # first run (after the child was opened, created and sent, before returning)
@@ -90,8 +98,6 @@ def test_a_parent_task_redelivered_after_sigkill_opens_one_child_and_ends_after_
     assert (p.result, p.waiting) == (4, False)
     assert [s.session_id for s in manager.sync.list_sessions().sessions if s.parent_session_id] == [child.session_id]
     assert manager.sync._watched_children() == []  # its end was told
-    store.close()
-    manager.storage.close()
 
 
 #: Rounds of the random-kill test per broker and kind (seeds 1, 2...): CI runs one; run more with

@@ -196,6 +196,19 @@ def _installed(app: Celery, manager: SessionManager | None) -> tuple[Celery, Ses
     return app, manager or recorder.manager
 
 
+def _walked(
+    canvas: Signature, app: Celery, manager: SessionManager, node_ids: Sequence[str] | None
+) -> tuple[Tree, list[Signature]]:
+    """The canvas's tree and its tasks, in node order (``node_ids``, when given, one per task)."""
+    walk = _Walk(app, manager.settings.max_canvas_depth)
+    shape = walk.tree(canvas, 0)
+    if node_ids is not None and len(node_ids) != len(walk.tasks):
+        raise TrackerValidationError(
+            "node_ids", len(node_ids), f"expected one id per task, error callbacks included ({len(walk.tasks)})"
+        )
+    return shape, walk.tasks
+
+
 class _Inherit:
     """The default ``parent`` of :func:`dispatch`: the tracked task running in this thread, if any."""
 
@@ -327,13 +340,7 @@ def _create(
 ) -> tuple[str, list[Signature]]:
     """:func:`dispatch` up to the send: tag every leaf and create the session (a child: opened on
     its parent's node first); returns its id and what to send."""
-    walk = _Walk(app, manager.settings.max_canvas_depth)
-    shape = walk.tree(canvas, 0)
-    nodes = walk.tasks
-    if node_ids is not None and len(node_ids) != len(nodes):
-        raise TrackerValidationError(
-            "node_ids", len(node_ids), f"expected one id per task, error callbacks included ({len(nodes)})"
-        )
+    shape, nodes = _walked(canvas, app, manager, node_ids)
     session_id = link.child_id if link is not None and link.child_id else str(uuid.uuid4())
     if link is not None and link.child_id:  # derived: a task delivered again sends the same tasks
         task_ids = [sig.options.get("task_id") or str(uuid.uuid5(DERIVED_IDS, f"{session_id}/{i}"))
@@ -468,13 +475,7 @@ def add_nodes(
             )
         session_id = here.session_id
     app, manager = _installed(app or canvas.app, manager)
-    walk = _Walk(app, manager.settings.max_canvas_depth)
-    shape = walk.tree(canvas, 0)
-    nodes = walk.tasks
-    if node_ids is not None and len(node_ids) != len(nodes):
-        raise TrackerValidationError(
-            "node_ids", len(node_ids), f"expected one id per task, error callbacks included ({len(nodes)})"
-        )
+    shape, nodes = _walked(canvas, app, manager, node_ids)
     if here is not None and here.session_id == session_id:
         # Derived: the same ids on every delivery of the task (the call's place in it counts).
         place = getattr(here.request, "_tracker_adds", 0) + 1

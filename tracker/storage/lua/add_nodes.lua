@@ -67,31 +67,11 @@ if tree_json or part ~= '' then
     for _, member in ipairs(plain_group(added) and added.group or {added}) do into[#into + 1] = member end
   end
   redis.call('HSET', G, '#tree', cjson.encode(tree))
-  for first = FIRST + n * 3, #ARGV, 1000 do -- pairs stay whole: 1000 is even
-    redis.call('HSET', G, unpack(ARGV, first, math.min(first + 999, #ARGV)))
-  end
+  store_fields(FIRST + n * 3)
   redis.call('HSET', S, 'linked', '1')
 end
 
-local nodes, sigs, index_members = {}, {}, {}
-for i = 0, n - 1 do
-  local base = FIRST + i * 3
-  local node_id, task_id, sig = ARGV[base], ARGV[base + 1], ARGV[base + 2]
-  nodes[#nodes + 1] = node_id
-  nodes[#nodes + 1] = 'pending|0|||' .. task_id .. '||'
-  index_members[#index_members + 1] = 0
-  index_members[#index_members + 1] = 'pending|' .. node_id
-  if sig ~= '' then
-    sigs[#sigs + 1] = node_id
-    sigs[#sigs + 1] = sig
-  end
-  if #nodes >= 1000 or i == n - 1 then
-    redis.call('HSET', N, unpack(nodes))
-    redis.call('ZADD', X, unpack(index_members))
-    if #sigs > 0 then redis.call('HSET', G, unpack(sigs)) end
-    nodes, sigs, index_members = {}, {}, {}
-  end
-end
+store_pending_nodes(FIRST, n)
 
 s.node_count = s.node_count + n
 redis.call('HSET', S, 'node_count', s.node_count)

@@ -201,6 +201,37 @@ local function for_chunks(list, fn)
   for first = 1, #list, 1000 do fn({unpack(list, first, math.min(first + 999, #list))}) end
 end
 
+-- Stores n new pending nodes given in ARGV from `first` on, as (node_id, task_id, signature_json)
+-- triples ('' for no signature): their records, status index members and signatures, in chunks.
+local function store_pending_nodes(first, n)
+  local nodes, sigs, members = {}, {}, {}
+  for i = 0, n - 1 do
+    local base = first + i * 3
+    local node_id, task_id, sig = ARGV[base], ARGV[base + 1], ARGV[base + 2]
+    nodes[#nodes + 1] = node_id
+    nodes[#nodes + 1] = 'pending|0|||' .. task_id .. '||'
+    members[#members + 1] = 0
+    members[#members + 1] = 'pending|' .. node_id
+    if sig ~= '' then
+      sigs[#sigs + 1] = node_id
+      sigs[#sigs + 1] = sig
+    end
+    if #nodes >= 1000 or i == n - 1 then
+      redis.call('HSET', N, unpack(nodes))
+      redis.call('ZADD', X, unpack(members))
+      if #sigs > 0 then redis.call('HSET', G, unpack(sigs)) end
+      nodes, sigs, members = {}, {}, {}
+    end
+  end
+end
+
+-- Stores the (field, value) pairs of ARGV from `first` on in the sigs hash (a structure's links).
+local function store_fields(first)
+  for from = first, #ARGV, 1000 do -- pairs stay whole: 1000 is even
+    redis.call('HSET', G, unpack(ARGV, from, math.min(from + 999, #ARGV)))
+  end
+end
+
 local function in_list(value, list, first)
   for i = first, #list do
     if list[i] == value then return true end

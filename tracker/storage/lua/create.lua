@@ -20,32 +20,11 @@ redis.call('HSET', S, 'canvas_path', canvas_path, 'node_count', node_count, 'sta
            'updated_ms', now_ms, 'started_ms', '', 'finished_ms', '', 'metadata', metadata, 'finish_request', '',
            'parent', parent)
 remember_request(request_id, '')
--- HSET in chunks: unpack() of a very long list overflows Lua's C stack.
-local nodes, sigs, pending = {}, {}, {}
-for i = 0, n_nodes - 1 do
-  local base = 11 + i * 3
-  local node_id, task_id, sig = ARGV[base], ARGV[base + 1], ARGV[base + 2]
-  nodes[#nodes + 1] = node_id
-  nodes[#nodes + 1] = 'pending|0|||' .. task_id .. '||'
-  pending[#pending + 1] = 0
-  pending[#pending + 1] = 'pending|' .. node_id
-  if sig ~= '' then
-    sigs[#sigs + 1] = node_id
-    sigs[#sigs + 1] = sig
-  end
-  if #nodes >= 1000 or i == n_nodes - 1 then
-    redis.call('HSET', N, unpack(nodes))
-    redis.call('ZADD', X, unpack(pending))
-    nodes, pending = {}, {}
-    if #sigs > 0 then redis.call('HSET', G, unpack(sigs)) end
-    sigs = {}
-  end
-end
+-- In chunks: unpack() of a very long list overflows Lua's C stack.
+store_pending_nodes(11, n_nodes)
 local first_field = 11 + n_nodes * 3
 if #ARGV >= first_field then
-  for first = first_field, #ARGV, 1000 do -- pairs stay whole: 1000 is even
-    redis.call('HSET', G, unpack(ARGV, first, math.min(first + 999, #ARGV)))
-  end
+  store_fields(first_field)
   redis.call('HSET', S, 'linked', '1')
 end
 local s = load_session()
