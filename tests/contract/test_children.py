@@ -176,3 +176,20 @@ async def test_a_resumed_node_waits_only_for_the_children_its_new_run_opens(mana
     # Then the node completes: the first run's failed child no longer counts
     status = await manager.get_session_status(sid)
     assert (status["status"], status["children"], status["children_open"]) == ("completed", 2, 0)
+
+
+async def test_a_progress_report_does_not_touch_a_node_waiting_for_its_children(manager: SessionManager) -> None:
+    # Given a node whose task succeeded and waits for its child
+    sid = await running_parent(manager)
+    child = child_id()
+    await tell(manager, sid, "p0", ChildLink(child))
+    await manager.add_node_result(sid, "p0", "kept", task_id="t-p0", attempt=1)
+    # When a report of that task comes late (a duplicate delivery still running, say)
+    report = manager.operations.node_event(sid, "p0", "running", task_id="t-p0", attempt=1, progress=0.5)
+    await manager._record_nodes(sid, [report])
+    # Then the node still waits, keeps the result, and completes with its child
+    (p0,) = (await manager.get_nodes(sid)).nodes
+    assert (p0.waiting, p0.result, p0.progress) == (True, "kept", None)
+    await tell(manager, sid, "p0", ChildLink(child, S.COMPLETED))
+    (p0,) = (await manager.get_nodes(sid)).nodes
+    assert (p0.status, p0.result) == (NodeStatus.COMPLETED, "kept")

@@ -499,6 +499,7 @@ class InMemoryStorageAdapter:
         applies = (
             old is not None
             and old.status is NodeStatus.RUNNING
+            and not old.waiting
             and not (event.task_id and old.task_id and event.task_id != old.task_id)
             and (event.attempt is None or event.attempt >= old.attempts)
         )

@@ -46,9 +46,11 @@ for i = FIRST, #ARGV do events[#events + 1] = {string.match(ARGV[i], EVENT)} end
 
 -- A progress report (status 'progress', payload '{"progress":<fraction>}') counts only while the
 -- node runs that very attempt of that task: a late report after its result, or from an attempt that
--- a retry or a resume replaced, changes nothing.
+-- a retry or a resume replaced, changes nothing; nor does one for a node whose task succeeded and
+-- that waits for its child sessions (a duplicate delivery still running must not drop what it keeps).
 local function progress_applies(f, task_id, attempt)
   if f[1] ~= 'running' or (task_id ~= '' and f[5] ~= '' and f[5] ~= task_id) then return false end
+  if string.sub(f[7], 1, 15) == '{"waiting":true' then return false end
   return attempt == '' or tonumber(attempt) >= tonumber(f[2])
 end
 
