@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import (
     Any,
@@ -521,7 +521,7 @@ class Operations:
         Raises:
             TrackerValidationError: a bad id.
         """
-        return answer(store_call(Store.get_children, validation.session_id(session_id)))
+        return plan(store_call(Store.get_children, validation.session_id(session_id)), _by_node)
 
     def watched_children(self, limit: int = 1000) -> Plan[list[ChildWatch]]:
         """Child sessions whose end was not told to their parent yet, oldest first (for ``maintain``)."""
@@ -674,6 +674,22 @@ def _details(node: NodeResult) -> dict[str, Any]:
 
 def _status_after(outcome: BatchOutcome | TransitionOutcome) -> dict[str, Any]:
     return outcome.session.to_dict()
+
+
+def nodes_of(manager: SessionManager, session_id: str, status: NodeStatus | None = None) -> Iterator[NodeResult]:
+    """Every node of the session (only those in ``status``, when given), read a page at a time as
+    they are used (blocking)."""
+    cursor: str | None = None
+    while True:
+        page = manager.sync.get_nodes(session_id, status, cursor=cursor, limit=1000)
+        yield from page.nodes
+        cursor = page.next_cursor
+        if cursor is None:
+            return
+
+
+def _by_node(children: list[ChildSession]) -> list[ChildSession]:
+    return sorted(children, key=lambda child: (child.node_id, child.session_id))
 
 
 def _log_removed(removed: int) -> int:

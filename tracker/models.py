@@ -289,9 +289,6 @@ class ChildSession(_Model):
     #: ``open`` until it ended, then the status it ended with.
     status: str = "open"
 
-    def __lt__(self, other: ChildSession) -> bool:
-        return (self.node_id, self.session_id) < (other.node_id, other.session_id)
-
 
 class AddOutcome(_Model):
     """What adding nodes to a running session did (``add_nodes``)."""

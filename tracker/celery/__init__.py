@@ -22,7 +22,7 @@ from tracker.celery.handlers import Recorder, UndecodableMessages
 from tracker.celery.progress import report_progress
 from tracker.config import TrackerSettings
 from tracker.errors import TrackerValidationError
-from tracker.manager import SessionManager
+from tracker.manager import SessionManager, nodes_of
 from tracker.models import BatchOutcome
 from tracker.states import NodeStatus
 from tracker.storage.memory import InMemoryStorageAdapter
@@ -163,23 +163,17 @@ def reconcile(app: Celery, manager: SessionManager, ended: BatchOutcome) -> Batc
     sync = manager.sync
     sid = ended.session.session_id
     recovered: set[str] = set()
-    cursor: str | None = None
-    while True:
-        page = sync.get_nodes(sid, NodeStatus.LOST, cursor=cursor, limit=1000)
-        for node in page.nodes:
-            found = _stored_success(app, node.task_id)
-            if found is None:
-                continue
-            try:
-                late = sync._record_node(sid, node.node_id, NodeStatus.COMPLETED, result=found[0], task_id=node.task_id)
-            except TrackerValidationError as exc:  # not JSON, over the cap: the node completed all the same
-                reason = f"{RESULT_NOT_STORED}: {exc}"
-                late = sync._record_node(sid, node.node_id, NodeStatus.COMPLETED, task_id=node.task_id, reason=reason)
-            send_completion(app, late)
-            recovered.add(node.node_id)
-        cursor = page.next_cursor
-        if cursor is None:
-            break
+    for node in nodes_of(manager, sid, NodeStatus.LOST):
+        found = _stored_success(app, node.task_id)
+        if found is None:
+            continue
+        try:
+            late = sync._record_node(sid, node.node_id, NodeStatus.COMPLETED, result=found[0], task_id=node.task_id)
+        except TrackerValidationError as exc:  # not JSON, over the cap: the node completed all the same
+            reason = f"{RESULT_NOT_STORED}: {exc}"
+            late = sync._record_node(sid, node.node_id, NodeStatus.COMPLETED, task_id=node.task_id, reason=reason)
+        send_completion(app, late)
+        recovered.add(node.node_id)
     if not recovered:
         return ended
     # The end is told once, with the session as it now stands; a failure that turned out a success

@@ -13,7 +13,7 @@ from tracker.celery.children import tell_parent
 from tracker.celery.dispatch import tag
 from tracker.celery.origin import dispatching_app
 from tracker.errors import InvalidStateTransitionError, ResumeNotPossibleError, SessionNotFoundError
-from tracker.manager import SessionManager
+from tracker.manager import SessionManager, nodes_of
 from tracker.models import NodeSpec, SessionInfo
 from tracker.states import NodeStatus, SessionStatus
 from tracker.storage.base import ResumePlanChanged
@@ -47,14 +47,7 @@ def cancel_session(
     manager = manager or SessionManager.get_instance()
     app = dispatching_app(session_id, manager.sync.get_session(session_id).metadata, app)
     outcome = manager.sync._transition(session_id, SessionStatus.CANCELLED)
-    task_ids: list[str] = []
-    cursor: str | None = None
-    while True:
-        page = manager.sync.get_nodes(session_id, NodeStatus.CANCELLED, cursor=cursor, limit=1000)
-        task_ids += [n.task_id for n in page.nodes if n.task_id]
-        cursor = page.next_cursor
-        if cursor is None:
-            break
+    task_ids = [n.task_id for n in nodes_of(manager, session_id, NodeStatus.CANCELLED) if n.task_id]
     if task_ids:
         app.control.revoke(task_ids, terminate=terminate)
     send_completion(app, outcome)
@@ -132,16 +125,10 @@ _PLAN_ATTEMPTS = 5
 
 def _node_states(manager: SessionManager, session_id: str) -> dict[str, tuple[NodeStatus, Any, bool]]:
     """Every node's status, result and whether that result was stored (what a resume plan reads)."""
-    states: dict[str, tuple[NodeStatus, Any, bool]] = {}
-    cursor: str | None = None
-    while True:
-        page = manager.sync.get_nodes(session_id, cursor=cursor, limit=1000)
-        for node in page.nodes:
-            stored = not (node.reason or "").startswith(RESULT_NOT_STORED)
-            states[node.node_id] = (node.status, node.result, stored)
-        cursor = page.next_cursor
-        if cursor is None:
-            return states
+    return {
+        node.node_id: (node.status, node.result, not (node.reason or "").startswith(RESULT_NOT_STORED))
+        for node in nodes_of(manager, session_id)
+    }
 
 
 def _task(app: Celery, session_id: str, node: NodeSpec) -> Signature | None:

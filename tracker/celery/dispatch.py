@@ -18,7 +18,7 @@ from tracker.celery.current import running_node
 from tracker.celery.origin import ORIGIN_KEY, origin, real_app
 from tracker.celery.stamps import NODE_STAMP, SESSION_STAMP
 from tracker.errors import SessionExistsError, TrackerError, TrackerNotInstalledError, TrackerValidationError
-from tracker.manager import SessionManager
+from tracker.manager import SessionManager, nodes_of
 from tracker.models import NodeSpec
 from tracker.states import NodeStatus, SessionStatus
 from tracker.storage.base import CHILD_POLICIES, ChildLink
@@ -372,20 +372,9 @@ def _create(
         if link is None or not link.child_id:
             raise
         # The same task delivered again: the child exists; send again what has not started.
-        pending = {node.node_id for node in _pending_nodes(manager, session_id)}
+        pending = {node.node_id for node in nodes_of(manager, session_id, NodeStatus.PENDING)}
         return session_id, _sends_again(canvas, nodes, ids, pending, has_links(shape))
     return session_id, [canvas]
-
-
-def _pending_nodes(manager: SessionManager, session_id: str) -> list[Any]:
-    found: list[Any] = []
-    cursor: str | None = None
-    while True:
-        page = manager.sync.get_nodes(session_id, NodeStatus.PENDING, cursor=cursor, limit=1000)
-        found += page.nodes
-        cursor = page.next_cursor
-        if cursor is None:
-            return found
 
 
 def _sends_again(

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from tracker.errors import SessionNotFoundError
 from tracker.hints import pickup_hint
-from tracker.manager import SessionManager
+from tracker.manager import SessionManager, nodes_of
 from tracker.models import NodeResult
 from tracker.states import TERMINAL_STATUSES, NodeStatus
 
@@ -235,14 +235,7 @@ def status_table(status: dict[str, Any]) -> Table:
 
 def all_nodes(manager: SessionManager, session_id: str) -> list[NodeResult]:
     """Every node result of the session (page by page)."""
-    nodes: list[NodeResult] = []
-    cursor: str | None = None
-    while True:
-        page = manager.sync.get_nodes(session_id, cursor=cursor, limit=1000)
-        nodes += page.nodes
-        cursor = page.next_cursor
-        if cursor is None:
-            return nodes
+    return list(nodes_of(manager, session_id))
 
 
 def _error_text(node: NodeResult) -> str:

@@ -302,7 +302,7 @@ class SessionStorageAdapter(Protocol):
         ``worker`` None: only keep the sessions alive (parents waiting for their children)."""
 
     def get_children(self, session_id: str) -> list[ChildSession]:
-        """The child sessions the session's nodes' tasks opened, by node (empty: none, or no such session)."""
+        """The child sessions the session's nodes' tasks opened, in any order (empty: none, or no such session)."""
 
     def watched_children(self, limit: int) -> list[ChildWatch]:
         """At most ``limit`` child sessions whose end was not told to their parent yet, oldest first:

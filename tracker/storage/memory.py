@@ -440,19 +440,18 @@ class InMemoryStorageAdapter:
                 mine[1] += 1
             return "bookkeeping", event
         if link is not None and link.ended is not None:
-            entry_ = entry.children.get(link.child_id)
-            if entry_ is None or entry_[3] != "open":
+            kept = entry.children.get(link.child_id)
+            if kept is None or kept[3] != "open":
                 return "bookkeeping", event
-            node_id, attempt, policy, _ = entry_
-            entry_[3] = SessionStatus(link.ended).value
-
+            node_id, attempt, policy, _ = kept
+            ended = kept[3] = SessionStatus(link.ended).value
             entry.info = info.model_copy(update={"children_open": info.children_open - 1})
             mine = entry.node_children.get(node_id)
             if mine is None or mine[0] != attempt:
                 return "bookkeeping", event
             mine[1] -= 1
-            if entry_[3] != "completed" and policy != "ignore" and not mine[2]:
-                mine[2] = f"{link.child_id} {entry_[3]}"
+            if ended != "completed" and policy != "ignore" and not mine[2]:
+                mine[2] = f"{link.child_id} {ended}"
             if mine[1] > 0 or old is None or not old.waiting:
                 return "bookkeeping", event
             if mine[2]:  # the node's task succeeded before: it ends now
@@ -563,10 +562,10 @@ class InMemoryStorageAdapter:
         with self._lock:
             entry = self._sessions.get(session_id)
             children = entry.children.items() if entry is not None else []
-            return sorted(
+            return [
                 ChildSession(session_id=child, node_id=node, attempt=attempt, child_failure=policy, status=state)
                 for child, (node, attempt, policy, state) in children
-            )
+            ]
 
     def watched_children(self, limit: int) -> list[ChildWatch]:
         with self._lock:

@@ -437,7 +437,7 @@ class RedisPrograms:
         found = (yield [("HGETALL", self._session_keys(session_id).children)])[0] or {}
         fields = found if isinstance(found, dict) else codec.flat_dict(found)
         entries = {codec.text(k): codec.text(v) for k, v in fields.items()}
-        return sorted(codec.child_from_entry(child, entry) for child, entry in entries.items() if child[0] != "#")
+        return [codec.child_from_entry(child, entry) for child, entry in entries.items() if child[0] != "#"]
 
     def watched_children(self, limit: int) -> Program[list[ChildWatch]]:
         found = (yield [("ZRANGE", self.keys.children_index, 0, limit - 1)])[0]
