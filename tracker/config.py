@@ -32,8 +32,10 @@ class TrackerSettings(BaseSettings):
     redis_cluster: bool = False
     #: Prefix of every Redis key.
     key_prefix: str = Field(default="tracker", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    #: A session expires this long after its last change.
+    #: A session that has not ended expires this long after its last change (or heartbeat).
     session_timeout_s: float = Field(default=1800.0, gt=0)
+    #: An ended session is kept this long after its last change (to look at the next morning).
+    finished_ttl_s: float = Field(default=86400.0, gt=0)
     #: How often the in-process cleanup scheduler runs.
     cleanup_interval_s: float = Field(default=60.0, gt=0)
     #: Most nodes one session may have (a bound on what one dispatch may ask the store to hold).

@@ -42,6 +42,7 @@ from tracker.models import (
     AddOutcome,
     BatchOutcome,
     ChildSession,
+    FailureGroup,
     NodeError,
     NodeOutcome,
     NodePage,
@@ -146,6 +147,7 @@ class Operations:
         session_id: str | None = None,
         structure: Tree | None = None,
         parent: tuple[str, str] | None = None,
+        tags: Sequence[str] | None = None,
     ) -> Plan[str]:
         """Create a ``pending`` session and return its id (a UUID4 string, 36 characters).
 
@@ -160,6 +162,8 @@ class Operations:
                 as that is known, and resume re-sends with it.
             parent: ``(session_id, node_id)`` of the node whose task opens this session: a child
                 session, watched until its end is told to that node (``tracker.celery`` does).
+            tags: Labels to find it by (``list_sessions(tag=...)``): at most 10, each 1-64 letters,
+                digits or ``_.:@/+=-`` (``["nightly", "customer:42"]``).
 
         Raises:
             TrackerValidationError: bad input; nothing was stored.
@@ -169,6 +173,7 @@ class Operations:
         count = validation.node_count(node_count, self.settings.max_node_count)
         meta = validation.metadata(metadata)
         sid = validation.session_id(session_id) if session_id is not None else str(uuid.uuid4())
+        labels = validation.tags(tags, sid)
         node_ids, signatures = self._specs(nodes, sid)
         if len(node_ids) > count:
             raise TrackerValidationError(
@@ -186,7 +191,7 @@ class Operations:
         now = self.clock()
         info = SessionInfo(
             session_id=sid, canvas_path=path, node_count=count, created_at=now, updated_at=now, metadata=meta,
-            parent_session_id=parent_sid, parent_node_id=parent_node,
+            parent_session_id=parent_sid, parent_node_id=parent_node, tags=labels,
         )  # fmt: skip
         return plan(store_call(Store.create, info, tuple(nodes), signatures, structure), lambda _: sid)
 
@@ -246,7 +251,7 @@ class Operations:
         Raises:
             SessionNotFoundError, InvalidStateTransitionError, TrackerValidationError.
         """
-        return plan(self.transition(session_id, status).call, _status_after)
+        return plan(self.transition(session_id, status).call, lambda outcome: _status_after(outcome, self.clock()))
 
     def update_progress(self, session_id: str, progress_percent: float) -> Plan[dict[str, Any]]:
         """Set an explicit progress (0..100) on a session that has not ended; return its status dict.
@@ -257,7 +262,8 @@ class Operations:
         """
         sid = validation.session_id(session_id)
         value = validation.progress(progress_percent, sid)
-        return plan(store_call(Store.set_progress, sid, value, self.clock()), SessionInfo.to_dict)
+        now = self.clock()
+        return plan(store_call(Store.set_progress, sid, value, now), lambda info: info.seen_at(now).to_dict())
 
     def add_node_result(
         self,
@@ -291,7 +297,8 @@ class Operations:
             event = self.valid_event(
                 sid, node_id, status, result, error=error, task_id=task_id, worker=worker, attempt=attempt
             )
-        return plan(store_call(Store.record_nodes, sid, [event], self.clock()), _status_after)
+        now = self.clock()
+        return plan(store_call(Store.record_nodes, sid, [event], now), lambda outcome: _status_after(outcome, now))
 
     def add_node_results(
         self, session_id: str, results: Mapping[str, Any] | Iterable[NodeResult]
@@ -321,7 +328,8 @@ class Operations:
                 if not isinstance(node, NodeResult):
                     raise TrackerValidationError("results", node, "expected NodeResult items", sid)
                 events.append(self.valid_event(sid, **_details(node)))
-        return plan(store_call(Store.record_nodes, sid, events, self.clock()), _status_after)
+        now = self.clock()
+        return plan(store_call(Store.record_nodes, sid, events, now), lambda outcome: _status_after(outcome, now))
 
     def get_session(self, session_id: str) -> Plan[SessionInfo]:
         """The session as a model.
@@ -330,7 +338,8 @@ class Operations:
             SessionNotFoundError: unknown, expired or removed.
         """
         sid = validation.session_id(session_id)
-        return plan(store_call(Store.get, sid), lambda info: _found(sid, info))
+        now = self.clock()
+        return plan(store_call(Store.get, sid), lambda info: _found(sid, info).seen_at(now))
 
     def get_session_status(self, session_id: str) -> Plan[dict[str, Any]]:
         """The session's full state as a JSON-safe dict (one store read, O(1) in the node count).
@@ -340,24 +349,31 @@ class Operations:
             TrackerValidationError: not a UUID.
         """
         sid = validation.session_id(session_id)
-        return plan(store_call(Store.get, sid), lambda info: _found(sid, info).to_dict())
+        now = self.clock()
+        return plan(store_call(Store.get, sid), lambda info: _found(sid, info).seen_at(now).to_dict())
 
     def is_session_expired(self, session_id: str) -> Plan[bool]:
-        """True when the session was last updated more than ``session_timeout_s`` seconds ago.
+        """True when the session was last updated longer ago than it is kept: ``session_timeout_s``
+        seconds while it has not ended, ``finished_ttl_s`` once it has.
 
         Raises:
             SessionNotFoundError: the session is gone (already removed or expired in the store).
         """
         sid = validation.session_id(session_id)
-        timeout_s = self.settings.session_timeout_s
         now = self.clock()
-        return plan(
-            store_call(Store.get, sid), lambda info: (now - _found(sid, info).updated_at).total_seconds() > timeout_s
-        )
+        return plan(store_call(Store.get, sid), lambda info: self._expired(_found(sid, info), now))
+
+    def _expired(self, info: SessionInfo, now: datetime) -> bool:
+        s = self.settings
+        keep_s = s.finished_ttl_s if info.status.is_terminal else s.session_timeout_s
+        return (now - info.updated_at).total_seconds() > keep_s
 
     def cleanup_expired_sessions(self) -> Plan[int]:
-        """Remove every expired session; return how many were removed."""
-        return plan(store_call(Store.remove_expired, self.clock(), self.settings.session_timeout_s), _log_removed)
+        """Remove every expired session (see :meth:`is_session_expired`); return how many were removed.
+        Costs the sessions removed, not those kept."""
+        s = self.settings
+        call = store_call(Store.remove_expired, self.clock(), s.session_timeout_s, s.finished_ttl_s)
+        return plan(call, _log_removed)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -376,11 +392,30 @@ class Operations:
         return answer(store_call(Store.get_nodes, sid, node_status, validation.cursor(cursor), _limit(limit)))
 
     def list_sessions(
-        self, status: SessionStatus | str | None = None, cursor: str | None = None, limit: int = 50
+        self,
+        status: SessionStatus | str | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+        *,
+        tag: str | None = None,
+        path: str | None = None,
     ) -> Plan[SessionPage]:
-        """A page of sessions, newest first, optionally only those in ``status``."""
+        """A page of sessions, newest first, optionally only those in ``status``, with ``tag``, or
+        under ``path``: a whole canvas path, or a folder of canvas paths ending in ``/``
+        (``pipelines/`` finds ``pipelines/etl.canvas`` and ``pipelines/nightly/load.canvas``).
+
+        A tag or a path reads its own index, which costs the page; ``status`` (and a path given
+        with a tag) sifts that page, which may then hold fewer than ``limit`` sessions.
+
+        Raises:
+            TrackerValidationError: a bad status, tag, path, cursor or limit.
+        """
         session_status = None if status is None else validation.member(SessionStatus, status, "status")
-        return answer(store_call(Store.list_sessions, session_status, validation.cursor(cursor), _limit(limit)))
+        label = None if tag is None else validation.tag(tag)
+        folder = None if path is None else validation.canvas_path(path)
+        now = self.clock()
+        call = store_call(Store.list_sessions, session_status, validation.cursor(cursor), _limit(limit), label, folder)
+        return plan(call, lambda page: _seen_page(page, now))
 
     def read_events(
         self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
@@ -522,6 +557,20 @@ class Operations:
             TrackerValidationError: a bad id.
         """
         return plan(store_call(Store.get_children, validation.session_id(session_id)), _by_node)
+
+    def get_failures(self, session_id: str) -> Plan[list[FailureGroup]]:
+        """The session's failed and lost nodes grouped by cause, most first: for each error type
+        (``lost`` for nodes whose worker vanished, ``unknown`` without an error) how many nodes
+        have it now, the first message, when it was first and last seen, and the first few node
+        ids. Kept with the counters in the same atomic step: a node that later completes (or is
+        resumed) leaves its group. ``resume_session(id, error_type=...)`` re-runs one group.
+
+        Raises:
+            SessionNotFoundError: no such session.
+            TrackerValidationError: a bad id.
+        """
+        sid = validation.session_id(session_id)
+        return plan(store_call(Store.get_failures, sid), _most_first)
 
     def watched_children(self, limit: int = 1000) -> Plan[list[ChildWatch]]:
         """Child sessions whose end was not told to their parent yet, oldest first (for ``maintain``)."""
@@ -672,8 +721,16 @@ def _details(node: NodeResult) -> dict[str, Any]:
     }
 
 
-def _status_after(outcome: BatchOutcome | TransitionOutcome) -> dict[str, Any]:
-    return outcome.session.to_dict()
+def _status_after(outcome: BatchOutcome | TransitionOutcome, now: datetime) -> dict[str, Any]:
+    return outcome.session.seen_at(now).to_dict()
+
+
+def _seen_page(page: SessionPage, now: datetime) -> SessionPage:
+    return page.model_copy(update={"sessions": [info.seen_at(now) for info in page.sessions]})
+
+
+def _most_first(groups: list[FailureGroup]) -> list[FailureGroup]:
+    return sorted(groups, key=lambda group: (-group.count, group.first_at, group.error_type))
 
 
 def nodes_of(manager: SessionManager, session_id: str, status: NodeStatus | None = None) -> Iterator[NodeResult]:
@@ -782,6 +839,7 @@ class _Verbs:
     read_events = _Verb(Operations.read_events)
     get_structure = _Verb(Operations.get_structure)
     get_children = _Verb(Operations.get_children)
+    get_failures = _Verb(Operations.get_failures)
     delete_session = _Verb(Operations.delete_session)
     reap_lost_nodes = _Verb(Operations.reap_lost_nodes)
     end_stalled_sessions = _Verb(Operations.end_stalled_sessions)

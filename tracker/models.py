@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 from pydantic_core import to_jsonable_python
 
-from tracker.states import NodeStatus, SessionStatus
+from tracker.states import NodeStatus, RateWindow, SessionStatus
 
 JsonValue = Any
 """Any value ``json.dumps`` accepts without a custom encoder."""
@@ -119,6 +119,27 @@ class SessionInfo(_Model):
     #: For a child session: the session and node whose task opened it (that node ends with it).
     parent_session_id: str | None = None
     parent_node_id: str | None = None
+    #: How many causes (error types) its failed and lost nodes have (``get_failures`` lists them).
+    failure_types: int = 0
+    #: Labels given at dispatch (``list_sessions(tag=...)`` finds the session by them).
+    tags: list[str] = Field(default_factory=list)
+    #: Nodes finished per second over the last 30 to 60 s up to the last one (None: too early).
+    rate_per_s: float | None = None
+    #: When the last node should finish at that rate (an ended session: when it ended).
+    eta_at: datetime | None = None
+    #: Seconds from the read until ``eta_at`` (0 once ended); None when unknown or overdue. A
+    #: manager's reads fill it in with its clock.
+    eta_s: float | None = None
+
+    def seen_at(self, now: datetime) -> SessionInfo:
+        """This session as read at ``now``: with ``eta_s``."""
+        if self.status.is_terminal:
+            eta_s: float | None = 0.0
+        elif self.eta_at is None or self.eta_at < now:
+            eta_s = None
+        else:
+            eta_s = round((self.eta_at - now).total_seconds(), 3)
+        return self if eta_s == self.eta_s else self.model_copy(update={"eta_s": eta_s})
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -136,9 +157,22 @@ class SessionInfo(_Model):
         data["updated_at"] = json_datetime(self.updated_at)
         data["started_at"] = None if self.started_at is None else json_datetime(self.started_at)
         data["finished_at"] = None if self.finished_at is None else json_datetime(self.finished_at)
+        data["eta_at"] = None if self.eta_at is None else json_datetime(self.eta_at)
+        data["tags"] = list(self.tags)
         data["metadata"] = to_jsonable_python(self.metadata, inf_nan_mode="null") if self.metadata else {}
         data["pending_nodes"] = self.pending_nodes
         return data
+
+
+def rate_and_eta(window: RateWindow | None, node_count: int, finished_at: datetime | None) -> dict[str, Any]:
+    """A session's ``rate_per_s``, ``eta_at`` and ``eta_s`` as its store knows them, from its rate
+    window: an ended one's ``eta_at`` is when it ended, and its ``eta_s`` 0; a running one's
+    ``eta_s`` needs a clock (:meth:`SessionInfo.seen_at`)."""
+    rate = None if window is None else window.rate_per_s()
+    if finished_at is not None:
+        return {"rate_per_s": rate, "eta_at": finished_at, "eta_s": 0.0}
+    eta_ms = None if window is None else window.eta_ms(node_count)
+    return {"rate_per_s": rate, "eta_at": utc_from_ms(eta_ms), "eta_s": None}
 
 
 def json_datetime(moment: datetime) -> str:
@@ -181,6 +215,11 @@ class ParallelTaskStatus(BaseModel):
     children_open: int = Field(default=0, description="Of those, the ones that have not ended.")
     parent_session_id: str | None = Field(default=None, description="For a child session: its parent session.")
     parent_node_id: str | None = Field(default=None, description="For a child session: the node that opened it.")
+    failure_types: int = Field(default=0, description="Causes (error types) of its failed and lost nodes.")
+    tags: list[str] = Field(default_factory=list, description="Labels given at dispatch.")
+    rate_per_s: float | None = Field(default=None, description="Nodes finished per second, recently.")
+    eta_at: datetime | None = Field(default=None, description="When the last node should finish at that rate.")
+    eta_s: float | None = Field(default=None, description="Seconds until then (0 once ended; null: unknown).")
     hint: str | None = Field(
         default=None,
         description="Advice for a session that looks stuck, e.g. pending while no worker has picked up any node.",
@@ -267,6 +306,21 @@ class BatchOutcome(_Model):
     succeeded: bool = False
     #: The node whose failure was the session's first for good, told to exactly one caller.
     first_failure: str | None = None
+
+
+class FailureGroup(_Model):
+    """The failed (and lost) nodes of a session with one cause, as ``get_failures`` lists them."""
+
+    #: The error's class name (``TimeoutError``), ``lost`` (its worker vanished) or ``unknown``.
+    error_type: str
+    #: How many of the session's nodes are failed or lost with it now.
+    count: int
+    #: The message of the first node that failed with it.
+    first_message: str = ""
+    first_at: datetime
+    last_at: datetime
+    #: The first few of those nodes (``states.FAILURE_SAMPLE``); ``get_nodes`` pages through all.
+    node_ids: list[str] = Field(default_factory=list)
 
 
 class ResumeOutcome(_Model):

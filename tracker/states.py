@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from enum import StrEnum
+from typing import NamedTuple
 
 
 class SessionStatus(StrEnum):
@@ -249,3 +250,84 @@ def progress_from_counts(finished: int, node_count: int, running_units: int = 0)
         return 0.0
     # A node is PROGRESS_UNITS = 10000 units: 10000 * (finished + running_units / 10000) / node_count.
     return math.floor((10000.0 * finished + running_units) / node_count + 0.5) / 100
+
+
+# -- failures by cause ------------------------------------------------------------------------------
+
+#: How many node ids a failure group keeps (the first that joined it).
+FAILURE_SAMPLE = 5
+
+
+def failure_type(status: NodeStatus, error_type: str | None) -> str | None:
+    """The group a node's failure counts in (``common.lua``: failure_of): ``lost`` for a lost node,
+    else its error's class name, ``unknown`` without one; None when the node has not failed."""
+    if status is NodeStatus.LOST:
+        return "lost"
+    if status is NodeStatus.FAILED:
+        return error_type or "unknown"
+    return None
+
+
+# -- rate and ETA -----------------------------------------------------------------------------------
+
+#: The rate covers the last RATE_HALF_WINDOW_MS to twice that (``common.lua``: rate_window).
+RATE_HALF_WINDOW_MS = 30_000
+
+
+class RateWindow(NamedTuple):
+    """The finished count (nodes with a result) at three moments: the window's start, its middle,
+    and the last change. The window moves on by half once its middle is ``RATE_HALF_WINDOW_MS``
+    old, so that the rate it gives is a recent one. Kept in the store as six numbers."""
+
+    since_ms: int
+    since_done: int
+    mid_ms: int
+    mid_done: int
+    last_ms: int
+    last_done: int
+
+    @classmethod
+    def starting(cls, at_ms: int, done: int) -> RateWindow:
+        """A window that starts at ``at_ms`` with ``done`` nodes finished."""
+        return cls(at_ms, done, at_ms, done, at_ms, done)
+
+    def moved(self, done: int, now_ms: int) -> RateWindow:
+        """The window once ``done`` nodes have finished at ``now_ms`` (unchanged when that is the
+        count it has; started again when the count went back: a resume, a node sent back)."""
+        window = self
+        if done < window.mid_done:
+            window = RateWindow.starting(now_ms, done)
+        if done == window.last_done:
+            return window
+        if now_ms - window.mid_ms >= RATE_HALF_WINDOW_MS:
+            window = window._replace(since_ms=window.mid_ms, since_done=window.mid_done, mid_ms=now_ms, mid_done=done)
+        return window._replace(last_ms=now_ms, last_done=done)
+
+    @classmethod
+    def parse(cls, text: str) -> RateWindow | None:
+        """The window as the store keeps it (``since_ms|since_done|...``); None for none."""
+        parts = text.split("|") if text else []
+        return cls(*(int(p) for p in parts)) if len(parts) == 6 else None
+
+    def text(self) -> str:
+        """As the store keeps it."""
+        return "|".join(str(n) for n in self)
+
+    def rate_per_s(self) -> float | None:
+        """Nodes finished per second over the window, up to its last change; None before two
+        moments apart saw nodes finish."""
+        elapsed_ms = self.last_ms - self.since_ms
+        if elapsed_ms <= 0 or self.last_done <= self.since_done:
+            return None
+        return (self.last_done - self.since_done) * 1000 / elapsed_ms
+
+    def eta_ms(self, node_count: int) -> int | None:
+        """When the last node should finish at the window's rate (epoch ms); None when unknown."""
+        rate = self.rate_per_s()
+        if rate is None:
+            return None
+        eta_ms = self.last_ms + round(max(0, node_count - self.last_done) * 1000 / rate)
+        return eta_ms if eta_ms < _YEAR_9999_MS else None  # past what a datetime holds: not an estimate
+
+
+_YEAR_9999_MS = 253_370_764_800_000

@@ -249,3 +249,28 @@ def member(enum: type[E], value: object, field: str, sid: str | None = None) -> 
     except ValueError:
         allowed = ", ".join(m.value for m in enum)
         raise TrackerValidationError(field, value, f"expected one of: {allowed}", sid) from None
+
+
+_TAG = re.compile(r"[A-Za-z0-9_.:@/+=-]{1,64}")
+
+#: Most tags one session may have.
+MAX_TAGS = 10
+
+
+def tag(value: object) -> str:
+    """Return ``value`` if it is a tag: 1-64 letters, digits or ``_.:@/+=-`` (``customer:42``)."""
+    if not isinstance(value, str) or not _TAG.fullmatch(value):
+        raise TrackerValidationError("tag", value, "expected 1-64 letters, digits or _.:@/+=- (e.g. customer:42)")
+    return value
+
+
+def tags(value: object, sid: str | None = None) -> list[str]:
+    """Return ``value`` as a list of distinct tags (in order), at most ``MAX_TAGS``; None: none."""
+    if value is None:
+        return []
+    if isinstance(value, str | bytes) or not isinstance(value, list | tuple | set | frozenset):
+        raise TrackerValidationError("tags", value, "expected a list of tags, e.g. ['nightly', 'customer:42']", sid)
+    found = list(dict.fromkeys(tag(t) for t in value))
+    if len(found) > MAX_TAGS:
+        raise TrackerValidationError("tags", len(found), f"at most {MAX_TAGS} tags", sid)
+    return found

@@ -162,7 +162,7 @@ def test_heartbeats_keep_a_long_running_nodes_session_from_expiring(
     store: SessionStorageAdapter, clock: FakeClock
 ) -> None:
     # Given a 60 s session timeout and a node running on W1
-    manager = make(store, clock, session_timeout_s=60.0)
+    manager = make(store, clock, session_timeout_s=60.0, finished_ttl_s=60.0)
     sid = manager.sync.create_session("long.canvas", 1)
     manager.sync._record_node(sid, "a", "running", worker=W1)
     # When W1 beats for twice the timeout while nothing else writes to the session

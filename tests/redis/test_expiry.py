@@ -1,7 +1,7 @@
 """Nothing outlives a session: TTLs on every key, refreshed by each write, and cleanup.
 
-Every key of a session (session, nodes, sigs, events) lives at least the session timeout after
-every kind of write: a write finding less than that left sets every key to the timeout plus a
+Every key of a session (session, nodes, sigs, events, ...) lives at least the session timeout after
+every kind of write (an ended session's the finished TTL): a write finding less than that left sets every key to the timeout plus a
 step (a tenth of it, at most 60 s), and writes within that step leave the TTLs alone. Cleanup (with a
 fake clock) deletes expired sessions with all their keys and index entries and keeps the ones
 written since; it also drops the index entries of sessions Redis already expired by TTL.
@@ -25,6 +25,8 @@ from tracker.storage.keys import KeySpace
 TIMEOUT_S = 900
 #: What a refresh gives beyond the timeout (``touch`` in common.lua): a tenth of it, at most 60 s.
 STEP_S = min(TIMEOUT_S / 10, 60)
+#: How long an ended session's keys live (TRACKER_FINISHED_TTL_S); its step is 60 s.
+FINISHED_S = 3600
 
 Write = Callable[[SessionManager, str], object]
 
@@ -37,14 +39,17 @@ WRITES: dict[str, Write] = {
     "cancel": lambda m, sid: m.sync.update_status(sid, "cancelled"),
     "failed_node": lambda m, sid: m.sync.add_node_result(sid, "b", None, status="failed", error=RuntimeError("x")),
 }
+#: The writes that end the session: its keys then live the finished TTL.
+ENDING = {"update_status", "cancel"}
 
 
 def session_with_every_key(manager: SessionManager) -> str:
-    """A session whose keys all exist: known nodes, one with a signature, and a child session that
-    the task of a third node (not recorded yet) opened."""
+    """A session whose keys all exist: known nodes, one with a signature, a child session that the
+    task of a third node (not recorded yet) opened, and a fourth node that failed."""
     nodes = [NodeSpec(node_id="a", task_id="t-a", signature={"task": "w.t", "args": [1]}), NodeSpec(node_id="b")]
-    sid = manager.sync.create_session("ttl.canvas", 3, nodes=nodes)
+    sid = manager.sync.create_session("ttl.canvas", 4, nodes=nodes)
     manager.sync._record_nodes(sid, [manager.operations.child_event(sid, "c", ChildLink(str(uuid.uuid4())))])
+    manager.sync.add_node_result(sid, "d", None, status="failed", error=TimeoutError("slow"))
     return sid
 
 
@@ -53,11 +58,14 @@ def ttls_ms(client: redis.Redis, keys: list[str]) -> dict[str, int]:
     return {key: int(client.pttl(key)) for key in keys}
 
 
-def assert_full_ttl(client: redis.Redis, key_prefix: str, sid: str) -> None:
-    """Every key of the session exists and lives at least the session timeout more (at most a step more)."""
-    keys = KeySpace(key_prefix).session(sid).all()
+def assert_full_ttl(client: redis.Redis, key_prefix: str, sid: str, ttl_s: int = TIMEOUT_S) -> None:
+    """Every key of the session exists (its failures' while it has some) and lives at least ``ttl_s``
+    more (at most a step more)."""
+    space = KeySpace(key_prefix).session(sid)
+    keys = [key for key in space.all() if key != space.failures or client.exists(key)]
     ttl = ttls_ms(client, keys)
-    assert all((TIMEOUT_S - 2) * 1000 < ms <= (TIMEOUT_S + STEP_S) * 1000 for ms in ttl.values()), ttl
+    step_s = min(ttl_s / 10, 60)
+    assert all((ttl_s - 2) * 1000 < ms <= (ttl_s + step_s) * 1000 for ms in ttl.values()), ttl
     # Nothing else of the session's exists without a TTL either.
     tagged = {key.decode() for key in client.scan_iter(match=f"{key_prefix}:{{{sid}}}:*", count=1000)}
     assert tagged == set(keys)
@@ -68,7 +76,7 @@ def test_every_key_has_the_session_timeout_after_each_kind_of_write(
     make_manager: ManagerFactory, redis_client: redis.Redis, key_prefix: str, write: str
 ) -> None:
     # Given a new session: its keys expire in the session timeout
-    manager = make_manager(session_timeout_s=TIMEOUT_S)
+    manager = make_manager(session_timeout_s=TIMEOUT_S, finished_ttl_s=FINISHED_S)
     sid = session_with_every_key(manager)
     assert_full_ttl(redis_client, key_prefix, sid)
     manager.sync._record_node(sid, "b", "running")  # so that every write below is allowed
@@ -79,19 +87,21 @@ def test_every_key_has_the_session_timeout_after_each_kind_of_write(
         redis_client.expire(key, 5)
     WRITES[write](manager, sid)
 
-    # Then every key has the full timeout again
-    assert_full_ttl(redis_client, key_prefix, sid)
+    # Then every key has the full timeout again (the finished TTL once the session has ended)
+    assert_full_ttl(redis_client, key_prefix, sid, FINISHED_S if write in ENDING else TIMEOUT_S)
 
 
 def test_resume_refreshes_every_ttl(make_manager: ManagerFactory, redis_client: redis.Redis, key_prefix: str) -> None:
-    manager = make_manager(session_timeout_s=TIMEOUT_S)
+    manager = make_manager(session_timeout_s=TIMEOUT_S, finished_ttl_s=FINISHED_S)
     sid = session_with_every_key(manager)
     manager.sync.add_node_result(sid, "a", None, status="failed")
     manager.sync.update_status(sid, "cancelled")
+    assert_full_ttl(redis_client, key_prefix, sid, FINISHED_S)  # ended: kept the finished TTL
     for key in KeySpace(key_prefix).session(sid).all():
         redis_client.expire(key, 5)
     manager.sync._reopen_session(sid)
     assert_full_ttl(redis_client, key_prefix, sid)
+    assert manager.sync.get_failures(sid) == []  # the failed nodes were reset: no failure left
 
 
 def test_a_session_without_nodes_or_signatures_has_ttls_on_the_keys_it_has(
@@ -138,7 +148,7 @@ def test_writes_within_a_step_leave_the_ttls_alone_and_keep_at_least_the_timeout
     # And once the session hash has less than the timeout left, the next write refreshes every key
     redis_client.pexpire(keys[0], TIMEOUT_S * 1000 - 1)
     manager.sync.update_progress(sid, 10)
-    assert int(redis_client.info("commandstats")["cmdstat_pexpire"]["calls"]) == 1 + 6
+    assert int(redis_client.info("commandstats")["cmdstat_pexpire"]["calls"]) == 1 + 7
     assert_full_ttl(redis_client, key_prefix, sid)
 
 
@@ -166,7 +176,7 @@ def test_cleanup_removes_expired_sessions_and_keeps_refreshed_ones(
     assert redis_client.zscore(space.created_index, stale) is None
     assert redis_client.zscore(space.expiry_index, stale) is None
     # And the refreshed one is whole; its expiry index entry now holds its real last write
-    assert redis_client.exists(*space.session(refreshed).all()) == 6
+    assert redis_client.exists(*space.session(refreshed).all()) == 7
     assert manager.sync.get_session_status(refreshed)["completed_nodes"] == 1
     assert redis_client.zscore(space.expiry_index, refreshed) == refreshed_ms
     assert redis_client.zscore(space.created_index, refreshed) is not None

@@ -27,9 +27,15 @@ def test_exact_key_strings() -> None:
     assert keys.events == "tracker:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:events"
     assert keys.by_status == "tracker:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:by_status"
     assert keys.children == "tracker:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:children"
-    assert keys.all() == [keys.session, keys.nodes, keys.sigs, keys.events, keys.by_status, keys.children]
+    assert keys.failures == "tracker:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:failures"
+    assert keys.all() == [
+        keys.session, keys.nodes, keys.sigs, keys.events, keys.by_status, keys.children, keys.failures
+    ]  # fmt: skip
     assert KeySpace().created_index == "tracker:index:created"
     assert KeySpace().expiry_index == "tracker:index:expiry"
+    assert KeySpace().tag_index("customer:42") == "tracker:index:tag:customer:42"
+    # a canvas path is any text: its index is named by its SHA-1
+    assert KeySpace().path_index("jobs/") == "tracker:index:path:4a231bea751b122f5b3c437f2546a273c9ac5d9a"
     assert KeySpace("acme.prod").session(SID).session == "acme.prod:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:session"
 
 
@@ -41,21 +47,26 @@ def test_all_keys_of_a_session_share_one_hash_slot() -> None:
 def test_the_adapter_writes_exactly_these_keys(
     make_manager: ManagerFactory, key_prefix: str, redis_client: redis.Redis
 ) -> None:
-    # Given a session with a signature, a child session, a node result, a progress update and a transition
+    # Given a tagged session with a signature, a child session, a node result, a failure, a progress
+    # update and a transition
     manager = make_manager()
-    sid = manager.sync.create_session("k.canvas", 2, nodes=[NodeSpec(node_id="a", signature={"task": "t"})])
+    nodes = [NodeSpec(node_id="a", signature={"task": "t"})]
+    sid = manager.sync.create_session("jobs/k.canvas", 3, nodes=nodes, tags=["nightly"])
     child = ChildLink("5d2f8a2e-7c1b-4d0e-9a57-3f4b6c8e1d20")
     manager.sync._record_nodes(sid, [manager.operations.child_event(sid, "b", child)])
     manager.sync.add_node_result(sid, "a", {"ok": 1})
+    manager.sync.add_node_result(sid, "c", status="failed", error=TimeoutError("slow"))
     manager.sync.update_progress(sid, 60)
     manager.sync.update_status(sid, "cancelled")
 
     # When we list every key under the test's prefix
     found = {key.decode() for key in redis_client.scan_iter(match=f"{key_prefix}:*", count=1000)}
 
-    # Then they are the six session keys and the two indexes, named as pinned above
+    # Then they are the seven session keys and the indexes (all, cleanup, its tag, its path and folder),
+    # named as pinned above
     space = KeySpace(key_prefix)
-    assert found == {*space.session(sid).all(), space.created_index, space.expiry_index}
+    filters = {space.tag_index("nightly"), space.path_index("jobs/"), space.path_index("jobs/k.canvas")}
+    assert found == {*space.session(sid).all(), space.created_index, space.expiry_index, *filters}
     assert found == {
         f"{key_prefix}:{{{sid}}}:session",
         f"{key_prefix}:{{{sid}}}:nodes",
@@ -63,8 +74,12 @@ def test_the_adapter_writes_exactly_these_keys(
         f"{key_prefix}:{{{sid}}}:events",
         f"{key_prefix}:{{{sid}}}:by_status",
         f"{key_prefix}:{{{sid}}}:children",
+        f"{key_prefix}:{{{sid}}}:failures",
         f"{key_prefix}:index:created",
         f"{key_prefix}:index:expiry",
+        f"{key_prefix}:index:tag:nightly",
+        f"{key_prefix}:index:path:4a231bea751b122f5b3c437f2546a273c9ac5d9a",
+        f"{key_prefix}:index:path:4d81815eb519133008ff3a7c27aedc8fff345055",
     }
     types = {key: redis_client.type(key) for key in found}
     assert types == {
@@ -74,8 +89,8 @@ def test_the_adapter_writes_exactly_these_keys(
         f"{key_prefix}:{{{sid}}}:events": b"stream",
         f"{key_prefix}:{{{sid}}}:by_status": b"zset",
         f"{key_prefix}:{{{sid}}}:children": b"hash",
-        f"{key_prefix}:index:created": b"zset",
-        f"{key_prefix}:index:expiry": b"zset",
+        f"{key_prefix}:{{{sid}}}:failures": b"hash",
+        **{key: b"zset" for key in (space.created_index, space.expiry_index, *filters)},
     }
 
 

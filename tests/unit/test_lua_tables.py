@@ -118,12 +118,12 @@ def test_the_session_fields_record_nodes_replies_are_in_the_order_python_reads()
 
 def test_load_session_reads_the_same_fields_in_the_same_order() -> None:
     # load_session names the fields itself (unrolled, it runs on every write): the same list, the
-    # same positions as its table's keys, then `linked`, `unneeded` and `partial` (read by the
-    # scripts, not replied).
+    # same positions as its table's keys, then `linked`, `unneeded`, `partial` and `ended_ttl` (read
+    # by the scripts, not replied).
     body = _lua_function("load_session")
     hmget = re.search(r"redis\.call\('HMGET', S,([^)]*)\)", body)
     assert hmget is not None
-    read = (*SESSION_FIELDS, "linked", "unneeded", "partial")  # then what the scripts read, not replied
+    read = (*SESSION_FIELDS, "linked", "unneeded", "partial", "ended_ttl")  # then what the scripts read
     assert tuple(re.findall(r"'([a-z_]+)'", hmget.group(1))) == read
     positions = dict(re.findall(r"([a-z_]+) = (?:tonumber\()?v\[(\d+)\]", body))
     assert {name: int(i) for name, i in positions.items()} == {name: i + 1 for i, name in enumerate(read)}

@@ -16,8 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tracker.errors import StorageUnavailableError
-from tracker.models import SessionInfo, json_datetime, ms_from_utc, utc_from_ms
-from tracker.states import SessionStatus
+from tracker.models import SessionInfo, json_datetime, ms_from_utc, rate_and_eta, utc_from_ms
+from tracker.states import RateWindow, SessionStatus
 from tracker.storage.redis.codec import session_from_values
 
 SID = "a301b679-db8d-4ca7-8cdc-dbd6f986a5a4"
@@ -39,15 +39,19 @@ moments = st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(9999, 
 
 
 @st.composite
-def sessions(draw: st.DrawFn, stored: bool) -> SessionInfo:
-    """Any session model; ``stored``: one as a store holds it (aware datetimes, progress to 2
-    decimals, metadata that passed the JSON checks)."""
+def stored_sessions(draw: st.DrawFn, stored: bool = True) -> tuple[SessionInfo, RateWindow | None]:
+    """Any session model, with the rate window it was read from; ``stored``: one as a store holds
+    it (aware datetimes, progress to 2 decimals, metadata that passed the JSON checks)."""
     counts = draw(st.lists(st.integers(0, 10**6), min_size=8, max_size=8))
     parent = draw(
         st.none() | st.tuples(st.just("0b0c1a3e-58c3-4cc9-8a4a-3f0e8f6c1d2e"), st.sampled_from(["n1", "a:b"]))
     )
     some_moment = moments if stored else moments | st.datetimes(min_value=datetime(1970, 1, 2))  # naive too
-    return SessionInfo(
+    finished_at = draw(st.none() | some_moment)
+    window = draw(
+        st.none() | st.lists(st.integers(0, 2 * 10**12), min_size=6, max_size=6).map(lambda v: RateWindow(*v))
+    )
+    info = SessionInfo(
         session_id=SID,
         canvas_path=draw(st.text(min_size=1, max_size=20)),
         node_count=counts[0],
@@ -63,14 +67,23 @@ def sessions(draw: st.DrawFn, stored: bool) -> SessionInfo:
         created_at=draw(moments),
         updated_at=draw(moments),
         started_at=draw(st.none() | moments),
-        finished_at=draw(st.none() | some_moment),
+        finished_at=finished_at,
         metadata=draw(st.dictionaries(st.text(max_size=6), stored_json if stored else json_values, max_size=4)),
         run=draw(st.integers(1, 1000)),
         children=counts[1] % 50,
         children_open=counts[2] % 50,
         parent_session_id=parent[0] if parent else None,
         parent_node_id=parent[1] if parent else None,
+        failure_types=counts[3] % 20,
+        tags=draw(st.lists(st.sampled_from(["nightly", "customer:42", "a.b"]), max_size=3, unique=True)),
+        **rate_and_eta(window, counts[0], finished_at),
     )
+    return info, window
+
+
+def sessions(stored: bool) -> st.SearchStrategy[SessionInfo]:
+    """Any session model (see :func:`stored_sessions`)."""
+    return stored_sessions(stored).map(lambda pair: pair[0])
 
 
 @given(sessions(stored=False))
@@ -86,10 +99,10 @@ def _ms(moment: datetime | None) -> bytes:
     return b"" if moment is None else str(round(moment.timestamp() * 1000)).encode()
 
 
-TIMES = {"created_at", "updated_at", "started_at", "finished_at"}
+TIMES = {"created_at", "updated_at", "started_at", "finished_at", "eta_at"}
 
 
-def _values(info: SessionInfo) -> list[object]:
+def _values(info: SessionInfo, window: RateWindow | None) -> list[object]:
     """A record_nodes reply's session values: numbers as integers, the rest as bytes."""
     return [
         info.status.value.encode(), info.node_count, info.completed_nodes, info.failed_nodes, info.running_nodes,
@@ -98,12 +111,14 @@ def _values(info: SessionInfo) -> list[object]:
         info.canvas_path.encode(), _ms(info.created_at), json.dumps(info.metadata, separators=(",", ":")).encode(),
         info.run, info.children, info.children_open,
         f"{info.parent_session_id}|{info.parent_node_id}".encode() if info.parent_session_id else b"",
+        info.failure_types, b"" if window is None else window.text().encode(), " ".join(info.tags).encode(),
     ]  # fmt: skip
 
 
-@given(sessions(stored=True))
-def test_a_record_reply_reads_back_as_the_session_written(info: SessionInfo) -> None:
-    values = _values(info)
+@given(stored_sessions())
+def test_a_record_reply_reads_back_as_the_session_written(stored: tuple[SessionInfo, RateWindow | None]) -> None:
+    info, window = stored
+    values = _values(info, window)
     for reply in (values, [v.decode() if isinstance(v, bytes) else v for v in values]):  # decode_responses clients
         got = session_from_values(SID, reply)
         assert got.model_dump(exclude=TIMES) == info.model_dump(exclude=TIMES)
@@ -113,7 +128,7 @@ def test_a_record_reply_reads_back_as_the_session_written(info: SessionInfo) -> 
 
 def test_a_status_this_version_does_not_know_is_an_error_not_a_session() -> None:
     values = [b"paused", 3, 0, 0, 0, 0, 0, 0, 0, b"0", b"", b"", b"1767225600000", b"c", b"1767225600000", b"{}", 1,
-              0, 0, b""]  # fmt: skip
+              0, 0, b"", 0, b"", b""]  # fmt: skip
     with pytest.raises(StorageUnavailableError, match="paused"):
         session_from_values(SID, values)
 

@@ -23,6 +23,7 @@ from tracker.models import (
     AddOutcome,
     BatchOutcome,
     ChildSession,
+    FailureGroup,
     NodeError,
     NodeOutcome,
     NodePage,
@@ -34,6 +35,7 @@ from tracker.models import (
     TransitionOutcome,
 )
 from tracker.states import NodeStatus, SessionStatus
+from tracker.storage.keys import path_filters
 from tracker.structure import Tree
 
 T = TypeVar("T")
@@ -175,6 +177,15 @@ def status_cursor(cursor: str | None) -> str:
         raise TrackerValidationError("cursor", cursor, "expected the next_cursor of a previous page") from None
 
 
+def matches(info: SessionInfo, status: SessionStatus | None, tag: str | None, path: str | None) -> bool:
+    """True when a listed session passes the filters of ``list_sessions``."""
+    if status is not None and info.status is not status:
+        return False
+    if tag is not None and tag not in info.tags:
+        return False
+    return path is None or path in path_filters(info.canvas_path)
+
+
 def lost_reason(worker: str, last_seen: datetime, now: datetime) -> str:
     """The reason recorded on a node whose worker process went silent."""
     return f"worker {worker} last seen {(now - last_seen).total_seconds():.0f} s ago ({last_seen.isoformat()})"
@@ -304,6 +315,15 @@ class SessionStorageAdapter(Protocol):
     def get_children(self, session_id: str) -> list[ChildSession]:
         """The child sessions the session's nodes' tasks opened, in any order (empty: none, or no such session)."""
 
+    def get_failures(self, session_id: str) -> list[FailureGroup]:
+        """The session's failed and lost nodes grouped by cause (:func:`tracker.states.failure_type`),
+        in any order, kept with its counters: a node joins its group when it fails or is lost, and
+        leaves it when it is not any more (a late success, a resume).
+
+        Raises:
+            SessionNotFoundError: no such session.
+        """
+
     def watched_children(self, limit: int) -> list[ChildWatch]:
         """At most ``limit`` child sessions whose end was not told to their parent yet, oldest first:
         every session created with a parent is watched until :meth:`unwatch_child`."""
@@ -346,15 +366,26 @@ class SessionStorageAdapter(Protocol):
         """
 
     def list_sessions(
-        self, status: SessionStatus | None = None, cursor: str | None = None, limit: int = 50
+        self,
+        status: SessionStatus | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+        tag: str | None = None,
+        path: str | None = None,
     ) -> SessionPage:
-        """A page of sessions, newest first, optionally only those in ``status``."""
+        """A page of sessions, newest first, optionally only those in ``status``, with ``tag``, or
+        under ``path`` (a whole canvas path, or a folder ending in ``/``: see
+        :func:`tracker.storage.keys.path_filters`). A tag or a path is read from its own index (the
+        page costs the page); ``status``, and a path given with a tag, sift that page (it may be short)."""
 
     def delete(self, session_id: str) -> bool:
         """Remove a session and everything it holds; False when it did not exist."""
 
-    def remove_expired(self, now: datetime, timeout_s: float) -> int:
-        """Remove sessions not updated within ``timeout_s`` before ``now``; return how many."""
+    def remove_expired(self, now: datetime, timeout_s: float, finished_ttl_s: float | None = None) -> int:
+        """Remove the sessions that outlived their retention; return how many. A session that has
+        not ended is kept ``timeout_s`` after its last change or heartbeat, an ended one
+        ``finished_ttl_s`` (None: ``timeout_s``) after its last change. Costs the sessions removed,
+        not those kept."""
 
     def end_stalled(self, now: datetime, stalled_after_s: float, reason: str) -> list[BatchOutcome]:
         """End the sessions a lost message left waiting: not ended, existing when a dead worker

@@ -19,7 +19,11 @@ also on Redis Cluster):
                                              of a worker running one of its nodes), ``linked``
                                              (1: it has a structure to follow), ``partial`` (the
                                              running nodes' reported progress, summed in
-                                             ``states.PROGRESS_UNITS``)
+                                             ``states.PROGRESS_UNITS``), ``failure_types`` (how many
+                                             error types its failures hash holds), ``rate`` (the
+                                             recent rate window, ``states.RateWindow``), ``tags``
+                                             (space-separated), ``ended_ttl`` (seconds its keys live
+                                             once it has ended)
 ``<prefix>:{<sid>}:nodes``           HASH    node id -> ``status|attempts|started_ms|finished_ms|
                                              task_id|worker|payload`` (payload: JSON object with
                                              ``result``, ``error``, ``reason``, or a running
@@ -38,6 +42,10 @@ also on Redis Cluster):
                                              ``attempt|open|failed_child`` (that node's latest
                                              attempt's children: how many are open, the first
                                              that failed); absent while it has none
+``<prefix>:{<sid>}:failures``        HASH    its failed and lost nodes by cause: error type -> JSON
+                                             ``{count, message, first_ms, last_ms, nodes}`` (the
+                                             first message, the first few node ids); absent while
+                                             it has none
 ===================================  ======  ===================================================
 
 Global (not atomic with session writes; they only help to find sessions):
@@ -46,6 +54,10 @@ Global (not atomic with session writes; they only help to find sessions):
 ``<prefix>:index:created``           ZSET    session id scored by creation time (ms): listing
 ``<prefix>:index:expiry``            ZSET    session id scored by the last known update (ms):
                                              cleanup candidates; re-checked before deleting
+``<prefix>:index:tag:<tag>``         ZSET    session id scored by creation time: sessions with the tag
+``<prefix>:index:path:<sha1>``       ZSET    session id scored by creation time: sessions whose
+                                             canvas path is, or is in the folder, whose SHA-1 (hex)
+                                             names the key (``filter_prefixes``)
 ``<prefix>:index:children``          ZSET    ``<child id> <parent id> <parent node>`` scored by the
                                              child's creation (ms): children whose end was not
                                              told to their parent yet (``maintain`` tells it)
@@ -57,20 +69,33 @@ Global (not atomic with session writes; they only help to find sessions):
 ``<prefix>:reaped``                  STRING  when a reaper last reaped a dead worker process (ms)
 ===================================  ======  ===================================================
 
-Every session key gets the session timeout as TTL on every write, so nothing outlives an
-abandoned session even when cleanup never runs.
+Every session key gets the session timeout as TTL on every write (an ended session's the finished
+TTL), so nothing outlives an abandoned session even when cleanup never runs. Cleanup and ``delete``
+take a session out of every index; listing drops what expired by TTL as it passes by.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from tracker import validation
 
+#: Most folders of a canvas path indexed (the outermost ones): deeper folders are not filters.
+MAX_PATH_FOLDERS = 8
+
+
+def path_filters(canvas_path: str) -> list[str]:
+    """What ``list_sessions(path=...)`` finds a session under: its whole canvas path, and each
+    folder it is in (up to ``MAX_PATH_FOLDERS``), ending in ``/``: ``a/b/c.canvas`` is under
+    ``a/``, ``a/b/`` and ``a/b/c.canvas``."""
+    folders = [canvas_path[: i + 1] for i, char in enumerate(canvas_path) if char == "/"]
+    return [*folders[:MAX_PATH_FOLDERS], *([canvas_path] if not canvas_path.endswith("/") else [])]
+
 
 @dataclass(frozen=True)
 class SessionKeys:
-    """The keys of one session, in the order every script takes them (``KEYS[1..6]``)."""
+    """The keys of one session, in the order every script takes them (``KEYS[1..7]``)."""
 
     session: str
     nodes: str
@@ -78,10 +103,11 @@ class SessionKeys:
     events: str
     by_status: str
     children: str
+    failures: str
 
     def all(self) -> list[str]:
-        """``[session, nodes, sigs, events, by_status, children]``."""
-        return [self.session, self.nodes, self.sigs, self.events, self.by_status, self.children]
+        """``[session, nodes, sigs, events, by_status, children, failures]``."""
+        return [self.session, self.nodes, self.sigs, self.events, self.by_status, self.children, self.failures]
 
 
 @dataclass(frozen=True)
@@ -105,6 +131,7 @@ class KeySpace:
             f"{base}:events",
             f"{base}:by_status",
             f"{base}:children",
+            f"{base}:failures",
         )
 
     @property
@@ -116,6 +143,19 @@ class KeySpace:
     def expiry_index(self) -> str:
         """Sessions by last known update time."""
         return f"{self.prefix}:index:expiry"
+
+    def tag_index(self, tag: str) -> str:
+        """Sessions with ``tag`` (validated first), by creation time."""
+        return f"{self.prefix}:index:tag:{validation.tag(tag)}"
+
+    def path_index(self, path: str) -> str:
+        """Sessions whose canvas path is ``path`` or is in folder ``path`` (see :func:`path_filters`),
+        by creation time. A path is any text: the key is named by its SHA-1."""
+        return f"{self.prefix}:index:path:{hashlib.sha1(path.encode(), usedforsecurity=False).hexdigest()}"
+
+    def filter_indexes(self, canvas_path: str, tags: list[str]) -> list[str]:
+        """Every filter index a session with ``canvas_path`` and ``tags`` is listed in."""
+        return [*(self.tag_index(t) for t in tags), *(self.path_index(p) for p in path_filters(canvas_path))]
 
     @property
     def children_index(self) -> str:

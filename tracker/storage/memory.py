@@ -23,6 +23,7 @@ from tracker.models import (
     AddOutcome,
     BatchOutcome,
     ChildSession,
+    FailureGroup,
     NodeOutcome,
     NodePage,
     NodeResult,
@@ -32,6 +33,7 @@ from tracker.models import (
     SessionInfo,
     SessionPage,
     TransitionOutcome,
+    rate_and_eta,
 )
 from tracker.states import NodeStatus, SessionStatus
 from tracker.storage.aio import ThreadedAsyncStore
@@ -40,10 +42,12 @@ from tracker.storage.base import (
     NodeEvent,
     ResumePlanChanged,
     lost_reason,
+    matches,
     requeued_reason,
     silent_workers,
     status_cursor,
 )
+from tracker.storage.keys import path_filters
 from tracker.structure import ERRBACK_NOT_NEEDED, Links, Tree, grown, links, skips
 from tracker.validation import is_worker_id, worker_id
 
@@ -76,6 +80,11 @@ class _Entry:
     #: state], and node -> [attempt, open, failed child] of that node's latest attempt.
     children: dict[str, list[Any]] = field(default_factory=dict)
     node_children: dict[str, list[Any]] = field(default_factory=dict)
+    #: Failures by cause (as ``common.lua`` keeps them): error type -> [count, first message,
+    #: first at, last at, the first few node ids].
+    failures: dict[str, list[Any]] = field(default_factory=dict)
+    #: The recent rate of finishing nodes (``common.lua``: rate_window).
+    rate: states.RateWindow | None = None
 
 
 class InMemoryStorageAdapter:
@@ -141,6 +150,7 @@ class InMemoryStorageAdapter:
         if node.status is NodeStatus.RUNNING:
             entry.partial += states.progress_units(node.progress)
         entry.nodes[node.node_id] = node
+        _regroup(entry.failures, old, node)
         if node.status is NodeStatus.SKIPPED and node.reason == ERRBACK_NOT_NEEDED:
             entry.unneeded.add(node.node_id)
         else:
@@ -163,8 +173,18 @@ class InMemoryStorageAdapter:
                 "skipped_nodes": counts[NodeStatus.SKIPPED],
                 "progress_percent": states.progress_from_counts(finished, entry.info.node_count, entry.partial),
                 "updated_at": max(now, entry.info.updated_at),
+                "failure_types": len(entry.failures),
             }
         )
+
+    @staticmethod
+    def _settle(entry: _Entry, info: SessionInfo) -> SessionInfo:
+        """``info`` as the operation leaves it, with its rate window moved (``common.lua``: save_session)."""
+        if info.started_at is not None:
+            window = entry.rate or states.RateWindow.starting(_ms(info.started_at), 0)
+            entry.rate = window.moved(_finished(info), _ms(info.updated_at))
+        entry.info = info.model_copy(update=rate_and_eta(entry.rate, info.node_count, info.finished_at))
+        return entry.info
 
     @staticmethod
     def _move(info: SessionInfo, target: SessionStatus, now: datetime) -> SessionInfo:
@@ -234,7 +254,7 @@ class InMemoryStorageAdapter:
                 if spec.signature is not None:
                     entry.signatures[spec.node_id] = spec.signature
             entry.info = info.model_copy(update={"node_count": info.node_count + len(nodes)})
-            entry.info = self._recount(entry, now)
+            self._settle(entry, self._recount(entry, now))
             self._emit(entry, "added", now)
             return AddOutcome(session=entry.info, added=True, pending=[spec.node_id for spec in nodes])
 
@@ -268,7 +288,7 @@ class InMemoryStorageAdapter:
                         }
                         self._set_node(entry, node.model_copy(update=cancelled))
                 entry.info = self._recount(entry, now)
-            entry.info = self._move(entry.info, target, now)
+            self._settle(entry, self._move(entry.info, target, now))
             self._emit(entry, "status", now)
             return TransitionOutcome(session=entry.info, previous_status=previous)
 
@@ -312,7 +332,8 @@ class InMemoryStorageAdapter:
                 info = self._move(info, ended, now)
             else:
                 info = self._move(info, SessionStatus.RUNNING, now).model_copy(update={"run": info.run + 1})
-            entry.info = info
+                entry.rate = states.RateWindow.starting(_ms(now), _finished(info))
+            self._settle(entry, info)
             self._emit(entry, "status", now)
             return ResumeOutcome(session=entry.info, previous_status=previous, nodes=reset)
 
@@ -396,7 +417,7 @@ class InMemoryStorageAdapter:
                 info = self._move(info, finished, at)
         elif info.status.is_terminal and (target := states.rederived_status(info.status, *counts)) is not info.status:
             info = rederived = self._move(info, target, at)
-        entry.info = info
+        info = self._settle(entry, info)
         self._emit(entry, "node", at, node)
         for skipped_node in skipped:
             self._emit(entry, "node", at, skipped_node)
@@ -484,9 +505,10 @@ class InMemoryStorageAdapter:
                 node = node.model_copy(update={"waiting": True, "result": result, "progress": None, "worker": None})
                 self._set_node(entry, node)
                 self._register(session_id, node, event.worker, at)
-                entry.info = self._recount(entry, at)
-                if entry.info.status is SessionStatus.PENDING:
-                    entry.info = self._move(entry.info, SessionStatus.RUNNING, at)
+                info = self._recount(entry, at)
+                if info.status is SessionStatus.PENDING:
+                    info = self._move(info, SessionStatus.RUNNING, at)
+                self._settle(entry, info)
         else:
             entry.info = entry.info.model_copy(update={"updated_at": max(at, entry.info.updated_at)})
         self._emit(entry, "child", at, node)
@@ -567,6 +589,14 @@ class InMemoryStorageAdapter:
                 for child, (node, attempt, policy, state) in children
             ]
 
+    def get_failures(self, session_id: str) -> list[FailureGroup]:
+        with self._lock:
+            groups = self._entry(session_id).failures.items()
+            return [
+                FailureGroup(error_type=kind, count=n, first_message=text, first_at=first, last_at=last, node_ids=ids)
+                for kind, (n, text, first, last, ids) in groups
+            ]
+
     def watched_children(self, limit: int) -> list[ChildWatch]:
         with self._lock:
             return list(self._watched)[:limit]
@@ -630,28 +660,40 @@ class InMemoryStorageAdapter:
         return NodePage(nodes=nodes[start:end], next_cursor=str(end) if end < len(nodes) else None)
 
     def list_sessions(
-        self, status: SessionStatus | None = None, cursor: str | None = None, limit: int = 50
+        self,
+        status: SessionStatus | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+        tag: str | None = None,
+        path: str | None = None,
     ) -> SessionPage:
         with self._lock:
             infos = sorted(
                 (e.info for e in self._sessions.values()), key=lambda i: (i.created_at, i.session_id), reverse=True
             )
+        # As the Redis store reads one index (a tag's, a path's, or all) and sifts the rest.
+        if tag is not None:
+            infos = [i for i in infos if tag in i.tags]
+        elif path is not None:
+            infos = [i for i in infos if path in path_filters(i.canvas_path)]
         start = _position(cursor)
         end = start + limit
-        page = [i for i in infos[start:end] if status is None or i.status is status]
+        page = [i for i in infos[start:end] if matches(i, status, tag, path)]
         return SessionPage(sessions=page, next_cursor=str(end) if end < len(infos) else None)
 
     def delete(self, session_id: str) -> bool:
         with self._lock:
             return self._sessions.pop(session_id, None) is not None
 
-    def remove_expired(self, now: datetime, timeout_s: float) -> int:
+    def remove_expired(self, now: datetime, timeout_s: float, finished_ttl_s: float | None = None) -> int:
+        ended_s = timeout_s if finished_ttl_s is None else finished_ttl_s
         with self._lock:
             # The last sign of life: a change, or a heartbeat of a worker running one of its nodes.
             expired = [
                 sid
                 for sid, e in self._sessions.items()
-                if (now - max(e.info.updated_at, e.alive_at or e.info.updated_at)).total_seconds() > timeout_s
+                if (now - max(e.info.updated_at, e.alive_at or e.info.updated_at)).total_seconds()
+                > (ended_s if e.info.status.is_terminal else timeout_s)
             ]
             for sid in expired:
                 del self._sessions[sid]
@@ -684,7 +726,7 @@ class InMemoryStorageAdapter:
                     info = self._move(info, SessionStatus.RUNNING, now)
                 counts = _counts(entry, info)
                 finished = states.finish_status(*counts)
-                entry.info = self._move(info, finished, now) if finished is not None else info
+                self._settle(entry, self._move(info, finished, now) if finished is not None else info)
                 self._emit(entry, "status", now)
                 first_failure = None if entry.failure_told else waiting[0].node_id
                 entry.failure_told = True
@@ -716,6 +758,38 @@ def _counts(entry: _Entry, info: SessionInfo) -> tuple[int, int, int, int, int, 
     """The arguments of :func:`states.finish_status` for ``info`` (the counters of ``entry``)."""
     counts = (info.completed_nodes, info.failed_nodes, info.cancelled_nodes, info.node_count, info.skipped_nodes)
     return (*counts, len(entry.unneeded))
+
+
+def _finished(info: SessionInfo) -> int:
+    """How many of the session's nodes have a result."""
+    return info.completed_nodes + info.failed_nodes + info.cancelled_nodes + info.skipped_nodes
+
+
+def _regroup(failures: dict[str, list[Any]], old: NodeResult | None, node: NodeResult) -> None:
+    """Move a node between the failure groups as its status changes (``common.lua``: regroup)."""
+    was = None if old is None else states.failure_type(old.status, old.error.type if old.error else None)
+    now = states.failure_type(node.status, node.error.type if node.error else None)
+    if was == now:
+        return
+    if was is not None and was in failures:
+        group = failures[was]
+        group[0] -= 1
+        if group[0] <= 0:
+            del failures[was]
+        elif node.node_id in group[4]:
+            group[4].remove(node.node_id)
+    if now is not None:
+        at = node.finished_at or node.started_at
+        assert at is not None
+        joined = failures.get(now)
+        if joined is None:
+            message = node.error.message if node.error else (node.reason or "")
+            failures[now] = [1, message, at, at, [node.node_id]]
+        else:
+            joined[0] += 1
+            joined[3] = max(joined[3], at)
+            if len(joined[4]) < states.FAILURE_SAMPLE:
+                joined[4].append(node.node_id)
 
 
 def _ms(moment: datetime) -> int:

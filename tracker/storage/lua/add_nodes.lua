@@ -1,4 +1,4 @@
--- add_nodes(KEYS=[session, nodes, sigs, events, by_status, children],
+-- add_nodes(KEYS=[session, nodes, sigs, events, by_status, children, failures],
 --           ARGV=[now_ms, ttl_s, events_maxlen, max_node_count, n_nodes, part_json,
 --                 (node_id, task_id, signature_json) * n_nodes, (field, value) * m])
 -- Grows a session that has not ended by n new pending nodes, in one step: node_count and the nodes
@@ -78,5 +78,5 @@ redis.call('HSET', S, 'node_count', s.node_count)
 s.progress = derived_progress(s)
 s.updated_ms = save_session(s, now_ms)
 emit(s, 'added', now_ms, maxlen)
-touch(ttl_s)
+touch(ttl_s, false, s)
 return {'ok', session_values(s)}

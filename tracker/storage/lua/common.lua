@@ -1,8 +1,10 @@
 -- common: prepended to every script at load time. Not a script of its own.
--- KEYS[1..6] are always one session's keys: session (HASH), nodes (HASH), sigs (HASH), events (STREAM),
--- by_status (ZSET), children (HASH).
+-- KEYS[1..7] are always one session's keys: session (HASH), nodes (HASH), sigs (HASH), events (STREAM),
+-- by_status (ZSET), children (HASH), failures (HASH).
 -- The tables below mirror tracker/states.py; tests/unit/test_lua_tables.py checks they agree.
-local S, N, G, E, X, C = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local S, N, G, E, X, C, F = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+-- How many session keys come first in KEYS (the others, global, follow).
+local SESSION_KEYS = 7
 
 -- node status -> the session counter it counts in
 local COUNTER = {completed = 'completed', failed = 'failed', lost = 'failed', cancelled = 'cancelled',
@@ -17,8 +19,8 @@ local TERMINAL_SESSION = {completed = true, partial_failure = true, failed = tru
 local function load_session()
   local v = redis.call('HMGET', S, 'status', 'node_count', 'completed', 'failed', 'running', 'lost', 'cancelled',
                        'skipped', 'retrying', 'progress', 'started_ms', 'finished_ms', 'updated_ms', 'canvas_path',
-                       'created_ms', 'metadata', 'run', 'children', 'children_open', 'parent', 'linked', 'unneeded',
-                       'partial')
+                       'created_ms', 'metadata', 'run', 'children', 'children_open', 'parent', 'failure_types', 'rate',
+                       'tags', 'linked', 'unneeded', 'partial', 'ended_ttl')
   if not v[1] then return nil end
   local s = {status = v[1], node_count = tonumber(v[2]) or 0, completed = tonumber(v[3]) or 0,
              failed = tonumber(v[4]) or 0, running = tonumber(v[5]) or 0, lost = tonumber(v[6]) or 0,
@@ -26,11 +28,13 @@ local function load_session()
              progress = v[10] or '', started_ms = v[11] or '', finished_ms = v[12] or '', updated_ms = v[13] or '',
              canvas_path = v[14] or '', created_ms = v[15] or '', metadata = v[16] or '', run = tonumber(v[17]) or 1,
              children = tonumber(v[18]) or 0, children_open = tonumber(v[19]) or 0, parent = v[20] or '',
-             linked = v[21] == '1', unneeded = tonumber(v[22]) or 0, partial = tonumber(v[23]) or 0}
+             failure_types = tonumber(v[21]) or 0, rate = v[22] or '', tags = v[23] or '', linked = v[24] == '1',
+             unneeded = tonumber(v[25]) or 0, partial = tonumber(v[26]) or 0, ended_ttl = v[27] or ''}
   -- What the hash holds now (false: missing), in save_session's order: it writes what differs.
   s.stored = {v[1], v[3] and s.completed, v[4] and s.failed, v[5] and s.running, v[6] and s.lost,
-              v[7] and s.cancelled, v[8] and s.skipped, v[10], v[11], v[12], v[22] and s.unneeded,
-              v[9] and s.retrying, v[23] and s.partial, v[18] and s.children, v[19] and s.children_open}
+              v[7] and s.cancelled, v[8] and s.skipped, v[10], v[11], v[12], v[25] and s.unneeded,
+              v[9] and s.retrying, v[26] and s.partial, v[18] and s.children, v[19] and s.children_open,
+              v[21] and s.failure_types, v[22] or ''}
   return s
 end
 
@@ -38,7 +42,38 @@ end
 local function session_values(s)
   return {s.status, s.node_count, s.completed, s.failed, s.running, s.lost, s.cancelled, s.skipped, s.retrying, s.progress,
           s.started_ms, s.finished_ms, s.updated_ms, s.canvas_path, s.created_ms, s.metadata, s.run, s.children,
-          s.children_open, s.parent}
+          s.children_open, s.parent, s.failure_types, s.rate, s.tags}
+end
+
+-- The recent rate of finishing nodes (tracker.states.RateWindow), kept in the `rate` field as
+-- 'since_ms|since_done|mid_ms|mid_done|last_ms|last_done': the finished count at the start of the
+-- window, half-way, and at the last change. The window moves on by half once its second half is
+-- RATE_HALF_WINDOW_MS old, so the rate covers the last 30 to 60 s. It starts again where the count
+-- went back (a resume, a node sent back to pending).
+local RATE_HALF_WINDOW_MS = 30000
+local function rate_window(s, now_ms)
+  if s.started_ms == '' then return end
+  local done = s.completed + s.failed + s.cancelled + s.skipped
+  local w = {}
+  for v in string.gmatch(s.rate, '[^|]+') do w[#w + 1] = tonumber(v) end
+  local now = tonumber(now_ms)
+  if #w ~= 6 then
+    local since = tonumber(s.started_ms)
+    w = {since, 0, since, 0, since, 0}
+  elseif done < w[4] then
+    w = {now, done, now, done, now, done}
+  end
+  if done ~= w[6] then
+    if now - w[3] >= RATE_HALF_WINDOW_MS then w[1], w[2], w[3], w[4] = w[3], w[4], now, done end
+    w[5], w[6] = now, done
+  end
+  s.rate = string.format('%d|%d|%d|%d|%d|%d', w[1], w[2], w[3], w[4], w[5], w[6])
+end
+
+-- A new run (a resume): the rate is measured from now on.
+local function restart_rate(s, now_ms)
+  local done = s.completed + s.failed + s.cancelled + s.skipped
+  s.rate = string.format('%d|%d|%d|%d|%d|%d', now_ms, done, now_ms, done, now_ms, done)
 end
 
 -- Writes updated_ms and the state fields that differ from what load_session read: the session hash
@@ -49,9 +84,10 @@ local function save_session(s, now_ms)
   local updated = now_ms
   if s.updated_ms ~= '' and tonumber(s.updated_ms) > tonumber(now_ms) then updated = s.updated_ms end
   local was = s.stored
+  rate_window(s, updated)
   local a = {'updated_ms', updated, false, false, false, false, false, false, false, false, false, false, false, false,
              false, false, false, false, false, false, false, false, false, false, false, false, false, false, false,
-             false, false, false}
+             false, false, false, false, false, false, false}
   local n = 2
   if s.status ~= was[1] then a[n + 1] = 'status'; a[n + 2] = s.status; n = n + 2 end
   if s.completed ~= was[2] then a[n + 1] = 'completed'; a[n + 2] = s.completed; n = n + 2 end
@@ -68,9 +104,11 @@ local function save_session(s, now_ms)
   if s.partial ~= was[13] then a[n + 1] = 'partial'; a[n + 2] = s.partial; n = n + 2 end
   if s.children ~= was[14] then a[n + 1] = 'children'; a[n + 2] = s.children; n = n + 2 end
   if s.children_open ~= was[15] then a[n + 1] = 'children_open'; a[n + 2] = s.children_open; n = n + 2 end
+  if s.failure_types ~= was[16] then a[n + 1] = 'failure_types'; a[n + 2] = s.failure_types; n = n + 2 end
+  if s.rate ~= was[17] then a[n + 1] = 'rate'; a[n + 2] = s.rate; n = n + 2 end
   redis.call('HSET', S, unpack(a, 1, n))
   s.stored = {s.status, s.completed, s.failed, s.running, s.lost, s.cancelled, s.skipped, s.progress, s.started_ms,
-              s.finished_ms, s.unneeded, s.retrying, s.partial, s.children, s.children_open}
+              s.finished_ms, s.unneeded, s.retrying, s.partial, s.children, s.children_open, s.failure_types, s.rate}
   return updated
 end
 
@@ -157,15 +195,71 @@ local function emit(s, kind, now_ms, maxlen, node_id, node_status)
 end
 
 -- Every write keeps all the session's keys alive at least ttl_s more (EXPIRE on a missing key is a
--- no-op). Four EXPIREs are a good part of a small write, so they run only when the session hash
--- has less than ttl_s left (or `force`: a key was just created), and then give ttl_s plus a step of
--- a tenth of it (at most 60 s): a session's keys expire between ttl_s and ttl_s + step after its
--- last write, with one refresh per step at most however busy the session is.
-local function touch(ttl_s, force)
+-- no-op); an ended session's (s given) at least its `ended_ttl` (TRACKER_FINISHED_TTL_S, set at
+-- create) instead. Seven EXPIREs are a good part of a small write, so they run only when the
+-- session hash has less than that left (or `force`: a key was just created), and then give it plus
+-- a step of a tenth of it (at most 60 s): a session's keys expire between ttl_s and ttl_s + step
+-- after its last write, with one refresh per step at most however busy the session is.
+local function touch(ttl_s, force, s)
   local ttl_ms = tonumber(ttl_s) * 1000
+  if s and TERMINAL_SESSION[s.status] and s.ended_ttl ~= '' then ttl_ms = tonumber(s.ended_ttl) * 1000 end
   if not force and redis.call('PTTL', S) >= ttl_ms then return end
   local life_ms = ttl_ms + math.min(math.floor(ttl_ms / 10), 60000)
-  for i = 1, 6 do redis.call('PEXPIRE', KEYS[i], life_ms) end
+  for i = 1, SESSION_KEYS do redis.call('PEXPIRE', KEYS[i], life_ms) end
+end
+
+-- Failures by cause (the failures hash F, tracker.storage.keys): error type -> JSON
+-- {"count", "message" (the first node's), "first_ms", "last_ms", "nodes" (the first few ids)}.
+-- A node joins its type's group when it fails or is lost, and leaves it when it stops being so (a
+-- late success, a resume): moved in the same script run as the counters. `failure_types` counts
+-- the groups. Types as tracker.states.failure_type: the error's class name, `lost`, or `unknown`.
+local FAILURE_SAMPLE = 5
+local function failure_of(status, payload)
+  if status ~= 'failed' and status ~= 'lost' then return nil end
+  local ok, details = pcall(cjson.decode, payload ~= '' and payload or '{}')
+  if not ok or type(details) ~= 'table' then details = {} end
+  local err = type(details.error) == 'table' and details.error or {}
+  local kind = status == 'lost' and 'lost' or ((type(err[1]) == 'string' and err[1] ~= '') and err[1] or 'unknown')
+  local message = type(err[2]) == 'string' and err[2] or (type(details.reason) == 'string' and details.reason or '')
+  return kind, message
+end
+
+local function regroup(s, node_id, old_status, old_payload, new_status, new_payload, at_ms)
+  local old_kind = failure_of(old_status, old_payload)
+  local new_kind, message = failure_of(new_status, new_payload)
+  if old_kind == new_kind then return end
+  if old_kind then
+    local raw = redis.call('HGET', F, old_kind)
+    if raw then
+      local g = cjson.decode(raw)
+      g.count = g.count - 1
+      if g.count <= 0 then
+        redis.call('HDEL', F, old_kind)
+        s.failure_types = s.failure_types - 1
+      else
+        local kept = {}
+        for _, id in ipairs(g.nodes) do if id ~= node_id then kept[#kept + 1] = id end end
+        g.nodes = kept
+        redis.call('HSET', F, old_kind, cjson.encode(g))
+      end
+    end
+  end
+  if new_kind then
+    local raw = redis.call('HGET', F, new_kind)
+    local g, created = nil, false
+    if raw then
+      g = cjson.decode(raw)
+      g.count, g.last_ms = g.count + 1, math.max(g.last_ms, tonumber(at_ms))
+      if type(g.nodes) ~= 'table' then g.nodes = {} end -- cjson reads an empty list back as an object
+      if #g.nodes < FAILURE_SAMPLE then g.nodes[#g.nodes + 1] = node_id end
+    else
+      g = {count = 1, message = message, first_ms = tonumber(at_ms), last_ms = tonumber(at_ms), nodes = {node_id}}
+      created = s.failure_types == 0 and redis.call('EXISTS', F) == 0
+      s.failure_types = s.failure_types + 1
+    end
+    redis.call('HSET', F, new_kind, cjson.encode(g))
+    if created then redis.call('PEXPIRE', F, math.max(redis.call('PTTL', S), 1000)) end -- as the session's keys
+  end
 end
 
 -- The status index (X): one member '<status>|<node_id>' per node record, all scored 0, so the nodes

@@ -1,16 +1,22 @@
--- create(KEYS=[session, nodes, sigs, events, by_status, children, (created_index, expiry_index)],
+-- create(KEYS=[session, nodes, sigs, events, by_status, children, failures,
+--              (created_index, expiry_index, children_index, filter_index...)],
 --        ARGV=[session_id, canvas_path, node_count, now_ms, metadata_json, ttl_s, events_maxlen, n_nodes,
---              request_id, parent, (node_id, task_id, signature_json) * n_nodes, (field, value) * m])
--- Creates a pending session with its known nodes. The index keys are passed only outside Cluster,
--- and the children index (KEYS[9]) only for a child session. parent: 'session_id|node_id' of the
--- node whose task opened it, '' for none; a child is watched in the children index until its end
--- was told to its parent (tracker.celery.children).
+--              request_id, parent, ended_ttl_s, tags, (node_id, task_id, signature_json) * n_nodes,
+--              (field, value) * m])
+-- Creates a pending session with its known nodes. The index keys are passed only outside Cluster:
+-- the children index is written only for a child session; the filter indexes (its tags' and its
+-- canvas path's folders', tracker.storage.keys) list it by creation time. parent: 'session_id|node_id'
+-- of the node whose task opened it, '' for none; a child is watched in the children index until its
+-- end was told to its parent (tracker.celery.children). ended_ttl_s: how long its keys live once it
+-- has ended (TRACKER_FINISHED_TTL_S). tags: its tags, space-separated ('' for none).
 -- The (field, value) pairs after the nodes are the session's structure (tracker.structure), kept in
 -- the sigs hash; with them the session is `linked`: record_nodes follows its links.
 -- A retry of the same request (same request_id) answers 'ok' again and changes nothing.
 -- Returns {'ok'} | {'exists'}
 local sid, canvas_path, node_count, now_ms, metadata = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local ttl_s, maxlen, n_nodes, request_id, parent = ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10]
+local ended_ttl, tags = ARGV[11], ARGV[12]
+local FIRST = 13
 if redis.call('EXISTS', S) == 1 then
   if replay_of(request_id) then return {'ok'} end
   return {'exists'}
@@ -18,11 +24,11 @@ end
 redis.call('HSET', S, 'canvas_path', canvas_path, 'node_count', node_count, 'status', 'pending', 'progress', '0',
            'completed', 0, 'failed', 0, 'running', 0, 'lost', 0, 'cancelled', 0, 'skipped', 0, 'retrying', 0, 'created_ms', now_ms,
            'updated_ms', now_ms, 'started_ms', '', 'finished_ms', '', 'metadata', metadata, 'finish_request', '',
-           'parent', parent)
+           'parent', parent, 'ended_ttl', ended_ttl, 'tags', tags)
 remember_request(request_id, '')
 -- In chunks: unpack() of a very long list overflows Lua's C stack.
-store_pending_nodes(11, n_nodes)
-local first_field = 11 + n_nodes * 3
+store_pending_nodes(FIRST, n_nodes)
+local first_field = FIRST + n_nodes * 3
 if #ARGV >= first_field then
   store_fields(first_field)
   redis.call('HSET', S, 'linked', '1')
@@ -30,12 +36,15 @@ end
 local s = load_session()
 emit(s, 'created', now_ms, maxlen)
 touch(ttl_s, true)
-if KEYS[7] then
-  redis.call('ZADD', KEYS[7], now_ms, sid)
-  redis.call('ZADD', KEYS[8], now_ms, sid)
-end
-if KEYS[9] then
-  local bar = string.find(parent, '|', 1, true)
-  redis.call('ZADD', KEYS[9], now_ms, sid .. ' ' .. string.sub(parent, 1, bar - 1) .. ' ' .. string.sub(parent, bar + 1))
+local INDEXES = SESSION_KEYS + 1
+if KEYS[INDEXES] then
+  redis.call('ZADD', KEYS[INDEXES], now_ms, sid)
+  redis.call('ZADD', KEYS[INDEXES + 1], now_ms, sid)
+  if parent ~= '' then
+    local bar = string.find(parent, '|', 1, true)
+    local watched = sid .. ' ' .. string.sub(parent, 1, bar - 1) .. ' ' .. string.sub(parent, bar + 1)
+    redis.call('ZADD', KEYS[INDEXES + 2], now_ms, watched)
+  end
+  for i = INDEXES + 3, #KEYS do redis.call('ZADD', KEYS[i], now_ms, sid) end
 end
 return {'ok'}

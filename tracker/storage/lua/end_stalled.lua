@@ -1,4 +1,4 @@
--- end_stalled(KEYS=[session, nodes, sigs, events, by_status, children], ARGV=[cutoff_ms, reaped_ms, now_ms, ttl_s, events_maxlen, payload])
+-- end_stalled(KEYS=[session, nodes, sigs, events, by_status, children, failures], ARGV=[cutoff_ms, reaped_ms, now_ms, ttl_s, events_maxlen, payload])
 -- A session left waiting for a message that no broker will deliver (kombu's Redis transport loses
 -- a message it popped when its worker is killed before recording it as unacknowledged): it has not
 -- ended, it existed when a dead worker was reaped (reaped_ms), nothing of it runs, and nothing
@@ -24,6 +24,7 @@ for i = 1, #all, 2 do
     local status = f[1]
     count(s, f[1], -1, f[7])
     count(s, 'lost', 1)
+    regroup(s, all[i], f[1], f[7], 'lost', payload, now_ms)
     f[1], f[4], f[7] = 'lost', now_ms, payload
     redis.call('HSET', N, all[i], node_text(f))
     index(all[i], status, 'lost')
@@ -37,7 +38,7 @@ local finished = finish_status(s)
 if finished then set_status(s, finished, now_ms) end
 save_session(s, now_ms)
 emit(s, 'status', now_ms, maxlen)
-touch(ttl_s)
+touch(ttl_s, false, s)
 local failed_node = ''
 if not redis.call('HGET', S, 'failure_call') then
   redis.call('HSET', S, 'failure_call', '-|' .. first)

@@ -1,4 +1,4 @@
--- keep_alive(KEYS=[session, nodes, sigs, events, by_status, children], ARGV=[now_ms, ttl_s])
+-- keep_alive(KEYS=[session, nodes, sigs, events, by_status, children, failures], ARGV=[now_ms, ttl_s])
 -- A heartbeat of a worker process that runs nodes of this session: while the session has not ended,
 -- its keys live at least ttl_s more and cleanup counts it as active from now_ms (`alive_ms`), so a
 -- node may run longer than the session timeout. updated_ms is left alone: nothing changed.

@@ -1,4 +1,4 @@
--- nodes_by_status(KEYS=[session, nodes, sigs, events, by_status, children], ARGV=[status, after, limit])
+-- nodes_by_status(KEYS=[session, nodes, sigs, events, by_status, children, failures], ARGV=[status, after, limit])
 -- A page of the nodes in one status, in node id order: the first `limit` after node id `after`
 -- ('' for the first page), read from the status index (common.lua `index`) with their records, in
 -- one step, so every node returned is in that status. O(log n + limit), whatever the session's size.

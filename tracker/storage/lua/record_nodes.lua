@@ -1,4 +1,4 @@
--- record_nodes(KEYS=[session, nodes, sigs, events, by_status, children, (workers, held_1, held_2, ...)],
+-- record_nodes(KEYS=[session, nodes, sigs, events, by_status, children, failures, (workers, held_1, held_2, ...)],
 --              ARGV=[ttl_s, events_maxlen, request_id, details, session_id, event * n])
 --   event: 'node_id|status|attempt|task_id|worker|at_ms|started_ms|expect_holder|started_before_ms|held|payload'
 --   (one argument per event: only the payload, last, may hold a '|'); status 'progress': a running
@@ -285,7 +285,7 @@ for _, e in ipairs(events) do
     if want_details then details[#details + 1] = old[1]; details[#details + 1] = raw or '' end
   else
     applied = applied + 1
-    local old_status = old[1]
+    local old_status, old_payload = old[1], old[7]
     local new = old -- updated in place
     if started_ms ~= '' and (TERMINAL_NODE[incoming] or incoming == 'wait') then
       step(new, 'running', attempt, task_id, worker, '', started_ms)
@@ -304,6 +304,7 @@ for _, e in ipairs(events) do
       redis.call('HSET', N, node_id, record)
       records[node_id] = record
       index(node_id, old_status, new[1])
+      regroup(s, node_id, old_status, old_payload, new[1], new[7], at_ms)
     end
     if held > 0 then
       if new[1] == 'running' and new[6] == worker and worker ~= '' then
@@ -346,12 +347,12 @@ for held, members in pairs(registry) do
   for member, present in pairs(members) do
     if present then add[#add + 1] = member else rem[#rem + 1] = member end
   end
-  for_chunks(add, function(part) redis.call('SADD', KEYS[7 + held], unpack(part)) end)
-  for_chunks(rem, function(part) redis.call('SREM', KEYS[7 + held], unpack(part)) end)
+  for_chunks(add, function(part) redis.call('SADD', KEYS[SESSION_KEYS + 1 + held], unpack(part)) end)
+  for_chunks(rem, function(part) redis.call('SREM', KEYS[SESSION_KEYS + 1 + held], unpack(part)) end)
 end
 local alive = {}
 for worker, at_ms in pairs(seen) do alive[#alive + 1] = at_ms; alive[#alive + 1] = worker end
-if #alive > 0 then redis.call('ZADD', KEYS[7], unpack(alive)) end
+if #alive > 0 then redis.call('ZADD', KEYS[SESSION_KEYS + 1], unpack(alive)) end
 if finished ~= '' and request_id ~= '' then
   redis.call('HSET', S, 'finish_request', request_id)
 elseif request_id ~= '' and TERMINAL_SESSION[s.status] and redis.call('HGET', S, 'finish_request') == request_id then
@@ -359,7 +360,7 @@ elseif request_id ~= '' and TERMINAL_SESSION[s.status] and redis.call('HGET', S,
 end
 if applied > 0 then
   s.updated_ms = save_session(s, last_ms)
-  touch(ttl_s, known == 0 or children_created) -- known == 0: this call created the nodes hash
+  touch(ttl_s, known == 0 or children_created, s) -- known == 0: this call created the nodes hash
 end
 local mark = request_id ~= '' and request_id or '-'
 local succeeded, failed_node = '', ''

@@ -1,4 +1,4 @@
--- resume(KEYS=[session, nodes, sigs, events, by_status, children],
+-- resume(KEYS=[session, nodes, sigs, events, by_status, children, failures, (expiry_index)],
 --        ARGV=[retry_failed, task_id_base, now_ms, ttl_s, events_maxlen, request_id, n_chosen, chosen...,
 --              allowed_from...])
 -- Takes the session back to running (its next run: the `run` field counts them) and resets to
@@ -57,6 +57,7 @@ end
 for _, node in ipairs(candidates) do
   local f = parse_node(node[2])
   count(s, f[1], -1, f[7])
+  regroup(s, node[1], f[1], f[7], 'pending', '', now_ms)
   local task_id = string.format('%s%012x', task_id_base, #reset / 3 + 1)
   redis.call('HSET', N, node[1], node_text({'pending', f[2], '', '', task_id, '', ''}))
   redis.call('HDEL', C, '#' .. node[1]) -- its run again waits only for the children it opens
@@ -72,10 +73,16 @@ if ended then
   set_status(s, ended, now_ms)
 else
   set_status(s, 'running', now_ms)
+  restart_rate(s, now_ms)
   redis.call('HSET', S, 'run', s.run + 1)
 end
 save_session(s, now_ms)
 remember_request(request_id, previous)
+-- Running again: cleanup measures its inactivity from now (an ended session's score in the cleanup
+-- index was moved on to its longer retention). The index is passed outside Cluster only.
+if KEYS[SESSION_KEYS + 1] and not ended then
+  redis.call('ZADD', KEYS[SESSION_KEYS + 1], now_ms, string.match(S, '{([^}]*)}')) -- the id of the session key
+end
 emit(s, 'status', now_ms, maxlen)
-touch(ttl_s)
+touch(ttl_s, false, s)
 return {'ok', redis.call('HGETALL', S), previous, reset}

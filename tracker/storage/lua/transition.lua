@@ -1,4 +1,4 @@
--- transition(KEYS=[session, nodes, sigs, events, by_status, children],
+-- transition(KEYS=[session, nodes, sigs, events, by_status, children, failures],
 --            ARGV=[target, now_ms, ttl_s, events_maxlen, request_id, allowed_from...])
 -- Compare-and-set of the session status; the allowed from-states come from states.VALID_TRANSITIONS.
 -- Cancelling marks every node without a result `cancelled`. A retry of the same request (same
@@ -30,5 +30,5 @@ set_status(s, target, now_ms)
 save_session(s, now_ms)
 remember_request(request_id, previous)
 emit(s, 'status', now_ms, maxlen)
-touch(ttl_s)
+touch(ttl_s, false, s)
 return {'ok', redis.call('HGETALL', S), previous}

@@ -97,6 +97,7 @@ class RedisStorageAdapter:
             threads; create one per process (after fork).
         key_prefix: First part of every key.
         ttl_s: TTL of a session's keys, refreshed on every write (use the session timeout).
+        finished_ttl_s: TTL of an ended session's keys (use ``TRACKER_FINISHED_TTL_S``).
         events_maxlen: Approximate cap of each session's event stream.
         url: The server's URL (for error messages, and the asyncio flavour's clients).
         settings: Timeouts and retries of the asyncio flavour's clients.
@@ -108,6 +109,7 @@ class RedisStorageAdapter:
         *,
         key_prefix: str = "tracker",
         ttl_s: float = 1800.0,
+        finished_ttl_s: float = 86400.0,
         events_maxlen: int = 1000,
         url: str | None = None,
         settings: TrackerSettings | None = None,
@@ -115,8 +117,9 @@ class RedisStorageAdapter:
         self.url = url
         self._settings = settings or TrackerSettings()
         # Rounded up: a key's TTL must never end a session before its timeout (2.4 s -> 3 s, not 2 s).
-        ttl = max(1, math.ceil(ttl_s))
-        self.programs = RedisPrograms(KeySpace(key_prefix), ttl, events_maxlen, isinstance(client, RedisCluster))
+        ttl, ended_ttl = max(1, math.ceil(ttl_s)), max(1, math.ceil(finished_ttl_s))
+        cluster = isinstance(client, RedisCluster)
+        self.programs = RedisPrograms(KeySpace(key_prefix), ttl, events_maxlen, cluster, ended_ttl)
         self._client = client
         self._scripts = _register_scripts(client)
 
@@ -133,6 +136,7 @@ class RedisStorageAdapter:
             clients.connect(settings, url=url, cluster=settings.redis_cluster),
             key_prefix=settings.key_prefix,
             ttl_s=settings.session_timeout_s,
+            finished_ttl_s=settings.finished_ttl_s,
             events_maxlen=settings.events_maxlen,
             url=url,
             settings=settings,
@@ -182,6 +186,7 @@ class RedisStorageAdapter:
     record_nodes = _Driven(RedisPrograms.record_nodes)
     heartbeat = _Driven(RedisPrograms.heartbeat)
     get_children = _Driven(RedisPrograms.get_children)
+    get_failures = _Driven(RedisPrograms.get_failures)
     watched_children = _Driven(RedisPrograms.watched_children)
     unwatch_child = _Driven(RedisPrograms.unwatch_child)
     reap_lost = _Driven(RedisPrograms.reap_lost)

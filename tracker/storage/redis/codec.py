@@ -14,8 +14,18 @@ from typing import Any
 
 from tracker import validation
 from tracker.errors import StorageUnavailableError, TrackerValidationError
-from tracker.models import ChildSession, NodeError, NodeResult, SessionEvent, SessionInfo, ms_from_utc, utc_from_ms
-from tracker.states import NodeStatus, SessionStatus
+from tracker.models import (
+    ChildSession,
+    FailureGroup,
+    NodeError,
+    NodeResult,
+    SessionEvent,
+    SessionInfo,
+    ms_from_utc,
+    rate_and_eta,
+    utc_from_ms,
+)
+from tracker.states import NodeStatus, RateWindow, SessionStatus
 from tracker.storage.base import ChildLink, NodeEvent
 
 
@@ -49,11 +59,14 @@ def session_from_hash(session_id: str, fields: dict[str, str]) -> SessionInfo:
     created = utc(int(fields["created_ms"]))
     updated = utc(int(fields["updated_ms"]))
     parent_sid, _, parent_node = fields.get("parent", "").partition("|")
+    status = session_status(fields["status"])
+    finished = moment(fields.get("finished_ms", ""))
+    node_count = int(fields["node_count"])
     return SessionInfo(
         session_id=session_id,
         canvas_path=fields["canvas_path"],
-        node_count=int(fields["node_count"]),
-        status=session_status(fields["status"]),
+        node_count=node_count,
+        status=status,
         progress_percent=float(fields["progress"]),
         completed_nodes=int(fields["completed"]),
         failed_nodes=int(fields["failed"]),
@@ -65,13 +78,16 @@ def session_from_hash(session_id: str, fields: dict[str, str]) -> SessionInfo:
         created_at=created,
         updated_at=updated,
         started_at=moment(fields.get("started_ms", "")),
-        finished_at=moment(fields.get("finished_ms", "")),
+        finished_at=finished,
         metadata=json.loads(fields.get("metadata") or "{}"),
         run=int(fields.get("run") or 1),
         children=int(fields.get("children") or 0),
         children_open=int(fields.get("children_open") or 0),
         parent_session_id=parent_sid or None,
         parent_node_id=parent_node or None,
+        failure_types=int(fields.get("failure_types") or 0),
+        tags=fields.get("tags", "").split(),
+        **rate_and_eta(RateWindow.parse(fields.get("rate", "")), node_count, finished),
     )
 
 
@@ -88,8 +104,9 @@ def session_from_values(session_id: str, values: Sequence[Any]) -> SessionInfo:
     order: numbers as integers, the rest as bytes."""
     (status, node_count, completed, failed, running, lost, cancelled, skipped, retrying, progress,
      started_ms, finished_ms, updated_ms, canvas_path, created_ms, metadata, run, children, children_open,
-     parent) = values  # fmt: skip
+     parent, failure_types, rate, tags) = values  # fmt: skip
     parent_sid, _, parent_node = text(parent).partition("|") if parent else ("", "", "")
+    finished = utc(int(finished_ms)) if finished_ms else None
     return SessionInfo(
         session_id=session_id,
         canvas_path=text(canvas_path),
@@ -106,13 +123,30 @@ def session_from_values(session_id: str, values: Sequence[Any]) -> SessionInfo:
         created_at=utc(int(created_ms)),
         updated_at=utc(int(updated_ms)),
         started_at=utc(int(started_ms)) if started_ms else None,
-        finished_at=utc(int(finished_ms)) if finished_ms else None,
+        finished_at=finished,
         metadata=json.loads(metadata) if metadata and metadata != b"{}" else {},
         run=run,
         children=children,
         children_open=children_open,
         parent_session_id=parent_sid or None,
         parent_node_id=parent_node or None,
+        failure_types=failure_types,
+        tags=text(tags).split() if tags else [],
+        **rate_and_eta(RateWindow.parse(text(rate)) if rate else None, node_count, finished),
+    )
+
+
+def failure_group(error_type: str, entry: str) -> FailureGroup:
+    """A failure group as the failures hash keeps it (``common.lua``: regroup)."""
+    group = json.loads(entry)
+    nodes = group.get("nodes")
+    return FailureGroup(
+        error_type=error_type,
+        count=group["count"],
+        first_message=group.get("message") or "",
+        first_at=utc(int(group["first_ms"])),
+        last_at=utc(int(group["last_ms"])),
+        node_ids=nodes if isinstance(nodes, list) else [],  # cjson writes an empty list as {}
     )
 
 

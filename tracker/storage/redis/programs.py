@@ -24,6 +24,7 @@ from tracker.models import (
     AddOutcome,
     BatchOutcome,
     ChildSession,
+    FailureGroup,
     NodeOutcome,
     NodePage,
     NodeResult,
@@ -42,6 +43,7 @@ from tracker.storage.base import (
     NodeEvent,
     ResumePlanChanged,
     lost_reason,
+    matches,
     new_request_id,
     requeued_reason,
     silent_workers,
@@ -66,7 +68,7 @@ SCRIPTS = (
 SESSION_FIELDS = (
     "status", "node_count", "completed", "failed", "running", "lost", "cancelled", "skipped", "retrying", "progress",
     "started_ms", "finished_ms", "updated_ms", "canvas_path", "created_ms", "metadata", "run", "children",
-    "children_open", "parent",
+    "children_open", "parent", "failure_types", "rate", "tags",
 )  # fmt: skip
 
 #: Sessions whose key names each program object remembers (see ``RedisPrograms._session_keys``).
@@ -106,11 +108,13 @@ class RedisPrograms:
         ttl_s: TTL given to a session's keys on every write.
         events_maxlen: Approximate cap of each session's event stream.
         cluster: Keep the global index out of session scripts (it lives in another slot).
+        finished_ttl_s: TTL given to an ended session's keys.
     """
 
-    def __init__(self, keys: KeySpace, ttl_s: int, events_maxlen: int, cluster: bool) -> None:
+    def __init__(self, keys: KeySpace, ttl_s: int, events_maxlen: int, cluster: bool, finished_ttl_s: int) -> None:
         self.keys = keys
         self.ttl_s = ttl_s
+        self.finished_ttl_s = finished_ttl_s
         self.events_maxlen = events_maxlen
         self.cluster = cluster
         self._session_keys_cache: dict[str, SessionKeys] = {}
@@ -167,6 +171,8 @@ class RedisPrograms:
             len(nodes),
             new_request_id(),
             f"{session.parent_session_id}|{session.parent_node_id}" if session.parent_session_id else "",
+            self.finished_ttl_s,
+            " ".join(session.tags),
         ]
         if signatures is None:
             signatures = [None if spec.signature is None else validation.compact_json(spec.signature) for spec in nodes]
@@ -180,19 +186,18 @@ class RedisPrograms:
             for name, value in fields.items():
                 args += [name, value]
         script = self._script("create", sk, *args)
-        watched = f"{sid} {session.parent_session_id} {session.parent_node_id}"
+        filters = self.keys.filter_indexes(session.canvas_path, session.tags)
         if not self.cluster:
-            script.keys.extend([self.keys.created_index, self.keys.expiry_index])
-            if session.parent_session_id:
-                script.keys.append(self.keys.children_index)
+            everywhere = [self.keys.created_index, self.keys.expiry_index, self.keys.children_index, *filters]
+            script = Script(script.name, script.keys + everywhere, script.args)
             self._check(sid, (yield [script])[0])
             return
         self._check(sid, (yield [script])[0])
         indexes: list[Command] = [
-            ("ZADD", self.keys.created_index, {sid: now_ms}),
-            ("ZADD", self.keys.expiry_index, {sid: now_ms}),
+            ("ZADD", key, {sid: now_ms}) for key in (self.keys.created_index, self.keys.expiry_index, *filters)
         ]
         if session.parent_session_id:
+            watched = f"{sid} {session.parent_session_id} {session.parent_node_id}"
             indexes.append(("ZADD", self.keys.children_index, {watched: now_ms}))
         yield indexes
 
@@ -287,10 +292,14 @@ class RedisPrograms:
             *chosen,
             *sorted(allowed_from),
         )
+        if not self.cluster:
+            script = Script(script.name, [*script.keys, self.keys.expiry_index], script.args)
         reply = (yield [script])[0]
         if codec.text(reply[0]) == "changed":
             raise ResumePlanChanged(session_id)
         reply = self._check(session_id, reply, SessionStatus.RUNNING.value)
+        if self.cluster:  # (outside Cluster the script does it)
+            yield [("ZADD", self.keys.expiry_index, {session_id: ms_from_utc(now)})]
         flat = [codec.text(v) for v in reply[3]]
         reset = [
             NodeSpec(node_id=nid, task_id=task or None, signature=json.loads(sig) if sig else None)
@@ -439,6 +448,14 @@ class RedisPrograms:
         entries = {codec.text(k): codec.text(v) for k, v in fields.items()}
         return [codec.child_from_entry(child, entry) for child, entry in entries.items() if child[0] != "#"]
 
+    def get_failures(self, session_id: str) -> Program[list[FailureGroup]]:
+        sk = self._session_keys(session_id)
+        exists, found = yield [("EXISTS", sk.session), ("HGETALL", sk.failures)]
+        if not exists:
+            raise SessionNotFoundError(session_id)
+        fields = found if isinstance(found, dict) else codec.flat_dict(found)
+        return [codec.failure_group(codec.text(k), codec.text(v)) for k, v in fields.items()]
+
     def watched_children(self, limit: int) -> Program[list[ChildWatch]]:
         found = (yield [("ZRANGE", self.keys.children_index, 0, limit - 1)])[0]
         return [ChildWatch(*codec.text(member).split(" ")) for member in found]
@@ -583,10 +600,21 @@ class RedisPrograms:
         return NodePage(nodes=nodes, next_cursor=flat[-2] if reply[2] and flat else None)
 
     def list_sessions(
-        self, status: SessionStatus | None = None, cursor: str | None = None, limit: int = 50
+        self,
+        status: SessionStatus | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+        tag: str | None = None,
+        path: str | None = None,
     ) -> Program[SessionPage]:
         start = codec.scan_cursor(cursor)
-        (ids,) = yield [("ZREVRANGE", self.keys.created_index, start, start + limit - 1)]
+        # One index gives the page (a tag's, a path's, or all sessions'); other filters sift it.
+        index = self.keys.created_index
+        if tag is not None:
+            index = self.keys.tag_index(tag)
+        elif path is not None:
+            index = self.keys.path_index(path)
+        (ids,) = yield [("ZREVRANGE", index, start, start + limit - 1)]
         ids = [codec.text(i) for i in ids]
         replies = (yield [("HGETALL", self.keys.session(sid).session) for sid in ids]) if ids else []
         sessions, stale = [], []
@@ -596,26 +624,38 @@ class RedisPrograms:
                 continue
             fields = flat if isinstance(flat, dict) else codec.flat_dict(flat)
             info = codec.session_from_hash(sid, {codec.text(k): codec.text(v) for k, v in fields.items()})
-            if status is None or info.status is status:
+            if matches(info, status, tag, path):
                 sessions.append(info)
         if stale:
-            # Expired by TTL: drop from the index as we pass by (cleanup does the rest).
-            yield [("ZREM", self.keys.created_index, *stale), ("ZREM", self.keys.expiry_index, *stale)]
+            # Expired by TTL: drop from the indexes as we pass by (cleanup does the rest).
+            drop = {self.keys.created_index, self.keys.expiry_index, index}
+            yield [("ZREM", key, *stale) for key in sorted(drop)]
         return SessionPage(sessions=sessions, next_cursor=str(start + limit) if len(ids) == limit else None)
 
     def delete(self, session_id: str) -> Program[bool]:
         sk = self.keys.session(session_id)
-        deleted, _, _ = yield [
-            ("DEL", *sk.all()),
-            ("ZREM", self.keys.created_index, session_id),
-            ("ZREM", self.keys.expiry_index, session_id),
-        ]
+        ((path, tags),) = yield [("HMGET", sk.session, "canvas_path", "tags")]
+        deleted, *_ = yield [("DEL", *sk.all()), *self._unindex([session_id], [(path, tags)])]
         return bool(deleted)
 
-    def remove_expired(self, now: datetime, timeout_s: float) -> Program[int]:
-        now_ms = ms_from_utc(now)
-        assert now_ms is not None
-        cutoff_ms = now_ms - round(timeout_s * 1000)
+    def _unindex(self, ids: list[str], filed: list[tuple[Any, Any]]) -> list[Command]:
+        """Take sessions out of every index; ``filed``: each one's canvas path and tags, as stored
+        (None: unknown, only the global indexes)."""
+        removals: dict[str, list[str]] = {self.keys.created_index: list(ids), self.keys.expiry_index: list(ids)}
+        for sid, (path, tags) in zip(ids, filed, strict=True):
+            if path:
+                for key in self.keys.filter_indexes(codec.text(path), codec.text(tags or "").split()):
+                    removals.setdefault(key, []).append(sid)
+        return [("ZREM", key, *members) for key, members in removals.items()]
+
+    def remove_expired(self, now: datetime, timeout_s: float, finished_ttl_s: float | None = None) -> Program[int]:
+        now_ms = codec.ms_int(now)
+        timeout_ms = round(timeout_s * 1000)
+        ended_ms = timeout_ms if finished_ttl_s is None else round(finished_ttl_s * 1000)
+        # The cleanup index scores a session by when it expires less the shorter of the two
+        # retentions (a lower bound: re-checked, then moved on to the real one), so a pass reads
+        # only the sessions due, and ended sessions kept for a day cost nothing until then.
+        cutoff_ms = now_ms - min(timeout_ms, ended_ms)
         removed = 0
         offset = 0
         while True:
@@ -623,8 +663,9 @@ class RedisPrograms:
             ids = yield from self._idle_candidates(cutoff_ms, offset)
             if not ids:
                 return removed
-            replies = yield [Script("remove_if_expired", self.keys.session(sid).all(), [cutoff_ms]) for sid in ids]
-            gone, active = [], {}
+            args = [now_ms, timeout_ms, ended_ms]
+            replies = yield [Script("remove_if_expired", self.keys.session(sid).all(), args) for sid in ids]
+            gone, filed, active = [], [], {}
             for sid, reply in zip(ids, replies, strict=True):
                 code = codec.text(reply[0])
                 if code == "active":
@@ -632,9 +673,8 @@ class RedisPrograms:
                 else:
                     removed += code == "deleted"
                     gone.append(sid)
-            index_updates: list[Command] = []
-            if gone:
-                index_updates += [("ZREM", self.keys.created_index, *gone), ("ZREM", self.keys.expiry_index, *gone)]
+                    filed.append((reply[2], reply[1]) if code == "deleted" else (None, None))
+            index_updates: list[Command] = self._unindex(gone, filed) if gone else []
             if active:
                 index_updates.append(("ZADD", self.keys.expiry_index, active))
             yield index_updates
