@@ -18,8 +18,10 @@ not complete with its structure (:func:`resume_plan`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -311,11 +313,30 @@ _BLOCKED = "blocked"  # a failed task is kept (retry_failed=False): the part can
 
 
 class _Planner:
-    def __init__(self, nodes: Mapping[str, tuple[NodeStatus, Any, bool]], retry_failed: bool, session: str) -> None:
+    def __init__(
+        self,
+        nodes: Mapping[str, tuple[NodeStatus, Any, bool]],
+        retry_failed: bool,
+        session: str,
+        chosen: AbstractSet[str] | None,
+    ) -> None:
         self.nodes = nodes  # node -> (status, result, result stored)
         self.retry_failed = retry_failed
         self.session = session
         self.values: dict[str, Any] = {}
+        self.chosen = chosen
+        # Inside what runs after a re-sent part (a later chain link, a chord body, an error
+        # callback): with a chosen subset, what did not complete there is re-sent too.
+        self.downstream = False
+
+    @contextlib.contextmanager
+    def after_resent(self, resent: bool = True) -> Iterator[None]:
+        """While planning what runs after a re-sent part (when ``resent``)."""
+        before, self.downstream = self.downstream, self.downstream or resent
+        try:
+            yield
+        finally:
+            self.downstream = before
 
     def status(self, node: str) -> NodeStatus:
         return self.nodes[node][0] if node in self.nodes else NodeStatus.PENDING
@@ -328,7 +349,11 @@ class _Planner:
             status = self.status(tree["n"])
             if status is NodeStatus.COMPLETED:
                 return _DONE
-            if status is NodeStatus.FAILED and not self.retry_failed:
+            if self.chosen is not None:
+                # Only the chosen nodes, and what did not complete after them; the rest is kept.
+                if tree["n"] not in self.chosen and not self.downstream:
+                    return _BLOCKED
+            elif status is NodeStatus.FAILED and not self.retry_failed:
                 return _BLOCKED
             return self._with_errbacks(tree, {"n": tree["n"]})
         if "chain" in tree:
@@ -338,7 +363,8 @@ class _Planner:
         header = self._group(tree, tree["chord"], True)
         if header == _BLOCKED:
             return _BLOCKED
-        body = self.residual(tree["body"], consumed)
+        with self.after_resent(isinstance(header, dict)):
+            body = self.residual(tree["body"], consumed)
         if header == _DONE:
             if not isinstance(body, dict):
                 return body
@@ -362,11 +388,12 @@ class _Planner:
             # The link before gives back its result to the first link re-sent, as Celery passed it.
             parts = [self.link_output(links[i - 1])] if i > 0 else []
             parts.append(rest)
-            for later in links[i + 1 :]:
-                after = self.residual(later, True)
-                if after == _BLOCKED:
-                    return _BLOCKED
-                parts.append(self.output(later) if after == _DONE else after)  # type: ignore[arg-type]
+            with self.after_resent():
+                for later in links[i + 1 :]:
+                    after = self.residual(later, True)
+                    if after == _BLOCKED:
+                        return _BLOCKED
+                    parts.append(self.output(later) if after == _DONE else after)  # type: ignore[arg-type]
             return self._with_errbacks(tree, {"chain": parts})
         return _DONE
 
@@ -388,10 +415,11 @@ class _Planner:
 
     def _with_errbacks(self, tree: Tree, rest: Tree) -> Tree:
         errbacks = []
-        for errback in tree.get("e", ()):
-            again = self.residual(errback, False)
-            if isinstance(again, dict):
-                errbacks.append(again)
+        with self.after_resent():
+            for errback in tree.get("e", ()):
+                again = self.residual(errback, False)
+                if isinstance(again, dict):
+                    errbacks.append(again)
         if errbacks:
             rest["e"] = errbacks
         return rest
@@ -459,7 +487,11 @@ def _ends_in_group(tree: Tree) -> bool:
 
 
 def resume_plan(
-    tree: Tree, nodes: Mapping[str, tuple[NodeStatus, Any, bool]], retry_failed: bool, session: str
+    tree: Tree,
+    nodes: Mapping[str, tuple[NodeStatus, Any, bool]],
+    retry_failed: bool,
+    session: str,
+    chosen: AbstractSet[str] | None = None,
 ) -> ResumePlan:
     """What to re-send of ``tree`` so that the session completes as if Celery had run it whole.
 
@@ -472,12 +504,25 @@ def resume_plan(
         nodes: node -> (status, stored result, whether the result was stored).
         retry_failed: Re-send failed nodes too.
         session: The session's id, for the error's message.
+        chosen: Re-send only these nodes (none completed), with what did not complete of what runs
+            after them (the rest of their chain, their chord's body, their error callbacks);
+            every other node keeps its result. ``retry_failed`` is then not consulted.
 
     Raises:
-        ResumeNotPossibleError: a completed node's result is needed and was not stored.
+        ResumeNotPossibleError: a completed node's result is needed and was not stored, or a chosen
+            node cannot run again without a node that is not chosen (a chord's body needs every
+            header result: choose its failed header nodes together).
     """
-    planner = _Planner(nodes, retry_failed, session)
+    planner = _Planner(nodes, retry_failed, session, chosen)
     rest = planner.residual(tree, False)
+    reset = list(leaf_ids(rest)) if isinstance(rest, dict) else []
+    left_out = sorted(set(chosen or ()) - set(reset))
+    if left_out:
+        raise ResumeNotPossibleError(
+            session,
+            f"node {left_out[0]} cannot run again alone: what it feeds also needs a node that did not "
+            "complete and is not chosen (choose those nodes too)",
+        )
     if not isinstance(rest, dict):
         return ResumePlan(tree=None, reset=[], values={})
-    return ResumePlan(tree=rest, reset=list(leaf_ids(rest)), values=planner.values)
+    return ResumePlan(tree=rest, reset=reset, values=planner.values)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 from celery import Celery, Signature, chain, chord, group
 
@@ -12,10 +13,16 @@ from tracker.celery.callbacks import send_completion
 from tracker.celery.children import tell_parent
 from tracker.celery.dispatch import tag
 from tracker.celery.origin import dispatching_app
-from tracker.errors import InvalidStateTransitionError, ResumeNotPossibleError, SessionNotFoundError
+from tracker import validation
+from tracker.errors import (
+    InvalidStateTransitionError,
+    ResumeNotPossibleError,
+    SessionNotFoundError,
+    TrackerValidationError,
+)
 from tracker.manager import SessionManager, nodes_of
 from tracker.models import NodeSpec, SessionInfo
-from tracker.states import NodeStatus, SessionStatus
+from tracker.states import NodeStatus, SessionStatus, failure_type
 from tracker.storage.base import ResumePlanChanged
 from tracker.structure import RESULT_NOT_STORED, Tree, parts_of, resume_plan
 
@@ -68,6 +75,8 @@ def resume_session(
     app: Celery | None = None,
     manager: SessionManager | None = None,
     retry_failed: bool = True,
+    nodes: Sequence[str] | None = None,
+    error_type: str | None = None,
 ) -> int:
     """Re-send what did not complete of a session, with its structure, under the same session id.
 
@@ -82,6 +91,11 @@ def resume_session(
             :func:`cancel_session`.
         retry_failed: Re-send failed nodes too (otherwise only the unfinished ones, and nothing
             that needs a failed node's result).
+        nodes: Re-send only these nodes (none of them completed), with what did not complete of
+            what runs after them (the rest of their chain, their chord's body); every other node
+            keeps its result.
+        error_type: Re-send only the nodes failed (or lost: ``lost``) with this cause, as
+            :meth:`SessionManager.get_failures` groups them, as ``nodes`` would.
 
     Returns:
         How many nodes were re-sent. Nodes without a stored signature (a session created by hand,
@@ -89,23 +103,30 @@ def resume_session(
 
     Raises:
         SessionNotFoundError, InvalidStateTransitionError (a completed session), TrackerValidationError.
-        ResumeNotPossibleError: a re-sent part needs a completed node's result that was not stored
-            (nothing changed).
+        TrackerValidationError: ``nodes`` names a node the session does not have or one that
+            completed, ``error_type`` no failed node's cause, or both are given (nothing changed).
+        ResumeNotPossibleError: a re-sent part needs a completed node's result that was not stored,
+            or a chosen node cannot run again without one that is not chosen (nothing changed).
         WrongCeleryAppError: the app publishes to another broker (nothing changed).
     """
     manager = manager or SessionManager.get_instance()
     app = dispatching_app(session_id, manager.sync.get_session(session_id).metadata, app)
     for _ in range(_PLAN_ATTEMPTS):
         tree = manager.sync.get_structure(session_id)
-        if tree is None:
-            outcome = manager.sync._reopen_session(session_id, retry_failed=retry_failed)
-            sent = sum(_send(_task(app, session_id, node)) for node in outcome.nodes)
-            break
-        plan = resume_plan(tree, _node_states(manager, session_id), retry_failed, session_id)
+        states = _node_states(manager, session_id)
+        chosen = _chosen(session_id, states, nodes, error_type)
+        plan = None
+        if tree is not None:
+            seen = {node: (state.status, state.result, state.stored) for node, state in states.items()}
+            plan = resume_plan(tree, seen, retry_failed, session_id, None if chosen is None else set(chosen))
         try:
-            outcome = manager.sync._reopen_session(session_id, retry_failed=retry_failed, nodes=plan.reset)
+            reset = chosen if plan is None else plan.reset
+            outcome = manager.sync._reopen_session(session_id, retry_failed=retry_failed, nodes=reset)
         except ResumePlanChanged:
             continue  # a node it meant to re-send completed meanwhile: plan again
+        if plan is None:
+            sent = sum(_send(_task(app, session_id, node)) for node in outcome.nodes)
+            break
         if plan.tree is not None:
             specs = {node.node_id: node for node in outcome.nodes}
             canvas = _canvas(plan.tree, specs, plan.values, app, session_id)
@@ -123,12 +144,52 @@ def resume_session(
 _PLAN_ATTEMPTS = 5
 
 
-def _node_states(manager: SessionManager, session_id: str) -> dict[str, tuple[NodeStatus, Any, bool]]:
-    """Every node's status, result and whether that result was stored (what a resume plan reads)."""
+class _NodeState(NamedTuple):
+    """What a resume plan reads of a node (the first three), and its failure's cause."""
+
+    status: NodeStatus
+    result: Any
+    stored: bool
+    cause: str | None
+
+
+def _node_states(manager: SessionManager, session_id: str) -> dict[str, _NodeState]:
+    """Every node's status, result, whether that result was stored, and its failure's cause."""
     return {
-        node.node_id: (node.status, node.result, not (node.reason or "").startswith(RESULT_NOT_STORED))
+        node.node_id: _NodeState(
+            node.status,
+            node.result,
+            not (node.reason or "").startswith(RESULT_NOT_STORED),
+            failure_type(node.status, node.error.type if node.error else None),
+        )
         for node in nodes_of(manager, session_id)
     }
+
+
+def _chosen(
+    session_id: str, states: dict[str, _NodeState], nodes: Sequence[str] | None, error_type: str | None
+) -> list[str] | None:
+    """The nodes a resume of a subset re-sends (None: no subset), checked before anything changes."""
+    if nodes is not None and error_type is not None:
+        raise TrackerValidationError("nodes", nodes, "give nodes or error_type, not both", session_id)
+    if error_type is not None:
+        found = [node for node, state in states.items() if state.cause == error_type]
+        if not found:
+            causes = sorted({state.cause for state in states.values() if state.cause})
+            known = f" (its causes: {', '.join(causes)})" if causes else " (it has none)"
+            raise TrackerValidationError("error_type", error_type, f"no failed node has it{known}", session_id)
+        return sorted(found)
+    if nodes is None:
+        return None
+    if isinstance(nodes, str) or not isinstance(nodes, Sequence) or not nodes:
+        raise TrackerValidationError("nodes", nodes, "expected a non-empty list of node ids", session_id)
+    chosen = list(dict.fromkeys(validation.node_id(node, session_id) for node in nodes))
+    for node in chosen:
+        if node not in states:
+            raise TrackerValidationError("nodes", node, "not a node of the session", session_id)
+        if states[node].status is NodeStatus.COMPLETED:
+            raise TrackerValidationError("nodes", node, "completed: a completed node is never re-run", session_id)
+    return chosen
 
 
 def _task(app: Celery, session_id: str, node: NodeSpec) -> Signature | None:

@@ -232,6 +232,7 @@ def dispatch(
     on_failure: Signature | None = None,
     parent: tuple[str, str] | _Inherit | None = INHERIT,
     child_failure: str = "fail",
+    tags: Sequence[str] | None = None,
 ) -> str:
     """Send ``canvas`` (a signature, group, chord or chain) as one tracked session.
 
@@ -263,6 +264,8 @@ def dispatch(
         child_failure: ``fail`` (a child that did not complete fails its parent node) or
             ``ignore`` (the node completes whatever its child did, as BullMQ's
             ``ignoreDependencyOnFailure``).
+        tags: Labels to find the session by (``tracker list --tag``, ``list_sessions(tag=...)``):
+            at most 10, each 1-64 letters, digits or ``_.:@/+=-``, e.g. ``["nightly", "customer:42"]``.
 
     Returns:
         The session id.
@@ -282,7 +285,7 @@ def dispatch(
     app, manager = _installed(app or canvas.app, manager)
     callbacks = {ON_COMPLETE_KEY: on_complete, ON_SUCCESS_KEY: on_success, ON_FAILURE_KEY: on_failure}
     link = _parent_link(parent, child_failure)
-    session_id, sends = _create(canvas, canvas_path, node_ids, metadata, callbacks, manager, app, link)
+    session_id, sends = _create(canvas, canvas_path, node_ids, metadata, callbacks, manager, app, link, tags)
     try:
         for sig in sends:
             sig.apply_async()
@@ -337,6 +340,7 @@ def _create(
     manager: SessionManager,
     app: Celery,
     link: _ParentLink | None = None,
+    tags: Sequence[str] | None = None,
 ) -> tuple[str, list[Signature]]:
     """:func:`dispatch` up to the send: tag every leaf and create the session (a child: opened on
     its parent's node first); returns its id and what to send."""
@@ -358,7 +362,7 @@ def _create(
     parent = None if link is None else (link.session_id, link.node_id)
     # Every check first (nothing stored yet): a parent is never told of a child that cannot be created.
     create = manager.operations.create_session(
-        canvas_path, len(nodes), meta, specs, session_id=session_id, structure=structure, parent=parent
+        canvas_path, len(nodes), meta, specs, session_id=session_id, structure=structure, parent=parent, tags=tags
     )
     if link is not None:
         # Opened on the parent's node before the child exists (see tracker.celery.children).
