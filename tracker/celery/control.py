@@ -9,11 +9,11 @@ from typing import Any, NamedTuple
 
 from celery import Celery, Signature, chain, chord, group
 
+from tracker import validation
 from tracker.celery.callbacks import send_completion
 from tracker.celery.children import tell_parent
 from tracker.celery.dispatch import tag
 from tracker.celery.origin import dispatching_app
-from tracker import validation
 from tracker.errors import (
     InvalidStateTransitionError,
     ResumeNotPossibleError,

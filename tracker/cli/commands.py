@@ -1,4 +1,4 @@
-"""The commands: demo, run, status, list, watch, cancel, resume, cleanup, serve."""
+"""The commands: demo, run, status, list, watch, failures, cancel, resume, cleanup, serve."""
 
 from __future__ import annotations
 
@@ -13,7 +13,15 @@ from rich.text import Text
 
 from tracker.cli.base import CliError, CliState, ExitCode, masked_url, outcome_code
 from tracker.cli.batch import dispatch_canvas_file
-from tracker.cli.render import ending_line, follow, newest_event_id, print_report, session_hint, sessions_table
+from tracker.cli.render import (
+    ending_line,
+    failure_groups_table,
+    follow,
+    newest_event_id,
+    print_report,
+    session_hint,
+    sessions_table,
+)
 from tracker.models import SessionInfo
 from tracker.states import TERMINAL_STATUSES, SessionStatus
 
@@ -160,16 +168,24 @@ def status(ctx: click.Context, state: CliState, session_id: str, as_json: bool) 
     type=click.Choice([s.value for s in SessionStatus]),
     help="Only sessions in this status.",
 )
+@click.option("--tag", help="Only sessions dispatched with this tag (dispatch(..., tags=[...])).")
+@click.option("--path", help="Only sessions of this canvas path, or under this folder (ending in /).")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True, help="Show at most this many.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of status objects.")
 @pass_state
-def list_(state: CliState, status_filter: str | None, limit: int, as_json: bool) -> None:
-    """List sessions, newest first."""
+def list_(
+    state: CliState, status_filter: str | None, tag: str | None, path: str | None, limit: int, as_json: bool
+) -> None:
+    """List sessions, newest first.
+
+    --tag and --path read their own index (a tag's sessions, a folder's); --status, and --path
+    given with --tag, sift what they find.
+    """
     manager = state.manager()
     found: list[SessionInfo] = []
     cursor: str | None = None
     while len(found) < limit:
-        page = manager.sync.list_sessions(status_filter, cursor=cursor, limit=min(1000, limit))
+        page = manager.sync.list_sessions(status_filter, cursor=cursor, limit=min(1000, limit), tag=tag, path=path)
         found += page.sessions
         cursor = page.next_cursor
         if cursor is None:
@@ -180,7 +196,9 @@ def list_(state: CliState, status_filter: str | None, limit: int, as_json: bool)
         return
     console = _out()
     if not sessions:
-        console.print("No sessions." + ("" if status_filter is None else f" (none {status_filter})"))
+        filters = [f"status {status_filter}"] * bool(status_filter) + [f"tag {tag}"] * bool(tag)
+        filters += [f"path {path}"] * bool(path)
+        console.print("No sessions." + (f" (none with {', '.join(filters)})" if filters else ""))
         if state.uses_memory_store:
             console.print("TRACKER_REDIS_URL is not set: this looked in an empty in-memory store of its own.")
         return
@@ -202,6 +220,29 @@ def watch(ctx: click.Context, state: CliState, session_id: str) -> None:
     console = _out()
     manager = state.manager()
     _finish(ctx, console, state, follow(manager, session_id, console))
+
+
+@click.command()
+@session_id_argument
+@click.option("--json", "as_json", is_flag=True, help="Print the groups as JSON (the same fields as the web API).")
+@pass_state
+def failures(state: CliState, session_id: str, as_json: bool) -> None:
+    """Show a session's failed and lost nodes grouped by cause.
+
+    One line per error type, most nodes first: how many nodes failed with it, the first message,
+    when it was first and last seen, and a few node ids. Re-run one group with
+    `resume ID --error TYPE`.
+    """
+    groups = state.manager().sync.get_failures(session_id)
+    if as_json:
+        _echo_json([group.to_dict() for group in groups])
+        return
+    console = _out()
+    if not groups:
+        console.print(f"Session {session_id} has no failed or lost nodes.")
+        return
+    console.print(failure_groups_table(groups))
+    console.print(f"Re-run one group with: {state.prog} resume {session_id} --error {groups[0].error_type}")
 
 
 @click.command()
@@ -230,15 +271,35 @@ def cancel(state: CliState, session_id: str, terminate: bool) -> None:
     show_default=True,
     help="Also re-run the nodes that failed, or only those that never finished.",
 )
+@click.option(
+    "--node",
+    "nodes",
+    multiple=True,
+    help="Re-run only this node (repeat for more), and what did not complete after it.",
+)
+@click.option(
+    "--error",
+    "error_type",
+    help="Re-run only the nodes that failed with this cause (see `failures ID`), and what did not complete after them.",
+)
 @click.option("--wait", is_flag=True, help="Follow the session until it ends again (exit codes as for run --wait).")
 @pass_state
 @click.pass_context
-def resume(ctx: click.Context, state: CliState, session_id: str, retry_failed: bool, wait: bool) -> None:
+def resume(
+    ctx: click.Context,
+    state: CliState,
+    session_id: str,
+    retry_failed: bool,
+    nodes: tuple[str, ...],
+    error_type: str | None,
+    wait: bool,
+) -> None:
     """Run a session's unfinished and failed nodes again.
 
     Re-sends them under the same session id (with --only-unfinished, failed nodes stay failed).
-    Completed nodes never run again. Works on a cancelled, failed, partial_failure or stalled
-    session.
+    With --node or --error, only those nodes (and what did not complete after them: the rest of
+    their chain, their chord's body) run again; every other node keeps its result. Completed
+    nodes never run again. Works on a cancelled, failed, partial_failure or stalled session.
     """
     from tracker.celery import resume_session
 
@@ -247,7 +308,14 @@ def resume(ctx: click.Context, state: CliState, session_id: str, retry_failed: b
     # --wait follows the new run only: the stream's earlier events announce the failures of the
     # runs before, of nodes that are now sent again.
     after = newest_event_id(manager, session_id) if wait else None
-    sent = resume_session(session_id, app=state.session_app(session_id), manager=manager, retry_failed=retry_failed)
+    sent = resume_session(
+        session_id,
+        app=state.session_app(session_id),
+        manager=manager,
+        retry_failed=retry_failed,
+        nodes=list(nodes) or None,
+        error_type=error_type,
+    )
     console = _out()
     console.print(f"Session {session_id} resumed: {sent} node(s) sent again.")
     if wait:
@@ -262,7 +330,8 @@ def cleanup(state: CliState) -> None:
     A worker process silent for TRACKER_WORKER_STALE_AFTER_S seconds is reaped by the first pass
     that finds it silent that long again (a live one beats meanwhile). Its running nodes become
     lost, or pending again when the app acknowledges late (its messages come back from the
-    broker). A session expires after TRACKER_SESSION_TIMEOUT_S seconds without change. Beat does
+    broker). A session that has not ended expires after TRACKER_SESSION_TIMEOUT_S seconds without
+    change, an ended one after TRACKER_FINISHED_TTL_S seconds. Beat does
     both every minute when workers.app runs with -B; this is one pass, by hand (the callbacks it
     causes are sent when the app loads).
     """
@@ -319,4 +388,4 @@ def serve(state: CliState, host: str, port: int, log_level: str) -> None:
 
 
 #: Every command, in the order ``--help`` lists them.
-COMMANDS: tuple[click.Command, ...] = (demo, run, status, list_, watch, cancel, resume, cleanup, serve)
+COMMANDS: tuple[click.Command, ...] = (demo, run, status, list_, watch, failures, cancel, resume, cleanup, serve)

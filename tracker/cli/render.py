@@ -16,7 +16,7 @@ from rich.text import Text
 from tracker.errors import SessionNotFoundError
 from tracker.hints import pickup_hint
 from tracker.manager import SessionManager, nodes_of
-from tracker.models import NodeResult
+from tracker.models import FailureGroup, NodeResult
 from tracker.states import TERMINAL_STATUSES, NodeStatus
 
 #: Node details (failures, slowest nodes) are read only for sessions up to this many nodes.
@@ -25,6 +25,8 @@ MAX_DETAIL_NODES = 10_000
 MAX_FAILURE_LINES = 20
 #: How long one event read waits for news (Redis ``XREAD BLOCK``), in milliseconds.
 EVENT_WAIT_MS = 1000
+#: While events come, the status (its rate and ETA) is read again at most this often, in seconds.
+STATUS_EVERY_S = 1.0
 #: Node results whose counters an event does not carry: seeing one, :func:`follow` re-reads the status.
 _UNCOUNTED_IN_EVENTS = frozenset({NodeStatus.CANCELLED, NodeStatus.SKIPPED})
 
@@ -89,10 +91,12 @@ def follow(
         TextColumn("{task.fields[finished]}/{task.fields[nodes]} {task.percentage:5.1f} %"),
         TextColumn("[green]{task.fields[ok]} ok[/] [red]{task.fields[failed]} failed[/]"),
         TimeElapsedColumn(),
+        TextColumn("{task.fields[pace]}"),
         console=console,
         transient=False,
     ) as progress:
-        bar = progress.add_task("", total=100, ok=0, failed=0, finished=0, nodes=status["node_count"])
+        bar = progress.add_task("", total=100, ok=0, failed=0, finished=0, nodes=status["node_count"], pace="")
+        read_at = time.monotonic()
         _show(progress, bar, status)
         last_id = after
         while status["status"] not in TERMINAL_STATUSES:
@@ -112,10 +116,13 @@ def follow(
                         )
                     elif announced == MAX_FAILURE_LINES + 1:
                         progress.console.print("  … more failures: see the summary")
-            if any(event.node_status in _UNCOUNTED_IN_EVENTS or event.type == "added" for event in events):
-                # Events carry the completed and failed counters only: read the others (and a
-                # node_count that grew) once.
+            if any(event.node_status in _UNCOUNTED_IN_EVENTS or event.type == "added" for event in events) or (
+                events and time.monotonic() - read_at >= STATUS_EVERY_S
+            ):
+                # Events carry the completed and failed counters only: read the others (a
+                # node_count that grew, the rate and ETA) once.
                 status = manager.sync.get_session_status(session_id)
+                read_at = time.monotonic()
             elif events:
                 latest = events[-1]
                 status = {
@@ -171,7 +178,31 @@ def _show(progress: Progress, bar: Any, status: dict[str, Any]) -> None:
         nodes=total,
         ok=status["completed_nodes"],
         failed=status["failed_nodes"],
+        pace=pace(status),
     )
+
+
+def pace(status: dict[str, Any], now: datetime | None = None) -> str:
+    """``"4.0/s, ETA 12 s"`` for a running session whose rate is known ("" otherwise): the ETA
+    counts down from the status's ``eta_at`` to ``now`` (default: the wall clock)."""
+    rate = status.get("rate_per_s")
+    if status["status"] in TERMINAL_STATUSES or not rate:
+        return ""
+    text = f"{rate:.1f}/s" if rate >= 0.1 else f"{rate * 60:.1f}/min"
+    eta_at = status.get("eta_at")
+    if eta_at:
+        left = (datetime.fromisoformat(eta_at) - (now or datetime.now(UTC))).total_seconds()
+        text += f", ETA {_span(left)}" if left >= 0 else ", ETA unknown (overdue)"
+    return text
+
+
+def _span(seconds: float) -> str:
+    """``"42 s"``, ``"7 min"``, ``"3.2 h"``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _moment(value: str | None) -> str:
@@ -222,6 +253,13 @@ def status_table(status: dict[str, Any]) -> Table:
     table.add_row("Status", styled(status["status"]))
     table.add_row("Progress", f"{float(status['progress_percent']):.1f} %")
     table.add_row("Nodes", node_counts(status))
+    if status.get("failure_types"):
+        table.add_row("Failures", f"{status['failure_types']} cause(s): see `failures {status['session_id']}`")
+    if status.get("rate_per_s"):
+        eta = pace(status) if status["status"] not in TERMINAL_STATUSES else f"{status['rate_per_s']:.1f}/s"
+        table.add_row("Rate", eta)
+    if status.get("tags"):
+        table.add_row("Tags", ", ".join(status["tags"]))
     if status.get("children"):
         table.add_row("Children", f"{status['children']} child session(s), {status['children_open']} open")
     if status.get("parent_session_id"):
@@ -256,6 +294,23 @@ def failures_table(nodes: list[NodeResult]) -> Table | None:
     table.add_column("Error", overflow="fold")
     for node in sorted(failed, key=lambda n: n.node_id):
         table.add_row(node.node_id, styled(node.status.value), str(node.attempts), _error_text(node))
+    return table
+
+
+def failure_groups_table(groups: list[FailureGroup]) -> Table:
+    """A session's failures by cause (``get_failures``): one row per error type, most first."""
+    total = sum(group.count for group in groups)
+    table = Table(title=f"Failures by cause ({total} node(s))", title_justify="left", title_style="bold red")
+    table.add_column("Cause", overflow="fold")
+    table.add_column("Nodes", justify="right")
+    table.add_column("First message", overflow="fold")
+    table.add_column("First / last seen (UTC)", no_wrap=True)
+    table.add_column("Some nodes", overflow="fold")
+    for group in groups:
+        seen = f"{group.first_at:%H:%M:%S} / {group.last_at:%H:%M:%S}"
+        more = " …" if group.count > len(group.node_ids) else ""
+        table.add_row(group.error_type, str(group.count), group.first_message or "-", seen,
+                      " ".join(group.node_ids) + more)  # fmt: skip
     return table
 
 

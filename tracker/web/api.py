@@ -42,7 +42,7 @@ from tracker.errors import (
 )
 from tracker.hints import pickup_hint
 from tracker.manager import SessionManager
-from tracker.models import ChildSession, NodePage, ParallelTaskStatus, SessionInfo
+from tracker.models import ChildSession, FailureGroup, NodePage, ParallelTaskStatus, SessionInfo
 from tracker.states import NodeStatus, SessionStatus
 from tracker.web.auth import read_access, write_access
 from tracker.web.events import StreamLimiter, plan_start, session_stream
@@ -213,11 +213,24 @@ def create_router(
     @router.get("/sessions", response_model=SessionList, responses=_errors(422, 503), summary="List sessions")
     async def list_sessions(
         status_filter: Annotated[SessionStatus | None, Query(alias="status", description="Only this status.")] = None,
+        tag: Annotated[
+            str | None, Query(pattern=r"^[A-Za-z0-9_.:@/+=-]{1,64}$", description="Only sessions with this tag.")
+        ] = None,
+        path: Annotated[
+            str | None,
+            Query(
+                min_length=1,
+                max_length=1024,
+                description="Only sessions of this canvas path, or under this folder (ending in `/`).",
+            ),
+        ] = None,
         cursor: Cursor = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     ) -> SessionList:
-        """A page of sessions, newest first, optionally only those in one status."""
-        page = await ctx.manager.list_sessions(status_filter, cursor, limit)
+        """A page of sessions, newest first, optionally only those in one status, with one tag, or
+        under one canvas path or folder. A tag or a path reads its own index (the page costs the
+        page); the status, and a path given with a tag, sift that page, which may then be short."""
+        page = await ctx.manager.list_sessions(status_filter, cursor, limit, tag=tag, path=path)
         now = ctx.manager.clock()
         return SessionList(sessions=[view(info, now) for info in page.sessions], next_cursor=page.next_cursor)
 
@@ -252,6 +265,18 @@ def create_router(
         sid = _sid(session_id)
         await ctx.manager.get_session(sid)  # 404 for an unknown session
         return await ctx.manager.get_children(sid)
+
+    @router.get(
+        "/sessions/{session_id}/failures",
+        response_model=list[FailureGroup],
+        responses=_errors(404, 422, 503),
+        summary="Failures of a session by cause",
+    )
+    async def get_failures(session_id: SessionIdPath) -> list[FailureGroup]:
+        """The session's failed and lost nodes grouped by error type, most nodes first: how many,
+        the first message, first and last seen, a few node ids. Re-run one group with
+        `POST …/resume?error_type=<type>`."""
+        return await ctx.manager.get_failures(_sid(session_id))
 
     @router.get(
         "/sessions/{session_id}/events",
@@ -340,16 +365,36 @@ def create_router(
     async def resume(
         session_id: SessionIdPath,
         retry_failed: Annotated[bool, Query(description="Also re-send nodes that failed.")] = True,
+        node: Annotated[
+            list[str] | None,
+            Query(description="Re-send only these nodes (repeat the parameter), and what did not complete after them."),
+        ] = None,
+        error_type: Annotated[
+            str | None,
+            Query(
+                min_length=1,
+                max_length=255,
+                description="Re-send only the nodes failed with this cause (see `/failures`), and what follows them.",
+            ),
+        ] = None,
     ) -> ResumeResult:
         """Take an ended (not completed) session back to ``running`` and re-send what did not complete,
         with its structure (a chain link with its parent's result, a chord body with every header
-        result). 409 when the session completed, or when a result the re-sent part needs was not
-        stored (nothing changes then)."""
+        result); with `node` or `error_type`, only those nodes and what did not complete after
+        them. 422 for a node the session does not have or that completed, or a cause no node
+        failed with; 409 when the session completed, or when a result the re-sent part needs was
+        not stored (nothing changes then)."""
         from tracker.celery import resume_session
 
         sid = _sid(session_id)
         resent = await _broker_call(
-            resume_session, sid, app=ctx.celery_app, manager=ctx.manager, retry_failed=retry_failed
+            resume_session,
+            sid,
+            app=ctx.celery_app,
+            manager=ctx.manager,
+            retry_failed=retry_failed,
+            nodes=node,
+            error_type=error_type,
         )
         info = await ctx.manager.get_session(sid)
         return ResumeResult(resent_nodes=resent, session=view(info))
