@@ -15,6 +15,7 @@ from tracker.errors import (
 )
 from tracker.manager import SessionManager, SyncSessionManager
 from tracker.models import (
+    FailureGroup,
     NodeError,
     NodePage,
     NodeResult,
@@ -41,6 +42,7 @@ __all__ = [
     "SessionStatus",
     "is_valid_transition",
     # Models
+    "FailureGroup",
     "NodeError",
     "NodePage",
     "NodeResult",

@@ -412,7 +412,7 @@ class Operations:
         """
         session_status = None if status is None else validation.member(SessionStatus, status, "status")
         label = None if tag is None else validation.tag(tag)
-        folder = None if path is None else validation.canvas_path(path)
+        folder = None if path is None else validation.path_filter(path)
         now = self.clock()
         call = store_call(Store.list_sessions, session_status, validation.cursor(cursor), _limit(limit), label, folder)
         return plan(call, lambda page: _seen_page(page, now))

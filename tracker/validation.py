@@ -70,6 +70,16 @@ def canvas_path(value: object) -> str:
     return value
 
 
+def path_filter(value: object) -> str:
+    """Return ``value`` if it can be a canvas path or a folder of them to list by: a string of 1 to
+    1024 characters (one no session has finds none)."""
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_CANVAS_PATH_CHARS:
+        raise TrackerValidationError(
+            "path", value, f"expected a canvas path or folder of 1-{MAX_CANVAS_PATH_CHARS} characters"
+        )
+    return value
+
+
 def node_count(value: object, maximum: int) -> int:
     """Return ``value`` if it is a whole number from 1 to ``maximum`` (a batch of nothing never ends)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:

@@ -340,7 +340,7 @@ def test_list_counts_skipped_nodes_as_done(cli: Cli, store_manager: SessionManag
 
 def test_list_when_there_is_nothing(cli: Cli) -> None:
     assert cli.json("list", "--json") == []
-    assert "No sessions. (none running)" in cli("list", "--status", "running").stdout
+    assert "No sessions. (none with status running)" in cli("list", "--status", "running").stdout
     result = cli("list", env={"TRACKER_REDIS_URL": None})
     assert "TRACKER_REDIS_URL is not set" in result.stdout
 

@@ -232,3 +232,39 @@ def test_heartbeats_keep_the_keys_of_a_session_with_a_running_node(
     # Then the node finishes into the intact session
     assert manager.sync._record_node(sid, "a", "completed", result=1, worker="celery@h:1").node.status == "completed"
     assert manager.sync.get_session_status(sid)["completed_nodes"] == 1
+
+
+def test_cleanup_reads_only_the_sessions_due_whatever_is_kept(
+    make_manager: ManagerFactory, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    # Given 200 ended sessions kept a day and 3 sessions idle past the 60 s timeout
+    clock = FakeClock()
+    manager = make_manager(clock=clock, session_timeout_s=60, finished_ttl_s=86400)
+    kept = [manager.sync.create_session("jobs/kept.canvas", 1, tags=["nightly"]) for _ in range(200)]
+    for sid in kept:
+        manager.sync.add_node_result(sid, "a", 1)
+    idle = [manager.sync.create_session("jobs/idle.canvas", 2, tags=["nightly"]) for _ in range(3)]
+    clock.advance(61)
+
+    # When cleanup runs twice
+    redis_client.config_resetstat()
+    assert manager.sync.cleanup_expired_sessions() == 3
+    first = int(redis_client.info("commandstats")["cmdstat_evalsha"]["calls"])
+    redis_client.config_resetstat()
+    assert manager.sync.cleanup_expired_sessions() == 0
+
+    # Then the first pass looked at each session once (the kept ones moved on to their own expiry)
+    # and the second at none: a pass costs the sessions due, not the ones kept
+    assert first == 203
+    assert "cmdstat_evalsha" not in redis_client.info("commandstats")
+    space = KeySpace(key_prefix)
+    assert redis_client.zcard(space.expiry_index) == 200
+    # And the removed sessions left every index: their tag's and their path's too
+    assert redis_client.zcard(space.tag_index("nightly")) == 200
+    assert redis_client.zcard(space.path_index("jobs/idle.canvas")) == 0
+    assert all(redis_client.exists(*space.session(sid).all()) == 0 for sid in idle)
+
+    # And a day after their end, the kept ones go, with their index entries
+    clock.advance(86400)
+    assert manager.sync.cleanup_expired_sessions() == 200
+    assert not list(redis_client.scan_iter(match=f"{key_prefix}:*", count=1000))
