@@ -1,11 +1,11 @@
 """Nothing outlives a session: TTLs on every key, refreshed by each write, and cleanup.
 
 Every key of a session (session, nodes, sigs, events, ...) lives at least the session timeout after
-every kind of write (an ended session's the finished TTL): a write finding less than that left sets every key to the timeout plus a
-step (a tenth of it, at most 60 s), and writes within that step leave the TTLs alone. Cleanup (with a
-fake clock) deletes expired sessions with all their keys and index entries and keeps the ones
-written since; it also drops the index entries of sessions Redis already expired by TTL.
-"""
+every kind of write (an ended session's, the finished TTL): a write finding less than that left
+sets every key to it plus a step (a tenth of it, at most 60 s), and writes within that step leave
+the TTLs alone. Cleanup (with a fake clock) deletes expired sessions with all their keys and index
+entries and keeps the ones written since; it also drops the index entries of sessions Redis
+already expired by TTL, and reads only the sessions due."""
 
 from __future__ import annotations
 
