@@ -162,6 +162,18 @@ def fails_once(key: str) -> str:
     return "ok"
 
 
+@app.task(name="t.fails_as")
+def fails_as(key: str, cause: str) -> str:
+    """Fail the first time it runs for ``key`` with ``TimeoutError`` or ``ValueError`` (``cause``),
+    succeed after; every run is counted in the broker's Redis under ``key``."""
+    client = redis.Redis.from_url(os.environ["TRACKER_TEST_BROKER"])
+    runs = int(client.incr(key))
+    client.close()
+    if runs == 1:
+        raise {"TimeoutError": TimeoutError, "ValueError": ValueError}[cause](f"{cause} in {key}")
+    return "ok"
+
+
 class CustomRequest(Request):  # type: ignore[misc]
     """A user's own Request class (main process): notes each failure it handles in the broker's Redis."""
 

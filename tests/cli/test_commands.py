@@ -25,7 +25,7 @@ from tests.servers import free_port
 from tracker import NodeError, NodeSpec, NodeStatus, SessionManager, SessionStatus, TrackerSettings
 from tracker.cli import ExitCode
 from tracker.cli.base import CliError, masked_url
-from tracker.cli.render import follow
+from tracker.cli.render import follow, pace
 from tracker.storage.base import ChildLink
 from tracker.storage.redis import RedisStorageAdapter
 
@@ -56,7 +56,7 @@ def skipped_session(manager: SessionManager) -> str:
 def test_help_lists_every_command_and_the_exit_codes(cli: Cli) -> None:
     result = cli("--help")
     assert result.exit_code == ExitCode.OK
-    for command in ("demo", "run", "status", "list", "watch", "cancel", "resume", "cleanup", "serve"):
+    for command in ("demo", "run", "status", "list", "watch", "failures", "cancel", "resume", "cleanup", "serve"):
         assert f"  {command} " in result.stdout
     assert "Exit codes:" in result.stdout
     for code in range(5):
@@ -671,7 +671,7 @@ def test_celery_sessions_help_lists_the_commands() -> None:
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    for command in ("demo", "run", "status", "list", "watch", "cancel", "resume", "cleanup", "serve"):
+    for command in ("demo", "run", "status", "list", "watch", "failures", "cancel", "resume", "cleanup", "serve"):
         assert f"  {command} " in done.stdout
     assert "Exit codes:" in done.stdout
 
@@ -749,3 +749,91 @@ def test_run_through_an_app_without_the_tracker_installed_exits_2_and_sends_noth
     assert "the tracker is not installed in the Celery app 'not_installed'" in result.stderr
     assert "Hint: from tracker.celery import install; install(app) right after app = Celery(...)" in result.stderr
     assert store_manager.sync.list_sessions().sessions == []
+
+
+# -- failures by cause, resume of a subset, tags, rate and ETA ------------------------------------
+
+
+def failing_session(manager: SessionManager) -> str:
+    """Four nodes: two timed out, one raised ValueError, one completed."""
+    sid = manager.sync.create_session("jobs/causes.canvas", 4, tags=["nightly"])
+    manager.sync.add_node_result(sid, "n1", status="failed", error=NodeError(type="TimeoutError", message="slow 1"))
+    manager.sync.add_node_result(sid, "n2", status="failed", error=NodeError(type="TimeoutError", message="slow 2"))
+    manager.sync.add_node_result(sid, "n3", status="failed", error=NodeError(type="ValueError", message="bad"))
+    manager.sync.add_node_result(sid, "n4", 4)
+    return sid
+
+
+def test_failures_shows_the_causes_most_first(cli: Cli, store_manager: SessionManager) -> None:
+    sid = failing_session(store_manager)
+    result = cli("failures", sid)
+    assert result.exit_code == ExitCode.OK, result.stderr
+    assert "Failures by cause (3 node(s))" in result.stdout
+    assert re.search(r"TimeoutError\W+2\W+slow 1", result.stdout), result.stdout
+    assert re.search(r"ValueError\W+1\W+bad", result.stdout)
+    assert result.stdout.index("TimeoutError") < result.stdout.index("ValueError")  # most nodes first
+    assert "n1 n2" in result.stdout and "slow 1" in result.stdout
+    assert f"resume {sid} --error TimeoutError" in result.stdout
+    assert [g["error_type"] for g in cli.json("failures", sid, "--json")] == ["TimeoutError", "ValueError"]
+    status = cli("status", sid)
+    assert "2 cause(s)" in status.stdout and "nightly" in status.stdout
+    clean = store_manager.sync.create_session("clean.canvas", 1)
+    assert "has no failed or lost nodes" in cli("failures", clean).stdout
+    assert cli("failures", "0b0c1a3e-58c3-4cc9-8a4a-3f0e8f6c1d2e").exit_code == ExitCode.NOT_FOUND
+
+
+def test_resume_of_one_cause_or_of_chosen_nodes(cli: Cli, store_manager: SessionManager) -> None:
+    sid = failing_session(store_manager)
+    # Bad subsets: one line, exit 2, nothing changed
+    for args in (("--node", "nope"), ("--node", "n4"), ("--error", "KeyError")):
+        refused = cli("--app", TEST_APP, "resume", sid, *args)
+        assert refused.exit_code == ExitCode.USAGE, args
+        assert len(refused.stderr.strip().splitlines()) <= 2, refused.stderr
+    assert store_manager.sync.get_session(sid).run == 1
+
+    # Only the timeouts are reset (made by hand: no signatures to send)
+    assert cli("--app", TEST_APP, "resume", sid, "--error", "TimeoutError").exit_code == ExitCode.OK
+    pending = store_manager.sync.get_nodes(sid, NodeStatus.PENDING).nodes
+    assert sorted(n.node_id for n in pending) == ["n1", "n2"]
+    assert [g.error_type for g in store_manager.sync.get_failures(sid)] == ["ValueError"]
+    store_manager.sync.add_node_result(sid, "n1", 1)
+    store_manager.sync.add_node_result(sid, "n2", 2)
+    # Then a chosen node
+    assert cli("--app", TEST_APP, "resume", sid, "--node", "n3").exit_code == ExitCode.OK
+    assert [n.node_id for n in store_manager.sync.get_nodes(sid, NodeStatus.PENDING).nodes] == ["n3"]
+
+
+def test_list_by_tag_and_canvas_folder(cli: Cli, store_manager: SessionManager) -> None:
+    tagged = failing_session(store_manager)
+    other = store_manager.sync.create_session("adhoc.canvas", 1)
+    assert [s["session_id"] for s in cli.json("list", "--tag", "nightly", "--json")] == [tagged]
+    assert [s["session_id"] for s in cli.json("list", "--path", "jobs/", "--json")] == [tagged]
+    assert other in cli("list").stdout
+    assert "none with tag nobody" in cli("list", "--tag", "nobody").stdout
+    assert cli("list", "--tag", "has space").exit_code == ExitCode.USAGE
+
+
+def test_the_pace_shows_the_rate_and_counts_the_eta_down() -> None:
+    now = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+    running = {"status": "running", "rate_per_s": 4.0, "eta_at": (now + timedelta(seconds=42)).isoformat()}
+    assert pace(running, now) == "4.0/s, ETA 42 s"
+    assert pace(running, now + timedelta(seconds=40)) == "4.0/s, ETA 2 s"
+    assert pace(running, now + timedelta(seconds=50)) == "4.0/s, ETA unknown (overdue)"
+    assert pace({**running, "rate_per_s": 0.05, "eta_at": (now + timedelta(hours=3)).isoformat()}, now) == (
+        "3.0/min, ETA 3.0 h"
+    )
+    assert pace({**running, "status": "completed"}, now) == ""
+    assert pace({"status": "running", "rate_per_s": None}, now) == ""
+
+
+def test_watch_shows_the_rate_and_eta(store_manager: SessionManager) -> None:
+    # Given a running session whose nodes finish one every 0.2 s
+    sid = store_manager.sync.create_session("paced.canvas", 20)
+    for i in range(4):
+        time.sleep(0.2)
+        store_manager.sync.add_node_result(sid, f"n{i}", i)
+    # When it is watched (for a moment: it does not end)
+    console = Console(file=io.StringIO(), width=160, force_terminal=False)
+    follow(store_manager, sid, console, timeout_s=0.2, wait_ms=50)
+    # Then the bar shows its rate and how long the 16 nodes left should take
+    assert re.search(r"\d\.\d/s, ETA \d+ s", console.file.getvalue()), console.file.getvalue()  # type: ignore[attr-defined]

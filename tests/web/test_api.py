@@ -161,9 +161,37 @@ async def test_sessions_filter_by_status(client: httpx.AsyncClient, web_manager:
     assert all(s["status"] == "running" for s in response.json()["sessions"])
 
 
+async def test_sessions_filter_by_tag_and_canvas_folder(client: httpx.AsyncClient, web_manager: SessionManager) -> None:
+    etl = await web_manager.create_session("pipelines/etl.canvas", 1, tags=["nightly", "customer:42"])
+    report = await web_manager.create_session("pipelines/report.canvas", 1, tags=["customer:42"])
+    await web_manager.create_session("adhoc.canvas", 1)
+
+    async def listed(**params: str) -> list[str]:
+        response = await client.get(f"{BASE}/sessions", params=params)
+        assert response.status_code == 200, response.text
+        return sorted(s["task_id"] for s in response.json()["sessions"])
+
+    assert await listed(tag="customer:42") == sorted([etl, report])
+    assert await listed(tag="nightly") == [etl]
+    assert await listed(path="pipelines/") == sorted([etl, report])
+    assert await listed(path="pipelines/report.canvas") == [report]
+    assert await listed(tag="nightly", path="pipelines/report.canvas") == []
+    shown = (await client.get(f"{BASE}/status/{etl}")).json()
+    assert (shown["tags"], shown["rate_per_s"], shown["eta_s"]) == (["nightly", "customer:42"], None, None)
+
+
 @pytest.mark.parametrize(
     "params",
-    [{"status": "done"}, {"limit": 0}, {"limit": 1001}, {"limit": "x"}, {"cursor": "not-a-cursor"}],
+    [
+        {"status": "done"},
+        {"limit": 0},
+        {"limit": 1001},
+        {"limit": "x"},
+        {"cursor": "not-a-cursor"},
+        {"tag": "has space"},
+        {"tag": "x" * 65},
+        {"path": ""},
+    ],
 )
 async def test_sessions_bad_query_is_422(client: httpx.AsyncClient, params: dict[str, object]) -> None:
     response = await client.get(f"{BASE}/sessions", params=params)  # type: ignore[arg-type]

@@ -183,3 +183,48 @@ async def test_without_an_app_the_web_app_cancels_through_the_one_that_dispatche
     # Then it went through the app that dispatched it (Celery's current app has another broker)
     assert response.status_code == 200, response.text
     assert (await web_manager.get_session_status(sid))["status"] == "cancelled"
+
+
+async def test_failures_by_cause_and_a_resume_of_one_cause_or_chosen_nodes(
+    make_app: AppFactory, web_manager: SessionManager, celery_app: Celery
+) -> None:
+    # Given a batch of 4: two nodes timed out, one raised ValueError, one completed
+    sid = dispatch_batch(celery_app, web_manager, 4)
+    await web_manager.add_node_result(sid, "n0", None, status="failed", error=TimeoutError("slow 1"))
+    await web_manager.add_node_result(sid, "n1", None, status="failed", error=TimeoutError("slow 2"))
+    await web_manager.add_node_result(sid, "n2", None, status="failed", error=ValueError("bad"))
+    await web_manager.add_node_result(sid, "n3", 6)
+    async with asgi_client(make_app(token=TOKEN, celery_app=celery_app)) as http:
+        # Then its failures come by cause, most first
+        found = await http.get(f"{BASE}/sessions/{sid}/failures", headers=AUTH)
+        assert found.status_code == 200, found.text
+        assert [(g["error_type"], g["count"], g["first_message"], g["node_ids"]) for g in found.json()] == [
+            ("TimeoutError", 2, "slow 1", ["n0", "n1"]),
+            ("ValueError", 1, "bad", ["n2"]),
+        ]
+        status = (await http.get(f"{BASE}/status/{sid}", headers=AUTH)).json()
+        assert (status["failure_types"], status["eta_s"]) == (2, 0.0)
+        assert (await http.get(f"{BASE}/sessions/{uuid.uuid4()}/failures", headers=AUTH)).status_code == 404
+
+        # Bad subsets are refused (422) and change nothing
+        for query in ("node=nope", "node=n3", "error_type=KeyError", "node=n0&error_type=TimeoutError"):
+            refused = await http.post(f"{BASE}/sessions/{sid}/resume?{query}", headers=AUTH)
+            assert refused.status_code == 422, (query, refused.text)
+        assert (await web_manager.get_session(sid)).run == 1
+
+        # When only the timeouts are resumed, only they are sent again
+        resumed = await http.post(f"{BASE}/sessions/{sid}/resume?error_type=TimeoutError", headers=AUTH)
+        assert resumed.status_code == 200, resumed.text
+        assert resumed.json()["resent_nodes"] == 2
+    pending = await web_manager.get_nodes(sid, NodeStatus.PENDING)
+    assert sorted(n.node_id for n in pending.nodes) == ["n0", "n1"]
+    assert [g.error_type for g in await web_manager.get_failures(sid)] == ["ValueError"]
+
+    # And a chosen node of another session, with `node`
+    other = dispatch_batch(celery_app, web_manager, 2)
+    await web_manager.add_node_result(other, "n0", None, status="failed", error=ValueError("x"))
+    await web_manager.add_node_result(other, "n1", None, status="failed", error=ValueError("y"))
+    async with asgi_client(make_app(token=TOKEN, celery_app=celery_app)) as http:
+        resumed = await http.post(f"{BASE}/sessions/{other}/resume?node=n1", headers=AUTH)
+    assert resumed.json()["resent_nodes"] == 1
+    assert [n.node_id for n in (await web_manager.get_nodes(other, NodeStatus.PENDING)).nodes] == ["n1"]
