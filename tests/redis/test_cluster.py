@@ -27,6 +27,14 @@ from tests.contract.test_add_nodes import (
     test_added_nodes_are_pending_and_the_session_waits_for_them,
     test_the_same_call_again_changes_nothing_and_tells_what_is_pending,
 )
+from tests.contract.test_batch_insight import (
+    test_a_resumed_session_expires_by_the_timeout_again,
+    test_an_ended_session_is_kept_the_finished_ttl,
+    test_failures_are_grouped_by_cause_with_the_counters,
+    test_rate_and_eta_follow_the_finished_nodes,
+    test_resumed_nodes_leave_their_groups,
+    test_sessions_are_listed_by_tag_and_by_canvas_path,
+)
 from tests.contract.test_children import (
     test_a_child_is_listed_by_its_parent_and_watched_until_told,
     test_a_child_that_did_not_complete_fails_its_node_unless_ignored,
