@@ -73,6 +73,7 @@ def test_the_readme_demo_command_on_a_clean_environment(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ended partial_failure: 38 completed, 4 failed of 42" in " ".join(done.stdout.split())
     assert "Failures (4)" in done.stdout
+    assert "Failures by cause (4 node(s))" in done.stdout
     # fetch-02's work went on in a child session of 3 parts, which it waited for
     assert "Child sessions (1)" in done.stdout
     assert re.search(r"fetch-02 +│ completed +│ +3/3 +│", done.stdout), done.stdout

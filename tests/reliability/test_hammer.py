@@ -30,7 +30,7 @@ import pytest
 
 from tests.reliability.helpers import all_nodes
 from tracker import NodeStatus, SessionManager, SessionStatus, TrackerSettings
-from tracker.states import merge_node_status
+from tracker.states import failure_type, merge_node_status
 from tracker.storage.redis import RedisStorageAdapter
 
 PROCESSES = 8
@@ -211,6 +211,11 @@ def assert_exact(
         nodes = all_nodes(manager, sid)
         assert {nid: node.status for nid, node in nodes.items()} == want.nodes
         assert {nid: node.attempts for nid, node in nodes.items()} == want.attempts
+        # and its failures by cause are exactly its failed nodes', grouped
+        causes = Counter(failure_type(n.status, n.error.type if n.error else None) for n in nodes.values())
+        del causes[None]
+        assert {g.error_type: g.count for g in manager.sync.get_failures(sid)} == causes
+        assert status["failure_types"] == len(causes)
         exact += 1
     return exact
 

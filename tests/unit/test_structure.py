@@ -463,3 +463,25 @@ def test_resume_refuses_to_give_back_what_fed_a_link_once_per_group_member() -> 
     nodes = {"a": done(1), "b": done(2), "c": done(3), "e": ended(F)}
     with pytest.raises(ResumeNotPossibleError, match="no one result to give back"):
         resume_plan(tree, nodes, True, "s1")
+
+
+def test_resume_of_chosen_nodes_re_sends_them_and_what_did_not_complete_after_them() -> None:
+    # A group of two chains and a chord: b (chain 1), d (chain 2) and the chord's f failed
+    tree = group(chain("a", "b", "c"), chain("d", "e"), chord(["f", "g"], "h"))
+    nodes = {"a": done(1), "b": ended(F), "c": ended(S), "d": ended(F), "e": ended(S), "f": ended(F), "g": done(7),
+             "h": ended(S)}  # fmt: skip
+    # Choosing b re-sends the rest of its chain only; d's chain and the chord keep their results
+    plan = resume_plan(tree, nodes, True, "s1", {"b"})
+    assert plan.tree == {"group": [{"chain": [{"v": "a"}, {"n": "b"}, {"n": "c"}]}]}
+    assert plan.reset == ["b", "c"]
+    # Choosing f re-sends the chord's body too, with g's result given back
+    plan = resume_plan(tree, nodes, True, "s1", {"f", "d"})
+    assert plan.reset == ["d", "e", "f", "h"]
+    assert plan.values == {"g": 7}
+
+
+def test_resume_of_a_chord_header_node_without_its_failed_sibling_is_refused() -> None:
+    nodes = {"a": ended(F), "b": ended(F), "c": ended(S)}
+    with pytest.raises(ResumeNotPossibleError, match="node a cannot run again alone"):
+        resume_plan(chord(["a", "b"], "c"), nodes, True, "s1", {"a"})
+    assert resume_plan(chord(["a", "b"], "c"), nodes, True, "s1", {"a", "b"}).reset == ["a", "b", "c"]

@@ -301,13 +301,13 @@ def failure_groups_table(groups: list[FailureGroup]) -> Table:
     """A session's failures by cause (``get_failures``): one row per error type, most first."""
     total = sum(group.count for group in groups)
     table = Table(title=f"Failures by cause ({total} node(s))", title_justify="left", title_style="bold red")
-    table.add_column("Cause", overflow="fold")
+    table.add_column("Cause", no_wrap=True)
     table.add_column("Nodes", justify="right")
-    table.add_column("First message", overflow="fold")
-    table.add_column("First / last seen (UTC)", no_wrap=True)
-    table.add_column("Some nodes", overflow="fold")
+    table.add_column("First message", overflow="fold", ratio=2)
+    table.add_column("Seen (UTC)", no_wrap=True)
+    table.add_column("Some nodes", overflow="fold", ratio=1)
     for group in groups:
-        seen = f"{group.first_at:%H:%M:%S} / {group.last_at:%H:%M:%S}"
+        seen = f"{group.first_at:%H:%M:%S}-{group.last_at:%H:%M:%S}"
         more = " …" if group.count > len(group.node_ids) else ""
         table.add_row(group.error_type, str(group.count), group.first_message or "-", seen,
                       " ".join(group.node_ids) + more)  # fmt: skip
@@ -344,6 +344,9 @@ def print_report(
         if table is not None:
             console.print()
             console.print(table)
+    if failures and status.get("failure_types"):
+        console.print()
+        console.print(failure_groups_table(manager.sync.get_failures(status["session_id"])))
     if status.get("children"):
         console.print()
         console.print(children_table(manager, status["session_id"]))

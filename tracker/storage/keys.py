@@ -52,7 +52,8 @@ Global (not atomic with session writes; they only help to find sessions):
 
 ===================================  ======  ===================================================
 ``<prefix>:index:created``           ZSET    session id scored by creation time (ms): listing
-``<prefix>:index:expiry``            ZSET    session id scored by the last known update (ms):
+``<prefix>:index:expiry``            ZSET    session id scored by when it expires less the shorter
+                                             retention (ms; a lower bound, at first its creation):
                                              cleanup candidates; re-checked before deleting
 ``<prefix>:index:tag:<tag>``         ZSET    session id scored by creation time: sessions with the tag
 ``<prefix>:index:path:<sha1>``       ZSET    session id scored by creation time: sessions whose
@@ -141,7 +142,7 @@ class KeySpace:
 
     @property
     def expiry_index(self) -> str:
-        """Sessions by last known update time."""
+        """Sessions by when they expire, less the shorter retention (cleanup candidates)."""
         return f"{self.prefix}:index:expiry"
 
     def tag_index(self, tag: str) -> str:

@@ -54,6 +54,7 @@ local RATE_HALF_WINDOW_MS = 30000
 local function rate_window(s, now_ms)
   if s.started_ms == '' then return end
   local done = s.completed + s.failed + s.cancelled + s.skipped
+  if tonumber(string.match(s.rate, '|(%d+)$')) == done then return end -- (a start: nothing finished)
   local w = {}
   for v in string.gmatch(s.rate, '[^|]+') do w[#w + 1] = tonumber(v) end
   local now = tonumber(now_ms)
