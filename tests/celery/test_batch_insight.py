@@ -79,8 +79,11 @@ def test_resume_of_chosen_nodes_and_bad_subsets(tracked: SessionManager, thread_
 
     # Bad subsets are refused before anything changes
     for bad in ({"nodes": ["nope"]}, {"nodes": ["c"]}, {"error_type": "KeyError"}, {"nodes": ["a"], "error_type": "x"}):
-        with pytest.raises(TrackerValidationError):
+        with pytest.raises(ResumeNotPossibleError):
             resume_session(sid, app=app, **bad)  # type: ignore[arg-type]
+    for malformed in ({"nodes": "a"}, {"nodes": []}, {"nodes": ["no spaces"]}):
+        with pytest.raises(TrackerValidationError):
+            resume_session(sid, app=app, **malformed)  # type: ignore[arg-type]
     assert tracked.sync.get_session_status(sid) == before
 
     # A chosen node runs again; the other failed one keeps its failure

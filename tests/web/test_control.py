@@ -206,10 +206,14 @@ async def test_failures_by_cause_and_a_resume_of_one_cause_or_chosen_nodes(
         assert (status["failure_types"], status["eta_s"]) == (2, 0.0)
         assert (await http.get(f"{BASE}/sessions/{uuid.uuid4()}/failures", headers=AUTH)).status_code == 404
 
-        # Bad subsets are refused (422) and change nothing
-        for query in ("node=nope", "node=n3", "error_type=KeyError", "node=n0&error_type=TimeoutError"):
+        # Bad subsets are refused (409: not with this session; 422: malformed) and change nothing
+        for query in ("node=nope", "node=n3", "error_type=KeyError", "node=n3&error_type=TimeoutError"):
             refused = await http.post(f"{BASE}/sessions/{sid}/resume?{query}", headers=AUTH)
-            assert refused.status_code == 422, (query, refused.text)
+            assert refused.status_code == 409, (query, refused.text)
+            assert "cannot be resumed" in refused.json()["detail"]
+        for query in ("node=", "node=has%20space", "error_type="):
+            malformed = await http.post(f"{BASE}/sessions/{sid}/resume?{query}", headers=AUTH)
+            assert malformed.status_code == 422, (query, malformed.text)
         assert (await web_manager.get_session(sid)).run == 1
 
         # When only the timeouts are resumed, only they are sent again
@@ -220,11 +224,16 @@ async def test_failures_by_cause_and_a_resume_of_one_cause_or_chosen_nodes(
     assert sorted(n.node_id for n in pending.nodes) == ["n0", "n1"]
     assert [g.error_type for g in await web_manager.get_failures(sid)] == ["ValueError"]
 
-    # And a chosen node of another session, with `node`
-    other = dispatch_batch(celery_app, web_manager, 2)
+    # And chosen nodes of another session, with `node`, and with a cause too
+    other = dispatch_batch(celery_app, web_manager, 3)
     await web_manager.add_node_result(other, "n0", None, status="failed", error=ValueError("x"))
     await web_manager.add_node_result(other, "n1", None, status="failed", error=ValueError("y"))
+    await web_manager.add_node_result(other, "n2", None, status="failed", error=KeyError("z"))
     async with asgi_client(make_app(token=TOKEN, celery_app=celery_app)) as http:
         resumed = await http.post(f"{BASE}/sessions/{other}/resume?node=n1", headers=AUTH)
-    assert resumed.json()["resent_nodes"] == 1
-    assert [n.node_id for n in (await web_manager.get_nodes(other, NodeStatus.PENDING)).nodes] == ["n1"]
+        assert resumed.json()["resent_nodes"] == 1
+        assert [n.node_id for n in (await web_manager.get_nodes(other, NodeStatus.PENDING)).nodes] == ["n1"]
+        await web_manager.add_node_result(other, "n1", None, status="failed", error=ValueError("y"))
+        both = await http.post(f"{BASE}/sessions/{other}/resume?node=n0&error_type=KeyError", headers=AUTH)
+        assert both.json()["resent_nodes"] == 2
+    assert [n.node_id for n in (await web_manager.get_nodes(other, NodeStatus.PENDING)).nodes] == ["n0", "n2"]

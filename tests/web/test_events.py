@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -107,6 +108,28 @@ async def test_ended_session_without_last_event_id_is_a_snapshot_and_end(
     assert got[0].data["status"] == "completed"
     assert got[0].id == stream_ids(web_manager, sid)[-1]
     assert "retry: 2000" in response.text
+
+
+async def test_a_running_sessions_snapshot_has_its_rate_and_eta(web_manager: SessionManager, live: Live) -> None:
+    # Given 10 nodes: one started, one finished a second later and one a second after that (the
+    # events say when they happened: a little ahead of now here, so that nothing is overdue)
+    sid = web_manager.sync.create_session("paced.canvas", 10)
+    now = datetime.now(UTC)
+    web_manager.sync._record_node(sid, "a", "running", at=now + timedelta(seconds=1))
+    web_manager.sync._record_node(sid, "a", "completed", at=now + timedelta(seconds=2))
+    web_manager.sync._record_node(sid, "b", "completed", at=now + timedelta(seconds=3))
+    with live() as server:
+        async with (
+            httpx.AsyncClient(base_url=server.url, timeout=10) as http,
+            asyncio.timeout(20),
+            http.stream("GET", f"{BASE}/sessions/{sid}/events") as response,
+        ):
+            snapshot = await anext(events(response))
+    # Then the snapshot says 2 nodes in the 2 s from the start to the last finish, and the 8 left
+    # in 8 s from that finish
+    assert snapshot.event == "snapshot"
+    assert snapshot.data["rate_per_s"] == pytest.approx(1.0)
+    assert snapshot.data["eta_s"] == pytest.approx(11, abs=1)
 
 
 # -- replay ---------------------------------------------------------------------------------

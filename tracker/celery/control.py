@@ -95,7 +95,8 @@ def resume_session(
             what runs after them (the rest of their chain, their chord's body); every other node
             keeps its result.
         error_type: Re-send only the nodes failed (or lost: ``lost``) with this cause, as
-            :meth:`SessionManager.get_failures` groups them, as ``nodes`` would.
+            :meth:`SessionManager.get_failures` groups them, as ``nodes`` would (with ``nodes``:
+            those too).
 
     Returns:
         How many nodes were re-sent. Nodes without a stored signature (a session created by hand,
@@ -103,10 +104,11 @@ def resume_session(
 
     Raises:
         SessionNotFoundError, InvalidStateTransitionError (a completed session), TrackerValidationError.
-        TrackerValidationError: ``nodes`` names a node the session does not have or one that
-            completed, ``error_type`` no failed node's cause, or both are given (nothing changed).
-        ResumeNotPossibleError: a re-sent part needs a completed node's result that was not stored,
-            or a chosen node cannot run again without one that is not chosen (nothing changed).
+        TrackerValidationError: ``nodes`` is not a list of node ids (nothing changed).
+        ResumeNotPossibleError: ``nodes`` names a node the session does not have or one that
+            completed, or ``error_type`` is no failed node's cause; a re-sent part needs a
+            completed node's result that was not stored; or a chosen node cannot run again without
+            one that is not chosen (nothing changed).
         WrongCeleryAppError: the app publishes to another broker (nothing changed).
     """
     manager = manager or SessionManager.get_instance()
@@ -169,26 +171,33 @@ def _node_states(manager: SessionManager, session_id: str) -> dict[str, _NodeSta
 def _chosen(
     session_id: str, states: dict[str, _NodeState], nodes: Sequence[str] | None, error_type: str | None
 ) -> list[str] | None:
-    """The nodes a resume of a subset re-sends (None: no subset), checked before anything changes."""
-    if nodes is not None and error_type is not None:
-        raise TrackerValidationError("nodes", nodes, "give nodes or error_type, not both", session_id)
-    if error_type is not None:
-        found = [node for node, state in states.items() if state.cause == error_type]
-        if not found:
-            causes = sorted({state.cause for state in states.values() if state.cause})
-            known = f" (its causes: {', '.join(causes)})" if causes else " (it has none)"
-            raise TrackerValidationError("error_type", error_type, f"no failed node has it{known}", session_id)
-        return sorted(found)
-    if nodes is None:
+    """The nodes a resume of a subset re-sends (None: no subset): ``nodes`` and those failed with
+    ``error_type``, checked before anything changes.
+
+    Raises:
+        TrackerValidationError: ``nodes`` is not a list of node ids, or ``error_type`` not a string.
+        ResumeNotPossibleError: a node the session does not have, a completed node, or a cause none
+            of its nodes failed with.
+    """
+    if nodes is None and error_type is None:
         return None
-    if isinstance(nodes, str) or not isinstance(nodes, Sequence) or not nodes:
+    if nodes is not None and (isinstance(nodes, str) or not isinstance(nodes, Sequence) or not nodes):
         raise TrackerValidationError("nodes", nodes, "expected a non-empty list of node ids", session_id)
-    chosen = list(dict.fromkeys(validation.node_id(node, session_id) for node in nodes))
+    if error_type is not None and (not isinstance(error_type, str) or not error_type):
+        raise TrackerValidationError("error_type", error_type, "expected an error type, e.g. TimeoutError", session_id)
+    chosen = list(dict.fromkeys(validation.node_id(node, session_id) for node in nodes or ()))
     for node in chosen:
         if node not in states:
-            raise TrackerValidationError("nodes", node, "not a node of the session", session_id)
+            raise ResumeNotPossibleError(session_id, f"node {node} is not a node of the session")
         if states[node].status is NodeStatus.COMPLETED:
-            raise TrackerValidationError("nodes", node, "completed: a completed node is never re-run", session_id)
+            raise ResumeNotPossibleError(session_id, f"node {node} completed, and a completed node is never re-run")
+    if error_type is not None:
+        found = sorted(node for node, state in states.items() if state.cause == error_type)
+        if not found:
+            causes = sorted({state.cause for state in states.values() if state.cause})
+            known = f"its causes are {', '.join(causes)}" if causes else "it has no failed node"
+            raise ResumeNotPossibleError(session_id, f"no node failed with {error_type} ({known})")
+        chosen += [node for node in found if node not in chosen]
     return chosen
 
 

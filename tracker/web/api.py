@@ -25,7 +25,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response, status
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 #: Where the routes live.
 API_PREFIX = "/api/v1/parallel"
 
+#: A node id (what :func:`tracker.validation.node_id` accepts).
+NODE_ID_PATTERN = r"^[A-Za-z0-9._:@/+=-]{1,200}$"
 #: A stream entry id, ``<milliseconds>-<sequence>`` (what :func:`tracker.validation.event_id` accepts).
 EVENT_ID_PATTERN = r"^[0-9]{1,20}(-[0-9]{1,20})?$"
 
@@ -127,7 +129,7 @@ Cursor = Annotated[
 NodeCursor = Annotated[
     str | None,
     Query(
-        pattern=r"^[A-Za-z0-9._:@/+=-]{1,200}$",
+        pattern=NODE_ID_PATTERN,
         description="The `next_cursor` of the previous page (same status filter); omit for the first page.",
     ),
 ]
@@ -366,7 +368,7 @@ def create_router(
         session_id: SessionIdPath,
         retry_failed: Annotated[bool, Query(description="Also re-send nodes that failed.")] = True,
         node: Annotated[
-            list[str] | None,
+            list[Annotated[str, StringConstraints(pattern=NODE_ID_PATTERN)]] | None,
             Query(description="Re-send only these nodes (repeat the parameter), and what did not complete after them."),
         ] = None,
         error_type: Annotated[
@@ -380,10 +382,10 @@ def create_router(
     ) -> ResumeResult:
         """Take an ended (not completed) session back to ``running`` and re-send what did not complete,
         with its structure (a chain link with its parent's result, a chord body with every header
-        result); with `node` or `error_type`, only those nodes and what did not complete after
-        them. 422 for a node the session does not have or that completed, or a cause no node
-        failed with; 409 when the session completed, or when a result the re-sent part needs was
-        not stored (nothing changes then)."""
+        result); with `node` or `error_type` (or both), only those nodes and what did not complete
+        after them. 409 when the session completed, for a node the session does not have or that
+        completed, a cause no node failed with, or when a result the re-sent part needs was not
+        stored (nothing changes then)."""
         from tracker.celery import resume_session
 
         sid = _sid(session_id)
