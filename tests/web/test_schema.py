@@ -13,6 +13,8 @@ import schemathesis
 from celery import Celery
 from fastapi import FastAPI
 from hypothesis import HealthCheck, settings
+from schemathesis.checks import negative_data_rejection
+from schemathesis.core.parameters import ParameterLocation
 
 from tests.web.conftest import TOKEN
 from tracker import InMemoryStorageAdapter, NodeError, SessionManager, TrackerSettings
@@ -43,4 +45,8 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", build_app(), config=con
 @schema.parametrize()
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_no_generated_input_gets_a_server_error(case: schemathesis.Case[Any]) -> None:
-    case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"})
+    # A case made invalid in its headers (the bearer left out) is sent with the bearer all the same:
+    # what the server answers is then about a valid request.
+    negative_header = case.meta is not None and case.meta.is_negative_at(ParameterLocation.HEADER)
+    excluded = [negative_data_rejection] if negative_header else None
+    case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"}, excluded_checks=excluded)
