@@ -401,20 +401,21 @@ class Operations:
         path: str | None = None,
     ) -> Plan[SessionPage]:
         """A page of sessions, newest first, optionally only those in ``status``, with ``tag``, or
-        under ``path``: a whole canvas path, or a folder of canvas paths ending in ``/``
-        (``pipelines/`` finds ``pipelines/etl.canvas`` and ``pipelines/nightly/load.canvas``).
+        whose canvas path starts with ``path`` (``pipelines/`` finds ``pipelines/etl.canvas`` and
+        ``pipelines/nightly/load.canvas``; ``thumbs-2026-`` finds ``thumbs-2026-11-29``). With
+        ``path`` alone they come by canvas path, newest first within one.
 
-        A tag or a path reads its own index, which costs the page; ``status`` (and a path given
-        with a tag) sifts that page, which may then hold fewer than ``limit`` sessions.
+        A tag or a path prefix reads its own index, which costs the page; ``status`` (and a path
+        given with a tag) sifts that page, which may then hold fewer than ``limit`` sessions.
 
         Raises:
             TrackerValidationError: a bad status, tag, path, cursor or limit.
         """
         session_status = None if status is None else validation.member(SessionStatus, status, "status")
         label = None if tag is None else validation.tag(tag)
-        folder = None if path is None else validation.path_filter(path)
+        prefix = None if path is None else validation.path_filter(path)
         now = self.clock()
-        call = store_call(Store.list_sessions, session_status, validation.cursor(cursor), _limit(limit), label, folder)
+        call = store_call(Store.list_sessions, session_status, validation.cursor(cursor), _limit(limit), label, prefix)
         return plan(call, lambda page: _seen_page(page, now))
 
     def read_events(

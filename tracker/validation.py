@@ -71,11 +71,11 @@ def canvas_path(value: object) -> str:
 
 
 def path_filter(value: object) -> str:
-    """Return ``value`` if it can be a canvas path or a folder of them to list by: a string of 1 to
-    1024 characters (one no session has finds none)."""
+    """Return ``value`` if it can be a canvas path prefix to list by: a string of 1 to 1024
+    characters (one no session's path starts with finds none)."""
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_CANVAS_PATH_CHARS:
         raise TrackerValidationError(
-            "path", value, f"expected a canvas path or folder of 1-{MAX_CANVAS_PATH_CHARS} characters"
+            "path", value, f"expected a canvas path prefix of 1-{MAX_CANVAS_PATH_CHARS} characters"
         )
     return value
 

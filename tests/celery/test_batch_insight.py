@@ -1,5 +1,5 @@
 """On a real worker: failures by cause and a resume of one cause or of chosen nodes, the ETA of a
-batch of known duration, and sessions found by tag and canvas folder."""
+batch of known duration, and sessions found by tag and canvas path prefix."""
 
 from __future__ import annotations
 
@@ -129,7 +129,9 @@ def test_the_eta_of_a_batch_of_known_duration(tracked: SessionManager, thread_wo
     assert status["rate_per_s"] == pytest.approx(8, rel=0.2)  # 4 tasks per 0.5 s
 
 
-def test_a_dispatched_batch_is_found_by_tag_and_canvas_folder(tracked: SessionManager, thread_worker: None) -> None:
+def test_a_dispatched_batch_is_found_by_tag_and_canvas_path_prefix(
+    tracked: SessionManager, thread_worker: None
+) -> None:
     tag = f"customer:{uuid.uuid4().hex[:8]}"
     first = dispatch(group(work.si(1)), canvas_path="nightly/etl.canvas", app=app, tags=["nightly", tag])
     time.sleep(0.01)
@@ -138,7 +140,7 @@ def test_a_dispatched_batch_is_found_by_tag_and_canvas_folder(tracked: SessionMa
     for sid in (first, second, other):
         wait_status(tracked, sid, TERMINAL)
     assert [s.session_id for s in tracked.sync.list_sessions(tag=tag).sessions] == [second, first]
-    assert [s.session_id for s in tracked.sync.list_sessions(path="nightly/").sessions] == [second, first]
+    assert [s.session_id for s in tracked.sync.list_sessions(path="nightly/").sessions] == [first, second]  # by path
     assert tracked.sync.get_session_status(first)["tags"] == ["nightly", tag]
     with pytest.raises(TrackerValidationError):
         dispatch(group(work.si(4)), canvas_path="bad.canvas", app=app, tags=["no spaces"])

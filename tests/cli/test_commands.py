@@ -803,7 +803,7 @@ def test_resume_of_one_cause_or_of_chosen_nodes(cli: Cli, store_manager: Session
     assert [n.node_id for n in store_manager.sync.get_nodes(sid, NodeStatus.PENDING).nodes] == ["n3"]
 
 
-def test_list_by_tag_and_canvas_folder(cli: Cli, store_manager: SessionManager) -> None:
+def test_list_by_tag_and_canvas_path_prefix(cli: Cli, store_manager: SessionManager) -> None:
     tagged = failing_session(store_manager)
     other = store_manager.sync.create_session("adhoc.canvas", 1)
     assert [s["session_id"] for s in cli.json("list", "--tag", "nightly", "--json")] == [tagged]

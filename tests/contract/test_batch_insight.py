@@ -253,20 +253,25 @@ def test_sessions_are_listed_by_tag_and_by_canvas_path(store: SessionStorageAdap
         names = {sid: name for name, sid in made.items()}
         return [names[info.session_id] for info in manager.sync.list_sessions(**filters).sessions]  # type: ignore[arg-type]
 
-    # Newest first, whatever the filter
+    # A tag's sessions newest first; a path prefix's by canvas path, newest first within one
     assert listed(tag="nightly") == ["etl-2", "etl-1"]
     assert listed(tag="customer:42") == ["report", "etl-1"]
-    assert listed(path="pipelines/") == ["etl-2", "report", "etl-1"]
-    assert listed(path="pipelines/nightly/") == ["etl-2", "etl-1"]
+    assert listed(path="pipelines/") == ["etl-2", "etl-1", "report"]
+    assert listed(path="pipelines/nightly") == ["etl-2", "etl-1"]
     assert listed(path="pipelines/nightly/etl.canvas") == ["etl-2", "etl-1"]
-    assert listed(path="pipelines/nightly") == []  # a folder ends in '/'
+    assert listed(path="pipelines/r") == ["report"]
+    assert listed(path="adhoc") == ["other"]
+    assert listed(path="pipelines/nightly/etl.canvas.bak") == []
     assert listed(tag="customer:42", path="pipelines/nightly/") == ["etl-1"]
     assert listed(tag="nobody") == []
-    # A page of a tag's sessions holds the limit, with a cursor to the rest
-    page = manager.sync.list_sessions(tag="nightly", limit=1)
-    assert [s.session_id for s in page.sessions] == [made["etl-2"]] and page.next_cursor is not None
-    rest = manager.sync.list_sessions(tag="nightly", limit=1, cursor=page.next_cursor)
-    assert [s.session_id for s in rest.sessions] == [made["etl-1"]]
+    # A page of a tag's, or of a prefix's, sessions holds the limit, with a cursor to the rest
+    for filters in ({"tag": "nightly"}, {"path": "pipelines/nightly/"}):
+        page = manager.sync.list_sessions(limit=1, **filters)  # type: ignore[arg-type]
+        assert [s.session_id for s in page.sessions] == [made["etl-2"]] and page.next_cursor is not None
+        rest = manager.sync.list_sessions(limit=1, cursor=page.next_cursor, **filters)  # type: ignore[arg-type]
+        assert [s.session_id for s in rest.sessions] == [made["etl-1"]]
+        if rest.next_cursor is not None:  # (a store may not know yet that nothing follows)
+            assert manager.sync.list_sessions(limit=1, cursor=rest.next_cursor, **filters).sessions == []  # type: ignore[arg-type]
     assert manager.sync.get_session(made["etl-1"]).tags == ["nightly", "customer:42"]
 
     # A session removed leaves every index

@@ -34,8 +34,7 @@ def test_exact_key_strings() -> None:
     assert KeySpace().created_index == "tracker:index:created"
     assert KeySpace().expiry_index == "tracker:index:expiry"
     assert KeySpace().tag_index("customer:42") == "tracker:index:tag:customer:42"
-    # a canvas path is any text: its index is named by its SHA-1
-    assert KeySpace().path_index("jobs/") == "tracker:index:path:4a231bea751b122f5b3c437f2546a273c9ac5d9a"
+    assert KeySpace().path_index == "tracker:index:paths"
     assert KeySpace("acme.prod").session(SID).session == "acme.prod:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:session"
 
 
@@ -62,10 +61,10 @@ def test_the_adapter_writes_exactly_these_keys(
     # When we list every key under the test's prefix
     found = {key.decode() for key in redis_client.scan_iter(match=f"{key_prefix}:*", count=1000)}
 
-    # Then they are the seven session keys and the indexes (all, cleanup, its tag, its path and folder),
+    # Then they are the seven session keys and the indexes (all, cleanup, its tag, the paths),
     # named as pinned above
     space = KeySpace(key_prefix)
-    filters = {space.tag_index("nightly"), space.path_index("jobs/"), space.path_index("jobs/k.canvas")}
+    filters = {space.tag_index("nightly"), space.path_index}
     assert found == {*space.session(sid).all(), space.created_index, space.expiry_index, *filters}
     assert found == {
         f"{key_prefix}:{{{sid}}}:session",
@@ -78,8 +77,7 @@ def test_the_adapter_writes_exactly_these_keys(
         f"{key_prefix}:index:created",
         f"{key_prefix}:index:expiry",
         f"{key_prefix}:index:tag:nightly",
-        f"{key_prefix}:index:path:4a231bea751b122f5b3c437f2546a273c9ac5d9a",
-        f"{key_prefix}:index:path:4d81815eb519133008ff3a7c27aedc8fff345055",
+        f"{key_prefix}:index:paths",
     }
     types = {key: redis_client.type(key) for key in found}
     assert types == {

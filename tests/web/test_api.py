@@ -161,7 +161,9 @@ async def test_sessions_filter_by_status(client: httpx.AsyncClient, web_manager:
     assert all(s["status"] == "running" for s in response.json()["sessions"])
 
 
-async def test_sessions_filter_by_tag_and_canvas_folder(client: httpx.AsyncClient, web_manager: SessionManager) -> None:
+async def test_sessions_filter_by_tag_and_canvas_path_prefix(
+    client: httpx.AsyncClient, web_manager: SessionManager
+) -> None:
     etl = await web_manager.create_session("pipelines/etl.canvas", 1, tags=["nightly", "customer:42"])
     report = await web_manager.create_session("pipelines/report.canvas", 1, tags=["customer:42"])
     await web_manager.create_session("adhoc.canvas", 1)
@@ -175,6 +177,7 @@ async def test_sessions_filter_by_tag_and_canvas_folder(client: httpx.AsyncClien
     assert await listed(tag="nightly") == [etl]
     assert await listed(path="pipelines/") == sorted([etl, report])
     assert await listed(path="pipelines/report.canvas") == [report]
+    assert await listed(path="pipelines/r") == [report]
     assert await listed(tag="nightly", path="pipelines/report.canvas") == []
     shown = (await client.get(f"{BASE}/status/{etl}")).json()
     assert (shown["tags"], shown["rate_per_s"], shown["eta_s"]) == (["nightly", "customer:42"], None, None)

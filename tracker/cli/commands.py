@@ -169,7 +169,7 @@ def status(ctx: click.Context, state: CliState, session_id: str, as_json: bool) 
     help="Only sessions in this status.",
 )
 @click.option("--tag", help="Only sessions dispatched with this tag (dispatch(..., tags=[...])).")
-@click.option("--path", help="Only sessions of this canvas path, or under this folder (ending in /).")
+@click.option("--path", help="Only sessions whose canvas path starts with this (listed by path, then newest first).")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True, help="Show at most this many.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of status objects.")
 @pass_state
@@ -178,8 +178,8 @@ def list_(
 ) -> None:
     """List sessions, newest first.
 
-    --tag and --path read their own index (a tag's sessions, a folder's); --status, and --path
-    given with --tag, sift what they find.
+    --tag and --path read their own index (a tag's sessions; canvas paths by prefix, listed by
+    path); --status, and --path given with --tag, sift what they find.
     """
     manager = state.manager()
     found: list[SessionInfo] = []

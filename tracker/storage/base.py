@@ -35,7 +35,6 @@ from tracker.models import (
     TransitionOutcome,
 )
 from tracker.states import NodeStatus, SessionStatus
-from tracker.storage.keys import path_filters
 from tracker.structure import Tree
 
 T = TypeVar("T")
@@ -183,7 +182,7 @@ def matches(info: SessionInfo, status: SessionStatus | None, tag: str | None, pa
         return False
     if tag is not None and tag not in info.tags:
         return False
-    return path is None or path in path_filters(info.canvas_path)
+    return path is None or info.canvas_path.startswith(path)
 
 
 def lost_reason(worker: str, last_seen: datetime, now: datetime) -> str:
@@ -373,10 +372,10 @@ class SessionStorageAdapter(Protocol):
         tag: str | None = None,
         path: str | None = None,
     ) -> SessionPage:
-        """A page of sessions, newest first, optionally only those in ``status``, with ``tag``, or
-        under ``path`` (a whole canvas path, or a folder ending in ``/``: see
-        :func:`tracker.storage.keys.path_filters`). A tag or a path is read from its own index (the
-        page costs the page); ``status``, and a path given with a tag, sift that page (it may be short)."""
+        """A page of sessions, optionally only those in ``status``, with ``tag``, or whose canvas
+        path starts with ``path``: newest first, but by canvas path (then newest first) with
+        ``path`` alone. A tag or a path prefix is read from its own index (the page costs the
+        page); ``status``, and a path given with a tag, sift that page (it may be short)."""
 
     def delete(self, session_id: str) -> bool:
         """Remove a session and everything it holds; False when it did not exist."""

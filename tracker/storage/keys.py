@@ -56,9 +56,10 @@ Global (not atomic with session writes; they only help to find sessions):
                                              retention (ms; a lower bound, at first its creation):
                                              cleanup candidates; re-checked before deleting
 ``<prefix>:index:tag:<tag>``         ZSET    session id scored by creation time: sessions with the tag
-``<prefix>:index:path:<sha1>``       ZSET    session id scored by creation time: sessions whose
-                                             canvas path is, or is in the folder, whose SHA-1 (hex)
-                                             names the key (``filter_prefixes``)
+``<prefix>:index:paths``             ZSET    ``<canvas path>\0<newest-first ms>\0<session id>`` per
+                                             session, all scored 0 (``path_member``): the sessions
+                                             whose canvas path starts with a prefix are a
+                                             lexicographic range, newest first within one path
 ``<prefix>:index:children``          ZSET    ``<child id> <parent id> <parent node>`` scored by the
                                              child's creation (ms): children whose end was not
                                              told to their parent yet (``maintain`` tells it)
@@ -77,21 +78,19 @@ take a session out of every index; listing drops what expired by TTL as it passe
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 from tracker import validation
 
-#: Most folders of a canvas path indexed (the outermost ones): deeper folders are not filters.
-MAX_PATH_FOLDERS = 8
+#: Later than any creation time a session will have (ms; the year 2286): ``path_member`` counts
+#: down from it, so that the newest session of a path comes first.
+_LAST_MS = 9_999_999_999_999
 
 
-def path_filters(canvas_path: str) -> list[str]:
-    """What ``list_sessions(path=...)`` finds a session under: its whole canvas path, and each
-    folder it is in (up to ``MAX_PATH_FOLDERS``), ending in ``/``: ``a/b/c.canvas`` is under
-    ``a/``, ``a/b/`` and ``a/b/c.canvas``."""
-    folders = [canvas_path[: i + 1] for i, char in enumerate(canvas_path) if char == "/"]
-    return [*folders[:MAX_PATH_FOLDERS], *([canvas_path] if not canvas_path.endswith("/") else [])]
+def path_member(canvas_path: str, created_ms: int, session_id: str) -> str:
+    """A session's member of the canvas paths index: its path, then its creation time counted down
+    (13 digits), then its id, separated by NUL (a canvas path is printable: it holds none)."""
+    return f"{canvas_path}\0{_LAST_MS - created_ms:013d}\0{session_id}"
 
 
 @dataclass(frozen=True)
@@ -149,14 +148,10 @@ class KeySpace:
         """Sessions with ``tag`` (validated first), by creation time."""
         return f"{self.prefix}:index:tag:{validation.tag(tag)}"
 
-    def path_index(self, path: str) -> str:
-        """Sessions whose canvas path is ``path`` or is in folder ``path`` (see :func:`path_filters`),
-        by creation time. A path is any text: the key is named by its SHA-1."""
-        return f"{self.prefix}:index:path:{hashlib.sha1(path.encode(), usedforsecurity=False).hexdigest()}"
-
-    def filter_indexes(self, canvas_path: str, tags: list[str]) -> list[str]:
-        """Every filter index a session with ``canvas_path`` and ``tags`` is listed in."""
-        return [*(self.tag_index(t) for t in tags), *(self.path_index(p) for p in path_filters(canvas_path))]
+    @property
+    def path_index(self) -> str:
+        """Every session by canvas path (:func:`path_member`): a prefix is a lexicographic range."""
+        return f"{self.prefix}:index:paths"
 
     @property
     def children_index(self) -> str:

@@ -47,7 +47,6 @@ from tracker.storage.base import (
     silent_workers,
     status_cursor,
 )
-from tracker.storage.keys import path_filters
 from tracker.structure import ERRBACK_NOT_NEEDED, Links, Tree, grown, links, skips
 from tracker.validation import is_worker_id, worker_id
 
@@ -671,11 +670,11 @@ class InMemoryStorageAdapter:
             infos = sorted(
                 (e.info for e in self._sessions.values()), key=lambda i: (i.created_at, i.session_id), reverse=True
             )
-        # As the Redis store reads one index (a tag's, a path's, or all) and sifts the rest.
+        # As the Redis store reads one index (a tag's, the paths', or all) and sifts the rest.
         if tag is not None:
             infos = [i for i in infos if tag in i.tags]
-        elif path is not None:
-            infos = [i for i in infos if path in path_filters(i.canvas_path)]
+        elif path is not None:  # by path, then newest first (the paths index's order)
+            infos = sorted((i for i in infos if i.canvas_path.startswith(path)), key=lambda i: i.canvas_path)
         start = _position(cursor)
         end = start + limit
         page = [i for i in infos[start:end] if matches(i, status, tag, path)]

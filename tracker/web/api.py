@@ -223,15 +223,16 @@ def create_router(
             Query(
                 min_length=1,
                 max_length=1024,
-                description="Only sessions of this canvas path, or under this folder (ending in `/`).",
+                description="Only sessions whose canvas path starts with this (then listed by path, newest first).",
             ),
         ] = None,
         cursor: Cursor = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     ) -> SessionList:
         """A page of sessions, newest first, optionally only those in one status, with one tag, or
-        under one canvas path or folder. A tag or a path reads its own index (the page costs the
-        page); the status, and a path given with a tag, sift that page, which may then be short."""
+        whose canvas path starts with a prefix (then by path, newest first within one). A tag or a
+        path reads its own index (the page costs the page); the status, and a path given with a
+        tag, sift that page, which may then be short."""
         page = await ctx.manager.list_sessions(status_filter, cursor, limit, tag=tag, path=path)
         now = ctx.manager.clock()
         return SessionList(sessions=[view(info, now) for info in page.sessions], next_cursor=page.next_cursor)

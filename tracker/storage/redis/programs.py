@@ -4,6 +4,7 @@ the same programs (:mod:`tracker.storage.redis.adapter`)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from tracker.storage.base import (
     silent_workers,
     status_cursor,
 )
-from tracker.storage.keys import KeySpace, SessionKeys
+from tracker.storage.keys import KeySpace, SessionKeys, path_member
 from tracker.storage.redis import codec
 from tracker.structure import TREE_FIELD, Tree, links
 from tracker.validation import is_worker_id
@@ -159,7 +160,7 @@ class RedisPrograms:
     ) -> Program[None]:
         sid = session.session_id
         sk = self.keys.session(sid)
-        now_ms = ms_from_utc(session.created_at)
+        now_ms = codec.ms_int(session.created_at)
         args: list[Any] = [
             sid,
             session.canvas_path,
@@ -173,6 +174,7 @@ class RedisPrograms:
             f"{session.parent_session_id}|{session.parent_node_id}" if session.parent_session_id else "",
             self.finished_ttl_s,
             " ".join(session.tags),
+            path_member(session.canvas_path, now_ms, sid),
         ]
         if signatures is None:
             signatures = [None if spec.signature is None else validation.compact_json(spec.signature) for spec in nodes]
@@ -186,16 +188,22 @@ class RedisPrograms:
             for name, value in fields.items():
                 args += [name, value]
         script = self._script("create", sk, *args)
-        filters = self.keys.filter_indexes(session.canvas_path, session.tags)
+        tags = [self.keys.tag_index(tag) for tag in session.tags]
         if not self.cluster:
-            everywhere = [self.keys.created_index, self.keys.expiry_index, self.keys.children_index, *filters]
-            script = Script(script.name, script.keys + everywhere, script.args)
+            everywhere = [
+                self.keys.created_index,
+                self.keys.expiry_index,
+                self.keys.children_index,
+                self.keys.path_index,
+            ]
+            script = Script(script.name, [*script.keys, *everywhere, *tags], script.args)
             self._check(sid, (yield [script])[0])
             return
         self._check(sid, (yield [script])[0])
         indexes: list[Command] = [
-            ("ZADD", key, {sid: now_ms}) for key in (self.keys.created_index, self.keys.expiry_index, *filters)
+            ("ZADD", key, {sid: now_ms}) for key in (self.keys.created_index, self.keys.expiry_index, *tags)
         ]
+        indexes.append(("ZADD", self.keys.path_index, {path_member(session.canvas_path, now_ms, sid): 0}))
         if session.parent_session_id:
             watched = f"{sid} {session.parent_session_id} {session.parent_node_id}"
             indexes.append(("ZADD", self.keys.children_index, {watched: now_ms}))
@@ -608,19 +616,20 @@ class RedisPrograms:
         path: str | None = None,
     ) -> Program[SessionPage]:
         start = codec.scan_cursor(cursor)
-        # One index gives the page (a tag's, a path's, or all sessions'); other filters sift it.
-        index = self.keys.created_index
-        if tag is not None:
-            index = self.keys.tag_index(tag)
-        elif path is not None:
-            index = self.keys.path_index(path)
-        (ids,) = yield [("ZREVRANGE", index, start, start + limit - 1)]
-        ids = [codec.text(i) for i in ids]
+        # One index gives the page (a tag's, the paths', or all sessions'); other filters sift it.
+        members: list[str] = []
+        if tag is None and path is not None:
+            members = yield from self._by_path(path, start, limit)
+            ids = [member.rpartition("\0")[2] for member in members]
+        else:
+            index = self.keys.created_index if tag is None else self.keys.tag_index(tag)
+            (found,) = yield [("ZREVRANGE", index, start, start + limit - 1)]
+            ids = [codec.text(i) for i in found]
         replies = (yield [("HGETALL", self.keys.session(sid).session) for sid in ids]) if ids else []
         sessions, stale = [], []
-        for sid, flat in zip(ids, replies, strict=True):
+        for i, (sid, flat) in enumerate(zip(ids, replies, strict=True)):
             if not flat:
-                stale.append(sid)
+                stale.append((sid, members[i] if members else None))
                 continue
             fields = flat if isinstance(flat, dict) else codec.flat_dict(flat)
             info = codec.session_from_hash(sid, {codec.text(k): codec.text(v) for k, v in fields.items()})
@@ -628,24 +637,41 @@ class RedisPrograms:
                 sessions.append(info)
         if stale:
             # Expired by TTL: drop from the indexes as we pass by (cleanup does the rest).
-            drop = {self.keys.created_index, self.keys.expiry_index, index}
-            yield [("ZREM", key, *stale) for key in sorted(drop)]
+            gone = [sid for sid, _ in stale]
+            drops: list[Command] = [("ZREM", self.keys.created_index, *gone), ("ZREM", self.keys.expiry_index, *gone)]
+            if tag is not None:
+                drops.append(("ZREM", self.keys.tag_index(tag), *gone))
+            elif members:
+                drops.append(("ZREM", self.keys.path_index, *(member for _, member in stale)))
+            yield drops
         return SessionPage(sessions=sessions, next_cursor=str(start + limit) if len(ids) == limit else None)
+
+    def _by_path(self, prefix: str, start: int, limit: int) -> Program[list[str]]:
+        """A page (from ``start``) of the members of the paths index whose canvas path starts with
+        ``prefix``: by path, newest first within one. Its first member's rank is counted (the
+        members below the prefix), so the page costs the page, however far it is."""
+        (before,) = yield [("ZLEXCOUNT", self.keys.path_index, "-", f"({prefix}")]
+        first = int(before) + start
+        (found,) = yield [("ZRANGE", self.keys.path_index, first, first + limit - 1)]
+        members = [codec.text(member) for member in found]
+        return list(itertools.takewhile(lambda member: member.startswith(prefix), members))
 
     def delete(self, session_id: str) -> Program[bool]:
         sk = self.keys.session(session_id)
-        ((path, tags),) = yield [("HMGET", sk.session, "canvas_path", "tags")]
-        deleted, *_ = yield [("DEL", *sk.all()), *self._unindex([session_id], [(path, tags)])]
+        (filed,) = yield [("HMGET", sk.session, "canvas_path", "tags", "created_ms")]
+        deleted, *_ = yield [("DEL", *sk.all()), *self._unindex([session_id], [filed])]
         return bool(deleted)
 
-    def _unindex(self, ids: list[str], filed: list[tuple[Any, Any]]) -> list[Command]:
-        """Take sessions out of every index; ``filed``: each one's canvas path and tags, as stored
-        (None: unknown, only the global indexes)."""
+    def _unindex(self, ids: list[str], filed: list[Sequence[Any]]) -> list[Command]:
+        """Take sessions out of every index; ``filed``: each one's canvas path, tags and creation
+        time, as stored (None: unknown, only the global indexes)."""
         removals: dict[str, list[str]] = {self.keys.created_index: list(ids), self.keys.expiry_index: list(ids)}
-        for sid, (path, tags) in zip(ids, filed, strict=True):
+        for sid, (path, tags, created_ms) in zip(ids, filed, strict=True):
             if path:
-                for key in self.keys.filter_indexes(codec.text(path), codec.text(tags or "").split()):
-                    removals.setdefault(key, []).append(sid)
+                member = path_member(codec.text(path), int(codec.text(created_ms)), sid)
+                removals.setdefault(self.keys.path_index, []).append(member)
+            for tag in codec.text(tags or "").split():
+                removals.setdefault(self.keys.tag_index(tag), []).append(sid)
         return [("ZREM", key, *members) for key, members in removals.items()]
 
     def remove_expired(self, now: datetime, timeout_s: float, finished_ttl_s: float | None = None) -> Program[int]:
@@ -673,7 +699,7 @@ class RedisPrograms:
                 else:
                     removed += code == "deleted"
                     gone.append(sid)
-                    filed.append((reply[2], reply[1]) if code == "deleted" else (None, None))
+                    filed.append(reply[1:4] if code == "deleted" else (None, None, None))
             index_updates: list[Command] = self._unindex(gone, filed) if gone else []
             if active:
                 index_updates.append(("ZADD", self.keys.expiry_index, active))
