@@ -269,3 +269,39 @@ def test_cleanup_reads_only_the_sessions_due_whatever_is_kept(
     clock.advance(86400)
     assert manager.sync.cleanup_expired_sessions() == 200
     assert not list(redis_client.scan_iter(match=f"{key_prefix}:*", count=1000))
+
+
+def test_a_shorter_finished_ttl_shortens_the_keys_and_a_resume_gives_the_timeout_back(
+    make_manager: ManagerFactory, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    # Given ended sessions kept 60 s, shorter than the 900 s timeout of running ones
+    manager = make_manager(session_timeout_s=TIMEOUT_S, finished_ttl_s=60)
+    sid = session_with_every_key(manager)
+    assert_full_ttl(redis_client, key_prefix, sid)
+    # When it ends, its keys live 60 s (and a step); when it is resumed, the timeout again
+    manager.sync.update_status(sid, "cancelled")
+    assert_full_ttl(redis_client, key_prefix, sid, 60)
+    manager.sync._reopen_session(sid)
+    assert_full_ttl(redis_client, key_prefix, sid)
+
+
+def test_index_entries_leave_with_a_session_redis_expired(
+    make_manager: ManagerFactory, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    # Given two tagged sessions with a 1 s timeout, expired by Redis (their keys are gone)
+    manager = make_manager(session_timeout_s=1)
+    space = KeySpace(key_prefix)
+    swept = manager.sync.create_session("jobs/ttl.canvas", 1, tags=["nightly", "customer:7"])
+    passed = manager.sync.create_session("jobs/other.canvas", 1, tags=["weekly"])
+    deadline = time.monotonic() + 10
+    while redis_client.exists(*(space.session(sid).session for sid in (swept, passed))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert redis_client.hlen(space.filed_index) == 2
+
+    # When a listing by tag passes by one, Then it lists nothing and takes it out of every index
+    assert manager.sync.list_sessions(tag="weekly").sessions == []
+    assert redis_client.hkeys(space.filed_index) == [swept.encode()]
+    assert redis_client.exists(space.tag_index("weekly")) == 0
+    # When cleanup runs, Then the other leaves every index too: nothing of either is left
+    assert manager.sync.cleanup_expired_sessions() == 0
+    assert not list(redis_client.scan_iter(match=f"{key_prefix}:*", count=1000))

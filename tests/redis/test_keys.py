@@ -35,6 +35,7 @@ def test_exact_key_strings() -> None:
     assert KeySpace().expiry_index == "tracker:index:expiry"
     assert KeySpace().tag_index("customer:42") == "tracker:index:tag:customer:42"
     assert KeySpace().path_index == "tracker:index:paths"
+    assert KeySpace().filed_index == "tracker:index:filed"
     assert KeySpace("acme.prod").session(SID).session == "acme.prod:{0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10}:session"
 
 
@@ -65,7 +66,8 @@ def test_the_adapter_writes_exactly_these_keys(
     # named as pinned above
     space = KeySpace(key_prefix)
     filters = {space.tag_index("nightly"), space.path_index}
-    assert found == {*space.session(sid).all(), space.created_index, space.expiry_index, *filters}
+    filed = {space.filed_index}
+    assert found == {*space.session(sid).all(), space.created_index, space.expiry_index, *filters, *filed}
     assert found == {
         f"{key_prefix}:{{{sid}}}:session",
         f"{key_prefix}:{{{sid}}}:nodes",
@@ -78,6 +80,7 @@ def test_the_adapter_writes_exactly_these_keys(
         f"{key_prefix}:index:expiry",
         f"{key_prefix}:index:tag:nightly",
         f"{key_prefix}:index:paths",
+        f"{key_prefix}:index:filed",
     }
     types = {key: redis_client.type(key) for key in found}
     assert types == {
@@ -89,6 +92,7 @@ def test_the_adapter_writes_exactly_these_keys(
         f"{key_prefix}:{{{sid}}}:children": b"hash",
         f"{key_prefix}:{{{sid}}}:failures": b"hash",
         **{key: b"zset" for key in (space.created_index, space.expiry_index, *filters)},
+        space.filed_index: b"hash",
     }
 
 

@@ -60,6 +60,9 @@ Global (not atomic with session writes; they only help to find sessions):
                                              session, all scored 0 (``path_member``): the sessions
                                              whose canvas path starts with a prefix are a
                                              lexicographic range, newest first within one path
+``<prefix>:index:filed``            HASH    session id -> ``<tags>\n<paths member>``: which filter
+                                             index entries a session has, so that they leave with
+                                             it, also when Redis expired it by TTL (``filed``)
 ``<prefix>:index:children``          ZSET    ``<child id> <parent id> <parent node>`` scored by the
                                              child's creation (ms): children whose end was not
                                              told to their parent yet (``maintain`` tells it)
@@ -85,6 +88,11 @@ from tracker import validation
 #: Later than any creation time a session will have (ms; the year 2286): ``path_member`` counts
 #: down from it, so that the newest session of a path comes first.
 _LAST_MS = 9_999_999_999_999
+
+
+def filed(tags: list[str], member: str) -> str:
+    """A session's entry in the filed index: its tags (space-separated), a newline, its paths member."""
+    return f"{' '.join(tags)}\n{member}"
 
 
 def path_member(canvas_path: str, created_ms: int, session_id: str) -> str:
@@ -152,6 +160,11 @@ class KeySpace:
     def path_index(self) -> str:
         """Every session by canvas path (:func:`path_member`): a prefix is a lexicographic range."""
         return f"{self.prefix}:index:paths"
+
+    @property
+    def filed_index(self) -> str:
+        """Session id -> its tags and its paths member (what to take out of the filter indexes)."""
+        return f"{self.prefix}:index:filed"
 
     @property
     def children_index(self) -> str:

@@ -196,16 +196,20 @@ local function emit(s, kind, now_ms, maxlen, node_id, node_status)
 end
 
 -- Every write keeps all the session's keys alive at least ttl_s more (EXPIRE on a missing key is a
--- no-op); an ended session's (s given) at least its `ended_ttl` (TRACKER_FINISHED_TTL_S, set at
--- create) instead. Seven EXPIREs are a good part of a small write, so they run only when the
--- session hash has less than that left (or `force`: a key was just created), and then give it plus
--- a step of a tenth of it (at most 60 s): a session's keys expire between ttl_s and ttl_s + step
--- after its last write, with one refresh per step at most however busy the session is.
+-- no-op); an ended session's (s given) its `ended_ttl` (TRACKER_FINISHED_TTL_S, set at create)
+-- instead. Seven EXPIREs are a good part of a small write, so they run only when the session hash
+-- has less than that left, or more than that plus its step (the session just ended with a shorter
+-- retention, or was resumed after a longer one), or `force` (a key was just created); they give it
+-- plus a step of a tenth of it (at most 60 s): a session's keys expire between ttl_s and
+-- ttl_s + step after its last write, with one refresh per step at most however busy it is.
 local function touch(ttl_s, force, s)
   local ttl_ms = tonumber(ttl_s) * 1000
   if s and TERMINAL_SESSION[s.status] and s.ended_ttl ~= '' then ttl_ms = tonumber(s.ended_ttl) * 1000 end
-  if not force and redis.call('PTTL', S) >= ttl_ms then return end
   local life_ms = ttl_ms + math.min(math.floor(ttl_ms / 10), 60000)
+  if not force then
+    local left = redis.call('PTTL', S)
+    if left >= ttl_ms and left <= life_ms then return end
+  end
   for i = 1, SESSION_KEYS do redis.call('PEXPIRE', KEYS[i], life_ms) end
 end
 

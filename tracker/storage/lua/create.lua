@@ -1,11 +1,12 @@
 -- create(KEYS=[session, nodes, sigs, events, by_status, children, failures,
---              (created_index, expiry_index, children_index, paths_index, tag_index...)],
+--              (created_index, expiry_index, children_index, paths_index, filed_index, tag_index...)],
 --        ARGV=[session_id, canvas_path, node_count, now_ms, metadata_json, ttl_s, events_maxlen, n_nodes,
---              request_id, parent, ended_ttl_s, tags, path_member, (node_id, task_id, signature_json) * n_nodes,
---              (field, value) * m])
+--              request_id, parent, ended_ttl_s, tags, path_member, filed, (node_id, task_id, signature_json) *
+--              n_nodes, (field, value) * m])
 -- Creates a pending session with its known nodes. The index keys are passed only outside Cluster:
 -- the children index is written only for a child session; the paths index gets path_member
--- (tracker.storage.keys.path_member), its tags' indexes list it by creation time. parent:
+-- (tracker.storage.keys.path_member), its tags' indexes list it by creation time, and the filed
+-- index remembers both (`filed`), so that they leave with the session. parent:
 -- 'session_id|node_id' of the node whose task opened it, '' for none; a child is watched in the
 -- children index until its end was told to its parent (tracker.celery.children). ended_ttl_s: how
 -- long its keys live once it has ended (TRACKER_FINISHED_TTL_S). tags: its tags, space-separated.
@@ -15,8 +16,8 @@
 -- Returns {'ok'} | {'exists'}
 local sid, canvas_path, node_count, now_ms, metadata = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local ttl_s, maxlen, n_nodes, request_id, parent = ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10]
-local ended_ttl, tags, path_member = ARGV[11], ARGV[12], ARGV[13]
-local FIRST = 14
+local ended_ttl, tags, path_member, filed = ARGV[11], ARGV[12], ARGV[13], ARGV[14]
+local FIRST = 15
 if redis.call('EXISTS', S) == 1 then
   if replay_of(request_id) then return {'ok'} end
   return {'exists'}
@@ -46,6 +47,7 @@ if KEYS[INDEXES] then
     redis.call('ZADD', KEYS[INDEXES + 2], now_ms, watched)
   end
   redis.call('ZADD', KEYS[INDEXES + 3], 0, path_member)
-  for i = INDEXES + 4, #KEYS do redis.call('ZADD', KEYS[i], now_ms, sid) end
+  redis.call('HSET', KEYS[INDEXES + 4], sid, filed)
+  for i = INDEXES + 5, #KEYS do redis.call('ZADD', KEYS[i], now_ms, sid) end
 end
 return {'ok'}

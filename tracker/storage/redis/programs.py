@@ -50,7 +50,7 @@ from tracker.storage.base import (
     silent_workers,
     status_cursor,
 )
-from tracker.storage.keys import KeySpace, SessionKeys, path_member
+from tracker.storage.keys import KeySpace, SessionKeys, filed, path_member
 from tracker.storage.redis import codec
 from tracker.structure import TREE_FIELD, Tree, links
 from tracker.validation import is_worker_id
@@ -161,6 +161,7 @@ class RedisPrograms:
         sid = session.session_id
         sk = self.keys.session(sid)
         now_ms = codec.ms_int(session.created_at)
+        member = path_member(session.canvas_path, now_ms, sid)
         args: list[Any] = [
             sid,
             session.canvas_path,
@@ -174,7 +175,8 @@ class RedisPrograms:
             f"{session.parent_session_id}|{session.parent_node_id}" if session.parent_session_id else "",
             self.finished_ttl_s,
             " ".join(session.tags),
-            path_member(session.canvas_path, now_ms, sid),
+            member,
+            filed(session.tags, member),
         ]
         if signatures is None:
             signatures = [None if spec.signature is None else validation.compact_json(spec.signature) for spec in nodes]
@@ -195,6 +197,7 @@ class RedisPrograms:
                 self.keys.expiry_index,
                 self.keys.children_index,
                 self.keys.path_index,
+                self.keys.filed_index,
             ]
             script = Script(script.name, [*script.keys, *everywhere, *tags], script.args)
             self._check(sid, (yield [script])[0])
@@ -203,7 +206,8 @@ class RedisPrograms:
         indexes: list[Command] = [
             ("ZADD", key, {sid: now_ms}) for key in (self.keys.created_index, self.keys.expiry_index, *tags)
         ]
-        indexes.append(("ZADD", self.keys.path_index, {path_member(session.canvas_path, now_ms, sid): 0}))
+        indexes.append(("ZADD", self.keys.path_index, {member: 0}))
+        indexes.append(("HSET", self.keys.filed_index, sid, filed(session.tags, member)))
         if session.parent_session_id:
             watched = f"{sid} {session.parent_session_id} {session.parent_node_id}"
             indexes.append(("ZADD", self.keys.children_index, {watched: now_ms}))
@@ -627,23 +631,16 @@ class RedisPrograms:
             ids = [codec.text(i) for i in found]
         replies = (yield [("HGETALL", self.keys.session(sid).session) for sid in ids]) if ids else []
         sessions, stale = [], []
-        for i, (sid, flat) in enumerate(zip(ids, replies, strict=True)):
+        for sid, flat in zip(ids, replies, strict=True):
             if not flat:
-                stale.append((sid, members[i] if members else None))
+                stale.append(sid)
                 continue
             fields = flat if isinstance(flat, dict) else codec.flat_dict(flat)
             info = codec.session_from_hash(sid, {codec.text(k): codec.text(v) for k, v in fields.items()})
             if matches(info, status, tag, path):
                 sessions.append(info)
-        if stale:
-            # Expired by TTL: drop from the indexes as we pass by (cleanup does the rest).
-            gone = [sid for sid, _ in stale]
-            drops: list[Command] = [("ZREM", self.keys.created_index, *gone), ("ZREM", self.keys.expiry_index, *gone)]
-            if tag is not None:
-                drops.append(("ZREM", self.keys.tag_index(tag), *gone))
-            elif members:
-                drops.append(("ZREM", self.keys.path_index, *(member for _, member in stale)))
-            yield drops
+        if stale:  # expired by TTL: taken out of every index as we pass by (cleanup does the rest)
+            yield from self._forget(stale)
         return SessionPage(sessions=sessions, next_cursor=str(start + limit) if len(ids) == limit else None)
 
     def _by_path(self, prefix: str, start: int, limit: int) -> Program[list[str]]:
@@ -657,22 +654,23 @@ class RedisPrograms:
         return list(itertools.takewhile(lambda member: member.startswith(prefix), members))
 
     def delete(self, session_id: str) -> Program[bool]:
-        sk = self.keys.session(session_id)
-        (filed,) = yield [("HMGET", sk.session, "canvas_path", "tags", "created_ms")]
-        deleted, *_ = yield [("DEL", *sk.all()), *self._unindex([session_id], [filed])]
+        (deleted,) = yield [("DEL", *self.keys.session(session_id).all())]
+        yield from self._forget([session_id])
         return bool(deleted)
 
-    def _unindex(self, ids: list[str], filed: list[Sequence[Any]]) -> list[Command]:
-        """Take sessions out of every index; ``filed``: each one's canvas path, tags and creation
-        time, as stored (None: unknown, only the global indexes)."""
+    def _forget(self, ids: list[str]) -> Program[None]:
+        """Take sessions that are gone out of every index: the listing and cleanup ones, and the
+        filter ones the filed index says they are in."""
+        (entries,) = yield [("HMGET", self.keys.filed_index, *ids)]
         removals: dict[str, list[str]] = {self.keys.created_index: list(ids), self.keys.expiry_index: list(ids)}
-        for sid, (path, tags, created_ms) in zip(ids, filed, strict=True):
-            if path:
-                member = path_member(codec.text(path), int(codec.text(created_ms)), sid)
-                removals.setdefault(self.keys.path_index, []).append(member)
-            for tag in codec.text(tags or "").split():
+        for sid, entry in zip(ids, entries, strict=True):
+            if entry is None:
+                continue
+            tags, _, member = codec.text(entry).partition("\n")
+            removals.setdefault(self.keys.path_index, []).append(member)
+            for tag in tags.split():
                 removals.setdefault(self.keys.tag_index(tag), []).append(sid)
-        return [("ZREM", key, *members) for key, members in removals.items()]
+        yield [*(("ZREM", key, *members) for key, members in removals.items()), ("HDEL", self.keys.filed_index, *ids)]
 
     def remove_expired(self, now: datetime, timeout_s: float, finished_ttl_s: float | None = None) -> Program[int]:
         now_ms = codec.ms_int(now)
@@ -691,19 +689,18 @@ class RedisPrograms:
                 return removed
             args = [now_ms, timeout_ms, ended_ms]
             replies = yield [Script("remove_if_expired", self.keys.session(sid).all(), args) for sid in ids]
-            gone, filed, active = [], [], {}
+            gone, active = [], {}
             for sid, reply in zip(ids, replies, strict=True):
                 code = codec.text(reply[0])
                 if code == "active":
                     active[sid] = int(codec.text(reply[1]))
                 else:
                     removed += code == "deleted"
-                    gone.append(sid)
-                    filed.append(reply[1:4] if code == "deleted" else (None, None, None))
-            index_updates: list[Command] = self._unindex(gone, filed) if gone else []
+                    gone.append(sid)  # deleted now, or expired by TTL before
+            if gone:
+                yield from self._forget(gone)
             if active:
-                index_updates.append(("ZADD", self.keys.expiry_index, active))
-            yield index_updates
+                yield [("ZADD", self.keys.expiry_index, active)]
             if len(ids) < CLEANUP_BATCH:
                 return removed
 
