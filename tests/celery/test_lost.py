@@ -79,11 +79,16 @@ def test_dead_worker_is_reaped_and_resume_completes(
     assert reaper.sync.reap_lost_nodes() == []
     status = tracked.sync.get_session_status(sid)
     assert (status["lost_nodes"], status["completed_nodes"]) == (1, 0)  # "quick" was still queued behind it
+    # and its failures name the cause: lost, with the reaper's reason
+    (cause,) = tracked.sync.get_failures(sid)
+    assert (cause.error_type, cause.count, cause.node_ids) == ("lost", 1, ["slow"])
+    assert cause.first_message.startswith("worker ") and "last seen" in cause.first_message
     # and resume with a new worker finishes every node exactly once
     resume_session(sid, app=app)
     worker_process(concurrency=2, env_extra=FAST_BEAT)
     status = wait_status(tracked, sid, {"completed"}, timeout_s=60)
     assert (status["completed_nodes"], status["failed_nodes"], status["lost_nodes"]) == (2, 0, 0)
+    assert tracked.sync.get_failures(sid) == [] and status["failure_types"] == 0
 
 
 def test_hard_time_limit_fails_the_node(tracked: SessionManager, worker_process: Callable[..., WorkerProcess]) -> None:
@@ -93,6 +98,7 @@ def test_hard_time_limit_fails_the_node(tracked: SessionManager, worker_process:
     assert (status["status"], status["completed_nodes"], status["failed_nodes"]) == ("partial_failure", 1, 1)
     slow = next(n for n in tracked.sync.get_nodes(sid).nodes if n.node_id == "slow")
     assert slow.error is not None and slow.error.type == "TimeLimitExceeded"
+    assert [(g.error_type, g.node_ids) for g in tracked.sync.get_failures(sid)] == [("TimeLimitExceeded", ["slow"])]
 
 
 def test_slow_but_alive_node_is_never_reaped(
