@@ -51,9 +51,19 @@ end
 -- RATE_HALF_WINDOW_MS old, so the rate covers the last 30 to 60 s. It starts again where the count
 -- went back (a resume, a node sent back to pending).
 local RATE_HALF_WINDOW_MS = 30000
+
+-- How many of the session's nodes have a result (what progress and the finish rule count).
+local function finished_count(s)
+  return s.completed + s.failed + s.cancelled + s.skipped
+end
+
+local function set_window(s, w)
+  s.rate = string.format('%d|%d|%d|%d|%d|%d', w[1], w[2], w[3], w[4], w[5], w[6])
+end
+
 local function rate_window(s, now_ms)
   if s.started_ms == '' then return end
-  local done = s.completed + s.failed + s.cancelled + s.skipped
+  local done = finished_count(s)
   if tonumber(string.match(s.rate, '|(%d+)$')) == done then return end -- (a start: nothing finished)
   local w = {}
   for v in string.gmatch(s.rate, '[^|]+') do w[#w + 1] = tonumber(v) end
@@ -68,13 +78,13 @@ local function rate_window(s, now_ms)
     if now - w[3] >= RATE_HALF_WINDOW_MS then w[1], w[2], w[3], w[4] = w[3], w[4], now, done end
     w[5], w[6] = now, done
   end
-  s.rate = string.format('%d|%d|%d|%d|%d|%d', w[1], w[2], w[3], w[4], w[5], w[6])
+  set_window(s, w)
 end
 
 -- A new run (a resume): the rate is measured from now on.
 local function restart_rate(s, now_ms)
-  local done = s.completed + s.failed + s.cancelled + s.skipped
-  s.rate = string.format('%d|%d|%d|%d|%d|%d', now_ms, done, now_ms, done, now_ms, done)
+  local done = finished_count(s)
+  set_window(s, {now_ms, done, now_ms, done, now_ms, done})
 end
 
 -- Writes updated_ms and the state fields that differ from what load_session read: the session hash
@@ -141,14 +151,14 @@ end
 -- (same formula as states.progress_from_counts).
 local function derived_progress(s)
   if s.node_count <= 0 then return '0' end
-  local finished = s.completed + s.failed + s.cancelled + s.skipped
+  local finished = finished_count(s)
   return tostring(math.floor((10000 * finished + s.partial) / s.node_count + 0.5) / 100)
 end
 
 -- states.finish_status
 local function finish_status(s)
   local n = s.node_count
-  if n <= 0 or s.completed + s.failed + s.cancelled + s.skipped < n then return nil end
+  if n <= 0 or finished_count(s) < n then return nil end
   if s.completed > 0 and s.completed + s.unneeded == n then return 'completed' end
   if s.cancelled > 0 and s.cancelled + s.skipped == n then return 'cancelled' end
   if s.completed == 0 then return 'failed' end
