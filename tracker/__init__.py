@@ -4,6 +4,7 @@ from tracker.config import TrackerSettings
 from tracker.errors import (
     InvalidStateTransitionError,
     NodeLimitError,
+    NodeNotFoundError,
     ResumeNotPossibleError,
     SessionExistsError,
     SessionNotFoundError,
@@ -24,6 +25,7 @@ from tracker.models import (
     SessionEvent,
     SessionInfo,
     SessionPage,
+    WorkerInfo,
 )
 from tracker.states import (
     VALID_TRANSITIONS,
@@ -51,6 +53,7 @@ __all__ = [
     "SessionEvent",
     "SessionInfo",
     "SessionPage",
+    "WorkerInfo",
     # Storage
     "InMemoryStorageAdapter",
     "RedisStorageAdapter",
@@ -61,6 +64,7 @@ __all__ = [
     "TrackerNotInstalledError",
     "WrongCeleryAppError",
     "NodeLimitError",
+    "NodeNotFoundError",
     "SessionExistsError",
     "SessionNotFoundError",
     "StorageUnavailableError",

@@ -25,6 +25,16 @@ class SessionNotFoundError(TrackerError, LookupError):
         super().__init__(f"session {session_id!r} not found (unknown, expired or removed)")
 
 
+class NodeNotFoundError(TrackerError, LookupError):
+    """The session exists but has no record of this node: not a node it was created with, and no
+    event of it was recorded yet (a node id from another session, or a typo)."""
+
+    def __init__(self, session_id: str, node_id: str) -> None:
+        self.session_id = session_id
+        self.node_id = node_id
+        super().__init__(f"node {node_id!r} not found in session {session_id!r} (never recorded there)")
+
+
 class InvalidStateTransitionError(TrackerError):
     """The state machine does not allow this move from the session's current status."""
 

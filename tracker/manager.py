@@ -53,6 +53,7 @@ from tracker.models import (
     SessionInfo,
     SessionPage,
     TransitionOutcome,
+    WorkerInfo,
 )
 from tracker.states import TERMINAL_NODE_STATUSES, NodeStatus, SessionStatus
 from tracker.storage.base import (
@@ -391,6 +392,19 @@ class Operations:
         node_status = None if status is None else validation.member(NodeStatus, status, "status", sid)
         return answer(store_call(Store.get_nodes, sid, node_status, validation.cursor(cursor), _limit(limit)))
 
+    def get_node(self, session_id: str, node_id: str) -> Plan[NodeResult]:
+        """One node of the session: its status, result or error, attempts, worker and times (one
+        store read, O(1) in the node count).
+
+        Raises:
+            SessionNotFoundError: no such session.
+            NodeNotFoundError: the session has no record of the node (not created with it, and no
+                event of it recorded yet).
+            TrackerValidationError: a bad session or node id.
+        """
+        sid = validation.session_id(session_id)
+        return answer(store_call(Store.get_node, sid, validation.node_id(node_id, sid)))
+
     def list_sessions(
         self,
         status: SessionStatus | str | None = None,
@@ -572,6 +586,17 @@ class Operations:
         """
         sid = validation.session_id(session_id)
         return plan(store_call(Store.get_failures, sid), _most_first)
+
+    def list_workers(self, limit: int = 200) -> Plan[list[WorkerInfo]]:
+        """The worker processes the tracker has heard from, newest heartbeat first: when each was
+        last seen, how many nodes it runs now and up to 20 of them. ``WorkerInfo.seen_at(now,
+        worker_stale_after_s)`` tells a live worker from a silent one by the reaper's rule; a dead
+        worker stays listed until a reaper has taken its nodes.
+
+        Raises:
+            TrackerValidationError: a limit outside 1..1000.
+        """
+        return answer(store_call(Store.list_workers, _limit(limit)))
 
     def watched_children(self, limit: int = 1000) -> Plan[list[ChildWatch]]:
         """Child sessions whose end was not told to their parent yet, oldest first (for ``maintain``)."""
@@ -841,6 +866,8 @@ class _Verbs:
     get_structure = _Verb(Operations.get_structure)
     get_children = _Verb(Operations.get_children)
     get_failures = _Verb(Operations.get_failures)
+    get_node = _Verb(Operations.get_node)
+    list_workers = _Verb(Operations.list_workers)
     delete_session = _Verb(Operations.delete_session)
     reap_lost_nodes = _Verb(Operations.reap_lost_nodes)
     end_stalled_sessions = _Verb(Operations.end_stalled_sessions)

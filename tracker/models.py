@@ -323,6 +323,53 @@ class FailureGroup(_Model):
     node_ids: list[str] = Field(default_factory=list)
 
 
+class HeldNode(_Model):
+    """A node a worker process runs now, as its heartbeat registry holds it."""
+
+    session_id: str
+    node_id: str
+
+
+class WorkerInfo(_Model):
+    """A worker process as its heartbeats tell it (``list_workers``): when it was last seen and the
+    nodes it runs now. Made by the stores from the registry the reaper reads, so what an operator
+    sees is what decides whether its nodes are reaped."""
+
+    #: The worker process, ``hostname:pid`` (``celery@host:1234``).
+    worker: str
+    #: Its last heartbeat (or the last start of a node on it).
+    last_seen_at: datetime
+    #: How many nodes it runs now.
+    running: int = 0
+    #: Up to 20 of those nodes (``storage.base.WORKER_NODES_SHOWN``; all when it runs no more), sorted.
+    nodes: list[HeldNode] = Field(default_factory=list)
+
+    def seen_at(self, now: datetime, stale_after_s: float) -> WorkerStatus:
+        """This worker as read at ``now``: how long ago it was seen, and whether that is within
+        ``stale_after_s`` (``TRACKER_WORKER_STALE_AFTER_S``), the reaper's rule, so that a worker
+        shown silent is one whose nodes a reaper will take."""
+        # Never below 0: the heartbeat comes from another host's clock.
+        ago_s = max(0.0, round((now - self.last_seen_at).total_seconds(), 3))
+        return WorkerStatus(
+            worker=self.worker,
+            last_seen_at=self.last_seen_at,
+            running=self.running,
+            nodes=self.nodes,
+            seen_s_ago=ago_s,
+            alive=ago_s <= stale_after_s,
+        )
+
+
+class WorkerStatus(WorkerInfo):
+    """A worker process as read at one moment (:meth:`WorkerInfo.seen_at`): what the web API and
+    ``tracker workers --json`` answer."""
+
+    #: Seconds from its last heartbeat to the read.
+    seen_s_ago: float = Field(ge=0.0)
+    #: Seen within ``TRACKER_WORKER_STALE_AFTER_S`` seconds: not (yet) a reaper's suspect.
+    alive: bool
+
+
 class ResumeOutcome(_Model):
     """What a resume did: the session after it, and the nodes reset to ``pending`` to re-send."""
 

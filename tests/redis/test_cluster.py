@@ -41,6 +41,14 @@ from tests.contract.test_children import (
     test_a_node_waits_for_its_child_and_takes_its_success,
     test_a_resumed_node_waits_only_for_the_children_its_new_run_opens,
 )
+from tests.contract.test_dashboard_reads import (
+    test_a_node_leaves_its_worker_when_it_stops_running_and_a_heartbeat_moves_it_up,
+    test_a_silent_worker_shows_silent_then_leaves_once_reaped,
+    test_a_worker_running_many_nodes_names_twenty_and_counts_them_all,
+    test_get_node_answers_what_the_node_pages_hold,
+    test_get_node_tells_an_unknown_session_from_an_unknown_node,
+    test_workers_are_listed_newest_heartbeat_first_with_the_nodes_they_run,
+)
 from tests.contract.test_lost_nodes import (
     test_a_late_result_after_lost_counts_once_and_rederives_the_ended_status,
     test_a_resume_with_nothing_to_resend_ends_at_once,

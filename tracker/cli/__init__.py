@@ -61,7 +61,7 @@ def main(ctx: click.Context, app_spec: str | None, debug: bool) -> None:
 @_debug_option
 @click.pass_context
 def celery_command(ctx: click.Context, debug: bool) -> None:
-    """Tracker sessions of this app: run, status, list, watch, cancel, resume, cleanup, serve, demo."""
+    """Tracker sessions of this app: run, status, list, watch, workers, cancel, resume, cleanup, serve, demo."""
     setup_debug_logging(debug)
     # Celery's group loaded the -A app into its CLIContext; without -A it holds Celery's default
     # app, which knows nothing of the project, so the tracker default (workers.app) is used then.

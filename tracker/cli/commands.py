@@ -1,4 +1,4 @@
-"""The commands: demo, run, status, list, watch, failures, cancel, resume, cleanup, serve."""
+"""The commands: demo, run, status, list, watch, failures, workers, cancel, resume, cleanup, serve."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from tracker.cli.render import (
     print_report,
     session_hint,
     sessions_table,
+    workers_table,
 )
 from tracker.models import SessionInfo
 from tracker.states import TERMINAL_STATUSES, SessionStatus
@@ -246,6 +247,35 @@ def failures(state: CliState, session_id: str, as_json: bool) -> None:
 
 
 @click.command()
+@click.option(
+    "--limit", type=click.IntRange(1, 1000), default=200, show_default=True, help="Show at most this many workers."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the workers as JSON (the same fields as the web API).")
+@pass_state
+def workers(state: CliState, limit: int, as_json: bool) -> None:
+    """List the worker processes the tracker has heard from, newest heartbeat first.
+
+    Each is alive when it was seen within TRACKER_WORKER_STALE_AFTER_S seconds, silent otherwise
+    (a reaper will mark its running nodes lost, and then forget it); with how many nodes it runs
+    now and the first of them.
+    """
+    manager = state.manager()
+    found = manager.sync.list_workers(limit)
+    now = manager.clock()
+    listed = [worker.seen_at(now, manager.settings.worker_stale_after_s) for worker in found]
+    if as_json:
+        _echo_json([worker.to_dict() for worker in listed])
+        return
+    console = _out()
+    if not listed:
+        console.print("No workers: none has sent a heartbeat (or a reaper forgot the dead ones).")
+        if state.uses_memory_store:
+            console.print("TRACKER_REDIS_URL is not set: this looked in an empty in-memory store of its own.")
+        return
+    console.print(workers_table(listed))
+
+
+@click.command()
 @session_id_argument
 @click.option("--terminate", is_flag=True, help="Also kill tasks already running (Celery's revoke terminate=True).")
 @pass_state
@@ -388,4 +418,16 @@ def serve(state: CliState, host: str, port: int, log_level: str) -> None:
 
 
 #: Every command, in the order ``--help`` lists them.
-COMMANDS: tuple[click.Command, ...] = (demo, run, status, list_, watch, failures, cancel, resume, cleanup, serve)
+COMMANDS: tuple[click.Command, ...] = (
+    demo,
+    run,
+    status,
+    list_,
+    watch,
+    failures,
+    workers,
+    cancel,
+    resume,
+    cleanup,
+    serve,
+)

@@ -16,7 +16,7 @@ from rich.text import Text
 from tracker.errors import SessionNotFoundError
 from tracker.hints import pickup_hint
 from tracker.manager import SessionManager, nodes_of
-from tracker.models import FailureGroup, NodeResult
+from tracker.models import FailureGroup, NodeResult, WorkerStatus
 from tracker.states import TERMINAL_STATUSES, NodeStatus
 
 #: Node details (failures, slowest nodes) are read only for sessions up to this many nodes.
@@ -27,6 +27,8 @@ MAX_FAILURE_LINES = 20
 EVENT_WAIT_MS = 1000
 #: While events come, the status (its rate and ETA) is read again at most this often, in seconds.
 STATUS_EVERY_S = 1.0
+#: Nodes of a worker ``tracker workers`` names in its table (``--json`` has those the store read).
+WORKER_NODES_LISTED = 5
 #: Node results whose counters an event does not carry: seeing one, :func:`follow` re-reads the status.
 _UNCOUNTED_IN_EVENTS = frozenset({NodeStatus.CANCELLED, NodeStatus.SKIPPED})
 
@@ -412,4 +414,22 @@ def sessions_table(sessions: list[dict[str, Any]], width: int = 80) -> Table:
         if wide:
             row.append(datetime.fromisoformat(s["created_at"]).astimezone(UTC).strftime("%Y-%m-%d %H:%M"))
         table.add_row(*row)
+    return table
+
+
+def workers_table(workers: list[WorkerStatus]) -> Table:
+    """Worker processes by heartbeat (``list_workers``), newest first: alive or silent, when last
+    seen, how many nodes each runs, and the first of them (``session/node``: the session's short id)."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("Worker", no_wrap=True)
+    table.add_column("State", no_wrap=True)
+    table.add_column("Last seen (UTC)", no_wrap=True)
+    table.add_column("Running", justify="right", no_wrap=True)
+    table.add_column("First nodes", overflow="fold")
+    for worker in workers:
+        state = Text("alive", style="green") if worker.alive else Text("silent", style="red")
+        seen = f"{worker.last_seen_at.astimezone(UTC):%H:%M:%S} ({_span(worker.seen_s_ago)} ago)"
+        shown = " ".join(f"{node.session_id[:8]}/{node.node_id}" for node in worker.nodes[:WORKER_NODES_LISTED])
+        more = " …" if worker.running > min(len(worker.nodes), WORKER_NODES_LISTED) else ""
+        table.add_row(worker.worker, state, seen, str(worker.running), (shown or "-") + more)
     return table

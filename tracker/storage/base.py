@@ -27,12 +27,14 @@ from tracker.models import (
     NodeError,
     NodeOutcome,
     NodePage,
+    NodeResult,
     NodeSpec,
     ResumeOutcome,
     SessionEvent,
     SessionInfo,
     SessionPage,
     TransitionOutcome,
+    WorkerInfo,
 )
 from tracker.states import NodeStatus, SessionStatus
 from tracker.structure import Tree
@@ -66,6 +68,10 @@ class ChildWatch(NamedTuple):
     parent_session_id: str
     parent_node_id: str
 
+
+#: Nodes :meth:`SessionStorageAdapter.list_workers` names per worker (``running`` counts them all):
+#: enough to recognise what a worker is busy with, few enough that a page of workers stays small.
+WORKER_NODES_SHOWN = 20
 
 #: What a child session that did not complete does to its parent node: fail it, or nothing.
 CHILD_POLICIES = ("fail", "ignore")
@@ -323,6 +329,16 @@ class SessionStorageAdapter(Protocol):
             SessionNotFoundError: no such session.
         """
 
+    def list_workers(self, limit: int) -> list[WorkerInfo]:
+        """At most ``limit`` worker processes from the heartbeat registry, newest heartbeat first
+        (equal ones by name, last first), each with how many nodes it runs now and, sorted, up to
+        :data:`WORKER_NODES_SHOWN` of them (all when it runs no more). Costs the workers listed,
+        never their nodes.
+
+        Workers stay listed until a reaper takes a dead one out (once its nodes are reaped), so a
+        silent one shows until then: the reader compares ``last_seen_at`` with its clock.
+        """
+
     def watched_children(self, limit: int) -> list[ChildWatch]:
         """At most ``limit`` child sessions whose end was not told to their parent yet, oldest first:
         every session created with a parent is watched until :meth:`unwatch_child`."""
@@ -362,6 +378,14 @@ class SessionStorageAdapter(Protocol):
         Raises:
             SessionNotFoundError: no such session.
             TrackerValidationError: a cursor no page handed out.
+        """
+
+    def get_node(self, session_id: str, node_id: str) -> NodeResult:
+        """One node's latest record, read in one step with the session's existence (O(1)).
+
+        Raises:
+            SessionNotFoundError: no such session.
+            NodeNotFoundError: the session has no record of the node.
         """
 
     def list_sessions(

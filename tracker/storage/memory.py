@@ -15,6 +15,7 @@ from tracker import states
 from tracker.errors import (
     InvalidStateTransitionError,
     NodeLimitError,
+    NodeNotFoundError,
     SessionExistsError,
     SessionNotFoundError,
     TrackerValidationError,
@@ -24,6 +25,7 @@ from tracker.models import (
     BatchOutcome,
     ChildSession,
     FailureGroup,
+    HeldNode,
     NodeOutcome,
     NodePage,
     NodeResult,
@@ -33,11 +35,13 @@ from tracker.models import (
     SessionInfo,
     SessionPage,
     TransitionOutcome,
+    WorkerInfo,
     rate_and_eta,
 )
 from tracker.states import NodeStatus, SessionStatus
 from tracker.storage.aio import ThreadedAsyncStore
 from tracker.storage.base import (
+    WORKER_NODES_SHOWN,
     ChildWatch,
     NodeEvent,
     ResumePlanChanged,
@@ -596,6 +600,21 @@ class InMemoryStorageAdapter:
                 for kind, (n, text, first, last, ids) in groups
             ]
 
+    def list_workers(self, limit: int) -> list[WorkerInfo]:
+        with self._lock:
+            # As Redis orders a ZREVRANGE: highest score first, equal scores by member, last first.
+            newest = sorted(self._workers.items(), key=lambda item: (item[1], item[0]), reverse=True)[:limit]
+            held = {worker: sorted(self._held.get(worker, ())) for worker, _ in newest}
+        return [
+            WorkerInfo(
+                worker=worker,
+                last_seen_at=seen_at,
+                running=len(held[worker]),
+                nodes=[HeldNode(session_id=sid, node_id=nid) for sid, nid in held[worker][:WORKER_NODES_SHOWN]],
+            )
+            for worker, seen_at in newest
+        ]
+
     def watched_children(self, limit: int) -> list[ChildWatch]:
         with self._lock:
             return list(self._watched)[:limit]
@@ -657,6 +676,13 @@ class InMemoryStorageAdapter:
         start = _position(cursor)
         end = start + limit
         return NodePage(nodes=nodes[start:end], next_cursor=str(end) if end < len(nodes) else None)
+
+    def get_node(self, session_id: str, node_id: str) -> NodeResult:
+        with self._lock:
+            node = self._entry(session_id).nodes.get(node_id)
+        if node is None:
+            raise NodeNotFoundError(session_id, node_id)
+        return node
 
     def list_sessions(
         self,

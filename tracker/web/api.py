@@ -5,6 +5,7 @@ itself (:class:`TrackerRoute`), so they do so in the user's app too, without app
 
 =================================  ====
 ``SessionNotFoundError``           404
+``NodeNotFoundError``              404
 ``TrackerValidationError``         422
 ``InvalidStateTransitionError``    409
 ``SessionExistsError``             409
@@ -17,10 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import stat
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any
+from pathlib import Path as FilePath
+from pathlib import PurePosixPath
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response, status
@@ -30,9 +35,11 @@ from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
 from tracker import validation
+from tracker.canvas import CanvasError, CanvasNode, load_canvas
 from tracker.config import TrackerSettings
 from tracker.errors import (
     InvalidStateTransitionError,
+    NodeNotFoundError,
     SessionExistsError,
     SessionNotFoundError,
     StorageUnavailableError,
@@ -42,7 +49,15 @@ from tracker.errors import (
 )
 from tracker.hints import pickup_hint
 from tracker.manager import SessionManager
-from tracker.models import ChildSession, FailureGroup, NodePage, ParallelTaskStatus, SessionInfo
+from tracker.models import (
+    ChildSession,
+    FailureGroup,
+    NodePage,
+    NodeResult,
+    ParallelTaskStatus,
+    SessionInfo,
+    WorkerStatus,
+)
 from tracker.states import NodeStatus, SessionStatus
 from tracker.web.auth import read_access, write_access
 from tracker.web.events import StreamLimiter, plan_start, session_stream
@@ -58,8 +73,14 @@ NODE_ID_PATTERN = r"^[A-Za-z0-9._:@/+=-]{1,200}$"
 #: A stream entry id, ``<milliseconds>-<sequence>`` (what :func:`tracker.validation.event_id` accepts).
 EVENT_ID_PATTERN = r"^[0-9]{1,20}(-[0-9]{1,20})?$"
 
+#: Largest canvas file ``GET …/canvas`` reads, in bytes.
+MAX_CANVAS_BYTES = 16 * 1024 * 1024
+#: Longest label of a node in a canvas layout, in characters.
+MAX_CANVAS_LABEL_CHARS = 80
+
 _ERROR_STATUS: tuple[tuple[type[TrackerError], int], ...] = (
     (SessionNotFoundError, status.HTTP_404_NOT_FOUND),
+    (NodeNotFoundError, status.HTTP_404_NOT_FOUND),
     (TrackerValidationError, status.HTTP_422_UNPROCESSABLE_CONTENT),
     (InvalidStateTransitionError, status.HTTP_409_CONFLICT),
     (SessionExistsError, status.HTTP_409_CONFLICT),
@@ -112,6 +133,38 @@ class ResumeResult(BaseModel):
     session: ParallelTaskStatus
 
 
+class CanvasNodeView(BaseModel):
+    """A node of a canvas layout: where it is drawn, and a short label."""
+
+    #: The canvas node id: a work node's is its node id in the session.
+    id: str
+    type: Literal["text", "file", "link", "group"]
+    x: int
+    y: int
+    width: int
+    height: int
+    #: The first line of a text node, a file node's file name, a link's URL, a group's label ('' for none).
+    label: str
+
+
+class CanvasEdgeView(BaseModel):
+    """An edge of a canvas layout."""
+
+    from_node: str
+    to_node: str
+
+
+class CanvasLayout(BaseModel):
+    """A session's JSON Canvas file, reduced to what draws it: boxes, labels and arrows."""
+
+    nodes: list[CanvasNodeView]
+    edges: list[CanvasEdgeView]
+
+
+class CanvasUnavailable(Exception):
+    """A session's canvas file is not served; the message says why, in one sentence (a 404's detail)."""
+
+
 class ErrorDetail(BaseModel):
     """The body of every error answer."""
 
@@ -135,11 +188,13 @@ NodeCursor = Annotated[
 ]
 
 
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+def _errors(
+    *codes: int, not_found: str = "No such session (never created, expired or removed)."
+) -> dict[int | str, dict[str, Any]]:
     reasons = {
         401: "Missing or wrong bearer token (only when the server has a token).",
         403: "Mutations are disabled: the server has no API token.",
-        404: "No such session (never created, expired or removed).",
+        404: not_found,
         409: "The session's status does not allow this.",
         422: "Malformed id, cursor, filter or Last-Event-ID.",
         503: "The store (or, for cancel and resume, the broker) is unavailable; or too many event streams.",
@@ -257,6 +312,20 @@ def create_router(
         return await ctx.manager.get_nodes(_sid(session_id), status_filter, cursor, limit)
 
     @router.get(
+        "/sessions/{session_id}/nodes/{node_id:path}",
+        response_model=NodeResult,
+        responses=_errors(404, 422, 503, not_found="No such session, or the session has no record of this node."),
+        summary="One node of a session",
+    )
+    async def get_node(
+        session_id: SessionIdPath,
+        node_id: Annotated[str, Path(pattern=NODE_ID_PATTERN, description="The node id (it may hold `/`).")],
+    ) -> NodeResult:
+        """One node's status, result or error, attempts, worker and times: one store read. 404 when
+        the session has no record of it (not created with it, and no event of it recorded yet)."""
+        return await ctx.manager.get_node(_sid(session_id), node_id)
+
+    @router.get(
         "/sessions/{session_id}/children",
         response_model=list[ChildSession],
         responses=_errors(404, 422, 503),
@@ -280,6 +349,44 @@ def create_router(
         the first message, first and last seen, a few node ids. Re-run one group with
         `POST …/resume?error_type=<type>`."""
         return await ctx.manager.get_failures(_sid(session_id))
+
+    @router.get(
+        "/sessions/{session_id}/canvas",
+        response_model=CanvasLayout,
+        responses=_errors(
+            404, 422, 503, not_found="No such session, or its canvas file is not served (the detail says why)."
+        ),
+        summary="Canvas layout of a session",
+    )
+    async def get_canvas(session_id: SessionIdPath) -> CanvasLayout:
+        """The layout of the JSON Canvas file the session was dispatched from (`tracker run
+        FILE.canvas`): each node's box and a short label, and the edges; a work node's id is its
+        node id in the session. Served only from a `.canvas` file of at most 16 MiB that resolves
+        inside `TRACKER_CANVAS_DIR` (default: the server's working directory); otherwise 404, the
+        detail saying why."""
+        info = await ctx.manager.get_session(_sid(session_id))
+        try:
+            # Resolving and reading a file blocks: a thread, so the event loop keeps serving.
+            return await asyncio.to_thread(canvas_layout, info.canvas_path, ctx.web.canvas_dir)
+        except CanvasUnavailable as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from None
+
+    @router.get(
+        "/workers",
+        response_model=list[WorkerStatus],
+        responses=_errors(422, 503),
+        summary="Worker processes by heartbeat",
+    )
+    async def list_workers(
+        limit: Annotated[int, Query(ge=1, le=1000, description="List at most this many workers.")] = 200,
+    ) -> list[WorkerStatus]:
+        """The worker processes the tracker has heard from, newest heartbeat first: when each was
+        last seen (`seen_s_ago` by the server's clock), whether that is within
+        `TRACKER_WORKER_STALE_AFTER_S` (`alive`: the reaper's rule), how many nodes it runs now and
+        up to 20 of them, sorted. A dead worker stays listed, not alive, until a reaper took its nodes."""
+        workers = await ctx.manager.list_workers(limit)
+        now = ctx.manager.clock()
+        return [worker.seen_at(now, ctx.settings.worker_stale_after_s) for worker in workers]
 
     @router.get(
         "/sessions/{session_id}/events",
@@ -403,6 +510,61 @@ def create_router(
         return ResumeResult(resent_nodes=resent, session=view(info))
 
     return router
+
+
+def canvas_layout(canvas_path: str, canvas_dir: FilePath | None) -> CanvasLayout:
+    """The layout of the canvas file at ``canvas_path``, resolved against ``canvas_dir`` (None: the
+    working directory); blocking, so run it in a thread.
+
+    A session's canvas path is text its creator chose, so it is served only when it names a
+    ``.canvas`` file whose real path (``..`` and symlinks resolved) lies inside ``canvas_dir``,
+    of at most :data:`MAX_CANVAS_BYTES`, that :func:`tracker.canvas.load_canvas` accepts.
+
+    Raises:
+        CanvasUnavailable: it is not served; the message says why.
+    """
+    if not canvas_path.endswith(".canvas"):
+        raise CanvasUnavailable("the session's canvas path does not name a .canvas file")
+    try:
+        base = os.path.realpath(canvas_dir if canvas_dir is not None else os.getcwd())
+        # An absolute canvas path replaces the base in the join; either way the real path decides.
+        real = FilePath(os.path.realpath(os.path.join(base, canvas_path)))
+    except (OSError, ValueError):
+        raise CanvasUnavailable("the session's canvas path cannot be resolved") from None
+    if not real.is_relative_to(base):
+        raise CanvasUnavailable("the session's canvas file is not under TRACKER_CANVAS_DIR")
+    if real.suffix != ".canvas":
+        raise CanvasUnavailable("the session's canvas path leads to a file that is not a .canvas file")
+    try:
+        found = real.stat()
+    except OSError:
+        raise CanvasUnavailable("the session's canvas file does not exist (any more)") from None
+    if not stat.S_ISREG(found.st_mode):
+        raise CanvasUnavailable("the session's canvas path is not a regular file")
+    if found.st_size > MAX_CANVAS_BYTES:
+        raise CanvasUnavailable(f"the session's canvas file is larger than {MAX_CANVAS_BYTES // 2**20} MiB")
+    try:
+        canvas = load_canvas(real)
+    except CanvasError:
+        raise CanvasUnavailable("the session's canvas file is not valid JSON Canvas 1.0") from None
+    box = {"id", "type", "x", "y", "width", "height"}
+    return CanvasLayout(
+        nodes=[CanvasNodeView(**node.model_dump(include=box), label=_label(node)) for node in canvas.nodes],
+        edges=[CanvasEdgeView(from_node=edge.from_node, to_node=edge.to_node) for edge in canvas.edges],
+    )
+
+
+def _label(node: CanvasNode) -> str:
+    """A canvas node's short label (see :class:`CanvasNodeView`), cut to :data:`MAX_CANVAS_LABEL_CHARS`."""
+    if node.type == "text":
+        text = next((line.strip() for line in (node.text or "").splitlines() if line.strip()), "")
+    elif node.type == "file":
+        text = PurePosixPath(node.file or "").name
+    elif node.type == "link":
+        text = node.url or ""
+    else:
+        text = node.label or ""
+    return text if len(text) <= MAX_CANVAS_LABEL_CHARS else text[: MAX_CANVAS_LABEL_CHARS - 1] + "…"
 
 
 async def _broker_call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

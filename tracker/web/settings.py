@@ -6,6 +6,8 @@ secret for every part of the tracker. What is here only concerns serving HTTP.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -39,3 +41,8 @@ class WebSettings(BaseSettings):
     dashboard_cookie_ttl_s: int = Field(default=8 * 3600, ge=60)
     #: Serve the dashboard page (``/dashboard``) next to the API.
     dashboard: bool = True
+    #: The directory whose ``.canvas`` files the API may serve as a session's layout
+    #: (``GET …/sessions/{id}/canvas``): a session's relative canvas path is read from here, and a
+    #: file that resolves outside it (``..``, a symlink) is never read. None: the server's working
+    #: directory, where ``tracker run FILE.canvas`` is usually run from too.
+    canvas_dir: Path | None = None

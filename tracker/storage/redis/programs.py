@@ -16,6 +16,7 @@ from tracker import validation
 from tracker.errors import (
     InvalidStateTransitionError,
     NodeLimitError,
+    NodeNotFoundError,
     SessionExistsError,
     SessionNotFoundError,
     StorageUnavailableError,
@@ -26,6 +27,7 @@ from tracker.models import (
     BatchOutcome,
     ChildSession,
     FailureGroup,
+    HeldNode,
     NodeOutcome,
     NodePage,
     NodeResult,
@@ -35,11 +37,13 @@ from tracker.models import (
     SessionInfo,
     SessionPage,
     TransitionOutcome,
+    WorkerInfo,
     ms_from_utc,
     utc_from_ms,
 )
 from tracker.states import NodeStatus, SessionStatus
 from tracker.storage.base import (
+    WORKER_NODES_SHOWN,
     ChildWatch,
     NodeEvent,
     ResumePlanChanged,
@@ -468,6 +472,35 @@ class RedisPrograms:
         fields = found if isinstance(found, dict) else codec.flat_dict(found)
         return [codec.failure_group(codec.text(k), codec.text(v)) for k, v in fields.items()]
 
+    def list_workers(self, limit: int) -> Program[list[WorkerInfo]]:
+        # Two round trips: the page of the registry, then for each worker on it the size of its
+        # set and a bounded sample of it. The registry keys are global (no hash tag), so each
+        # lives in a slot of its own on a Cluster: plain commands, which a pipeline sends to each
+        # key's node, never a script.
+        (found,) = yield [("ZREVRANGE", self.keys.workers, 0, limit - 1, "WITHSCORES")]
+        seen = [(codec.text(worker), int(float(score))) for worker, score in found]
+        if not seen:
+            return []
+        reads: list[Command] = []
+        for worker, _ in seen:
+            held = self.keys.held(worker)
+            # SRANDMEMBER with a positive count: distinct members, the whole set when it is that
+            # small (a worker runs about its concurrency), O(count) when it is not.
+            reads += [("SCARD", held), ("SRANDMEMBER", held, WORKER_NODES_SHOWN)]
+        replies = yield reads
+        workers: list[WorkerInfo] = []
+        for (worker, ms), running, members in zip(seen, replies[0::2], replies[1::2], strict=True):
+            pairs = sorted(codec.text(member).partition(" ")[0::2] for member in members or [])
+            workers.append(
+                WorkerInfo(
+                    worker=worker,
+                    last_seen_at=codec.utc(ms),
+                    running=int(running),
+                    nodes=[HeldNode(session_id=sid, node_id=nid) for sid, nid in pairs],
+                )
+            )
+        return workers
+
     def watched_children(self, limit: int) -> Program[list[ChildWatch]]:
         found = (yield [("ZRANGE", self.keys.children_index, 0, limit - 1)])[0]
         return [ChildWatch(*codec.text(member).split(" ")) for member in found]
@@ -596,6 +629,15 @@ class RedisPrograms:
             nodes=[codec.node_from_record(codec.text(k), codec.text(v)) for k, v in fields.items()],
             next_cursor=None if next_cursor == "0" else next_cursor,
         )
+
+    def get_node(self, session_id: str, node_id: str) -> Program[NodeResult]:
+        sk = self._session_keys(session_id)
+        exists, record = yield [("EXISTS", sk.session), ("HGET", sk.nodes, node_id)]
+        if not exists:
+            raise SessionNotFoundError(session_id)
+        if record is None:
+            raise NodeNotFoundError(session_id, node_id)
+        return codec.node_from_record(node_id, codec.text(record))
 
     def _nodes_by_status(
         self, session_id: str, sk: SessionKeys, status: NodeStatus, cursor: str | None, limit: int
