@@ -305,3 +305,30 @@ async def test_concurrent_streams_are_capped_and_slots_come_back(web_manager: Se
                         break
                 assert time.monotonic() < deadline, "the stream slots were never released"
                 await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_reader_lapped_by_the_writers_gets_a_fresh_snapshot_not_a_gap(
+    kind: str, redis_url: str, key_prefix: str
+) -> None:
+    from tracker.web.events import plan_start, session_stream
+
+    # Given an open stream (capped at ~10 entries) that has sent its snapshot
+    store = make_store(kind, redis_url, key_prefix, events_maxlen=10)
+    manager = SessionManager(storage=store, settings=TrackerSettings(events_maxlen=10))
+    sid = manager.sync.create_session("batch.canvas", 300)
+    stream = session_stream(manager, sid, await plan_start(manager, sid, None), block_ms=50, batch=5, retry_ms=0)
+    assert (await anext(stream)).comment
+    assert (await anext(stream)).event == "snapshot"
+
+    # When the writers add far more entries than the cap before the reader reads on
+    for i in range(200):
+        await manager._record_node(sid, f"n{i:03d}", "completed", i)
+
+    # Then the reader's next event is a snapshot with the exact counts, not entries after a gap
+    nxt = await anext(stream)
+    assert nxt.event == "snapshot", nxt
+    assert '"completed_nodes":200' in nxt.data
+    assert nxt.id == stream_ids(manager, sid)[-1]
+    await stream.aclose()
+    store.close()

@@ -21,7 +21,9 @@ lost, none repeated, because ids are the stream's own monotonic entry ids.
 Streams are capped (``TRACKER_EVENTS_MAXLEN``, about 1000 entries, trimmed approximately). When
 the entries right after a client's id have been trimmed away, exact replay is impossible; the
 client then gets a fresh ``snapshot`` (with the newest id) and the stream from there. The gap is
-detected because a stream that was never trimmed still starts with its ``created`` entry.
+detected because a stream that was never trimmed still starts with its ``created`` entry. The
+same holds within one connection: a client that falls more than the cap behind the writers gets
+a fresh ``snapshot`` where its entries were trimmed, never a silent gap.
 
 Reads never block the event loop: each read waits at most ``sse_block_ms`` inside the store's
 asyncio call (``XREAD BLOCK`` on Redis, a worker thread for the in-memory store).
@@ -109,6 +111,12 @@ async def _newest_id(manager: SessionManager, session_id: str) -> str:
             return newest
 
 
+async def _trimmed_past(manager: SessionManager, session_id: str, event_id: str) -> bool:
+    """The stream has lost entries right after ``event_id`` (trimmed by its cap)."""
+    oldest = await manager.read_events(session_id, limit=1)
+    return bool(oldest) and oldest[0].type != "created" and _event_key(event_id) < _event_key(oldest[0].id)
+
+
 async def plan_start(
     manager: SessionManager, session_id: str, last_event_id: str | None, *, hint_after_s: float | None = None
 ) -> StreamStart:
@@ -126,11 +134,8 @@ async def plan_start(
         StorageUnavailableError: the store is down.
     """
     info = await manager.get_session(session_id)
-    if last_event_id is not None:
-        oldest = await manager.read_events(session_id, limit=1)
-        trimmed = bool(oldest) and oldest[0].type != "created" and _event_key(last_event_id) < _event_key(oldest[0].id)
-        if not trimmed:
-            return StreamStart(after=last_event_id, status=info.status)
+    if last_event_id is not None and not await _trimmed_past(manager, session_id, last_event_id):
+        return StreamStart(after=last_event_id, status=info.status)
     # The newest id is read before the snapshot: the snapshot is then at least as new as every
     # entry up to that id, and entries after it are sent (again, harmlessly: absolute counters).
     newest = await _newest_id(manager, session_id)
@@ -172,15 +177,22 @@ async def session_stream(
     """
     try:
         yield ServerSentEvent(comment=f"session {session_id}", retry=retry_ms)
-        if start.snapshot is not None:
-            data = json.dumps(start.snapshot.to_dict(), separators=(",", ":"))
-            yield ServerSentEvent(data=data, event="snapshot", id=start.after)
-        after, status = start.after, start.status
+        snapshot, after, status = start.snapshot, start.after, start.status
         while True:
+            if snapshot is not None:
+                data = json.dumps(snapshot.to_dict(), separators=(",", ":"))
+                yield ServerSentEvent(data=data, event="snapshot", id=after)
+                snapshot = None
             try:
                 events = await manager.read_events(
                     session_id, after=after, limit=batch, block_ms=None if status.is_terminal else block_ms
                 )
+                # A client slower than the writers (more than the cap behind) would miss the
+                # trimmed entries without knowing: it gets a fresh snapshot instead, as on a reconnect.
+                if events and await _trimmed_past(manager, session_id, after):
+                    fresh = await plan_start(manager, session_id, None)
+                    snapshot, after, status = fresh.snapshot, fresh.after, fresh.status
+                    continue
             except SessionNotFoundError:
                 yield _end(None, "not_found")
                 return
