@@ -31,7 +31,7 @@ from tracker.celery import dispatch, resume_session
 Shape = tuple[Any, ...]
 
 MAX_LEAVES = 30
-EXAMPLES = int(os.environ.get("TRACKER_CANVAS_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("TRACKER_CANVAS_EXAMPLES", "15"))
 #: Set to draw new canvases each run (by default every run tries the same ones).
 RANDOM = os.environ.get("TRACKER_CANVAS_RANDOM") == "1"
 

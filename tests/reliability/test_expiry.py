@@ -30,7 +30,7 @@ TIMEOUT_S = 600.0
 SESSIONS = 60
 #: Fake seconds the clock moves between two cleanups.
 STEP_S = 30.0
-STEPS = 120
+STEPS = 80
 WRITERS = 3
 
 
@@ -81,7 +81,7 @@ def test_cleanup_under_concurrent_writes_only_removes_sessions_idle_past_the_tim
                 log.writes[sid].append(outcome.session.updated_at)
                 log.count += 1
 
-    # When cleanup runs every 30 fake seconds for an hour of fake time while 3 threads keep writing
+    # When cleanup runs every 30 fake seconds for 40 fake minutes while 3 threads keep writing
     writers = [threading.Thread(target=write, args=(seed,)) for seed in range(WRITERS)]
     for thread in writers:
         thread.start()

@@ -254,7 +254,10 @@ def session_app(start_redis: StartRedis, key_prefix: str, **web: Any) -> tuple[S
 
 
 #: Routes that answer without the token: the dashboard's shell (no data in it), its login and the API's schema.
-PUBLIC = {"/dashboard", "/dashboard/static/{name}", "/dashboard/login", "/dashboard/logout", "/openapi.json",
+# The dashboard's shell at each of its addresses, its files, its login and whether it needs one
+# (no data in any of them), the favicon and the OpenAPI pages.
+PUBLIC = {"/dashboard", "/dashboard/workers", "/dashboard/sessions/{session_id}", "/dashboard/static/{name:path}",
+          "/dashboard/state", "/dashboard/login", "/dashboard/logout", "/favicon.ico", "/openapi.json",
           "/docs", "/docs/oauth2-redirect", "/redoc"}  # fmt: skip
 
 

@@ -558,11 +558,7 @@
 
   async function refreshOne(id) {
     update(await api(`status/${id}`));
-    if (state.selected === id) {
-      if (!state.nodesLoaded && !state.nodesLoading) await loadAllNodes(id);
-      scheduleFailures();
-      scheduleChildren();
-    }
+    if (state.selected === id && !state.nodesLoaded && !state.nodesLoading) await loadAllNodes(id);
     followStreams();
   }
 
@@ -719,9 +715,9 @@
       if (session && state.streams.has(id)) update({ ...session, ...countNodes() });
       drawMap(true);
       renderNodes();
-      scheduleChart();
+      drawChart();
     } finally {
-      state.nodesLoading = false;
+      if (state.selected === id) state.nodesLoading = false;
     }
   }
 
@@ -1024,8 +1020,9 @@
     const first = Math.floor(start / step) * step;
     const buckets = new Array(Math.floor((end - first) / step) + 1).fill(0);
     for (const t of times) buckets[Math.floor((t - first) / step)] += 1;
-    const xs = buckets.map((_, i) => first + i * step);
-    const ys = buckets.map((count) => count / step);
+    // An empty interval on each side: a batch that finished within one interval still draws a step.
+    const xs = [first - step, ...buckets.map((_, i) => first + i * step), first + buckets.length * step];
+    const ys = [0, ...buckets.map((count) => count / step), 0];
     const data = [xs, ys];
     if (!state.chart) {
       state.chart = new window.uPlot({
