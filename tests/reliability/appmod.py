@@ -42,6 +42,8 @@ app.conf.update(
         "visibility_timeout": int(os.environ.get("TRACKER_REL_VISIBILITY", "3600")),
         "unacked_restore_interval": 1,
         "unacked_restore_throttle": 1,
+        # A worker killed while it sweeps holds the restore lock this long (kombu's default: 300 s).
+        "unacked_mutex_expire": 3,
     },
     broker_connection_retry_on_startup=True,
 )

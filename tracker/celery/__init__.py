@@ -101,8 +101,9 @@ _VISIBILITY_BROKERS = {"redis", "rediss", "sentinel", "sqs"}
 def stalled_after_s(app: Celery, settings: TrackerSettings) -> float:
     """How long a session may wait, after a worker died, before its unfinished nodes are presumed
     lost with it: ``TRACKER_STALLED_AFTER_S`` when set, else the longest the app's broker takes to
-    redeliver a dead worker's messages (its visibility timeout and restore sweep), plus twice
-    ``worker_stale_after_s`` (the reaper's own delay)."""
+    redeliver a dead worker's messages (its visibility timeout and restore sweep, and on Redis the
+    restore lock a worker killed while sweeping leaves held), plus twice ``worker_stale_after_s``
+    (the reaper's own delay)."""
     if settings.stalled_after_s is not None:
         return settings.stalled_after_s
     scheme = urlsplit(str(app.conf.broker_url or "")).scheme.split("+")[0]
@@ -112,7 +113,10 @@ def stalled_after_s(app: Celery, settings: TrackerSettings) -> float:
         # kombu's Redis transport looks for messages to restore every interval x throttle seconds.
         interval, throttle = options.get("unacked_restore_interval", 10), options.get("unacked_restore_throttle", 10)
         sweep_s = float(interval) * float(throttle)
-        wait_s = float(options.get("visibility_timeout", 3600)) + (sweep_s if scheme != "sqs" else 0.0)
+        # A worker killed in the middle of a sweep leaves kombu's restore lock held until it
+        # expires: no consumer restores anything before then.
+        lock_s = float(options.get("unacked_mutex_expire", 300))
+        wait_s = float(options.get("visibility_timeout", 3600)) + (sweep_s + lock_s if scheme != "sqs" else 0.0)
     return wait_s + 2 * settings.worker_stale_after_s
 
 
