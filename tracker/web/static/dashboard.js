@@ -51,6 +51,7 @@
     nodeCounts: Object.fromEntries(NODE_STATUSES.map((s) => [s, 0])), // of those nodes, by status
     order: [], // node ids in map order (sorted once, later ones appended)
     nodesLoaded: false,
+    nodesLoading: false,
     pendingEvents: [], // node events that came while the nodes were being read
     nodeOffset: 0,
     sort: { key: "node_id", dir: 1 },
