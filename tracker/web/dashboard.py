@@ -73,7 +73,7 @@ def _page(request: Request) -> Response:
 
 
 def create_dashboard_router(settings: TrackerSettings, web_settings: WebSettings) -> APIRouter:
-    """The dashboard page, its two static files, and the login and logout routes.
+    """The dashboard page at each of its addresses, its static files, its login routes and the favicon.
 
     Args:
         settings: Tracker settings (the API token).
@@ -111,7 +111,7 @@ def create_dashboard_router(settings: TrackerSettings, web_settings: WebSettings
 
     @router.get("/dashboard/static/{name:path}", include_in_schema=False)
     async def static_file(name: str) -> Response:
-        """The dashboard's script and style sheet."""
+        """The dashboard's script, style sheet, icon and vendored library (only those listed)."""
         media_type = STATIC_FILES.get(name)
         if media_type is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such file")
