@@ -64,7 +64,6 @@
     lastOk: null,
     offline: false,
     eventsApplied: 0, // stream events applied to the page (tells live updates from list refreshes)
-    frames: null,
   };
   window.trackerDashboard = state; // for curious people with a console (and for tests)
 
@@ -295,6 +294,12 @@
     return { status: $("status-filter").value, tag: $("tag-filter").value.trim(), path: $("path-filter").value };
   }
 
+  // A `?refresh=` given to the page stays in its address as the view's own parameters change.
+  function keepRefresh(query) {
+    const refresh = new URLSearchParams(window.location.search).get("refresh");
+    if (refresh) query.set("refresh", refresh);
+  }
+
   function readListFilters() {
     const query = new URLSearchParams(window.location.search);
     $("status-filter").value = query.get("status") || "";
@@ -305,8 +310,7 @@
   function writeListFilters() {
     const query = new URLSearchParams();
     for (const [key, value] of Object.entries(listFilters())) if (value) query.set(key, value);
-    const refresh = new URLSearchParams(window.location.search).get("refresh");
-    if (refresh) query.set("refresh", refresh);
+    keepRefresh(query);
     window.history.replaceState(null, "", `${BASE_PATH}dashboard${query.size ? `?${query}` : ""}`);
   }
 
@@ -414,7 +418,7 @@
     row.querySelector(".progress-cell .label").textContent =
       `${Math.round(Number(session.progress_percent) * 10) / 10} %${extra ? ` · ${extra}` : ""}`;
     row.querySelector(".counts").textContent =
-      `${session.completed_nodes} / ${session.failed_nodes} / ${session.running_nodes} / ${session.pending_nodes}` +
+      `${session.completed_nodes} / ${session.failed_nodes} / ${session.running_nodes} / ${counts(session).pending}` +
       ` of ${session.node_count}`;
     row.querySelector(".counts").title = "completed / failed / running / pending of all nodes";
     row.querySelector(".updated").textContent = when(session.updated_at);
@@ -521,40 +525,43 @@
       updated_at: event.at,
     };
     if (event.type === "node" && event.node_status) {
-      // The running, retrying, skipped, lost and cancelled counts are not in the event; the open
-      // session's are counted from its nodes, the others' are exact again at the next read. A
-      // skipped node never started: it leaves pending, not running. A node waiting for Celery's
-      // retry is counted apart from running until its next attempt starts or it ends.
-      if (!state.retrying.has(id)) state.retrying.set(id, new Set());
-      const waiting = state.retrying.get(id);
-      let running = session.running_nodes;
-      let retrying = session.retrying_nodes || 0;
-      if (waiting.delete(event.node_id)) retrying -= 1;
-      else if (["retrying", "completed", "failed", "lost", "cancelled"].includes(event.node_status)) running -= 1;
-      if (event.node_status === "running") running += 1;
-      if (event.node_status === "retrying") {
-        retrying += 1;
-        waiting.add(event.node_id);
-      }
-      merged.running_nodes = Math.min(Math.max(0, running), session.node_count);
-      merged.retrying_nodes = Math.min(Math.max(0, retrying), session.node_count);
-      if (event.node_status === "skipped") {
-        merged.skipped_nodes = Math.min((session.skipped_nodes || 0) + 1,
-          Math.max(0, session.node_count - merged.completed_nodes - merged.failed_nodes - merged.cancelled_nodes));
-      }
-      if (state.selected === id) {
-        nodeEvent(event);
-        if (state.nodesLoaded) Object.assign(merged, countNodes());
-      }
+      if (state.selected === id) nodeEvent(event);
+      // The open session's counts come from its nodes; the others' are estimated from the event
+      // until the next read makes them exact.
+      Object.assign(merged, state.selected === id && state.nodesLoaded ? countNodes() : estimate(id, session, merged, event));
     }
-    merged.pending_nodes = Math.max(0, merged.node_count - merged.completed_nodes - merged.failed_nodes -
-      merged.cancelled_nodes - (merged.skipped_nodes || 0) - (merged.lost_nodes || 0) - merged.running_nodes -
-      (merged.retrying_nodes || 0));
     if (event.type === "child" && state.selected === id) scheduleChildren();
     if (["reset", "added", "status"].includes(event.type) && state.selected === id) {
       scheduleRefreshOne(id);
     }
     update(merged);
+  }
+
+  // The running, retrying and skipped counts are not in a node event. A skipped node never
+  // started: it leaves pending, not running. A node waiting for Celery's retry is counted apart
+  // from running until its next attempt starts or it ends; the nodes seen entering retrying here
+  // are remembered, so that their next event takes them out of retrying rather than out of running.
+  function estimate(id, session, merged, event) {
+    if (!state.retrying.has(id)) state.retrying.set(id, new Set());
+    const waiting = state.retrying.get(id);
+    let running = session.running_nodes;
+    let retrying = session.retrying_nodes || 0;
+    if (waiting.delete(event.node_id)) retrying -= 1;
+    else if (["retrying", "completed", "failed", "lost", "cancelled"].includes(event.node_status)) running -= 1;
+    if (event.node_status === "running") running += 1;
+    if (event.node_status === "retrying") {
+      retrying += 1;
+      waiting.add(event.node_id);
+    }
+    const out = {
+      running_nodes: Math.min(Math.max(0, running), session.node_count),
+      retrying_nodes: Math.min(Math.max(0, retrying), session.node_count),
+    };
+    if (event.node_status === "skipped") {
+      out.skipped_nodes = Math.min((session.skipped_nodes || 0) + 1,
+        Math.max(0, session.node_count - merged.completed_nodes - merged.failed_nodes - merged.cancelled_nodes));
+    }
+    return out;
   }
 
   async function refreshOne(id) {
@@ -1057,8 +1064,7 @@
     if (state.sort.key !== "node_id" || state.sort.dir !== 1) query.set("sort", `${state.sort.dir < 0 ? "-" : ""}${state.sort.key}`);
     const node = nodeId === undefined ? new URLSearchParams(window.location.search).get("node") : nodeId;
     if (node) query.set("node", node);
-    const refresh = new URLSearchParams(window.location.search).get("refresh");
-    if (refresh) query.set("refresh", refresh);
+    keepRefresh(query);
     window.history.replaceState(null, "", `${BASE_PATH}${sessionHref(state.selected, query.toString())}`);
   }
 
