@@ -35,6 +35,9 @@ from tracker.states import (
 )
 from tracker.storage import InMemoryStorageAdapter, SessionStorageAdapter
 
+# RedisStorageAdapter, as tracker.storage gives it: redis is imported when it is first asked for.
+from tracker.storage import __getattr__ as __getattr__
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -75,11 +78,3 @@ __all__ = [
     "SyncSessionManager",
     "TrackerSettings",
 ]
-
-
-def __getattr__(name: str) -> object:
-    if name == "RedisStorageAdapter":
-        from tracker.storage.redis import RedisStorageAdapter
-
-        return RedisStorageAdapter
-    raise AttributeError(name)

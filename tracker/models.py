@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -294,18 +296,33 @@ class NodeOutcome(_Model):
     first_failure: str | None = None
 
 
-class BatchOutcome(_Model):
-    """What recording a batch of node events (one store call) did."""
+@dataclass(frozen=True, eq=False)
+class BatchOutcome:
+    """What recording a batch of node events (one store call) did.
 
-    session: SessionInfo
+    The session after the call is read (from the store's reply) when :attr:`session` is first
+    asked for: a task's handler asks only when its call ended the session or told it to send a
+    callback, and most calls do neither.
+    """
+
+    #: Reads the session after the call; :attr:`session` calls it once.
+    read_session: Callable[[], SessionInfo] = field(repr=False)
     #: Set when this very call finished the session (exactly one caller sees it).
     finished: SessionStatus | None = None
-    #: Nodes of conditional events (the reaper's) that were not applied: the condition no longer held.
-    skipped: list[str] = Field(default_factory=list)
     #: This call made the session ``completed`` for the first time in its life (exactly one caller).
     succeeded: bool = False
     #: The node whose failure was the session's first for good, told to exactly one caller.
     first_failure: str | None = None
+
+    @classmethod
+    def of(cls, session: SessionInfo, **told: Any) -> BatchOutcome:
+        """The outcome of a call whose session is known already (the memory store's)."""
+        return cls(lambda: session, **told)
+
+    @functools.cached_property
+    def session(self) -> SessionInfo:
+        """The session after the call."""
+        return self.read_session()
 
 
 class FailureGroup(_Model):

@@ -183,7 +183,9 @@ def reconcile(app: Celery, manager: SessionManager, ended: BatchOutcome) -> Batc
     # The end is told once, with the session as it now stands; a failure that turned out a success
     # is not told at all.
     first_failure = None if ended.first_failure in recovered else ended.first_failure
-    return ended.model_copy(update={"session": sync.get_session(sid), "first_failure": first_failure})
+    return BatchOutcome.of(
+        sync.get_session(sid), finished=ended.finished, succeeded=ended.succeeded, first_failure=first_failure
+    )
 
 
 def _stored_success(app: Celery, task_id: str | None) -> tuple[Any] | None:

@@ -28,13 +28,15 @@ def send_completion(app: Celery, outcome: BatchOutcome | NodeOutcome | Transitio
     once, at the first node that failed for good (the status dict and that node's id). A callback
     that cannot be sent is logged, never raised.
     """
-    session = outcome.session
     if isinstance(outcome, TransitionOutcome):
-        ended = session.status.is_terminal
+        ended = outcome.session.status.is_terminal
         succeeded, first_failure = False, None
     else:
         ended, succeeded, first_failure = outcome.finished is not None, outcome.succeeded, outcome.first_failure
-    if not (ended or succeeded or first_failure) or not session.metadata:
+    if not (ended or succeeded or first_failure):
+        return  # most calls: the session is not even read
+    session = outcome.session
+    if not session.metadata:
         return
     if ended:
         _send(app, session, ON_COMPLETE_KEY, (session.to_dict(),))

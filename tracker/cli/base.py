@@ -19,16 +19,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
-from tracker.errors import (
-    InvalidStateTransitionError,
-    ResumeNotPossibleError,
-    SessionNotFoundError,
-    StorageUnavailableError,
-    TrackerError,
-    TrackerNotInstalledError,
-    TrackerValidationError,
-    WrongCeleryAppError,
-)
+from tracker import errors
 from tracker.manager import SessionManager
 from tracker.states import SessionStatus
 from tracker.storage.memory import InMemoryStorageAdapter
@@ -122,26 +113,26 @@ def translate(exc: BaseException, state: CliState | None) -> click.ClickExceptio
     """The message and exit code a person sees for ``exc``."""
     memory = state is not None and state.uses_memory_store
     prog = state.prog if state is not None else "tracker"
-    if isinstance(exc, SessionNotFoundError):
+    if isinstance(exc, errors.SessionNotFoundError):
         where = state.store_description() if state is not None else None
         return CliError(
             f"no session {exc.session_id} (never created, expired or removed)" + (f" in {where}" if where else ""),
             ExitCode.NOT_FOUND,
             f"Hint: {_MEMORY_HINT}" if memory else f"Hint: `{prog} list` shows the sessions that exist there.",
         )
-    if isinstance(exc, ResumeNotPossibleError):
+    if isinstance(exc, errors.ResumeNotPossibleError):
         return CliError(
             str(exc),
             ExitCode.USAGE,
             "Hint: results over TRACKER_MAX_RESULT_BYTES (or not JSON) are not stored; dispatch the batch again.",
         )
-    if isinstance(exc, InvalidStateTransitionError):
+    if isinstance(exc, errors.InvalidStateTransitionError):
         return CliError(
             f"session {exc.session_id} is {exc.from_status}: it cannot become {exc.to_status}", ExitCode.USAGE
         )
-    if isinstance(exc, TrackerValidationError):
+    if isinstance(exc, errors.TrackerValidationError):
         return CliError(str(exc), ExitCode.USAGE)
-    if isinstance(exc, WrongCeleryAppError):
+    if isinstance(exc, errors.WrongCeleryAppError):
         named = exc.app_path or "module:attr"
         command = f"celery -A {named} sessions" if prog.startswith("celery") else f"tracker -A {named}"
         return CliError(
@@ -150,13 +141,13 @@ def translate(exc: BaseException, state: CliState | None) -> click.ClickExceptio
             f"Hint: name the app that dispatched it: {command} ... (or TRACKER_CELERY_APP={named}), "
             "run from a directory it can be imported from",
         )
-    if isinstance(exc, TrackerNotInstalledError):
+    if isinstance(exc, errors.TrackerNotInstalledError):
         return CliError(
             str(exc),
             ExitCode.USAGE,
             "Hint: from tracker.celery import install; install(app) right after app = Celery(...)",
         )
-    if isinstance(exc, StorageUnavailableError):
+    if isinstance(exc, errors.StorageUnavailableError):
         cause = f"Cause: {exc.__cause__}" if exc.__cause__ is not None else f"Cause: {exc}"
         if "unreachable" in str(exc) or exc.url is None:
             problem = "is unreachable: is redis-server running? check TRACKER_REDIS_URL"
@@ -173,7 +164,7 @@ def translate(exc: BaseException, state: CliState | None) -> click.ClickExceptio
         )
     if isinstance(exc, ValidationError):
         return CliError(f"invalid TRACKER_* setting: {_first_error(exc)}", ExitCode.USAGE)
-    if isinstance(exc, TrackerError):
+    if isinstance(exc, errors.TrackerError):
         return CliError(str(exc), ExitCode.USAGE)
     return CliError(
         f"unexpected {type(exc).__name__}: {exc}",

@@ -370,7 +370,7 @@ class InMemoryStorageAdapter:
                 finished = outcome.finished or finished
                 succeeded = succeeded or outcome.succeeded
                 first_failure = first_failure or outcome.first_failure
-            return BatchOutcome(session=entry.info, finished=finished, succeeded=succeeded, first_failure=first_failure)
+            return BatchOutcome.of(entry.info, finished=finished, succeeded=succeeded, first_failure=first_failure)
 
     @staticmethod
     def _check_limit(session_id: str, entry: _Entry, events: Sequence[NodeEvent]) -> None:
@@ -755,7 +755,7 @@ class InMemoryStorageAdapter:
                 self._emit(entry, "status", now)
                 first_failure = None if entry.failure_told else waiting[0].node_id
                 entry.failure_told = True
-                outcomes.append(BatchOutcome(session=entry.info, finished=finished, first_failure=first_failure))
+                outcomes.append(BatchOutcome.of(entry.info, finished=finished, first_failure=first_failure))
         return outcomes
 
     def read_events(

@@ -4,9 +4,10 @@ the same programs (:mod:`tracker.storage.redis.adapter`)."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -394,22 +395,26 @@ class RedisPrograms:
             return [("SADD", self.keys.held(holder), member), ("ZADD", self.keys.workers, {holder: now_ms})]
         return [("SREM", self.keys.held(holder), member)]
 
-    def _reply(self, session_id: str, reply: list[Any]) -> tuple[SessionInfo, SessionStatus | None, list[Any]]:
-        """An ``ok`` (or ``not_found``) ``record_nodes`` reply: the session, what the call finished, the details."""
+    def _reply(
+        self, session_id: str, reply: list[Any]
+    ) -> tuple[Callable[[], SessionInfo], SessionStatus | None, list[Any]]:
+        """An ``ok`` (or ``not_found``) ``record_nodes`` reply: a reader of the session, what the
+        call finished, the details."""
         self._check(session_id, reply)
         finished = codec.text(reply[1])
-        return codec.session_from_values(session_id, reply[2]), SessionStatus(finished) if finished else None, reply[4]
+        read_session = functools.partial(codec.session_from_values, session_id, reply[2])
+        return read_session, SessionStatus(finished) if finished else None, reply[4]
 
     def _node_outcome(self, session_id: str, node_id: str, reply: list[Any]) -> NodeOutcome:
         """A one-event ``record_nodes`` reply (with details) as what happened to that node."""
-        session, finished, details = self._reply(session_id, reply)
+        read_session, finished, details = self._reply(session_id, reply)
         old, record = codec.text(details[0]), codec.text(details[1])
         return NodeOutcome(
             # No record: an event that did not apply to a node never recorded (a progress report).
             node=codec.node_from_record(node_id, record)
             if record
             else NodeResult(node_id=node_id, status=NodeStatus.PENDING),
-            session=session,
+            session=read_session(),
             previous_node_status=NodeStatus(old) if old else None,
             finished=finished,
             **codec.callbacks(reply),
@@ -437,7 +442,7 @@ class RedisPrograms:
         if codec.text(reply[0]) == "limit":
             info = yield from self.get(session_id)
             raise NodeLimitError(session_id, codec.text(reply[1]), info.node_count if info else 0)
-        session, finished, records = self._reply(session_id, reply)
+        read_session, finished, records = self._reply(session_id, reply)
         if details:
             registry: list[Command] = []
             for event, record in zip(events, records[1::2], strict=True):
@@ -446,7 +451,7 @@ class RedisPrograms:
                     registry += self._registry_update(session_id, event.worker, node, now_ms)
             if registry:
                 yield registry
-        return BatchOutcome(session=session, finished=finished, **codec.callbacks(reply))
+        return BatchOutcome(read_session, finished, **codec.callbacks(reply))
 
     def heartbeat(self, worker: str | None, now: datetime, sessions: Sequence[str] = ()) -> Program[None]:
         now_ms = codec.ms_int(now)
@@ -599,7 +604,7 @@ class RedisPrograms:
                     finished = codec.text(reply[1])
                     outcomes.append(
                         BatchOutcome(
-                            session=codec.session_from_values(sid, reply[2]),
+                            functools.partial(codec.session_from_values, sid, reply[2]),
                             finished=SessionStatus(finished) if finished else None,
                             first_failure=codec.text(reply[3]) or None,
                         )
