@@ -12,7 +12,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
-from pydantic_core import to_jsonable_python
 
 from tracker.states import NodeStatus, RateWindow, SessionStatus
 
@@ -150,21 +149,6 @@ class SessionInfo(_Model):
         finished = self.completed_nodes + self.failed_nodes + self.cancelled_nodes + self.skipped_nodes
         return max(0, self.node_count - finished - self.running_nodes - self.retrying_nodes)
 
-    def to_dict(self) -> dict[str, Any]:
-        """What ``model_dump(mode="json")`` returns, built directly, as every write returns it (the
-        status dict of ``add_node_result``); tests/unit/test_status_dict.py keeps the two equal."""
-        data = self.__dict__.copy()
-        data["status"] = self.status.value
-        data["created_at"] = json_datetime(self.created_at)
-        data["updated_at"] = json_datetime(self.updated_at)
-        data["started_at"] = None if self.started_at is None else json_datetime(self.started_at)
-        data["finished_at"] = None if self.finished_at is None else json_datetime(self.finished_at)
-        data["eta_at"] = None if self.eta_at is None else json_datetime(self.eta_at)
-        data["tags"] = list(self.tags)
-        data["metadata"] = to_jsonable_python(self.metadata, inf_nan_mode="null") if self.metadata else {}
-        data["pending_nodes"] = self.pending_nodes
-        return data
-
 
 def rate_and_eta(window: RateWindow | None, node_count: int, finished_at: datetime | None) -> dict[str, Any]:
     """A session's ``rate_per_s``, ``eta_at`` and ``eta_s`` as its store knows them, from its rate
@@ -175,19 +159,6 @@ def rate_and_eta(window: RateWindow | None, node_count: int, finished_at: dateti
         return {"rate_per_s": rate, "eta_at": finished_at, "eta_s": 0.0}
     eta_ms = None if window is None else window.eta_ms(node_count)
     return {"rate_per_s": rate, "eta_at": utc_from_ms(eta_ms), "eta_s": None}
-
-
-def json_datetime(moment: datetime) -> str:
-    """``moment`` as ``model_dump(mode="json")`` writes it: ISO 8601, UTC as ``Z``."""
-    # The offset is part of the cache key: equal moments in two time zones compare (and hash) equal.
-    return _json_datetime(moment, moment.utcoffset())
-
-
-@functools.lru_cache(maxsize=1024)
-def _json_datetime(moment: datetime, offset: timedelta | None) -> str:
-    # Cached: the same few moments recur in every reply of a session (created, started, now).
-    text = moment.isoformat()
-    return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
 class ParallelTaskStatus(BaseModel):

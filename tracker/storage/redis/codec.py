@@ -6,7 +6,6 @@ One decoder per reply: the session hash (``HGETALL``) and the session values eve
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Sequence
 from datetime import datetime
@@ -35,15 +34,13 @@ def text(value: Any) -> str:
 
 
 def flat_dict(flat: Sequence[Any]) -> dict[str, str]:
-    # Every write's reply carries the session hash: decode in line rather than one call per item.
-    items = [v.decode() if type(v) is bytes else text(v) for v in flat]
+    """A flat ``[field, value, ...]`` reply (``HGETALL`` in a script) as a dict of text."""
+    items = [text(v) for v in flat]
     return dict(zip(items[0::2], items[1::2], strict=True))
 
 
-@functools.lru_cache(maxsize=1024)
 def utc(ms: int) -> datetime:
-    # Datetimes are immutable, and the same few recur in every reply of a session (created, started,
-    # the current millisecond): each is converted once.
+    """Stored epoch milliseconds as an aware UTC datetime."""
     value = utc_from_ms(ms)
     assert value is not None
     return value
