@@ -642,8 +642,6 @@ class Operations:
         """:meth:`node_event` once the session id and the status are checked and the result is
         encoded (``result_json``, from :func:`validation.json_text`, is taken as it is): the
         signal handlers encode a result in the task's thread, and build the event later."""
-        if not any(value is not None for value in details.values()):
-            return NodeEvent(validation.node_id(node_id, sid), status, result_json)  # nothing else to check
         error, reason = details.get("error"), details.get("reason")
         if reason is not None:
             reason = validation.optional_text(reason, "reason", self.settings.max_error_chars, sid) or None

@@ -128,7 +128,8 @@ class RedisPrograms:
     def _session_keys(self, session_id: str) -> SessionKeys:
         """``self.keys.session(session_id)``, built (and the id validated) once per session.
 
-        Every signal handler write and every status read needs them; a session's calls come in runs.
+        Every signal handler write and every status read needs them, and a session's calls come in
+        runs: benchmark row 7 (a task's handlers) shows the difference.
         """
         found = self._session_keys_cache.get(session_id)
         if found is None:
@@ -360,9 +361,7 @@ class RedisPrograms:
                 if not self.cluster and is_worker_id(holder):
                     held = holders[holder] = len(holders) + 1  # type: ignore[index]
                 numbers[holder] = held
-            at, started, task_id, worker, result_json = (
-                event.at, event.started_at, event.task_id, event.worker, event.result_json
-            )  # fmt: skip
+            at, started, task_id, worker = event.at, event.started_at, event.task_id, event.worker
             if task_id is not None:
                 task_id = codec.record_field(task_id, "task_id")
             if worker is not None:
@@ -372,8 +371,6 @@ class RedisPrograms:
                 status, payload = codec.child_payload(event.child)
             elif event.progress is not None:  # a progress report (record_nodes.lua: progress_applies)
                 status, payload = "progress", codec.progress_payload(event.progress)
-            elif event.error is None and event.reason is None:  # the common case, without a call
-                payload = "" if result_json is None else '{"result":' + result_json + "}"
             else:
                 payload = codec.record_payload(event)
             # One argument per event, its fields joined by '|' (none but the payload, last, may
