@@ -134,7 +134,7 @@ def _named(tree: Tree, ids: Sequence[str]) -> Tree:
 
 def signature_json(sig: Signature) -> dict[str, Any]:
     """The signature as a plain JSON dict (what ``Signature.from_dict`` takes back)."""
-    # A Signature is a dict: its items read directly (its attribute properties cost more).
+    # A Signature is a dict: these are the items Signature.from_dict takes back.
     return {
         "task": sig["task"],
         "args": list(sig["args"]),
