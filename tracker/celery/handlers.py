@@ -60,10 +60,6 @@ class _Stamped:
         self.stamps = stamps
 
 
-#: ``RawEvent`` from a tuple of its fields (a named tuple's own constructor is a Python function).
-_new_raw = RawEvent._make
-
-
 class Recorder:
     """Turns one app's Celery task events into node events, queued in the process's :class:`Writer`.
 
@@ -130,26 +126,9 @@ class Recorder:
         stamps, when the caller read them already): an outcome before this returns, a start
         within ``flush_interval_s`` (at once with ``flush_interval_s = 0``) or with its outcome."""
         ids = ids or ids_of(request)
-        if ids is not None:
-            self._keep(request, ids, status, result, error, attempt, task_id, worker, reason)
-
-    def _keep(
-        self,
-        request: Any,
-        ids: tuple[str, str],
-        status: NodeStatus,
-        result: Any,
-        error: BaseException | None,
-        attempt: int | None,
-        task_id: str | None,
-        worker: str | None,
-        reason: str | None,
-    ) -> None:
-        """:meth:`submit` once the ids are read, without keywords (every task's start and result
-        come here straight from their handlers)."""
-        writer = self._writer
-        if writer is None or writer.pid != process.pid:
-            writer = self.writer(getattr(request, "hostname", None))
+        if ids is None:
+            return
+        writer = self.writer(getattr(request, "hostname", None))
         manager = self.manager
         result_json = None
         if result is not None:
@@ -158,7 +137,7 @@ class Recorder:
             except Exception as exc:  # not JSON, over the cap, too deep: the node still completed
                 logger.warning("tracker: result of node %s (session %s) not stored: %s", ids[1], ids[0], exc)
                 reason = f"{RESULT_NOT_STORED}: {exc}"
-        raw = _new_raw((*ids, status, result_json, error, attempt, task_id, worker, reason, manager.clock(), None))
+        raw = RawEvent(*ids, status, result_json, error, attempt, task_id, worker, reason, manager.clock(), None)
         if status is NodeStatus.RUNNING:
             writer.runs(ids)
             writer.keep(raw)
@@ -171,9 +150,7 @@ class Recorder:
     def report(self, request: Any, ids: tuple[str, str], fraction: float) -> None:
         """Queue how far the running task of ``request`` (node ``ids``) is: written behind, by the
         writer's thread, with the next flush (see :meth:`Writer.report`)."""
-        writer = self._writer
-        if writer is None or writer.pid != process.pid:
-            writer = self.writer(getattr(request, "hostname", None))
+        writer = self.writer(getattr(request, "hostname", None))
         attempt = int(getattr(request, "retries", 0) or 0) + 1
         task_id = getattr(request, "id", None)
         writer.report(
@@ -265,7 +242,7 @@ class Recorder:
             return
         # Kept as it came: most tasks end before the next flush, and then their result carries it.
         attempt, worker = int(request.retries or 0) + 1, self.worker_id(request.hostname)
-        self._keep(request, ids, NodeStatus.RUNNING, None, None, attempt, task_id, worker, None)
+        self.submit(request, NodeStatus.RUNNING, attempt=attempt, task_id=task_id, worker=worker, ids=ids)
 
     def on_success(self, sender: Any = None, result: Any = None, **_: Any) -> None:
         request: Any = getattr(sender, "request", None)
@@ -273,7 +250,9 @@ class Recorder:
         if ids is None or not self.mine(sender):
             return
         attempt, worker = int(request.retries or 0) + 1, self.worker_id(request.hostname)
-        self._keep(request, ids, NodeStatus.COMPLETED, result, None, attempt, request.id, worker, None)
+        self.submit(
+            request, NodeStatus.COMPLETED, result=result, attempt=attempt, task_id=request.id, worker=worker, ids=ids
+        )
 
     def on_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
         """Main process: remember a tracked task's ids by task id (bounded), for a failure reported
