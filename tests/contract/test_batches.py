@@ -70,6 +70,24 @@ async def test_a_batch_leaves_what_the_same_events_one_by_one_leave(manager: Ses
     assert outcome.session.to_dict() == await manager.get_session_status(batched)
 
 
+async def test_a_batchs_session_is_the_one_its_call_left_even_when_read_after_later_calls(
+    manager: SessionManager,
+) -> None:
+    # Given a batch's outcome whose session nobody has read yet
+    sid = await new_session(manager, 3)
+    first = await manager._record_nodes(sid, [manager.operations.node_event(sid, "a", "completed", 1)])
+
+    # When more results come and end the session before its session is read
+    last = await manager._record_nodes(
+        sid, [manager.operations.node_event(sid, node, "completed", 1) for node in ("b", "c")]
+    )
+
+    # Then it is the session as that call left it, and the last call's is the ended one
+    assert (first.session.completed_nodes, first.session.status, first.finished) == (1, "running", None)
+    assert (last.session.completed_nodes, last.session.status, last.finished) == (3, "completed", "completed")
+    assert first.session is first.session  # read once
+
+
 async def test_a_folded_start_counts_as_the_start_then_the_result(manager: SessionManager, clock: FakeClock) -> None:
     sid = await new_session(manager, 2)
     started = clock.now
