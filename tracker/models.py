@@ -286,9 +286,15 @@ class BatchOutcome:
     first_failure: str | None = None
 
     @classmethod
-    def of(cls, session: SessionInfo, **told: Any) -> BatchOutcome:
+    def of(
+        cls,
+        session: SessionInfo,
+        finished: SessionStatus | None = None,
+        succeeded: bool = False,
+        first_failure: str | None = None,
+    ) -> BatchOutcome:
         """The outcome of a call whose session is known already (the memory store's)."""
-        return cls(lambda: session, **told)
+        return cls(lambda: session, finished, succeeded, first_failure)
 
     @functools.cached_property
     def session(self) -> SessionInfo:
