@@ -104,7 +104,7 @@ schema = schemathesis.openapi.from_dict(document, config=config)
 
 
 @schema.parametrize()
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_refused_requests_and_reads_change_nothing(case: schemathesis.Case[Any], target: tuple[Target, str]) -> None:
     aimed, base_url = target
     # Given a generated request (half of them about a session that exists) and the store as it is

@@ -36,7 +36,7 @@ from tracker.storage.redis import RedisStorageAdapter
 
 PROCESSES = 8
 EVENTS_PER_PROCESS = 1000
-REPEATS = int(os.environ.get("TRACKER_HAMMER_REPEATS", "4"))
+REPEATS = int(os.environ.get("TRACKER_HAMMER_REPEATS", "2"))
 
 SPAWN = multiprocessing.get_context("spawn")
 
