@@ -129,7 +129,7 @@ def rel_queue() -> str:
 
 @pytest.fixture
 def make_worker(rel_broker: str, rel_queue: str, key_prefix: str, tmp_path: Path) -> Iterator[MakeWorker]:
-    """Start prefork workers on this test's queue and key prefix; all are stopped at the end."""
+    """Start prefork workers on this test's queue and key prefix; all are killed at the end."""
     started: list[Worker] = []
 
     def make(
@@ -157,5 +157,7 @@ def make_worker(rel_broker: str, rel_queue: str, key_prefix: str, tmp_path: Path
         return worker
 
     yield make
+    # The test is over and nothing waits on them: SIGKILL (a warm shutdown takes seconds each). The
+    # queue is this test's own, so what they held is never delivered to another test's worker.
     for worker in started:
-        worker.stop()
+        worker.kill()

@@ -62,11 +62,16 @@ def test_cleanup_under_concurrent_writes_only_removes_sessions_idle_past_the_tim
     }
     log = Log(writes={sid: [start] for sid in last_write_at})
     stop = threading.Event()
+    # Cleared while the test lists which sessions exist (writes do not change that): 120 reads a
+    # step would otherwise each wait for the writer threads to let go of the GIL.
+    writing = threading.Event()
+    writing.set()
 
     def write(seed: int) -> None:
         pick = random.Random(seed)
         n = 0
         while not stop.is_set():
+            writing.wait()
             now = clock.now
             live = [sid for sid, until in last_write_at.items() if until >= now]
             if not live:
@@ -88,9 +93,13 @@ def test_cleanup_under_concurrent_writes_only_removes_sessions_idle_past_the_tim
     try:
         for _ in range(STEPS):
             clock.advance(STEP_S)
+            writing.clear()
             before = {sid for sid in last_write_at if store.get(sid) is not None}
+            writing.set()
             manager.sync.cleanup_expired_sessions()
+            writing.clear()
             after = {sid for sid in last_write_at if store.get(sid) is not None}
+            writing.set()
             log.cleanups.append((clock.now, before - after))
             # Let the writers make progress between two cleanups (both stores, however fast)
             wanted, deadline = log.count + 2 * WRITERS, time.monotonic() + 10
@@ -98,6 +107,7 @@ def test_cleanup_under_concurrent_writes_only_removes_sessions_idle_past_the_tim
                 time.sleep(0.002)
     finally:
         stop.set()
+        writing.set()
         for thread in writers:
             thread.join()
 
