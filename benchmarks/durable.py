@@ -220,6 +220,8 @@ def run(quick: bool) -> Section:
             measured = _rounds(Driver(broker, store, workers, queues), n, rounds, warmup)
         finally:
             for worker in workers.values():
+                worker.proc.terminate()  # all four shut down at once, then each is waited for
+            for worker in workers.values():
                 worker.stop()
 
     def wall(mode: str) -> list[float]:

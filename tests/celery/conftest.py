@@ -79,7 +79,7 @@ class WorkerProcess(CeleryWorker):
 def worker_process(
     redis_url: str, key_prefix: str, celery_env: dict[str, str], tmp_path: Path
 ) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start prefork workers in subprocesses sharing this test's Redis key prefix; stopped at the end."""
+    """Start prefork workers in subprocesses sharing this test's Redis key prefix; killed at the end."""
     started: list[WorkerProcess] = []
 
     def make(
@@ -98,5 +98,8 @@ def worker_process(
         return worker
 
     yield make
+    # The test is over and nothing waits on them: SIGKILL (a warm shutdown takes seconds each).
+    # What they held comes back to the queue only after the visibility timeout (an hour), and the
+    # queue is this test session's own.
     for worker in started:
-        worker.stop()
+        worker.kill()
