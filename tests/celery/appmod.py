@@ -26,7 +26,12 @@ app.conf.update(
     task_reject_on_worker_lost=os.environ.get("TRACKER_TEST_REJECT_ON_LOST", "1") == "1",
     worker_prefetch_multiplier=1,
     task_default_queue=os.environ.get("TRACKER_TEST_QUEUE", "tracker-tests"),
-    broker_transport_options={"visibility_timeout": int(os.environ.get("TRACKER_TEST_VISIBILITY", "3600"))},
+    broker_transport_options={
+        "visibility_timeout": int(os.environ.get("TRACKER_TEST_VISIBILITY", "3600")),
+        # A worker waits this long on an empty queue (kombu's default 1 s) before it sees that it
+        # should stop: a test's thread worker then stops within 0.1 s.
+        "polling_interval": 0.1,
+    },
     # Celery's Redis result backend subscribes the sending process to each task's result; results
     # dropped after the test's redis-server stopped would each retry for seconds to unsubscribe.
     result_backend_transport_options={"retry_policy": {"max_retries": 1, "interval_start": 0, "interval_step": 0.1}},
