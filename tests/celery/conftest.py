@@ -99,7 +99,7 @@ def worker_process(
 
     yield make
     # The test is over and nothing waits on them: SIGKILL (a warm shutdown takes seconds each).
-    # What they held comes back to the queue only after the visibility timeout (an hour), and the
-    # queue is this test session's own.
+    # What they held comes back to the queue only after the visibility timeout (an hour unless the
+    # test passed `visibility_s`), and the queue is this test session's own.
     for worker in started:
         worker.kill()

@@ -41,8 +41,8 @@ def test_demo_in_memory(cli: Cli, canvas_file: Callable[..., Path]) -> None:
 def test_demo_on_redis_leaves_its_session_for_list(
     cli: Cli, canvas_file: Callable[..., Path], redis_url: str, store_manager: SessionManager
 ) -> None:
-    # (its 4 steps 0.5 s apart: the writer thread writes its start, then its reports, in between;
-    # reports still waiting when the result is written are left out, the result supersedes them)
+    # Its 4 steps are 0.5 s apart, so the writer thread writes its start and reports in between
+    # (reports still waiting when the result is written are left out: the result supersedes them).
     path = canvas_file("one #sleep=2", "two")
     result = cli("demo", "--canvas", str(path))
     assert result.exit_code == ExitCode.OK, result.stdout + result.stderr
