@@ -67,6 +67,14 @@ def test_cleanup_under_concurrent_writes_only_removes_sessions_idle_past_the_tim
     writing = threading.Event()
     writing.set()
 
+    def existing() -> set[str]:
+        """The sessions that exist now, listed while the writers wait."""
+        writing.clear()
+        try:
+            return {sid for sid in last_write_at if store.get(sid) is not None}
+        finally:
+            writing.set()
+
     def write(seed: int) -> None:
         pick = random.Random(seed)
         n = 0
@@ -93,13 +101,9 @@ def test_cleanup_under_concurrent_writes_only_removes_sessions_idle_past_the_tim
     try:
         for _ in range(STEPS):
             clock.advance(STEP_S)
-            writing.clear()
-            before = {sid for sid in last_write_at if store.get(sid) is not None}
-            writing.set()
-            manager.sync.cleanup_expired_sessions()
-            writing.clear()
-            after = {sid for sid in last_write_at if store.get(sid) is not None}
-            writing.set()
+            before = existing()
+            manager.sync.cleanup_expired_sessions()  # while the writers write
+            after = existing()
             log.cleanups.append((clock.now, before - after))
             # Let the writers make progress between two cleanups (both stores, however fast)
             wanted, deadline = log.count + 2 * WRITERS, time.monotonic() + 10
