@@ -61,7 +61,10 @@ from tracker.storage.base import (
     AsyncStore,
     ChildLink,
     ChildWatch,
+    NewNodes,
     NodeEvent,
+    ResumeChoice,
+    SessionFilter,
     SessionStorageAdapter,
     StoreCall,
     store_call,
@@ -194,7 +197,7 @@ class Operations:
             session_id=sid, canvas_path=path, node_count=count, created_at=now, updated_at=now, metadata=meta,
             parent_session_id=parent_sid, parent_node_id=parent_node, tags=labels,
         )  # fmt: skip
-        return plan(store_call(Store.create, info, tuple(nodes), signatures, structure), lambda _: sid)
+        return plan(store_call(Store.create, info, NewNodes(tuple(nodes), signatures, structure)), lambda _: sid)
 
     def _specs(self, nodes: Sequence[NodeSpec], sid: str) -> tuple[list[str], list[str | None]]:
         """The node ids (distinct) and the signatures (each encoded once: checked here, stored as
@@ -242,9 +245,8 @@ class Operations:
         if structure is not None:
             structure = check_tree(structure, node_ids, self.settings.max_canvas_depth)
         part = structure if structure is not None and has_links(structure) else None
-        return answer(
-            store_call(Store.add_nodes, sid, tuple(nodes), signatures, part, self.settings.max_node_count, self.clock())
-        )
+        new = NewNodes(tuple(nodes), signatures, part)
+        return answer(store_call(Store.add_nodes, sid, new, self.settings.max_node_count, self.clock()))
 
     def update_status(self, session_id: str, status: SessionStatus | str) -> Plan[dict[str, Any]]:
         """Move the session to ``status`` if the state machine allows it; return the new status dict.
@@ -425,11 +427,13 @@ class Operations:
         Raises:
             TrackerValidationError: a bad status, tag, path, cursor or limit.
         """
-        session_status = None if status is None else validation.member(SessionStatus, status, "status")
-        label = None if tag is None else validation.tag(tag)
-        prefix = None if path is None else validation.path_filter(path)
+        where = SessionFilter(
+            status=None if status is None else validation.member(SessionStatus, status, "status"),
+            tag=None if tag is None else validation.tag(tag),
+            path=None if path is None else validation.path_filter(path),
+        )
         now = self.clock()
-        call = store_call(Store.list_sessions, session_status, validation.cursor(cursor), _limit(limit), label, prefix)
+        call = store_call(Store.list_sessions, where, validation.cursor(cursor), _limit(limit))
         return plan(call, lambda page: _seen_page(page, now))
 
     def read_events(
@@ -517,9 +521,8 @@ class Operations:
         # Resume is the one way out of an ended session; a stalled running or pending one may be
         # resumed too (its unfinished nodes are re-sent). Only a completed session is final.
         allowed = states.allowed_from(SessionStatus.RUNNING, resume=True) | {SessionStatus.RUNNING}
-        task_id_base = str(uuid.uuid4())[:24]  # reset nodes get <base><12 hex digits>: valid UUID strings
-        now = self.clock()
-        return answer(store_call(Store.resume, sid, frozenset(allowed), retry_failed, task_id_base, now, chosen))
+        choice = ResumeChoice(retry_failed, task_id_base=str(uuid.uuid4())[:24], nodes=chosen)
+        return answer(store_call(Store.resume, sid, choice, frozenset(allowed), self.clock()))
 
     def record_node(
         self,

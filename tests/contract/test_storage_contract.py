@@ -10,6 +10,7 @@ import asyncio
 import math
 import threading
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 
@@ -21,12 +22,13 @@ from tracker import (
     NodeSpec,
     NodeStatus,
     SessionExistsError,
+    SessionInfo,
     SessionManager,
     SessionNotFoundError,
     SessionStatus,
     TrackerValidationError,
 )
-from tracker.storage.base import SessionStorageAdapter
+from tracker.storage.base import NewNodes, SessionStorageAdapter
 
 S = SessionStatus
 
@@ -103,6 +105,26 @@ async def test_bad_create_input_is_refused(
     with pytest.raises(TrackerValidationError):
         await manager.create_session(canvas_path, node_count)  # type: ignore[arg-type]
     assert store.list_sessions().sessions == []
+
+
+def test_a_store_is_handed_new_nodes_with_one_signature_text_each(store: SessionStorageAdapter) -> None:
+    # Given nodes whose signatures a caller other than the manager encodes with NewNodes.of
+    now = datetime.now(UTC)
+    info = SessionInfo(
+        session_id=str(uuid.uuid4()), canvas_path="d.canvas", node_count=2, created_at=now, updated_at=now
+    )
+    specs = [NodeSpec(node_id="a", task_id="t-a", signature={"task": "t"}), NodeSpec(node_id="b", task_id="t-b")]
+    assert NewNodes.of(specs).signatures == ('{"task":"t"}', None)
+
+    # When signatures that do not match the nodes one for one are given, Then it is refused before
+    # any store sees it
+    with pytest.raises(TrackerValidationError, match="one per node"):
+        NewNodes(tuple(specs), ('{"task":"t"}',))
+
+    # And the encoded ones create the session with both nodes pending
+    store.create(info, NewNodes.of(specs))
+    page = store.get_nodes(info.session_id)
+    assert [(n.node_id, n.status) for n in page.nodes] == [("a", NodeStatus.PENDING), ("b", NodeStatus.PENDING)]
 
 
 # -- the state machine ----------------------------------------------------------------------

@@ -13,7 +13,7 @@ from redis.crc import key_slot
 
 from tests.redis.conftest import ManagerFactory
 from tracker import NodeSpec, SessionInfo
-from tracker.storage.base import ChildLink
+from tracker.storage.base import ChildLink, NewNodes
 from tracker.storage.keys import KeySpace
 
 SID = "0b7c6f2e-3f4a-4d8e-9a61-2c5b8e7d9f10"
@@ -128,14 +128,14 @@ def test_a_store_called_without_the_managers_texts_encodes_signatures_the_same(
     make_manager: ManagerFactory, key_prefix: str, redis_client: redis.Redis
 ) -> None:
     # Given the same nodes created through the manager (which hands the store the texts it
-    # checked) and straight through the store (which then encodes them itself)
+    # checked) and straight through the store (NewNodes.of encodes them)
     manager = make_manager()
     nodes = [NodeSpec(node_id="a", task_id="t-a", signature={"task": "t", "args": [1, "é"], "kwargs": {}}),
              NodeSpec(node_id="b", task_id="t-b")]  # fmt: skip
     managed = manager.sync.create_session("m.canvas", 2, nodes=nodes)
     now = datetime.now(UTC)
     direct = SessionInfo(session_id=SID, canvas_path="d.canvas", node_count=2, created_at=now, updated_at=now)
-    manager.storage.create(direct, nodes)
+    manager.storage.create(direct, NewNodes.of(nodes))
 
     # Then both keep the same signature text and the same node records
     space = KeySpace(key_prefix)

@@ -14,28 +14,11 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Concatenate, Generic, NamedTuple, ParamSpec, Protocol, TypeVar, runtime_checkable
 
-from tracker import validation
-from tracker.errors import TrackerError, TrackerValidationError
-from tracker.models import (
-    AddOutcome,
-    BatchOutcome,
-    ChildSession,
-    FailureGroup,
-    NodeError,
-    NodeOutcome,
-    NodePage,
-    NodeResult,
-    NodeSpec,
-    ResumeOutcome,
-    SessionEvent,
-    SessionInfo,
-    SessionPage,
-    TransitionOutcome,
-    WorkerInfo,
-)
+from tracker import errors, models, validation
 from tracker.states import NodeStatus, SessionStatus
 from tracker.structure import Tree
 
@@ -100,7 +83,7 @@ class NodeEvent(NamedTuple):
     node_id: str
     status: NodeStatus
     result_json: str | None = None
-    error: NodeError | None = None
+    error: models.NodeError | None = None
     #: The attempt number this event belongs to (1 = first run); None: the store counts starts.
     attempt: int | None = None
     task_id: str | None = None
@@ -122,7 +105,72 @@ class NodeEvent(NamedTuple):
     child: ChildLink | None = None
 
 
-class ResumePlanChanged(TrackerError):
+@dataclass(frozen=True)
+class NewNodes:
+    """Nodes a session gains, when it is created (:meth:`SessionStorageAdapter.create`) or while it
+    runs (:meth:`SessionStorageAdapter.add_nodes`), as the manager checked them."""
+
+    specs: Sequence[models.NodeSpec] = ()
+    #: Each spec's signature as the compact JSON text the manager checked (None: the node has
+    #: none), so that a store keeping text need not encode it again.
+    signatures: Sequence[str | None] = ()
+    #: Which of them feeds which (:mod:`tracker.structure`), checked by the manager.
+    tree: Tree | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.signatures) != len(self.specs):
+            raise errors.TrackerValidationError(
+                "signatures", len(self.signatures), f"expected one per node ({len(self.specs)})"
+            )
+
+    @classmethod
+    def of(cls, specs: Sequence[models.NodeSpec], tree: Tree | None = None) -> NewNodes:
+        """``specs`` with their signatures encoded here (for callers other than the manager)."""
+        signatures = [None if spec.signature is None else validation.compact_json(spec.signature) for spec in specs]
+        return cls(tuple(specs), tuple(signatures), tree)
+
+
+#: No nodes yet: a session created by hand, whose nodes are added as they come.
+NO_NODES = NewNodes()
+
+
+@dataclass(frozen=True)
+class SessionFilter:
+    """Which sessions :meth:`SessionStorageAdapter.list_sessions` lists; every one by default."""
+
+    status: SessionStatus | None = None
+    tag: str | None = None
+    #: A prefix of their canvas path.
+    path: str | None = None
+
+    def matches(self, info: models.SessionInfo) -> bool:
+        """True when a listed session passes this filter."""
+        if self.status is not None and info.status is not self.status:
+            return False
+        if self.tag is not None and self.tag not in info.tags:
+            return False
+        return self.path is None or info.canvas_path.startswith(self.path)
+
+
+#: Every session.
+EVERY_SESSION = SessionFilter()
+
+
+@dataclass(frozen=True)
+class ResumeChoice:
+    """Which nodes :meth:`SessionStorageAdapter.resume` resets, and the task ids they get."""
+
+    #: Reset failed nodes too, not only those without a result.
+    retry_failed: bool
+    #: The first 24 characters of each reset node's new task id; a 12-hex-digit counter from 1
+    #: follows, so that each is a valid UUID string.
+    task_id_base: str
+    #: Reset exactly these nodes instead (a plan made from the session's structure;
+    #: ``retry_failed`` is then not consulted).
+    nodes: Sequence[str] | None = None
+
+
+class ResumePlanChanged(errors.TrackerError):
     """A node a resume plan meant to re-send completed meanwhile: nothing changed; plan again."""
 
 
@@ -178,17 +226,8 @@ def status_cursor(cursor: str | None) -> str:
         return ""
     try:
         return validation.node_id(cursor)
-    except TrackerValidationError:
-        raise TrackerValidationError("cursor", cursor, "expected the next_cursor of a previous page") from None
-
-
-def matches(info: SessionInfo, status: SessionStatus | None, tag: str | None, path: str | None) -> bool:
-    """True when a listed session passes the filters of ``list_sessions``."""
-    if status is not None and info.status is not status:
-        return False
-    if tag is not None and tag not in info.tags:
-        return False
-    return path is None or info.canvas_path.startswith(path)
+    except errors.TrackerValidationError:
+        raise errors.TrackerValidationError("cursor", cursor, "expected the next_cursor of a previous page") from None
 
 
 def lost_reason(worker: str, last_seen: datetime, now: datetime) -> str:
@@ -200,36 +239,20 @@ def lost_reason(worker: str, last_seen: datetime, now: datetime) -> str:
 class SessionStorageAdapter(Protocol):
     """A blocking store of sessions. Implementations must be safe to share between threads."""
 
-    def create(
-        self,
-        session: SessionInfo,
-        nodes: Sequence[NodeSpec] = (),
-        signatures: Sequence[str | None] | None = None,
-        structure: Tree | None = None,
-    ) -> None:
+    def create(self, session: models.SessionInfo, nodes: NewNodes = NO_NODES) -> None:
         """Store a new session (and its known nodes as ``pending``).
 
-        ``signatures``, when given, holds each node's signature as the compact JSON text the
-        manager checked (None for a node without one), so that a store keeping text need not encode
-        it again. ``structure`` (checked by the manager) says which node feeds which: from then on
-        a node's end marks ``skipped`` what will never run (:func:`tracker.structure.skips`).
+        The nodes' tree, when given, says which node feeds which: from then on a node's end marks
+        ``skipped`` what will never run (:func:`tracker.structure.skips`).
 
         Raises:
             SessionExistsError: the id is taken.
         """
 
-    def add_nodes(
-        self,
-        session_id: str,
-        nodes: Sequence[NodeSpec],
-        signatures: Sequence[str | None],
-        part: Tree | None,
-        max_node_count: int,
-        now: datetime,
-    ) -> AddOutcome:
+    def add_nodes(self, session_id: str, nodes: NewNodes, max_node_count: int, now: datetime) -> models.AddOutcome:
         """Grow a session that has not ended by ``nodes`` (new, ``pending``), in one atomic step:
-        ``node_count`` grows with them, so no result can end the session in between. ``part`` is
-        their tree when it has links; the session's tree grows as :func:`tracker.structure.grown`
+        ``node_count`` grows with them, so no result can end the session in between. Their tree is
+        given only when it has links; the session's tree grows as :func:`tracker.structure.grown`
         says. When every node is in the session already, nothing changes (``added`` False).
 
         Raises:
@@ -239,7 +262,7 @@ class SessionStorageAdapter(Protocol):
                 would have more than ``max_node_count`` nodes.
         """
 
-    def get(self, session_id: str) -> SessionInfo | None:
+    def get(self, session_id: str) -> models.SessionInfo | None:
         """The session's metadata and counters, or None. Cost does not grow with the node count."""
 
     def get_structure(self, session_id: str) -> Tree | None:
@@ -247,7 +270,7 @@ class SessionStorageAdapter(Protocol):
 
     def transition(
         self, session_id: str, target: SessionStatus, allowed_from: frozenset[SessionStatus], now: datetime
-    ) -> TransitionOutcome:
+    ) -> models.TransitionOutcome:
         """Compare-and-set the status. Cancelling also marks every unfinished node ``cancelled``.
 
         Raises:
@@ -256,31 +279,25 @@ class SessionStorageAdapter(Protocol):
         """
 
     def resume(
-        self,
-        session_id: str,
-        allowed_from: frozenset[SessionStatus],
-        retry_failed: bool,
-        task_id_base: str,
-        now: datetime,
-        nodes: Sequence[str] | None = None,
-    ) -> ResumeOutcome:
-        """Take the session back to ``running``; reset unfinished (and failed) nodes to ``pending``.
+        self, session_id: str, choice: ResumeChoice, allowed_from: frozenset[SessionStatus], now: datetime
+    ) -> models.ResumeOutcome:
+        """Take the session back to ``running``; reset unfinished (and, as ``choice`` says, failed)
+        nodes to ``pending``.
 
-        Completed nodes are never reset. Each reset node gets a fresh task id: ``task_id_base``
-        (24 characters) followed by a 12-hex-digit counter from 1. Returns the reset nodes, with
-        their new task ids and the signatures stored at dispatch.
+        Completed nodes are never reset. Each reset node gets a fresh task id from
+        ``choice.task_id_base``. Returns the reset nodes, with their new task ids and the
+        signatures stored at dispatch.
 
-        ``nodes``, when given, are exactly the nodes to reset (a plan made from the session's
-        structure; ``retry_failed`` is then not consulted): if one of them has completed since,
-        nothing changes and :class:`ResumePlanChanged` is raised, so that the plan is made again.
+        When ``choice`` names the nodes to reset and one of them has completed since, nothing
+        changes and :class:`ResumePlanChanged` is raised, so that the plan is made again.
 
         Raises:
             SessionNotFoundError: no such session.
             InvalidStateTransitionError: the current status is not in ``allowed_from``.
-            ResumePlanChanged: see ``nodes``.
+            ResumePlanChanged: see ``choice``.
         """
 
-    def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> SessionInfo:
+    def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> models.SessionInfo:
         """Set an explicit progress on a session that has not ended.
 
         Raises:
@@ -288,7 +305,7 @@ class SessionStorageAdapter(Protocol):
             InvalidStateTransitionError: the session has ended.
         """
 
-    def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> NodeOutcome:
+    def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> models.NodeOutcome:
         """Upsert one node event, move the counters, and finish the session when it is done.
 
         Idempotent per (session, node, status): the same event twice changes nothing the second
@@ -302,7 +319,7 @@ class SessionStorageAdapter(Protocol):
 
     def record_nodes(
         self, session_id: str, events: Sequence[NodeEvent], now: datetime, request_id: str | None = None
-    ) -> BatchOutcome:
+    ) -> models.BatchOutcome:
         """Apply ``events`` in order, as that many :meth:`record_node` calls would, in one atomic step.
 
         ``request_id`` names the call across its retries (see ``NodeEvent.request_id``).
@@ -317,10 +334,10 @@ class SessionStorageAdapter(Protocol):
         keep ``sessions`` (those it runs nodes of) from expiring while they have not ended.
         ``worker`` None: only keep the sessions alive (parents waiting for their children)."""
 
-    def get_children(self, session_id: str) -> list[ChildSession]:
+    def get_children(self, session_id: str) -> list[models.ChildSession]:
         """The child sessions the session's nodes' tasks opened, in any order (empty: none, or no such session)."""
 
-    def get_failures(self, session_id: str) -> list[FailureGroup]:
+    def get_failures(self, session_id: str) -> list[models.FailureGroup]:
         """The session's failed and lost nodes grouped by cause (:func:`tracker.states.failure_type`),
         in any order, kept with its counters: a node joins its group when it fails or is lost, and
         leaves it when it is not any more (a late success, a resume).
@@ -329,7 +346,7 @@ class SessionStorageAdapter(Protocol):
             SessionNotFoundError: no such session.
         """
 
-    def list_workers(self, limit: int) -> list[WorkerInfo]:
+    def list_workers(self, limit: int) -> list[models.WorkerInfo]:
         """At most ``limit`` worker processes from the heartbeat registry, newest heartbeat first
         (equal ones by name, last first), each with how many nodes it runs now and, sorted, up to
         :data:`WORKER_NODES_SHOWN` of them (all when it runs no more). Costs the workers listed,
@@ -348,7 +365,7 @@ class SessionStorageAdapter(Protocol):
 
     def reap_lost(
         self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None, requeued: bool = False
-    ) -> list[NodeOutcome]:
+    ) -> list[models.NodeOutcome]:
         """Mark ``lost`` every running node whose worker process went silent (or that ran too long).
 
         A worker process is silent when it has not been seen for ``stale_after_s`` seconds; its
@@ -368,7 +385,7 @@ class SessionStorageAdapter(Protocol):
 
     def get_nodes(
         self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100
-    ) -> NodePage:
+    ) -> models.NodePage:
         """A page of the session's nodes, optionally only those in ``status``.
 
         With a status, the page holds ``limit`` nodes whenever that many are in it after the
@@ -380,7 +397,7 @@ class SessionStorageAdapter(Protocol):
             TrackerValidationError: a cursor no page handed out.
         """
 
-    def get_node(self, session_id: str, node_id: str) -> NodeResult:
+    def get_node(self, session_id: str, node_id: str) -> models.NodeResult:
         """One node's latest record, read in one step with the session's existence (O(1)).
 
         Raises:
@@ -389,17 +406,12 @@ class SessionStorageAdapter(Protocol):
         """
 
     def list_sessions(
-        self,
-        status: SessionStatus | None = None,
-        cursor: str | None = None,
-        limit: int = 50,
-        tag: str | None = None,
-        path: str | None = None,
-    ) -> SessionPage:
-        """A page of sessions, optionally only those in ``status``, with ``tag``, or whose canvas
-        path starts with ``path``: newest first, but by canvas path (then newest first) with
-        ``path`` alone. A tag or a path prefix is read from its own index (the page costs the
-        page); ``status``, and a path given with a tag, sift that page (it may be short)."""
+        self, where: SessionFilter = EVERY_SESSION, cursor: str | None = None, limit: int = 50
+    ) -> models.SessionPage:
+        """A page of the sessions ``where`` lets through: newest first, but by canvas path (then
+        newest first) with a path alone. A tag or a path prefix is read from its own index (the
+        page costs the page); a status, and a path given with a tag, sift that page (it may be
+        short)."""
 
     def delete(self, session_id: str) -> bool:
         """Remove a session and everything it holds; False when it did not exist."""
@@ -410,7 +422,7 @@ class SessionStorageAdapter(Protocol):
         ``finished_ttl_s`` (None: ``timeout_s``) after its last change. Costs the sessions removed,
         not those kept."""
 
-    def end_stalled(self, now: datetime, stalled_after_s: float, reason: str) -> list[BatchOutcome]:
+    def end_stalled(self, now: datetime, stalled_after_s: float, reason: str) -> list[models.BatchOutcome]:
         """End the sessions a lost message left waiting: not ended, existing when a dead worker
         process was last reaped, nothing of them running, and no write nor heartbeat for
         ``stalled_after_s``. Their nodes without a result become ``lost`` (with ``reason``).
@@ -424,7 +436,7 @@ class SessionStorageAdapter(Protocol):
 
     def read_events(
         self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
-    ) -> list[SessionEvent]:
+    ) -> list[models.SessionEvent]:
         """Events after id ``after`` (from the start when None), waiting up to ``block_ms`` for one."""
 
     def asynchronous(self) -> AsyncStore:

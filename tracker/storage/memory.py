@@ -11,42 +11,20 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from tracker import states
-from tracker.errors import (
-    InvalidStateTransitionError,
-    NodeLimitError,
-    NodeNotFoundError,
-    SessionExistsError,
-    SessionNotFoundError,
-    TrackerValidationError,
-)
-from tracker.models import (
-    AddOutcome,
-    BatchOutcome,
-    ChildSession,
-    FailureGroup,
-    HeldNode,
-    NodeOutcome,
-    NodePage,
-    NodeResult,
-    NodeSpec,
-    ResumeOutcome,
-    SessionEvent,
-    SessionInfo,
-    SessionPage,
-    TransitionOutcome,
-    WorkerInfo,
-    rate_and_eta,
-)
+from tracker import errors, models, states
 from tracker.states import NodeStatus, SessionStatus
 from tracker.storage.aio import ThreadedAsyncStore
 from tracker.storage.base import (
+    EVERY_SESSION,
+    NO_NODES,
     WORKER_NODES_SHOWN,
     ChildWatch,
+    NewNodes,
     NodeEvent,
+    ResumeChoice,
     ResumePlanChanged,
+    SessionFilter,
     lost_reason,
-    matches,
     requeued_reason,
     silent_workers,
     status_cursor,
@@ -60,11 +38,11 @@ DEFAULT_EVENTS_MAXLEN = 1000
 
 @dataclass
 class _Entry:
-    info: SessionInfo
-    nodes: dict[str, NodeResult] = field(default_factory=dict)
+    info: models.SessionInfo
+    nodes: dict[str, models.NodeResult] = field(default_factory=dict)
     signatures: dict[str, dict[str, Any]] = field(default_factory=dict)
     counts: Counter[NodeStatus] = field(default_factory=Counter)
-    events: deque[SessionEvent] = field(default_factory=deque)
+    events: deque[models.SessionEvent] = field(default_factory=deque)
     last_event_ms: int = 0
     last_event_seq: int = 0
     #: The callbacks told already (each to exactly one caller in the session's life).
@@ -116,17 +94,17 @@ class InMemoryStorageAdapter:
     def _entry(self, session_id: str) -> _Entry:
         entry = self._sessions.get(session_id)
         if entry is None:
-            raise SessionNotFoundError(session_id)
+            raise errors.SessionNotFoundError(session_id)
         return entry
 
-    def _emit(self, entry: _Entry, kind: str, now: datetime, node: NodeResult | None = None) -> None:
+    def _emit(self, entry: _Entry, kind: str, now: datetime, node: models.NodeResult | None = None) -> None:
         # Ids mimic Redis stream ids (<ms>-<seq>) so callers treat both stores alike.
         now_ms = max(int(now.timestamp() * 1000), entry.last_event_ms)
         entry.last_event_seq = entry.last_event_seq + 1 if now_ms == entry.last_event_ms else 0
         entry.last_event_ms = now_ms
         info = entry.info
         entry.events.append(
-            SessionEvent(
+            models.SessionEvent(
                 id=f"{now_ms}-{entry.last_event_seq}",
                 type=kind,
                 status=info.status,
@@ -143,7 +121,7 @@ class InMemoryStorageAdapter:
         self._changed.notify_all()
 
     @staticmethod
-    def _set_node(entry: _Entry, node: NodeResult) -> None:
+    def _set_node(entry: _Entry, node: models.NodeResult) -> None:
         old = entry.nodes.get(node.node_id)
         if old is not None:
             entry.counts[old.status] -= 1
@@ -160,7 +138,7 @@ class InMemoryStorageAdapter:
             entry.unneeded.discard(node.node_id)
 
     @staticmethod
-    def _recount(entry: _Entry, now: datetime) -> SessionInfo:
+    def _recount(entry: _Entry, now: datetime) -> models.SessionInfo:
         """The session's counters (and the progress they drive) from the node status counts."""
         counts = entry.counts
         failed = counts[NodeStatus.FAILED] + counts[NodeStatus.LOST]
@@ -181,16 +159,16 @@ class InMemoryStorageAdapter:
         )
 
     @staticmethod
-    def _settle(entry: _Entry, info: SessionInfo) -> SessionInfo:
+    def _settle(entry: _Entry, info: models.SessionInfo) -> models.SessionInfo:
         """``info`` as the operation leaves it, with its rate window moved (``common.lua``: save_session)."""
         if info.started_at is not None:
             window = entry.rate or states.RateWindow.starting(_ms(info.started_at), 0)
             entry.rate = window.moved(_finished(info), _ms(info.updated_at))
-        entry.info = info.model_copy(update=rate_and_eta(entry.rate, info.node_count, info.finished_at))
+        entry.info = info.model_copy(update=models.rate_and_eta(entry.rate, info.node_count, info.finished_at))
         return entry.info
 
     @staticmethod
-    def _move(info: SessionInfo, target: SessionStatus, now: datetime) -> SessionInfo:
+    def _move(info: models.SessionInfo, target: SessionStatus, now: datetime) -> models.SessionInfo:
         # updated_at never goes back (a caller with an older clock must not make a session look idle)
         update: dict[str, Any] = {"status": target, "updated_at": max(now, info.updated_at)}
         if target is SessionStatus.RUNNING:
@@ -203,65 +181,54 @@ class InMemoryStorageAdapter:
 
     # -- the protocol ------------------------------------------------------------------------
 
-    def create(
-        self,
-        session: SessionInfo,
-        nodes: Sequence[NodeSpec] = (),
-        signatures: Sequence[str | None] | None = None,
-        structure: Tree | None = None,
-    ) -> None:
+    def create(self, session: models.SessionInfo, nodes: NewNodes = NO_NODES) -> None:
         with self._lock:
             if session.session_id in self._sessions:
-                raise SessionExistsError(session.session_id)
-            entry = _Entry(info=session, structure=structure, links=links(structure) if structure else None)
-            for spec in nodes:
-                self._set_node(entry, NodeResult(node_id=spec.node_id, status=NodeStatus.PENDING, task_id=spec.task_id))
-                if spec.signature is not None:
-                    entry.signatures[spec.node_id] = spec.signature
+                raise errors.SessionExistsError(session.session_id)
+            entry = _Entry(info=session, structure=nodes.tree, links=links(nodes.tree) if nodes.tree else None)
+            self._add_pending(entry, nodes.specs)
             self._sessions[session.session_id] = entry
             if session.parent_session_id and session.parent_node_id:
                 self._watched[ChildWatch(session.session_id, session.parent_session_id, session.parent_node_id)] = None
             self._emit(entry, "created", session.created_at)
 
-    def add_nodes(
-        self,
-        session_id: str,
-        nodes: Sequence[NodeSpec],
-        signatures: Sequence[str | None],
-        part: Tree | None,
-        max_node_count: int,
-        now: datetime,
-    ) -> AddOutcome:
+    def add_nodes(self, session_id: str, nodes: NewNodes, max_node_count: int, now: datetime) -> models.AddOutcome:
+        specs = nodes.specs
         with self._lock:
             entry = self._entry(session_id)
-            known = [spec.node_id for spec in nodes if spec.node_id in entry.nodes]
-            if len(known) == len(nodes):
+            known = [spec.node_id for spec in specs if spec.node_id in entry.nodes]
+            if len(known) == len(specs):
                 pending = [n for n in known if entry.nodes[n].status is NodeStatus.PENDING]
-                return AddOutcome(session=entry.info, added=False, pending=pending)
+                return models.AddOutcome(session=entry.info, added=False, pending=pending)
             if known:
-                raise TrackerValidationError("nodes", known[0], "already a node of the session", session_id)
+                raise errors.TrackerValidationError("nodes", known[0], "already a node of the session", session_id)
             info = entry.info
             if info.status.is_terminal:
-                raise InvalidStateTransitionError(
+                raise errors.InvalidStateTransitionError(
                     session_id, info.status, "running", "the session has ended: nodes can no longer be added"
                 )
-            if info.node_count + len(nodes) > max_node_count:
-                raise TrackerValidationError(
-                    "nodes", len(nodes), f"more than {max_node_count} nodes in all (TRACKER_MAX_NODE_COUNT)", session_id
+            if info.node_count + len(specs) > max_node_count:
+                raise errors.TrackerValidationError(
+                    "nodes", len(specs), f"more than {max_node_count} nodes in all (TRACKER_MAX_NODE_COUNT)", session_id
                 )
-            tree = grown(entry.structure, part, list(entry.nodes), [spec.node_id for spec in nodes])
+            tree = grown(entry.structure, nodes.tree, list(entry.nodes), [spec.node_id for spec in specs])
             if tree is not None:
                 entry.structure, entry.links = tree, links(tree)
-            for spec in nodes:
-                self._set_node(entry, NodeResult(node_id=spec.node_id, status=NodeStatus.PENDING, task_id=spec.task_id))
-                if spec.signature is not None:
-                    entry.signatures[spec.node_id] = spec.signature
-            entry.info = info.model_copy(update={"node_count": info.node_count + len(nodes)})
+            self._add_pending(entry, specs)
+            entry.info = info.model_copy(update={"node_count": info.node_count + len(specs)})
             self._settle(entry, self._recount(entry, now))
             self._emit(entry, "added", now)
-            return AddOutcome(session=entry.info, added=True, pending=[spec.node_id for spec in nodes])
+            return models.AddOutcome(session=entry.info, added=True, pending=[spec.node_id for spec in specs])
 
-    def get(self, session_id: str) -> SessionInfo | None:
+    def _add_pending(self, entry: _Entry, specs: Sequence[models.NodeSpec]) -> None:
+        for spec in specs:
+            self._set_node(
+                entry, models.NodeResult(node_id=spec.node_id, status=NodeStatus.PENDING, task_id=spec.task_id)
+            )
+            if spec.signature is not None:
+                entry.signatures[spec.node_id] = spec.signature
+
+    def get(self, session_id: str) -> models.SessionInfo | None:
         with self._lock:
             entry = self._sessions.get(session_id)
             return entry.info if entry else None
@@ -273,12 +240,12 @@ class InMemoryStorageAdapter:
 
     def transition(
         self, session_id: str, target: SessionStatus, allowed_from: frozenset[SessionStatus], now: datetime
-    ) -> TransitionOutcome:
+    ) -> models.TransitionOutcome:
         with self._lock:
             entry = self._entry(session_id)
             previous = entry.info.status
             if previous not in allowed_from:
-                raise InvalidStateTransitionError(session_id, previous, target)
+                raise errors.InvalidStateTransitionError(session_id, previous, target)
             if target is SessionStatus.CANCELLED:
                 for node in list(entry.nodes.values()):
                     if not node.status.is_terminal:
@@ -293,40 +260,37 @@ class InMemoryStorageAdapter:
                 entry.info = self._recount(entry, now)
             self._settle(entry, self._move(entry.info, target, now))
             self._emit(entry, "status", now)
-            return TransitionOutcome(session=entry.info, previous_status=previous)
+            return models.TransitionOutcome(session=entry.info, previous_status=previous)
 
     def resume(
-        self,
-        session_id: str,
-        allowed_from: frozenset[SessionStatus],
-        retry_failed: bool,
-        task_id_base: str,
-        now: datetime,
-        nodes: Sequence[str] | None = None,
-    ) -> ResumeOutcome:
+        self, session_id: str, choice: ResumeChoice, allowed_from: frozenset[SessionStatus], now: datetime
+    ) -> models.ResumeOutcome:
+        nodes, retry_failed = choice.nodes, choice.retry_failed
         with self._lock:
             entry = self._entry(session_id)
             previous = entry.info.status
             if previous not in allowed_from:
-                raise InvalidStateTransitionError(session_id, previous, SessionStatus.RUNNING, "cannot resume")
+                raise errors.InvalidStateTransitionError(session_id, previous, SessionStatus.RUNNING, "cannot resume")
             if nodes is not None:
                 chosen = set(nodes)
                 if any(entry.nodes[n].status is NodeStatus.COMPLETED for n in chosen if n in entry.nodes):
                     raise ResumePlanChanged(session_id)
-            reset: list[NodeSpec] = []
+            reset: list[models.NodeSpec] = []
             for node_id, node in list(entry.nodes.items()):
                 if nodes is not None:
                     if node_id not in chosen:
                         continue
                 elif node.status is NodeStatus.COMPLETED or (node.status is NodeStatus.FAILED and not retry_failed):
                     continue
-                task_id = f"{task_id_base}{len(reset) + 1:012x}"
+                task_id = f"{choice.task_id_base}{len(reset) + 1:012x}"
                 self._set_node(
                     entry,
-                    NodeResult(node_id=node_id, status=NodeStatus.PENDING, attempts=node.attempts, task_id=task_id),
+                    models.NodeResult(
+                        node_id=node_id, status=NodeStatus.PENDING, attempts=node.attempts, task_id=task_id
+                    ),
                 )
                 entry.node_children.pop(node_id, None)  # its run again waits only for the children it opens
-                reset.append(NodeSpec(node_id=node_id, task_id=task_id, signature=entry.signatures.get(node_id)))
+                reset.append(models.NodeSpec(node_id=node_id, task_id=task_id, signature=entry.signatures.get(node_id)))
             info = self._recount(entry, now)
             counts = _counts(entry, info)
             ended = None if reset else states.finish_status(*counts)
@@ -338,20 +302,22 @@ class InMemoryStorageAdapter:
                 entry.rate = states.RateWindow.starting(_ms(now), _finished(info))
             self._settle(entry, info)
             self._emit(entry, "status", now)
-            return ResumeOutcome(session=entry.info, previous_status=previous, nodes=reset)
+            return models.ResumeOutcome(session=entry.info, previous_status=previous, nodes=reset)
 
-    def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> SessionInfo:
+    def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> models.SessionInfo:
         with self._lock:
             entry = self._entry(session_id)
             status = entry.info.status
             if status.is_terminal:
-                raise InvalidStateTransitionError(session_id, status, status, "progress of an ended session is final")
+                raise errors.InvalidStateTransitionError(
+                    session_id, status, status, "progress of an ended session is final"
+                )
             updated_at = max(now, entry.info.updated_at)
             entry.info = entry.info.model_copy(update={"progress_percent": progress_percent, "updated_at": updated_at})
             self._emit(entry, "progress", now)
             return entry.info
 
-    def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> NodeOutcome:
+    def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> models.NodeOutcome:
         with self._lock:
             entry = self._entry(session_id)
             self._check_limit(session_id, entry, [event])
@@ -359,7 +325,7 @@ class InMemoryStorageAdapter:
 
     def record_nodes(
         self, session_id: str, events: Sequence[NodeEvent], now: datetime, request_id: str | None = None
-    ) -> BatchOutcome:
+    ) -> models.BatchOutcome:
         with self._lock:
             entry = self._entry(session_id)
             self._check_limit(session_id, entry, events)
@@ -370,7 +336,9 @@ class InMemoryStorageAdapter:
                 finished = outcome.finished or finished
                 succeeded = succeeded or outcome.succeeded
                 first_failure = first_failure or outcome.first_failure
-            return BatchOutcome.of(entry.info, finished=finished, succeeded=succeeded, first_failure=first_failure)
+            return models.BatchOutcome.of(
+                entry.info, finished=finished, succeeded=succeeded, first_failure=first_failure
+            )
 
     @staticmethod
     def _check_limit(session_id: str, entry: _Entry, events: Sequence[NodeEvent]) -> None:
@@ -380,9 +348,9 @@ class InMemoryStorageAdapter:
             if event.node_id not in entry.nodes and event.node_id not in fresh:
                 fresh.add(event.node_id)
                 if len(entry.nodes) + len(fresh) > entry.info.node_count:
-                    raise NodeLimitError(session_id, event.node_id, entry.info.node_count)
+                    raise errors.NodeLimitError(session_id, event.node_id, entry.info.node_count)
 
-    def _apply(self, session_id: str, entry: _Entry, event: NodeEvent, now: datetime) -> NodeOutcome:
+    def _apply(self, session_id: str, entry: _Entry, event: NodeEvent, now: datetime) -> models.NodeOutcome:
         at = event.at or now
         old = entry.nodes.get(event.node_id)
         if event.child is not None or event.status is NodeStatus.COMPLETED:
@@ -433,7 +401,7 @@ class InMemoryStorageAdapter:
         )
         first_failure = node.node_id if failing and not entry.failure_told else None
         entry.failure_told = entry.failure_told or failing
-        return NodeOutcome(
+        return models.NodeOutcome(
             node=node,
             session=info,
             previous_node_status=old.status if old else None,
@@ -443,7 +411,7 @@ class InMemoryStorageAdapter:
         )
 
     @staticmethod
-    def _with_children(entry: _Entry, old: NodeResult | None, event: NodeEvent) -> tuple[str, NodeEvent]:
+    def _with_children(entry: _Entry, old: models.NodeResult | None, event: NodeEvent) -> tuple[str, NodeEvent]:
         """What ``event`` means once the node's child sessions are taken into account
         (``record_nodes.lua``: with_children): ``("event", e)`` apply ``e``; ``("wait", e)`` a
         success that waits, running, for open children; ``("bookkeeping", e)`` only the children's
@@ -495,10 +463,10 @@ class InMemoryStorageAdapter:
         return "event", event
 
     def _child_step(
-        self, session_id: str, entry: _Entry, old: NodeResult | None, event: NodeEvent, what: str, at: datetime
-    ) -> NodeOutcome:
+        self, session_id: str, entry: _Entry, old: models.NodeResult | None, event: NodeEvent, what: str, at: datetime
+    ) -> models.NodeOutcome:
         """A child event that changed no node's status, or a success that waits for children."""
-        node = old or NodeResult(node_id=event.node_id, status=NodeStatus.PENDING)
+        node = old or models.NodeResult(node_id=event.node_id, status=NodeStatus.PENDING)
         if what == "wait":
             if event.started_at is not None or node.status is NodeStatus.PENDING:
                 start = NodeEvent(event.node_id, NodeStatus.RUNNING, attempt=event.attempt, task_id=event.task_id)
@@ -515,9 +483,11 @@ class InMemoryStorageAdapter:
         else:
             entry.info = entry.info.model_copy(update={"updated_at": max(at, entry.info.updated_at)})
         self._emit(entry, "child", at, node)
-        return NodeOutcome(node=node, session=entry.info, previous_node_status=old.status if old else None)
+        return models.NodeOutcome(node=node, session=entry.info, previous_node_status=old.status if old else None)
 
-    def _progress(self, entry: _Entry, old: NodeResult | None, event: NodeEvent, at: datetime) -> NodeOutcome:
+    def _progress(
+        self, entry: _Entry, old: models.NodeResult | None, event: NodeEvent, at: datetime
+    ) -> models.NodeOutcome:
         """A running node's progress report: counted only while that attempt of that task runs
         (``record_nodes.lua``: progress_applies); it changes nothing else."""
         applies = (
@@ -528,16 +498,18 @@ class InMemoryStorageAdapter:
             and (event.attempt is None or event.attempt >= old.attempts)
         )
         if old is None or not applies:
-            return NodeOutcome(
-                node=old or NodeResult(node_id=event.node_id, status=NodeStatus.PENDING), session=entry.info
+            return models.NodeOutcome(
+                node=old or models.NodeResult(node_id=event.node_id, status=NodeStatus.PENDING), session=entry.info
             )
         node = old.model_copy(update={"progress": event.progress})
         self._set_node(entry, node)
         entry.info = self._recount(entry, at)
         self._emit(entry, "progress", at, node)
-        return NodeOutcome(node=node, session=entry.info, previous_node_status=old.status)
+        return models.NodeOutcome(node=node, session=entry.info, previous_node_status=old.status)
 
-    def _skip_after(self, entry: _Entry, node: NodeResult, old: NodeResult | None, at: datetime) -> list[NodeResult]:
+    def _skip_after(
+        self, entry: _Entry, node: models.NodeResult, old: models.NodeResult | None, at: datetime
+    ) -> list[models.NodeResult]:
         """Mark ``skipped`` what will never run now that ``node`` ended (see tracker.structure.skips)."""
         found = entry.links
         if found is None or not node.status.is_terminal or (old is not None and old.status is node.status):
@@ -562,7 +534,7 @@ class InMemoryStorageAdapter:
             marked.append(skipped)
         return marked
 
-    def _register(self, session_id: str, node: NodeResult, worker: str | None, now: datetime) -> None:
+    def _register(self, session_id: str, node: models.NodeResult, worker: str | None, now: datetime) -> None:
         # The same holder registry the Redis scripts keep: a start by a worker adds the node to
         # that worker's set (and is a sign of life), any other status takes it out.
         if worker is None or not is_worker_id(worker):
@@ -583,34 +555,36 @@ class InMemoryStorageAdapter:
                 if entry is not None and not entry.info.status.is_terminal:
                     entry.alive_at = now
 
-    def get_children(self, session_id: str) -> list[ChildSession]:
+    def get_children(self, session_id: str) -> list[models.ChildSession]:
         with self._lock:
             entry = self._sessions.get(session_id)
             children = entry.children.items() if entry is not None else []
             return [
-                ChildSession(session_id=child, node_id=node, attempt=attempt, child_failure=policy, status=state)
+                models.ChildSession(session_id=child, node_id=node, attempt=attempt, child_failure=policy, status=state)
                 for child, (node, attempt, policy, state) in children
             ]
 
-    def get_failures(self, session_id: str) -> list[FailureGroup]:
+    def get_failures(self, session_id: str) -> list[models.FailureGroup]:
         with self._lock:
             groups = self._entry(session_id).failures.items()
             return [
-                FailureGroup(error_type=kind, count=n, first_message=text, first_at=first, last_at=last, node_ids=ids)
+                models.FailureGroup(
+                    error_type=kind, count=n, first_message=text, first_at=first, last_at=last, node_ids=ids
+                )
                 for kind, (n, text, first, last, ids) in groups
             ]
 
-    def list_workers(self, limit: int) -> list[WorkerInfo]:
+    def list_workers(self, limit: int) -> list[models.WorkerInfo]:
         with self._lock:
             # As Redis orders a ZREVRANGE: highest score first, equal scores by member, last first.
             newest = sorted(self._workers.items(), key=lambda item: (item[1], item[0]), reverse=True)[:limit]
             held = {worker: sorted(self._held.get(worker, ())) for worker, _ in newest}
         return [
-            WorkerInfo(
+            models.WorkerInfo(
                 worker=worker,
                 last_seen_at=seen_at,
                 running=len(held[worker]),
-                nodes=[HeldNode(session_id=sid, node_id=nid) for sid, nid in held[worker][:WORKER_NODES_SHOWN]],
+                nodes=[models.HeldNode(session_id=sid, node_id=nid) for sid, nid in held[worker][:WORKER_NODES_SHOWN]],
             )
             for worker, seen_at in newest
         ]
@@ -625,8 +599,8 @@ class InMemoryStorageAdapter:
 
     def reap_lost(
         self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None, requeued: bool = False
-    ) -> list[NodeOutcome]:
-        outcomes: list[NodeOutcome] = []
+    ) -> list[models.NodeOutcome]:
+        outcomes: list[models.NodeOutcome] = []
         with self._lock:
             seen = {worker: _ms(at) for worker, at in self._workers.items()}
             silent = silent_workers(seen, self._suspects, self._alive, _ms(now), round(stale_after_s * 1000))
@@ -663,35 +637,31 @@ class InMemoryStorageAdapter:
 
     def get_nodes(
         self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100
-    ) -> NodePage:
+    ) -> models.NodePage:
         if status is not None:
             after = status_cursor(cursor)
             with self._lock:
                 every = self._entry(session_id).nodes
                 found = sorted(n for n, node in every.items() if node.status is status and n > after)
                 page = [every[n] for n in found[:limit]]
-            return NodePage(nodes=page, next_cursor=found[limit - 1] if len(found) > limit else None)
+            return models.NodePage(nodes=page, next_cursor=found[limit - 1] if len(found) > limit else None)
         with self._lock:
             nodes = list(self._entry(session_id).nodes.values())
         start = _position(cursor)
         end = start + limit
-        return NodePage(nodes=nodes[start:end], next_cursor=str(end) if end < len(nodes) else None)
+        return models.NodePage(nodes=nodes[start:end], next_cursor=str(end) if end < len(nodes) else None)
 
-    def get_node(self, session_id: str, node_id: str) -> NodeResult:
+    def get_node(self, session_id: str, node_id: str) -> models.NodeResult:
         with self._lock:
             node = self._entry(session_id).nodes.get(node_id)
         if node is None:
-            raise NodeNotFoundError(session_id, node_id)
+            raise errors.NodeNotFoundError(session_id, node_id)
         return node
 
     def list_sessions(
-        self,
-        status: SessionStatus | None = None,
-        cursor: str | None = None,
-        limit: int = 50,
-        tag: str | None = None,
-        path: str | None = None,
-    ) -> SessionPage:
+        self, where: SessionFilter = EVERY_SESSION, cursor: str | None = None, limit: int = 50
+    ) -> models.SessionPage:
+        tag, path = where.tag, where.path
         with self._lock:
             infos = sorted(
                 (e.info for e in self._sessions.values()), key=lambda i: (i.created_at, i.session_id), reverse=True
@@ -703,8 +673,8 @@ class InMemoryStorageAdapter:
             infos = sorted((i for i in infos if i.canvas_path.startswith(path)), key=lambda i: i.canvas_path)
         start = _position(cursor)
         end = start + limit
-        page = [i for i in infos[start:end] if matches(i, status, tag, path)]
-        return SessionPage(sessions=page, next_cursor=str(end) if end < len(infos) else None)
+        page = [i for i in infos[start:end] if where.matches(i)]
+        return models.SessionPage(sessions=page, next_cursor=str(end) if end < len(infos) else None)
 
     def delete(self, session_id: str) -> bool:
         with self._lock:
@@ -724,8 +694,8 @@ class InMemoryStorageAdapter:
                 del self._sessions[sid]
             return len(expired)
 
-    def end_stalled(self, now: datetime, stalled_after_s: float, reason: str) -> list[BatchOutcome]:
-        outcomes: list[BatchOutcome] = []
+    def end_stalled(self, now: datetime, stalled_after_s: float, reason: str) -> list[models.BatchOutcome]:
+        outcomes: list[models.BatchOutcome] = []
         with self._lock:
             reaped_at = self._reaped_at
             if reaped_at is None:
@@ -755,12 +725,12 @@ class InMemoryStorageAdapter:
                 self._emit(entry, "status", now)
                 first_failure = None if entry.failure_told else waiting[0].node_id
                 entry.failure_told = True
-                outcomes.append(BatchOutcome.of(entry.info, finished=finished, first_failure=first_failure))
+                outcomes.append(models.BatchOutcome.of(entry.info, finished=finished, first_failure=first_failure))
         return outcomes
 
     def read_events(
         self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
-    ) -> list[SessionEvent]:
+    ) -> list[models.SessionEvent]:
         after_key = _event_key(after) if after else (-1, -1)
         deadline = time.monotonic() + (block_ms or 0) / 1000.0
         with self._lock:
@@ -779,18 +749,18 @@ class InMemoryStorageAdapter:
             self._changed.notify_all()
 
 
-def _counts(entry: _Entry, info: SessionInfo) -> tuple[int, int, int, int, int, int]:
+def _counts(entry: _Entry, info: models.SessionInfo) -> tuple[int, int, int, int, int, int]:
     """The arguments of :func:`states.finish_status` for ``info`` (the counters of ``entry``)."""
     counts = (info.completed_nodes, info.failed_nodes, info.cancelled_nodes, info.node_count, info.skipped_nodes)
     return (*counts, len(entry.unneeded))
 
 
-def _finished(info: SessionInfo) -> int:
+def _finished(info: models.SessionInfo) -> int:
     """How many of the session's nodes have a result."""
     return info.completed_nodes + info.failed_nodes + info.cancelled_nodes + info.skipped_nodes
 
 
-def _regroup(failures: dict[str, list[Any]], old: NodeResult | None, node: NodeResult) -> None:
+def _regroup(failures: dict[str, list[Any]], old: models.NodeResult | None, node: models.NodeResult) -> None:
     """Move a node between the failure groups as its status changes (``common.lua``: regroup)."""
     was = None if old is None else states.failure_type(old.status, old.error.type if old.error else None)
     now = states.failure_type(node.status, node.error.type if node.error else None)
@@ -825,7 +795,7 @@ def _position(cursor: str | None) -> int:
     if not cursor:
         return 0
     if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 18:
-        raise TrackerValidationError("cursor", cursor, "expected the next_cursor of a previous page")
+        raise errors.TrackerValidationError("cursor", cursor, "expected the next_cursor of a previous page")
     return int(cursor)
 
 
@@ -839,12 +809,12 @@ def _child_failed(failed: str) -> str:
     return f"child session {failed}"
 
 
-def _merge_node(old: NodeResult | None, event: NodeEvent, now: datetime) -> NodeResult:
+def _merge_node(old: models.NodeResult | None, event: NodeEvent, now: datetime) -> models.NodeResult:
     """The node after ``event``: the rule of :func:`tracker.states.merge_node_status`, plus details."""
     status = states.merge_node_status(old.status if old else None, event.status)
     if old is not None and states.is_stale_report(event.status, event.task_id, old.task_id):
         status = old.status
-    base = old or NodeResult(node_id=event.node_id, status=NodeStatus.PENDING)
+    base = old or models.NodeResult(node_id=event.node_id, status=NodeStatus.PENDING)
     attempts = base.attempts
     if event.attempt is not None:
         attempts = max(attempts, event.attempt)

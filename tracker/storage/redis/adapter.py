@@ -22,8 +22,8 @@ from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
 import redis
 from redis.cluster import RedisCluster
 
+from tracker import errors
 from tracker.config import TrackerSettings
-from tracker.errors import StorageUnavailableError
 from tracker.storage.base import StoreCall
 from tracker.storage.keys import KeySpace
 from tracker.storage.redis import clients
@@ -33,11 +33,11 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
-def _unavailable(exc: redis.RedisError, url: str | None) -> StorageUnavailableError:
+def _unavailable(exc: redis.RedisError, url: str | None) -> errors.StorageUnavailableError:
     """The tracker's error for one of redis-py's."""
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
-        return StorageUnavailableError(f"Redis is unreachable ({exc}); is redis-server running?", url)
-    return StorageUnavailableError(f"Redis refused the command ({exc})", url)
+        return errors.StorageUnavailableError(f"Redis is unreachable ({exc}); is redis-server running?", url)
+    return errors.StorageUnavailableError(f"Redis refused the command ({exc})", url)
 
 
 def _register_scripts(client: Any) -> dict[str, Any]:
@@ -146,7 +146,7 @@ class RedisStorageAdapter:
     def from_settings(cls, settings: TrackerSettings) -> RedisStorageAdapter:
         """Connect to ``settings.redis_url``."""
         if not settings.redis_url:
-            raise StorageUnavailableError("TRACKER_REDIS_URL is not set")
+            raise errors.StorageUnavailableError("TRACKER_REDIS_URL is not set")
         return cls.from_url(settings.redis_url, settings)
 
     def _execute(self, batch: list[Command]) -> list[Any]:

@@ -11,19 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from tracker import validation
-from tracker.errors import StorageUnavailableError, TrackerValidationError
-from tracker.models import (
-    ChildSession,
-    FailureGroup,
-    NodeError,
-    NodeResult,
-    SessionEvent,
-    SessionInfo,
-    ms_from_utc,
-    rate_and_eta,
-    utc_from_ms,
-)
+from tracker import errors, models, validation
 from tracker.states import NodeStatus, RateWindow, SessionStatus
 from tracker.storage.base import ChildLink, NodeEvent
 
@@ -41,7 +29,7 @@ def flat_dict(flat: Sequence[Any]) -> dict[str, str]:
 
 def utc(ms: int) -> datetime:
     """Stored epoch milliseconds as an aware UTC datetime."""
-    value = utc_from_ms(ms)
+    value = models.utc_from_ms(ms)
     assert value is not None
     return value
 
@@ -51,7 +39,7 @@ def moment(value: str) -> datetime | None:
     return utc(int(value)) if value else None
 
 
-def session_from_hash(session_id: str, fields: dict[str, str]) -> SessionInfo:
+def session_from_hash(session_id: str, fields: dict[str, str]) -> models.SessionInfo:
     """A session from its hash (``HGETALL``, or a script's reply of it)."""
     created = utc(int(fields["created_ms"]))
     updated = utc(int(fields["updated_ms"]))
@@ -59,7 +47,7 @@ def session_from_hash(session_id: str, fields: dict[str, str]) -> SessionInfo:
     status = session_status(fields["status"])
     finished = moment(fields.get("finished_ms", ""))
     node_count = int(fields["node_count"])
-    return SessionInfo(
+    return models.SessionInfo(
         session_id=session_id,
         canvas_path=fields["canvas_path"],
         node_count=node_count,
@@ -84,7 +72,7 @@ def session_from_hash(session_id: str, fields: dict[str, str]) -> SessionInfo:
         parent_node_id=parent_node or None,
         failure_types=int(fields.get("failure_types") or 0),
         tags=fields.get("tags", "").split(),
-        **rate_and_eta(RateWindow.parse(fields.get("rate", "")), node_count, finished),
+        **models.rate_and_eta(RateWindow.parse(fields.get("rate", "")), node_count, finished),
     )
 
 
@@ -93,10 +81,10 @@ def session_status(value: Any) -> SessionStatus:
     try:
         return SessionStatus(text(value))
     except ValueError:
-        raise StorageUnavailableError(f"unexpected session status {text(value)!r} in the store") from None
+        raise errors.StorageUnavailableError(f"unexpected session status {text(value)!r} in the store") from None
 
 
-def session_from_values(session_id: str, values: Sequence[Any]) -> SessionInfo:
+def session_from_values(session_id: str, values: Sequence[Any]) -> models.SessionInfo:
     """A session from the values every ``record_nodes`` reply carries, in ``SESSION_FIELDS``
     order: numbers as integers, the rest as bytes."""
     (status, node_count, completed, failed, running, lost, cancelled, skipped, retrying, progress,
@@ -104,7 +92,7 @@ def session_from_values(session_id: str, values: Sequence[Any]) -> SessionInfo:
      parent, failure_types, rate, tags) = values  # fmt: skip
     parent_sid, _, parent_node = text(parent).partition("|") if parent else ("", "", "")
     finished = utc(int(finished_ms)) if finished_ms else None
-    return SessionInfo(
+    return models.SessionInfo(
         session_id=session_id,
         canvas_path=text(canvas_path),
         node_count=node_count,
@@ -129,15 +117,15 @@ def session_from_values(session_id: str, values: Sequence[Any]) -> SessionInfo:
         parent_node_id=parent_node or None,
         failure_types=failure_types,
         tags=text(tags).split() if tags else [],
-        **rate_and_eta(RateWindow.parse(text(rate)) if rate else None, node_count, finished),
+        **models.rate_and_eta(RateWindow.parse(text(rate)) if rate else None, node_count, finished),
     )
 
 
-def failure_group(error_type: str, entry: str) -> FailureGroup:
+def failure_group(error_type: str, entry: str) -> models.FailureGroup:
     """A failure group as the failures hash keeps it (``common.lua``: regroup)."""
     group = json.loads(entry)
     nodes = group.get("nodes")
-    return FailureGroup(
+    return models.FailureGroup(
         error_type=error_type,
         count=group["count"],
         first_message=group.get("message") or "",
@@ -153,16 +141,16 @@ def callbacks(reply: list[Any]) -> dict[str, Any]:
     return {"succeeded": text(reply[5]) == "1", "first_failure": failed_node or None}
 
 
-def node_from_record(node_id: str, record: str) -> NodeResult:
+def node_from_record(node_id: str, record: str) -> models.NodeResult:
     """A node from its stored record: ``status|attempts|started|finished|task|worker|payload``."""
     status, attempts, started, finished, task_id, worker, payload = record.split("|", 6)
     details = json.loads(payload) if payload else {}
     error = details.get("error")
-    return NodeResult(
+    return models.NodeResult(
         node_id=node_id,
         status=NodeStatus(status),
         result=details.get("result"),
-        error=NodeError(type=error[0], message=error[1]) if error else None,
+        error=models.NodeError(type=error[0], message=error[1]) if error else None,
         attempts=int(attempts),
         task_id=task_id or None,
         worker=worker or None,
@@ -188,10 +176,12 @@ def record_payload(event: NodeEvent) -> str:
     return "{" + ",".join(parts) + "}" if parts else ""
 
 
-def child_from_entry(child_id: str, entry: str) -> ChildSession:
+def child_from_entry(child_id: str, entry: str) -> models.ChildSession:
     """A child session as its parent's children hash keeps it: ``node|attempt|policy|state``."""
     node_id, attempt, policy, state = entry.split("|")
-    return ChildSession(session_id=child_id, node_id=node_id, attempt=int(attempt), child_failure=policy, status=state)
+    return models.ChildSession(
+        session_id=child_id, node_id=node_id, attempt=int(attempt), child_failure=policy, status=state
+    )
 
 
 def child_payload(link: ChildLink) -> tuple[str, str]:
@@ -212,16 +202,16 @@ def record_field(value: str | None, name: str) -> str:
     if value is None:
         return ""
     if "|" in value or len(value) > 255:
-        raise TrackerValidationError(name, value, "must be at most 255 characters without '|'")
+        raise errors.TrackerValidationError(name, value, "must be at most 255 characters without '|'")
     return value
 
 
-def event_from_entry(entry_id: Any, fields: dict[Any, Any]) -> SessionEvent:
+def event_from_entry(entry_id: Any, fields: dict[Any, Any]) -> models.SessionEvent:
     """An entry of a session's event stream."""
     f = {text(k): text(v) for k, v in fields.items()}
-    at = utc_from_ms(int(f["at"]))
+    at = models.utc_from_ms(int(f["at"]))
     assert at is not None
-    return SessionEvent(
+    return models.SessionEvent(
         id=text(entry_id),
         type=f["t"],
         status=SessionStatus(f["s"]),
@@ -236,7 +226,7 @@ def event_from_entry(entry_id: Any, fields: dict[Any, Any]) -> SessionEvent:
 
 def ms_int(moment: datetime) -> int:
     """A datetime as the milliseconds the store keeps."""
-    value = ms_from_utc(moment)
+    value = models.ms_from_utc(moment)
     assert value is not None
     return value
 
@@ -245,5 +235,5 @@ def scan_cursor(cursor: str | None) -> int:
     if not cursor:
         return 0
     if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 18:
-        raise TrackerValidationError("cursor", cursor, "expected the next_cursor of a previous page")
+        raise errors.TrackerValidationError("cursor", cursor, "expected the next_cursor of a previous page")
     return int(cursor)

@@ -13,43 +13,19 @@ from datetime import datetime
 from importlib import resources
 from typing import Any, TypeVar
 
-from tracker import validation
-from tracker.errors import (
-    InvalidStateTransitionError,
-    NodeLimitError,
-    NodeNotFoundError,
-    SessionExistsError,
-    SessionNotFoundError,
-    StorageUnavailableError,
-    TrackerValidationError,
-)
-from tracker.models import (
-    AddOutcome,
-    BatchOutcome,
-    ChildSession,
-    FailureGroup,
-    HeldNode,
-    NodeOutcome,
-    NodePage,
-    NodeResult,
-    NodeSpec,
-    ResumeOutcome,
-    SessionEvent,
-    SessionInfo,
-    SessionPage,
-    TransitionOutcome,
-    WorkerInfo,
-    ms_from_utc,
-    utc_from_ms,
-)
+from tracker import errors, models, validation
 from tracker.states import NodeStatus, SessionStatus
 from tracker.storage.base import (
+    EVERY_SESSION,
+    NO_NODES,
     WORKER_NODES_SHOWN,
     ChildWatch,
+    NewNodes,
     NodeEvent,
+    ResumeChoice,
     ResumePlanChanged,
+    SessionFilter,
     lost_reason,
-    matches,
     new_request_id,
     requeued_reason,
     silent_workers,
@@ -148,22 +124,16 @@ class RedisPrograms:
         if code == "ok":
             return reply
         if code == "not_found":
-            raise SessionNotFoundError(session_id)
+            raise errors.SessionNotFoundError(session_id)
         if code == "invalid":
             current = codec.text(reply[1])
             reason = "the session has ended" if not target else ""
-            raise InvalidStateTransitionError(session_id, current, target or current, reason)
+            raise errors.InvalidStateTransitionError(session_id, current, target or current, reason)
         if code == "exists":
-            raise SessionExistsError(session_id)
-        raise StorageUnavailableError(f"unexpected script reply {code!r}")
+            raise errors.SessionExistsError(session_id)
+        raise errors.StorageUnavailableError(f"unexpected script reply {code!r}")
 
-    def create(
-        self,
-        session: SessionInfo,
-        nodes: Sequence[NodeSpec] = (),
-        signatures: Sequence[str | None] | None = None,
-        structure: Tree | None = None,
-    ) -> Program[None]:
+    def create(self, session: models.SessionInfo, nodes: NewNodes = NO_NODES) -> Program[None]:
         sid = session.session_id
         sk = self.keys.session(sid)
         now_ms = codec.ms_int(session.created_at)
@@ -176,7 +146,7 @@ class RedisPrograms:
             json.dumps(session.metadata, separators=(",", ":")),
             self.ttl_s,
             self.events_maxlen,
-            len(nodes),
+            len(nodes.specs),
             new_request_id(),
             f"{session.parent_session_id}|{session.parent_node_id}" if session.parent_session_id else "",
             self.finished_ttl_s,
@@ -184,17 +154,11 @@ class RedisPrograms:
             member,
             filed(session.tags, member),
         ]
-        if signatures is None:
-            signatures = [None if spec.signature is None else validation.compact_json(spec.signature) for spec in nodes]
-        for spec, sig in zip(nodes, signatures, strict=True):
-            args += [spec.node_id, codec.record_field(spec.task_id, "task_id"), sig or ""]
-        if structure is not None:
+        args += _node_args(nodes)
+        if nodes.tree is not None:
             # Kept beside the signatures: the links, read by record_nodes when a node ends, and the
             # tree, read by resume.
-            fields = links(structure).fields()
-            fields[TREE_FIELD] = validation.compact_json(structure)
-            for name, value in fields.items():
-                args += [name, value]
+            args += [TREE_FIELD, validation.compact_json(nodes.tree)]
         script = self._script("create", sk, *args)
         tags = [self.keys.tag_index(tag) for tag in session.tags]
         if not self.cluster:
@@ -220,46 +184,42 @@ class RedisPrograms:
         yield indexes
 
     def add_nodes(
-        self,
-        session_id: str,
-        nodes: Sequence[NodeSpec],
-        signatures: Sequence[str | None],
-        part: Tree | None,
-        max_node_count: int,
-        now: datetime,
-    ) -> Program[AddOutcome]:
+        self, session_id: str, nodes: NewNodes, max_node_count: int, now: datetime
+    ) -> Program[models.AddOutcome]:
+        specs = nodes.specs
         args: list[Any] = [
-            ms_from_utc(now), self.ttl_s, self.events_maxlen, max_node_count, len(nodes),
-            "" if part is None else validation.compact_json(part),
+            models.ms_from_utc(now), self.ttl_s, self.events_maxlen, max_node_count, len(specs),
+            "" if nodes.tree is None else validation.compact_json(nodes.tree),
         ]  # fmt: skip
-        for spec, sig in zip(nodes, signatures, strict=True):
-            args += [spec.node_id, codec.record_field(spec.task_id, "task_id"), sig or ""]
-        if part is not None:
-            args += [item for pair in links(part).fields().items() for item in pair]
+        args += _node_args(nodes)
         reply = (yield [self._script("add_nodes", self._session_keys(session_id), *args)])[0]
         code = codec.text(reply[0])
         if code == "again":
             pending = [codec.text(node) for node in reply[2]]
-            return AddOutcome(session=codec.session_from_values(session_id, reply[1]), added=False, pending=pending)
+            return models.AddOutcome(
+                session=codec.session_from_values(session_id, reply[1]), added=False, pending=pending
+            )
         if code == "ended":
-            raise InvalidStateTransitionError(
+            raise errors.InvalidStateTransitionError(
                 session_id, codec.text(reply[1]), "running", "the session has ended: nodes can no longer be added"
             )
         if code == "exists":
-            raise TrackerValidationError("nodes", codec.text(reply[1]), "already a node of the session", session_id)
+            raise errors.TrackerValidationError(
+                "nodes", codec.text(reply[1]), "already a node of the session", session_id
+            )
         if code == "limit":
-            raise TrackerValidationError(
-                "nodes", len(nodes), f"more than {max_node_count} nodes in all (TRACKER_MAX_NODE_COUNT)", session_id
+            raise errors.TrackerValidationError(
+                "nodes", len(specs), f"more than {max_node_count} nodes in all (TRACKER_MAX_NODE_COUNT)", session_id
             )
         reply = self._check(session_id, reply)
         session = codec.session_from_values(session_id, reply[1])
-        return AddOutcome(session=session, added=True, pending=[spec.node_id for spec in nodes])
+        return models.AddOutcome(session=session, added=True, pending=[spec.node_id for spec in specs])
 
     def get_structure(self, session_id: str) -> Program[Tree | None]:
         found = (yield [("HGET", self._session_keys(session_id).sigs, TREE_FIELD)])[0]
         return None if found is None else json.loads(found)
 
-    def get(self, session_id: str) -> Program[SessionInfo | None]:
+    def get(self, session_id: str) -> Program[models.SessionInfo | None]:
         flat = (yield [("HGETALL", self._session_keys(session_id).session)])[0]
         if not flat:
             return None
@@ -268,41 +228,36 @@ class RedisPrograms:
 
     def transition(
         self, session_id: str, target: SessionStatus, allowed_from: frozenset[SessionStatus], now: datetime
-    ) -> Program[TransitionOutcome]:
+    ) -> Program[models.TransitionOutcome]:
         sk = self.keys.session(session_id)
         script = self._script(
             "transition",
             sk,
             target.value,
-            ms_from_utc(now),
+            models.ms_from_utc(now),
             self.ttl_s,
             self.events_maxlen,
             new_request_id(),
             *sorted(allowed_from),
         )
         reply = self._check(session_id, (yield [script])[0], target.value)
-        return TransitionOutcome(
+        return models.TransitionOutcome(
             session=codec.session_from_hash(session_id, codec.flat_dict(reply[1])),
             previous_status=SessionStatus(codec.text(reply[2])),
         )
 
     def resume(
-        self,
-        session_id: str,
-        allowed_from: frozenset[SessionStatus],
-        retry_failed: bool,
-        task_id_base: str,
-        now: datetime,
-        nodes: Sequence[str] | None = None,
-    ) -> Program[ResumeOutcome]:
+        self, session_id: str, choice: ResumeChoice, allowed_from: frozenset[SessionStatus], now: datetime
+    ) -> Program[models.ResumeOutcome]:
         sk = self.keys.session(session_id)
+        nodes = choice.nodes
         chosen = [] if nodes is None else [validation.node_id(node, session_id) for node in nodes]
         script = self._script(
             "resume",
             sk,
-            "1" if retry_failed else "0",
-            task_id_base,
-            ms_from_utc(now),
+            "1" if choice.retry_failed else "0",
+            choice.task_id_base,
+            models.ms_from_utc(now),
             self.ttl_s,
             self.events_maxlen,
             new_request_id(),
@@ -317,22 +272,22 @@ class RedisPrograms:
             raise ResumePlanChanged(session_id)
         reply = self._check(session_id, reply, SessionStatus.RUNNING.value)
         if self.cluster:  # (outside Cluster the script does it)
-            yield [("ZADD", self.keys.expiry_index, {session_id: ms_from_utc(now)})]
+            yield [("ZADD", self.keys.expiry_index, {session_id: models.ms_from_utc(now)})]
         flat = [codec.text(v) for v in reply[3]]
         reset = [
-            NodeSpec(node_id=nid, task_id=task or None, signature=json.loads(sig) if sig else None)
+            models.NodeSpec(node_id=nid, task_id=task or None, signature=json.loads(sig) if sig else None)
             for nid, task, sig in zip(flat[0::3], flat[1::3], flat[2::3], strict=True)
         ]
-        return ResumeOutcome(
+        return models.ResumeOutcome(
             session=codec.session_from_hash(session_id, codec.flat_dict(reply[1])),
             previous_status=SessionStatus(codec.text(reply[2])),
             nodes=reset,
         )
 
-    def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> Program[SessionInfo]:
+    def set_progress(self, session_id: str, progress_percent: float, now: datetime) -> Program[models.SessionInfo]:
         sk = self.keys.session(session_id)
         script = self._script(
-            "set_progress", sk, repr(float(progress_percent)), ms_from_utc(now), self.ttl_s, self.events_maxlen
+            "set_progress", sk, repr(float(progress_percent)), models.ms_from_utc(now), self.ttl_s, self.events_maxlen
         )
         reply = self._check(session_id, (yield [script])[0])
         return codec.session_from_hash(session_id, codec.flat_dict(reply[1]))
@@ -385,7 +340,7 @@ class RedisPrograms:
             keys += [self.keys.workers, *(self.keys.held(h) for h in holders)]
         return Script("record_nodes", keys, args)
 
-    def _registry_update(self, session_id: str, holder: str, node: NodeResult, now_ms: int) -> list[Command]:
+    def _registry_update(self, session_id: str, holder: str, node: models.NodeResult, now_ms: int) -> list[Command]:
         # On Cluster the registry lives in other slots: one more round trip, on starts and results.
         member = f"{session_id} {node.node_id}"
         if node.status is NodeStatus.RUNNING and node.worker == holder:
@@ -394,7 +349,7 @@ class RedisPrograms:
 
     def _reply(
         self, session_id: str, reply: list[Any]
-    ) -> tuple[Callable[[], SessionInfo], SessionStatus | None, list[Any]]:
+    ) -> tuple[Callable[[], models.SessionInfo], SessionStatus | None, list[Any]]:
         """An ``ok`` (or ``not_found``) ``record_nodes`` reply: a reader of the session, what the
         call finished, the details."""
         self._check(session_id, reply)
@@ -402,28 +357,28 @@ class RedisPrograms:
         read_session = functools.partial(codec.session_from_values, session_id, reply[2])
         return read_session, SessionStatus(finished) if finished else None, reply[4]
 
-    def _node_outcome(self, session_id: str, node_id: str, reply: list[Any]) -> NodeOutcome:
+    def _node_outcome(self, session_id: str, node_id: str, reply: list[Any]) -> models.NodeOutcome:
         """A one-event ``record_nodes`` reply (with details) as what happened to that node."""
         read_session, finished, details = self._reply(session_id, reply)
         old, record = codec.text(details[0]), codec.text(details[1])
-        return NodeOutcome(
+        return models.NodeOutcome(
             # No record: an event that did not apply to a node never recorded (a progress report).
             node=codec.node_from_record(node_id, record)
             if record
-            else NodeResult(node_id=node_id, status=NodeStatus.PENDING),
+            else models.NodeResult(node_id=node_id, status=NodeStatus.PENDING),
             session=read_session(),
             previous_node_status=NodeStatus(old) if old else None,
             finished=finished,
             **codec.callbacks(reply),
         )
 
-    def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> Program[NodeOutcome]:
+    def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> Program[models.NodeOutcome]:
         now_ms = codec.ms_int(now)
         script = self._record_script(session_id, [event], now_ms, True, event.request_id or new_request_id())
         reply = (yield [script])[0]
         if codec.text(reply[0]) == "limit":
             info = yield from self.get(session_id)
-            raise NodeLimitError(session_id, event.node_id, info.node_count if info else 0)
+            raise errors.NodeLimitError(session_id, event.node_id, info.node_count if info else 0)
         outcome = self._node_outcome(session_id, event.node_id, reply)
         if self.cluster and event.worker and is_worker_id(event.worker):
             yield self._registry_update(session_id, event.worker, outcome.node, now_ms)
@@ -431,14 +386,14 @@ class RedisPrograms:
 
     def record_nodes(
         self, session_id: str, events: Sequence[NodeEvent], now: datetime, request_id: str | None = None
-    ) -> Program[BatchOutcome]:
+    ) -> Program[models.BatchOutcome]:
         now_ms = codec.ms_int(now)
         details = self.cluster  # on Cluster the registry is updated from each node's final record
         script = self._record_script(session_id, events, now_ms, details, request_id or new_request_id())
         reply = (yield [script])[0]
         if codec.text(reply[0]) == "limit":
             info = yield from self.get(session_id)
-            raise NodeLimitError(session_id, codec.text(reply[1]), info.node_count if info else 0)
+            raise errors.NodeLimitError(session_id, codec.text(reply[1]), info.node_count if info else 0)
         read_session, finished, records = self._reply(session_id, reply)
         if details:
             registry: list[Command] = []
@@ -448,7 +403,7 @@ class RedisPrograms:
                     registry += self._registry_update(session_id, event.worker, node, now_ms)
             if registry:
                 yield registry
-        return BatchOutcome(read_session, finished, **codec.callbacks(reply))
+        return models.BatchOutcome(read_session, finished, **codec.callbacks(reply))
 
     def heartbeat(self, worker: str | None, now: datetime, sessions: Sequence[str] = ()) -> Program[None]:
         now_ms = codec.ms_int(now)
@@ -460,21 +415,21 @@ class RedisPrograms:
         if keep_alive:
             yield keep_alive
 
-    def get_children(self, session_id: str) -> Program[list[ChildSession]]:
+    def get_children(self, session_id: str) -> Program[list[models.ChildSession]]:
         found = (yield [("HGETALL", self._session_keys(session_id).children)])[0] or {}
         fields = found if isinstance(found, dict) else codec.flat_dict(found)
         entries = {codec.text(k): codec.text(v) for k, v in fields.items()}
         return [codec.child_from_entry(child, entry) for child, entry in entries.items() if child[0] != "#"]
 
-    def get_failures(self, session_id: str) -> Program[list[FailureGroup]]:
+    def get_failures(self, session_id: str) -> Program[list[models.FailureGroup]]:
         sk = self._session_keys(session_id)
         exists, found = yield [("EXISTS", sk.session), ("HGETALL", sk.failures)]
         if not exists:
-            raise SessionNotFoundError(session_id)
+            raise errors.SessionNotFoundError(session_id)
         fields = found if isinstance(found, dict) else codec.flat_dict(found)
         return [codec.failure_group(codec.text(k), codec.text(v)) for k, v in fields.items()]
 
-    def list_workers(self, limit: int) -> Program[list[WorkerInfo]]:
+    def list_workers(self, limit: int) -> Program[list[models.WorkerInfo]]:
         # Two round trips: the page of the registry, then for each worker on it the size of its
         # set and a bounded sample of it. The registry keys are global (no hash tag), so each
         # lives in a slot of its own on a Cluster: plain commands, which a pipeline sends to each
@@ -490,15 +445,15 @@ class RedisPrograms:
             # small (a worker runs about its concurrency), O(count) when it is not.
             reads += [("SCARD", held), ("SRANDMEMBER", held, WORKER_NODES_SHOWN)]
         replies = yield reads
-        workers: list[WorkerInfo] = []
+        workers: list[models.WorkerInfo] = []
         for (worker, ms), running, members in zip(seen, replies[0::2], replies[1::2], strict=True):
             pairs = sorted(codec.text(member).partition(" ")[0::2] for member in members or [])
             workers.append(
-                WorkerInfo(
+                models.WorkerInfo(
                     worker=worker,
                     last_seen_at=codec.utc(ms),
                     running=int(running),
-                    nodes=[HeldNode(session_id=sid, node_id=nid) for sid, nid in pairs],
+                    nodes=[models.HeldNode(session_id=sid, node_id=nid) for sid, nid in pairs],
                 )
             )
         return workers
@@ -512,7 +467,7 @@ class RedisPrograms:
 
     def reap_lost(
         self, now: datetime, stale_after_s: float, max_runtime_s: float | None = None, requeued: bool = False
-    ) -> Program[list[NodeOutcome]]:
+    ) -> Program[list[models.NodeOutcome]]:
         now_ms = codec.ms_int(now)
         seen, suspected, state = yield [
             ("ZRANGE", self.keys.workers, 0, -1, "WITHSCORES"),
@@ -535,7 +490,7 @@ class RedisPrograms:
         for worker, members in zip(check, held, strict=True):
             status = NodeStatus.LOST
             if worker in due:
-                last_seen = utc_from_ms(due[worker]) or now
+                last_seen = models.utc_from_ms(due[worker]) or now
                 reason, started_before = lost_reason(worker, last_seen, now), ""
                 if requeued:
                     status, reason = NodeStatus.PENDING, requeued_reason(worker, last_seen, now)
@@ -550,7 +505,7 @@ class RedisPrograms:
                 script = self._record_script(session_id, [event], now_ms, True, request_id, worker, started_before)
                 calls.append((worker, session_id, node_id, script))
         replies = (yield [call[3] for call in calls]) if calls else []
-        outcomes: list[NodeOutcome] = []
+        outcomes: list[models.NodeOutcome] = []
         done: list[Command] = []
         for (worker, session_id, node_id, _), reply in zip(calls, replies, strict=True):
             code = codec.text(reply[0])
@@ -577,14 +532,14 @@ class RedisPrograms:
         ]
         return [codec.text(i) for i in ids]
 
-    def end_stalled(self, now: datetime, stalled_after_s: float, reason: str) -> Program[list[BatchOutcome]]:
+    def end_stalled(self, now: datetime, stalled_after_s: float, reason: str) -> Program[list[models.BatchOutcome]]:
         now_ms = codec.ms_int(now)
         (reaped,) = yield [("GET", self.keys.reaped)]
         if reaped is None or now_ms - int(codec.text(reaped)) > round((stalled_after_s + self.ttl_s) * 1000):
             return []  # no worker died within the window: nothing can have been left waiting
         cutoff_ms = now_ms - round(stalled_after_s * 1000)
         payload = json.dumps({"reason": reason}, separators=(",", ":"))
-        outcomes: list[BatchOutcome] = []
+        outcomes: list[models.BatchOutcome] = []
         offset = 0
         while True:
             ids = yield from self._idle_candidates(cutoff_ms, offset)
@@ -600,7 +555,7 @@ class RedisPrograms:
                 elif code == "stalled":
                     finished = codec.text(reply[1])
                     outcomes.append(
-                        BatchOutcome(
+                        models.BatchOutcome(
                             functools.partial(codec.session_from_values, sid, reply[2]),
                             finished=SessionStatus(finished) if finished else None,
                             first_failure=codec.text(reply[3]) or None,
@@ -614,7 +569,7 @@ class RedisPrograms:
 
     def get_nodes(
         self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100
-    ) -> Program[NodePage]:
+    ) -> Program[models.NodePage]:
         sk = self.keys.session(session_id)
         if status is not None:
             return (yield from self._nodes_by_status(session_id, sk, status, cursor, limit))
@@ -624,45 +579,41 @@ class RedisPrograms:
             ("HSCAN", sk.nodes, position, "COUNT", limit),
         ]
         if not exists:
-            raise SessionNotFoundError(session_id)
+            raise errors.SessionNotFoundError(session_id)
         fields = items if isinstance(items, dict) else codec.flat_dict(items)
         next_cursor = codec.text(next_position)
-        return NodePage(
+        return models.NodePage(
             nodes=[codec.node_from_record(codec.text(k), codec.text(v)) for k, v in fields.items()],
             next_cursor=None if next_cursor == "0" else next_cursor,
         )
 
-    def get_node(self, session_id: str, node_id: str) -> Program[NodeResult]:
+    def get_node(self, session_id: str, node_id: str) -> Program[models.NodeResult]:
         sk = self._session_keys(session_id)
         exists, record = yield [("EXISTS", sk.session), ("HGET", sk.nodes, node_id)]
         if not exists:
-            raise SessionNotFoundError(session_id)
+            raise errors.SessionNotFoundError(session_id)
         if record is None:
-            raise NodeNotFoundError(session_id, node_id)
+            raise errors.NodeNotFoundError(session_id, node_id)
         return codec.node_from_record(node_id, codec.text(record))
 
     def _nodes_by_status(
         self, session_id: str, sk: SessionKeys, status: NodeStatus, cursor: str | None, limit: int
-    ) -> Program[NodePage]:
+    ) -> Program[models.NodePage]:
         # From the status index: a full page whenever that many nodes are in the status; the cursor
         # is the last node id of the page before.
         (reply,) = yield [self._script("nodes_by_status", sk, status.value, status_cursor(cursor), limit)]
         if codec.text(reply[0]) == "not_found":
-            raise SessionNotFoundError(session_id)
+            raise errors.SessionNotFoundError(session_id)
         flat = [codec.text(v) for v in reply[1]]
         nodes = [
             codec.node_from_record(nid, record) for nid, record in zip(flat[0::2], flat[1::2], strict=True) if record
         ]
-        return NodePage(nodes=nodes, next_cursor=flat[-2] if reply[2] and flat else None)
+        return models.NodePage(nodes=nodes, next_cursor=flat[-2] if reply[2] and flat else None)
 
     def list_sessions(
-        self,
-        status: SessionStatus | None = None,
-        cursor: str | None = None,
-        limit: int = 50,
-        tag: str | None = None,
-        path: str | None = None,
-    ) -> Program[SessionPage]:
+        self, where: SessionFilter = EVERY_SESSION, cursor: str | None = None, limit: int = 50
+    ) -> Program[models.SessionPage]:
+        tag, path = where.tag, where.path
         start = codec.scan_cursor(cursor)
         # One index gives the page (a tag's, the paths', or all sessions'); other filters sift it.
         members: list[str] = []
@@ -681,11 +632,11 @@ class RedisPrograms:
                 continue
             fields = flat if isinstance(flat, dict) else codec.flat_dict(flat)
             info = codec.session_from_hash(sid, {codec.text(k): codec.text(v) for k, v in fields.items()})
-            if matches(info, status, tag, path):
+            if where.matches(info):
                 sessions.append(info)
         if stale:  # expired by TTL: taken out of every index as we pass by (cleanup does the rest)
             yield from self._forget(stale)
-        return SessionPage(sessions=sessions, next_cursor=str(start + limit) if len(ids) == limit else None)
+        return models.SessionPage(sessions=sessions, next_cursor=str(start + limit) if len(ids) == limit else None)
 
     def _by_path(self, prefix: str, start: int, limit: int) -> Program[list[str]]:
         """A page (from ``start``) of the members of the paths index whose canvas path starts with
@@ -750,15 +701,26 @@ class RedisPrograms:
 
     def read_events(
         self, session_id: str, after: str | None = None, limit: int = 100, block_ms: int | None = None
-    ) -> Program[list[SessionEvent]]:
+    ) -> Program[list[models.SessionEvent]]:
         sk = self.keys.session(session_id)
         start = f"({after}" if after else "-"
         exists, entries = yield [("EXISTS", sk.session), ("XRANGE", sk.events, start, "+", "COUNT", limit)]
         if not exists:
-            raise SessionNotFoundError(session_id)
+            raise errors.SessionNotFoundError(session_id)
         if not entries and block_ms:
             (streams,) = yield [("XREAD", "COUNT", limit, "BLOCK", block_ms, "STREAMS", sk.events, after or "0-0")]
             entries = streams[0][1] if streams else []
             if isinstance(streams, dict):
                 entries = next(iter(streams.values()), [[]])[0]
         return [codec.event_from_entry(entry_id, fields) for entry_id, fields in entries]
+
+
+def _node_args(nodes: NewNodes) -> list[Any]:
+    """The arguments that carry new nodes to ``create`` and ``add_nodes``: each node's id, task id
+    and signature, then the links of their tree."""
+    args: list[Any] = []
+    for spec, sig in zip(nodes.specs, nodes.signatures, strict=True):
+        args += [spec.node_id, codec.record_field(spec.task_id, "task_id"), sig or ""]
+    if nodes.tree is not None:
+        args += [item for pair in links(nodes.tree).fields().items() for item in pair]
+    return args
