@@ -1,25 +1,13 @@
 """Storage adapters: the seam between the manager and where sessions live."""
 
-from tracker.storage.base import (
-    AsyncStore,
-    NewNodes,
-    NodeEvent,
-    ResumeChoice,
-    SessionFilter,
-    SessionStorageAdapter,
-    StoreCall,
-    store_call,
-)
+from tracker.storage.base import AsyncStore, NodeEvent, SessionStorageAdapter, StoreCall, store_call
 from tracker.storage.memory import InMemoryStorageAdapter
 
 __all__ = [
     "AsyncStore",
     "InMemoryStorageAdapter",
-    "NewNodes",
     "NodeEvent",
     "RedisStorageAdapter",
-    "ResumeChoice",
-    "SessionFilter",
     "SessionStorageAdapter",
     "StoreCall",
     "store_call",
