@@ -216,6 +216,19 @@ def requeued_reason(worker: str, last_seen: datetime, now: datetime) -> str:
     return f"{lost_reason(worker, last_seen, now)}; waiting for the broker to redeliver its task"
 
 
+def offset_cursor(cursor: str | None) -> int:
+    """The position at which a page of a scan or an index starts (0 for the first page).
+
+    Raises:
+        TrackerValidationError: not a position a page handed out.
+    """
+    if not cursor:
+        return 0
+    if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 18:
+        raise errors.TrackerValidationError("cursor", cursor, "expected the next_cursor of a previous page")
+    return int(cursor)
+
+
 def status_cursor(cursor: str | None) -> str:
     """The node id after which a page of nodes by status starts ('' for the first page).
 

@@ -25,6 +25,7 @@ from tracker.storage.base import (
     ResumePlanChanged,
     SessionFilter,
     lost_reason,
+    offset_cursor,
     requeued_reason,
     silent_workers,
     status_cursor,
@@ -647,7 +648,7 @@ class InMemoryStorageAdapter:
             return models.NodePage(nodes=page, next_cursor=found[limit - 1] if len(found) > limit else None)
         with self._lock:
             nodes = list(self._entry(session_id).nodes.values())
-        start = _position(cursor)
+        start = offset_cursor(cursor)
         end = start + limit
         return models.NodePage(nodes=nodes[start:end], next_cursor=str(end) if end < len(nodes) else None)
 
@@ -671,7 +672,7 @@ class InMemoryStorageAdapter:
             infos = [i for i in infos if tag in i.tags]
         elif path is not None:  # by path, then newest first (the paths index's order)
             infos = sorted((i for i in infos if i.canvas_path.startswith(path)), key=lambda i: i.canvas_path)
-        start = _position(cursor)
+        start = offset_cursor(cursor)
         end = start + limit
         page = [i for i in infos[start:end] if where.matches(i)]
         return models.SessionPage(sessions=page, next_cursor=str(end) if end < len(infos) else None)
@@ -789,14 +790,6 @@ def _regroup(failures: dict[str, list[Any]], old: models.NodeResult | None, node
 
 def _ms(moment: datetime) -> int:
     return round(moment.timestamp() * 1000)
-
-
-def _position(cursor: str | None) -> int:
-    if not cursor:
-        return 0
-    if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 18:
-        raise errors.TrackerValidationError("cursor", cursor, "expected the next_cursor of a previous page")
-    return int(cursor)
 
 
 def _event_key(event_id: str) -> tuple[int, int]:

@@ -229,11 +229,3 @@ def ms_int(moment: datetime) -> int:
     value = models.ms_from_utc(moment)
     assert value is not None
     return value
-
-
-def scan_cursor(cursor: str | None) -> int:
-    if not cursor:
-        return 0
-    if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 18:
-        raise errors.TrackerValidationError("cursor", cursor, "expected the next_cursor of a previous page")
-    return int(cursor)

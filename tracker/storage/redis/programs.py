@@ -27,6 +27,7 @@ from tracker.storage.base import (
     SessionFilter,
     lost_reason,
     new_request_id,
+    offset_cursor,
     requeued_reason,
     silent_workers,
     status_cursor,
@@ -573,7 +574,7 @@ class RedisPrograms:
         sk = self.keys.session(session_id)
         if status is not None:
             return (yield from self._nodes_by_status(session_id, sk, status, cursor, limit))
-        position = codec.scan_cursor(cursor)
+        position = offset_cursor(cursor)
         exists, (next_position, items) = yield [
             ("EXISTS", sk.session),
             ("HSCAN", sk.nodes, position, "COUNT", limit),
@@ -614,7 +615,7 @@ class RedisPrograms:
         self, where: SessionFilter = EVERY_SESSION, cursor: str | None = None, limit: int = 50
     ) -> Program[models.SessionPage]:
         tag, path = where.tag, where.path
-        start = codec.scan_cursor(cursor)
+        start = offset_cursor(cursor)
         # One index gives the page (a tag's, the paths', or all sessions'); other filters sift it.
         members: list[str] = []
         if tag is None and path is not None:
