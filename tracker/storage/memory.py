@@ -222,6 +222,7 @@ class InMemoryStorageAdapter:
             return models.AddOutcome(session=entry.info, added=True, pending=[spec.node_id for spec in specs])
 
     def _add_pending(self, entry: _Entry, specs: Sequence[models.NodeSpec]) -> None:
+        """New nodes, each ``pending``, with the signatures resume re-sends them by."""
         for spec in specs:
             self._set_node(
                 entry, models.NodeResult(node_id=spec.node_id, status=NodeStatus.PENDING, task_id=spec.task_id)
