@@ -677,10 +677,11 @@ class RedisPrograms:
         # only the sessions due, and ended sessions kept for a day cost nothing until then.
         cutoff_ms = now_ms - min(timeout_ms, ended_ms)
         removed = 0
-        offset = 0
         while True:
             # Each candidate is re-checked atomically against its real updated_ms before it is deleted.
-            ids = yield from self._idle_candidates(cutoff_ms, offset)
+            # Every one leaves the range (deleted, or moved on to its real expiry, at or after the
+            # cutoff), so each round reads from the front.
+            ids = yield from self._idle_candidates(cutoff_ms, 0)
             if not ids:
                 return removed
             args = [now_ms, timeout_ms, ended_ms]
