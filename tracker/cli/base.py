@@ -108,11 +108,22 @@ _MEMORY_HINT = (
     "Set it to the Redis your workers use, e.g. export TRACKER_REDIS_URL=redis://127.0.0.1:6379/0"
 )
 
+#: Errors whose message needs one fixed hint (any other TrackerError's message says enough).
+_HINTS: dict[type[BaseException], str] = {
+    errors.ResumeNotPossibleError: (
+        "results over TRACKER_MAX_RESULT_BYTES (or not JSON) are not stored; dispatch the batch again."
+    ),
+    errors.TrackerNotInstalledError: "from tracker.celery import install; install(app) right after app = Celery(...)",
+}
+
 
 def translate(exc: BaseException, state: CliState | None) -> click.ClickException:
     """The message and exit code a person sees for ``exc``."""
     memory = state is not None and state.uses_memory_store
     prog = state.prog if state is not None else "tracker"
+    hint = _HINTS.get(type(exc))
+    if hint is not None:
+        return CliError(str(exc), ExitCode.USAGE, f"Hint: {hint}")
     if isinstance(exc, errors.SessionNotFoundError):
         where = state.store_description() if state is not None else None
         return CliError(
@@ -120,18 +131,10 @@ def translate(exc: BaseException, state: CliState | None) -> click.ClickExceptio
             ExitCode.NOT_FOUND,
             f"Hint: {_MEMORY_HINT}" if memory else f"Hint: `{prog} list` shows the sessions that exist there.",
         )
-    if isinstance(exc, errors.ResumeNotPossibleError):
-        return CliError(
-            str(exc),
-            ExitCode.USAGE,
-            "Hint: results over TRACKER_MAX_RESULT_BYTES (or not JSON) are not stored; dispatch the batch again.",
-        )
     if isinstance(exc, errors.InvalidStateTransitionError):
         return CliError(
             f"session {exc.session_id} is {exc.from_status}: it cannot become {exc.to_status}", ExitCode.USAGE
         )
-    if isinstance(exc, errors.TrackerValidationError):
-        return CliError(str(exc), ExitCode.USAGE)
     if isinstance(exc, errors.WrongCeleryAppError):
         named = exc.app_path or "module:attr"
         command = f"celery -A {named} sessions" if prog.startswith("celery") else f"tracker -A {named}"
@@ -140,12 +143,6 @@ def translate(exc: BaseException, state: CliState | None) -> click.ClickExceptio
             ExitCode.USAGE,
             f"Hint: name the app that dispatched it: {command} ... (or TRACKER_CELERY_APP={named}), "
             "run from a directory it can be imported from",
-        )
-    if isinstance(exc, errors.TrackerNotInstalledError):
-        return CliError(
-            str(exc),
-            ExitCode.USAGE,
-            "Hint: from tracker.celery import install; install(app) right after app = Celery(...)",
         )
     if isinstance(exc, errors.StorageUnavailableError):
         cause = f"Cause: {exc.__cause__}" if exc.__cause__ is not None else f"Cause: {exc}"

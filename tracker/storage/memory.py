@@ -13,23 +13,8 @@ from typing import Any
 
 from tracker import errors, models, states
 from tracker.states import NodeStatus, SessionStatus
+from tracker.storage import base
 from tracker.storage.aio import ThreadedAsyncStore
-from tracker.storage.base import (
-    EVERY_SESSION,
-    NO_NODES,
-    WORKER_NODES_SHOWN,
-    ChildWatch,
-    NewNodes,
-    NodeEvent,
-    ResumeChoice,
-    ResumePlanChanged,
-    SessionFilter,
-    lost_reason,
-    offset_cursor,
-    requeued_reason,
-    silent_workers,
-    status_cursor,
-)
 from tracker.structure import ERRBACK_NOT_NEEDED, Links, Tree, grown, links, skips
 from tracker.validation import is_worker_id, worker_id
 
@@ -88,7 +73,7 @@ class InMemoryStorageAdapter:
         self._alive = True
         self._reaped_at: datetime | None = None
         # Child sessions whose end was not told to their parent yet, oldest first.
-        self._watched: dict[ChildWatch, None] = {}
+        self._watched: dict[base.ChildWatch, None] = {}
 
     # -- helpers (call with the lock held) ---------------------------------------------------
 
@@ -182,7 +167,7 @@ class InMemoryStorageAdapter:
 
     # -- the protocol ------------------------------------------------------------------------
 
-    def create(self, session: models.SessionInfo, nodes: NewNodes = NO_NODES) -> None:
+    def create(self, session: models.SessionInfo, nodes: base.NewNodes = base.NO_NODES) -> None:
         with self._lock:
             if session.session_id in self._sessions:
                 raise errors.SessionExistsError(session.session_id)
@@ -190,10 +175,12 @@ class InMemoryStorageAdapter:
             self._add_pending(entry, nodes.specs)
             self._sessions[session.session_id] = entry
             if session.parent_session_id and session.parent_node_id:
-                self._watched[ChildWatch(session.session_id, session.parent_session_id, session.parent_node_id)] = None
+                self._watched[
+                    base.ChildWatch(session.session_id, session.parent_session_id, session.parent_node_id)
+                ] = None
             self._emit(entry, "created", session.created_at)
 
-    def add_nodes(self, session_id: str, nodes: NewNodes, max_node_count: int, now: datetime) -> models.AddOutcome:
+    def add_nodes(self, session_id: str, nodes: base.NewNodes, max_node_count: int, now: datetime) -> models.AddOutcome:
         specs = nodes.specs
         with self._lock:
             entry = self._entry(session_id)
@@ -265,7 +252,7 @@ class InMemoryStorageAdapter:
             return models.TransitionOutcome(session=entry.info, previous_status=previous)
 
     def resume(
-        self, session_id: str, choice: ResumeChoice, allowed_from: frozenset[SessionStatus], now: datetime
+        self, session_id: str, choice: base.ResumeChoice, allowed_from: frozenset[SessionStatus], now: datetime
     ) -> models.ResumeOutcome:
         nodes, retry_failed = choice.nodes, choice.retry_failed
         with self._lock:
@@ -276,7 +263,7 @@ class InMemoryStorageAdapter:
             if nodes is not None:
                 chosen = set(nodes)
                 if any(entry.nodes[n].status is NodeStatus.COMPLETED for n in chosen if n in entry.nodes):
-                    raise ResumePlanChanged(session_id)
+                    raise base.ResumePlanChanged(session_id)
             reset: list[models.NodeSpec] = []
             for node_id, node in list(entry.nodes.items()):
                 if nodes is not None:
@@ -319,14 +306,14 @@ class InMemoryStorageAdapter:
             self._emit(entry, "progress", now)
             return entry.info
 
-    def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> models.NodeOutcome:
+    def record_node(self, session_id: str, event: base.NodeEvent, now: datetime) -> models.NodeOutcome:
         with self._lock:
             entry = self._entry(session_id)
             self._check_limit(session_id, entry, [event])
             return self._apply(session_id, entry, event, now)
 
     def record_nodes(
-        self, session_id: str, events: Sequence[NodeEvent], now: datetime, request_id: str | None = None
+        self, session_id: str, events: Sequence[base.NodeEvent], now: datetime, request_id: str | None = None
     ) -> models.BatchOutcome:
         with self._lock:
             entry = self._entry(session_id)
@@ -343,7 +330,7 @@ class InMemoryStorageAdapter:
             )
 
     @staticmethod
-    def _check_limit(session_id: str, entry: _Entry, events: Sequence[NodeEvent]) -> None:
+    def _check_limit(session_id: str, entry: _Entry, events: Sequence[base.NodeEvent]) -> None:
         # All or nothing: a call with more distinct nodes than the session has room for changes nothing.
         fresh: set[str] = set()
         for event in events:
@@ -352,7 +339,7 @@ class InMemoryStorageAdapter:
                 if len(entry.nodes) + len(fresh) > entry.info.node_count:
                     raise errors.NodeLimitError(session_id, event.node_id, entry.info.node_count)
 
-    def _apply(self, session_id: str, entry: _Entry, event: NodeEvent, now: datetime) -> models.NodeOutcome:
+    def _apply(self, session_id: str, entry: _Entry, event: base.NodeEvent, now: datetime) -> models.NodeOutcome:
         at = event.at or now
         old = entry.nodes.get(event.node_id)
         if event.child is not None or event.status is NodeStatus.COMPLETED:
@@ -365,7 +352,7 @@ class InMemoryStorageAdapter:
         node = old
         if event.started_at is not None and event.status.is_terminal:
             # A start and its result folded into one event: the start first, as two calls would.
-            start = NodeEvent(
+            start = base.NodeEvent(
                 node_id=event.node_id,
                 status=NodeStatus.RUNNING,
                 attempt=event.attempt,
@@ -413,7 +400,9 @@ class InMemoryStorageAdapter:
         )
 
     @staticmethod
-    def _with_children(entry: _Entry, old: models.NodeResult | None, event: NodeEvent) -> tuple[str, NodeEvent]:
+    def _with_children(
+        entry: _Entry, old: models.NodeResult | None, event: base.NodeEvent
+    ) -> tuple[str, base.NodeEvent]:
         """What ``event`` means once the node's child sessions are taken into account
         (``record_nodes.lua``: with_children): ``("event", e)`` apply ``e``; ``("wait", e)`` a
         success that waits, running, for open children; ``("bookkeeping", e)`` only the children's
@@ -449,11 +438,11 @@ class InMemoryStorageAdapter:
             if mine[1] > 0 or old is None or not old.waiting:
                 return "bookkeeping", event
             if mine[2]:  # the node's task succeeded before: it ends now
-                return "event", NodeEvent(
+                return "event", base.NodeEvent(
                     node_id, NodeStatus.FAILED, None, attempt=attempt, reason=_child_failed(mine[2])
                 )
             result = None if old.result is None else json.dumps(old.result, separators=(",", ":"))
-            return "event", NodeEvent(node_id, NodeStatus.COMPLETED, result, attempt=attempt)
+            return "event", base.NodeEvent(node_id, NodeStatus.COMPLETED, result, attempt=attempt)
         mine = entry.node_children.get(node_id)
         if mine is not None and mine[0] == (event.attempt or (old.attempts if old else 0)):
             if mine[1] > 0:
@@ -465,13 +454,19 @@ class InMemoryStorageAdapter:
         return "event", event
 
     def _child_step(
-        self, session_id: str, entry: _Entry, old: models.NodeResult | None, event: NodeEvent, what: str, at: datetime
+        self,
+        session_id: str,
+        entry: _Entry,
+        old: models.NodeResult | None,
+        event: base.NodeEvent,
+        what: str,
+        at: datetime,
     ) -> models.NodeOutcome:
         """A child event that changed no node's status, or a success that waits for children."""
         node = old or models.NodeResult(node_id=event.node_id, status=NodeStatus.PENDING)
         if what == "wait":
             if event.started_at is not None or node.status is NodeStatus.PENDING:
-                start = NodeEvent(event.node_id, NodeStatus.RUNNING, attempt=event.attempt, task_id=event.task_id)
+                start = base.NodeEvent(event.node_id, NodeStatus.RUNNING, attempt=event.attempt, task_id=event.task_id)
                 node = _merge_node(old, start, event.started_at or at)
             if node.status is NodeStatus.RUNNING:
                 result = None if event.result_json is None else json.loads(event.result_json)
@@ -488,7 +483,7 @@ class InMemoryStorageAdapter:
         return models.NodeOutcome(node=node, session=entry.info, previous_node_status=old.status if old else None)
 
     def _progress(
-        self, entry: _Entry, old: models.NodeResult | None, event: NodeEvent, at: datetime
+        self, entry: _Entry, old: models.NodeResult | None, event: base.NodeEvent, at: datetime
     ) -> models.NodeOutcome:
         """A running node's progress report: counted only while that attempt of that task runs
         (``record_nodes.lua``: progress_applies); it changes nothing else."""
@@ -586,16 +581,18 @@ class InMemoryStorageAdapter:
                 worker=worker,
                 last_seen_at=seen_at,
                 running=len(held[worker]),
-                nodes=[models.HeldNode(session_id=sid, node_id=nid) for sid, nid in held[worker][:WORKER_NODES_SHOWN]],
+                nodes=[
+                    models.HeldNode(session_id=sid, node_id=nid) for sid, nid in held[worker][: base.WORKER_NODES_SHOWN]
+                ],
             )
             for worker, seen_at in newest
         ]
 
-    def watched_children(self, limit: int) -> list[ChildWatch]:
+    def watched_children(self, limit: int) -> list[base.ChildWatch]:
         with self._lock:
             return list(self._watched)[:limit]
 
-    def unwatch_child(self, watch: ChildWatch) -> None:
+    def unwatch_child(self, watch: base.ChildWatch) -> None:
         with self._lock:
             self._watched.pop(watch, None)
 
@@ -605,7 +602,7 @@ class InMemoryStorageAdapter:
         outcomes: list[models.NodeOutcome] = []
         with self._lock:
             seen = {worker: _ms(at) for worker, at in self._workers.items()}
-            silent = silent_workers(seen, self._suspects, self._alive, _ms(now), round(stale_after_s * 1000))
+            silent = base.silent_workers(seen, self._suspects, self._alive, _ms(now), round(stale_after_s * 1000))
             self._suspects, self._alive = silent.suspects, silent.alive
             if silent.due:
                 self._reaped_at = now
@@ -621,15 +618,15 @@ class InMemoryStorageAdapter:
                         continue
                     status = NodeStatus.LOST
                     if due:
-                        reason = lost_reason(worker, seen_at, now)
+                        reason = base.lost_reason(worker, seen_at, now)
                         if requeued:
-                            status, reason = NodeStatus.PENDING, requeued_reason(worker, seen_at, now)
+                            status, reason = NodeStatus.PENDING, base.requeued_reason(worker, seen_at, now)
                     elif node.started_at is not None and (now - node.started_at).total_seconds() > max_runtime_s:  # type: ignore[operator]
                         reason = f"ran longer than the {max_runtime_s:g} s limit on {worker}"
                     else:
                         self._held[worker].add((session_id, node_id))
                         continue
-                    event = NodeEvent(node_id=node_id, status=status, reason=reason)
+                    event = base.NodeEvent(node_id=node_id, status=status, reason=reason)
                     outcomes.append(self.record_node(session_id, event, now))
                 if due and not self._held.get(worker):
                     self._held.pop(worker, None)
@@ -641,7 +638,7 @@ class InMemoryStorageAdapter:
         self, session_id: str, status: NodeStatus | None = None, cursor: str | None = None, limit: int = 100
     ) -> models.NodePage:
         if status is not None:
-            after = status_cursor(cursor)
+            after = base.status_cursor(cursor)
             with self._lock:
                 every = self._entry(session_id).nodes
                 found = sorted(n for n, node in every.items() if node.status is status and n > after)
@@ -649,7 +646,7 @@ class InMemoryStorageAdapter:
             return models.NodePage(nodes=page, next_cursor=found[limit - 1] if len(found) > limit else None)
         with self._lock:
             nodes = list(self._entry(session_id).nodes.values())
-        start = offset_cursor(cursor)
+        start = base.offset_cursor(cursor)
         end = start + limit
         return models.NodePage(nodes=nodes[start:end], next_cursor=str(end) if end < len(nodes) else None)
 
@@ -661,7 +658,7 @@ class InMemoryStorageAdapter:
         return node
 
     def list_sessions(
-        self, where: SessionFilter = EVERY_SESSION, cursor: str | None = None, limit: int = 50
+        self, where: base.SessionFilter = base.EVERY_SESSION, cursor: str | None = None, limit: int = 50
     ) -> models.SessionPage:
         tag, path = where.tag, where.path
         with self._lock:
@@ -673,7 +670,7 @@ class InMemoryStorageAdapter:
             infos = [i for i in infos if tag in i.tags]
         elif path is not None:  # by path, then newest first (the paths index's order)
             infos = sorted((i for i in infos if i.canvas_path.startswith(path)), key=lambda i: i.canvas_path)
-        start = offset_cursor(cursor)
+        start = base.offset_cursor(cursor)
         end = start + limit
         page = [i for i in infos[start:end] if where.matches(i)]
         return models.SessionPage(sessions=page, next_cursor=str(end) if end < len(infos) else None)
@@ -803,22 +800,22 @@ def _child_failed(failed: str) -> str:
     return f"child session {failed}"
 
 
-def _merge_node(old: models.NodeResult | None, event: NodeEvent, now: datetime) -> models.NodeResult:
+def _merge_node(old: models.NodeResult | None, event: base.NodeEvent, now: datetime) -> models.NodeResult:
     """The node after ``event``: the rule of :func:`tracker.states.merge_node_status`, plus details."""
     status = states.merge_node_status(old.status if old else None, event.status)
     if old is not None and states.is_stale_report(event.status, event.task_id, old.task_id):
         status = old.status
-    base = old or models.NodeResult(node_id=event.node_id, status=NodeStatus.PENDING)
-    attempts = base.attempts
+    before = old or models.NodeResult(node_id=event.node_id, status=NodeStatus.PENDING)
+    attempts = before.attempts
     if event.attempt is not None:
         attempts = max(attempts, event.attempt)
     elif event.status is NodeStatus.RUNNING and status is NodeStatus.RUNNING:
         attempts += 1
     if status is not NodeStatus.PENDING:
         attempts = max(attempts, 1)
-    if status is not event.status or base.status is NodeStatus.COMPLETED:
+    if status is not event.status or before.status is NodeStatus.COMPLETED:
         # A start after a terminal result, or a duplicate success: only the attempt count moves.
-        return base.model_copy(update={"attempts": attempts})
+        return before.model_copy(update={"attempts": attempts})
     update: dict[str, Any] = {
         "status": status, "attempts": attempts, "error": event.error, "reason": event.reason, "progress": None,
         "waiting": False,
@@ -832,4 +829,4 @@ def _merge_node(old: models.NodeResult | None, event: NodeEvent, now: datetime) 
     elif status.is_terminal:
         update["finished_at"] = now
         update["result"] = json.loads(event.result_json) if event.result_json is not None else None
-    return base.model_copy(update=update)
+    return before.model_copy(update=update)

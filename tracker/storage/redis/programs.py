@@ -15,23 +15,7 @@ from typing import Any, TypeVar
 
 from tracker import errors, models, validation
 from tracker.states import NodeStatus, SessionStatus
-from tracker.storage.base import (
-    EVERY_SESSION,
-    NO_NODES,
-    WORKER_NODES_SHOWN,
-    ChildWatch,
-    NewNodes,
-    NodeEvent,
-    ResumeChoice,
-    ResumePlanChanged,
-    SessionFilter,
-    lost_reason,
-    new_request_id,
-    offset_cursor,
-    requeued_reason,
-    silent_workers,
-    status_cursor,
-)
+from tracker.storage import base
 from tracker.storage.keys import KeySpace, SessionKeys, filed, path_member
 from tracker.storage.redis import codec
 from tracker.structure import TREE_FIELD, Tree, links
@@ -134,7 +118,7 @@ class RedisPrograms:
             raise errors.SessionExistsError(session_id)
         raise errors.StorageUnavailableError(f"unexpected script reply {code!r}")
 
-    def create(self, session: models.SessionInfo, nodes: NewNodes = NO_NODES) -> Program[None]:
+    def create(self, session: models.SessionInfo, nodes: base.NewNodes = base.NO_NODES) -> Program[None]:
         sid = session.session_id
         sk = self.keys.session(sid)
         now_ms = codec.ms_int(session.created_at)
@@ -148,7 +132,7 @@ class RedisPrograms:
             self.ttl_s,
             self.events_maxlen,
             len(nodes.specs),
-            new_request_id(),
+            base.new_request_id(),
             f"{session.parent_session_id}|{session.parent_node_id}" if session.parent_session_id else "",
             self.finished_ttl_s,
             " ".join(session.tags),
@@ -185,7 +169,7 @@ class RedisPrograms:
         yield indexes
 
     def add_nodes(
-        self, session_id: str, nodes: NewNodes, max_node_count: int, now: datetime
+        self, session_id: str, nodes: base.NewNodes, max_node_count: int, now: datetime
     ) -> Program[models.AddOutcome]:
         specs = nodes.specs
         args: list[Any] = [
@@ -238,7 +222,7 @@ class RedisPrograms:
             models.ms_from_utc(now),
             self.ttl_s,
             self.events_maxlen,
-            new_request_id(),
+            base.new_request_id(),
             *sorted(allowed_from),
         )
         reply = self._check(session_id, (yield [script])[0], target.value)
@@ -248,7 +232,7 @@ class RedisPrograms:
         )
 
     def resume(
-        self, session_id: str, choice: ResumeChoice, allowed_from: frozenset[SessionStatus], now: datetime
+        self, session_id: str, choice: base.ResumeChoice, allowed_from: frozenset[SessionStatus], now: datetime
     ) -> Program[models.ResumeOutcome]:
         sk = self.keys.session(session_id)
         nodes = choice.nodes
@@ -261,7 +245,7 @@ class RedisPrograms:
             models.ms_from_utc(now),
             self.ttl_s,
             self.events_maxlen,
-            new_request_id(),
+            base.new_request_id(),
             "-1" if nodes is None else len(chosen),
             *chosen,
             *sorted(allowed_from),
@@ -270,7 +254,7 @@ class RedisPrograms:
             script = Script(script.name, [*script.keys, self.keys.expiry_index], script.args)
         reply = (yield [script])[0]
         if codec.text(reply[0]) == "changed":
-            raise ResumePlanChanged(session_id)
+            raise base.ResumePlanChanged(session_id)
         reply = self._check(session_id, reply, SessionStatus.RUNNING.value)
         if self.cluster:  # (outside Cluster the script does it)
             yield [("ZADD", self.keys.expiry_index, {session_id: models.ms_from_utc(now)})]
@@ -296,7 +280,7 @@ class RedisPrograms:
     def _record_script(
         self,
         session_id: str,
-        events: Sequence[NodeEvent],
+        events: Sequence[base.NodeEvent],
         now_ms: int,
         details: bool,
         request_id: str,
@@ -373,9 +357,9 @@ class RedisPrograms:
             **codec.callbacks(reply),
         )
 
-    def record_node(self, session_id: str, event: NodeEvent, now: datetime) -> Program[models.NodeOutcome]:
+    def record_node(self, session_id: str, event: base.NodeEvent, now: datetime) -> Program[models.NodeOutcome]:
         now_ms = codec.ms_int(now)
-        script = self._record_script(session_id, [event], now_ms, True, event.request_id or new_request_id())
+        script = self._record_script(session_id, [event], now_ms, True, event.request_id or base.new_request_id())
         reply = (yield [script])[0]
         if codec.text(reply[0]) == "limit":
             info = yield from self.get(session_id)
@@ -386,11 +370,11 @@ class RedisPrograms:
         return outcome
 
     def record_nodes(
-        self, session_id: str, events: Sequence[NodeEvent], now: datetime, request_id: str | None = None
+        self, session_id: str, events: Sequence[base.NodeEvent], now: datetime, request_id: str | None = None
     ) -> Program[models.BatchOutcome]:
         now_ms = codec.ms_int(now)
         details = self.cluster  # on Cluster the registry is updated from each node's final record
-        script = self._record_script(session_id, events, now_ms, details, request_id or new_request_id())
+        script = self._record_script(session_id, events, now_ms, details, request_id or base.new_request_id())
         reply = (yield [script])[0]
         if codec.text(reply[0]) == "limit":
             info = yield from self.get(session_id)
@@ -444,7 +428,7 @@ class RedisPrograms:
             held = self.keys.held(worker)
             # SRANDMEMBER with a positive count: distinct members, the whole set when it is that
             # small (a worker runs about its concurrency), O(count) when it is not.
-            reads += [("SCARD", held), ("SRANDMEMBER", held, WORKER_NODES_SHOWN)]
+            reads += [("SCARD", held), ("SRANDMEMBER", held, base.WORKER_NODES_SHOWN)]
         replies = yield reads
         workers: list[models.WorkerInfo] = []
         for (worker, ms), running, members in zip(seen, replies[0::2], replies[1::2], strict=True):
@@ -459,11 +443,11 @@ class RedisPrograms:
             )
         return workers
 
-    def watched_children(self, limit: int) -> Program[list[ChildWatch]]:
+    def watched_children(self, limit: int) -> Program[list[base.ChildWatch]]:
         found = (yield [("ZRANGE", self.keys.children_index, 0, limit - 1)])[0]
-        return [ChildWatch(*codec.text(member).split(" ")) for member in found]
+        return [base.ChildWatch(*codec.text(member).split(" ")) for member in found]
 
-    def unwatch_child(self, watch: ChildWatch) -> Program[None]:
+    def unwatch_child(self, watch: base.ChildWatch) -> Program[None]:
         yield [("ZREM", self.keys.children_index, " ".join(watch))]
 
     def reap_lost(
@@ -477,7 +461,7 @@ class RedisPrograms:
         ]
         workers = {codec.text(w): int(float(score)) for w, score in seen}
         suspects = {codec.text(w): int(float(score)) for w, score in suspected}
-        silent = silent_workers(workers, suspects, state is None or codec.text(state) == "1", now_ms,
+        silent = base.silent_workers(workers, suspects, state is None or codec.text(state) == "1", now_ms,
                                 round(stale_after_s * 1000))  # fmt: skip
         upkeep: list[Command] = [("DEL", self.keys.suspects), ("SET", self.keys.reaper, "1" if silent.alive else "0")]
         if silent.suspects:
@@ -492,17 +476,17 @@ class RedisPrograms:
             status = NodeStatus.LOST
             if worker in due:
                 last_seen = models.utc_from_ms(due[worker]) or now
-                reason, started_before = lost_reason(worker, last_seen, now), ""
+                reason, started_before = base.lost_reason(worker, last_seen, now), ""
                 if requeued:
-                    status, reason = NodeStatus.PENDING, requeued_reason(worker, last_seen, now)
+                    status, reason = NodeStatus.PENDING, base.requeued_reason(worker, last_seen, now)
             else:
                 assert max_runtime_s is not None
                 reason = f"ran longer than the {max_runtime_s:g} s limit on {worker}"
                 started_before = str(now_ms - round(max_runtime_s * 1000))
             for member in sorted(codec.text(m) for m in members):
                 session_id, _, node_id = member.partition(" ")
-                event = NodeEvent(node_id=node_id, status=status, reason=reason)
-                request_id = new_request_id()
+                event = base.NodeEvent(node_id=node_id, status=status, reason=reason)
+                request_id = base.new_request_id()
                 script = self._record_script(session_id, [event], now_ms, True, request_id, worker, started_before)
                 calls.append((worker, session_id, node_id, script))
         replies = (yield [call[3] for call in calls]) if calls else []
@@ -574,7 +558,7 @@ class RedisPrograms:
         sk = self.keys.session(session_id)
         if status is not None:
             return (yield from self._nodes_by_status(session_id, sk, status, cursor, limit))
-        position = offset_cursor(cursor)
+        position = base.offset_cursor(cursor)
         exists, (next_position, items) = yield [
             ("EXISTS", sk.session),
             ("HSCAN", sk.nodes, position, "COUNT", limit),
@@ -602,7 +586,7 @@ class RedisPrograms:
     ) -> Program[models.NodePage]:
         # From the status index: a full page whenever that many nodes are in the status; the cursor
         # is the last node id of the page before.
-        (reply,) = yield [self._script("nodes_by_status", sk, status.value, status_cursor(cursor), limit)]
+        (reply,) = yield [self._script("nodes_by_status", sk, status.value, base.status_cursor(cursor), limit)]
         if codec.text(reply[0]) == "not_found":
             raise errors.SessionNotFoundError(session_id)
         flat = [codec.text(v) for v in reply[1]]
@@ -612,10 +596,10 @@ class RedisPrograms:
         return models.NodePage(nodes=nodes, next_cursor=flat[-2] if reply[2] and flat else None)
 
     def list_sessions(
-        self, where: SessionFilter = EVERY_SESSION, cursor: str | None = None, limit: int = 50
+        self, where: base.SessionFilter = base.EVERY_SESSION, cursor: str | None = None, limit: int = 50
     ) -> Program[models.SessionPage]:
         tag, path = where.tag, where.path
-        start = offset_cursor(cursor)
+        start = base.offset_cursor(cursor)
         # One index gives the page (a tag's, the paths', or all sessions'); other filters sift it.
         members: list[str] = []
         if tag is None and path is not None:
@@ -717,7 +701,7 @@ class RedisPrograms:
         return [codec.event_from_entry(entry_id, fields) for entry_id, fields in entries]
 
 
-def _node_args(nodes: NewNodes) -> list[Any]:
+def _node_args(nodes: base.NewNodes) -> list[Any]:
     """The arguments that carry new nodes to ``create`` and ``add_nodes``: each node's id, task id
     and signature, then the links of their tree."""
     args: list[Any] = []
