@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Settings renamed to carry their unit: old name -> new name. The old names still work, as
-#: keywords and as ``TRACKER_<OLD NAME>`` environment variables, with a ``DeprecationWarning``.
+#: keywords and as ``TRACKER_<OLD NAME>`` environment variables, with a ``FutureWarning``: the
+#: category Python shows by default, since whoever set the variable is who must change it.
 RENAMED = {
     old: f"{old}_s"
     for old in (
@@ -19,6 +21,17 @@ RENAMED = {
         "node_max_runtime",
     )
 }  # fmt: skip
+
+
+def _old_names(values: dict[str, Any]) -> Iterator[tuple[str, str, Any]]:
+    """Each renamed setting given by its old name, as (old name, where, value): a keyword
+    (``old=``) before its environment variable."""
+    for old in RENAMED:
+        variable = f"TRACKER_{old.upper()}"
+        if old in values:
+            yield old, f"{old}=", values[old]
+        elif variable in os.environ:
+            yield old, variable, os.environ[variable]
 
 
 class TrackerSettings(BaseSettings):
@@ -78,21 +91,21 @@ class TrackerSettings(BaseSettings):
     #: Bearer token the web API requires; unset: reads are open, mutations refused.
     api_token: SecretStr | None = None
 
+    def __init__(self, **values: Any) -> None:
+        # Warned here rather than in the validator below, so that the warning names the line that
+        # made the settings (stacklevel 2), not pydantic's.
+        for old, where, _ in _old_names(values):
+            new = RENAMED[old]
+            warnings.warn(f"{where} is deprecated: use {new} (TRACKER_{new.upper()})", FutureWarning, stacklevel=2)
+        super().__init__(**values)
+
     @model_validator(mode="before")
     @classmethod
-    def _old_names(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        for old, new in RENAMED.items():
-            variable = f"TRACKER_{old.upper()}"
-            if old in data:
-                value, where = data.pop(old), f"{old}="
-            elif variable in os.environ:
-                value, where = os.environ[variable], variable
-            else:
-                continue
-            warnings.warn(f"{where} is deprecated: use {new} (TRACKER_{new.upper()})", DeprecationWarning, stacklevel=2)
-            data.setdefault(new, value)  # the new name wins when both are given
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, _, value in list(_old_names(data)):
+                data.pop(old, None)
+                data.setdefault(RENAMED[old], value)  # the new name wins when both are given
         return data
 
     @field_validator("redis_url")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from tracker import TrackerSettings
@@ -17,25 +21,39 @@ def test_every_duration_names_its_unit() -> None:
 
 @pytest.mark.parametrize(("old", "new"), sorted(RENAMED.items()))
 def test_an_old_keyword_is_taken_with_a_warning(old: str, new: str) -> None:
-    with pytest.warns(DeprecationWarning, match=f"{old}= is deprecated: use {new}"):
+    with pytest.warns(FutureWarning, match=f"{old}= is deprecated: use {new}") as caught:
         settings = TrackerSettings(**{old: 7})
     assert getattr(settings, new) == 7
+    assert [w.filename for w in caught] == [__file__]  # the line that made the settings, not pydantic's
 
 
 def test_an_old_environment_variable_is_taken_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRACKER_WORKER_STALE_AFTER", "12")
-    with pytest.warns(DeprecationWarning, match="TRACKER_WORKER_STALE_AFTER is deprecated: use worker_stale_after_s"):
+    with pytest.warns(FutureWarning, match="TRACKER_WORKER_STALE_AFTER is deprecated: use worker_stale_after_s"):
         assert TrackerSettings().worker_stale_after_s == 12
 
 
 def test_the_new_name_wins_over_the_old(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRACKER_SESSION_TIMEOUT", "12")
     monkeypatch.setenv("TRACKER_SESSION_TIMEOUT_S", "34")
-    with pytest.warns(DeprecationWarning, match="TRACKER_SESSION_TIMEOUT is deprecated"):
+    with pytest.warns(FutureWarning, match="TRACKER_SESSION_TIMEOUT is deprecated"):
         assert TrackerSettings().session_timeout_s == 34
 
 
 def test_the_new_names_make_no_warning(monkeypatch: pytest.MonkeyPatch, recwarn: pytest.WarningsRecorder) -> None:
     monkeypatch.setenv("TRACKER_FLUSH_INTERVAL_S", "0.5")
     assert TrackerSettings(heartbeat_interval_s=2).flush_interval_s == 0.5
-    assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
+
+
+def test_an_old_environment_variable_is_shown_under_python_s_default_warning_filters() -> None:
+    # A DeprecationWarning raised outside __main__ is hidden by default: the person who set the
+    # variable would never see it.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONWARNINGS"}
+    env["TRACKER_FLUSH_INTERVAL"] = "0.7"
+    script = "from tracker import SessionManager; print(SessionManager().settings.flush_interval_s)"
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "0.7"
+    assert "FutureWarning: TRACKER_FLUSH_INTERVAL is deprecated: use flush_interval_s" in done.stderr
