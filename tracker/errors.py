@@ -47,10 +47,15 @@ class InvalidStateTransitionError(TrackerError):
 
 
 class ResumeNotPossibleError(InvalidStateTransitionError):
-    """A resume that could not re-send the session's canvas as Celery would have run it. Nothing changed."""
+    """A resume that could not re-send the session's canvas as Celery would have run it. Nothing changed.
 
-    def __init__(self, session_id: str, reason: str) -> None:
+    Attributes:
+        hint: What can be done instead, in one sentence (the CLI prints it under the message).
+    """
+
+    def __init__(self, session_id: str, reason: str, hint: str) -> None:
         super().__init__(session_id, "", "running", reason)
+        self.hint = hint
         self.args = (f"session {session_id!r} cannot be resumed: {reason}",)
 
 

@@ -453,7 +453,12 @@ class _Planner:
 
     def _refuse(self, part: Tree, reason: str) -> NoReturn:
         """Raise ResumeNotPossibleError, ``reason`` naming the first node of ``part`` (``{node}``)."""
-        raise ResumeNotPossibleError(self.session, reason.format(node=next(leaf_ids(part, errbacks=False))))
+        node = next(leaf_ids(part, errbacks=False))
+        raise ResumeNotPossibleError(
+            self.session,
+            reason.format(node=node),
+            "Celery cannot be given that part's results back: dispatch the batch again",
+        )
 
     def output(self, tree: Tree) -> Tree:
         """What gives back the result of completed ``tree`` as the next chain link receives it: the
@@ -472,7 +477,8 @@ class _Planner:
         status, result, stored = self.nodes.get(node, (NodeStatus.PENDING, None, False))
         if status is not NodeStatus.COMPLETED or not stored:
             reason = f"the result of node {node} is needed again but was not stored (too large, or not JSON)"
-            raise ResumeNotPossibleError(self.session, reason)
+            hint = "a result over TRACKER_MAX_RESULT_BYTES (or not JSON) is not stored: dispatch the batch again"
+            raise ResumeNotPossibleError(self.session, reason, hint)
         self.values[node] = result
         return {"v": node}
 
@@ -521,7 +527,8 @@ def resume_plan(
         raise ResumeNotPossibleError(
             session,
             f"node {left_out[0]} cannot run again alone: what it feeds also needs a node that did not "
-            "complete and is not chosen (choose those nodes too)",
+            "complete and is not chosen",
+            "choose those nodes too, or resume without choosing nodes",
         )
     if not isinstance(rest, dict):
         return ResumePlan(tree=None, reset=[], values={})

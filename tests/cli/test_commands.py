@@ -231,6 +231,7 @@ def test_malformed_id_exits_2(cli: Cli) -> None:
     result = cli("status", "not-a-uuid")
     assert result.exit_code == ExitCode.USAGE
     assert "invalid session_id 'not-a-uuid'" in result.stderr
+    assert "Hint: a session id is the UUID that dispatch returned; `tracker list` shows them" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -515,6 +516,7 @@ def test_cancel_a_pending_session(cli: Cli, store_manager: SessionManager) -> No
     again = cli("--app", TEST_APP, "cancel", sid)
     assert again.exit_code == ExitCode.USAGE
     assert "is cancelled: it cannot become cancelled" in again.stderr
+    assert "Hint: it has ended: there is nothing left to cancel" in again.stderr
 
 
 def test_cancel_and_resume_unknown_sessions_exit_3(cli: Cli) -> None:
@@ -538,6 +540,20 @@ def test_resume_a_completed_session_exits_2(cli: Cli, store_manager: SessionMana
     result = cli("--app", TEST_APP, "resume", sid)
     assert result.exit_code == ExitCode.USAGE
     assert "is completed" in result.stderr
+    assert "Hint: every node completed: there is nothing to resume" in result.stderr
+
+
+def test_bad_options_and_settings_say_where_to_look(cli: Cli) -> None:
+    bad_tag = cli("list", "--tag", "bad tag!")
+    assert bad_tag.exit_code == ExitCode.USAGE
+    assert bad_tag.stderr.strip().splitlines() == [
+        "Error: invalid tag 'bad tag!': expected 1-64 letters, digits or _.:@/+=- (e.g. customer:42)",
+        "Hint: `tracker list --help` shows what it takes",
+    ]
+    bad_setting = cli("list", env={"TRACKER_SESSION_TIMEOUT_S": "soon"})
+    assert bad_setting.exit_code == ExitCode.USAGE
+    assert "invalid TRACKER_* setting: TRACKER_SESSION_TIMEOUT_S" in bad_setting.stderr
+    assert "Hint: fix TRACKER_SESSION_TIMEOUT_S, or unset it for its default" in bad_setting.stderr
 
 
 def test_a_resume_that_needs_a_result_not_stored_is_refused_and_changes_nothing(
@@ -553,7 +569,7 @@ def test_a_resume_that_needs_a_result_not_stored_is_refused_and_changes_nothing(
     result = cli("--app", TEST_APP, "resume", sid)
     assert result.exit_code == ExitCode.USAGE
     assert f"session '{sid}' cannot be resumed: the result of node a is needed again" in result.stderr
-    assert "Hint: results over TRACKER_MAX_RESULT_BYTES" in result.stderr
+    assert "Hint: a result over TRACKER_MAX_RESULT_BYTES (or not JSON) is not stored" in result.stderr
     assert store_manager.sync.get_session_status(sid) == before
 
 
@@ -785,10 +801,16 @@ def test_failures_shows_the_causes_most_first(cli: Cli, store_manager: SessionMa
 def test_resume_of_one_cause_or_of_chosen_nodes(cli: Cli, store_manager: SessionManager) -> None:
     sid = failing_session(store_manager)
     # Bad subsets: one line, exit 2, nothing changed
-    for args in (("--node", "nope"), ("--node", "n4"), ("--error", "KeyError")):
+    refusals = {
+        ("--node", "nope"): "Hint: choose among the nodes that did not complete",
+        ("--node", "n4"): "Hint: choose among the nodes that did not complete",
+        ("--error", "KeyError"): "Hint: choose one of those causes",
+    }
+    for args, hint in refusals.items():
         refused = cli("--app", TEST_APP, "resume", sid, *args)
         assert refused.exit_code == ExitCode.USAGE, args
-        assert len(refused.stderr.strip().splitlines()) <= 2, refused.stderr
+        error, shown_hint = refused.stderr.strip().splitlines()  # one line, and the hint that fits it
+        assert error.startswith(f"Error: session '{sid}' cannot be resumed: ") and shown_hint.startswith(hint)
     assert store_manager.sync.get_session(sid).run == 1
 
     # Only the timeouts are reset (made by hand: no signatures to send)

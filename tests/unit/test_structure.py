@@ -378,6 +378,7 @@ def test_resume_needing_a_result_that_was_not_stored_is_not_possible() -> None:
     with pytest.raises(ResumeNotPossibleError, match="node a") as caught:
         resume_plan(chain("a", "b", "c"), nodes, True, "s-42")
     assert "s-42" in str(caught.value)
+    assert caught.value.hint.endswith("is not stored: dispatch the batch again")
     # a chord header result too
     nodes = {"a": done(1), "b": done(2, stored=False), "c": ended(F), "d": ended(S)}
     with pytest.raises(ResumeNotPossibleError, match="node b"):
@@ -482,6 +483,7 @@ def test_resume_of_chosen_nodes_re_sends_them_and_what_did_not_complete_after_th
 
 def test_resume_of_a_chord_header_node_without_its_failed_sibling_is_refused() -> None:
     nodes = {"a": ended(F), "b": ended(F), "c": ended(S)}
-    with pytest.raises(ResumeNotPossibleError, match="node a cannot run again alone"):
+    with pytest.raises(ResumeNotPossibleError, match="node a cannot run again alone") as caught:
         resume_plan(chord(["a", "b"], "c"), nodes, True, "s1", {"a"})
+    assert caught.value.hint == "choose those nodes too, or resume without choosing nodes"
     assert resume_plan(chord(["a", "b"], "c"), nodes, True, "s1", {"a", "b"}).reset == ["a", "b", "c"]

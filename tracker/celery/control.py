@@ -137,7 +137,9 @@ def resume_session(
         sent = len(plan.reset)
         break
     else:
-        raise ResumeNotPossibleError(session_id, "its nodes kept completing while the resume was planned; try again")
+        raise ResumeNotPossibleError(
+            session_id, "its nodes kept completing while the resume was planned", "resume it again: nothing was sent"
+        )
     logger.info("tracker: session %s resumed; %d node(s) re-sent", session_id, sent)
     return sent
 
@@ -168,6 +170,10 @@ def _node_states(manager: SessionManager, session_id: str) -> dict[str, _NodeSta
     }
 
 
+#: What a resume of chosen nodes can name instead of a node it refused.
+_CHOOSE = "choose among the nodes that did not complete: the session's failed, lost, cancelled or pending ones"
+
+
 def _chosen(
     session_id: str, states: dict[str, _NodeState], nodes: Sequence[str] | None, error_type: str | None
 ) -> list[str] | None:
@@ -188,15 +194,18 @@ def _chosen(
     chosen = list(dict.fromkeys(validation.node_id(node, session_id) for node in nodes or ()))
     for node in chosen:
         if node not in states:
-            raise ResumeNotPossibleError(session_id, f"node {node} is not a node of the session")
+            raise ResumeNotPossibleError(session_id, f"node {node} is not a node of the session", _CHOOSE)
         if states[node].status is NodeStatus.COMPLETED:
-            raise ResumeNotPossibleError(session_id, f"node {node} completed, and a completed node is never re-run")
+            raise ResumeNotPossibleError(
+                session_id, f"node {node} completed, and a completed node is never re-run", _CHOOSE
+            )
     if error_type is not None:
         found = sorted(node for node, state in states.items() if state.cause == error_type)
         if not found:
             causes = sorted({state.cause for state in states.values() if state.cause})
             known = f"its causes are {', '.join(causes)}" if causes else "it has no failed node"
-            raise ResumeNotPossibleError(session_id, f"no node failed with {error_type} ({known})")
+            hint = "choose one of those causes (the session's failures by cause), or resume without one"
+            raise ResumeNotPossibleError(session_id, f"no node failed with {error_type} ({known})", hint)
         chosen += [node for node in found if node not in chosen]
     return chosen
 

@@ -108,21 +108,24 @@ _MEMORY_HINT = (
     "Set it to the Redis your workers use, e.g. export TRACKER_REDIS_URL=redis://127.0.0.1:6379/0"
 )
 
-#: Errors whose message needs one fixed hint (any other TrackerError's message says enough).
-_HINTS: dict[type[BaseException], str] = {
-    errors.ResumeNotPossibleError: (
-        "results over TRACKER_MAX_RESULT_BYTES (or not JSON) are not stored; dispatch the batch again."
-    ),
-    errors.TrackerNotInstalledError: "from tracker.celery import install; install(app) right after app = Celery(...)",
-}
+
+def _state_hint(exc: errors.InvalidStateTransitionError, prog: str) -> str:
+    """What a person can do about a move the session's status does not allow."""
+    if exc.to_status == SessionStatus.CANCELLED:
+        return "it has ended: there is nothing left to cancel"
+    if exc.from_status == SessionStatus.COMPLETED:
+        return "every node completed: there is nothing to resume"
+    return f"`{prog} status {exc.session_id}` shows where it is"
 
 
-def translate(exc: BaseException, state: CliState | None) -> click.ClickException:
-    """The message and exit code a person sees for ``exc``."""
+def translate(exc: BaseException, state: CliState | None, command: str | None = None) -> click.ClickException:
+    """The message, hint and exit code a person sees for ``exc``, raised by ``command`` (its name)."""
     memory = state is not None and state.uses_memory_store
     prog = state.prog if state is not None else "tracker"
-    hint = _HINTS.get(type(exc))
-    if hint is not None:
+    if isinstance(exc, errors.ResumeNotPossibleError):
+        return CliError(str(exc), ExitCode.USAGE, f"Hint: {exc.hint}")
+    if isinstance(exc, errors.TrackerNotInstalledError):
+        hint = "from tracker.celery import install; install(app) right after app = Celery(...)"
         return CliError(str(exc), ExitCode.USAGE, f"Hint: {hint}")
     if isinstance(exc, errors.SessionNotFoundError):
         where = state.store_description() if state is not None else None
@@ -133,7 +136,9 @@ def translate(exc: BaseException, state: CliState | None) -> click.ClickExceptio
         )
     if isinstance(exc, errors.InvalidStateTransitionError):
         return CliError(
-            f"session {exc.session_id} is {exc.from_status}: it cannot become {exc.to_status}", ExitCode.USAGE
+            f"session {exc.session_id} is {exc.from_status}: it cannot become {exc.to_status}",
+            ExitCode.USAGE,
+            f"Hint: {_state_hint(exc, prog)}",
         )
     if isinstance(exc, errors.WrongCeleryAppError):
         named = exc.app_path or "module:attr"
@@ -160,9 +165,18 @@ def translate(exc: BaseException, state: CliState | None) -> click.ClickExceptio
             f"Cause: {exc}",
         )
     if isinstance(exc, ValidationError):
-        return CliError(f"invalid TRACKER_* setting: {_first_error(exc)}", ExitCode.USAGE)
+        name, problem = _first_error(exc)
+        return CliError(
+            f"invalid TRACKER_* setting: {name}: {problem}",
+            ExitCode.USAGE,
+            f"Hint: fix {name}, or unset it for its default",
+        )
+    if isinstance(exc, errors.TrackerValidationError) and exc.field == "session_id":
+        hint = f"a session id is the UUID that dispatch returned; `{prog} list` shows them"
+        return CliError(str(exc), ExitCode.USAGE, f"Hint: {hint}")
     if isinstance(exc, errors.TrackerError):
-        return CliError(str(exc), ExitCode.USAGE)
+        usage = f"{prog} {command}" if command else prog
+        return CliError(str(exc), ExitCode.USAGE, f"Hint: `{usage} --help` shows what it takes")
     return CliError(
         f"unexpected {type(exc).__name__}: {exc}",
         ExitCode.SESSION_FAILED,
@@ -170,10 +184,10 @@ def translate(exc: BaseException, state: CliState | None) -> click.ClickExceptio
     )
 
 
-def _first_error(exc: ValidationError) -> str:
+def _first_error(exc: ValidationError) -> tuple[str, str]:
+    """The environment variable of a settings error, and what is wrong with it."""
     first = exc.errors()[0]
-    name = "TRACKER_" + "_".join(str(p) for p in first["loc"]).upper()
-    return f"{name}: {first['msg']}"
+    return "TRACKER_" + "_".join(str(p) for p in first["loc"]).upper(), first["msg"]
 
 
 @dataclass
@@ -347,7 +361,7 @@ class TrackerGroup(click.Group):
             state = ctx.obj if isinstance(ctx.obj, CliState) else None
             if state is not None and state.debug:
                 click.echo(traceback.format_exc(), err=True)
-            raise translate(exc, state) from exc
+            raise translate(exc, state, ctx.invoked_subcommand) from exc
 
 
 def setup_debug_logging(debug: bool) -> None:
