@@ -109,6 +109,7 @@ async def test_resume_keeps_the_structure_and_refuses_what_it_cannot_build(
         resumed = await http.post(f"{BASE}/sessions/{kept}/resume", headers=AUTH)
     assert refused.status_code == 409
     assert "cannot be resumed: the result of node a" in refused.json()["detail"]
+    assert refused.json()["detail"].endswith("is not stored: dispatch the batch again")  # with what to do
     assert await web_manager.get_session_status(lost) == before
     # b and the c it skipped are sent again, after a's stored result
     assert resumed.status_code == 200

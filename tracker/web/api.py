@@ -40,6 +40,7 @@ from tracker.config import TrackerSettings
 from tracker.errors import (
     InvalidStateTransitionError,
     NodeNotFoundError,
+    ResumeNotPossibleError,
     SessionExistsError,
     SessionNotFoundError,
     StorageUnavailableError,
@@ -94,7 +95,8 @@ def http_error(exc: TrackerError) -> HTTPException:
     for error_type, code in _ERROR_STATUS:
         if isinstance(exc, error_type):
             headers = {"Retry-After": "5"} if code == status.HTTP_503_SERVICE_UNAVAILABLE else None
-            return HTTPException(code, detail=str(exc), headers=headers)
+            detail = f"{exc}; {exc.hint}" if isinstance(exc, ResumeNotPossibleError) else str(exc)
+            return HTTPException(code, detail=detail, headers=headers)
     return HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, detail="internal error")
 
 
