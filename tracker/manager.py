@@ -706,8 +706,12 @@ class Operations:
         if event.progress is not None and self._progress(event.progress, event.status, sid) != event.progress:
             raise TrackerValidationError("progress", event.progress, "expected a fraction with at most 4 decimals", sid)
         cap = self.settings.max_error_chars
-        if event.reason is not None and (not isinstance(event.reason, str) or len(event.reason) > cap):
-            raise TrackerValidationError("reason", event.reason, f"expected a string of at most {cap} characters", sid)
+        if event.reason is not None and (
+            not isinstance(event.reason, str) or len(event.reason) > cap or not validation.is_utf8(event.reason)
+        ):
+            raise TrackerValidationError(
+                "reason", event.reason, f"expected a UTF-8 string of at most {cap} characters", sid
+            )
         if event.error is not None and self._error(event.error, sid) is not event.error:
             raise TrackerValidationError("error", event.error, "expected a NodeError within the caps", sid)
         if event.result_json is not None:
@@ -726,13 +730,15 @@ class Operations:
         if error is None:
             return None
         if isinstance(error, NodeError):
-            if len(error.type) <= validation.MAX_LABEL_CHARS and len(error.message) <= cap:
+            kind, message = error.type[: validation.MAX_LABEL_CHARS], error.message[:cap]
+            if kind == error.type and message == error.message and validation.is_utf8(kind + message):
                 return error
-            return NodeError(type=error.type[: validation.MAX_LABEL_CHARS], message=error.message[:cap])
-        if not isinstance(error, BaseException):
+        elif isinstance(error, BaseException):
+            # Only the class name and the text are kept: nothing that could be imported back.
+            kind, message = type(error).__name__, str(error)[:cap]
+        else:
             raise TrackerValidationError("error", error, "expected an exception or a NodeError", sid)
-        # Only the class name and the text are kept: nothing that could be imported back.
-        return NodeError(type=type(error).__name__, message=str(error)[:cap])
+        return NodeError(type=validation.storable_text(kind), message=validation.storable_text(message))
 
 
 def _details(node: NodeResult) -> dict[str, Any]:

@@ -73,11 +73,29 @@ def canvas_path(value: object) -> str:
 def path_filter(value: object) -> str:
     """Return ``value`` if it can be a canvas path prefix to list by: a string of 1 to 1024
     characters (one no session's path starts with finds none)."""
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_CANVAS_PATH_CHARS:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_CANVAS_PATH_CHARS or not is_utf8(value):
         raise TrackerValidationError(
             "path", value, f"expected a canvas path prefix of 1-{MAX_CANVAS_PATH_CHARS} characters"
         )
     return value
+
+
+def is_utf8(text: str) -> bool:
+    """True when ``text`` can be stored as UTF-8: it holds no lone surrogate (what Python decodes
+    an undecodable file name byte to, e.g. ``'\\udcff'`` from ``os.listdir``)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def storable_text(text: str) -> str:
+    """Free text (an exception's message) as UTF-8 can hold it: a lone surrogate becomes its
+    ``\\udcff`` escape, so that a task failing on an undecodable file name is still recorded."""
+    return text if is_utf8(text) else text.encode("utf-8", "backslashreplace").decode()
 
 
 def node_count(value: object, maximum: int) -> int:
@@ -218,20 +236,21 @@ def label(value: object, field: str, sid: str | None = None) -> str | None:
     """Return ``value`` if it is None or a task id / worker name: at most 255 characters, no ``|``."""
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) > MAX_LABEL_CHARS or "|" in value:
+    if not isinstance(value, str) or len(value) > MAX_LABEL_CHARS or "|" in value or not is_utf8(value):
         raise TrackerValidationError(
-            field, value, f"expected a string of at most {MAX_LABEL_CHARS} characters without '|'", sid
+            field, value, f"expected a UTF-8 string of at most {MAX_LABEL_CHARS} characters without '|'", sid
         )
     return value
 
 
 def optional_text(value: object, field: str, max_chars: int, sid: str | None = None) -> str | None:
-    """Return ``value`` cut to ``max_chars`` if it is a string (None stays None)."""
+    """Return ``value`` cut to ``max_chars`` if it is a string (None stays None), as
+    :func:`storable_text`."""
     if value is None:
         return None
     if not isinstance(value, str):
         raise TrackerValidationError(field, value, "expected a string", sid)
-    return value[:max_chars]
+    return storable_text(value[:max_chars])
 
 
 def cursor(value: object) -> str | None:
@@ -254,11 +273,13 @@ def member(enum: type[E], value: object, field: str, sid: str | None = None) -> 
     """Return ``value`` as a member of ``enum``, refusing names it does not have."""
     if type(value) is enum:
         return value
-    try:
-        return enum(str(value)) if isinstance(value, str) else enum(value)  # type: ignore[arg-type]
-    except ValueError:
-        allowed = ", ".join(m.value for m in enum)
-        raise TrackerValidationError(field, value, f"expected one of: {allowed}", sid) from None
+    if isinstance(value, str):  # only text is looked up: the enum's error shows any other value's repr whole
+        try:
+            return enum(str(value))
+        except ValueError:
+            pass
+    allowed = ", ".join(m.value for m in enum)
+    raise TrackerValidationError(field, value, f"expected one of: {allowed}", sid)
 
 
 _TAG = re.compile(r"[A-Za-z0-9_.:@/+=-]{1,64}")

@@ -167,6 +167,13 @@ def fails_once(key: str) -> str:
     return "ok"
 
 
+@app.task(name="t.undecodable")
+def undecodable() -> None:
+    """Fail as a task does on a file name ``os.listdir`` could not decode (a lone surrogate)."""
+    name = os.fsdecode(b"report-\xff.csv")  # 'report-\udcff.csv', as os.listdir gives it
+    raise FileNotFoundError(f"no such file: '{name}'")
+
+
 @app.task(name="t.fails_as")
 def fails_as(key: str, cause: str) -> str:
     """Fail the first time it runs for ``key`` with ``TimeoutError`` or ``ValueError`` (``cause``),

@@ -10,7 +10,7 @@ import pytest
 import redis
 from celery import Celery, chain, chord, group
 
-from tests.celery.appmod import add, deep, done, flaky, total, unjsonable, work
+from tests.celery.appmod import add, deep, done, flaky, total, undecodable, unjsonable, work
 from tests.celery.conftest import wait_for, wait_status
 from tracker import InMemoryStorageAdapter, NodeStatus, SessionManager, TrackerValidationError
 from tracker.celery import dispatch, install, uninstall
@@ -71,6 +71,17 @@ def test_unstorable_result_still_completes_the_node(tracked: SessionManager, thr
     big = next(n for n in tracked.sync.get_nodes(sid).nodes if n.node_id == "big")
     assert big.result is None
     assert big.reason and "cap" in big.reason
+
+
+def test_a_failure_whose_message_utf_8_cannot_hold_is_recorded(tracked: SessionManager, thread_worker: None) -> None:
+    # Given a batch whose task fails on a file name with an undecodable byte (a lone surrogate)
+    sid = dispatch(group([undecodable.s(), work.s(1)]), canvas_path="odd.canvas", node_ids=["odd", "fine"])
+    # Then its failure is recorded, with that byte escaped, and the session ends
+    status = wait_status(tracked, sid, {"completed", "partial_failure", "failed"})
+    assert (status["status"], status["failed_nodes"], status["completed_nodes"]) == ("partial_failure", 1, 1)
+    odd = tracked.sync.get_node(sid, "odd")
+    assert odd.error is not None and odd.error.type == "FileNotFoundError"
+    assert odd.error.message == "no such file: 'report-\\udcff.csv'"
 
 
 def test_leaves_of_a_nested_canvas() -> None:

@@ -321,6 +321,38 @@ async def test_bad_node_input_is_refused_and_changes_nothing(
     assert (await manager.get_nodes(sid)).nodes == []
 
 
+async def test_an_error_text_utf_8_cannot_hold_is_recorded_escaped(manager: SessionManager) -> None:
+    # A task failing on a file name os.listdir could not decode: its message holds a lone surrogate
+    sid = await new_session(manager, 2)
+    await manager.add_node_result(sid, "a", status="failed", error=FileNotFoundError("no such file: 'x\udcff.csv'"))
+    await manager._record_node(sid, "b", "failed", reason="gave up on \udcff")
+    # Then the failure counts, the session ends, and the text is kept with the byte escaped
+    status = await manager.get_session_status(sid)
+    assert (status["status"], status["failed_nodes"]) == ("failed", 2)
+    node = await manager.get_node(sid, "a")
+    assert node.error is not None
+    assert (node.error.type, node.error.message) == ("FileNotFoundError", "no such file: 'x\\udcff.csv'")
+    assert (await manager.get_node(sid, "b")).reason == "gave up on \\udcff"
+    messages = {g.error_type: g.first_message for g in await manager.get_failures(sid)}
+    assert messages == {"FileNotFoundError": "no such file: 'x\\udcff.csv'", "unknown": "gave up on \\udcff"}
+
+
+@pytest.mark.parametrize(
+    "details",
+    [{"task_id": "t\ud800"}, {"worker": "celery@h\udcff:1"}, {"status": [[[[[]]]]] * 2}],
+)
+async def test_an_id_utf_8_cannot_hold_is_refused_and_changes_nothing(
+    manager: SessionManager, details: dict[str, object]
+) -> None:
+    sid = await new_session(manager, 2)
+    before = await manager.get_session_status(sid)
+    with pytest.raises(TrackerValidationError):
+        await manager.add_node_result(sid, "a", 1, **details)  # type: ignore[arg-type]
+    assert await manager.get_session_status(sid) == before
+    with pytest.raises(TrackerValidationError):
+        await manager.list_sessions(path="jobs/\ud800")
+
+
 async def test_result_cap_is_configurable(store: SessionStorageAdapter, clock: FakeClock) -> None:
     from tracker import TrackerSettings
 
