@@ -352,6 +352,33 @@ def test_each_outcome_is_one_store_call_however_busy_the_process(make: Any) -> N
     assert calls.count == 150 and recorder.held_events == 0
 
 
+def test_an_event_the_store_cannot_take_does_not_take_its_batch_with_it(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a store that fails, unexpectedly, on any write that holds node "bad"
+    recorder, manager = make()
+    store = manager.storage
+    real = store.record_nodes
+
+    def fails_on_bad(session_id: str, events: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(event.node_id == "bad" for event in events):
+            raise RuntimeError("cannot encode this event (test)")
+        return real(session_id, events, *args, **kwargs)
+
+    store.record_nodes = fails_on_bad  # type: ignore[method-assign]
+    sid = manager.sync.create_session("w.canvas", 3)
+    # When three starts held by the writer, "bad" between the others, are written in one batch
+    for nid in ("a", "bad", "c"):
+        start(recorder, task(recorder, sid, nid))
+    assert recorder.held_events == 3
+    with caplog.at_level(logging.WARNING, logger="tracker"):
+        recorder.flush()
+    # Then the others are recorded, and the one that failed is named in the log
+    assert [status_of(manager, sid, nid) for nid in ("a", "bad", "c")] == [NodeStatus.RUNNING, None, NodeStatus.RUNNING]
+    assert "unexpected error recording node events" in caplog.text
+    assert "node bad of session" in caplog.text and "cannot encode this event (test)" in caplog.text
+
+
 def test_stopping_the_writer_writes_what_it_holds(make: Any) -> None:
     recorder, manager = make()
     sid = manager.sync.create_session("w.canvas", 1)

@@ -303,12 +303,7 @@ class Writer(threading.Thread):
             raise
         except NodeLimitError:
             # More distinct nodes than the session has: record the others one by one.
-            outcomes = []
-            for event in call.events:
-                try:
-                    outcomes.append(sync._record_nodes(call.session_id, [event], trusted=True))
-                except NodeLimitError as exc:
-                    logger.warning("tracker: node %s not recorded: %s", event.node_id, exc)
+            outcomes = self._one_by_one(call)
         except TrackerError as exc:
             # Not transient (unknown or expired session...): retrying cannot help.
             logger.warning(
@@ -317,9 +312,23 @@ class Writer(threading.Thread):
             return []
         except Exception:
             logger.exception("tracker: unexpected error recording node events of session %s", call.session_id)
-            return []
+            # One event the store cannot take must not take the others of its batch with it.
+            outcomes = self._one_by_one(call) if len(call.events) > 1 else []
         for outcome in outcomes:
             self.recorder.callbacks(outcome)
+        return outcomes
+
+    def _one_by_one(self, call: _Call) -> list[BatchOutcome]:
+        """Record ``call``'s events one store call each, skipping (logged) those the store refuses."""
+        sync = self.recorder.manager.sync
+        outcomes = []
+        for event in call.events:
+            try:
+                outcomes.append(sync._record_nodes(call.session_id, [event], trusted=True))
+            except StorageUnavailableError:
+                raise
+            except Exception as exc:
+                logger.warning("tracker: node %s of session %s not recorded: %s", event.node_id, call.session_id, exc)
         return outcomes
 
     def _hold(self, calls: list[_Call], exc: StorageUnavailableError) -> None:
