@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import redis
-from celery import Celery, chain, chord, group
+from celery import Celery, Signature, chain, chord, group
 
 from tests.celery.appmod import add, deep, done, flaky, total, undecodable, unjsonable, work
 from tests.celery.conftest import wait_for, wait_status
 from tracker import InMemoryStorageAdapter, NodeStatus, SessionManager, TrackerValidationError
-from tracker.celery import dispatch, install, uninstall
+from tracker.celery import add_nodes, dispatch, install, uninstall
 from tracker.celery.dispatch import leaves, node_spec
 from tracker.celery.stamps import ids_of
 
@@ -180,6 +180,72 @@ def test_a_canvas_that_cannot_run_is_refused_and_nothing_is_stored(
     with pytest.raises(TrackerValidationError, match=why):
         dispatch(canvas(), canvas_path="bad.canvas")
     assert tracked.sync.list_sessions().sessions == []
+
+
+@pytest.mark.parametrize(
+    ("make", "kwargs", "why"),
+    [
+        (lambda: group([add.s(1, 2), add.s(3, 4)]), {"node_ids": "ab"}, "expected a list of node ids"),
+        (lambda: group([add.s(1, 2), add.s(3, 4)]), {"node_ids": 5}, "expected a list of node ids"),
+        (lambda: group([add.s(1, 2), add.s(3, 4)]), {"node_ids": [None, 7]}, "node_id"),
+        (lambda: add.s(1, 2), {"metadata": [1]}, "expected a JSON object"),
+        (lambda: add.s(1, 2), {"on_failure": "alert"}, "expected a Celery signature"),
+        (lambda: add.s(1, 2), {"on_complete": {"task": "t.done"}}, "expected a Celery signature"),
+        (lambda: add.s(1, 2), {"app": "proj"}, "expected a Celery app"),
+        (lambda: add.s(1, 2), {"manager": "default"}, "expected a SessionManager"),
+        (lambda: add.s(1, 2).set(task_id=5), {}, "task_id"),
+        (lambda: group([add.s(1, 2), Signature({"task": None})]), {}, "expected a task name"),
+        (lambda: chord([add.s(1, 2)]), {}, "a chord needs a body"),
+    ],
+    ids=[
+        "node ids as text",
+        "node ids as a number",
+        "node ids not text",
+        "metadata not a dict",
+        "a callback by name",
+        "a callback as a dict",
+        "app by name",
+        "manager by name",
+        "a task id not text",
+        "a signature without task",
+        "a chord without body",
+    ],
+)
+def test_bad_dispatch_arguments_are_refused_and_nothing_is_stored(
+    tracked: SessionManager, make: Any, kwargs: dict[str, Any], why: str
+) -> None:
+    with pytest.raises(TrackerValidationError, match=why):
+        dispatch(make(), canvas_path="bad.canvas", **kwargs)
+    assert tracked.sync.list_sessions().sessions == []
+
+
+def test_a_chord_through_an_app_without_result_backend_is_refused_and_nothing_is_stored(
+    tracked: SessionManager,
+) -> None:
+    # Given an app with no result backend (Celery's default), whose broker would take the tasks
+    app = Celery("no-backend", broker="memory://", set_as_current=False)
+    install(app, tracked, beat=False)
+    try:
+        part = app.signature("t.add", args=(1, 2))
+        # Then what Celery runs as a chord is refused before anything is stored or sent
+        for canvas in (
+            chord([part, part], part),
+            chain(group(part, part), part),
+            group(part, chain(group(part, part), part)),
+        ):
+            with pytest.raises(TrackerValidationError, match="only with a result_backend"):
+                dispatch(canvas, canvas_path="chord.canvas", app=app)
+        assert tracked.sync.list_sessions().sessions == []
+        # and what it runs without one is not
+        for canvas in (chain(part, group(part, part)), chain(group(part), part)):
+            sid = dispatch(canvas, canvas_path="chain.canvas", app=app)
+            assert tracked.sync.get_session(sid).node_count == len(list(leaves(canvas)))
+        # and adding a chord to a running batch is refused the same way, adding nothing
+        with pytest.raises(TrackerValidationError, match="only with a result_backend"):
+            add_nodes(sid, chord([part, part], part), app=app)
+        assert tracked.sync.get_session(sid).node_count == 2
+    finally:
+        uninstall(app)
 
 
 def test_node_count_is_bounded(tracked: SessionManager) -> None:

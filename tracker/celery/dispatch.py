@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, overload
 
 from celery import Celery, Signature, chord, group
+from celery.backends.base import DisabledBackend
 from celery.canvas import _chain, maybe_signature
 from celery.exceptions import NotRegistered
 from celery.utils.functional import arity_greater, maybe_list
@@ -56,6 +57,11 @@ class _Walk:
             raise TrackerValidationError(
                 "canvas", canvas, "expected a Celery signature, group, chain or chord (task.s(...)) in every place"
             )
+        if not isinstance(canvas.get("task"), str) or not canvas.task:
+            raise TrackerValidationError("canvas", canvas, "expected a task name in every signature")
+        if not (isinstance(canvas.args, list | tuple) and isinstance(canvas.kwargs, dict)
+                and isinstance(canvas.options, dict)):  # fmt: skip
+            raise TrackerValidationError("canvas", canvas, "expected args, kwargs and options in every signature")
         if self.max_depth is not None and depth > self.max_depth:
             raise TrackerValidationError(
                 "canvas", canvas, f"nested deeper than {self.max_depth} levels (TRACKER_MAX_CANVAS_DEPTH)"
@@ -173,6 +179,7 @@ def node_spec(sig: Signature, session_id: str, node_id: str, task_id: str) -> No
     bytes. The node id and the signature's JSON are checked when the session is created, before
     anything is sent.
     """
+    validation.node_id(node_id, session_id)
     signature = signature_json(sig)
     tag(sig, session_id, node_id, task_id)
     return NodeSpec(node_id=node_id, task_id=task_id, signature=signature)
@@ -190,6 +197,10 @@ def _installed(app: Celery, manager: SessionManager | None) -> tuple[Celery, Ses
         TrackerNotInstalledError: ``install(app)`` was not called for the app.
     """
     app = real_app(app)
+    if not isinstance(app, Celery):
+        raise TrackerValidationError("app", app, "expected a Celery app")
+    if manager is not None and not isinstance(manager, SessionManager):
+        raise TrackerValidationError("manager", manager, "expected a SessionManager")
     recorder = getattr(app, "_tracker_recorder", None)
     if recorder is None:
         raise TrackerNotInstalledError(app.main or repr(app))
@@ -199,14 +210,39 @@ def _installed(app: Celery, manager: SessionManager | None) -> tuple[Celery, Ses
 def _walked(
     canvas: Signature, app: Celery, manager: SessionManager, node_ids: Sequence[str] | None
 ) -> tuple[Tree, list[Signature]]:
-    """The canvas's tree and its tasks, in node order (``node_ids``, when given, one per task)."""
+    """The canvas's tree and its tasks, in node order (``node_ids``, when given, one per task).
+
+    Raises:
+        TrackerValidationError: a canvas Celery cannot send, or ``node_ids`` that do not fit it.
+    """
+    if node_ids is not None and (isinstance(node_ids, str | bytes) or not isinstance(node_ids, list | tuple)):
+        raise TrackerValidationError("node_ids", node_ids, "expected a list of node ids, one per task")
+    if isinstance(canvas, chord) and canvas.body is None:
+        raise TrackerValidationError("canvas", canvas, "a chord needs a body: chord(header, body)")
     walk = _Walk(app, manager.settings.max_canvas_depth)
     shape = walk.tree(canvas, 0)
     if node_ids is not None and len(node_ids) != len(walk.tasks):
         raise TrackerValidationError(
             "node_ids", len(node_ids), f"expected one id per task, error callbacks included ({len(walk.tasks)})"
         )
+    if _runs_a_chord(shape) and isinstance(app.backend, DisabledBackend):
+        raise TrackerValidationError(
+            "canvas", canvas, "Celery runs a chord (or a group chained into a task) only with a result_backend"
+        )
+    for sig in walk.tasks:
+        validation.label(sig.options.get("task_id"), "task_id")
     return shape, walk.tasks
+
+
+def _runs_a_chord(tree: Tree) -> bool:
+    """Whether Celery runs ``tree`` with a chord: one of its own, or a group a chain goes on from
+    (a group of one task is sent as that task)."""
+    if "chord" in tree:
+        return True
+    parts = tree.get("chain") or tree.get("group") or []
+    if "chain" in tree and any(len(part.get("group", ())) > 1 for part in parts[:-1]):
+        return True
+    return any(_runs_a_chord(part) for part in [*parts, *tree.get("e", [])])
 
 
 class _Inherit:
@@ -352,6 +388,11 @@ def _create(
     else:
         task_ids = [sig.options.get("task_id") or str(uuid.uuid4()) for sig in nodes]
     ids = list(node_ids) if node_ids is not None else task_ids
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise TrackerValidationError("metadata", metadata, "expected a JSON object (a dict)")
+    for key, callback in callbacks.items():
+        if callback is not None and not isinstance(callback, Signature):
+            raise TrackerValidationError(key, callback, "expected a Celery signature (task.s(...))")
     meta = dict(metadata or {})
     meta[ORIGIN_KEY] = origin(app)
     for key, callback in callbacks.items():
