@@ -95,10 +95,14 @@ def load_canvas(path: str | Path) -> Canvas:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise CanvasError(where, f"cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise CanvasError(where, f"not UTF-8 text (byte {exc.start})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CanvasError(where, f"not JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except (RecursionError, ValueError) as exc:  # nested too deep; an integer too long to read
+        raise CanvasError(where, f"not JSON that can be read ({type(exc).__name__})") from None
     try:
         return Canvas.model_validate(data)
     except ValidationError as exc:

@@ -318,6 +318,9 @@ async def test_dashboard_cookie_reads_but_never_mutates(make_app: AppFactory, we
         wrong = await http.post("/dashboard/login", json={"token": "nope"})
         assert wrong.status_code == 401
         assert "set-cookie" not in wrong.headers
+        body = '{"token": "' + TOKEN + '\\ud800"}'  # JSON text holding a lone surrogate once decoded
+        undecodable = await http.post("/dashboard/login", content=body, headers={"Content-Type": "application/json"})
+        assert (undecodable.status_code, "set-cookie" in undecodable.headers) == (401, False)
 
         # The right one gets an HttpOnly, SameSite=Strict cookie that is not the token
         login = await http.post("/dashboard/login", json={"token": TOKEN})

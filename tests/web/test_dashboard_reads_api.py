@@ -241,6 +241,9 @@ async def test_a_canvas_that_cannot_be_served_is_404_saying_why(
     (canvas_dir / "to-notes.canvas").symlink_to(canvas_dir / "notes.txt")
     (canvas_dir / "broken.canvas").write_text("{not json", encoding="utf-8")
     (canvas_dir / "wrong.canvas").write_text(json.dumps({"nodes": [{"id": "a", "type": "text"}]}), encoding="utf-8")
+    (canvas_dir / "latin1.canvas").write_bytes(b'{"nodes": [], "edges": [], "by": "Ren\xe9"}')
+    (canvas_dir / "deep.canvas").write_text("[" * 100_000, encoding="utf-8")
+    (canvas_dir / "long.canvas").write_text(f'{{"nodes": [], "edges": [], "n": {"9" * 5000}}}', encoding="utf-8")
     (canvas_dir / "dir.canvas").mkdir()
     (canvas_dir / "huge.canvas").touch()
     os.truncate(canvas_dir / "huge.canvas", MAX_CANVAS_BYTES + 1)  # sparse: its size is what counts
@@ -253,6 +256,9 @@ async def test_a_canvas_that_cannot_be_served_is_404_saying_why(
         "huge.canvas": "the session's canvas file is larger than 16 MiB",
         "broken.canvas": "the session's canvas file is not valid JSON Canvas 1.0",
         "wrong.canvas": "the session's canvas file is not valid JSON Canvas 1.0",
+        "latin1.canvas": "the session's canvas file is not valid JSON Canvas 1.0",
+        "deep.canvas": "the session's canvas file is not valid JSON Canvas 1.0",
+        "long.canvas": "the session's canvas file is not valid JSON Canvas 1.0",
     }
     for path, detail in cases.items():
         response = await layout_of(make_app, web_manager, path, canvas_dir=canvas_dir)

@@ -39,7 +39,8 @@ _COOKIE_CONTEXT = b"tracker-dashboard-cookie:v1:"
 
 def token_matches(given: str, token: SecretStr) -> bool:
     """Constant-time comparison of a presented token with the configured one."""
-    return secrets.compare_digest(given.encode(), token.get_secret_value().encode())
+    # surrogatepass: a lone surrogate in what was presented is a mismatch, not an error.
+    return secrets.compare_digest(given.encode("utf-8", "surrogatepass"), token.get_secret_value().encode())
 
 
 def _cookie_mac(token: SecretStr, expires_s: int) -> str:
