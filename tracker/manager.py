@@ -202,6 +202,8 @@ class Operations:
     def _specs(self, nodes: Sequence[NodeSpec], sid: str) -> tuple[list[str], list[str | None]]:
         """The node ids (distinct) and the signatures (each encoded once: checked here, stored as
         they are) of ``nodes``."""
+        if not isinstance(nodes, list | tuple):
+            raise TrackerValidationError("nodes", nodes, "expected a list of NodeSpec", sid)
         signatures: list[str | None] = []
         for spec in nodes:
             if not isinstance(spec, NodeSpec):

@@ -105,10 +105,15 @@ def node_count(value: object, maximum: int) -> int:
     return value
 
 
+#: Longest duration accepted, in seconds (a hundred years): any longer one is a mistake, and
+#: overflows the dates it is added to.
+MAX_SECONDS = 100 * 365 * 86400
+
+
 def positive_seconds(value: object, field: str) -> float:
-    """Return ``value`` as a float if it is a finite number of seconds > 0."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < float(value) < math.inf:
-        raise TrackerValidationError(field, value, "expected a finite number of seconds > 0")
+    """Return ``value`` as a float if it is a number of seconds > 0, at most ``MAX_SECONDS``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_SECONDS:
+        raise TrackerValidationError(field, value, f"expected a number of seconds > 0, at most {MAX_SECONDS}")
     return float(value)
 
 

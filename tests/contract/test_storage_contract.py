@@ -353,6 +353,21 @@ async def test_an_id_utf_8_cannot_hold_is_refused_and_changes_nothing(
         await manager.list_sessions(path="jobs/\ud800")
 
 
+async def test_arguments_of_the_wrong_kind_are_refused_and_change_nothing(manager: SessionManager) -> None:
+    sid = await new_session(manager, 2)
+    before = await manager.get_session_status(sid)
+    for nodes in (None, 5, "ab", NodeSpec(node_id="a")):
+        with pytest.raises(TrackerValidationError, match="expected a list of NodeSpec"):
+            await manager.create_session("test.canvas", 2, nodes=nodes)  # type: ignore[arg-type]
+        with pytest.raises(TrackerValidationError, match="expected a list of NodeSpec"):
+            await manager.add_nodes(sid, nodes)  # type: ignore[arg-type]
+    for seconds in (10**400, math.inf, math.nan, 0, -1, "60"):
+        with pytest.raises(TrackerValidationError, match="stalled_after_s"):
+            await manager.end_stalled_sessions(seconds)  # type: ignore[arg-type]
+    assert await manager.get_session_status(sid) == before
+    assert [s.session_id for s in (await manager.list_sessions()).sessions] == [sid]
+
+
 async def test_result_cap_is_configurable(store: SessionStorageAdapter, clock: FakeClock) -> None:
     from tracker import TrackerSettings
 
