@@ -10,6 +10,8 @@ from typing import Any
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tracker.validation import MAX_SECONDS
+
 #: Settings renamed to carry their unit: old name -> new name. The old names still work, as
 #: keywords and as ``TRACKER_<OLD NAME>`` environment variables, with a ``FutureWarning``: the
 #: category Python shows by default, since whoever set the variable is who must change it.
@@ -37,7 +39,8 @@ def _old_names(values: dict[str, Any]) -> Iterator[tuple[str, str, Any]]:
 class TrackerSettings(BaseSettings):
     """Every knob of the tracker. Read from ``TRACKER_<NAME>`` environment variables."""
 
-    model_config = SettingsConfigDict(env_prefix="TRACKER_", extra="ignore")
+    # No infinite durations: they overflow the dates and TTLs they become (MAX_SECONDS is the bound).
+    model_config = SettingsConfigDict(env_prefix="TRACKER_", extra="ignore", allow_inf_nan=False)
 
     #: Redis URL (``redis://``, ``rediss://``, ``unix://``). Unset: in-memory storage (one process).
     redis_url: str | None = None
@@ -46,11 +49,11 @@ class TrackerSettings(BaseSettings):
     #: Prefix of every Redis key.
     key_prefix: str = Field(default="tracker", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     #: A session that has not ended expires this long after its last change (or heartbeat).
-    session_timeout_s: float = Field(default=1800.0, gt=0)
+    session_timeout_s: float = Field(default=1800.0, gt=0, le=MAX_SECONDS)
     #: An ended session is kept this long after its last change (to look at the next morning).
-    finished_ttl_s: float = Field(default=86400.0, gt=0)
+    finished_ttl_s: float = Field(default=86400.0, gt=0, le=MAX_SECONDS)
     #: How often the in-process cleanup scheduler runs.
-    cleanup_interval_s: float = Field(default=60.0, gt=0)
+    cleanup_interval_s: float = Field(default=60.0, gt=0, le=MAX_SECONDS)
     #: Most nodes one session may have (a bound on what one dispatch may ask the store to hold).
     max_node_count: int = Field(default=10_000_000, ge=1)
     #: Deepest nesting of groups, chains and chords a dispatched canvas may have.
@@ -60,9 +63,9 @@ class TrackerSettings(BaseSettings):
     #: Longest error message kept for a failed node; longer ones are cut.
     max_error_chars: int = Field(default=2000, ge=16)
     #: Events kept per session stream (approximate trim); older ones are replayed as a snapshot.
-    events_maxlen: int = Field(default=1000, ge=10)
+    events_maxlen: int = Field(default=1000, ge=10, le=10**9)
     #: Socket timeout of Redis calls.
-    redis_socket_timeout_s: float = Field(default=5.0, gt=0)
+    redis_socket_timeout_s: float = Field(default=5.0, gt=0, le=MAX_SECONDS)
     #: Retries of a Redis call on connection errors and timeouts (exponential backoff).
     redis_retries: int = Field(default=3, ge=0)
     #: Most connections one process opens to Redis (per client flavour); more callers wait.
@@ -75,19 +78,19 @@ class TrackerSettings(BaseSettings):
     #: before the task goes on too.
     flush_interval_s: float = Field(default=0.05, ge=0, le=60)
     #: Seconds between heartbeats of each worker process that runs tracked nodes.
-    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    heartbeat_interval_s: float = Field(default=5.0, gt=0, le=MAX_SECONDS)
     #: A worker process silent this long is presumed dead: its running nodes become ``lost``.
-    worker_stale_after_s: float = Field(default=30.0, gt=0)
+    worker_stale_after_s: float = Field(default=30.0, gt=0, le=MAX_SECONDS)
     #: After a worker died, a session of that time with nothing running and nothing changed for
     #: this long has its unfinished nodes marked ``lost`` (a broker lost their messages with the
     #: worker). Unset: derived from the app's broker (its redelivery delay plus twice
     #: ``worker_stale_after_s``; see ``tracker.celery.stalled_after_s``).
-    stalled_after_s: float | None = Field(default=None, gt=0)
+    stalled_after_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
     #: Seconds a session may stay ``pending`` (no worker has recorded any of its nodes) before
     #: ``tracker status``, ``watch`` and the web API and dashboard show a hint about the workers.
-    pickup_hint_after_s: float = Field(default=30.0, gt=0)
+    pickup_hint_after_s: float = Field(default=30.0, gt=0, le=MAX_SECONDS)
     #: Optional per-node run limit in seconds; a node running longer is marked ``lost``.
-    node_max_runtime_s: float | None = Field(default=None, gt=0)
+    node_max_runtime_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
     #: Bearer token the web API requires; unset: reads are open, mutations refused.
     api_token: SecretStr | None = None
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from pydantic import ValidationError
 
 from tracker import TrackerSettings
 from tracker.config import RENAMED
@@ -57,3 +58,17 @@ def test_an_old_environment_variable_is_shown_under_python_s_default_warning_fil
     )
     assert done.stdout.strip() == "0.7"
     assert "FutureWarning: TRACKER_FLUSH_INTERVAL is deprecated: use flush_interval_s" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("session_timeout_s", "inf"), ("finished_ttl_s", "1e300"), ("redis_socket_timeout_s", "nan"),
+     ("worker_stale_after_s", "-inf"), ("events_maxlen", str(10**20))],
+)  # fmt: skip
+def test_a_duration_or_size_the_store_cannot_use_is_refused_at_once(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    # (infinite or absurd values overflowed the TTLs and dates they became, at the first write)
+    monkeypatch.setenv(f"TRACKER_{name.upper()}", value)
+    with pytest.raises(ValidationError, match=name):
+        TrackerSettings()
