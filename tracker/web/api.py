@@ -40,7 +40,6 @@ from tracker.config import TrackerSettings
 from tracker.errors import (
     InvalidStateTransitionError,
     NodeNotFoundError,
-    ResumeNotPossibleError,
     SessionExistsError,
     SessionNotFoundError,
     StorageUnavailableError,
@@ -95,7 +94,8 @@ def http_error(exc: TrackerError) -> HTTPException:
     for error_type, code in _ERROR_STATUS:
         if isinstance(exc, error_type):
             headers = {"Retry-After": "5"} if code == status.HTTP_503_SERVICE_UNAVAILABLE else None
-            detail = f"{exc}; {exc.hint}" if isinstance(exc, ResumeNotPossibleError) else str(exc)
+            hint = getattr(exc, "hint", None)  # what to do instead, for the errors that know it
+            detail = f"{exc}; {hint}" if hint else str(exc)
             return HTTPException(code, detail=detail, headers=headers)
     return HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, detail="internal error")
 
