@@ -476,6 +476,7 @@ class Operations:
             What was marked.
         """
         s = self.settings
+        requeued = validation.flag(requeued, "requeued")
         return answer(store_call(Store.reap_lost, self.clock(), s.worker_stale_after_s, s.node_max_runtime_s, requeued))
 
     def end_stalled_sessions(self, stalled_after_s: float) -> Plan[list[BatchOutcome]]:
@@ -519,6 +520,7 @@ class Operations:
             ResumePlanChanged: one of ``nodes`` completed meanwhile; nothing changed.
         """
         sid = validation.session_id(session_id)
+        retry_failed = validation.flag(retry_failed, "retry_failed")
         chosen = None if nodes is None else list(dict.fromkeys(validation.node_id(node, sid) for node in nodes))
         # Resume is the one way out of an ended session; a stalled running or pending one may be
         # resumed too (its unfinished nodes are re-sent). Only a completed session is final.

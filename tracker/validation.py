@@ -258,6 +258,13 @@ def optional_text(value: object, field: str, max_chars: int, sid: str | None = N
     return storable_text(value[:max_chars])
 
 
+def flag(value: object, field: str) -> bool:
+    """Return ``value`` if it is True or False (not any value Python would take as one)."""
+    if not isinstance(value, bool):
+        raise TrackerValidationError(field, value, "expected True or False")
+    return value
+
+
 def cursor(value: object) -> str | None:
     """Return ``value`` if it is None or a string (the store checks it is a cursor it handed out)."""
     if value is not None and not isinstance(value, str):

@@ -13,7 +13,7 @@ from celery import Celery, Signature, chain, chord, group
 from tests.celery.appmod import add, deep, done, flaky, total, undecodable, unjsonable, work
 from tests.celery.conftest import wait_for, wait_status
 from tracker import InMemoryStorageAdapter, NodeStatus, SessionManager, TrackerValidationError
-from tracker.celery import add_nodes, dispatch, install, uninstall
+from tracker.celery import add_nodes, cancel_session, dispatch, install, resume_session, uninstall
 from tracker.celery.dispatch import leaves, node_spec
 from tracker.celery.stamps import ids_of
 
@@ -217,6 +217,17 @@ def test_bad_dispatch_arguments_are_refused_and_nothing_is_stored(
     with pytest.raises(TrackerValidationError, match=why):
         dispatch(make(), canvas_path="bad.canvas", **kwargs)
     assert tracked.sync.list_sessions().sessions == []
+
+
+def test_cancel_and_resume_take_only_true_or_false_for_their_switches(tracked: SessionManager) -> None:
+    sid = dispatch(add.s(1, 2), canvas_path="switch.canvas")
+    before = tracked.sync.get_session_status(sid)
+    for flag in ("no", 0, None):
+        with pytest.raises(TrackerValidationError, match="expected True or False"):
+            cancel_session(sid, terminate=flag)  # type: ignore[arg-type]
+        with pytest.raises(TrackerValidationError, match="expected True or False"):
+            resume_session(sid, retry_failed=flag)  # type: ignore[arg-type]
+    assert tracked.sync.get_session_status(sid) == before
 
 
 def test_a_chord_through_an_app_without_result_backend_is_refused_and_nothing_is_stored(

@@ -361,6 +361,11 @@ async def test_arguments_of_the_wrong_kind_are_refused_and_change_nothing(manage
             await manager.create_session("test.canvas", 2, nodes=nodes)  # type: ignore[arg-type]
         with pytest.raises(TrackerValidationError, match="expected a list of NodeSpec"):
             await manager.add_nodes(sid, nodes)  # type: ignore[arg-type]
+    for flag in ("yes", 1, None, []):
+        with pytest.raises(TrackerValidationError, match="expected True or False"):
+            await manager.reap_lost_nodes(requeued=flag)  # type: ignore[arg-type]
+        with pytest.raises(TrackerValidationError, match="expected True or False"):
+            await manager._reopen_session(sid, retry_failed=flag)  # type: ignore[arg-type]
     for seconds in (10**400, math.inf, math.nan, 0, -1, "60"):
         with pytest.raises(TrackerValidationError, match="stalled_after_s"):
             await manager.end_stalled_sessions(seconds)  # type: ignore[arg-type]

@@ -51,6 +51,7 @@ def cancel_session(
         SessionNotFoundError, InvalidStateTransitionError, TrackerValidationError.
         WrongCeleryAppError: the app publishes to another broker (nothing changed).
     """
+    validation.flag(terminate, "terminate")
     manager = manager or SessionManager.get_instance()
     app = dispatching_app(session_id, manager.sync.get_session(session_id).metadata, app)
     outcome = manager.sync._transition(session_id, SessionStatus.CANCELLED)
@@ -111,6 +112,7 @@ def resume_session(
             one that is not chosen (nothing changed).
         WrongCeleryAppError: the app publishes to another broker (nothing changed).
     """
+    validation.flag(retry_failed, "retry_failed")
     manager = manager or SessionManager.get_instance()
     app = dispatching_app(session_id, manager.sync.get_session(session_id).metadata, app)
     for _ in range(_PLAN_ATTEMPTS):
