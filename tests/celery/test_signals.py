@@ -195,6 +195,7 @@ def test_a_canvas_that_cannot_run_is_refused_and_nothing_is_stored(
         (lambda: add.s(1, 2), {"manager": "default"}, "expected a SessionManager"),
         (lambda: add.s(1, 2).set(task_id=5), {}, "task_id"),
         (lambda: group([add.s(1, 2), Signature({"task": None})]), {}, "expected a task name"),
+        (lambda: group([add.s(1, 2), Signature({"task": "t.add"})]), {}, "expected args, kwargs and options"),
         (lambda: chord([add.s(1, 2)]), {}, "a chord needs a body"),
     ],
     ids=[
@@ -208,6 +209,7 @@ def test_a_canvas_that_cannot_run_is_refused_and_nothing_is_stored(
         "manager by name",
         "a task id not text",
         "a signature without task",
+        "a signature without options",
         "a chord without body",
     ],
 )

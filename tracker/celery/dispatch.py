@@ -59,8 +59,8 @@ class _Walk:
             )
         if not isinstance(canvas.get("task"), str) or not canvas.task:
             raise TrackerValidationError("canvas", canvas, "expected a task name in every signature")
-        if not (isinstance(canvas.args, list | tuple) and isinstance(canvas.kwargs, dict)
-                and isinstance(canvas.options, dict)):  # fmt: skip
+        parts = (canvas.args, canvas.kwargs, canvas.options)
+        if not all(isinstance(part, kind) for part, kind in zip(parts, (list | tuple, dict, dict), strict=True)):
             raise TrackerValidationError("canvas", canvas, "expected args, kwargs and options in every signature")
         if self.max_depth is not None and depth > self.max_depth:
             raise TrackerValidationError(
