@@ -245,6 +245,7 @@ def test_a_chord_through_an_app_without_result_backend_is_refused_and_nothing_is
             chord([part, part], part),
             chain(group(part, part), part),
             group(part, chain(group(part, part), part)),
+            chain(chain(part, group(part, part)), part),
         ):
             with pytest.raises(TrackerValidationError, match="only with a result_backend"):
                 dispatch(canvas, canvas_path="chord.canvas", app=app)

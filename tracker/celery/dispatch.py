@@ -235,14 +235,21 @@ def _walked(
 
 
 def _runs_a_chord(tree: Tree) -> bool:
-    """Whether Celery runs ``tree`` with a chord: one of its own, or a group a chain goes on from
-    (a group of one task is sent as that task)."""
+    """Whether Celery runs ``tree`` with a chord: one of its own, or a group a chain goes on from."""
     if "chord" in tree:
         return True
     parts = tree.get("chain") or tree.get("group") or []
-    if "chain" in tree and any(len(part.get("group", ())) > 1 for part in parts[:-1]):
+    if "chain" in tree and any(_ends_in_group(part) for part in parts[:-1]):
         return True
     return any(_runs_a_chord(part) for part in [*parts, *tree.get("e", [])])
+
+
+def _ends_in_group(tree: Tree) -> bool:
+    """Whether ``tree`` gives a group's results: a group (of more than one task: a group of one is
+    sent as that task), or a chain that ends in one."""
+    if "chain" in tree:
+        return _ends_in_group(tree["chain"][-1])
+    return len(tree.get("group", ())) > 1
 
 
 class _Inherit:
