@@ -14,7 +14,14 @@ _SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 80, 80
 
 
 class TrackerError(Exception):
-    """Base of every error this library raises on purpose."""
+    """Base of every error this library raises on purpose.
+
+    Attributes:
+        hint: What can be done about it, in one sentence, where the message alone does not say
+            (the CLI prints it under the message, the web API ends its ``detail`` with it).
+    """
+
+    hint: str | None = None
 
 
 class SessionNotFoundError(TrackerError, LookupError):
@@ -49,8 +56,7 @@ class InvalidStateTransitionError(TrackerError):
 class ResumeNotPossibleError(InvalidStateTransitionError):
     """A resume that could not re-send the session's canvas as Celery would have run it. Nothing changed.
 
-    Attributes:
-        hint: What can be done instead, in one sentence (the CLI prints it under the message).
+    ``hint`` says what can be done instead.
     """
 
     def __init__(self, session_id: str, reason: str, hint: str) -> None:
@@ -62,6 +68,8 @@ class ResumeNotPossibleError(InvalidStateTransitionError):
 class TrackerNotInstalledError(TrackerError):
     """``dispatch`` through a Celery app the tracker is not installed in: its workers would run the
     tasks and record nothing. Nothing was sent."""
+
+    hint = "from tracker.celery import install; install(app) right after app = Celery(...)"
 
     def __init__(self, app_name: str) -> None:
         self.app_name = app_name

@@ -354,8 +354,11 @@ def test_dispatch_through_an_app_without_the_tracker_refuses_and_sends_nothing()
     bare = Celery("bare", broker="memory://", set_as_current=False)
     manager = SessionManager(storage=InMemoryStorageAdapter())
     queue = f"bare-{uuid.uuid4().hex[:8]}"  # the memory transport's queues are the whole process's
-    with pytest.raises(TrackerNotInstalledError, match=r"not installed in the Celery app 'bare'.*install\(app\)"):
+    with pytest.raises(
+        TrackerNotInstalledError, match=r"not installed in the Celery app 'bare'.*install\(app\)"
+    ) as caught:
         dispatch(group(bare.signature("t.x", queue=queue) for _ in range(2)), canvas_path="b.canvas", manager=manager)
+    assert caught.value.hint == "from tracker.celery import install; install(app) right after app = Celery(...)"
     assert manager.sync.list_sessions().sessions == []
     with bare.connection_for_write() as connection:
         assert connection.SimpleQueue(queue).qsize() == 0

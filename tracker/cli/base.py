@@ -122,11 +122,8 @@ def translate(exc: BaseException, state: CliState | None, command: str | None = 
     """The message, hint and exit code a person sees for ``exc``, raised by ``command`` (its name)."""
     memory = state is not None and state.uses_memory_store
     prog = state.prog if state is not None else "tracker"
-    if isinstance(exc, errors.ResumeNotPossibleError):
+    if isinstance(exc, errors.TrackerError) and exc.hint:  # the error knows what to do (a resume refused...)
         return CliError(str(exc), ExitCode.USAGE, f"Hint: {exc.hint}")
-    if isinstance(exc, errors.TrackerNotInstalledError):
-        hint = "from tracker.celery import install; install(app) right after app = Celery(...)"
-        return CliError(str(exc), ExitCode.USAGE, f"Hint: {hint}")
     if isinstance(exc, errors.SessionNotFoundError):
         where = state.store_description() if state is not None else None
         return CliError(

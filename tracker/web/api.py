@@ -94,8 +94,7 @@ def http_error(exc: TrackerError) -> HTTPException:
     for error_type, code in _ERROR_STATUS:
         if isinstance(exc, error_type):
             headers = {"Retry-After": "5"} if code == status.HTTP_503_SERVICE_UNAVAILABLE else None
-            hint = getattr(exc, "hint", None)  # what to do instead, for the errors that know it
-            detail = f"{exc}; {hint}" if hint else str(exc)
+            detail = f"{exc}; {exc.hint}" if exc.hint else str(exc)
             return HTTPException(code, detail=detail, headers=headers)
     return HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, detail="internal error")
 
