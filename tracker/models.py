@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, computed_field
 
 from tracker.states import NodeStatus, RateWindow, SessionStatus
 
@@ -35,20 +35,21 @@ def ms_from_utc(moment: datetime | None) -> int | None:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+    # Field docstrings are the fields' descriptions in the HTTP API's OpenAPI document.
+    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False, use_attribute_docstrings=True)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (datetimes as ISO-8601 UTC strings, enums as their values)."""
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", by_alias=True)
 
 
 class NodeError(_Model):
     """Why a node failed. Only names and text: never a type to import or instantiate."""
 
-    #: The exception's class name, e.g. ``"ValueError"``.
     type: str
-    #: ``str(exception)``, shortened to the configured cap.
+    """The exception's class name, e.g. ``"ValueError"``."""
     message: str = ""
+    """``str(exception)``, shortened to the configured cap."""
 
 
 class NodeResult(_Model):
@@ -56,24 +57,24 @@ class NodeResult(_Model):
 
     node_id: str
     status: NodeStatus = NodeStatus.COMPLETED
-    #: The task's return value (JSON), when it completed.
     result: JsonValue = None
+    """The task's return value (JSON), when it completed."""
     error: NodeError | None = None
-    #: How many times the node started (Celery's ``request.retries + 1`` of the latest attempt).
     attempts: int = 0
+    """How many times the node started (Celery's ``request.retries + 1`` of the latest attempt)."""
     task_id: str | None = None
-    #: Worker host name and process id that ran (or runs) it, e.g. ``"celery@host:1234"``.
     worker: str | None = None
+    """Worker host name and process id that ran (or runs) it, e.g. ``"celery@host:1234"``."""
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    #: Why a node is ``lost``, ``cancelled`` or ``skipped`` (for ``skipped``: the node whose end caused it).
     reason: str | None = None
-    #: How far a running node's task says it is (0..1, ``tracker.celery.report_progress``); None
-    #: when it reported nothing, or once the node stopped running.
+    """Why a node is ``lost``, ``cancelled`` or ``skipped`` (for ``skipped``: the node whose end caused it)."""
     progress: float | None = None
-    #: Its task succeeded (``result`` holds what it returned) and it waits, ``running``, for the
-    #: child sessions the task opened.
+    """How far a running node's task says it is (0..1, ``tracker.celery.report_progress``); None when it reported
+    nothing, or once the node stopped running."""
     waiting: bool = False
+    """Its task succeeded (``result`` holds what it returned) and it waits, ``running``, for the child sessions the task
+    opened."""
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -88,49 +89,61 @@ class SessionInfo(_Model):
     """Everything a status read returns: metadata and counters, never the node list."""
 
     session_id: str
-    canvas_path: str
-    node_count: int = Field(ge=0)
+    """The session id (UUID4)."""
     status: SessionStatus = SessionStatus.PENDING
+    """Where the session is: ``pending`` and ``running`` until it ends, then how it ended."""
     progress_percent: float = Field(default=0.0, ge=0.0, le=100.0)
-    #: Nodes whose latest result is ``completed``.
+    """Nodes with a result, plus the fractions running nodes reported, over ``node_count`` (0 to 100);
+    or what ``update_progress`` set."""
     completed_nodes: int = 0
-    #: Nodes whose latest result is ``failed`` or ``lost``.
+    """Nodes whose latest result is ``completed``."""
     failed_nodes: int = 0
-    #: Nodes running now.
+    """Nodes whose latest result is ``failed`` or ``lost``."""
     running_nodes: int = 0
-    #: Nodes that failed an attempt and wait for Celery's retry (``task.retry``; not in ``running_nodes``).
+    """Nodes running now."""
     retrying_nodes: int = 0
-    #: Of ``failed_nodes``, how many were lost (their worker vanished).
+    """Nodes that failed an attempt and wait for Celery's retry (``task.retry``; not in ``running_nodes``)."""
     lost_nodes: int = 0
-    #: Nodes revoked, or outstanding when the session was cancelled (not in ``failed_nodes``).
+    """Of ``failed_nodes``, how many were lost (their worker vanished)."""
     cancelled_nodes: int = 0
-    #: Nodes Celery will never run because a node they depend on did not complete.
+    """Nodes revoked, or outstanding when the session was cancelled (not in ``failed_nodes``)."""
     skipped_nodes: int = 0
+    """Nodes Celery will never run because a node they depend on did not complete."""
+    canvas_path: str
+    """What was dispatched: the JSON Canvas file's path, or the name given to ``dispatch``."""
+    node_count: int = Field(ge=0)
+    """How many nodes the session has."""
     created_at: datetime
+    """When it was created (at dispatch)."""
     updated_at: datetime
+    """Its last change."""
     started_at: datetime | None = None
+    """When its first node started."""
     finished_at: datetime | None = None
+    """When it ended (None while it runs, and again once resumed)."""
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
-    #: Which run of the session this is: 1 from dispatch, one more for each resume that re-sent nodes.
+    """What was given at dispatch, and ``dispatched_by`` (the Celery app that sent it)."""
     run: int = Field(default=1, ge=1)
-    #: Child sessions its nodes' tasks opened (``dispatch`` inside a tracked task), and how many of
-    #: them have not ended.
+    """Which run of the session this is: 1 from dispatch, one more for each resume that re-sent nodes."""
     children: int = 0
+    """Child sessions its nodes' tasks opened (``dispatch`` inside a tracked task)."""
     children_open: int = 0
-    #: For a child session: the session and node whose task opened it (that node ends with it).
+    """Of those, the ones that have not ended."""
     parent_session_id: str | None = None
+    """For a child session: its parent session."""
     parent_node_id: str | None = None
-    #: How many causes (error types) its failed and lost nodes have (``get_failures`` lists them).
+    """For a child session: the parent's node whose task opened it (that node ends with it)."""
     failure_types: int = 0
-    #: Labels given at dispatch (``list_sessions(tag=...)`` finds the session by them).
+    """How many causes (error types) its failed and lost nodes have (``get_failures`` lists them)."""
     tags: list[str] = Field(default_factory=list)
-    #: Nodes finished per second over the last 30 to 60 s up to the last one (None: too early).
+    """Labels given at dispatch (``list_sessions(tag=...)`` finds the session by them)."""
     rate_per_s: float | None = None
-    #: When the last node should finish at that rate (an ended session: when it ended).
+    """Nodes finished per second over the last 30 to 60 s up to the last one (None: too early)."""
     eta_at: datetime | None = None
-    #: Seconds from the read until ``eta_at`` (0 once ended); None when unknown or overdue. A
-    #: manager's reads fill it in with its clock.
+    """When the last node should finish at that rate (an ended session: when it ended)."""
     eta_s: float | None = None
+    """Seconds from the read until ``eta_at`` (0 once ended); None when unknown or overdue. A manager's
+    reads fill it in with its clock."""
 
     def seen_at(self, now: datetime) -> SessionInfo:
         """This session as read at ``now``: with ``eta_s``."""
@@ -161,64 +174,42 @@ def rate_and_eta(window: RateWindow | None, node_count: int, finished_at: dateti
     return {"rate_per_s": rate, "eta_at": utc_from_ms(eta_ms), "eta_s": None}
 
 
-class ParallelTaskStatus(BaseModel):
-    """The seed OpenAPI's status schema (``GET /api/v1/parallel/status/{task_id}``)."""
+class ParallelTaskStatus(SessionInfo):
+    """The seed OpenAPI's status schema (``GET /api/v1/parallel/status/{task_id}``): a session, its id
+    named ``task_id``, with a hint when it looks stuck."""
 
-    model_config = ConfigDict(frozen=True)
+    # Lenient, unlike the models callers build: a client reading a newer server's answer keeps working.
+    # Every field is in every answer, so the answer's schema requires them all.
+    model_config = ConfigDict(extra="ignore", json_schema_serialization_defaults_required=True)
 
-    task_id: str = Field(description="The session id (UUID4).")
-    status: SessionStatus
-    progress_percent: float = Field(ge=0.0, le=100.0)
-    completed_nodes: int
-    failed_nodes: int
-    running_nodes: int = 0
-    retrying_nodes: int = 0
-    pending_nodes: int = 0
-    lost_nodes: int = 0
-    cancelled_nodes: int = 0
-    skipped_nodes: int = 0
-    node_count: int
-    canvas_path: str
-    created_at: datetime
-    updated_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    metadata: dict[str, JsonValue] = Field(default_factory=dict)
-    children: int = Field(default=0, description="Child sessions its nodes' tasks opened.")
-    children_open: int = Field(default=0, description="Of those, the ones that have not ended.")
-    parent_session_id: str | None = Field(default=None, description="For a child session: its parent session.")
-    parent_node_id: str | None = Field(default=None, description="For a child session: the node that opened it.")
-    failure_types: int = Field(default=0, description="Causes (error types) of its failed and lost nodes.")
-    tags: list[str] = Field(default_factory=list, description="Labels given at dispatch.")
-    rate_per_s: float | None = Field(default=None, description="Nodes finished per second, recently.")
-    eta_at: datetime | None = Field(default=None, description="When the last node should finish at that rate.")
-    eta_s: float | None = Field(default=None, description="Seconds until then (0 once ended; null: unknown).")
-    hint: str | None = Field(
-        default=None,
-        description="Advice for a session that looks stuck, e.g. pending while no worker has picked up any node.",
+    session_id: str = Field(
+        serialization_alias="task_id",
+        validation_alias=AliasChoices("task_id", "session_id"),
+        description="The session id (UUID4).",
     )
+    hint: str | None = None
+    """Advice for a session that looks stuck, e.g. pending while no worker has picked up any node."""
+
+    @property
+    def task_id(self) -> str:
+        """The session id, by the seed's name."""
+        return self.session_id
 
     @classmethod
     def from_session(cls, info: SessionInfo, hint: str | None = None) -> ParallelTaskStatus:
         """The API view of a session, with ``hint`` (see :mod:`tracker.hints`) when there is one."""
-        data = info.model_dump()
-        data["task_id"] = data.pop("session_id")
-        return cls(**data, hint=hint)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict."""
-        return self.model_dump(mode="json")
+        return cls(**dict(info), hint=hint)
 
 
 class SessionEvent(_Model):
     """One change of a session, as kept in its event stream (and sent as one SSE event)."""
 
-    #: Stream entry id (``<ms>-<seq>``), monotonic per session; the SSE ``id``.
     id: str
-    #: ``created``, ``status``, ``progress`` (an explicit progress, or a running node's report:
-    #: with its node), ``node``, ``reset``, ``added`` (nodes added while it runs) or ``child`` (a
-    #: child session of the node opened or ended, or its task succeeded and it waits for them).
+    """Stream entry id (``<ms>-<seq>``), monotonic per session; the SSE ``id``."""
     type: str
+    """``created``, ``status``, ``progress`` (an explicit progress, or a running node's report: with its node),
+    ``node``, ``reset``, ``added`` (nodes added while it runs) or ``child`` (a child session of the node opened or
+    ended, or its task succeeded and it waits for them)."""
     status: SessionStatus
     progress_percent: float
     completed_nodes: int
@@ -233,16 +224,16 @@ class NodeSpec(_Model):
 
     node_id: str
     task_id: str | None = None
-    #: The Celery signature as a JSON dict (``dict(signature)``), None when unknown.
     signature: dict[str, JsonValue] | None = None
+    """The Celery signature as a JSON dict (``dict(signature)``), None when unknown."""
 
 
 class SessionPage(_Model):
     """One page of a session listing."""
 
     sessions: list[SessionInfo]
-    #: Pass back as ``cursor`` for the next page; None on the last page.
     next_cursor: str | None = None
+    """Pass back as ``cursor`` for the next page; None on the last page."""
 
 
 class NodePage(_Model):
@@ -257,14 +248,14 @@ class NodeOutcome(_Model):
 
     node: NodeResult
     session: SessionInfo
-    #: The node's status before the event (None when it was new).
     previous_node_status: NodeStatus | None = None
-    #: Set when this very event finished the session (exactly one caller sees it).
+    """The node's status before the event (None when it was new)."""
     finished: SessionStatus | None = None
-    #: This event made the session ``completed`` for the first time in its life (exactly one caller).
+    """Set when this very event finished the session (exactly one caller sees it)."""
     succeeded: bool = False
-    #: The node whose failure was the session's first for good, told to exactly one caller.
+    """This event made the session ``completed`` for the first time in its life (exactly one caller)."""
     first_failure: str | None = None
+    """The node whose failure was the session's first for good, told to exactly one caller."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -305,16 +296,16 @@ class BatchOutcome:
 class FailureGroup(_Model):
     """The failed (and lost) nodes of a session with one cause, as ``get_failures`` lists them."""
 
-    #: The error's class name (``TimeoutError``), ``lost`` (its worker vanished) or ``unknown``.
     error_type: str
-    #: How many of the session's nodes are failed or lost with it now.
+    """The error's class name (``TimeoutError``), ``lost`` (its worker vanished) or ``unknown``."""
     count: int
-    #: The message of the first node that failed with it.
+    """How many of the session's nodes are failed or lost with it now."""
     first_message: str = ""
+    """The message of the first node that failed with it."""
     first_at: datetime
     last_at: datetime
-    #: The first few of those nodes (``states.FAILURE_SAMPLE``); ``get_nodes`` pages through all.
     node_ids: list[str] = Field(default_factory=list)
+    """The first few of those nodes (``states.FAILURE_SAMPLE``); ``get_nodes`` pages through all."""
 
 
 class HeldNode(_Model):
@@ -329,14 +320,14 @@ class WorkerInfo(_Model):
     nodes it runs now. Made by the stores from the registry the reaper reads, so what an operator
     sees is what decides whether its nodes are reaped."""
 
-    #: The worker process, ``hostname:pid`` (``celery@host:1234``).
     worker: str
-    #: Its last heartbeat (or the last start of a node on it).
+    """The worker process, ``hostname:pid`` (``celery@host:1234``)."""
     last_seen_at: datetime
-    #: How many nodes it runs now.
+    """Its last heartbeat (or the last start of a node on it)."""
     running: int = 0
-    #: Up to 20 of those nodes (``storage.base.WORKER_NODES_SHOWN``; all when it runs no more), sorted.
+    """How many nodes it runs now."""
     nodes: list[HeldNode] = Field(default_factory=list)
+    """Up to 20 of those nodes (``storage.base.WORKER_NODES_SHOWN``; all when it runs no more), sorted."""
 
     def seen_at(self, now: datetime, stale_after_s: float) -> WorkerStatus:
         """This worker as read at ``now``: how long ago it was seen, and whether that is within
@@ -358,10 +349,10 @@ class WorkerStatus(WorkerInfo):
     """A worker process as read at one moment (:meth:`WorkerInfo.seen_at`): what the web API and
     ``tracker workers --json`` answer."""
 
-    #: Seconds from its last heartbeat to the read.
     seen_s_ago: float = Field(ge=0.0)
-    #: Seen within ``TRACKER_WORKER_STALE_AFTER_S`` seconds: not (yet) a reaper's suspect.
+    """Seconds from its last heartbeat to the read."""
     alive: bool
+    """Seen within ``TRACKER_WORKER_STALE_AFTER_S`` seconds: not (yet) a reaper's suspect."""
 
 
 class ResumeOutcome(_Model):
@@ -376,23 +367,23 @@ class ChildSession(_Model):
     """A child session a node's task opened (``dispatch`` inside a tracked task), as its parent keeps it."""
 
     session_id: str
-    #: The parent's node whose task opened it, and that task's attempt.
     node_id: str
+    """The parent's node whose task opened it, and that task's attempt."""
     attempt: int = 1
-    #: ``fail`` (the node fails when the child does not complete) or ``ignore``.
     child_failure: str = "fail"
-    #: ``open`` until it ended, then the status it ended with.
+    """``fail`` (the node fails when the child does not complete) or ``ignore``."""
     status: str = "open"
+    """``open`` until it ended, then the status it ended with."""
 
 
 class AddOutcome(_Model):
     """What adding nodes to a running session did (``add_nodes``)."""
 
     session: SessionInfo
-    #: False when every node was in the session already (the same call made again): nothing changed.
     added: bool
-    #: Of the nodes asked for, those not started yet: all of them when ``added``.
+    """False when every node was in the session already (the same call made again): nothing changed."""
     pending: list[str]
+    """Of the nodes asked for, those not started yet: all of them when ``added``."""
 
 
 class TransitionOutcome(_Model):

@@ -112,6 +112,25 @@ async def test_models_are_json_safe() -> None:
     assert (api["completed_nodes"], api["pending_nodes"], api["progress_percent"]) == (1, 1, 50)
 
 
+async def test_the_api_status_is_the_status_dict_with_task_id_and_a_hint() -> None:
+    # Given a session's status dict
+    manager = SessionManager(storage=InMemoryStorageAdapter())
+    sid = await manager.create_session("m.canvas", 2, tags=["nightly"])
+    await manager.add_node_result(sid, "a", {"ok": True})
+    status = await manager.get_session_status(sid)
+
+    # When the HTTP API's view of it is made
+    api = ParallelTaskStatus.from_session(await manager.get_session(sid), hint="start a worker").to_dict()
+
+    # Then it holds every field of the status dict (a new one reaches the API by itself), the id
+    # named task_id as in the seed's schema
+    assert api == {"task_id": sid, **{k: v for k, v in status.items() if k != "session_id"}, "hint": "start a worker"}
+    assert list(api)[:5] == ["task_id", "status", "progress_percent", "completed_nodes", "failed_nodes"]
+    # And a client reads it back, also from a newer server that says more
+    read = ParallelTaskStatus.model_validate({**api, "said_by_a_newer_server": 1})
+    assert (read.task_id, read.session_id, read.completed_nodes, read.hint) == (sid, sid, 1, "start a worker")
+
+
 @pytest.mark.parametrize("kind", ["memory", "redis"])
 def test_an_invalid_node_id_does_not_claim_its_session_exists(kind: str, redis_url: str, key_prefix: str) -> None:
     # Given a session id that was never created, on each store

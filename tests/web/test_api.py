@@ -407,6 +407,16 @@ async def test_openapi_knows_retrying_nodes_and_the_hint(client: httpx.AsyncClie
     assert {"type": "string"} in properties["hint"]["anyOf"] and {"type": "null"} in properties["hint"]["anyOf"]
 
 
+async def test_openapi_describes_every_field_of_the_status_and_requires_them(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()["components"]["schemas"]["ParallelTaskStatus"]
+    # Every field an answer carries is required, the seed's first among them, and each says what it is
+    assert {"task_id", "status", "progress_percent", "completed_nodes", "failed_nodes"} <= set(schema["required"])
+    assert set(schema["required"]) == set(schema["properties"])
+    undescribed = [name for name, field in schema["properties"].items() if not field.get("description")]
+    assert undescribed == []
+    assert schema["properties"]["completed_nodes"]["description"] == "Nodes whose latest result is ``completed``."
+
+
 async def test_router_mounted_in_a_users_app_maps_errors_itself(web_manager: SessionManager) -> None:
     # Given the router in someone else's app, under a prefix, with no exception handlers of ours
     app = FastAPI()
