@@ -228,12 +228,14 @@ def create_router(
     """The tracker's JSON API and event streams, ready to ``include_router`` in your FastAPI app.
 
     Args:
-        manager: The session manager; default :meth:`SessionManager.get_instance`.
+        manager: The session manager; default :meth:`SessionManager.get_instance` (Redis when
+            ``TRACKER_REDIS_URL`` is set).
         settings: Tracker settings (the API token); default the manager's.
         celery_app: The Celery app cancel and resume publish with; default the app that dispatched
             the session (by its recorded import path), else Celery's current app. Either must
             publish to the session's broker, or the request is answered 409.
-        web_settings: Stream limits and CORS; default read from the environment.
+        web_settings: Stream limits; default read from the environment. Its CORS and dashboard
+            settings are :func:`~tracker.web.create_app`'s: in your own app, add your CORS middleware.
 
     Returns:
         A router with every route under ``/api/v1/parallel``.

@@ -24,14 +24,8 @@ def create_app(
 ) -> FastAPI:
     """A FastAPI app serving the tracker API, its event streams and the dashboard.
 
-    Args:
-        manager: The session manager; default :meth:`SessionManager.get_instance` (Redis when
-            ``TRACKER_REDIS_URL`` is set).
-        settings: Tracker settings (the API token); default the manager's.
-        celery_app: The Celery app cancel and resume publish with; default the app that dispatched
-            the session (by its recorded import path), else Celery's current app. Either must
-            publish to the session's broker, or the request is answered 409.
-        web_settings: Stream limits, CORS, dashboard; default read from the environment.
+    Its arguments are :func:`~tracker.web.create_router`'s; ``web_settings`` also says which
+    origins CORS lets in, and whether to serve the dashboard.
 
     Returns:
         The app: ``/api/v1/parallel/...``, ``/dashboard``, ``/openapi.json``, ``/docs``.
