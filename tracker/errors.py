@@ -47,10 +47,11 @@ class InvalidStateTransitionError(TrackerError):
 
     def __init__(self, session_id: str, from_status: str, to_status: str, reason: str = "") -> None:
         self.session_id = session_id
-        self.from_status = from_status
-        self.to_status = to_status
+        # Plain text, whichever store raised: a SessionStatus's repr would show the enum's name.
+        self.from_status = str(from_status)
+        self.to_status = str(to_status)
         detail = f": {reason}" if reason else ""
-        super().__init__(f"session {session_id!r}: cannot go from {from_status!r} to {to_status!r}{detail}")
+        super().__init__(f"session {session_id!r}: cannot go from {self.from_status!r} to {self.to_status!r}{detail}")
 
 
 class ResumeNotPossibleError(InvalidStateTransitionError):

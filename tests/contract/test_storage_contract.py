@@ -150,7 +150,7 @@ async def test_update_status_follows_the_table(
             await manager.update_status(sid, target)
         assert caught.value.from_status == current.value
         assert caught.value.to_status == target.value
-        assert sid in str(caught.value)
+        assert f"{sid!r}: cannot go from {current.value!r} to {target.value!r}" in str(caught.value)
         assert await manager.get_session_status(sid) == before
 
 
