@@ -84,6 +84,42 @@ async def test_a_node_leaves_its_worker_when_it_stops_running_and_a_heartbeat_mo
     assert [w.worker for w in await manager.list_workers()] == [W1, W2]
 
 
+async def test_a_node_cancelled_while_it_runs_leaves_its_worker_when_the_worker_reports_its_end(
+    manager: SessionManager,
+) -> None:
+    # Given a session cancelled while W1 runs two of its nodes (a cancel without terminate: they
+    # go on running)
+    sid = await manager.create_session("w.canvas", 3)
+    await manager._record_node(sid, "a", "running", worker=W1)
+    await manager._record_node(sid, "b", "running", worker=W1)
+    await manager.update_status(sid, "cancelled")
+
+    # When W1 reports their ends: one finished, one revoked when it was terminated
+    await manager._record_node(sid, "a", "completed", worker=W1, result=1)
+    await manager._record_node(sid, "b", "cancelled", worker=W1)
+
+    # Then W1 runs nothing any more
+    assert held(manager) == {W1: (0, [])}
+
+
+async def test_a_node_of_a_removed_session_leaves_its_worker_when_the_worker_reports_its_end(
+    manager: SessionManager,
+) -> None:
+    # Given W1 running a node of a session that is then removed, and one of another session
+    gone = await manager.create_session("w.canvas", 2)
+    kept = await manager.create_session("w.canvas", 1)
+    await manager._record_node(gone, "a", "running", worker=W1)
+    await manager._record_node(kept, "k", "running", worker=W1)
+    await manager.delete_session(gone)
+
+    # When W1 reports that node's end (which the store refuses: the session is gone)
+    with pytest.raises(SessionNotFoundError):
+        await manager._record_node(gone, "a", "completed", worker=W1, result=1)
+
+    # Then W1 runs only the other session's node
+    assert held(manager) == {W1: (1, [(kept, "k")])}
+
+
 async def test_equal_heartbeats_come_in_one_order_on_every_store(manager: SessionManager) -> None:
     for worker in (W2, W1, W3):
         await manager._heartbeat(worker)

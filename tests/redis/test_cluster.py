@@ -42,7 +42,9 @@ from tests.contract.test_children import (
     test_a_resumed_node_waits_only_for_the_children_its_new_run_opens,
 )
 from tests.contract.test_dashboard_reads import (
+    test_a_node_cancelled_while_it_runs_leaves_its_worker_when_the_worker_reports_its_end,
     test_a_node_leaves_its_worker_when_it_stops_running_and_a_heartbeat_moves_it_up,
+    test_a_node_of_a_removed_session_leaves_its_worker_when_the_worker_reports_its_end,
     test_a_silent_worker_shows_silent_then_leaves_once_reaped,
     test_a_worker_running_many_nodes_names_twenty_and_counts_them_all,
     test_get_node_answers_what_the_node_pages_hold,

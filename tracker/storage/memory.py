@@ -308,16 +308,13 @@ class InMemoryStorageAdapter:
 
     def record_node(self, session_id: str, event: base.NodeEvent, now: datetime) -> models.NodeOutcome:
         with self._lock:
-            entry = self._entry(session_id)
-            self._check_limit(session_id, entry, [event])
-            return self._apply(session_id, entry, event, now)
+            return self._apply(session_id, self._recording(session_id, [event]), event, now)
 
     def record_nodes(
         self, session_id: str, events: Sequence[base.NodeEvent], now: datetime, request_id: str | None = None
     ) -> models.BatchOutcome:
         with self._lock:
-            entry = self._entry(session_id)
-            self._check_limit(session_id, entry, events)
+            entry = self._recording(session_id, events)
             finished: SessionStatus | None = None
             succeeded, first_failure = False, None
             for event in events:
@@ -328,6 +325,18 @@ class InMemoryStorageAdapter:
             return models.BatchOutcome.of(
                 entry.info, finished=finished, succeeded=succeeded, first_failure=first_failure
             )
+
+    def _recording(self, session_id: str, events: Sequence[base.NodeEvent]) -> _Entry:
+        """The session ``events`` are recorded in, once they fit in it. One that is gone (removed,
+        expired) has no node a worker process runs: they are taken out of the holder registry."""
+        entry = self._sessions.get(session_id)
+        if entry is None:
+            for event in events:
+                if event.worker is not None:
+                    self._held.get(event.worker, set()).discard((session_id, event.node_id))
+            raise errors.SessionNotFoundError(session_id)
+        self._check_limit(session_id, entry, events)
+        return entry
 
     @staticmethod
     def _check_limit(session_id: str, entry: _Entry, events: Sequence[base.NodeEvent]) -> None:

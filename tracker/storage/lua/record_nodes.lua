@@ -38,11 +38,19 @@ local ttl_s, maxlen, request_id, want_details = ARGV[1], ARGV[2], ARGV[3], ARGV[
 local session_id = ARGV[5]
 local FIRST = 6
 local s = load_session()
-if not s then return {'not_found'} end
 
 local EVENT = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$'
 local events = {}
 for i = FIRST, #ARGV do events[#events + 1] = {string.match(ARGV[i], EVENT)} end
+
+if not s then
+  -- The session is gone (removed, expired): no worker process runs its nodes any more.
+  for _, e in ipairs(events) do
+    local held = tonumber(e[10])
+    if held > 0 then redis.call('SREM', KEYS[SESSION_KEYS + 1 + held], session_id .. ' ' .. e[1]) end
+  end
+  return {'not_found'}
+end
 
 -- A progress report (status 'progress', payload '{"progress":<fraction>}') counts only while the
 -- node runs that very attempt of that task: a late report after its result, or from an attempt that
@@ -250,6 +258,7 @@ for _, e in ipairs(events) do
   if held > 0 and not registry[held] then registry[held] = {} end
   local raw = records[node_id]
   local old = raw and parse_node(raw) or {'', '0', '', '', '', '', ''}
+  local old_worker = old[6] -- (old is updated in place below)
   local skip = false
   if expect_holder ~= '' then
     if old[1] ~= 'running' or old[6] ~= expect_holder then
@@ -310,8 +319,11 @@ for _, e in ipairs(events) do
       if new[1] == 'running' and new[6] == worker and worker ~= '' then
         registry[held][member] = true
         seen[worker] = at_ms
-      elseif (new[1] ~= 'running' or incoming == 'wait') and (old_status == 'running' or registry[held][member] ~= nil) then
-        registry[held][member] = false -- it may be in the set: a node never seen running is not
+      elseif (new[1] ~= 'running' or incoming == 'wait')
+        and (old_status == 'running' or old_worker == worker or registry[held][member] ~= nil) then
+        -- It may be in the set: it ran here (a cancel ends a running node, and its worker still
+        -- reports its end). A node never seen running is not.
+        registry[held][member] = false
       end
     end
     if (new[1] == 'failed' or new[1] == 'lost') and old_status ~= 'failed' and old_status ~= 'lost' then

@@ -357,13 +357,28 @@ class RedisPrograms:
             **codec.callbacks(reply),
         )
 
+    def _refused(self, session_id: str, events: Sequence[base.NodeEvent], reply: list[Any]) -> Program[None]:
+        """Raise what a refused ``record_nodes`` call means: more nodes than the session has room
+        for, or no such session (then :meth:`_check`). A session that is gone has no node a worker
+        process runs: on Cluster, where their sets are in other slots, they are taken out here."""
+        code = codec.text(reply[0])
+        if code == "limit":
+            info = yield from self.get(session_id)
+            raise errors.NodeLimitError(session_id, codec.text(reply[1]), info.node_count if info else 0)
+        if code == "not_found" and self.cluster:
+            gone: list[Command] = [
+                ("SREM", self.keys.held(event.worker), f"{session_id} {event.node_id}")
+                for event in events
+                if event.worker and is_worker_id(event.worker)
+            ]
+            if gone:
+                yield gone
+
     def record_node(self, session_id: str, event: base.NodeEvent, now: datetime) -> Program[models.NodeOutcome]:
         now_ms = codec.ms_int(now)
         script = self._record_script(session_id, [event], now_ms, True, event.request_id or base.new_request_id())
         reply = (yield [script])[0]
-        if codec.text(reply[0]) == "limit":
-            info = yield from self.get(session_id)
-            raise errors.NodeLimitError(session_id, event.node_id, info.node_count if info else 0)
+        yield from self._refused(session_id, [event], reply)
         outcome = self._node_outcome(session_id, event.node_id, reply)
         if self.cluster and event.worker and is_worker_id(event.worker):
             yield self._registry_update(session_id, event.worker, outcome.node, now_ms)
@@ -376,9 +391,7 @@ class RedisPrograms:
         details = self.cluster  # on Cluster the registry is updated from each node's final record
         script = self._record_script(session_id, events, now_ms, details, request_id or base.new_request_id())
         reply = (yield [script])[0]
-        if codec.text(reply[0]) == "limit":
-            info = yield from self.get(session_id)
-            raise errors.NodeLimitError(session_id, codec.text(reply[1]), info.node_count if info else 0)
+        yield from self._refused(session_id, events, reply)
         read_session, finished, records = self._reply(session_id, reply)
         if details:
             registry: list[Command] = []
