@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import pty
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -859,3 +862,30 @@ def test_watch_shows_the_rate_and_eta(store_manager: SessionManager) -> None:
     follow(store_manager, sid, console, timeout_s=0.2, wait_ms=50)
     # Then the bar shows its rate and how long the 16 nodes left should take
     assert re.search(r"\d\.\d/s, ETA \d+ s", console.file.getvalue()), console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_ctrl_c_during_watch_exits_130_not_1(cli_env: dict[str, str | None], store_manager: SessionManager) -> None:
+    # Given `tracker watch` following a running session in a terminal
+    sid = store_manager.sync.create_session("watched.canvas", 3)
+    store_manager.sync._record_node(sid, "a", "running")
+    env = {k: v for k, v in os.environ.items() if k != "TRACKER_DEBUG"}
+    env.update({k: v for k, v in cli_env.items() if v is not None})
+    terminal, tty = pty.openpty()
+    watch = subprocess.Popen(
+        [sys.executable, "-c", "from tracker.cli import main; main()", "watch", sid],
+        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=tty, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    os.close(tty)
+    try:
+        assert os.read(terminal, 1000)  # its bar is drawn: it follows the session
+
+        # When the user presses Ctrl-C
+        watch.send_signal(signal.SIGINT)
+        _, err = watch.communicate(timeout=60)
+    finally:
+        watch.kill()
+        os.close(terminal)
+
+    # Then it stops with the shell's code for an interrupt, not 1 (a session that did not complete)
+    assert watch.returncode == ExitCode.INTERRUPTED == 130
+    assert b"Aborted" not in err and b"Traceback" not in err

@@ -41,6 +41,8 @@ class ExitCode(IntEnum):
     NOT_FOUND = 3
     #: The store (Redis) or the Celery broker cannot be reached.
     UNREACHABLE = 4
+    #: Interrupted (Ctrl-C): the shell's 128 + SIGINT.
+    INTERRUPTED = 130
 
 
 EXIT_CODES_HELP = """\b
@@ -50,7 +52,8 @@ Exit codes:
   2  usage: bad arguments, session id, canvas file or settings, or an action the
      session's state does not allow (e.g. cancelling a completed session)
   3  session not found (never created, expired or removed)
-  4  Redis or the Celery broker is unreachable"""
+  4  Redis or the Celery broker is unreachable
+  130  interrupted (Ctrl-C)"""
 
 #: Ended statuses that are not a success: exit code 1.
 ENDED_BADLY = frozenset({SessionStatus.PARTIAL_FAILURE, SessionStatus.FAILED, SessionStatus.CANCELLED})
@@ -354,6 +357,10 @@ class TrackerGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except KeyboardInterrupt:
+            # Not click's "Aborted!" and 1: 1 says the session did not complete.
+            click.echo(err=True)  # ends the terminal's ^C line
+            raise click.exceptions.Exit(ExitCode.INTERRUPTED) from None
         except Exception as exc:
             state = ctx.obj if isinstance(ctx.obj, CliState) else None
             if state is not None and state.debug:
