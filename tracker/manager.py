@@ -571,6 +571,11 @@ class Operations:
         who = None if worker is None else validation.worker_id(worker)
         return answer(store_call(Store.heartbeat, who, self.clock(), sids))
 
+    def retire(self, worker: str) -> Plan[None]:
+        """Worker process ``worker`` (``hostname:pid``) stopped cleanly: see
+        :meth:`SessionStorageAdapter.retire`."""
+        return answer(store_call(Store.retire, validation.worker_id(worker)))
+
     def get_children(self, session_id: str) -> Plan[list[ChildSession]]:
         """The child sessions the session's nodes' tasks opened (``dispatch`` inside a tracked
         task), by node: each one's id, node, and status (``open`` until it ended).
@@ -888,6 +893,7 @@ class _Verbs:
     _record_node = _Verb(Operations.record_node)
     _record_nodes = _Verb(Operations.record_nodes)
     _heartbeat = _Verb(Operations.heartbeat)
+    _retire = _Verb(Operations.retire)
     _watched_children = _Verb(Operations.watched_children)
     _unwatch_child = _Verb(Operations.unwatch_child)
 

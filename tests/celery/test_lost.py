@@ -57,6 +57,42 @@ def test_sigkilled_child_makes_its_node_lost_then_resume_finishes(
     assert all(nodes[f"n{i}"].attempts == 1 for i in range(1, 6))
 
 
+def test_processes_that_stop_cleanly_are_never_reaped_so_queued_sessions_wait(
+    redis_url: str, key_prefix: str, tracked: SessionManager, worker_process: Callable[..., WorkerProcess]
+) -> None:
+    # Given a worker whose pool child is replaced after each task, and a session waiting in a
+    # queue no worker consumes yet
+    worker = worker_process(concurrency=1, extra=("--max-tasks-per-child", "1"), env_extra=FAST_BEAT)
+    queued = dispatch(group(work.s(i).set(queue=f"later-{uuid.uuid4().hex[:8]}") for i in range(2)),
+                      canvas_path="queued.canvas", app=app)  # fmt: skip
+    sid = dispatch(group(work.s(i) for i in range(3)), canvas_path="recycled.canvas", app=app)
+    wait_status(tracked, sid, {"completed"}, timeout_s=60)
+
+    # Then the replaced children left the registry: only processes alive now are listed
+    def listed_pids() -> set[int]:
+        return {int(w.worker.rsplit(":", 1)[1]) for w in tracked.sync.list_workers()}
+
+    assert worker.proc is not None
+    main = worker.proc.pid
+    wait_for(lambda: listed_pids() <= {main, *worker.children()}, timeout_s=30, what="replaced children gone")
+    # and once the worker stops cleanly, none of it
+    worker.stop()
+    wait_for(lambda: not listed_pids(), timeout_s=30, what="stopped worker gone")
+
+    # When reapers pass after the heartbeat window and its grace, and stalled sessions are ended
+    settings = TrackerSettings(redis_url=redis_url, key_prefix=key_prefix, worker_stale_after_s=2)
+    reaper = SessionManager(storage=RedisStorageAdapter.from_settings(settings), settings=settings)
+    for _ in range(3):
+        assert reaper.sync.reap_lost_nodes() == []
+        time.sleep(2.2)
+    ended = reaper.sync.end_stalled_sessions(1)
+
+    # Then nothing was taken for a dead worker's loss: the queued session still waits, whole
+    assert ended == []
+    status = tracked.sync.get_session_status(queued)
+    assert (status["status"], status["pending_nodes"], status["failed_nodes"]) == ("pending", 2, 0)
+
+
 def test_dead_worker_is_reaped_and_resume_completes(
     redis_url: str, key_prefix: str, tracked: SessionManager, worker_process: Callable[..., WorkerProcess]
 ) -> None:

@@ -120,6 +120,25 @@ async def test_a_node_of_a_removed_session_leaves_its_worker_when_the_worker_rep
     assert held(manager) == {W1: (1, [(kept, "k")])}
 
 
+async def test_a_worker_that_stopped_cleanly_leaves_the_registry_unless_it_still_holds_nodes(
+    manager: SessionManager,
+) -> None:
+    # Given W1 that ran a node to its end, and W2 that still holds one
+    sid = await manager.create_session("w.canvas", 2)
+    await manager._record_node(sid, "a", "running", worker=W1)
+    await manager._record_node(sid, "a", "completed", worker=W1, result=1)
+    await manager._record_node(sid, "b", "running", worker=W2)
+
+    # When both stop cleanly (a process that never beat, too)
+    for worker in (W1, W2, W3):
+        await manager._retire(worker)
+
+    # Then only W2 is left, for a reaper to decide about its node
+    assert held(manager) == {W2: (1, [(sid, "b")])}
+    with pytest.raises(TrackerValidationError):
+        await manager._retire("not a worker id")
+
+
 async def test_equal_heartbeats_come_in_one_order_on_every_store(manager: SessionManager) -> None:
     for worker in (W2, W1, W3):
         await manager._heartbeat(worker)

@@ -47,6 +47,7 @@ from tests.contract.test_dashboard_reads import (
     test_a_node_of_a_removed_session_leaves_its_worker_when_the_worker_reports_its_end,
     test_a_silent_worker_shows_silent_then_leaves_once_reaped,
     test_a_worker_running_many_nodes_names_twenty_and_counts_them_all,
+    test_a_worker_that_stopped_cleanly_leaves_the_registry_unless_it_still_holds_nodes,
     test_get_node_answers_what_the_node_pages_hold,
     test_get_node_tells_an_unknown_session_from_an_unknown_node,
     test_workers_are_listed_newest_heartbeat_first_with_the_nodes_they_run,

@@ -372,6 +372,19 @@ class Recorder:
         if writer is not None and writer.pid == process.pid:
             self._writer = None
             writer.stop()
+            if not writer.waiting:
+                self._retire(writer.worker)
+
+    def _retire(self, worker: str) -> None:
+        # A process that stops cleanly (a warm shutdown, a pool child recycled after
+        # max_tasks_per_child) lost nothing: it leaves the registry rather than be reaped as dead,
+        # which would end sessions whose messages still wait in the queue as lost.
+        try:
+            self.manager.sync._retire(worker)
+        except TrackerError as exc:
+            logger.warning("tracker: %s not taken out of the worker registry: %s", worker, exc)
+        except Exception:  # tracking never breaks the worker
+            logger.exception("tracker: %s not taken out of the worker registry", worker)
 
 
 class UndecodableMessages(bootsteps.Step):  # type: ignore[misc]

@@ -347,6 +347,11 @@ class SessionStorageAdapter(Protocol):
         keep ``sessions`` (those it runs nodes of) from expiring while they have not ended.
         ``worker`` None: only keep the sessions alive (parents waiting for their children)."""
 
+    def retire(self, worker: str) -> None:
+        """Worker process ``worker`` stopped cleanly, having written what it ran: it leaves the
+        registry, so that no reaper takes it for dead (and ends sessions whose queued messages it
+        would then think lost). One that still holds nodes stays, for the reaper to decide."""
+
     def get_children(self, session_id: str) -> list[models.ChildSession]:
         """The child sessions the session's nodes' tasks opened, in any order (empty: none, or no such session)."""
 

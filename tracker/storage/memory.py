@@ -561,6 +561,13 @@ class InMemoryStorageAdapter:
                 if entry is not None and not entry.info.status.is_terminal:
                     entry.alive_at = now
 
+    def retire(self, worker: str) -> None:
+        with self._lock:
+            if not self._held.get(worker):
+                self._held.pop(worker, None)
+                self._workers.pop(worker, None)
+                self._suspects.pop(worker, None)
+
     def get_children(self, session_id: str) -> list[models.ChildSession]:
         with self._lock:
             entry = self._sessions.get(session_id)

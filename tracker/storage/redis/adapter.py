@@ -185,6 +185,7 @@ class RedisStorageAdapter:
     record_node = _Driven(RedisPrograms.record_node)
     record_nodes = _Driven(RedisPrograms.record_nodes)
     heartbeat = _Driven(RedisPrograms.heartbeat)
+    retire = _Driven(RedisPrograms.retire)
     get_children = _Driven(RedisPrograms.get_children)
     get_failures = _Driven(RedisPrograms.get_failures)
     list_workers = _Driven(RedisPrograms.list_workers)

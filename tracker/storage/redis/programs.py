@@ -413,6 +413,12 @@ class RedisPrograms:
         if keep_alive:
             yield keep_alive
 
+    def retire(self, worker: str) -> Program[None]:
+        # Nothing adds to a stopped process's set, so its size cannot change before the ZREMs.
+        (held,) = yield [("SCARD", self.keys.held(worker))]
+        if not held:
+            yield [("ZREM", self.keys.workers, worker), ("ZREM", self.keys.suspects, worker)]
+
     def get_children(self, session_id: str) -> Program[list[models.ChildSession]]:
         found = (yield [("HGETALL", self._session_keys(session_id).children)])[0] or {}
         fields = found if isinstance(found, dict) else codec.flat_dict(found)
