@@ -416,6 +416,37 @@ def test_a_store_that_stays_down_holds_a_bounded_backlog(
     assert calls.count == 31
 
 
+def test_after_a_failed_write_no_task_waits_on_the_store_until_a_retry_goes_through(make: Any) -> None:
+    # Given a writer whose store failed a task's outcome at 0 s (a store that hangs costs a try its
+    # socket timeout, several times over)
+    recorder, manager = make()
+    calls = Calls(manager)
+    sid = manager.sync.create_session("w.canvas", 3)
+    assert at(recorder, 0.0) == 5.0
+    calls.down = True
+    a = task(recorder, sid, "a")
+    start(recorder, a)
+    succeed(recorder, a, 1)
+    assert calls.count == 1
+
+    # When other tasks end after its retry was due, before the writer's thread made it
+    for when, name in ((0.3, "b"), (4.0, "c")):
+        recorder.clock.now = when
+        other = task(recorder, sid, name)
+        start(recorder, other)
+        succeed(recorder, other, 2)
+
+    # Then none of them tried the store itself: their starts and outcomes wait for the thread's retry
+    assert (calls.count, recorder.held_events) == (1, 5)
+    assert recorder.writer(HOST).store_down
+    # and once a retry goes through, every outcome is in, and tasks write their own again
+    calls.down = False
+    at(recorder, 4.0)
+    assert recorder.held_events == 0
+    assert not recorder.writer(HOST).store_down
+    assert {status_of(manager, sid, n) for n in "abc"} == {NodeStatus.COMPLETED}
+
+
 def test_a_failed_write_is_retried_with_backoff_then_held_until_the_store_is_back(
     make: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -11,9 +11,11 @@ state; :class:`tracker.celery.writer.Writer` applies them. The rules:
   held, the writer goes idle again: a busy process wakes it once, not once per task.
 - **Retries.** After the n-th store failure in a row, the next try is ``RETRY_BACKOFF_S[n - 1]``
   later; once those are spent, every ``STORE_DOWN_HOLD_S`` (and the writer says, once, that it holds
-  the events). Until that try is due the store counts as down: an outcome is queued rather than make
-  its task wait on a store that just failed. Held calls are retried when their try is due, whether
-  the writer ticks or not; a tick that is due waits for it too.
+  the events). From the first failure until a try goes through the store counts as down: an
+  outcome is queued rather than make its task wait on a store that failed (a store that hangs
+  costs each try its socket timeout, several times over with redis-py's own retries). Held calls are
+  retried, by the writer's thread, when their try is due, whether the writer ticks or not; a tick
+  that is due waits for it too.
 - **Heartbeat.** At the writer's first round, then every ``heartbeat_interval_s``.
 """
 
@@ -52,9 +54,10 @@ class Backoff:
     failures: int = 0
     retry_at: float = 0.0
 
-    def down(self, now: float) -> bool:
-        """The last store call failed and its retry is not due yet: a task must not wait on it."""
-        return now < self.retry_at
+    @property
+    def down(self) -> bool:
+        """The last store call failed: until a retry goes through, a task must not wait on it."""
+        return self.failures > 0
 
 
 #: A store whose last call went through (or that was never called).

@@ -210,8 +210,8 @@ class Writer(threading.Thread):
     def write(self, raw: RawEvent) -> None:
         """Write an outcome now, with what waits (its start among it), in one store call per session.
 
-        While the store is down (a call failed and its retry is not due), the outcome is queued for
-        the thread's next try instead: a task does not wait on a store that just failed.
+        While the store is down (a call failed and no retry went through yet), the outcome is
+        queued for the thread's next try instead: a task does not wait on a store that failed.
         """
         if self.store_down:
             self.keep(raw)
@@ -251,8 +251,8 @@ class Writer(threading.Thread):
 
     @property
     def store_down(self) -> bool:
-        """The last store call failed and its retry is not due yet: do not make a task wait on it."""
-        return self._backoff.down(self._clock())
+        """The last store call failed, and no retry went through yet: do not make a task wait on it."""
+        return self._backoff.down
 
     # -- writing ----------------------------------------------------------------------------
 
