@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from tracker import TrackerSettings
-from tracker.celery import stalled_after_s
+from tracker.celery import _redelivery_warning, stalled_after_s
 
 
 def app_on(broker: str, **options: object) -> Celery:
@@ -33,3 +33,17 @@ def test_sqs_waits_for_its_visibility_timeout_and_amqp_for_the_reaper_only() -> 
     assert stalled_after_s(app_on("sqs://", visibility_timeout=30), settings) == 30 + 6
     assert stalled_after_s(app_on("amqp://guest@127.0.0.1:1//"), settings) == 6
     assert stalled_after_s(app_on("amqp://"), TrackerSettings(stalled_after_s=42)) == 42
+
+
+def test_a_worker_is_warned_when_its_broker_redelivers_after_sessions_expire() -> None:
+    # Given kombu's defaults on the Redis broker (an hour) and the default session timeout (30 min)
+    app = app_on("redis://127.0.0.1:1/0")
+
+    # When its workers start, Then each is told that a session waiting for a dead worker's
+    # messages would be removed first
+    warning = _redelivery_warning(app, TrackerSettings())
+    assert warning is not None
+    assert "up to 4060 s" in warning and "TRACKER_SESSION_TIMEOUT_S (1800 s)" in warning
+    # and not with a session timeout above that delay, nor on a broker that redelivers at once
+    assert _redelivery_warning(app, TrackerSettings(session_timeout_s=4061)) is None
+    assert _redelivery_warning(app_on("amqp://guest@127.0.0.1:1//"), TrackerSettings()) is None

@@ -9,6 +9,7 @@ Only this package imports ``celery``. Typical use::
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -93,6 +94,8 @@ def uninstall(app: Celery) -> None:
     del app._tracker_recorder
 
 
+logger = logging.getLogger(__name__)
+
 #: Brokers that give a dead worker's unacknowledged messages back only after their
 #: ``visibility_timeout`` (kombu's default: an hour); the others (AMQP) at once.
 _VISIBILITY_BROKERS = {"redis", "rediss", "sentinel", "sqs"}
@@ -118,6 +121,21 @@ def stalled_after_s(app: Celery, settings: TrackerSettings) -> float:
         lock_s = float(options.get("unacked_mutex_expire", 300))
         wait_s = float(options.get("visibility_timeout", 3600)) + (sweep_s + lock_s if scheme != "sqs" else 0.0)
     return wait_s + 2 * settings.worker_stale_after_s
+
+
+def _redelivery_warning(app: Celery, settings: TrackerSettings) -> str | None:
+    """What to tell a worker whose broker gives a dead worker's messages back only after its
+    sessions would have expired (kombu's default visibility timeout, an hour, against the default
+    session timeout of 30 minutes); None when they come back in time."""
+    wait_s = stalled_after_s(app, settings)
+    if settings.stalled_after_s is not None or wait_s <= settings.session_timeout_s:
+        return None
+    return (
+        f"tracker: this broker gives a dead worker's messages back only after up to {wait_s:.0f} s "
+        f"(its visibility_timeout and restore delays), later than TRACKER_SESSION_TIMEOUT_S "
+        f"({settings.session_timeout_s:g} s): a session waiting for them would be removed first. "
+        f"Raise TRACKER_SESSION_TIMEOUT_S above it, or lower broker_transport_options['visibility_timeout']."
+    )
 
 
 def maintain(app: Celery, manager: SessionManager | None = None) -> dict[str, int]:
@@ -239,6 +257,13 @@ def install(
             raise SystemExit(message)  # a plain exception would only be logged by Celery's signal dispatch
 
     signals.worker_init.connect(check_pool, weak=False, dispatch_uid=f"{uid}:check_pool")
+
+    def check_redelivery(**_: Any) -> None:  # connected below; the app's settings are final by then
+        warning = _redelivery_warning(app, recorder.manager.settings)
+        if warning is not None:
+            logger.warning(warning)
+
+    signals.worker_init.connect(check_redelivery, weak=False, dispatch_uid=f"{uid}:check_redelivery")
     app.steps["consumer"].add(UndecodableMessages)
     recorder.worker_name = app.main or "worker"
 
