@@ -841,3 +841,24 @@ def test_a_5000_node_map_and_a_20000_node_session_updating_at_60_fps(
         # (16.7 ms) at the median on an idle machine; the bound leaves room for a loaded one
         assert p50 < 50 and max(frames) < 1000, (p50, p95, max(frames))
         assert board.errors == []
+
+
+def test_a_phone_scrolls_a_wide_failures_table_not_the_page(browser: Any, redis_manager: SessionManager) -> None:
+    # Given an ended session whose failures by cause have a cause too long to wrap, and actions
+    sid = redis_manager.sync.create_session("done.canvas", 3)
+    long_cause = "ACatalogueImportErrorNameTooLongToWrap"
+    run_nodes(redis_manager, sid, ["a", "b", "c"], fail={"b": "KeyError", "c": long_cause})
+
+    # When it is opened on a phone
+    with dashboard(browser, redis_manager, viewport=PHONE, path=f"/dashboard/sessions/{sid}") as board:
+        page = board.page
+        page.wait_for_function("window.trackerDashboard.nodesLoaded")
+        failures = page.locator("#failures")
+        failures.locator("tbody tr").first.wait_for()
+
+        # Then the page does not scroll sideways: the table scrolls inside its section
+        width = page.evaluate("() => [document.documentElement.scrollWidth, innerWidth]")
+        assert width[0] <= width[1], width
+        assert failures.evaluate("(e) => e.scrollWidth > e.clientWidth")
+        board.shot("session-failures-390")
+        assert board.errors == []
