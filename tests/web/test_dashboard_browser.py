@@ -862,3 +862,28 @@ def test_a_phone_scrolls_a_wide_failures_table_not_the_page(browser: Any, redis_
         assert failures.evaluate("(e) => e.scrollWidth > e.clientWidth")
         board.shot("session-failures-390")
         assert board.errors == []
+
+
+def test_a_session_removed_while_open_says_so_and_offers_nothing(browser: Any, redis_manager: SessionManager) -> None:
+    from playwright.sync_api import expect
+
+    # Given a running session open in the dashboard, with its cancel buttons
+    sid = redis_manager.sync.create_session("removed.canvas", 3)
+    run_nodes(redis_manager, sid, ["a"])
+    start_nodes(redis_manager, sid, ["b"])
+    with dashboard(browser, redis_manager, path=f"/dashboard/sessions/{sid}") as board:
+        page = board.page
+        page.wait_for_function("window.trackerDashboard.nodesLoaded")
+        expect(page.locator("#act-cancel")).to_be_visible()
+
+        # When the session is removed from the store (deleted, or expired)
+        assert redis_manager.sync.delete_session(sid)
+
+        # Then the page says so, greys what it last knew, and offers no action on it
+        missing = page.locator("#detail-missing")
+        expect(missing).to_be_visible(timeout=15_000)
+        expect(missing).to_contain_text("was removed")
+        expect(page.locator("#detail")).to_have_class(re.compile(r"\bstale\b"))
+        for action in ("#act-cancel", "#act-terminate", "#act-resume-failed", "#act-resume-unfinished"):
+            expect(page.locator(action)).to_be_hidden()
+        board.shot("session-removed-1280")

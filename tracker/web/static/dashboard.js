@@ -478,11 +478,12 @@
         applyEvent(id, JSON.parse(event.data));
       });
     }
-    stream.addEventListener("end", () => {
+    stream.addEventListener("end", (event) => {
       stream.close();
       state.streams.delete(id);
       showStreams();
-      quietly(refreshOne(id));
+      if (JSON.parse(event.data).reason === "not_found") sessionGone(id);
+      else quietly(refreshOne(id));
     });
     stream.addEventListener("error", () => {
       // A dropped connection is retried by the browser itself (with Last-Event-ID). A refused one
@@ -599,6 +600,7 @@
       $("failures").hidden = true;
       $("children").hidden = true;
       $("detail-missing").hidden = true;
+      $("detail").classList.remove("stale");
       document.querySelector("#nodes tbody").replaceChildren();
       document.querySelector("#failures tbody").replaceChildren();
     }
@@ -607,8 +609,7 @@
     if (state.sessions.has(id)) renderSession();
     quietly(refreshOne(id).catch((error) => {
       if (error.status === 404 || error.status === 422) {
-        $("detail-missing").textContent = `No session ${id} here: it never existed, or it expired and was removed.`;
-        $("detail-missing").hidden = false;
+        showMissing(id, `No session ${id} here: it never existed, or it expired and was removed.`);
         return;
       }
       throw error;
@@ -689,9 +690,30 @@
     for (const [label, value] of figures) list.querySelector(`[data-figure="${label}"] dd`).textContent = value;
   }
 
+  // A session the store no longer has (removed, or expired): what is shown of it is its last known
+  // state, greyed, and nothing can be done with it.
+  function sessionGone(id) {
+    const session = state.sessions.get(id);
+    if (session) state.sessions.set(id, { ...session, gone: true });
+    if (state.rows.has(id)) {
+      state.rows.get(id).remove();
+      state.rows.delete(id);
+    }
+    showMissing(id, `Session ${id} was removed (deleted, or expired): what is shown is its last known state.`);
+  }
+
+  function showMissing(id, text) {
+    if (state.selected !== id) return;
+    $("detail-missing").textContent = text;
+    $("detail-missing").hidden = false;
+    $("detail").classList.add("stale");
+    renderActions({ status: "removed" });
+  }
+
   function renderActions(session) {
-    const going = !TERMINAL.has(session.status);
-    const resumable = ENDED_RESUMABLE.has(session.status);
+    const here = session.status !== "removed" && !session.gone;
+    const going = here && !TERMINAL.has(session.status);
+    const resumable = here && ENDED_RESUMABLE.has(session.status);
     $("act-cancel").hidden = !going;
     $("act-terminate").hidden = !going;
     $("act-resume-failed").hidden = !resumable;
