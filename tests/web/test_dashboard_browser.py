@@ -887,3 +887,24 @@ def test_a_session_removed_while_open_says_so_and_offers_nothing(browser: Any, r
         for action in ("#act-cancel", "#act-terminate", "#act-resume-failed", "#act-resume-unfinished"):
             expect(page.locator(action)).to_be_hidden()
         board.shot("session-removed-1280")
+
+
+def test_a_server_without_a_token_offers_no_action(browser: Any, redis_manager: SessionManager) -> None:
+    from playwright.sync_api import expect
+
+    # Given a server without TRACKER_API_TOKEN (it refuses every action) and an ended session
+    # whose failures could be resumed
+    sid = redis_manager.sync.create_session("tokenless.canvas", 3)
+    run_nodes(redis_manager, sid, ["a", "b", "c"], fail={"b": "KeyError"})
+
+    # When the session is open
+    with dashboard(browser, redis_manager, token=None, login=False, path=f"/dashboard/sessions/{sid}") as board:
+        page = board.page
+        page.wait_for_function("window.trackerDashboard.nodesLoaded")
+        expect(page.locator("#failures tbody tr")).to_have_count(1)
+
+        # Then no action is offered: neither resume above, nor resume of a cause
+        for action in ("#act-cancel", "#act-terminate", "#act-resume-failed", "#act-resume-unfinished"):
+            expect(page.locator(action)).to_be_hidden()
+        assert page.locator("#failures button").count() == 0
+        assert board.errors == []

@@ -711,7 +711,8 @@
   }
 
   function renderActions(session) {
-    const here = session.status !== "removed" && !session.gone;
+    // (a server without TRACKER_API_TOKEN refuses every action: none is offered)
+    const here = state.tokenRequired && session.status !== "removed" && !session.gone;
     const going = here && !TERMINAL.has(session.status);
     const resumable = here && ENDED_RESUMABLE.has(session.status);
     $("act-cancel").hidden = !going;
@@ -1337,7 +1338,7 @@
       button.title = resumable ? `Re-send the ${group.count} nodes failed with ${group.error_type}` : "Once the session has ended";
       button.addEventListener("click", () => confirmAction("resume-group", group));
       const row = wrap("tr", el("td", group.error_type, "status-failed"), el("td", group.count),
-        el("td", group.first_message, "error-cell"), examples, wrap("td", button));
+        el("td", group.first_message, "error-cell"), examples, wrap("td", ...(state.tokenRequired ? [button] : [])));
       row.dataset.errorType = group.error_type;
       return row;
     });
