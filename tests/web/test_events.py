@@ -332,3 +332,37 @@ async def test_a_reader_lapped_by_the_writers_gets_a_fresh_snapshot_not_a_gap(
     assert nxt.id == stream_ids(manager, sid)[-1]
     await stream.aclose()
     store.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_snapshot_is_never_followed_by_an_entry_older_than_it(
+    kind: str, redis_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tracker.web.events import plan_start
+
+    # Given a session that changes while a new stream reads its snapshot (a node ends between the
+    # read of the stream's newest id and the read of the session)
+    store = make_store(kind, redis_url, key_prefix)
+    manager = SessionManager(storage=store)
+    sid = manager.sync.create_session("batch.canvas", 3)
+    await manager._record_node(sid, "a", "completed", 1)
+    read = manager.get_session
+    reads = 0
+
+    async def read_while_a_node_ends(session_id: str) -> object:
+        nonlocal reads
+        reads += 1
+        if reads == 2:  # the first read checks that the session exists; the second is the snapshot
+            await manager._record_node(sid, "b", "completed", 2)
+        return await read(session_id)
+
+    monkeypatch.setattr(manager, "get_session", read_while_a_node_ends)
+
+    # When the stream's start is planned
+    start = await plan_start(manager, sid, None)
+
+    # Then the snapshot is the state at its id: no entry follows it that it already holds
+    assert start.snapshot is not None and start.snapshot.completed_nodes == 2
+    assert stream_ids(manager, sid, after=start.after) == []
+    assert start.after == stream_ids(manager, sid)[-1]
+    store.close()

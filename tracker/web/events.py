@@ -51,6 +51,8 @@ ORIGIN_ID = "0-0"
 
 #: Most entries read in one call while looking for the newest id of a stream.
 _SCAN_BATCH = 1000
+#: Reads of a snapshot at most, to find one that no entry follows.
+_SNAPSHOT_TRIES = 3
 
 
 class StreamSlot:
@@ -136,10 +138,19 @@ async def plan_start(
     info = await manager.get_session(session_id)
     if last_event_id is not None and not await _trimmed_past(manager, session_id, last_event_id):
         return StreamStart(after=last_event_id, status=info.status)
-    # The newest id is read before the snapshot: the snapshot is then at least as new as every
-    # entry up to that id, and entries after it are sent (again, harmlessly: absolute counters).
+    # Every change appends its entry in the same atomic step: when no entry came after `newest`
+    # while the snapshot was read, the snapshot is the state at `newest`, and what follows is newer.
+    # A change meanwhile moves `newest` on and the snapshot is read again (a few times at most: a
+    # session that changes all the time gets a snapshot newer than its id, whose next entries may
+    # then carry counters a little older).
     newest = await _newest_id(manager, session_id)
     info = await manager.get_session(session_id)
+    for _ in range(_SNAPSHOT_TRIES):
+        later = await manager.read_events(session_id, after=newest, limit=_SCAN_BATCH)
+        if not later:
+            break
+        newest = later[-1].id
+        info = await manager.get_session(session_id)  # (read after `newest`: never older than it)
     after_s = hint_after_s if hint_after_s is not None else manager.settings.pickup_hint_after_s
     hint = pickup_hint(info.status, info.created_at, manager.clock(), after_s)
     return StreamStart(after=newest, status=info.status, snapshot=ParallelTaskStatus.from_session(info, hint))
