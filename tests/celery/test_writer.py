@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import uuid
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -666,3 +667,47 @@ def test_a_report_of_zero_is_written(make: Any) -> None:
     report(recorder, t, 0.0)  # back to the start of a second pass, say
     recorder.flush()
     assert node(manager, sid, "a").progress == 0.0
+
+
+def test_a_task_does_not_wait_behind_a_store_call_that_hangs(make: Any) -> None:
+    # Given a writer whose own flush is stuck in a store call that hangs (a frozen server answers
+    # nothing, and each try lasts its socket timeout: 1 s here)
+    recorder, manager = make()
+    sid = manager.sync.create_session("w.canvas", 3)
+    writer = recorder.writer(HOST)
+    store = manager.storage
+    real = store.record_nodes
+    hanging, answer = threading.Event(), threading.Event()
+    calls: list[Any] = []
+
+    def record(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        if len(calls) == 1:
+            hanging.set()
+            answer.wait(5)
+        return real(*args, **kwargs)
+
+    store.record_nodes = record  # type: ignore[method-assign]
+    a = task(recorder, sid, "a")
+    start(recorder, a)
+    flushing = threading.Thread(target=writer.flush)
+    flushing.start()
+    assert hanging.wait(10)
+
+    # When two tasks end meanwhile
+    b, c = task(recorder, sid, "b"), task(recorder, sid, "c")
+    start(recorder, b)
+    succeed(recorder, b, 2)  # waits at most one socket timeout for the flush under way
+    assert writer.store_down
+    start(recorder, c)
+    succeed(recorder, c, 3)  # does not wait at all
+
+    # Then neither waited for the hung call to end, nor made a store call of its own
+    assert not answer.is_set() and len(calls) == 1
+    # and once the store answers, every outcome is written, and tasks write their own again
+    answer.set()
+    flushing.join(10)
+    writer.flush()
+    assert not writer.store_down
+    running, completed = NodeStatus.RUNNING, NodeStatus.COMPLETED
+    assert [status_of(manager, sid, n) for n in "abc"] == [running, completed, completed]

@@ -160,6 +160,9 @@ class Writer(threading.Thread):
         self._flushing = threading.Lock()  # one flush at a time: this thread, a task's outcome, shutdown
         # Replaced whole, only by a flush (under _flushing): read without a lock by store_down.
         self._backoff: Backoff = UP
+        # A task found a flush under way for longer than a store call should take (the store
+        # hangs): until a flush goes through, tasks do not wait on the store either.
+        self._stuck = False
         self._next_beat = FIRST_BEAT  # only the thread (or whoever steps the writer) uses it
         # The nodes running in this process, (session, node), oldest first: the heartbeat keeps
         # their sessions alive, however long they run.
@@ -210,14 +213,24 @@ class Writer(threading.Thread):
     def write(self, raw: RawEvent) -> None:
         """Write an outcome now, with what waits (its start among it), in one store call per session.
 
-        While the store is down (a call failed and no retry went through yet), the outcome is
-        queued for the thread's next try instead: a task does not wait on a store that failed.
+        While the store is down (a call failed, or hung, and no retry went through yet), the
+        outcome is queued for the thread's next try instead: a task does not wait on a store that
+        failed. Nor behind a flush under way for longer than one socket timeout (a call that hangs).
         """
         if self.store_down:
             self.keep(raw)
             return
         self._queue.append(raw)
-        self.flush()
+        # A flush under way (the thread's) that takes longer than one socket timeout is a store
+        # call that hangs: the outcome stays queued for the thread rather than wait behind it.
+        if not self._flushing.acquire(timeout=self.recorder.manager.settings.redis_socket_timeout_s):
+            self._stuck = True
+            self._queued()
+            return
+        try:
+            self._flush_locked()
+        finally:
+            self._flushing.release()
 
     def runs(self, node: tuple[str, str]) -> None:
         """Note a node this process started: its session is kept alive until :meth:`ran`."""
@@ -251,8 +264,9 @@ class Writer(threading.Thread):
 
     @property
     def store_down(self) -> bool:
-        """The last store call failed, and no retry went through yet: do not make a task wait on it."""
-        return self._backoff.down
+        """The last store call failed, or one hangs, and no retry went through yet: do not make a
+        task wait on it."""
+        return self._backoff.down or self._stuck
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -292,7 +306,7 @@ class Writer(threading.Thread):
             return []
         if self._warned:
             logger.warning("tracker: the store is back; replayed the held events")
-        self._backoff, self._warned, self._dropped = UP, False, 0
+        self._backoff, self._warned, self._dropped, self._stuck = UP, False, 0, False
         return outcomes
 
     def _send(self, call: _Call) -> list[BatchOutcome]:
