@@ -63,6 +63,9 @@ def test_processes_that_stop_cleanly_are_never_reaped_so_queued_sessions_wait(
     # Given a worker whose pool child is replaced after each task, and a session waiting in a
     # queue no worker consumes yet
     worker = worker_process(concurrency=1, extra=("--max-tasks-per-child", "1"), env_extra=FAST_BEAT)
+    worker.wait_ready()
+    # (its Redis broker gives a dead worker's messages back after kombu's default hour: it says so)
+    assert "tracker: this broker gives a dead worker's messages back only after up to" in worker.output
     queued = dispatch(group(work.s(i).set(queue=f"later-{uuid.uuid4().hex[:8]}") for i in range(2)),
                       canvas_path="queued.canvas", app=app)  # fmt: skip
     sid = dispatch(group(work.s(i) for i in range(3)), canvas_path="recycled.canvas", app=app)
